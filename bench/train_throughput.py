@@ -1,0 +1,128 @@
+"""Train-step throughput: median step time, tokens/s, memory and MFU for a config and mesh.
+
+    python3 bench/train_throughput.py --config=configs/tiny.py [--config.mesh.fsdp=-1 ...]
+        [--steps=10] [--warmup=2]
+
+Batches are random tokens already on the devices, so the number is the train step alone
+(the input pipeline is measured separately). Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from near_jax import config as config_lib
+from near_jax import metrics, model, sharding, train
+from near_jax.config import ConfigError
+from near_jax.tokenizer import load_tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+
+
+def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A [global_batch, seq_len] batch of random tokens, one document per row."""
+    rng = np.random.default_rng(seed)
+    b, length = cfg.train.global_batch_size, cfg.data.seq_len
+    tokens = rng.integers(0, vocab, (b, length + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+        "segment_ids": np.ones((b, length), np.int32),
+        "weights": np.ones((b, length), np.float32),
+    }
+
+
+def measure(cfg, steps: int, warmup: int) -> dict:
+    """Compiles the train step for `cfg` and times `steps` steps after `warmup` ones."""
+    config_lib.validate(cfg)
+    cfg = train.resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    mesh = sharding.make_mesh(cfg.mesh)
+    train.check_batch(cfg, mesh)
+    trainer = train.make_trainer(cfg, mesh)
+    state = trainer.init(jax.random.key(0))
+    batch = jax.device_put(random_batch(cfg, cfg.model.vocab_size), trainer.batch_sharding)
+
+    t0 = time.perf_counter()
+    compiled = trainer.step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    compiled_bytes = None
+    if mem is not None:
+        compiled_bytes = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        )  # fmt: skip
+
+    for _ in range(warmup):
+        state, stats = trainer.step(state, batch)
+    jax.block_until_ready(stats)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, stats = trainer.step(state, batch)
+        jax.block_until_ready(stats)
+        times.append(time.perf_counter() - t)
+
+    step_s = statistics.median(times)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    tps = tokens / step_s
+    n_dev = jax.device_count()
+    peak = metrics.peak_flops_per_device(jax.devices()[0])
+    flops = model.flops_per_token(trainer.model_cfg, cfg.data.seq_len)
+    device_stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "config": cfg.name or "custom",
+        "device": jax.devices()[0].device_kind,
+        "devices": n_dev,
+        "mesh": dict(mesh.shape),
+        "params_m": model.param_counts(trainer.model_cfg)["total"] / 1e6,
+        "batch_tokens": tokens,
+        "compile_s": compile_s,
+        "step_s_median": step_s,
+        "step_s_min": min(times),
+        "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / n_dev,
+        "tflops_per_s_per_device": flops * tps / n_dev / 1e12,
+        "mfu": metrics.mfu(flops, tps, n_dev, peak),
+        "compiled_bytes_per_device": compiled_bytes,
+        "peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
+        "loss": float(stats["loss"]),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main(argv: list[str]) -> None:
+    train.quiet_backend_probe()
+    if len(argv) > 1:
+        train.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = train.load_config_flag(_CONFIG.value)
+    try:
+        result = measure(cfg, _STEPS.value, _WARMUP.value)
+    except ConfigError as e:
+        train.usage_error(str(e))
+    width = max(len(k) for k in result)
+    print("\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in result.items()))
+    print(json.dumps({"bench": "train_throughput", **result}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=train.parse_flags)

@@ -1,0 +1,232 @@
+"""The config schema: every field, its default and a one-line doc, and validation.
+
+Configs are `ml_collections.ConfigDict`s. `configs/*.py` start from `default_config()` and
+override fields; `validate(cfg)` runs once at start-up and raises `ConfigError` with one line
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+# (section, key) -> (default, doc). Defaults never use None: ml_collections cannot override
+# a None-typed field from the command line, so "unset" is 0 or "".
+SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    "model": {
+        "vocab_size": (0, "Vocabulary size; 0 = the tokenizer's size rounded up to 128."),
+        "d_model": (512, "Width of the residual stream."),
+        "n_layers": (8, "Number of transformer blocks."),
+        "n_heads": (8, "Number of query heads."),
+        "n_kv_heads": (8, "Number of key/value heads (grouped-query attention); divides n_heads."),
+        "head_dim": (0, "Width of one attention head; 0 = d_model // n_heads."),
+        "mlp_dim": (1536, "Hidden width of the SwiGLU MLP."),
+        "rope_theta": (500_000.0, "RoPE base frequency."),
+        "norm_eps": (1e-5, "RMSNorm epsilon."),
+        "tie_embeddings": (False, "Share the input embedding with the output projection."),
+        "z_loss": (0.0, "Coefficient of the z-loss (log(Z)^2) that keeps logits small; 0 = off."),
+        "init_std": (0.02, "Standard deviation of the normal initializer of weight matrices."),
+        "dtype": ("bfloat16", "Compute dtype of activations and matmuls."),
+        "param_dtype": ("float32", "Storage dtype of the parameters."),
+        "remat": ("none", "Rematerialization of each block: none | full | dots_saveable."),
+        "scan_layers": (True, "Stack the blocks with scan (compile time independent of depth)."),
+        "attention": ("auto", "Attention implementation: auto | xla | cudnn."),
+    },
+    "data": {
+        "source": ("stdlib", "stdlib (Python's own .py files) or a path/glob of .txt/.jsonl/.bin."),
+        "jsonl_field": ("text", "Field holding the text in .jsonl records."),
+        "bin_dtype": ("uint16", "Token dtype of pre-tokenized .bin files: uint16 | uint32."),
+        "tokenizer": ("byte", "byte, or a path to a SentencePiece .model or HF tokenizer.json."),
+        "seq_len": (256, "Tokens per packed training sequence."),
+        "val_fraction": (0.02, "Fraction of documents held out for validation."),
+        "shuffle": (True, "Shuffle documents (deterministically, from the seed)."),
+        "shuffle_window": (
+            4096,
+            "Packed rows mixed by a window shuffle so a batch spans many documents; 0 = off.",
+        ),
+        "read_threads": (2, "Threads that read and tokenize documents."),
+    },
+    "train": {
+        "steps": (1000, "Number of optimizer steps."),
+        "global_batch_size": (32, "Sequences per optimizer step, over all hosts."),
+        "microbatches": (1, "Gradient accumulation: split each step's batch into this many."),
+        "log_every": (10, "Log metrics every N steps."),
+        "eval_every": (100, "Evaluate on the validation split every N steps; 0 = only at the end."),
+        "eval_batches": (8, "Validation batches per evaluation."),
+        "progress": ("auto", "Progress display: auto (bar on a terminal) | bar | lines."),
+    },
+    "optim": {
+        "lr": (3e-4, "Peak learning rate."),
+        "warmup_steps": (100, "Linear warm-up steps from 0 to lr."),
+        "schedule": ("cosine", "Decay after warm-up: cosine | linear | constant."),
+        "min_lr_ratio": (0.1, "Final learning rate as a fraction of lr."),
+        "b1": (0.9, "AdamW beta1."),
+        "b2": (0.95, "AdamW beta2."),
+        "eps": (1e-8, "AdamW epsilon."),
+        "weight_decay": (0.1, "Decoupled weight decay (not applied to norms)."),
+        "decay_embeddings": (False, "Apply weight decay to the embedding matrices too."),
+        "clip_norm": (1.0, "Clip gradients to this global norm; 0 = off."),
+    },
+    "mesh": {
+        "data": (-1, "Data-parallel axis size; -1 fills the remaining devices."),
+        "fsdp": (1, "Fully-sharded data-parallel axis size (params sharded); -1 fills."),
+        "tensor": (1, "Tensor-parallel axis size; -1 fills."),
+        "dcn_data": (1, "Data-parallel size across slices (multi-slice DCN); 1 = one slice."),
+    },
+}
+TOP_LEVEL: dict[str, tuple[Any, str]] = {
+    "seed": (0, "Seed of parameter init, data order and dropout-free training randomness."),
+    "name": ("", "Human-readable name of the config (shown in logs)."),
+}
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "data.bin_dtype": ("uint16", "uint32"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.progress": ("auto", "bar", "lines"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line naming the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns a ConfigDict holding every field of the schema at its default."""
+    cfg = ml_collections.ConfigDict()
+    for key, (value, _) in TOP_LEVEL.items():
+        cfg[key] = value
+    for section, fields in SCHEMA.items():
+        cfg[section] = ml_collections.ConfigDict({k: v for k, (v, _) in fields.items()})
+    return cfg
+
+
+def describe() -> str:
+    """Returns the schema as text: one line per field with its default and doc."""
+    lines = [f"{k} = {v!r}  # {d}" for k, (v, d) in TOP_LEVEL.items()]
+    for section, fields in SCHEMA.items():
+        lines += [f"{section}.{k} = {v!r}  # {d}" for k, (v, d) in fields.items()]
+    return "\n".join(lines)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_keys(cfg: ml_collections.ConfigDict) -> None:
+    known_top = set(TOP_LEVEL) | set(SCHEMA)
+    for key in cfg.keys():
+        if key not in known_top:
+            _fail(key, cfg[key], f"unknown key; known: {', '.join(sorted(known_top))}")
+    for section, fields in SCHEMA.items():
+        if section not in cfg:
+            raise ConfigError(f"config.{section} is missing")
+        for key in cfg[section].keys():
+            if key not in fields:
+                _fail(
+                    f"{section}.{key}",
+                    cfg[section][key],
+                    f"unknown key; known: {', '.join(sorted(fields))}",
+                )
+        for key, (default, _) in fields.items():
+            if key not in cfg[section]:
+                raise ConfigError(f"config.{section}.{key} is missing")
+            value = cfg[section][key]
+            want = type(default)
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if isinstance(value, bool) and want is not bool:
+                ok = False
+            if not ok:
+                _fail(f"{section}.{key}", value, f"expected {want.__name__}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field of `cfg`; raises ConfigError (one line) on the first bad one."""
+    _check_keys(cfg)
+    for key, allowed in CHOICES.items():
+        section, field = key.split(".")
+        if cfg[section][field] not in allowed:
+            _fail(key, cfg[section][field], f"one of {' | '.join(allowed)}")
+
+    m = cfg.model
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
+        if m[key] <= 0:
+            _fail(f"model.{key}", m[key], "a positive integer")
+    if m.vocab_size < 0:
+        _fail("model.vocab_size", m.vocab_size, "0 (from the tokenizer) or a positive integer")
+    if m.n_heads % m.n_kv_heads:
+        _fail("model.n_kv_heads", m.n_kv_heads, f"a divisor of model.n_heads={m.n_heads}")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        _fail(
+            "model.d_model",
+            m.d_model,
+            f"a multiple of model.n_heads={m.n_heads} (or set model.head_dim)",
+        )
+    if m.head_dim < 0 or m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, "0 or a positive even integer (RoPE pairs)")
+    if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
+        _fail(
+            "model.rope_theta/norm_eps/init_std",
+            (m.rope_theta, m.norm_eps, m.init_std),
+            "positive numbers",
+        )
+    if m.z_loss < 0:
+        _fail("model.z_loss", m.z_loss, "a number >= 0")
+
+    d = cfg.data
+    if d.seq_len <= 0:
+        _fail("data.seq_len", d.seq_len, "a positive integer")
+    if not 0 < d.val_fraction < 1:
+        _fail("data.val_fraction", d.val_fraction, "a number strictly between 0 and 1")
+    if d.shuffle_window < 0:
+        _fail("data.shuffle_window", d.shuffle_window, "0 (off) or a positive number of rows")
+    if d.read_threads < 0:
+        _fail("data.read_threads", d.read_threads, "an integer >= 0")
+    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
+        _fail(
+            "data.tokenizer",
+            d.tokenizer,
+            "'byte' or an existing SentencePiece .model / HF tokenizer.json file",
+        )
+
+    t = cfg.train
+    for key in ("steps", "global_batch_size", "microbatches", "log_every", "eval_batches"):
+        if t[key] <= 0:
+            _fail(f"train.{key}", t[key], "a positive integer")
+    if t.eval_every < 0:
+        _fail("train.eval_every", t.eval_every, "0 (only at the end) or a positive integer")
+    if t.global_batch_size % t.microbatches:
+        _fail(
+            "train.microbatches",
+            t.microbatches,
+            f"a divisor of train.global_batch_size={t.global_batch_size}",
+        )
+
+    o = cfg.optim
+    if o.lr <= 0:
+        _fail("optim.lr", o.lr, "a positive number")
+    for key in ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"):
+        if o[key] < 0:
+            _fail(f"optim.{key}", o[key], "a number >= 0")
+    for key in ("b1", "b2"):
+        if not 0 <= o[key] < 1:
+            _fail(f"optim.{key}", o[key], "a number in [0, 1)")
+
+    for key in ("data", "fsdp", "tensor"):
+        if cfg.mesh[key] == 0 or cfg.mesh[key] < -1:
+            _fail(f"mesh.{key}", cfg.mesh[key], "a positive integer or -1 (fill)")
+    if sum(cfg.mesh[k] == -1 for k in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("config.mesh: at most one of data, fsdp, tensor may be -1")
+    if cfg.mesh.dcn_data <= 0:
+        _fail("mesh.dcn_data", cfg.mesh.dcn_data, "a positive integer")
+    return cfg
+
+
+def head_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """The attention head width: model.head_dim, or d_model // n_heads when it is 0."""
+    return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads

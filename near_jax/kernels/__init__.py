@@ -1,0 +1,5 @@
+"""Attention kernels behind one door: `near_jax.kernels.attention`."""
+
+from near_jax.kernels.attention import IMPLEMENTATIONS, attention
+
+__all__ = ["IMPLEMENTATIONS", "attention"]

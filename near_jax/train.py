@@ -1,0 +1,361 @@
+"""Training: the train state, the sharded train step, the loop, and the absl `main`.
+
+python -m near_jax.train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=300
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as std_logging
+import math
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from near_jax import config as config_lib
+from near_jax import data, metrics, model, optim, sharding
+from near_jax.config import ConfigError
+from near_jax.tokenizer import load_tokenizer
+
+now = time.perf_counter
+
+VOCAB_MULTIPLE = 128
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from step to step (a pytree)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class Trainer(NamedTuple):
+    """The compiled pieces of a run on one mesh."""
+
+    cfg: ml_collections.ConfigDict
+    model_cfg: model.ModelConfig
+    mesh: jax.sharding.Mesh
+    state_shardings: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    schedule: optax.Schedule
+    init: Any  # rng -> TrainState
+    step: Any  # (TrainState, batch) -> (TrainState, metrics)
+    eval_step: Any  # (params, batch) -> (sum of weighted xent, sum of weights)
+
+
+def resolve_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
+    """Fills derived fields: model.vocab_size from the tokenizer when it is 0."""
+    cfg = cfg.copy_and_resolve_references()
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"config.model.vocab_size={cfg.model.vocab_size} is not allowed: the tokenizer "
+            f"has {vocab_size} tokens (use 0 to size it from the tokenizer)"
+        )
+    return cfg
+
+
+def check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fails with one line unless the batch splits over data parallelism and micro-batches."""
+    dp, mb = sharding.data_parallel_size(mesh), cfg.train.microbatches
+    batch = cfg.train.global_batch_size
+    if batch % (dp * mb):
+        raise ConfigError(
+            f"config.train.global_batch_size={batch} is not allowed: it must be a multiple of "
+            f"the data-parallel size {dp} x train.microbatches {mb} = {dp * mb}"
+        )
+    if batch % jax.process_count():
+        raise ConfigError(
+            f"config.train.global_batch_size={batch} is not allowed: it must be a multiple of "
+            f"the process count {jax.process_count()}"
+        )
+
+
+def _split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    # Row r goes to micro-batch r % n, so each device keeps its own rows in every micro-batch.
+    def split(x_BxL):
+        x_NxBxL = x_BxL.reshape(x_BxL.shape[0] // n, n, *x_BxL.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x_NxBxL, (None, "batch", "length"))
+
+    return jax.tree.map(split, batch)
+
+
+def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+    """Builds the jitted init, train and eval steps with explicit shardings for `mesh`."""
+    model_cfg = model.ModelConfig.from_config(cfg.model)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    n_micro = cfg.train.microbatches
+
+    def init_state(rng: jax.Array) -> TrainState:
+        init_rng, rng = jax.random.split(rng)
+        params = model.init(model_cfg, init_rng)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    param_shardings = sharding.logical_to_sharding(
+        model.logical_axes(model_cfg), abstract.params, mesh
+    )
+    repl = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+    )
+    state_shardings = TrainState(repl, param_shardings, opt_shardings, repl)
+    batch_sharding = sharding.batch_sharding(mesh)
+    grad_fn = jax.value_and_grad(functools.partial(model.loss_fn, cfg=model_cfg), has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        if n_micro == 1:
+            (loss, aux), grads = grad_fn(state.params, batch)
+        else:
+
+            def accumulate(carry, micro):
+                (loss, aux), grads = grad_fn(state.params, micro)
+                # Weight each micro-batch by its token count so the sum is the full-batch mean.
+                w = aux["weight"]
+                acc_grads, acc_loss, acc_w = carry
+                acc_grads = jax.tree.map(lambda a, g: a + g * w, acc_grads, grads)
+                return (acc_grads, acc_loss + loss * w, acc_w + w), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            micro = _split_microbatches(batch, n_micro)
+            (grads, loss, weight), _ = jax.lax.scan(accumulate, init, micro)
+            weight = jnp.maximum(weight, 1.0)
+            grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
+            loss = loss / weight
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state, state.rng), stats
+
+    def eval_step(params, batch):
+        _, aux = model.loss_fn(params, batch, model_cfg)
+        return aux["xent"] * aux["weight"], aux["weight"]
+
+    batch_shardings = {k: batch_sharding for k in data.FEATURES}
+    with jax.set_mesh(mesh):
+        init_jit = jax.jit(init_state, in_shardings=repl, out_shardings=state_shardings)
+        step_jit = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, repl),
+            donate_argnums=0,
+        )
+        eval_jit = jax.jit(
+            eval_step,
+            in_shardings=(param_shardings, batch_shardings),
+            out_shardings=(repl, repl),
+        )
+    return Trainer(
+        cfg, model_cfg, mesh, state_shardings, batch_sharding, schedule,
+        _in_mesh(mesh, init_jit), _in_mesh(mesh, step_jit), _in_mesh(mesh, eval_jit),
+    )  # fmt: skip
+
+
+def _in_mesh(mesh, fn):
+    # Tracing must see the mesh so the model's activation constraints apply.
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    wrapped.lower = lambda *args: _lower_in_mesh(mesh, fn, *args)
+    return wrapped
+
+
+def _lower_in_mesh(mesh, fn, *args):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)
+
+
+def evaluate(trainer: Trainer, params: Any, seed: int) -> dict[str, float]:
+    """Mean loss and perplexity over `train.eval_batches` batches of the validation split."""
+    cfg = trainer.cfg
+    it = data.make_iterator(
+        cfg.data, split="val", seed=seed, global_batch_size=cfg.train.global_batch_size
+    )
+    total, weight = 0.0, 0.0
+    for _ in range(cfg.train.eval_batches):
+        batch = data.to_global_batch(next(it), trainer.batch_sharding)
+        s, w = jax.device_get(trainer.eval_step(params, batch))
+        total, weight = total + float(s), weight + float(w)
+    loss = total / max(weight, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config to workdir/config.json (atomically)."""
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs training as configured; returns the final train and eval metrics."""
+    config_lib.validate(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cfg = resolve_config(cfg, tokenizer.vocab_size)
+    mesh = sharding.make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    # The data iterator first: a bad source fails before any model work.
+    train_iter = data.make_iterator(
+        cfg.data, split="train", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size
+    )
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        save_config(cfg, workdir)
+
+    trainer = make_trainer(cfg, mesh)
+    counts = model.param_counts(trainer.model_cfg)
+    seq_len, batch_size = cfg.data.seq_len, cfg.train.global_batch_size
+    flops_per_token = model.flops_per_token(trainer.model_cfg, seq_len)
+    peak = metrics.peak_flops_per_device(jax.devices()[0])
+    logging.info(
+        "near_jax: %s | %.2fM params (%.2fM non-embedding) | mesh %s | %d devices, %d processes",
+        cfg.name or "run", counts["total"] / 1e6, counts["non_embedding"] / 1e6,
+        dict(mesh.shape), jax.device_count(), jax.process_count(),
+    )  # fmt: skip
+
+    state = trainer.init(jax.random.key(cfg.seed))
+    writer = metrics.MetricsWriter(workdir, enabled=is_main)
+    # Only process 0 reports; the others train silently.
+    progress = metrics.Progress(cfg.train.steps, mode=cfg.train.progress) if is_main else None
+    tokens_per_step = batch_size * seq_len
+    first_step = int(state.step)
+    last_time, last_step = now(), first_step
+    result: dict[str, float] = {}
+    try:
+        for step in range(first_step, cfg.train.steps):
+            batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
+            state, stats = trainer.step(state, batch)
+            done = step + 1
+            if step == first_step:
+                jax.block_until_ready(state)
+                if progress:
+                    progress.log(f"compiled and ran the first step in {now() - last_time:.1f}s")
+                last_time, last_step = now(), done
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(f"loss is {stats['loss']} at step {done}")
+                t_now = now()
+                if done > last_step:
+                    step_time = (t_now - last_time) / (done - last_step)
+                    tps = tokens_per_step / step_time
+                    stats.update(
+                        step_time_s=step_time,
+                        tokens_per_s=tps,
+                        tokens_per_s_per_device=tps / jax.device_count(),
+                        mfu=metrics.mfu(flops_per_token, tps, jax.device_count(), peak),
+                    )
+                stats["tokens"] = done * tokens_per_step
+                writer.write(done, stats, split="train")
+                if progress:
+                    progress.update(done, stats)
+                result.update({f"train_{k}": v for k, v in stats.items() if v is not None})
+                last_time, last_step = now(), done
+            every = cfg.train.eval_every
+            if (every and done % every == 0) or done == cfg.train.steps:
+                eval_stats = evaluate(trainer, state.params, cfg.seed)
+                eval_stats["tokens"] = done * tokens_per_step
+                writer.write(done, eval_stats, split="eval")
+                if progress:
+                    progress.log(
+                        f"eval step {done} | loss {eval_stats['loss']:.4f} | "
+                        f"perplexity {eval_stats['perplexity']:.2f}"
+                    )
+                result.update({f"eval_{k}": v for k, v in eval_stats.items()})
+                last_time = now()  # eval time is not training throughput
+    finally:
+        if progress:
+            progress.close()
+        writer.close()
+    return result
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:arg]); override fields with --config.KEY=VALUE."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: metrics, TensorBoard events and the resolved config."
+)
+
+
+def usage_error(message: str) -> None:
+    """Prints one line for a command-line mistake and exits with status 2."""
+    print(f"{os.path.basename(sys.argv[0]) or 'near_jax'}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (incl. unknown config keys) are one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        usage_error(str(e).splitlines()[0])
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these for --config.KEY overrides of keys that don't exist.
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        usage_error(f"unknown config key in {' '.join(bad) or 'overrides'} ({e})")
+    return []
+
+
+def load_config_flag(value: Any) -> ml_collections.ConfigDict:
+    """The --config flag's value as a ConfigDict, or a usage error naming the problem."""
+    if value is None:
+        usage_error("--config is required, e.g. --config=configs/tiny.py")
+    try:
+        value.keys()  # a config file that failed to load raises its error here
+    except Exception as e:  # noqa: BLE001 - any load failure is a usage error
+        usage_error(f"--config could not be loaded: {str(e).splitlines()[0]}")
+    if not isinstance(value, ml_collections.ConfigDict):
+        usage_error("--config must return an ml_collections.ConfigDict")
+    return value
+
+
+def quiet_backend_probe() -> None:
+    """Silences JAX's INFO lines about absent TPU/GPU backends (noise on every CPU run)."""
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+
+
+def _main(argv: list[str]) -> None:
+    quiet_backend_probe()
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = load_config_flag(_CONFIG.value)
+    if not _WORKDIR.value:
+        usage_error("--workdir is required: the run directory for metrics and config")
+    try:
+        result = train(cfg, _WORKDIR.value)
+    except ConfigError as e:
+        usage_error(str(e))
+    summary = {k: round(v, 4) for k, v in result.items() if k in ("train_loss", "eval_loss")}
+    print(f"done: {json.dumps(summary)} | workdir {_WORKDIR.value}")
+
+
+def main() -> None:
+    """Console entry point."""
+    app.run(_main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()

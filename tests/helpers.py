@@ -1,0 +1,20 @@
+"""Small shared builders for tests."""
+
+import ml_collections
+
+from near_jax import config as config_lib
+
+
+def small_config(**model_overrides) -> ml_collections.ConfigDict:
+    """A validated config of a tiny float32 model (vocab 384) for fast tests."""
+    cfg = config_lib.default_config()
+    m = cfg.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 384, 64, 2, 4, 2
+    m.mlp_dim, m.dtype, m.rope_theta = 128, "float32", 10_000.0
+    for key, value in model_overrides.items():
+        m[key] = value
+    cfg.data.seq_len = 32
+    cfg.train.global_batch_size = 8
+    cfg.train.steps = 10
+    cfg.optim.warmup_steps = 2
+    return config_lib.validate(cfg)

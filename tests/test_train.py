@@ -1,0 +1,163 @@
+"""Training: the step learns, micro-batching is exact, and the CLI behaves."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from helpers import small_config
+
+from near_jax import sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_batch(seed: int, batch: int, length: int, vocab: int = 384) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
+    return dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        positions=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+        segment_ids=np.ones((batch, length), np.int32),
+        weights=rng.uniform(0.5, 1.0, (batch, length)).astype(np.float32),
+    )
+
+
+def _trainer(cfg, **mesh):
+    for key, value in mesh.items():
+        cfg.mesh[key] = value
+    return train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+
+
+def test_overfitting_one_batch_drives_loss_below_0_1():
+    cfg = small_config()
+    cfg.train.steps = 120
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 1e-2, 10, "constant"
+    cfg.optim.weight_decay = 0.0
+    trainer = _trainer(cfg, data=8)
+    state = trainer.init(jax.random.key(0))
+    batch = jax.device_put(_random_batch(0, 8, 32), trainer.batch_sharding)
+    losses = []
+    for _ in range(cfg.train.steps):
+        state, stats = trainer.step(state, batch)
+        losses.append(float(stats["loss"]))
+    assert losses[0] > 5.0  # ~log(384) at init
+    assert losses[-1] < 0.1, losses[-10:]
+    assert int(state.step) == cfg.train.steps
+
+
+def test_microbatches_give_the_full_batch_update():
+    cfg = small_config()
+    cfg.optim.warmup_steps = 0
+    one = _trainer(cfg, data=4, fsdp=2)
+    cfg4 = small_config()
+    cfg4.optim.warmup_steps = 0
+    cfg4.train.microbatches = 2
+    four = _trainer(cfg4, data=4, fsdp=2)
+    batch = _random_batch(1, 16, 32)
+    s1, m1 = one.step(one.init(jax.random.key(0)), jax.device_put(batch, one.batch_sharding))
+    s4, m4 = four.step(four.init(jax.random.key(0)), jax.device_put(batch, four.batch_sharding))
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s4.params, s1.params
+    )
+
+
+def test_train_state_is_sharded_as_the_table_says():
+    cfg = small_config()
+    trainer = _trainer(cfg, data=2, fsdp=2, tensor=2)
+    state = trainer.init(jax.random.key(0))
+    q = state.params["blocks"]["attn"]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    # AdamW moments follow their parameter's sharding.
+    mu_q = state.opt_state[1][0].mu["blocks"]["attn"]["q"]
+    assert mu_q.sharding.spec == q.sharding.spec
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def _run_cli(args, tmp_path, timeout=300):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _bad_tokenizer(tmp_path):
+    path = tmp_path / "tok.model"
+    path.write_bytes(b"\x00 this is not a tokenizer")
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown key": (["--config.model.bogus=1"], "bogus"),
+    "heads": (["--config.model.n_kv_heads=3"], "config.model.n_kv_heads=3"),
+    "mesh product": (["--config.mesh.data=3"], "config.mesh="),
+    "batch vs data parallel": (["--config.train.global_batch_size=4"], "global_batch_size=4"),
+    "missing data": (["--config.data.source=/nonexistent/dir/*.txt"], "config.data.source"),
+    "bad tokenizer": (["--config.data.tokenizer={tok}"], "config.data.tokenizer"),
+    "bad value type": (["--config.train.steps=many"], "config.train.steps"),
+    "missing config file": (["--config=configs/nope.py"], "--config"),
+    "missing workdir": (["--workdir="], "--workdir"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
+    extra, needle = BAD_INPUTS[case]
+    extra = [a.format(tok=_bad_tokenizer(tmp_path)) for a in extra]
+    args = ["near_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", *extra]
+    proc = _run_cli(args, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def _readme_train_command() -> list[str]:
+    text = open(os.path.join(REPO, "README.md")).read()
+    match = re.search(
+        r"^python3 -m pip install -e \. && (python3 -m near_jax\.train .*)$", text, re.M
+    )
+    assert match, "README lost its quick-start command"
+    return shlex.split(match.group(1))[2:]  # drop "python3 -m"
+
+
+def test_readme_quick_start_runs_end_to_end_and_plots(tmp_path):
+    workdir = tmp_path / "run"
+    args = [a for a in _readme_train_command() if not a.startswith("--workdir")]
+    args += [
+        f"--workdir={workdir}",
+        "--config.train.steps=6",
+        "--config.train.log_every=2",
+        "--config.train.eval_every=3",
+        "--config.train.eval_batches=1",
+    ]
+    proc = _run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done:" in proc.stdout
+    saved = json.load(open(workdir / "config.json"))
+    assert saved["train"]["steps"] == 6 and saved["model"]["vocab_size"] == 384
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    eval_steps = [r["step"] for r in records if r["split"] == "eval"]
+    assert train_steps == [2, 4, 6] and eval_steps == [3, 6]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+    assert os.listdir(workdir / "tb")
+
+    plot = _run_cli(["near_jax.plot", f"--workdir={workdir}"], tmp_path)
+    assert plot.returncode == 0, plot.stderr
+    assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
