@@ -33,6 +33,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "remat": ("none", "Rematerialization of each block: none | full | dots_saveable."),
         "scan_layers": (True, "Stack the blocks with scan (compile time independent of depth)."),
         "attention": ("auto", "Attention implementation: auto | xla | cudnn."),
+        "attention_block_q": (
+            0,
+            "Query block of the Pallas attention kernel; 0 = backend default.",
+        ),
+        "attention_block_kv": (0, "Key/value block of the Pallas kernel; 0 = backend default."),
+        "attention_window": (0, "Sliding-window (local) attention span in tokens; 0 = full."),
     },
     "data": {
         "source": ("stdlib", "stdlib (Python's own .py files) or a path/glob of .txt/.jsonl/.bin."),
@@ -175,6 +181,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             (m.rope_theta, m.norm_eps, m.init_std),
             "positive numbers",
         )
+    for key in ("attention_block_q", "attention_block_kv", "attention_window"):
+        if m[key] < 0:
+            _fail(f"model.{key}", m[key], "0 (default / off) or a positive integer")
     if m.z_loss < 0:
         _fail("model.z_loss", m.z_loss, "a number >= 0")
 

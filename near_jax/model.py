@@ -46,6 +46,9 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"
+    attention_block_q: int = 0
+    attention_block_kv: int = 0
+    attention_window: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelConfig:
@@ -124,6 +127,9 @@ class Attention(nn.Module):
             segment_ids_BxL=segment_ids_BxL,
             causal=True,
             impl=c.attention,
+            block_q=c.attention_block_q,
+            block_kv=c.attention_block_kv,
+            window=c.attention_window,
         )
         out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
         return constrain(out_BxLxD, ("batch", "length", "embed"))

@@ -60,7 +60,7 @@ def test_packed_documents_do_not_see_each_other_and_positions_restart():
     assert not np.allclose(packed[:, :a_len], packed2[:, :a_len], atol=1e-3)
 
 
-def _reference_attention(q, k, v, segment_ids, causal):
+def _reference_attention(q, k, v, segment_ids, causal, window=0):
     """Multi-head attention in float64 numpy, one head at a time, K/V repeated per group."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, length, h, d = q.shape
@@ -72,6 +72,9 @@ def _reference_attention(q, k, v, segment_ids, causal):
             mask = np.ones((length, length), bool)
             if causal:
                 mask &= np.tril(mask)
+            if window:
+                idx = np.arange(length)
+                mask &= np.abs(idx[:, None] - idx[None, :]) < window
             if segment_ids is not None:
                 seg = np.asarray(segment_ids[bi])
                 mask &= seg[:, None] == seg[None, :]
@@ -93,6 +96,19 @@ def test_gqa_attention_matches_reference(kv_heads, causal):
     got = attention(q, k, v, segment_ids_BxL=seg, causal=causal, impl="xla")
     want = _reference_attention(q, k, v, seg, causal)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window_attention_matches_reference(causal):
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 20, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 20, 2, 8)).astype(np.float32) for _ in range(2))
+    seg = np.sort(rng.integers(1, 3, (2, 20)), axis=1).astype(np.int32)
+    got = attention(q, k, v, segment_ids_BxL=seg, causal=causal, impl="xla", window=5)
+    np.testing.assert_allclose(
+        got, _reference_attention(q, k, v, seg, causal, 5), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(got, _reference_attention(q, k, v, seg, causal), atol=1e-3)
 
 
 def test_gqa_with_equal_heads_is_multi_head_attention():

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # pallas and splash arrive with their kernels
 _warned: set[str] = set()
 
 
@@ -23,6 +23,9 @@ def attention(
     causal: bool = True,
     sm_scale: float | None = None,
     impl: str = "auto",
+    block_q: int = 0,
+    block_kv: int = 0,
+    window: int = 0,
 ) -> jax.Array:
     """Scaled dot-product attention with causal and packed-segment masking.
 
@@ -35,6 +38,9 @@ def attention(
       sm_scale: softmax scale; default 1/sqrt(head_dim).
       impl: auto | xla | cudnn. `auto` picks the best available for the backend; an explicit
         impl that cannot serve the request raises ValueError.
+      block_q, block_kv: kernel block sizes (0 = the backend's default); unused by xla.
+      window: sliding-window span: a query sees keys less than `window` positions away
+        (0 = unlimited).
 
     Returns:
       [batch, length, heads, head_dim] in q's dtype.
@@ -47,13 +53,15 @@ def attention(
         )
     scale = q_BxLxHxK.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     if impl == "auto":
-        impl = _pick_auto(q_BxLxHxK)
+        impl = "xla" if window else _pick_auto(q_BxLxHxK)
     if impl == "cudnn":
-        reason = _cudnn_unsupported(q_BxLxHxK)
+        reason = _cudnn_unsupported(q_BxLxHxK) or ("sliding window" if window else "")
         if reason:
             raise ValueError(f"attention impl='cudnn' cannot serve this call: {reason}")
         return _cudnn(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL, causal, scale)
-    return xla_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL, causal, scale)
+    return xla_attention(
+        q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL, causal, scale, window=window
+    )
 
 
 def _pick_auto(q: jax.Array) -> str:
@@ -94,6 +102,7 @@ def xla_attention(
     segment_ids_BxL: jax.Array | None,
     causal: bool,
     scale: float,
+    window: int = 0,
 ) -> jax.Array:
     """Reference attention in plain XLA: logits and softmax in float32."""
     b, length, h, d = q_BxLxHxK.shape
@@ -107,6 +116,10 @@ def xla_attention(
     mask_BxLxM = jnp.ones((1, length, m), dtype=bool)
     if causal:
         mask_BxLxM = mask_BxLxM & (jnp.arange(length)[:, None] >= jnp.arange(m)[None, :])
+    if window:
+        mask_BxLxM = mask_BxLxM & (
+            jnp.abs(jnp.arange(length)[:, None] - jnp.arange(m)[None, :]) < window
+        )
     if segment_ids_BxL is not None:
         mask_BxLxM = mask_BxLxM & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     logits_BxGxRxLxM = jnp.where(
