@@ -24,10 +24,6 @@ from near_jax import metrics, model, sharding, train
 from near_jax.config import ConfigError
 from near_jax.tokenizer import load_tokenizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-
 
 def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A [global_batch, seq_len] batch of random tokens, one document per row."""
@@ -110,12 +106,12 @@ def _fmt(value) -> str:
 
 
 def main(argv: list[str]) -> None:
-    train.quiet_backend_probe()
+    train.quiet_library_logs()
     if len(argv) > 1:
         train.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    cfg = train.load_config_flag(_CONFIG.value)
+    cfg = train.load_config_flag(flags.FLAGS.config)
     try:
-        result = measure(cfg, _STEPS.value, _WARMUP.value)
+        result = measure(cfg, flags.FLAGS.steps, flags.FLAGS.warmup)
     except ConfigError as e:
         train.usage_error(str(e))
     width = max(len(k) for k in result)
@@ -125,4 +121,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     app.run(main, flags_parser=train.parse_flags)

@@ -62,6 +62,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "eval_every": (100, "Evaluate on the validation split every N steps; 0 = only at the end."),
         "eval_batches": (8, "Validation batches per evaluation."),
         "progress": ("auto", "Progress display: auto (bar on a terminal) | bar | lines."),
+        "stop_at": (
+            0,
+            "Stop with a checkpoint after this step (schedule still spans steps); 0 = off.",
+        ),
     },
     "optim": {
         "lr": (3e-4, "Peak learning rate."),
@@ -74,6 +78,13 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "weight_decay": (0.1, "Decoupled weight decay (not applied to norms)."),
         "decay_embeddings": (False, "Apply weight decay to the embedding matrices too."),
         "clip_norm": (1.0, "Clip gradients to this global norm; 0 = off."),
+    },
+    "checkpoint": {
+        "every": (100, "Save a checkpoint every N steps (and at the end); 0 = never."),
+        "keep": (3, "Keep the last K checkpoints; 0 = keep all."),
+        "keep_every": (0, "Also keep every M-th step permanently; 0 = none."),
+        "async_save": (True, "Write checkpoints in the background while training goes on."),
+        "init_from": ("", "Start a new run from another run's params: PATH[:STEP]."),
     },
     "mesh": {
         "data": (-1, "Data-parallel axis size; -1 fills the remaining devices."),
@@ -207,6 +218,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("steps", "global_batch_size", "microbatches", "log_every", "eval_batches"):
         if t[key] <= 0:
             _fail(f"train.{key}", t[key], "a positive integer")
+    if t.stop_at < 0:
+        _fail("train.stop_at", t.stop_at, "0 (off) or a positive step")
     if t.eval_every < 0:
         _fail("train.eval_every", t.eval_every, "0 (only at the end) or a positive integer")
     if t.global_batch_size % t.microbatches:
@@ -225,6 +238,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("b1", "b2"):
         if not 0 <= o[key] < 1:
             _fail(f"optim.{key}", o[key], "a number in [0, 1)")
+
+    for key in ("every", "keep", "keep_every"):
+        if cfg.checkpoint[key] < 0:
+            _fail(f"checkpoint.{key}", cfg.checkpoint[key], "an integer >= 0")
 
     for key in ("data", "fsdp", "tensor"):
         if cfg.mesh[key] == 0 or cfg.mesh[key] < -1:

@@ -21,8 +21,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from near_jax import checkpoint, data, metrics, model, optim, preemption, sharding
 from near_jax import config as config_lib
-from near_jax import data, metrics, model, optim, sharding
 from near_jax.config import ConfigError
 from near_jax.tokenizer import load_tokenizer
 
@@ -47,6 +47,7 @@ class Trainer(NamedTuple):
     model_cfg: model.ModelConfig
     mesh: jax.sharding.Mesh
     state_shardings: TrainState
+    abstract_state: TrainState  # shapes, dtypes and shardings of the state, no arrays
     batch_sharding: jax.sharding.NamedSharding
     schedule: optax.Schedule
     init: Any  # rng -> TrainState
@@ -101,6 +102,8 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
     def init_state(rng: jax.Array) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         params = model.init(model_cfg, init_rng)
+        # Raw key data (uint32), so the state checkpoints as plain arrays.
+        rng = jax.random.key_data(rng)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
     abstract = jax.eval_shape(init_state, jax.random.key(0))
@@ -162,8 +165,9 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
             in_shardings=(param_shardings, batch_shardings),
             out_shardings=(repl, repl),
         )
+    abstract_state = checkpoint.abstract_like(abstract, state_shardings)
     return Trainer(
-        cfg, model_cfg, mesh, state_shardings, batch_sharding, schedule,
+        cfg, model_cfg, mesh, state_shardings, abstract_state, batch_sharding, schedule,
         _in_mesh(mesh, init_jit), _in_mesh(mesh, step_jit), _in_mesh(mesh, eval_jit),
     )  # fmt: skip
 
@@ -208,8 +212,44 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, path)
 
 
+def check_resume_config(saved: dict, cfg: ml_collections.ConfigDict) -> None:
+    """Fails with one line if a checkpoint's model or data layout differs from the config."""
+    for section, keys in (("model", None), ("data", ("seq_len", "tokenizer", "source"))):
+        want, have = cfg[section].to_dict(), saved.get(section, {})
+        for key in keys or sorted(set(want) | set(have)):
+            if want.get(key) != have.get(key):
+                raise ConfigError(
+                    f"config.{section}.{key}={want.get(key)!r} is not allowed: the checkpoint "
+                    f"in this workdir was trained with {have.get(key)!r} (use a new --workdir, "
+                    "or checkpoint.init_from to start from its params)"
+                )
+
+
+def start_state(
+    trainer: Trainer, ckpt: checkpoint.Checkpointer, train_iter: Any
+) -> tuple[TrainState, str]:
+    """The state to train from: resumed, warm-started (init_from), or fresh; and a message."""
+    cfg = trainer.cfg
+    abstract = trainer.abstract_state
+    if ckpt.steps():
+        restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
+        check_resume_config(restored.config, cfg)
+        for problem in restored.skipped:
+            logging.warning("checkpoint %s", problem)
+        return TrainState(
+            **restored.state
+        ), f"resumed from step {restored.step} in {ckpt.directory}"
+    state = trainer.init(jax.random.key(cfg.seed))
+    if cfg.checkpoint.init_from:
+        step, params = checkpoint.restore_params(cfg.checkpoint.init_from, abstract.params)
+        return state._replace(params=params), (
+            f"initialized params from {cfg.checkpoint.init_from} (step {step})"
+        )
+    return state, "starting from scratch"
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs training as configured; returns the final train and eval metrics."""
+    """Runs (or resumes) training as configured; returns the final train and eval metrics."""
     config_lib.validate(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_config(cfg, tokenizer.vocab_size)
@@ -222,27 +262,47 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
-        save_config(cfg, workdir)
 
     trainer = make_trainer(cfg, mesh)
     counts = model.param_counts(trainer.model_cfg)
-    seq_len, batch_size = cfg.data.seq_len, cfg.train.global_batch_size
-    flops_per_token = model.flops_per_token(trainer.model_cfg, seq_len)
-    peak = metrics.peak_flops_per_device(jax.devices()[0])
     logging.info(
         "near_jax: %s | %.2fM params (%.2fM non-embedding) | mesh %s | %d devices, %d processes",
         cfg.name or "run", counts["total"] / 1e6, counts["non_embedding"] / 1e6,
         dict(mesh.shape), jax.device_count(), jax.process_count(),
     )  # fmt: skip
+    ck = cfg.checkpoint
+    ckpt = checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir(workdir),
+        keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
+    )  # fmt: skip
+    try:
+        state, how = start_state(trainer, ckpt, train_iter)
+        logging.info("%s", how)
+        if is_main:
+            save_config(cfg, workdir)
+        return _loop(trainer, state, train_iter, ckpt, workdir, is_main)
+    finally:
+        ckpt.close()
 
-    state = trainer.init(jax.random.key(cfg.seed))
+
+def _loop(trainer, state, train_iter, ckpt, workdir, is_main) -> dict[str, float]:
+    """The training loop from `state` to train.steps, with logging, eval and checkpoints."""
+    cfg = trainer.cfg
+    seq_len, batch_size = cfg.data.seq_len, cfg.train.global_batch_size
+    flops_per_token = model.flops_per_token(trainer.model_cfg, seq_len)
+    peak = metrics.peak_flops_per_device(jax.devices()[0])
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
     # Only process 0 reports; the others train silently.
-    progress = metrics.Progress(cfg.train.steps, mode=cfg.train.progress) if is_main else None
+    progress = (
+        metrics.Progress(cfg.train.steps, mode=cfg.train.progress, initial_step=int(state.step))
+        if is_main
+        else None
+    )
+    stop = preemption.StopRequest()
     tokens_per_step = batch_size * seq_len
     first_step = int(state.step)
     last_time, last_step = now(), first_step
-    result: dict[str, float] = {}
+    result: dict[str, float] = {"start_step": first_step}
     try:
         for step in range(first_step, cfg.train.steps):
             batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
@@ -285,19 +345,35 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     )
                 result.update({f"eval_{k}": v for k, v in eval_stats.items()})
                 last_time = now()  # eval time is not training throughput
+            if stop.should_stop(done) and done < cfg.train.steps:
+                ckpt.save(done, state._asdict(), train_iter, cfg, wait=True)
+                result.update(preempted_at=done)
+                break
+            if done == cfg.train.stop_at and done < cfg.train.steps:
+                ckpt.save(done, state._asdict(), train_iter, cfg, wait=True)
+                result.update(stopped_at=done)
+                break
+            if cfg.checkpoint.every and (
+                done % cfg.checkpoint.every == 0 or done == cfg.train.steps
+            ):
+                ckpt.save(done, state._asdict(), train_iter, cfg)
+                last_time = now()  # the host copy of a save is not training throughput
     finally:
+        stop.close()
         if progress:
             progress.close()
         writer.close()
     return result
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:arg]); override fields with --config.KEY=VALUE."
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory: metrics, TensorBoard events and the resolved config."
-)
+def define_flags() -> None:
+    """Defines --config and --workdir (at launch, so importing this module defines none)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:arg]); override fields with --config.KEY=V."
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Run directory: checkpoints, metrics, TensorBoard events, config."
+    )
 
 
 def usage_error(message: str) -> None:
@@ -332,28 +408,48 @@ def load_config_flag(value: Any) -> ml_collections.ConfigDict:
     return value
 
 
-def quiet_backend_probe() -> None:
-    """Silences JAX's INFO lines about absent TPU/GPU backends (noise on every CPU run)."""
+class _LibraryInfoFilter(std_logging.Filter):
+    """Drops INFO records that Orbax logs through absl (dozens per checkpoint)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno > std_logging.INFO or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Silences INFO chatter of libraries: JAX's backend probe, Orbax's save steps."""
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
 
 
 def _main(argv: list[str]) -> None:
-    quiet_backend_probe()
+    quiet_library_logs()
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    cfg = load_config_flag(_CONFIG.value)
-    if not _WORKDIR.value:
+    cfg = load_config_flag(flags.FLAGS.config)
+    if not flags.FLAGS.workdir:
         usage_error("--workdir is required: the run directory for metrics and config")
     try:
-        result = train(cfg, _WORKDIR.value)
+        result = train(cfg, flags.FLAGS.workdir)
     except ConfigError as e:
         usage_error(str(e))
+    except checkpoint.CheckpointError as e:
+        print(f"near_jax.train: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if "stopped_at" in result:
+        print(f"stopped at step {result['stopped_at']} (train.stop_at): checkpoint saved in "
+              f"{flags.FLAGS.workdir}; run again without it to continue")  # fmt: skip
+        return
+    if "preempted_at" in result:
+        print(f"stopped by signal: checkpoint saved at step {result['preempted_at']} "
+              f"in {flags.FLAGS.workdir}; run the same command to resume")  # fmt: skip
+        return
     summary = {k: round(v, 4) for k, v in result.items() if k in ("train_loss", "eval_loss")}
-    print(f"done: {json.dumps(summary)} | workdir {_WORKDIR.value}")
+    print(f"done: {json.dumps(summary)} | workdir {flags.FLAGS.workdir}")
 
 
 def main() -> None:
     """Console entry point."""
+    define_flags()
     app.run(_main, flags_parser=parse_flags)
 
 

@@ -1,0 +1,300 @@
+"""Checkpoints: exact resume, kill -9, SIGTERM, resharding restore, corruption, async errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import small_config
+
+from near_jax import checkpoint, metrics, sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_RUN = [
+    "--config=configs/tiny.py",
+    "--config.model.d_model=64",
+    "--config.model.n_layers=2",
+    "--config.model.mlp_dim=128",
+    "--config.data.seq_len=64",
+    "--config.train.global_batch_size=8",
+    "--config.train.steps=40",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.eval_batches=1",
+    "--config.train.progress=lines",
+    "--config.checkpoint.every=5",
+    "--config.checkpoint.keep=0",
+]
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "near_jax.train", *SMALL_RUN, f"--workdir={workdir}", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(workdir, *extra, timeout=300):
+    proc = subprocess.run(
+        _cmd(workdir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(workdir) -> dict[int, float]:
+    records = metrics.drop_superseded(metrics.read_metrics(str(workdir)))
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def _saved_state(workdir, step):
+    path = checkpoint.checkpoint_dir(workdir) / str(step) / checkpoint.STATE
+    return ocp.StandardCheckpointer().restore(path)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """40 steps in one go."""
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(workdir)
+    return workdir
+
+
+def test_resume_is_bit_exact(reference_run, tmp_path):
+    stopped = _run(tmp_path, "--config.train.stop_at=20")
+    assert "stopped at step 20" in stopped.stdout
+    assert max(_losses(tmp_path)) == 20
+    resumed = _run(tmp_path)
+    assert "resumed from step 20" in resumed.stderr
+    want, got = _losses(reference_run), _losses(tmp_path)
+    assert sorted(got) == list(range(1, 41))
+    assert got == want  # bit-identical per-step losses
+    a, b = _saved_state(reference_run, 40), _saved_state(tmp_path, 40)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _committed_steps(workdir):
+    return _committed_steps_of(checkpoint.checkpoint_dir(workdir))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    proc = subprocess.Popen(
+        _cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not _committed_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))  # somewhere mid-run, maybe mid-save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(tmp_path) or [0])
+    last_committed = max(_committed_steps(tmp_path))
+    assert proc.returncode == -signal.SIGKILL and last_committed < 40
+
+    resumed = _run(tmp_path)
+    resumed_from = int(resumed.stderr.split("resumed from step ")[1].split()[0])
+    assert resumed_from == last_committed and resumed_from <= max(killed_at, resumed_from)
+    assert _losses(tmp_path) == _losses(reference_run)
+    jax.tree.map(
+        np.testing.assert_array_equal, _saved_state(reference_run, 40), _saved_state(tmp_path, 40)
+    )
+
+
+def test_sigterm_saves_at_the_interrupted_step_and_exits_0(tmp_path):
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "--config.checkpoint.every=0", "--config.train.steps=400"), cwd=REPO,
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while len(_losses(tmp_path)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    line = [x for x in out.splitlines() if x.startswith("stopped by signal")]
+    assert len(line) == 1, out
+    step = int(line[0].split("at step ")[1].split()[0])
+    assert _committed_steps(tmp_path) == [step]  # every=0: only the preemption save
+    assert 3 <= step < 400 and step >= max(_losses(tmp_path))
+
+
+# --- in-process: resharding, corruption, async errors ----------------------------------
+
+
+class _Iterator:
+    """A stand-in data iterator with a JSON state."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        # grain's handler hands non-grain iterators the raw bytes it wrote.
+        self.position = json.loads(state)["position"]
+
+    def start_prefetch(self):
+        pass
+
+
+def _trainer(**mesh):
+    cfg = small_config()
+    for key, value in mesh.items():
+        cfg.mesh[key] = value
+    return train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
+
+
+def _save_steps(directory, trainer, steps=(10, 20)):
+    ckpt = checkpoint.Checkpointer(directory, keep=0)
+    state = trainer.init(jax.random.key(0))
+    for step in steps:
+        state = state._replace(step=state.step + 10)
+        ckpt.save(step, state._asdict(), _Iterator(step), trainer.cfg)
+    ckpt.close()
+    return state
+
+
+@pytest.mark.parametrize(
+    "target",
+    [dict(data=2, tensor=4), dict(data=1, n=1), dict(data=1, fsdp=4, tensor=2)],
+    ids=["data2xtensor4", "1 device", "fsdp4xtensor2"],
+)
+def test_restore_onto_another_mesh(tmp_path, target):
+    source = _trainer(data=1, fsdp=8)
+    saved = _save_steps(tmp_path, source, steps=(10,))
+    n = target.pop("n", 8)
+    cfg = small_config()
+    for key, value in target.items():
+        cfg.mesh[key] = value
+    dest = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
+    it = _Iterator()
+    restored = checkpoint.Checkpointer(tmp_path).restore(dest.abstract_state._asdict(), it)
+    assert restored.step == 10 and it.position == 10
+    state = train.TrainState(**restored.state)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state, saved)
+    got = jax.tree.map(lambda x: x.sharding, state)
+    for x, want in zip(jax.tree.leaves(state), jax.tree.leaves(dest.state_shardings), strict=True):
+        assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
+    assert all(len(s.device_set) == n for s in jax.tree.leaves(got))
+
+
+def _state_files(step_dir):
+    """The array data files of a step (tensorstore OCDBT keeps them in .../d/)."""
+    paths = [
+        os.path.join(root, f)
+        for root, _, files in os.walk(step_dir / checkpoint.STATE)
+        for f in files
+        if os.path.basename(root) == "d"
+    ]
+    assert paths, f"no array files under {step_dir}"
+    return sorted(paths)
+
+
+def _damage(kind, step_dir):
+    if kind == "no commit marker":
+        os.remove(step_dir / checkpoint.COMMIT_MARKER)
+    elif kind == "truncated array file":
+        for path in _state_files(step_dir):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    elif kind == "missing array file":
+        for path in _state_files(step_dir):
+            os.remove(path)
+    elif kind == "stale temporary directory":
+        shutil.move(step_dir, step_dir.parent / f"{step_dir.name}.orbax-checkpoint-tmp-1234")
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("no commit marker", "step 20: incomplete"),
+        ("truncated array file", "step 20: unreadable"),
+        ("missing array file", "step 20: unreadable"),
+        ("stale temporary directory", "step 20: incomplete save"),
+    ],
+)
+def test_damaged_latest_falls_back_to_previous_step(tmp_path, kind, message):
+    trainer = _trainer(data=8)
+    _save_steps(tmp_path, trainer)
+    _damage(kind, tmp_path / "20")
+    restored = checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict())
+    assert restored.step == 10
+    assert any(message in line for line in restored.skipped), restored.skipped
+
+
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
+    trainer = _trainer(data=8)
+    _save_steps(tmp_path, trainer)
+    for step in ("10", "20"):
+        _damage("missing array file", tmp_path / step)
+    with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
+        checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict())
+
+
+def test_background_save_error_is_raised(tmp_path, monkeypatch):
+    class FailingFuture:
+        def result(self, timeout=None):
+            raise OSError("disk full (injected)")
+
+    original = ocp.StandardCheckpointHandler.async_save
+
+    async def failing_async_save(self, *args, **kwargs):
+        return [*(await original(self, *args, **kwargs) or []), FailingFuture()]
+
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    state = {"w": jax.numpy.arange(8.0)}
+    cfg = ml_collections.ConfigDict({"x": 1})
+    ckpt.save(1, state, _Iterator(), cfg)
+    ckpt.wait()
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_async_save)
+    ckpt.save(2, state, _Iterator(), cfg)  # returns at once; the write fails behind it
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.close()
+    assert _committed_steps_of(tmp_path) == [1]
+
+
+def _committed_steps_of(directory):
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if n.isdigit()]
+    return sorted(
+        int(n)
+        for n in names
+        if os.path.exists(os.path.join(directory, n, checkpoint.COMMIT_MARKER))
+    )
+
+
+def test_init_from_loads_params_only(tmp_path):
+    trainer = _trainer(data=8)
+    saved = _save_steps(tmp_path / "checkpoints", trainer, steps=(10,))
+    step, params = checkpoint.restore_params(f"{tmp_path}:10", trainer.abstract_state.params)
+    assert step == 10
+    jax.tree.map(np.testing.assert_array_equal, params, saved.params)
+    with pytest.raises(checkpoint.CheckpointError, match="step 7 not found"):
+        checkpoint.restore_params(f"{tmp_path}:7", trainer.abstract_state.params)
+
+
+def test_resume_on_another_host_count_is_refused_clearly(tmp_path):
+    trainer = _trainer(data=8)
+    _save_steps(tmp_path, trainer, steps=(10,))
+    data_dir = tmp_path / "10" / checkpoint.DATA
+    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+    with pytest.raises(checkpoint.CheckpointError, match="2 processes but this run has 1"):
+        checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict(), _Iterator())
