@@ -2,7 +2,8 @@
 
 A run keeps its checkpoints in `workdir/checkpoints/<step>/` with three items:
   state   the TrainState pytree (params, optimizer state, step, rng), as sharded arrays;
-  data    the grain iterator state of each process (JSON, one file per process);
+  data    the data position: each process's shard states (JSON, one file per process;
+          merged on restore, so a run can resume on another number of processes);
   config  the resolved config (JSON).
 
 Saves are asynchronous by default (Orbax writes in the background and commits atomically by
@@ -160,16 +161,13 @@ class Checkpointer:
                 if step is not None:
                     raise CheckpointError(f"checkpoint {problem}")
                 continue
-            if data_iter is not None:
-                self._check_process_count(candidate)
             try:
                 items = {
                     STATE: ocp.args.StandardRestore(abstract_state),
                     CONFIG: ocp.args.JsonRestore(),
                 }
-                if data_iter is not None:
-                    items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+                data_state = self.read_data_state(candidate) if data_iter is not None else None
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
                 problem = f"step {candidate}: unreadable ({_one_line(e)})"
                 logging.warning("checkpoint %s; trying an older step", problem)
@@ -177,26 +175,31 @@ class Checkpointer:
                 if step is not None:
                     raise CheckpointError(f"checkpoint {problem}") from e
                 continue
+            if data_state is not None:
+                try:
+                    data_iter.set_state(data_state)
+                except ValueError as e:
+                    raise CheckpointError(f"step {candidate}: {e}") from e
             return Restored(candidate, restored[STATE], dict(restored[CONFIG]), skipped)
         raise CheckpointError(
             f"none of the checkpoints in {self.directory} could be read: " + "; ".join(skipped)
         )
 
-    def _check_process_count(self, step: int) -> None:
-        data_dir = self.directory / str(step) / DATA
-        if not data_dir.exists():
-            return
-        counts = {
-            m.group(1)
-            for p in data_dir.iterdir()
-            if (m := re.match(r"process_\d+-of-(\d+)\.json$", p.name))
-        }
-        if counts and str(jax.process_count()) not in counts:
-            raise CheckpointError(
-                f"step {step} holds the data position of {'/'.join(sorted(counts))} processes "
-                f"but this run has {jax.process_count()}; resuming on another host count is "
-                "not supported yet (checkpoint.init_from=<workdir> restarts from its params)"
-            )
+    def read_data_state(self, step: int) -> dict[str, Any]:
+        """The data position at `step`: every process's shard states merged into one dict.
+
+        Any host can resume any shard, so the number of processes may change between runs.
+        """
+        files = sorted((self.directory / str(step) / DATA).glob("process_*.json"))
+        if not files:
+            raise CheckpointError(f"step {step}: no data position ({DATA}/process_*.json)")
+        merged: dict[str, Any] = {"shards": {}}
+        for path in files:
+            state = json.loads(path.read_text())
+            if merged.setdefault("num_shards", state["num_shards"]) != state["num_shards"]:
+                raise CheckpointError(f"step {step}: {path.name} disagrees on num_shards")
+            merged["shards"].update(state["shards"])
+        return merged
 
     def close(self) -> None:
         """Waits for pending saves, raises their errors, and releases the manager."""

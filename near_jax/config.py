@@ -52,7 +52,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             4096,
             "Packed rows mixed by a window shuffle so a batch spans many documents; 0 = off.",
         ),
-        "read_threads": (2, "Threads that read and tokenize documents."),
+        "read_threads": (2, "Threads that read and tokenize documents (per data shard)."),
+        "shards": (
+            0,
+            "Fixed data shards of the run (0 = the process count at its start); the host "
+            "count can change on resume if it divides the global batch.",
+        ),
     },
     "train": {
         "steps": (1000, "Number of optimizer steps."),
@@ -205,6 +210,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("data.val_fraction", d.val_fraction, "a number strictly between 0 and 1")
     if d.shuffle_window < 0:
         _fail("data.shuffle_window", d.shuffle_window, "0 (off) or a positive number of rows")
+    if d.shards < 0:
+        _fail("data.shards", d.shards, "0 (the process count) or a positive integer")
     if d.read_threads < 0:
         _fail("data.read_threads", d.read_threads, "an integer >= 0")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):

@@ -15,34 +15,34 @@ documents in "val" and the rest in "train": the splits never share a document, w
 seed or the number of hosts, and neither is empty (at least one document each). Because
 `.bin` chunks are `seq_len + 1` long, their split depends on `seq_len`.
 
-Pipeline (one grain graph per host):
-  document ids of the split -> this host's shard (ids[process_index::process_count])
+Pipeline: the data is cut into `data.shards` fixed shards (default: the process count at the
+run's start), one grain graph each; a host reads the shards its rows of the global batch come
+from (see HostIterator), so the global stream never depends on the number of hosts.
+  document ids of the split -> the shard's documents (ids[shard::num_shards])
   -> shuffle (per epoch; train from `seed`, val from a fixed seed so every fresh val iterator
   yields the same batches) -> repeat forever (train and val)
   -> read + tokenize in `read_threads` threads: [bos] + tokens + [eos] (.bin chunks as-is)
   -> pack (concatenate, then split) into rows of seq_len + 1 tokens: no padding in an endless
   stream; a long document runs on over several rows, and its positions restart at 0 in each
   row (every row starts a fresh segment)
-  -> window shuffle of rows (`shuffle_window`), so one long document does not fill a batch
-  -> batch global_batch_size // process_count rows -> features:
+  -> window shuffle of rows (`shuffle_window` / num_shards), so one long document does not
+  fill a batch
+  -> batch global_batch_size // num_shards rows -> features:
      inputs = row[:-1], targets = row[1:], positions, segment_ids (1, 2, ... per document in
      the row; 0 = padding), weights = 1.0 where the target is in the same segment as the input.
 Everything is deterministic for a seed, and the iterator state (`get_state()`, a small
 JSON-able dict) restores the exact next batch.
 
-If a split has fewer documents than there are hosts, every host reads all of them and keeps
-rows process_index::process_count after packing instead (still disjoint between hosts).
+If a split has fewer documents than there are shards, every shard reads all of them and keeps
+rows shard::num_shards after packing instead (still disjoint between shards).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob as globlib
 import hashlib
-import json
 import os
-import sysconfig
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,17 +50,12 @@ import grain
 import numpy as np
 
 from near_jax.config import ConfigError
+from near_jax.documents import Documents, list_documents, split_documents
+from near_jax.packing import PackIterDataset
 from near_jax.tokenizer import Tokenizer, load_tokenizer
 
 FEATURES = ("inputs", "targets", "positions", "segment_ids", "weights")
-_EXTS = {".txt": "text", ".jsonl": "jsonl", ".bin": "bin"}
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _VAL_SHUFFLE_SEED = 0  # val order never depends on the training seed
-
-
-def _source_error(source: Any, why: str) -> ConfigError:
-    why = " ".join(str(why).split())  # one line
-    return ConfigError(f"config.data.source={source!r} is not allowed: {why}")
 
 
 def _seed32(*parts: Any) -> int:
@@ -68,351 +63,6 @@ def _seed32(*parts: Any) -> int:
     hashing keeps seeds s and s+1 from sharing epochs."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer, vectorized over a uint64 array (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        x += np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-@dataclasses.dataclass
-class Documents:
-    """The documents of a source, listed without reading their text.
-
-    Document `i` (0 <= i < len(docs)) lives in file `files[f]` (relative to `root`) for the
-    f with cum[f] <= i < cum[f+1]; `k = i - cum[f]` is its number within the file.
-    """
-
-    source: str
-    root: str
-    files: tuple[str, ...]
-    kinds: tuple[str, ...]  # per file: text | jsonl | bin
-    cum: np.ndarray  # int64 [n_files + 1]: first document id of each file
-    lines: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # jsonl: start, end, line_no
-    jsonl_field: str
-    bin_dtype: str
-    chunk_len: int  # tokens per .bin document
-    _memmaps: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return int(self.cum[-1])
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_memmaps"] = {}  # memmaps are reopened, never pickled as data
-        return state
-
-    def locate(self, i: int) -> tuple[int, int]:
-        """(file index, document number within the file) of document `i`."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"document {i} out of range [0, {len(self)})")
-        f = int(np.searchsorted(self.cum, i, side="right")) - 1
-        return f, int(i - self.cum[f])
-
-    def identity(self, i: int) -> str:
-        """A stable name of document `i`: relative path [+ ':line' | '#chunk']."""
-        f, k = self.locate(i)
-        if self.kinds[f] == "jsonl":
-            return f"{self.files[f]}:{int(self.lines[f][2][k])}"
-        if self.kinds[f] == "bin":
-            return f"{self.files[f]}#{k}"
-        return self.files[f]
-
-    def hashes(self) -> np.ndarray:
-        """uint64 [len(self)]: a stable hash of every document's identity."""
-        keys = [
-            int.from_bytes(hashlib.blake2b(rel.encode("utf-8"), digest_size=8).digest(), "little")
-            for rel in self.files
-        ]
-        sub = np.zeros(len(self), np.uint64)  # line number (jsonl), chunk (bin), 0 (text)
-        for f, kind in enumerate(self.kinds):
-            lo, hi = int(self.cum[f]), int(self.cum[f + 1])
-            if kind == "jsonl":
-                sub[lo:hi] = self.lines[f][2]
-            elif kind == "bin":
-                sub[lo:hi] = np.arange(hi - lo, dtype=np.uint64)
-        file_keys = np.repeat(np.asarray(keys, np.uint64), np.diff(self.cum))
-        return _mix64(_mix64(sub) ^ file_keys)
-
-    def _path(self, f: int) -> str:
-        return os.path.join(self.root, self.files[f])
-
-    def read_text(self, i: int) -> str:
-        """The text of a .txt / .py / .jsonl document (ConfigError for a bad jsonl line)."""
-        f, k = self.locate(i)
-        kind = self.kinds[f]
-        if kind == "text":
-            with open(self._path(f), "rb") as fh:
-                return fh.read().decode("utf-8", errors="replace")
-        if kind != "jsonl":
-            raise ValueError(f"document {self.identity(i)} is pre-tokenized, it has no text")
-        start, end, line_no = (int(a[k]) for a in self.lines[f])
-        with open(self._path(f), "rb") as fh:
-            fh.seek(start)
-            raw = fh.read(end - start).decode("utf-8", errors="replace").strip()
-        if not raw:
-            return ""
-        where = f"{self.files[f]}:{line_no}"
-        try:
-            record = json.loads(raw)
-        except ValueError as e:
-            raise _source_error(self.source, f"{where}: bad JSON line ({e})") from None
-        text = record.get(self.jsonl_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise _source_error(
-                self.source,
-                f"{where}: no string field {self.jsonl_field!r} (config.data.jsonl_field)",
-            )
-        return text
-
-    def read_tokens(self, i: int, tokenizer: Tokenizer) -> np.ndarray:
-        """int32 tokens of document `i`: [bos] + text tokens + [eos], or a .bin chunk."""
-        f, k = self.locate(i)
-        if self.kinds[f] != "bin":
-            body = tokenizer.encode_array(self.read_text(i))
-            out = np.empty(len(body) + 2, np.int32)
-            out[0], out[1:-1], out[-1] = tokenizer.bos_id, body, tokenizer.eos_id
-            return out
-        mm = self._memmaps.get(f)
-        if mm is None:
-            mm = self._memmaps[f] = np.memmap(self._path(f), dtype=self.bin_dtype, mode="r")
-        chunk = np.asarray(mm[k * self.chunk_len : (k + 1) * self.chunk_len], np.int32)
-        if chunk.size and int(chunk.max()) >= tokenizer.vocab_size:
-            raise _source_error(
-                self.source,
-                f"{self.identity(i)} holds token id {int(chunk.max())} >= vocab_size "
-                f"{tokenizer.vocab_size} of config.data.tokenizer={tokenizer.name!r}",
-            )
-        return chunk
-
-
-def _has_magic(part: str) -> bool:
-    return any(c in part for c in "*?[")
-
-
-def _walk(root: str, exts: tuple[str, ...]) -> list[str]:
-    """Sorted paths (relative to root) of non-empty files under root ending in exts."""
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if x not in _SKIP_DIRS]
-        for name in files:
-            if name.endswith(exts):
-                path = os.path.join(d, name)
-                if os.path.isfile(path) and os.path.getsize(path) > 0:
-                    out.append(os.path.relpath(path, root).replace(os.sep, "/"))
-    return sorted(out)
-
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_files() -> tuple[str, tuple[str, ...]]:
-    root = sysconfig.get_paths()["stdlib"]
-    return root, tuple(_walk(root, (".py",)))
-
-
-def _match_files(source: str) -> tuple[str, list[str]]:
-    """(root, sorted relative paths) of the .txt/.jsonl/.bin files a source names."""
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        root, files = path, _walk(path, tuple(_EXTS))
-    elif os.path.isfile(path):
-        root, files = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
-    else:
-        parts = path.split(os.sep)
-        fixed = []
-        for part in parts:
-            if _has_magic(part):
-                break
-            fixed.append(part)
-        root = os.sep.join(fixed) or "."
-        files = set()
-        for match in globlib.glob(path, recursive=True):
-            if os.path.isdir(match):
-                files.update(os.path.join(match, f) for f in _walk(match, tuple(_EXTS)))
-            elif os.path.isfile(match) and os.path.getsize(match) > 0:
-                files.add(match)
-        files = sorted(os.path.relpath(f, root).replace(os.sep, "/") for f in files)
-    files = [f for f in files if os.path.splitext(f)[1] in _EXTS]
-    if not files:
-        raise _source_error(
-            source,
-            "matches no non-empty .txt/.jsonl/.bin file; want 'stdlib', a directory, a file "
-            "or a glob",
-        )
-    return os.path.abspath(root), files
-
-
-@functools.lru_cache(maxsize=4096)
-def _scan_jsonl(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, ...]:
-    """(start, end, line number) of the non-empty lines of a file; cached by (size, mtime)."""
-    del mtime_ns  # part of the cache key only
-    newlines, base, block = [], 0, 1 << 24
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + base)
-            base += len(chunk)
-    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
-    ends = np.concatenate([nl, [base]]).astype(np.int64)
-    line_no = np.arange(1, len(starts) + 1, dtype=np.int64)
-    keep = ends > starts
-    return starts[keep], ends[keep], line_no[keep]
-
-
-def list_documents(data_cfg) -> Documents:
-    """Lists the documents of `data_cfg.source` (no text is read; jsonl files are scanned
-    for line offsets). Raises ConfigError naming config.data.source if nothing matches."""
-    source = data_cfg.source
-    if source == "stdlib":
-        root, files = _stdlib_files()
-        kinds = ["text"] * len(files)
-    else:
-        root, files = _match_files(source)
-        kinds = [_EXTS[os.path.splitext(f)[1]] for f in files]
-    itemsize = np.dtype(data_cfg.bin_dtype).itemsize
-    chunk_len = int(data_cfg.seq_len) + 1
-    counts, lines = [], {}
-    for f, (rel, kind) in enumerate(zip(files, kinds, strict=True)):
-        path = os.path.join(root, rel)
-        if kind == "text":
-            counts.append(1)
-        elif kind == "jsonl":
-            st = os.stat(path)
-            lines[f] = _scan_jsonl(path, st.st_size, st.st_mtime_ns)
-            counts.append(len(lines[f][0]))
-        else:
-            size = os.path.getsize(path)
-            if size % itemsize:
-                raise _source_error(
-                    source,
-                    f"{rel} has {size} bytes, not a multiple of {itemsize} "
-                    f"(config.data.bin_dtype={data_cfg.bin_dtype!r})",
-                )
-            n_tokens = size // itemsize
-            counts.append(n_tokens // chunk_len + (n_tokens % chunk_len >= 2))
-    cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-    if cum[-1] == 0:
-        raise _source_error(source, "holds no documents")
-    return Documents(
-        source=source,
-        root=root,
-        files=tuple(files),
-        kinds=tuple(kinds),
-        cum=cum,
-        lines=lines,
-        jsonl_field=data_cfg.jsonl_field,
-        bin_dtype=data_cfg.bin_dtype,
-        chunk_len=chunk_len,
-    )
-
-
-def split_documents(docs: Documents, split: str, val_fraction: float) -> np.ndarray:
-    """Sorted int64 ids of the documents in `split` ("train" | "val").
-
-    A document is in val iff the hash of its identity, as a number in [0, 1), is below
-    val_fraction; if that leaves either split empty, the document with the lowest (highest)
-    hash moves to val (train)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if len(docs) < 2:
-        raise _source_error(
-            docs.source, f"holds {len(docs)} document; need >= 2 to hold out validation"
-        )
-    h = docs.hashes()
-    is_val = (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < val_fraction
-    if not is_val.any():
-        is_val[np.argmin(h)] = True
-    if is_val.all():
-        is_val[np.argmax(h)] = False
-    return np.flatnonzero(is_val if split == "val" else ~is_val).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- packing
-
-
-class _PackIterDataset(grain.IterDataset):
-    """Concatenates variable-length int32 token arrays and cuts rows of `row_len` tokens.
-
-    Each row is a dict of `tokens`, `segment_ids` (1, 2, ... per piece of a document in the
-    row; 0 = padding) and `positions` (0, 1, ... within each piece). Only the final row of a
-    finite parent is padded (with pad_id). The state is {"parent": state before the
-    document the next row starts in, "offset": tokens of it already used}: JSON-safe.
-    """
-
-    def __init__(self, parent: grain.IterDataset, *, row_len: int, pad_id: int):
-        super().__init__(parent)
-        self._row_len = row_len
-        self._pad_id = pad_id
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), row_len=self._row_len, pad_id=self._pad_id)
-
-    def __str__(self) -> str:
-        return f"_PackIterDataset(row_len={self._row_len})"
-
-
-class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, *, row_len: int, pad_id: int):
-        super().__init__(parent)
-        self._row_len = row_len
-        self._pad_id = pad_id
-        self._arange = np.arange(row_len, dtype=np.int32)
-        self._doc: np.ndarray | None = None  # the document being cut into rows
-        self._doc_state: Any = None  # parent state just before that document
-        self._offset = 0  # tokens of it already emitted
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        n_row = self._row_len
-        tokens = np.full(n_row, self._pad_id, np.int32)
-        segment_ids = np.zeros(n_row, np.int32)
-        positions = np.zeros(n_row, np.int32)
-        fill = segment = 0
-        while fill < n_row:
-            if self._doc is None:
-                state = self._parent.get_state()
-                try:
-                    doc = next(self._parent)
-                except StopIteration:
-                    if fill == 0:
-                        raise
-                    break
-                if len(doc) == 0:
-                    continue
-                self._doc, self._doc_state, self._offset = doc, state, 0
-            n = min(n_row - fill, len(self._doc) - self._offset)
-            segment += 1
-            tokens[fill : fill + n] = self._doc[self._offset : self._offset + n]
-            segment_ids[fill : fill + n] = segment
-            positions[fill : fill + n] = self._arange[:n]
-            fill += n
-            self._offset += n
-            if self._offset == len(self._doc):
-                self._doc = None
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-
-    def get_state(self) -> dict[str, Any]:
-        if self._doc is None:
-            return {"parent": self._parent.get_state(), "offset": 0}
-        return {"parent": self._doc_state, "offset": self._offset}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._doc, self._offset = None, 0
-        if state["offset"]:
-            self._doc_state = self._parent.get_state()
-            self._doc = next(self._parent)
-            self._offset = int(state["offset"])
-
-    def __str__(self) -> str:
-        return f"_PackIterator(row_len={self._row_len})"
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -466,35 +116,16 @@ def _features(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def make_dataset(
-    data_cfg,
-    *,
-    split: str,
-    seed: int,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
+def shard_dataset(
+    data_cfg, *, split: str, seed: int, rows_per_step: int, shard: int, num_shards: int
 ) -> grain.IterDataset:
-    """The endless, deterministic stream of this host's batches of `split`.
+    """The endless, deterministic stream of one data shard: batches of `rows_per_step` rows.
 
-    Each element is a dict of numpy arrays of shape [global_batch_size // process_count,
-    seq_len]: inputs, targets, positions, segment_ids (int32) and weights (float32).
-    process_index / process_count default to jax.process_index() / jax.process_count().
+    Each element is a dict of numpy arrays [rows_per_step, seq_len]: inputs, targets,
+    positions, segment_ids (int32) and weights (float32).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ConfigError(
-            f"config.train.global_batch_size={global_batch_size} is not allowed: a positive "
-            f"multiple of the number of processes ({process_count})"
-        )
     if data_cfg.seq_len <= 0:
         raise ConfigError(f"config.data.seq_len={data_cfg.seq_len} is not allowed: > 0")
     tokenizer = _tokenizer(data_cfg.tokenizer)
@@ -504,9 +135,9 @@ def make_dataset(
     reader(ids[0])  # fail now, not in a reader thread, on e.g. a wrong jsonl_field
 
     ds = grain.MapDataset.source(ids)
-    rows_per_host = len(ids) < process_count  # too few documents: shard rows, not docs
-    if not rows_per_host:
-        ds = ds[process_index::process_count]
+    rows_per_shard = len(ids) < num_shards  # too few documents: shard rows, not docs
+    if not rows_per_shard:
+        ds = ds[shard::num_shards]
     shuffle_seed = _seed32("train", int(seed)) if split == "train" else _VAL_SHUFFLE_SEED
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
@@ -515,15 +146,59 @@ def make_dataset(
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(16, 8 * threads))
     )
-    ds = _PackIterDataset(ds, row_len=data_cfg.seq_len + 1, pad_id=tokenizer.pad_id)
-    if rows_per_host:
-        ds = ds.batch(process_count, drop_remainder=True).map(_TakeRow(process_index))
-    if data_cfg.shuffle and data_cfg.shuffle_window > 1:
+    ds = PackIterDataset(ds, row_len=data_cfg.seq_len + 1, pad_id=tokenizer.pad_id)
+    if rows_per_shard:
+        ds = ds.batch(num_shards, drop_remainder=True).map(_TakeRow(shard))
+    window = data_cfg.shuffle_window // num_shards  # the whole run holds shuffle_window rows
+    if data_cfg.shuffle and window > 1:
         # A long document fills many consecutive rows; mixing rows keeps batches diverse.
         ds = grain.experimental.WindowShuffleIterDataset(
-            ds, window_size=data_cfg.shuffle_window, seed=_seed32("rows", shuffle_seed)
+            ds, window_size=window, seed=_seed32("rows", shuffle_seed)
         )
-    return ds.batch(global_batch_size // process_count, drop_remainder=True).map(_features)
+    return ds.batch(rows_per_step, drop_remainder=True).map(_features)
+
+
+class HostIterator:
+    """This host's rows of each global batch, cut from the fixed data shards they come from.
+
+    Global batch rows [s * B/S, (s+1) * B/S) come from shard s; the host with index p of P
+    takes rows [p * B/P, (p+1) * B/P). The global stream depends only on the shard count S,
+    never on P, so a run can resume on another number of hosts. `get_state()` holds the
+    state of every shard this host reads; `set_state()` accepts a merge of all hosts' states.
+    """
+
+    def __init__(self, shard_iters: dict[int, Any], num_shards: int, lo: int, hi: int, rps: int):
+        self._iters, self.num_shards = shard_iters, num_shards
+        self._shards = sorted(shard_iters)
+        first = self._shards[0] * rps
+        self._slice = slice(lo - first, hi - first)
+
+    def __iter__(self) -> HostIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(self._iters[s]) for s in self._shards]
+        return {k: np.concatenate([p[k] for p in parts])[self._slice] for k in FEATURES}
+
+    def get_state(self) -> dict[str, Any]:
+        """{"num_shards": S, "shards": {"<shard>": state}} for the shards this host reads."""
+        return {
+            "num_shards": self.num_shards,
+            "shards": {str(s): self._iters[s].get_state() for s in self._shards},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores from a state that holds (at least) every shard this host reads."""
+        if state.get("num_shards") != self.num_shards:
+            raise ValueError(
+                f"the saved data position is for {state.get('num_shards')} data shards, this "
+                f"run has {self.num_shards} (config.data.shards must not change within a run)"
+            )
+        missing = [s for s in self._shards if str(s) not in state["shards"]]
+        if missing:
+            raise ValueError(f"the saved data position lacks shards {missing}")
+        for s in self._shards:
+            self._iters[s].set_state(state["shards"][str(s)])
 
 
 def make_iterator(
@@ -534,18 +209,39 @@ def make_iterator(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> grain.DatasetIterator:
-    """`iter(make_dataset(...))`: a checkpointable iterator (get_state / set_state)."""
-    return iter(
-        make_dataset(
-            data_cfg,
-            split=split,
-            seed=seed,
-            global_batch_size=global_batch_size,
-            process_index=process_index,
-            process_count=process_count,
+) -> HostIterator:
+    """This host's endless, deterministic, checkpointable iterator of batches of `split`.
+
+    Each batch is [global_batch_size // process_count, seq_len] per array. The shard count is
+    `data.shards`, or the process count when that is 0. process_index / process_count default
+    to jax.process_index() / jax.process_count().
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    num_shards = data_cfg.shards or process_count
+    batch = global_batch_size
+    for name, n in (("the number of processes", process_count), ("data.shards", num_shards)):
+        if batch <= 0 or batch % n:
+            raise ConfigError(
+                f"config.train.global_batch_size={batch} is not allowed: a positive multiple "
+                f"of {name} ({n})"
+            )
+    rps = batch // num_shards
+    lo, hi = process_index * batch // process_count, (process_index + 1) * batch // process_count
+    shards = range(lo // rps, -(-hi // rps))
+    iters = {
+        s: iter(
+            shard_dataset(data_cfg, split=split, seed=seed, rows_per_step=rps, shard=s,
+                          num_shards=num_shards)
         )
-    )
+        for s in shards
+    }  # fmt: skip
+    return HostIterator(iters, num_shards, lo, hi, rps)
 
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 def check_resume_config(saved: dict, cfg: ml_collections.ConfigDict) -> None:
     """Fails with one line if a checkpoint's model or data layout differs from the config."""
-    for section, keys in (("model", None), ("data", ("seq_len", "tokenizer", "source"))):
+    for section, keys in (("model", None), ("data", ("seq_len", "tokenizer", "source", "shards"))):
         want, have = cfg[section].to_dict(), saved.get(section, {})
         for key in keys or sorted(set(want) | set(have)):
             if want.get(key) != have.get(key):
@@ -223,6 +223,15 @@ def check_resume_config(saved: dict, cfg: ml_collections.ConfigDict) -> None:
                     f"in this workdir was trained with {have.get(key)!r} (use a new --workdir, "
                     "or checkpoint.init_from to start from its params)"
                 )
+
+
+def _run_shards(workdir: str) -> int:
+    """The data shard count a run in `workdir` started with (0 if it has not started)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return int(json.load(f)["data"]["shards"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
 
 
 def start_state(
@@ -255,6 +264,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     cfg = resolve_config(cfg, tokenizer.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
+    cfg.data.shards = cfg.data.shards or _run_shards(workdir) or jax.process_count()
     # The data iterator first: a bad source fails before any model work.
     train_iter = data.make_iterator(
         cfg.data, split="train", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size

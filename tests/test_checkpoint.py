@@ -144,14 +144,10 @@ class _Iterator:
         self.position = position
 
     def get_state(self):
-        return {"position": self.position}
+        return {"num_shards": 1, "shards": {"0": self.position}}
 
     def set_state(self, state):
-        # grain's handler hands non-grain iterators the raw bytes it wrote.
-        self.position = json.loads(state)["position"]
-
-    def start_prefetch(self):
-        pass
+        self.position = state
 
 
 def _trainer(**mesh):
@@ -186,7 +182,7 @@ def test_restore_onto_another_mesh(tmp_path, target):
     dest = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
     it = _Iterator()
     restored = checkpoint.Checkpointer(tmp_path).restore(dest.abstract_state._asdict(), it)
-    assert restored.step == 10 and it.position == 10
+    assert restored.step == 10 and it.position == {"num_shards": 1, "shards": {"0": 10}}
     state = train.TrainState(**restored.state)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state, saved)
     got = jax.tree.map(lambda x: x.sharding, state)
@@ -291,10 +287,23 @@ def test_init_from_loads_params_only(tmp_path):
         checkpoint.restore_params(f"{tmp_path}:7", trainer.abstract_state.params)
 
 
-def test_resume_on_another_host_count_is_refused_clearly(tmp_path):
+def test_data_position_merges_every_process_file(tmp_path):
     trainer = _trainer(data=8)
     _save_steps(tmp_path, trainer, steps=(10,))
     data_dir = tmp_path / "10" / checkpoint.DATA
-    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
-    with pytest.raises(checkpoint.CheckpointError, match="2 processes but this run has 1"):
-        checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict(), _Iterator())
+    # As if two processes had saved, each with the two shards it reads.
+    (data_dir / "process_0-of-1.json").unlink()
+    for p in range(2):
+        state = {"num_shards": 4, "shards": {str(2 * p + i): {"pos": 2 * p + i} for i in (0, 1)}}
+        (data_dir / f"process_{p}-of-2.json").write_text(json.dumps(state))
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert ckpt.read_data_state(10) == {
+        "num_shards": 4,
+        "shards": {str(s): {"pos": s} for s in range(4)},
+    }
+    restored_into = _Iterator()
+    ckpt.restore(trainer.abstract_state._asdict(), restored_into)
+    assert restored_into.position == {
+        "num_shards": 4,
+        "shards": {str(s): {"pos": s} for s in range(4)},
+    }

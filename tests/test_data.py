@@ -111,7 +111,7 @@ def test_stdlib_shapes_and_packing_invariants():
 def test_finite_stream_pads_with_zero_weight():
     docs = [np.arange(n, dtype=np.int32) + 10 for n in (5, 30, 7)]
     ds = grain.MapDataset.source(docs).to_iter_dataset()
-    rows = list(data._PackIterDataset(ds, row_len=17, pad_id=99))
+    rows = list(data.PackIterDataset(ds, row_len=17, pad_id=99))
     assert len(rows) == 3
     batch = data._features({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     # row 3: the last token of document 2, document 3 (7 tokens), 9 padding tokens
@@ -306,3 +306,42 @@ def test_bad_sources_raise_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"bad\.jsonl:4"):
         _take(_it(cfg, bad_split), 3)
+
+
+def _global(cfg, hosts, steps, split="train"):
+    """The global batches, assembled from `hosts` per-host iterators."""
+    its = [_it(cfg, split, process_index=p, process_count=hosts) for p in range(hosts)]
+    return its, [_concat([next(it) for it in its]) for _ in range(steps)]
+
+
+def _concat(parts):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_global_stream_does_not_depend_on_the_host_count(txt_dir):
+    cfg = _cfg(source=str(txt_dir), shards=4, shuffle_window=16)
+    _, one = _global(cfg, 1, 4)
+    for hosts in (2, 4):
+        _, many = _global(cfg, hosts, 4)
+        assert all(_same(a, b) for a, b in zip(one, many, strict=True))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 4), (4, 2)])
+def test_resume_on_another_host_count_continues_the_stream(txt_dir, before, after):
+    cfg = _cfg(source=str(txt_dir), shards=4, shuffle_window=16)
+    its, _ = _global(cfg, before, 3)
+    merged = {"num_shards": 4, "shards": {}}
+    for it in its:  # what a checkpoint holds: every host's shard states
+        merged["shards"].update(json.loads(json.dumps(it.get_state()))["shards"])
+    want = [_concat([next(it) for it in its]) for _ in range(3)]
+    resumed = [_it(cfg, process_index=p, process_count=after) for p in range(after)]
+    for it in resumed:
+        it.set_state(merged)
+    got = [_concat([next(it) for it in resumed]) for _ in range(3)]
+    assert all(_same(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_changing_the_shard_count_of_a_run_is_refused(txt_dir):
+    state = _it(_cfg(source=str(txt_dir), shards=2)).get_state()
+    with pytest.raises(ValueError, match="for 2 data shards, this run has 4"):
+        _it(_cfg(source=str(txt_dir), shards=4)).set_state(state)
