@@ -307,3 +307,35 @@ def test_data_position_merges_every_process_file(tmp_path):
         "num_shards": 4,
         "shards": {str(s): {"pos": s} for s in range(4)},
     }
+
+
+def test_keep_last_k_and_every_m_th_step(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=2, keep_every=10)
+    state = {"w": jax.numpy.arange(4.0)}
+    for step in range(5, 35, 5):
+        ckpt.save(step, state, _Iterator(step), ml_collections.ConfigDict({"x": 1}))
+    ckpt.close()
+    assert _committed_steps_of(tmp_path) == [10, 20, 25, 30]
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from near_jax.preemption import StopRequest
+stop = StopRequest()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print("first signal: stop requested" if stop.should_stop(1) else "first signal lost", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("second signal ignored", flush=True)
+"""
+
+
+def test_second_signal_aborts_at_once():
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, env=_env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert "first signal: stop requested" in proc.stdout
+    assert "second signal ignored" not in proc.stdout
+    assert proc.returncode == -signal.SIGTERM
