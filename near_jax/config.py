@@ -32,12 +32,15 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "param_dtype": ("float32", "Storage dtype of the parameters."),
         "remat": ("none", "Rematerialization of each block: none | full | dots_saveable."),
         "scan_layers": (True, "Stack the blocks with scan (compile time independent of depth)."),
-        "attention": ("auto", "Attention implementation: auto | xla | cudnn."),
+        "attention": ("auto", "Attention implementation: auto | xla | pallas | cudnn | splash."),
         "attention_block_q": (
             0,
-            "Query block of the Pallas attention kernel; 0 = backend default.",
+            "Pallas query block (TPU: multiple of 128; GPU: power of 2 >= 16); 0 = default.",
         ),
-        "attention_block_kv": (0, "Key/value block of the Pallas kernel; 0 = backend default."),
+        "attention_block_kv": (
+            0,
+            "Pallas key/value block (same rules as attention_block_q); 0 = default.",
+        ),
         "attention_window": (0, "Sliding-window (local) attention span in tokens; 0 = full."),
     },
     "data": {
@@ -107,7 +110,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "pallas", "cudnn", "splash"),
     "data.bin_dtype": ("uint16", "uint32"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.progress": ("auto", "bar", "lines"),

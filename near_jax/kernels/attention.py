@@ -2,6 +2,22 @@
 
 Layout is the model's: q [batch, length, heads, head_dim], k/v [batch, length, kv_heads,
 head_dim]; grouped-query attention is native (K/V are never repeated per query head).
+
+Implementations (`impl`):
+  xla     plain XLA, float32 softmax; the reference. Materializes [length x length] scores.
+  pallas  our flash attention (`flash_attention.py`): TPU (Mosaic) or GPU (Triton) kernels,
+          Pallas interpret mode on CPU.
+  cudnn   cuDNN flash attention via `jax.nn.dot_product_attention` (GPU; bf16/fp16). Packed
+          segments become a dense [batch, 1, length, length] boolean mask.
+  splash  JAX's shipped TPU splash attention (`splash.py`).
+  auto    the preferred impl of the platform that can serve the call: TPU splash, then
+          pallas; GPU cudnn, then pallas; anything else (CPU) xla. Skipping a preferred impl
+          logs one line per reason.
+An explicit impl that cannot serve a call raises ValueError naming the impl and the reason.
+
+Under a mesh (`jax.set_mesh`), the Pallas kernels run per shard through `shard_map` with the
+logical-axis specs from `sharding.py` (batch and heads split, length whole), since XLA
+cannot partition a custom kernel call itself.
 """
 
 from __future__ import annotations
@@ -9,9 +25,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # pallas and splash arrive with their kernels
-_warned: set[str] = set()
+from near_jax import sharding
+from near_jax.kernels import flash_attention as flash
+from near_jax.kernels import splash
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
+AUTO_ORDER = {"tpu": ("splash", "pallas"), "gpu": ("cudnn", "pallas")}
+_logged: set[tuple[str, str]] = set()
 
 
 def attention(
@@ -27,18 +49,18 @@ def attention(
     block_kv: int = 0,
     window: int = 0,
 ) -> jax.Array:
-    """Scaled dot-product attention with causal and packed-segment masking.
+    """Scaled dot-product attention with causal, sliding-window and packed-segment masking.
 
     Args:
       q_BxLxHxK: queries. H must be a multiple of the kv head count G.
-      k_BxMxGxK, v_BxMxGxK: keys and values (M == L: self-attention).
+      k_BxMxGxK, v_BxMxGxK: keys and values (M == L: self-attention, except for xla).
       segment_ids_BxL: document ids of a packed row; a query attends only to keys of its own
         document. None: one document per row.
       causal: mask keys after the query position.
       sm_scale: softmax scale; default 1/sqrt(head_dim).
-      impl: auto | xla | cudnn. `auto` picks the best available for the backend; an explicit
-        impl that cannot serve the request raises ValueError.
-      block_q, block_kv: kernel block sizes (0 = the backend's default); unused by xla.
+      impl: auto | xla | pallas | cudnn | splash (see the module docstring).
+      block_q, block_kv: kernel block sizes (0 = the kernel's default); used by pallas and
+        splash.
       window: sliding-window span: a query sees keys less than `window` positions away
         (0 = unlimited).
 
@@ -47,52 +69,142 @@ def attention(
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl={impl!r} is not allowed: one of {IMPLEMENTATIONS}")
-    if q_BxLxHxK.shape[2] % k_BxMxGxK.shape[2]:
-        raise ValueError(
-            f"query heads {q_BxLxHxK.shape[2]} must be a multiple of kv heads {k_BxMxGxK.shape[2]}"
-        )
-    scale = q_BxLxHxK.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    q, k, v, seg = q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    if window < 0:
+        raise ValueError(f"attention window={window} must be >= 0")
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if impl == "auto":
-        impl = "xla" if window else _pick_auto(q_BxLxHxK)
-    if impl == "cudnn":
-        reason = _cudnn_unsupported(q_BxLxHxK) or ("sliding window" if window else "")
+        impl = _pick_auto(q, k, causal, window, seg)
+    else:
+        reason = unsupported_reason(impl, q, k, causal=causal, window=window, segment_ids=seg)
         if reason:
-            raise ValueError(f"attention impl='cudnn' cannot serve this call: {reason}")
-        return _cudnn(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL, causal, scale)
-    return xla_attention(
-        q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL, causal, scale, window=window
-    )
+            raise ValueError(f"attention impl={impl!r} cannot serve this call: {reason}")
+
+    if impl == "xla":
+        return xla_attention(q, k, v, seg, causal, scale, window=window)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, seg, causal, scale, window)
+    if impl == "pallas":
+
+        def kernel(q, k, v, seg):
+            return flash.flash_attention(
+                q, k, v, seg, causal=causal, sm_scale=scale, window=window,
+                block_q=block_q, block_kv=block_kv,
+            )  # fmt: skip
+    else:
+
+        def kernel(q, k, v, seg):
+            return splash.splash_attention(
+                q, k, v, seg, causal=causal, scale=scale, window=window,
+                block_q=block_q, block_kv=block_kv,
+            )  # fmt: skip
+
+    return _per_shard(kernel, q, k, v, seg)
 
 
-def _pick_auto(q: jax.Array) -> str:
-    if jax.default_backend() != "gpu":
-        return "xla"
-    reason = _cudnn_unsupported(q)
-    if reason:
-        if "cudnn" not in _warned:
-            _warned.add("cudnn")
-            logging.info("attention: cudnn unavailable (%s); using xla", reason)
-        return "xla"
-    return "cudnn"
+def unsupported_reason(
+    impl: str,
+    q_BxLxHxK: jax.Array,
+    k_BxMxGxK: jax.Array,
+    *,
+    causal: bool = True,
+    window: int = 0,
+    segment_ids: jax.Array | None = None,
+) -> str:
+    """Why `impl` cannot serve this call on the running platform ("" if it can)."""
+    platform = jax.default_backend()
+    if impl == "xla":
+        return ""
+    if impl == "pallas":
+        return flash.unsupported(q_BxLxHxK, k_BxMxGxK)
+    if impl == "splash":
+        if platform != "tpu":
+            return f"backend is {platform}; splash needs a TPU"
+        return splash.unsupported(q_BxLxHxK, k_BxMxGxK)
+    if impl == "cudnn":
+        return _cudnn_unsupported(q_BxLxHxK, causal, window, segment_ids)
+    raise ValueError(f"attention impl={impl!r} is not allowed: one of {IMPLEMENTATIONS}")
 
 
-def _cudnn_unsupported(q: jax.Array) -> str:
-    if jax.default_backend() != "gpu":
-        return f"backend is {jax.default_backend()}, cudnn needs gpu"
+def _pick_auto(q, k, causal, window, seg) -> str:
+    for impl in AUTO_ORDER.get(jax.default_backend(), ()):
+        reason = unsupported_reason(impl, q, k, causal=causal, window=window, segment_ids=seg)
+        if not reason:
+            return impl
+        if (impl, reason) not in _logged:
+            _logged.add((impl, reason))
+            logging.info("attention: %s cannot serve (%s); trying the next impl", impl, reason)
+    return "xla"
+
+
+def _cudnn_unsupported(q, causal, window, segment_ids) -> str:
+    platform = jax.default_backend()
+    if platform != "gpu":
+        return f"backend is {platform}; cudnn needs a GPU"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"dtype {q.dtype} (cudnn needs bfloat16 or float16)"
-    if q.shape[-1] > 128 or q.shape[-1] % 8:
-        return f"head_dim {q.shape[-1]} (cudnn needs a multiple of 8, at most 128)"
+    head_dim = q.shape[-1]
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    max_dim = 256 if float(capability) >= 9.0 else 128
+    if head_dim > max_dim or head_dim % 8:
+        return f"head_dim {head_dim} (cudnn needs a multiple of 8, at most {max_dim})"
+    if window and not causal:
+        return "sliding window without causal masking"
+    if segment_ids is not None and q.shape[1] % 2:
+        return f"odd length {q.shape[1]} with a segment mask"
     return ""
 
 
-def _cudnn(q, k, v, segment_ids, causal, scale):
+def _cudnn(q, k, v, segment_ids, causal, scale, window):
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn",
+        local_window_size=(window - 1, 0) if window else None,
+    )  # fmt: skip
+
+
+def _per_shard(kernel, q, k, v, seg):
+    """Runs `kernel` per shard under an active mesh: batch/heads split, length whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, seg)
+    q_spec = sharding.logical_to_spec(
+        PartitionSpec("batch", "length", "heads", "head_dim"), q.shape, mesh
     )
+    kv_spec = sharding.logical_to_spec(
+        PartitionSpec("batch", "length", "kv_heads", "head_dim"), k.shape, mesh
+    )
+    manual = set(mesh.manual_axes)  # already split by an enclosing shard_map
+
+    def auto_axes(q_axes, kv_axes):
+        # Split q and k/v alike or not at all: a query head must find its kv head in its
+        # shard, and a batch row its keys.
+        if q_axes != kv_axes or q_axes is None:
+            return None
+        kept = tuple(
+            a for a in ((q_axes,) if isinstance(q_axes, str) else q_axes) if a not in manual
+        )
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    batch, heads = auto_axes(q_spec[0], kv_spec[0]), auto_axes(q_spec[2], kv_spec[2])
+    if batch is None and heads is None:
+        return kernel(q, k, v, seg)
+    spec = PartitionSpec(batch, None, heads, None)
+    if seg is None:
+        return jax.shard_map(
+            lambda q, k, v: kernel(q, k, v, None),
+            in_specs=(spec, spec, spec), out_specs=spec, check_vma=False,
+        )(q, k, v)  # fmt: skip
+    return jax.shard_map(
+        kernel,
+        in_specs=(spec, spec, spec, PartitionSpec(batch, None)),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, seg)
 
 
 def xla_attention(
