@@ -21,7 +21,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from near_jax import checkpoint, data, metrics, model, optim, preemption, sharding
+from near_jax import checkpoint, data, distributed, metrics, model, optim, preemption, sharding
 from near_jax import config as config_lib
 from near_jax.config import ConfigError
 from near_jax.tokenizer import load_tokenizer
@@ -384,6 +384,7 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "Run directory: checkpoints, metrics, TensorBoard events, config."
     )
+    distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 
 def usage_error(message: str) -> None:
@@ -433,6 +434,10 @@ def quiet_library_logs() -> None:
 
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
+    try:
+        distributed.initialize_from_flags()  # before anything touches a device
+    except distributed.DistributedError as e:
+        usage_error(str(e))
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = load_config_flag(flags.FLAGS.config)

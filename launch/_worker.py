@@ -1,0 +1,20 @@
+"""One training process of a multi-process run: join the job, then run `near_jax.train`.
+
+`launch/local.py` (and the SLURM script) start `python -m launch._worker <train flags>` with
+the NEAR_JAX_* variables set; `near_jax.distributed.initialize()` reads them. Once
+`near_jax.train` initializes itself (its `--coordinator_address/...` flags), this module is a
+thin alias kept so launch commands stay the same.
+"""
+
+from near_jax import distributed
+
+
+def main() -> None:
+    distributed.initialize()
+    from near_jax import train
+
+    train.main()
+
+
+if __name__ == "__main__":
+    main()
