@@ -458,6 +458,10 @@ def _main(argv: list[str]) -> None:
         print(f"stopped by signal: checkpoint saved at step {result['preempted_at']} "
               f"in {flags.FLAGS.workdir}; run the same command to resume")  # fmt: skip
         return
+    if result.get("start_step", 0) >= cfg.train.steps:
+        print(f"nothing to do: {flags.FLAGS.workdir} is already trained to step "
+              f"{result['start_step']} (raise --config.train.steps to continue)")  # fmt: skip
+        return
     summary = {k: round(v, 4) for k, v in result.items() if k in ("train_loss", "eval_loss")}
     print(f"done: {json.dumps(summary)} | workdir {flags.FLAGS.workdir}")
 

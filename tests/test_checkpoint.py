@@ -84,6 +84,8 @@ def test_resume_is_bit_exact(reference_run, tmp_path):
     assert got == want  # bit-identical per-step losses
     a, b = _saved_state(reference_run, 40), _saved_state(tmp_path, 40)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    again = _run(tmp_path)  # a finished run says so and trains nothing
+    assert "nothing to do" in again.stdout and max(_losses(tmp_path)) == 40
 
 
 def _committed_steps(workdir):
