@@ -1,19 +1,6 @@
 """The grain input pipeline: documents -> tokens -> packed rows -> per-host batches.
 
-Sources (`config.data.source`):
-  * "stdlib": the `.py` files of the running Python's standard library (site-packages
-    skipped), found at run time under `sysconfig.get_paths()["stdlib"]`.
-  * a directory (searched recursively), a file, or a glob of `.txt` / `.jsonl` / `.bin`
-    files. A `.txt` file is one document; a `.jsonl` line is one document (text in field
-    `config.data.jsonl_field`; blank lines skipped); a `.bin` file is a flat stream of
-    pre-tokenized ids (`config.data.bin_dtype`) cut into chunks of `seq_len + 1` tokens, each
-    chunk one document (the last, shorter chunk too if it has >= 2 tokens).
-
-A document's identity is its path relative to the source root, plus `:line` (jsonl) or
-`#chunk` (bin). A stable 64-bit hash of the identity puts a fraction `val_fraction` of the
-documents in "val" and the rest in "train": the splits never share a document, whatever the
-seed or the number of hosts, and neither is empty (at least one document each). Because
-`.bin` chunks are `seq_len + 1` long, their split depends on `seq_len`.
+Sources, document identities and the train/val split are in `near_jax.documents`.
 
 Pipeline: the data is cut into `data.shards` fixed shards (default: the process count at the
 run's start), one grain graph each; a host reads the shards its rows of the global batch come
