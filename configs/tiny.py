@@ -18,10 +18,10 @@ def get_config():
     # bfloat16 matmuls are emulated (slow) on CPU; float32 is the fast path there.
     cfg.model.dtype = "float32"
     cfg.data.seq_len = 256
-    cfg.train.steps = 180
+    cfg.train.steps = 150
     cfg.train.global_batch_size = 16
     cfg.train.log_every = 10
-    cfg.train.eval_every = 60
+    cfg.train.eval_every = 50
     cfg.train.eval_batches = 4
     cfg.optim.lr = 2e-3
     cfg.optim.warmup_steps = 20
