@@ -243,30 +243,57 @@ def parse_init_from(spec: str) -> tuple[str, int | None]:
     return path, step
 
 
-def restore_params(spec: str, abstract_params: Any) -> tuple[int, Any]:
-    """Restores only the params of another run (`checkpoint.init_from`): (step, params)."""
+def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()},
+    )
+
+
+def _shape_mismatch(saved: Any, abstract: Any) -> str | None:
+    """The first param whose saved shape differs from `abstract` (or that is missing), if any."""
+    saved_flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, want in jax.tree_util.tree_leaves_with_path(abstract):
+        key = jax.tree_util.keystr(path)
+        have = saved_flat.get(key)
+        if have is None:
+            return f"params{key} is missing from the checkpoint"
+        if tuple(have.shape) != tuple(want.shape):
+            return (
+                f"params{key} has shape {tuple(have.shape)} in the checkpoint but "
+                f"{tuple(want.shape)} in the config"
+            )
+    return None
+
+
+def restore_params(
+    spec: str, abstract_params: Any, *, what: str = "config.checkpoint.init_from"
+) -> tuple[int, Any]:
+    """Restores only the params of another run (`checkpoint.init_from`): (step, params).
+
+    `spec` is 'PATH[:STEP]' (the latest step without one). A checkpoint of another
+    architecture (a param shape differs or is missing) is a one-line CheckpointError.
+    """
     path, step = parse_init_from(spec)
     directory = epath.Path(path)
     if (directory / CHECKPOINT_DIR).exists():
         directory = directory / CHECKPOINT_DIR
     if not directory.exists():
-        raise CheckpointError(f"config.checkpoint.init_from={spec!r}: {directory} does not exist")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
-    )
+        raise CheckpointError(f"{what}={spec!r}: {directory} does not exist")
+    manager = _read_only_manager(directory)
     try:
         steps = sorted(manager.all_steps())
         if not steps:
-            raise CheckpointError(
-                f"config.checkpoint.init_from={spec!r}: no committed checkpoint in {directory}"
-            )
+            raise CheckpointError(f"{what}={spec!r}: no committed checkpoint in {directory}")
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise CheckpointError(
-                f"config.checkpoint.init_from={spec!r}: step {step} not found; have {steps}"
-            )
+            raise CheckpointError(f"{what}={spec!r}: step {step} not found; have {steps}")
+        saved = manager.item_metadata(step)[STATE]
+        saved = getattr(saved, "tree", saved)
+        problem = _shape_mismatch(saved.get("params", {}), abstract_params)
+        if problem:
+            raise CheckpointError(f"{what}={spec!r}: a different architecture: {problem}")
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                            dtype=x.dtype),
@@ -285,5 +312,17 @@ def restore_params(spec: str, abstract_params: Any) -> tuple[int, Any]:
             ),
         )
         return step, restored[STATE]["params"]
+    finally:
+        manager.close()
+
+
+def read_config(directory: str | epath.Path, step: int) -> dict:
+    """The resolved config a checkpoint step was saved with (its `config` item)."""
+    manager = _read_only_manager(epath.Path(directory))
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+        )
+        return dict(restored[CONFIG])
     finally:
         manager.close()

@@ -189,8 +189,11 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL):
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        # Untied, the lookup table starts at std 1 (unit-scale residual stream); tied, it is
+        # also the output head, so it starts at the head's init_std (the Llama convention).
+        embed_std = c.init_std if c.tie_embeddings else 1.0
         embed_VxD = self.param(
-            "embed", _normal(1.0, ("vocab", "embed")), (c.vocab_size, c.d_model), pdt
+            "embed", _normal(embed_std, ("vocab", "embed")), (c.vocab_size, c.d_model), pdt
         )
         x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dt)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
@@ -214,8 +217,7 @@ class Transformer(nn.Module):
 
         x_BxLxD = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x_BxLxD)
         if c.tie_embeddings:
-            # Embeddings are initialised with std 1 for the lookup; scale them for the head.
-            head_DxV = embed_VxD.T * c.d_model**-0.5
+            head_DxV = embed_VxD.T  # exactly as Hugging Face Llama ties them
         else:
             head_DxV = self.param(
                 "head", _normal(c.init_std, ("embed", "vocab")), (c.d_model, c.vocab_size), pdt
