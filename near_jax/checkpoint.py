@@ -247,7 +247,11 @@ def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()},
+        item_handlers={
+            STATE: ocp.PyTreeCheckpointHandler(),
+            DATA: grain.checkpoint.CheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        },
     )
 
 

@@ -101,7 +101,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+        """Without `cache`: attention within the rows. With `cache` ({"k", "v"} of [B,S,G,K]):
+        writes this call's keys/values at their positions and attends over the cache;
+        returns (out, new cache)."""
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         d, h, g, k = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
@@ -120,6 +123,16 @@ class Attention(nn.Module):
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, c.rope_theta)
         k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, c.rope_theta)
+        if cache is not None:
+            cache = {
+                "k": _write_cache(cache["k"], k_BxLxGxK, positions_BxL),
+                "v": _write_cache(cache["v"], v_BxLxGxK, positions_BxL),
+            }
+            out_BxLxHxK = kernels.cached_attention(
+                q_BxLxHxK, cache["k"], cache["v"], positions_BxL, window=c.attention_window
+            )
+            out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
+            return constrain(out_BxLxD, ("batch", "length", "embed")), cache
         out_BxLxHxK = kernels.attention(
             q_BxLxHxK,
             k_BxLxGxK,
@@ -132,7 +145,15 @@ class Attention(nn.Module):
             window=c.attention_window,
         )
         out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
-        return constrain(out_BxLxD, ("batch", "length", "embed"))
+        return constrain(out_BxLxD, ("batch", "length", "embed")), None
+
+
+def _write_cache(cache_BxSxGxK: jax.Array, new_BxLxGxK: jax.Array, positions_BxL: jax.Array):
+    """Writes each row's new entries into its cache from slot positions[b, 0] on."""
+    new_BxLxGxK = new_BxLxGxK.astype(cache_BxSxGxK.dtype)
+    write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n, p, axis=0))
+    cache_BxSxGxK = write(cache_BxSxGxK, new_BxLxGxK, positions_BxL[:, 0])
+    return constrain(cache_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
 
 
 class Mlp(nn.Module):
@@ -163,15 +184,16 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.norm_eps, dt, pdt, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(c, name="attn")(h, positions_BxL, segment_ids_BxL)
+        attn_BxLxD, cache = Attention(c, name="attn")(h, positions_BxL, segment_ids_BxL, cache)
+        x_BxLxD = x_BxLxD + attn_BxLxD
         h = RMSNorm(c.norm_eps, dt, pdt, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(h)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
-        return x_BxLxD, None
+        return x_BxLxD, cache
 
 
 REMAT_POLICIES = {
@@ -186,7 +208,12 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL):
+    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, select_BxT=None):
+        """Logits [B, L, V]; with `cache` (stacked per layer) returns (logits, new cache).
+
+        `select_BxT`, if given, picks the positions whose logits are computed ([B, T, V]),
+        so a prefill pays for the output head on one position per row, not all L.
+        """
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         # Untied, the lookup table starts at std 1 (unit-scale residual stream); tied, it is
@@ -199,22 +226,35 @@ class Transformer(nn.Module):
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
         block = Block
-        if c.remat != "none":
+        if c.remat != "none" and cache is None:
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
+            # The cache, stacked on a leading layer axis, is scanned over like the params.
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast) + ((0,) if cache is not None else ()),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(c, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL)
+            extra = (cache,) if cache is not None else ()
+            x_BxLxD, cache = stack(c, name="blocks")(
+                x_BxLxD, positions_BxL, segment_ids_BxL, *extra
+            )
         else:
+            layers = []
             for i in range(c.n_layers):
-                x_BxLxD, _ = block(c, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
+                layer_cache = None if cache is None else jax.tree.map(lambda x, i=i: x[i], cache)
+                x_BxLxD, layer_cache = block(c, name=f"block_{i}")(
+                    x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache
+                )
+                layers.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
+        if select_BxT is not None:
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, select_BxT[:, :, None], axis=1)
         x_BxLxD = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x_BxLxD)
         if c.tie_embeddings:
             head_DxV = embed_VxD.T  # exactly as Hugging Face Llama ties them
@@ -225,7 +265,8 @@ class Transformer(nn.Module):
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, head_DxV.astype(dt), preferred_element_type=jnp.float32
         )
-        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
 def _module(cfg: Any) -> Transformer:
@@ -237,11 +278,17 @@ def _dummy_inputs(batch: int = 1, length: int = 8):
     return tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)), tokens + 1
 
 
+@functools.cache
+def _compiled_init(cfg: ModelConfig):
+    # Compiled: op-by-op init of a scanned stack is slow, and jit lets callers shard it.
+    # Cached per config so repeated inits (tests, tools) don't retrace and recompile.
+    module = Transformer(cfg)
+    return jax.jit(lambda r: nn.meta.unbox(module.init(r, *_dummy_inputs())["params"]))
+
+
 def init(cfg: Any, rng: jax.Array) -> Params:
     """Initializes parameters: a plain pytree (nested dicts) of arrays."""
-    module = _module(cfg)
-    # Compiled: op-by-op init of a scanned stack is slow, and jit lets callers shard it.
-    return jax.jit(lambda r: nn.meta.unbox(module.init(r, *_dummy_inputs())["params"]))(rng)
+    return _compiled_init(ModelConfig.from_config(cfg))(rng)
 
 
 def logical_axes(cfg: Any) -> Any:
@@ -259,6 +306,42 @@ def apply(
 ) -> jax.Array:
     """Returns float32 logits [batch, length, vocab] for packed token rows."""
     return _module(cfg).apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL)
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def init_cache(cfg: Any, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens: {"k", "v"} [N,B,S,G,K].
+
+    The cache is always stacked per layer (as scanned params are), whatever `scan_layers`.
+    """
+    c = ModelConfig.from_config(cfg)
+    shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+    dtype = jnp.dtype(dtype or c.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def apply_with_cache(
+    params: Params,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    cache: dict[str, jax.Array],
+    cfg: Any,
+    select_BxT: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One generation step: logits of new tokens given the cache, and the updated cache.
+
+    Each row's tokens go to cache slots positions[b, 0] ... positions[b, 0] + L - 1
+    (positions must be consecutive within a row) and attend to every slot <= their position,
+    so rows of a batch can be at different lengths. Prefill: the (right-padded) prompts at
+    positions 0..L-1; decode: one token per row at its own position. Positions must stay
+    below the cache length (slots are not checked inside jit).
+    """
+    segment_ids_BxL = jnp.ones_like(tokens_BxL)  # unused by cached attention
+    return _module(cfg).apply(
+        {"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, cache, select_BxT
+    )
 
 
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: Any) -> tuple[jax.Array, dict]:

@@ -419,11 +419,20 @@ def load_config_flag(value: Any) -> ml_collections.ConfigDict:
     return value
 
 
+# Orbax warns about these on every read-only open; reading a run is not a problem.
+_ORBAX_READ_ONLY_NOISE = ("read_only=True", "is read only", "could not be restored")
+
+
 class _LibraryInfoFilter(std_logging.Filter):
     """Drops INFO records that Orbax logs through absl (dozens per checkpoint)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno > std_logging.INFO or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno <= std_logging.INFO:
+            return False
+        message = record.getMessage()
+        return not any(noise in message for noise in _ORBAX_READ_ONLY_NOISE)
 
 
 def quiet_library_logs() -> None:

@@ -6,3 +6,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402 - after the environment is set
+
+
+@pytest.fixture(scope="session")
+def saved_run(tmp_path_factory):
+    """A run directory with a checkpoint at step 5 of the small byte-tokenizer model."""
+    from helpers import save_run, small_config
+
+    workdir = tmp_path_factory.mktemp("saved_run")
+    save_run(workdir, small_config())
+    return workdir

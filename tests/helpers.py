@@ -18,3 +18,28 @@ def small_config(**model_overrides) -> ml_collections.ConfigDict:
     cfg.train.steps = 10
     cfg.optim.warmup_steps = 2
     return config_lib.validate(cfg)
+
+
+class _DataPosition:
+    """A stand-in data iterator for checkpoints written outside a training run."""
+
+    def get_state(self):
+        return {"num_shards": 1, "shards": {"0": 0}}
+
+
+def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
+    """Writes checkpoints of a freshly initialized run (params optionally replaced) to workdir."""
+    import jax
+
+    from near_jax import checkpoint, sharding, train
+
+    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    state = trainer.init(jax.random.key(cfg.seed))
+    if params is not None:
+        state = state._replace(params=params)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=0)
+    for step in steps:
+        ckpt.save(step, state._replace(step=state.step + step)._asdict(), _DataPosition(), cfg)
+    ckpt.close()
+    train.save_config(cfg, str(workdir))
+    return state

@@ -240,3 +240,39 @@ def xla_attention(
     probs_BxGxRxLxM = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
     out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxM, v_BxMxGxK)
     return out_BxLxGxRxK.reshape(b, length, h, d)
+
+
+def cached_attention(
+    q_BxLxHxK: jax.Array,
+    k_cache_BxSxGxK: jax.Array,
+    v_cache_BxSxGxK: jax.Array,
+    q_positions_BxL: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    window: int = 0,
+) -> jax.Array:
+    """Attention of new queries over a KV cache (generation: prefill and decode steps).
+
+    Cache slot j holds the key/value of position j of the row. A query at position p sees
+    slots j <= p (and p - j < window when `window` > 0); slots beyond p may hold stale or
+    padding entries and are masked. Plain XLA with a float32 softmax: a decode step reads
+    the cache once, which is memory-bound, so a fused kernel buys little here.
+    """
+    b, length, h, d = q_BxLxHxK.shape
+    s, g = k_cache_BxSxGxK.shape[1], k_cache_BxSxGxK.shape[2]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
+    logits_BxGxRxLxS = jnp.einsum(
+        "blgrk,bsgk->bgrls", q_BxLxGxRxK, k_cache_BxSxGxK, preferred_element_type=jnp.float32
+    )
+    logits_BxGxRxLxS *= scale
+    slots_S = jnp.arange(s)
+    mask_BxLxS = slots_S[None, None, :] <= q_positions_BxL[:, :, None]
+    if window:
+        mask_BxLxS &= slots_S[None, None, :] > q_positions_BxL[:, :, None] - window
+    logits_BxGxRxLxS = jnp.where(
+        mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min
+    )
+    probs_BxGxRxLxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_cache_BxSxGxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_cache_BxSxGxK)
+    return out_BxLxGxRxK.reshape(b, length, h, d)

@@ -1,0 +1,277 @@
+"""Sampling from a trained run with a KV cache.
+
+    python -m near_jax.generate --workdir=/tmp/near_jax_tiny --prompt="def main(" \
+        --max_new_tokens=200 --temperature=0.8 --top_p=0.95
+
+The prompts of a batch are right-padded to one length and prefilled in one jitted call; then
+one jitted decode step per token samples every row at its own position (rows may have
+different prompt lengths). Shapes are bucketed (prompt length to a multiple of 64, cache to a
+multiple of 128) so repeated calls reuse compiled code. Params stay sharded on the mesh
+(`--fsdp`, `--tensor`; data parallelism over the remaining devices splits the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import PartitionSpec
+
+from near_jax import loading, model, sharding
+from near_jax.sampling import Sampling, sample
+
+PROMPT_BUCKET = 64
+CACHE_BUCKET = 128
+# Rows check for "all finished" every few steps: each check waits for the device.
+SYNC_EVERY = 8
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `Generator.generate` returns, one entry per prompt."""
+
+    tokens: list[list[int]]  # new tokens, up to and excluding EOS
+    finished: list[bool]  # the row stopped at EOS (else at max_new_tokens)
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) + f for t, f in zip(self.tokens, self.finished, strict=True))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.prefill_seconds + self.decode_seconds, 1e-9)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+class Generator:
+    """Jitted prefill and decode steps for one model, params and mesh."""
+
+    def __init__(
+        self,
+        params: Any,
+        model_cfg: model.ModelConfig,
+        mesh: jax.sharding.Mesh,
+        *,
+        eos_id: int,
+        pad_id: int,
+        vocab_limit: int | None = None,
+    ):
+        self.params, self.model_cfg, self.mesh = params, model_cfg, mesh
+        self.eos_id, self.pad_id = eos_id, pad_id
+        # Ids past the tokenizer's vocabulary (padding rows of the embedding) are never drawn.
+        self.vocab_limit = vocab_limit or model_cfg.vocab_size
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=3)
+        self._decode = jax.jit(self._decode_fn, static_argnums=6, donate_argnums=1)
+
+    def _mask_vocab(self, logits_BxV: jax.Array) -> jax.Array:
+        ids_V = jnp.arange(logits_BxV.shape[-1])
+        return jnp.where(ids_V < self.vocab_limit, logits_BxV, -jnp.inf)
+
+    def _prefill_fn(self, params, tokens_BxP, lengths_B, cache):
+        positions_BxP = jnp.broadcast_to(jnp.arange(tokens_BxP.shape[1]), tokens_BxP.shape)
+        last_Bx1 = (lengths_B - 1)[:, None]
+        logits_Bx1xV, cache = model.apply_with_cache(
+            params, tokens_BxP, positions_BxP, cache, self.model_cfg, select_BxT=last_Bx1
+        )
+        return self._mask_vocab(logits_Bx1xV[:, 0]), cache
+
+    def _decode_fn(self, params, cache, logits_BxV, positions_B, done_B, rng, sampling):
+        """Samples a token per row from `logits`, then runs it through the model."""
+        token_B = sample(logits_BxV, rng, sampling)
+        token_B = jnp.where(done_B, self.pad_id, token_B)
+        done_B = done_B | (token_B == self.eos_id)
+        logits_Bx1xV, cache = model.apply_with_cache(
+            params, token_B[:, None], positions_B[:, None], cache, self.model_cfg
+        )
+        return token_B, done_B, self._mask_vocab(logits_Bx1xV[:, 0]), cache
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        seed: int = 0,
+    ) -> Generation:
+        """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
+
+        `sampling` defaults to greedy.
+        """
+        sampling = sampling or Sampling()
+        if not prompts:
+            raise ValueError("no prompts: pass at least one")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt: every prompt needs at least one token (BOS)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+        n = len(prompts)
+        batch = _round_up(n, sharding.data_parallel_size(self.mesh))
+        prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+        cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
+        lengths = np.ones(batch, np.int32)  # padding rows: one pad token, output dropped
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)], lengths[i] = p, len(p)
+
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        row_sharding = jax.sharding.NamedSharding(self.mesh, PartitionSpec(batch_sharding.spec[0]))
+        with jax.set_mesh(self.mesh):
+            cache = self._new_cache(batch, cache_len)
+            start = time.perf_counter()
+            logits, cache = self._prefill(
+                self.params,
+                jax.device_put(tokens, batch_sharding),
+                jax.device_put(lengths, row_sharding),
+                cache,
+            )
+            logits.block_until_ready()
+            prefill_seconds = time.perf_counter() - start
+
+            start = time.perf_counter()
+            positions = jax.device_put(lengths, row_sharding)
+            done = jax.device_put(np.zeros(batch, bool), row_sharding)
+            rng = jax.random.key(seed)
+            out = []
+            for i in range(max_new_tokens):
+                token, done, logits, cache = self._decode(
+                    self.params, cache, logits, positions, done, jax.random.fold_in(rng, i),
+                    sampling,
+                )  # fmt: skip
+                out.append(token)
+                positions = positions + 1
+                if (i + 1) % SYNC_EVERY == 0 and bool(jnp.all(done)):
+                    break
+            out_BxT = np.asarray(jnp.stack(out, axis=1))
+            decode_seconds = time.perf_counter() - start
+
+        rows, finished = [], []
+        for row in out_BxT[:n]:
+            stop = np.flatnonzero(row == self.eos_id)
+            finished.append(bool(stop.size))
+            rows.append(row[: stop[0]].tolist() if stop.size else row.tolist())
+        return Generation(rows, finished, prefill_seconds, decode_seconds)
+
+    @functools.cache  # noqa: B019 - one cache builder per shape; the generator lives long
+    def _cache_builder(self, batch: int, cache_len: int):
+        shapes = jax.eval_shape(lambda: model.init_cache(self.model_cfg, batch, cache_len))
+        logical = {k: jax.sharding.PartitionSpec(*model.CACHE_AXES) for k in shapes}
+        shardings = sharding.logical_to_sharding(logical, shapes, self.mesh)
+        return jax.jit(
+            lambda: model.init_cache(self.model_cfg, batch, cache_len), out_shardings=shardings
+        )
+
+    def _new_cache(self, batch: int, cache_len: int) -> dict[str, jax.Array]:
+        return self._cache_builder(batch, cache_len)()
+
+
+def generator_for_run(run: loading.LoadedRun) -> Generator:
+    """A Generator over a loaded run, stopping at its tokenizer's EOS."""
+    tok = run.tokenizer
+    return Generator(
+        run.params, run.model_cfg, run.mesh,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+    """The flags of `python -m near_jax.generate` (defined at launch)."""
+    flags.DEFINE_string("workdir", None, "Run directory to sample from (its checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint step; default the latest committed.")
+    flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
+    flags.DEFINE_string("prompts_file", None, "A file of prompts, one per line (\\n escapes).")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.")
+    flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass; 1 = off.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("fsdp", 1, "Mesh: shard params over this many devices (-1 = all).")
+    flags.DEFINE_integer("tensor", 1, "Mesh: tensor-parallel size.")
+    flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output: text or one JSON per line.")
+
+
+def _read_prompts(values: list[str], path: str | None) -> list[str]:
+    from near_jax.train import usage_error
+
+    prompts = list(values)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError as e:
+            usage_error(f"--prompts_file={path!r}: {e.strerror or e}")
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        usage_error("no prompt: pass --prompt=TEXT (repeatable) or --prompts_file=FILE")
+    return prompts
+
+
+def _main(argv: list[str]) -> None:
+    from near_jax.train import quiet_library_logs, usage_error
+
+    quiet_library_logs()
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if not f.workdir:
+        usage_error("--workdir is required: the run directory to sample from")
+    prompts = _read_prompts(f.prompt, f.prompts_file)
+    try:
+        sampling = Sampling(f.temperature, f.top_k, f.top_p)
+    except ValueError as e:
+        usage_error(str(e))
+    if f.max_new_tokens < 1:
+        usage_error(f"--max_new_tokens={f.max_new_tokens} is not allowed: must be >= 1")
+    try:
+        run = loading.load_run(f.workdir, f.step, loading.inference_mesh(f.fsdp, f.tensor))
+    except loading.RunError as e:
+        usage_error(str(e))
+    tok = run.tokenizer
+    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    result = generator_for_run(run).generate(
+        ids, max_new_tokens=f.max_new_tokens, sampling=sampling, seed=f.seed
+    )
+    for i, (prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):
+        text = tok.decode(new)
+        if f.format == "jsonl":
+            record = {"prompt": prompt, "completion": text, "tokens": len(new),
+                      "eos": result.finished[i]}  # fmt: skip
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            end = " [eos]" if result.finished[i] else ""
+            print(f"--- {i}\n{prompt}{text}{end}")
+    print(
+        f"step {run.step} | {len(prompts)} prompts | {result.new_tokens} new tokens in "
+        f"{result.prefill_seconds + result.decode_seconds:.2f} s "
+        f"({result.tokens_per_second:.1f} tokens/s; prefill {result.prefill_seconds:.2f} s, "
+        "first call includes compilation)",
+        file=sys.stderr,
+    )
+
+
+def main() -> None:
+    """Console entry point."""
+    from near_jax.train import parse_flags
+
+    define_flags()
+    app.run(_main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
+
+All functions are jit-friendly; the sampling settings are static (a hashable dataclass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick the next token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = all
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is not allowed: must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is not allowed: must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is not allowed: must be in (0, 1]")
+
+
+def mask_top_k(logits_BxV: jax.Array, k: int) -> jax.Array:
+    """Sets every logit below the row's k-th largest to -inf (ties at the k-th are kept)."""
+    if k <= 0 or k >= logits_BxV.shape[-1]:
+        return logits_BxV
+    kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+    return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+
+
+def mask_top_p(logits_BxV: jax.Array, p: float) -> jax.Array:
+    """Keeps the most likely tokens whose cumulative probability first reaches p (>= 1 token)."""
+    if p >= 1.0:
+        return logits_BxV
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # A token is kept if the probability mass strictly before it is still below p.
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = before_BxV < p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def sample(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """The next token of each row (int32 [B]) under `sampling`."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / sampling.temperature
+    logits_BxV = mask_top_k(logits_BxV, sampling.top_k)
+    logits_BxV = mask_top_p(logits_BxV, sampling.top_p)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)

@@ -1,0 +1,151 @@
+"""Generation with a KV cache: exact against full forward passes, ragged batches, EOS, CLI."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_config
+
+from near_jax import generate, model, sharding
+from near_jax.sampling import Sampling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB_LIMIT = 300  # a tokenizer smaller than the (padded) embedding
+
+
+def _setup(**overrides):
+    cfg = model.ModelConfig.from_config(small_config(**overrides).model)
+    params = model.init(cfg, jax.random.key(0))
+    # Sharper logits than at init, so greedy choices are not near-ties.
+    params = jax.tree.map(lambda x: x * 1.5, params)
+    return cfg, params
+
+
+REF_LEN = 32
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _full_forward(params, tokens_1xL, cfg):
+    positions = jnp.arange(tokens_1xL.shape[1])[None]
+    return model.apply(params, tokens_1xL, positions, jnp.ones_like(tokens_1xL), cfg)[0]
+
+
+def _reference_greedy(params, cfg, prompt, steps):
+    """Greedy continuation by a full forward pass over the whole sequence at every step.
+
+    The sequence is right-padded to a fixed length (one compile): causal attention keeps
+    the padding from reaching the positions read.
+    """
+    seq = list(prompt)
+    for _ in range(steps):
+        tokens = np.zeros((1, REF_LEN), np.int32)
+        tokens[0, : len(seq)] = seq
+        logits = np.asarray(_full_forward(params, jnp.asarray(tokens), cfg))[len(seq) - 1]
+        seq.append(int(np.argmax(logits[:VOCAB_LIMIT])))
+    return seq[len(prompt) :]
+
+
+def _prompts(lengths, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB_LIMIT, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize(
+    "overrides,mesh_axes",
+    [
+        (dict(), dict(data=-1)),
+        (dict(scan_layers=False, tie_embeddings=True), dict(data=2, fsdp=2, tensor=2)),
+        (dict(attention_window=6), dict(data=1, fsdp=-1)),
+    ],
+    ids=["scan-dp8", "unrolled-tied-mixed-mesh", "window-fsdp8"],
+)
+def test_greedy_with_cache_equals_full_forward(overrides, mesh_axes):
+    cfg, params = _setup(**overrides)
+    mcfg = small_config().mesh
+    for key, value in mesh_axes.items():
+        mcfg[key] = value
+    mesh = sharding.make_mesh(mcfg)
+    prompts = _prompts([3, 11, 1])  # ragged: rows prefill and decode at their own positions
+    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    steps = 10
+    result = gen.generate(prompts, max_new_tokens=steps)
+    for prompt, got in zip(prompts, result.tokens, strict=True):
+        assert got == _reference_greedy(params, cfg, prompt, steps)
+    assert result.finished == [False] * 3 and result.new_tokens == 3 * steps
+
+
+def test_rows_stop_at_eos_and_batches_are_independent():
+    cfg, params = _setup()
+    mesh = sharding.make_mesh(small_config().mesh)
+    prompts = _prompts([5, 8], seed=2)
+    free = _reference_greedy(params, cfg, prompts[0], 10)
+    eos = free[3]  # row 0 stops where it first emits this token
+    gen = generate.Generator(params, cfg, mesh, eos_id=eos, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    result = gen.generate(prompts, max_new_tokens=10)
+    first = free.index(eos)
+    assert result.tokens[0] == free[:first] and result.finished[0]
+    # Row 1 alone gives the same tokens as in the batch (up to its own EOS, if any).
+    alone = gen.generate(prompts[1:], max_new_tokens=10)
+    assert alone.tokens[0] == result.tokens[1]
+
+
+def test_sampling_is_reproducible_and_stays_in_vocab():
+    cfg, params = _setup()
+    mesh = sharding.make_mesh(small_config().mesh)
+    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    sampling = Sampling(temperature=1.5, top_p=0.98)
+    a = gen.generate(_prompts([4, 4]), max_new_tokens=16, sampling=sampling, seed=7)
+    b = gen.generate(_prompts([4, 4]), max_new_tokens=16, sampling=sampling, seed=7)
+    c = gen.generate(_prompts([4, 4]), max_new_tokens=16, sampling=sampling, seed=8)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert max(max(t) for t in a.tokens) < VOCAB_LIMIT
+
+
+def test_bad_requests_are_refused():
+    cfg, params = _setup()
+    mesh = sharding.make_mesh(small_config().mesh)
+    gen = generate.Generator(params, cfg, mesh, eos_id=1, pad_id=0)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        gen.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate([[1], []], max_new_tokens=2)
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run):
+    proc = subprocess.run(
+        [sys.executable, "-m", "near_jax.generate", f"--workdir={saved_run}",
+         "--prompt=def ", "--prompt=import", "--max_new_tokens=8", "--format=jsonl"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and '"prompt": "def "' in lines[0]
+    assert "tokens/s" in proc.stderr
+    for args, message in [
+        ([f"--workdir={tmp_path / 'missing'}", "--prompt=x"], "no such directory"),
+        ([f"--workdir={tmp_path}", "--prompt=x"], "no committed checkpoint"),
+        ([f"--workdir={saved_run}", "--prompt=x", "--step=999"], "--step=999: not found"),
+        ([f"--workdir={saved_run}", "--prompt=x", "--top_p=0"], "top_p=0.0 is not allowed"),
+        ([f"--workdir={saved_run}"], "no prompt"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "near_jax.generate", *args],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+            args,
+            proc.stderr,
+        )
