@@ -140,7 +140,8 @@ _RESERVED = ("step", "split", "time")
 
 
 class MetricsWriter:
-    """Appends metrics to `workdir/metrics.jsonl` and TensorBoard scalars to `workdir/tb/`.
+    """Appends metrics to `workdir/metrics.jsonl` (or `filename`) and TensorBoard scalars to
+    `workdir/tb/`.
 
     Use one per run on process 0; other processes pass `enabled=False` and write nothing.
     Each `write` flushes, so a crash loses at most the line being written. Appending to an
@@ -148,10 +149,10 @@ class MetricsWriter:
     is closed with a newline first so it cannot corrupt the next record.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, filename: str = METRICS_FILE):
         self.workdir = workdir
         self.enabled = enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = os.path.join(workdir, filename)
         self._file = None
         self._tb = None
         if not enabled:
@@ -172,7 +173,7 @@ class MetricsWriter:
         self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), flush_secs=5)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
-        """Records `metrics` (None values skipped) at `step` under `split`."""
+        """Records `metrics` (numbers; strings go to the JSONL only; None skipped) at `step`."""
         if not self.enabled:
             return
         if self._file is None:
@@ -182,13 +183,16 @@ class MetricsWriter:
         for name, value in metrics.items():
             if name in _RESERVED:
                 raise ValueError(f"metric name {name!r} is reserved ({', '.join(_RESERVED)})")
-            if value is not None:
+            if isinstance(value, str):
+                values[name] = value  # a label (JSONL only; TensorBoard takes numbers)
+            elif value is not None:
                 values[name] = _to_number(name, value)
         record = {"step": step, "split": split, "time": time.time(), **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in values.items():
-            self._tb.add_scalar(f"{split}/{name}", value, global_step=step)
+            if not isinstance(value, str):
+                self._tb.add_scalar(f"{split}/{name}", value, global_step=step)
         self._tb.flush()
 
     def close(self) -> None:

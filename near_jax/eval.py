@@ -1,0 +1,242 @@
+"""Evaluating a run's checkpoints from the command line.
+
+    python -m near_jax.eval --workdir=/tmp/near_jax_tiny                # the latest step
+    python -m near_jax.eval --workdir=RUN --all --tasks=python_syntax   # every step
+    python -m near_jax.eval --workdir=RUN --watch                       # each new step
+
+For each checkpoint: held-out loss, perplexity and bits per byte (`heldout.py`: the run's
+validation split, or every document of `--data`), and the accuracy of multiple-choice tasks
+(`tasks.py`, `--tasks`). Results are appended to `RUN/eval.jsonl` (one line per step, split
+"checkpoint_eval") and TensorBoard (`RUN/tb/`, tags `checkpoint_eval/...`), and printed as
+a table. Params are restored onto a mesh of this machine's devices (`--fsdp`, `--tensor`).
+
+`--watch` evaluates the latest step, then polls for new committed checkpoints every
+`--poll_seconds`. It exits when the run has reached its `train.steps`, or when no new
+checkpoint has appeared for `--idle_timeout` seconds, so it never waits forever.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+from near_jax import heldout, loading, metrics, tasks
+from near_jax.config import ConfigError
+
+EVAL_FILE = "eval.jsonl"
+SPLIT = "checkpoint_eval"
+
+
+class Evaluator:
+    """Evaluates checkpoints of one run with fixed held-out data and tasks."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        data: str = "",
+        max_tokens: int = 131072,
+        task_names: tuple[str, ...] = (),
+        num_fewshot: int = 0,
+        batch_size: int = 16,
+        fsdp: int = 1,
+        tensor: int = 1,
+    ):
+        self.workdir = workdir
+        self.data, self.max_tokens = data, max_tokens
+        self.task_paths = [tasks.resolve_task(t) for t in task_names]
+        for path in self.task_paths:
+            tasks.load_task(path)  # a malformed task fails now, not after the first step
+        self.num_fewshot, self.batch_size = num_fewshot, batch_size
+        self.mesh = loading.inference_mesh(fsdp, tensor)
+        self._heldout: heldout.HeldOut | None = None
+
+    def _held_out(self, run: loading.LoadedRun) -> heldout.HeldOut:
+        if self._heldout is None:  # the same documents for every step of the run
+            data_cfg = run.cfg.data.copy_and_resolve_references()
+            if self.data:
+                data_cfg.source = self.data
+            self._heldout = heldout.load_heldout(
+                data_cfg, run.tokenizer, max_tokens=self.max_tokens, all_docs=bool(self.data)
+            )
+        return self._heldout
+
+    def evaluate(self, step: int | None) -> dict[str, Any]:
+        """Evaluates one step (None: the latest); returns the record written to eval.jsonl."""
+        start = time.perf_counter()
+        run = loading.load_run(self.workdir, step, self.mesh)
+        held = self._held_out(run)
+        result = heldout.evaluate_heldout(
+            run.params, run.model_cfg, run.mesh, held, batch_size=self.batch_size
+        )
+        record: dict[str, Any] = {"step": run.step, "data": held.source, **result}
+        for path in self.task_paths:
+            task = tasks.evaluate_task(
+                run.params, run.model_cfg, run.tokenizer, path, max_len=run.cfg.data.seq_len,
+                num_fewshot=self.num_fewshot, mesh=run.mesh, batch_size=2 * self.batch_size,
+            )  # fmt: skip
+            for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"):
+                record[f"{task['task']}/{key}"] = task[key]
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def target_steps(self, step: int) -> int:
+        """The run's train.steps as saved with `step`."""
+        return int(loading.run_config(self.workdir, step).train.steps)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+class Table:
+    """Prints one row per evaluated step, with a header before the first."""
+
+    def __init__(self):
+        self.columns: list[str] | None = None
+
+    def row(self, record: dict[str, Any]) -> None:
+        if self.columns is None:
+            self.columns = ["step", "loss", "perplexity", "bits_per_byte", "tokens"] + [
+                k for k in record if k.endswith("/acc") or k.endswith("/acc_norm")
+            ]
+            print("  ".join(f"{c:>14}" for c in self.columns))
+        print("  ".join(f"{_fmt(record.get(c)):>14}" for c in self.columns), flush=True)
+
+
+def _record(writer: metrics.MetricsWriter, table: Table, record: dict[str, Any]) -> None:
+    values = {k: v for k, v in record.items() if k != "step"}
+    writer.write(record["step"], values, split=SPLIT)
+    table.row(record)
+
+
+def run_once(evaluator: Evaluator, steps: list[int | None]) -> list[dict[str, Any]]:
+    """Evaluates the given steps in order, writing and printing each."""
+    loading.committed_steps(evaluator.workdir)  # a missing run fails before anything is written
+    table, out = Table(), []
+    with metrics.MetricsWriter(evaluator.workdir, filename=EVAL_FILE) as writer:
+        for step in steps:
+            record = evaluator.evaluate(step)
+            _record(writer, table, record)
+            out.append(record)
+    return out
+
+
+def watch(
+    evaluator: Evaluator, *, poll_seconds: float, idle_timeout: float, log=print
+) -> list[dict[str, Any]]:
+    """Evaluates each new checkpoint as it lands until the run is finished or goes idle."""
+    table, out, done = Table(), [], set()
+    last_new = time.monotonic()
+    with metrics.MetricsWriter(evaluator.workdir, filename=EVAL_FILE) as writer:
+        while True:
+            try:
+                steps = loading.committed_steps(evaluator.workdir)
+            except loading.RunError:
+                steps = []  # the run has not saved its first checkpoint yet
+            # Start from the latest step; after that, every newer one in order.
+            new = [s for s in steps if s not in done and (done or s == steps[-1])]
+            if done:
+                new = [s for s in new if s > max(done)]
+            for step in new:
+                try:
+                    record = evaluator.evaluate(step)
+                except loading.RunError as e:  # e.g. deleted by checkpoint.keep meanwhile
+                    log(f"step {step} skipped: {e}", file=sys.stderr)
+                    done.add(step)
+                    continue
+                _record(writer, table, record)
+                out.append(record)
+                done.add(step)
+                last_new = time.monotonic()
+            if done and max(done) >= evaluator.target_steps(max(done)):
+                log(f"run finished at step {max(done)}; stopping", file=sys.stderr)
+                return out
+            if time.monotonic() - last_new > idle_timeout:
+                log(f"no new checkpoint for {idle_timeout:.0f} s; stopping", file=sys.stderr)
+                return out
+            time.sleep(poll_seconds)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+    """The flags of `python -m near_jax.eval` (defined at launch)."""
+    flags.DEFINE_string("workdir", None, "Run directory whose checkpoints to evaluate.")
+    flags.DEFINE_integer("step", None, "Evaluate this step (default: the latest).")
+    flags.DEFINE_bool("all", False, "Evaluate every committed step, oldest first.")
+    flags.DEFINE_bool("watch", False, "Evaluate each new checkpoint as it lands.")
+    flags.DEFINE_string(
+        "data", "", "Held-out documents: a source like data.source (all its documents); "
+        "default the run's validation split.",
+    )  # fmt: skip
+    flags.DEFINE_integer("max_tokens", 131072, "Held-out target tokens (whole documents).")
+    flags.DEFINE_list("tasks", [], "Multiple-choice tasks: shipped names or JSONL paths.")
+    flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per task prompt.")
+    flags.DEFINE_integer("batch_size", 16, "Rows per evaluation batch.")
+    flags.DEFINE_integer("fsdp", 1, "Mesh: shard params over this many devices (-1 = all).")
+    flags.DEFINE_integer("tensor", 1, "Mesh: tensor-parallel size.")
+    flags.DEFINE_float("poll_seconds", 30.0, "--watch: seconds between looks for new steps.")
+    flags.DEFINE_float("idle_timeout", 3600.0, "--watch: stop after this long without a step.")
+
+
+def _check_flags(f) -> None:
+    from near_jax.train import usage_error
+
+    if not f.workdir:
+        usage_error("--workdir is required: the run directory to evaluate")
+    chosen = [f"--{n}" for n, on in (("step", f.step is not None), ("all", f.all),
+                                      ("watch", f.watch)) if on]  # fmt: skip
+    if len(chosen) > 1:
+        usage_error(f"choose one of --step, --all, --watch (got {' and '.join(chosen)})")
+    for name in ("max_tokens", "batch_size"):
+        if f[name].value < 1:
+            usage_error(f"--{name}={f[name].value} is not allowed: must be >= 1")
+    if f.num_fewshot < 0:
+        usage_error(f"--num_fewshot={f.num_fewshot} is not allowed: must be >= 0")
+
+
+def _main(argv: list[str]) -> None:
+    from near_jax.train import quiet_library_logs, usage_error
+
+    quiet_library_logs()
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    _check_flags(f)
+    try:
+        evaluator = Evaluator(
+            f.workdir, data=f.data, max_tokens=f.max_tokens, task_names=tuple(f.tasks),
+            num_fewshot=f.num_fewshot, batch_size=f.batch_size, fsdp=f.fsdp, tensor=f.tensor,
+        )  # fmt: skip
+        if f.watch:
+            if not os.path.isdir(f.workdir):
+                usage_error(f"--workdir={f.workdir!r}: no such directory")
+            watch(evaluator, poll_seconds=f.poll_seconds, idle_timeout=f.idle_timeout)
+            return
+        steps = loading.committed_steps(f.workdir) if f.all else [f.step]
+        run_once(evaluator, steps)
+    except (loading.RunError, tasks.TaskError, ConfigError, ValueError) as e:
+        usage_error(" ".join(str(e).split()))
+
+
+def main() -> None:
+    """Console entry point."""
+    from near_jax.train import parse_flags
+
+    define_flags()
+    app.run(_main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()
