@@ -6,18 +6,13 @@
 `export` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 config.json (LlamaForCausalLM), safetensors weights (sharded past --max_shard_size) and the
 run's tokenizer.json. `import` turns such a directory into a run directory holding one
-checkpoint at step 0 (`{"params": ...}` plus the config), which `loading.load_run(OUT)`
-loads and `--config.checkpoint.init_from=OUT` starts a new run from. Neither needs torch.
+checkpoint at step 0 (`{"params": ...}` plus the config, its tokenizer path relative to the
+run so the directory can be moved), which `loading.load_run(OUT)` loads and
+`--config.checkpoint.init_from=OUT` starts a new run from. Neither needs torch.
 
-In memory (for tests and notebooks):
-
-    tensors = params_to_hf(params, model_cfg)                # {HF name: np.ndarray}
-    overrides, params = params_from_hf(tensors, hf_config)    # model fields, params pytree
-
-The two layouts hold the same numbers: near_jax keeps the input features of a projection
-first (`q [D,H,K]`, `o [H,K,D]`, `gate [D,F]`) where torch's Linear keeps them last
-(`q_proj.weight [H*K,D]`), so a conversion is a reshape and a transpose. RoPE already
-rotates the two halves of each head as HF Llama does, so q/k need no permutation.
+This module holds the files and the command line; the in-memory conversion (config
+mapping, `params_to_hf`, `params_from_hf`, refusals) is `near_jax.hf_convert`, whose public
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -37,47 +32,22 @@ import jax
 import ml_collections
 import numpy as np
 
-from near_jax import checkpoint, loading, model, sharding
+from near_jax import checkpoint, loading, sharding
 from near_jax.config import ConfigError, default_config, validate
+from near_jax.hf_convert import DTYPES, HFError, hf_shapes, iter_hf_tensors, np_dtype
+
+# Re-exported, so `from near_jax.hf import params_to_hf` works (`X as X` marks a re-export).
+from near_jax.hf_convert import llama_config as llama_config
+from near_jax.hf_convert import model_overrides as model_overrides
+from near_jax.hf_convert import params_from_hf as params_from_hf
+from near_jax.hf_convert import params_to_hf as params_to_hf
 from near_jax.tokenizer import load_tokenizer
 
-DTYPES = ("float32", "bfloat16")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tokenizer files worth carrying along in either direction, when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_DIR = "tokenizer"  # where an imported run keeps them
-# Buffers some older checkpoints saved that are recomputed, never learned.
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-# Per-layer params: (module, name) -> (HF name after "model.layers.{i}.", input axes).
-# "Input axes" is how many leading near_jax axes are the projection's input features
-# (0 for a norm's vector, which is the same in both layouts).
-_LAYER_PARAMS = {
-    ("attn_norm", "scale"): ("input_layernorm.weight", 0),
-    ("attn", "q"): ("self_attn.q_proj.weight", 1),
-    ("attn", "k"): ("self_attn.k_proj.weight", 1),
-    ("attn", "v"): ("self_attn.v_proj.weight", 1),
-    ("attn", "o"): ("self_attn.o_proj.weight", 2),
-    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", 0),
-    ("mlp", "gate"): ("mlp.gate_proj.weight", 1),
-    ("mlp", "up"): ("mlp.up_proj.weight", 1),
-    ("mlp", "down"): ("mlp.down_proj.weight", 1),
-}
-
-
-class HFError(ValueError):
-    """A checkpoint or directory that cannot be converted; the message is one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """One HF tensor and where it lives in the near_jax params."""
-
-    hf_name: str
-    path: tuple[str, ...]  # keys into the params tree
-    layer: int | None  # index along the scanned "layers" axis, or None
-    n_in: int  # leading near_jax axes that are input features (0: same layout)
 
 
 @dataclasses.dataclass
@@ -88,260 +58,6 @@ class Written:
     files: int
     params: int
     bytes: int
-
-
-def _layout(cfg: model.ModelConfig) -> list[_Tensor]:
-    """Every HF tensor of a model, in file order, for scanned or unrolled layers."""
-    tensors = [_Tensor("model.embed_tokens.weight", ("embed",), None, 0)]
-    for i in range(cfg.n_layers):
-        for (module, name), (hf_suffix, n_in) in _LAYER_PARAMS.items():
-            if cfg.scan_layers:
-                path, layer = ("blocks", module, name), i
-            else:
-                path, layer = (f"block_{i}", module, name), None
-            tensors.append(_Tensor(f"model.layers.{i}.{hf_suffix}", path, layer, n_in))
-    tensors.append(_Tensor("model.norm.weight", ("final_norm", "scale"), None, 0))
-    if not cfg.tie_embeddings:  # tied, HF Llama derives lm_head from the embedding too
-        tensors.append(_Tensor("lm_head.weight", ("head",), None, 1))
-    return tensors
-
-
-def _to_hf(x: np.ndarray, n_in: int) -> np.ndarray:
-    """A near_jax weight (inputs first) as a torch Linear weight [out, in]."""
-    if n_in == 0:
-        return x
-    return x.reshape(math.prod(x.shape[:n_in]), -1).T
-
-
-def _hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
-    """The HF shape of a near_jax weight of `shape`."""
-    if n_in == 0:
-        return tuple(shape)
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-
-
-def _leaf(params: Any, t: _Tensor) -> Any:
-    for key in t.path:
-        params = params[key]
-    return params
-
-
-def _near_shape(params: Any, t: _Tensor) -> tuple[int, ...]:
-    shape = tuple(_leaf(params, t).shape)
-    return shape[1:] if t.layer is not None else shape
-
-
-def _np_dtype(dtype: str) -> np.dtype:
-    if dtype not in DTYPES:
-        raise HFError(f"--dtype={dtype!r} is not allowed: one of {' | '.join(DTYPES)}")
-    return np.dtype(jax.numpy.dtype(dtype))  # bfloat16 comes from ml_dtypes, as JAX uses
-
-
-def _hf_tensor(params: Any, t: _Tensor, dtype: np.dtype) -> np.ndarray:
-    """One tensor in HF layout, contiguous (safetensors writes raw buffers)."""
-    x = np.asarray(_leaf(params, t))  # zero-copy for arrays on a CPU device
-    if t.layer is not None:
-        x = x[t.layer]
-    return np.ascontiguousarray(_to_hf(x, t.n_in).astype(dtype, copy=False))
-
-
-def iter_hf_tensors(
-    params: Any, cfg: Any, dtype: str = "float32"
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) for every tensor, one at a time, so only one extra copy is live."""
-    cfg, np_dtype = model.ModelConfig.from_config(cfg), _np_dtype(dtype)
-    for t in _layout(cfg):
-        yield t.hf_name, _hf_tensor(params, t, np_dtype)
-
-
-def params_to_hf(params: Any, cfg: Any, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """A near_jax params tree as an HF Llama state dict of numpy arrays."""
-    return dict(iter_hf_tensors(params, cfg, dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# HF config <-> near_jax model fields
-
-
-def _hf_dict(hf_config: Any) -> dict[str, Any]:
-    """config.json contents from a dict or a transformers PretrainedConfig."""
-    if hasattr(hf_config, "to_dict"):
-        hf_config = hf_config.to_dict()
-    if not isinstance(hf_config, Mapping):
-        raise HFError(f"config.json must hold a JSON object, not {type(hf_config).__name__}")
-    return dict(hf_config)
-
-
-def _unsupported(key: str, value: Any, allowed: str) -> None:
-    raise HFError(f"config.json: {key}={value!r} is not supported: near_jax needs {allowed}")
-
-
-def _positive_int(hf: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = hf.get(key)
-    value = default if value is None else value  # HF writes null for "derive it"
-    if value is None:
-        raise HFError(f"config.json: {key!r} is missing (a positive integer is required)")
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise HFError(f"config.json: {key}={value!r} is not allowed: a positive integer")
-    return value
-
-
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """The RoPE base from 5.x `rope_parameters` or 4.x `rope_theta`; refuses any scaling."""
-    theta = hf.get("rope_theta")
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = hf.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, Mapping):
-            _unsupported(key, rope, "a JSON object with rope_type 'default'")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            _unsupported(f"{key}.rope_type", kind, "plain RoPE ('default', no scaling)")
-        theta = rope.get("rope_theta", theta)
-    theta = 10_000.0 if theta is None else theta  # the transformers Llama default
-    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
-        raise HFError(f"config.json: rope_theta={theta!r} is not allowed: a positive number")
-    return float(theta)
-
-
-def model_overrides(hf_config: Any) -> dict[str, Any]:
-    """The near_jax `model` fields of an HF Llama config; HFError for what near_jax lacks."""
-    hf = _hf_dict(hf_config)
-    if hf.get("model_type") != "llama":
-        _unsupported("model_type", hf.get("model_type"), "'llama' (LlamaForCausalLM)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            _unsupported(key, hf[key], "false (no biases)")
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        _unsupported("hidden_act", hf.get("hidden_act"), "'silu' (SwiGLU)")
-    d_model, n_heads = _positive_int(hf, "hidden_size"), _positive_int(hf, "num_attention_heads")
-    n_kv_heads = _positive_int(hf, "num_key_value_heads", n_heads)
-    head_dim = _positive_int(hf, "head_dim", d_model // n_heads or None)
-    if n_heads % n_kv_heads:
-        _unsupported("num_key_value_heads", n_kv_heads, f"a divisor of {n_heads} heads")
-    if head_dim % 2:
-        _unsupported("head_dim", head_dim, "an even width (RoPE rotates pairs)")
-    eps = hf.get("rms_norm_eps", 1e-6)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps <= 0:
-        raise HFError(f"config.json: rms_norm_eps={eps!r} is not allowed: a positive number")
-    return {
-        "vocab_size": _positive_int(hf, "vocab_size"),
-        "d_model": d_model,
-        "n_layers": _positive_int(hf, "num_hidden_layers"),
-        "n_heads": n_heads,
-        "n_kv_heads": n_kv_heads,
-        "head_dim": head_dim,
-        "mlp_dim": _positive_int(hf, "intermediate_size"),
-        "rope_theta": _rope_theta(hf),
-        "norm_eps": float(eps),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-    }
-
-
-def llama_config(
-    cfg: Any,
-    *,
-    dtype: str = "float32",
-    max_positions: int = 2048,
-    bos_id: int | None = None,
-    eos_id: int | None = None,
-    pad_id: int | None = None,
-) -> dict[str, Any]:
-    """The config.json of a near_jax model, readable by transformers 4.x and 5.x."""
-    c = model.ModelConfig.from_config(cfg)
-    if c.attention_window:
-        raise HFError(
-            f"model.attention_window={c.attention_window} cannot be exported: Llama has no "
-            "sliding-window attention (0 = full attention is required)"
-        )
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.d_model,
-        "intermediate_size": c.mlp_dim,
-        "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads,
-        "head_dim": c.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": c.norm_eps,
-        # 4.x reads rope_theta (+ rope_scaling); 5.x reads rope_parameters.
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "max_position_embeddings": max_positions,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": c.tie_embeddings,
-        "initializer_range": c.init_std,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": dtype,  # 4.x
-        "dtype": dtype,  # 5.x
-        "use_cache": True,
-    }
-
-
-def params_from_hf(
-    tensors: Mapping[str, Any], hf_config: Any, dtype: str = "float32"
-) -> tuple[dict[str, Any], Any]:
-    """An HF Llama state dict (numpy arrays) -> (near_jax model fields, scanned params).
-
-    Refuses (HFError, one line) a config near_jax cannot represent, a missing tensor, an
-    unexpected one (e.g. a bias) and a tensor of the wrong shape. Tied, an `lm_head.weight`
-    in the state dict is ignored, as transformers ignores it.
-    """
-    overrides = model_overrides(hf_config)
-    cfg = model.ModelConfig(**overrides, param_dtype=dtype, scan_layers=True)
-    np_dtype = _np_dtype(dtype)
-    layout = _layout(cfg)
-    expected = {t.hf_name for t in layout}
-    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unknown = sorted(n for n in tensors if n not in expected | ignored and not _IGNORED.match(n))
-    if unknown:
-        raise HFError(
-            f"unexpected tensor {unknown[0]!r} ({len(unknown)} in all): near_jax holds only "
-            "a Llama without biases"
-        )
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    by_path: dict[tuple[str, ...], list[_Tensor]] = {}
-    for t in layout:
-        by_path.setdefault(t.path, []).append(t)
-    params: dict[str, Any] = {}
-    for path, group in by_path.items():
-        shape = _near_shape(shapes, group[0])
-        arrays = [_from_hf(tensors, t, shape, np_dtype) for t in group]
-        value = np.stack(arrays) if group[0].layer is not None else arrays[0]
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return overrides, params
-
-
-def _from_hf(
-    tensors: Mapping[str, Any], t: _Tensor, shape: tuple[int, ...], dtype: np.dtype
-) -> np.ndarray:
-    """One HF tensor in near_jax layout, checked against the shape the config implies."""
-    if t.hf_name not in tensors:
-        raise HFError(f"tensor {t.hf_name!r} is missing from the checkpoint")
-    w = np.asarray(tensors[t.hf_name])
-    want = _hf_shape(shape, t.n_in)
-    if tuple(w.shape) != want:
-        raise HFError(
-            f"tensor {t.hf_name!r} has shape {tuple(w.shape)} but config.json implies {want}"
-        )
-    x = w.T.reshape(shape) if t.n_in else w
-    return np.ascontiguousarray(x.astype(dtype, copy=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
 
 
 def _safetensors() -> Any:
@@ -366,7 +82,8 @@ class SafetensorsDir(Mapping):
             self._files = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
             path = os.path.join(hf_dir, SINGLE_FILE)
-            self._files = {k: path for k in self._keys(path)}
+            with self._reading(path, "not a readable safetensors file") as f:
+                self._files = dict.fromkeys(f.keys(), path)
         else:
             raise HFError(
                 f"--hf_dir={hf_dir!r}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors "
@@ -376,20 +93,19 @@ class SafetensorsDir(Mapping):
             if not os.path.isfile(path):
                 raise HFError(f"{path}: missing (named in {INDEX_FILE})")
 
-    def _keys(self, path: str) -> list[str]:
+    @contextlib.contextmanager
+    def _reading(self, path: str, problem: str) -> Iterator[Any]:
+        """The open file; any safetensors error as HFError naming `path` and `problem`."""
         try:
             with self._open(path, framework="np") as f:
-                return list(f.keys())
+                yield f
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise HFError(f"{path}: not a readable safetensors file ({_one_line(e)})") from e
+            raise HFError(f"{path}: {problem} ({_one_line(e)})") from e
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._files[name]
-        try:
-            with self._open(path, framework="np") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise HFError(f"{path}: tensor {name!r} unreadable ({_one_line(e)})") from e
+        with self._reading(path, f"tensor {name!r} unreadable") as f:
+            return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -461,11 +177,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
-def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     """Groups tensors in order into shards of at most `max_bytes` (a bigger tensor: alone)."""
     shards: list[list[str]] = [[]]
     used = 0
-    for name, size in sizes:
+    for name, size in sizes.items():
         if shards[-1] and used + size > max_bytes:
             shards.append([])
             used = 0
@@ -482,26 +198,22 @@ def write_safetensors(
     Shards are planned from shapes, then each is materialized and written in turn, so host
     memory holds one shard beyond the params.
     """
-    cfg, np_dtype = model.ModelConfig.from_config(cfg), _np_dtype(dtype)
-    layout = {t.hf_name: t for t in _layout(cfg)}
-    sizes = [
-        (name, math.prod(_hf_shape(_near_shape(params, t), t.n_in)) * np_dtype.itemsize)
-        for name, t in layout.items()
-    ]
+    itemsize = np_dtype(dtype).itemsize
+    sizes = {name: math.prod(shape) * itemsize for name, shape in hf_shapes(params, cfg).items()}
     shards = _plan_shards(sizes, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]  # fmt: skip
     save_file = _safetensors().numpy.save_file
     for file_name, shard in zip(names, shards, strict=True):
-        tensors = {name: _hf_tensor(params, layout[name], np_dtype) for name in shard}
+        tensors = dict(iter_hf_tensors(params, cfg, dtype, names=set(shard)))
         # transformers refuses safetensors files whose metadata names no known format.
         path = os.path.join(directory, file_name)
         save_file(tensors, path, metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_umask())  # safetensors creates files private (0600)
     if len(shards) > 1:
         weight_map = {n: f for f, shard in zip(names, shards, strict=True) for n in shard}
-        index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         _write_json(os.path.join(directory, INDEX_FILE), index)
         names.append(INDEX_FILE)
     return names
@@ -518,6 +230,10 @@ def _dir_bytes(directory: str) -> int:
         os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory)
         for f in files
     )  # fmt: skip
+
+
+def _param_count(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
 
 
 def _copy_tokenizer(tokenizer_json: str, directory: str) -> list[str]:
@@ -562,21 +278,21 @@ def export_run(
     max_shard_size: str | int = "5GB",
 ) -> Written:
     """Writes a run's params at `step` (default: the latest) as an HF Llama directory `out`."""
-    np_dtype_name = _np_dtype(dtype).name
+    dtype_name = np_dtype(dtype).name
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     check_out_dir(out, "--out")
     run = loading.load_run(workdir, step, mesh=_host_mesh())
     max_positions = int(run.cfg.data.seq_len)
     tok = run.tokenizer
     config = llama_config(
-        run.model_cfg, dtype=np_dtype_name, max_positions=max_positions,
+        run.model_cfg, dtype=dtype_name, max_positions=max_positions,
         bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
     )  # fmt: skip
     with _atomic_dir(out, "--out") as tmp:
         files = write_safetensors(tmp, run.params, run.model_cfg, dtype, max_bytes)
         _write_json(os.path.join(tmp, "config.json"), config)
         files.append("config.json")
-        spec = run.cfg.data.tokenizer
+        spec = run.cfg.data.tokenizer  # resolved by load_run: usable from here
         if tok.name.startswith("hf:"):
             files += _copy_tokenizer(spec, tmp)
             if "tokenizer_config.json" not in files:
@@ -584,8 +300,7 @@ def export_run(
                 _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_config)
                 files.append("tokenizer_config.json")
         size = _dir_bytes(tmp)
-    count = sum(x.size for x in jax.tree.leaves(run.params))
-    return Written(os.path.abspath(out), len(files), count, size)
+    return Written(os.path.abspath(out), len(files), _param_count(run.params), size)
 
 
 class _NoDataPosition:
@@ -613,27 +328,30 @@ def _run_config(
     return cfg
 
 
-def _import_tokenizer(hf_dir: str, tmp: str, final: str) -> tuple[str, str]:
-    """Copies the HF tokenizer into the run: (its path in tmp, its path once renamed).
+def _import_tokenizer(hf_dir: str, run_dir: str) -> str:
+    """Copies the HF tokenizer into the run; returns its path relative to `run_dir`.
 
     tokenizer.json is preferred; a SentencePiece tokenizer.model serves otherwise; with
-    neither the run gets the byte tokenizer ('byte', 'byte').
+    neither the run gets the byte tokenizer ('byte').
     """
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-        os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
-        _copy_tokenizer(os.path.join(hf_dir, "tokenizer.json"), os.path.join(tmp, TOKENIZER_DIR))
-        name = os.path.join(TOKENIZER_DIR, "tokenizer.json")
-    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-        os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
-        name = os.path.join(TOKENIZER_DIR, "tokenizer.model")
-        shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(tmp, name))
-    else:
-        return "byte", "byte"
-    return os.path.join(tmp, name), os.path.join(final, name)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        source, target = os.path.join(hf_dir, name), os.path.join(run_dir, TOKENIZER_DIR)
+        if os.path.isfile(source):
+            os.makedirs(target)
+            if name == "tokenizer.json":
+                _copy_tokenizer(source, target)  # with tokenizer_config.json etc. beside it
+            else:
+                shutil.copyfile(source, os.path.join(target, name))
+            return os.path.join(TOKENIZER_DIR, name)
+    return "byte"
 
 
 def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> Written:
-    """Writes an HF Llama directory as a near_jax run directory with a checkpoint at step 0."""
+    """Writes an HF Llama directory as a near_jax run directory with a checkpoint at step 0.
+
+    The run's tokenizer path is relative to the run directory (`tokenizer/tokenizer.json`),
+    which `loading.load_run` resolves, so the directory can be moved or copied.
+    """
     if not hf_dir:
         raise HFError("--hf_dir is required: the Hugging Face directory to import")
     if not os.path.isdir(hf_dir):
@@ -642,16 +360,15 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> Written:
     hf = _read_json(os.path.join(hf_dir, "config.json"))
     overrides, params = params_from_hf(SafetensorsDir(hf_dir), hf, dtype)
     with _atomic_dir(workdir, "--workdir") as tmp:
-        final = os.path.abspath(workdir)
-        tok_here, tok_final = _import_tokenizer(hf_dir, tmp, final)
+        tokenizer = _import_tokenizer(hf_dir, tmp)
         name = os.path.basename(os.path.abspath(hf_dir))
-        cfg = _run_config(overrides, hf, dtype, tok_here, name)
+        cfg = _run_config(overrides, hf, dtype, loading.tokenizer_path(tmp, tokenizer), name)
         try:
             validate(cfg)
-            load_tokenizer(tok_here)
+            load_tokenizer(cfg.data.tokenizer)
         except ConfigError as e:
             raise HFError(str(e)) from e
-        cfg.data.tokenizer = tok_final  # where it will be once the directory is renamed
+        cfg.data.tokenizer = tokenizer  # relative to the run: it stays valid when moved
         ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(tmp), async_save=False)
         try:
             ckpt.save(0, {"params": params}, _NoDataPosition(), cfg, wait=True)
@@ -659,8 +376,7 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> Written:
             ckpt.close()
         _write_json(os.path.join(tmp, "config.json"), cfg.to_dict())
         size = _dir_bytes(tmp)
-    count = sum(x.size for x in jax.tree.leaves(params))
-    return Written(os.path.abspath(workdir), 1, count, size)
+    return Written(os.path.abspath(workdir), 1, _param_count(params), size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,6 +386,7 @@ _FLAGS_OF = {
     "export": ("workdir", "step", "out", "dtype", "max_shard_size"),
     "import": ("hf_dir", "workdir", "dtype"),
 }
+_WORKDIR_IS = {"export": "the run directory to export", "import": "the run directory to write"}
 
 
 def define_flags() -> None:
@@ -703,16 +420,14 @@ def _main(argv: list[str]) -> None:
         if f[name].present:
             allowed = ", ".join(f"--{n}" for n in _FLAGS_OF[command])
             usage_error(f"--{name} is not a flag of {command}; its flags: {allowed}")
+    if not f.workdir:
+        usage_error(f"--workdir is required: {_WORKDIR_IS[command]}")
     try:
         if command == "export":
-            if not f.workdir:
-                usage_error("--workdir is required: the run directory to export")
             written = export_run(f.workdir, f.out, f.step, f.dtype, f.max_shard_size)
             print(f"wrote {written.path}: {written.files} files, {written.params:,} params, "
                   f"{_mb(written.bytes)} ({f.dtype})")  # fmt: skip
         else:
-            if not f.workdir:
-                usage_error("--workdir is required: the run directory to write")
             written = import_hf(f.hf_dir, f.workdir, f.dtype)
             print(f"wrote {written.path}: checkpoint at step 0, {written.params:,} params, "
                   f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "

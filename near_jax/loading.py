@@ -6,6 +6,8 @@
 Only the params are read (not the optimizer state), straight into the shardings of a mesh
 built here, so a checkpoint trained on a pod can be evaluated on a laptop if it fits. The
 model comes from the config the checkpoint was saved with, so no config flag is needed.
+A relative tokenizer path in that config is looked up in the run directory first (an
+imported run keeps `tokenizer/tokenizer.json` there), so a run directory can be moved.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LoadedRun:
 
     workdir: str
     step: int
-    cfg: ml_collections.ConfigDict
+    cfg: ml_collections.ConfigDict  # as saved, but data.tokenizer resolved (tokenizer_path)
     model_cfg: model.ModelConfig
     params: Any
     mesh: jax.sharding.Mesh
@@ -73,6 +75,38 @@ def run_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     return cfg
 
 
+def tokenizer_path(workdir: str, spec: str) -> str:
+    """Where `config.data.tokenizer` = `spec` of the run in `workdir` is, seen from here.
+
+    A relative path that names a file in the run directory is that file (an imported run
+    keeps its tokenizer there); anything else ('byte', an absolute path, a path relative
+    to the current directory) is returned as it is.
+    """
+    if not isinstance(spec, str) or spec == "byte" or os.path.isabs(os.path.expanduser(spec)):
+        return spec
+    in_run = os.path.join(workdir, spec)
+    return os.path.abspath(in_run) if os.path.isfile(in_run) else spec
+
+
+def is_params_only(workdir: str, step: int) -> bool:
+    """Whether checkpoint `step` of a run holds params only (no optimizer state, no step).
+
+    True for an imported run (`python -m near_jax.hf import`): it cannot be resumed, only
+    started from with `config.checkpoint.init_from`. False for a training checkpoint and for
+    one whose metadata cannot be read (restoring it then reports the problem).
+    """
+    try:
+        directory = checkpoint.checkpoint_dir(os.path.abspath(workdir))
+        ckpt = checkpoint.Checkpointer(directory, read_only=True)
+        try:
+            state = ckpt.manager.item_metadata(step)[checkpoint.STATE]
+        finally:
+            ckpt.close()
+        return set(getattr(state, "tree", state)) == {"params"}
+    except Exception:  # noqa: BLE001 - unreadable metadata: restoring it will say why
+        return False
+
+
 def inference_mesh(fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
     """A mesh of every device here: `fsdp` x `tensor`, data parallelism over the rest."""
     mesh_cfg = default_config().mesh
@@ -107,9 +141,11 @@ def load_run(
         step = steps[-1]
     elif step not in steps:
         raise RunError(f"--step={step}: not found in {workdir}; committed steps: {steps}")
-    cfg = run_config(workdir, step)
+    path = os.path.abspath(workdir)  # Orbax reads arrays from absolute paths only
+    cfg = run_config(path, step)
     for key, value in (model_overrides or {}).items():
         cfg.model[key] = value
+    cfg.data.tokenizer = tokenizer_path(path, cfg.data.tokenizer)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except ConfigError as e:
@@ -118,7 +154,7 @@ def load_run(
     mesh = mesh or inference_mesh()
     abstract = param_shardings(model_cfg, mesh)
     try:
-        _, params = checkpoint.restore_params(f"{workdir}:{step}", abstract, what="--workdir")
+        _, params = checkpoint.restore_params(f"{path}:{step}", abstract, what="--workdir")
     except checkpoint.CheckpointError as e:
         raise RunError(str(e)) from e
     return LoadedRun(workdir, step, cfg, model_cfg, params, mesh, tokenizer)

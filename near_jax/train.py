@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from near_jax import checkpoint, data, distributed, metrics, model, optim, preemption, sharding
 from near_jax import config as config_lib
 from near_jax.config import ConfigError
+from near_jax.loading import is_params_only
 from near_jax.tokenizer import load_tokenizer
 
 now = time.perf_counter
@@ -241,6 +242,11 @@ def start_state(
     cfg = trainer.cfg
     abstract = trainer.abstract_state
     if ckpt.steps():
+        workdir = str(ckpt.directory.parent)
+        if is_params_only(workdir, ckpt.steps()[-1]):
+            raise ConfigError(f"--workdir={workdir} holds params only (an imported model): it "
+                              "cannot be resumed; train from it in a new --workdir with "
+                              f"--config.checkpoint.init_from={workdir}")  # fmt: skip
         restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
         check_resume_config(restored.config, cfg)
         for problem in restored.skipped:

@@ -299,3 +299,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "config.json: not valid JSON" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_hf_reexports_the_conversion():
+    from near_jax import hf_convert
+
+    names = ("DTYPES", "HFError", "iter_hf_tensors", "llama_config", "model_overrides",
+             "params_from_hf", "params_to_hf")  # fmt: skip
+    for name in names:
+        assert getattr(hf, name) is getattr(hf_convert, name), name
