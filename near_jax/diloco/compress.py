@@ -1,0 +1,689 @@
+"""Pseudo-gradient compression for DiLoCo across islands: formats, top-k, error feedback, payloads.
+
+Every H inner steps an island sends its pseudo-gradient Δ = θ_global − θ_island (a pytree with
+the params' structure) through an object store; an aggregator decodes the payloads, averages
+them in fp32 and applies the outer optimizer. This module is the codec in between:
+
+    payload, ef = encode(delta, "int8", error_feedback=ef)    # ef: carry it to the next round
+    blob = payload.to_bytes()                                 # len(blob) == payload.nbytes
+    delta_hat = decode(Payload.from_bytes(blob), like=params) # tree of float32 numpy arrays
+
+Everything runs in numpy on the host and is deterministic (no stochastic rounding): the same
+input gives the same bytes.
+
+Formats
+-------
+A leaf is cast to float32, flattened in C order and cut into blocks of B values (`block=B`,
+default 128; the last block may be shorter). The block formats keep one float32 scale per
+block derived from the block's absmax m, so an outlier only coarsens its own block.
+
+    format  stored per value                        bytes/value       vs fp32  error |x̂ − x|
+    fp32    float32                                 4                 1×       0
+    bf16    bfloat16, round to nearest even         2                 2×       ≤ 2⁻⁸·|x|
+    int8    q ∈ [−127, 127], x̂ = q·(m/127)          1 + 4/B = 1.031   3.88×    ≤ m/254
+    int4    q ∈ [−7, 7], x̂ = q·(m/7), 2 per byte    1/2 + 4/B = 0.531 7.53×    ≤ m/14
+    fp4     E3M0 x̂ = ±m·2^(c−7), c=1..7; c=0 → 0    1/2 + 4/B = 0.531 7.53×    ≤ max(|x|/3, m/128)
+
+(bytes/value and ratios at B = 128; bf16's bound holds for normal numbers, |x| ≥ 2⁻¹²⁶. The
+bounds are exact up to float32 rounding of the scale, a relative 2⁻²³ of m.) Each payload
+also carries a JSON header: ~40 bytes plus ~80–130 per leaf (more for long key paths).
+
+fp4 is E3M0: a sign bit and a 3-bit exponent field c, no mantissa; c = 0 encodes zero (the
+"subnormal" of a mantissa-less format), so the magnitudes are m·{0, 2⁻⁶, 2⁻⁵, …, 2⁻¹, 1}.
+Rounding is to the nearest level in linear space (ties go to the larger level): that is the
+least-error choice for fixed levels, with relative error ≤ 1/3 (reached at the midpoint
+1.5·2ᵏ), whereas rounding in log space (threshold √2·2ᵏ) allows √2 − 1 ≈ 0.41. Below the
+smallest level: |x| < m/128 becomes 0 and m/128 ≤ |x| < m/64 becomes ±m/64, both within
+m/128. Error feedback (below) keeps what fp4 zeroes.
+
+Scales are float32 (4/B bytes per value), not float16: a per-value step m/127 of a pseudo-
+gradient (m ~ 1e-4…1e-2) lies in fp16's subnormal range (< 6.1e-5), where fp16 keeps few
+significant bits, and flushes to zero below 6e-8 — small-update blocks (norm scales, late
+training) would lose their scale outright. float32 keeps the bounds above for every block and
+costs 2/B bytes per value more: int8 3.88× instead of 3.94×, int4/fp4 7.53× instead of 7.76×.
+
+Top-k and error feedback
+------------------------
+With `topk=p`, each leaf of n values sends only its k = clamp(round(p·n), 1, n) entries of
+largest |v| (ties: lower index first), v = Δ + error feedback. The k values are coded by the
+value format (blocks of B *kept* values, in index order); the indices are sorted and delta-
+coded (gap − 1) in the narrowest of uint8/16/32/64 that fits, 1–2 bytes each for p ≳ 1%.
+Unsent entries decode to 0. E.g. int8+topk=0.1 at B=128 costs ≈ 0.1·(1 + 4/128 + 1 or 2).
+
+`encode` always returns the residual r = v − decode(payload): the entries top-k did not send
+plus the quantization error of those it did. Passing it back as `error_feedback` next round
+means nothing is dropped, only delayed: after R rounds Σ decoded = Σ Δ − r_R with r bounded.
+
+Wire format (version 1, little-endian)
+--------------------------------------
+    b"NJPG" | u16 version | u32 header length | header: UTF-8 JSON | buffers back to back
+
+    header = {"spec": "int8+topk=0.1",
+              "leaves": [{"path": ["layers", "mlp", "wi"], "shape": [4, 512, 2048],
+                          "buffers": [["values", "int8", k], ["scales", "float32", ⌈k/B⌉],
+                                      ["index", "uint16", k]]}, ...]}
+
+`path` holds the leaf's key path (str for dict keys and attributes, int for sequence indices).
+The buffer list must be exactly what the spec and shape imply. Payloads come from untrusted
+peers: `Payload.from_bytes` checks magic, version, sizes, shapes, dtypes, format, buffer
+lengths, and values (finite scales, canonical codes, in-range indices), caps the decoded size
+at `max_elements`, and raises `PayloadError` on anything else; a payload it returns decodes
+without error. (Finite but huge values are the robust aggregator's business, not the codec's.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import struct
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+FORMATS = ("fp32", "bf16", "int8", "int4", "fp4")
+BLOCK_FORMATS = ("int8", "int4", "fp4")  # formats with one scale per block
+NIBBLE_FORMATS = ("int4", "fp4")  # two values per byte
+DEFAULT_BLOCK = 128
+MAX_BLOCK = 1 << 20
+
+MAGIC = b"NJPG"  # near_jax pseudo-gradient
+VERSION = 1
+PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+MAX_HEADER_BYTES = 16 << 20
+MAX_LEAVES = 100_000
+MAX_NDIM = 32
+MAX_PATH_DEPTH = 64
+MAX_KEY_CHARS = 1024
+# Decoded float32 elements a payload may claim by default (8 GiB); pass the model's size.
+DEFAULT_MAX_ELEMENTS = 1 << 31
+
+_VALUE_DTYPE = {
+    "fp32": "float32",
+    "bf16": "uint16",
+    "int8": "int8",
+    "int4": "uint8",
+    "fp4": "uint8",
+}
+_INDEX_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+_DTYPES = {n: np.dtype(n).newbyteorder("<") for n in ("float32", "int8", "uint8", *_INDEX_DTYPES)}
+_INT_LEVELS = {"int8": 127, "int4": 7}
+# fp4 magnitudes for exponent field c = 0..7, in units of the block absmax.
+FP4_LEVELS = np.array([0.0] + [2.0**e for e in range(-6, 1)], np.float32)
+_FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2  # exact binary fractions
+_BF16_MAX = np.float32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+
+SPEC_GRAMMAR = (
+    "expected FORMAT[:block=N][+topk=F] (options in any order, ':' or '+' before each) with "
+    f"FORMAT one of {', '.join(FORMATS)}, N an integer in [1, {MAX_BLOCK}] (default "
+    f"{DEFAULT_BLOCK}), F a fraction in [0, 1] (0 = off); e.g. 'int8', 'fp4:block=64', "
+    "'int4+topk=0.1'"
+)
+
+
+class PayloadError(ValueError):
+    """A payload is malformed, truncated, oversized, or does not match what it claims."""
+
+
+# ------------------------------------------------------------------------------------- spec
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSpec:
+    """How to compress a pseudo-gradient; `CompressionSpec.parse("int4:block=64+topk=0.1")`.
+
+    Attributes:
+      format: one of FORMATS.
+      block_size: values per scale for int8/int4/fp4 (ignored by fp32/bf16).
+      topk: fraction of each leaf's entries to send, largest |v| first; 0 sends everything.
+    """
+
+    format: str = "int8"
+    block_size: int = DEFAULT_BLOCK
+    topk: float = 0.0
+
+    def __post_init__(self):
+        problem = _spec_problem(self.format, self.block_size, self.topk)
+        if problem:
+            raise ValueError(f"bad CompressionSpec: {problem}; {SPEC_GRAMMAR}")
+
+    @classmethod
+    def parse(cls, text: str) -> CompressionSpec:
+        """Parses the short form; see SPEC_GRAMMAR. Raises ValueError naming `text`."""
+
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"bad compression spec {text!r}: {reason}; {SPEC_GRAMMAR}")
+
+        if not isinstance(text, str):
+            raise bad("not a string")
+        fmt, *options = re.split(r"[:+]", text.strip())
+        if fmt not in FORMATS:
+            raise bad(f"unknown format {fmt!r}")
+        given: dict[str, str] = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if key not in ("block", "topk") or not sep:
+                raise bad(f"unknown option {option!r}")
+            if key in given:
+                raise bad(f"{key} given twice")
+            given[key] = value
+        block = given.get("block", str(DEFAULT_BLOCK))
+        if not re.fullmatch(r"[0-9]{1,9}", block):
+            raise bad(f"block {block!r} is not an integer")
+        try:
+            topk = float(given.get("topk", "0"))
+        except ValueError:
+            raise bad(f"topk {given['topk']!r} is not a number") from None
+        problem = _spec_problem(fmt, int(block), topk)
+        if problem:
+            raise bad(problem)
+        return cls(fmt, int(block), topk)
+
+    def __str__(self) -> str:
+        """The canonical short form: parse(str(spec)) == spec."""
+        text = self.format
+        if self.block_size != DEFAULT_BLOCK:
+            text += f":block={self.block_size}"
+        if self.topk:
+            text += f"+topk={float(self.topk)!r}"
+        return text
+
+
+def _spec_problem(fmt: Any, block: Any, topk: Any) -> str | None:
+    """What is wrong with these spec fields, or None."""
+    if fmt not in FORMATS:
+        return f"unknown format {fmt!r}"
+    if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= MAX_BLOCK:
+        return f"block {block!r} is not an integer in [1, {MAX_BLOCK}]"
+    if not isinstance(topk, int | float) or isinstance(topk, bool) or not 0 <= topk <= 1:
+        return f"topk {topk!r} is not a fraction in [0, 1]"
+    return None
+
+
+def topk_count(n: int, fraction: float) -> int:
+    """Entries top-k sends for a leaf of n values: round(fraction·n), half up, within [1, n]."""
+    if n == 0:
+        return 0
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
+
+
+def bytes_per_value(spec: CompressionSpec | str) -> float:
+    """Value + scale bytes per *sent* value (top-k indices and the header not included)."""
+    spec = _as_spec(spec)
+    value = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5, "fp4": 0.5}[spec.format]
+    return value + (4.0 / spec.block_size if spec.format in BLOCK_FORMATS else 0.0)
+
+
+def _as_spec(spec: CompressionSpec | str) -> CompressionSpec:
+    return CompressionSpec.parse(spec) if isinstance(spec, str) else spec
+
+
+# ---------------------------------------------------------------------------------- payload
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafPayload:
+    """One leaf, encoded. `values`: float32 (fp32), uint16 bf16 bits, int8, or uint8 holding two
+    4-bit codes (low nibble first); `scales`: float32 per block; `index`: delta-coded indices."""
+
+    path: tuple[str | int, ...]
+    shape: tuple[int, ...]
+    values: np.ndarray
+    scales: np.ndarray | None = None
+    index: np.ndarray | None = None
+
+    def buffers(self) -> list[tuple[str, np.ndarray]]:
+        """(name, array) in wire order."""
+        named = (("values", self.values), ("scales", self.scales), ("index", self.index))
+        return [(name, array) for name, array in named if array is not None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Payload:
+    """An encoded pseudo-gradient: the spec and one LeafPayload per leaf, in tree order.
+
+    `treedef` (the original tree structure, when it came from `encode`) is not serialized;
+    decoding a deserialized payload rebuilds the tree from the leaf paths or from `like`.
+    """
+
+    spec: CompressionSpec
+    leaves: tuple[LeafPayload, ...]
+    treedef: Any = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def _header(self) -> bytes:
+        leaves = [
+            {
+                "path": list(leaf.path),
+                "shape": list(leaf.shape),
+                "buffers": [[name, a.dtype.name, int(a.size)] for name, a in leaf.buffers()],
+            }
+            for leaf in self.leaves
+        ]
+        header = {"spec": str(self.spec), "leaves": leaves}
+        return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+
+    @property
+    def nbytes(self) -> int:
+        """Exact serialized size, len(self.to_bytes()): what counts as communication."""
+        buffers = sum(a.nbytes for leaf in self.leaves for _, a in leaf.buffers())
+        return PREFIX.size + len(self._header) + buffers
+
+    @property
+    def num_elements(self) -> int:
+        """Values in the decoded tree (fp32 bytes / 4)."""
+        return sum(math.prod(leaf.shape) for leaf in self.leaves)
+
+    def to_bytes(self) -> bytes:
+        """The wire format described in the module docstring."""
+        parts = [PREFIX.pack(MAGIC, VERSION, len(self._header)), self._header]
+        for leaf in self.leaves:
+            parts += [
+                a.astype(_DTYPES[a.dtype.name], copy=False).tobytes() for _, a in leaf.buffers()
+            ]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Payload:
+        """Parses and fully validates untrusted bytes; raises PayloadError on any defect.
+
+        max_elements caps the decoded size (all leaves together): pass the model's parameter
+        count so a small payload cannot make `decode` allocate more than the model.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as e:  # e.g. a non-contiguous view
+            raise PayloadError(f"payload bytes are not contiguous: {e}") from None
+        header, offset = _read_header(view)
+        spec = _header_spec(header)
+        leaves, total = [], 0
+        for i, meta in enumerate(header["leaves"]):
+            leaf, offset = _read_leaf(view, offset, meta, spec, f"leaf {i}")
+            total += math.prod(leaf.shape)
+            if total > max_elements:
+                raise PayloadError(f"payload decodes to > {max_elements} elements (max_elements)")
+            leaves.append(leaf)
+        if offset != view.nbytes:
+            raise PayloadError(f"{view.nbytes - offset} trailing bytes after the last buffer")
+        _tree_from_paths([leaf.path for leaf in leaves], [None] * len(leaves))  # conflicts
+        return cls(spec, tuple(leaves))
+
+
+# ---------------------------------------------------------------------------- encode/decode
+
+
+def encode(
+    tree: Any, spec: CompressionSpec | str, error_feedback: Any = None
+) -> tuple[Payload, Any]:
+    """Compresses a pytree of float arrays (Δ); returns (payload, new error feedback).
+
+    The new error feedback is a float32 numpy tree shaped like `tree`: (Δ + error_feedback) −
+    decode(payload). Pass it as `error_feedback` next round; None means zeros.
+    """
+    spec = _as_spec(spec)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if error_feedback is None:
+        feedback = [None] * len(path_leaves)
+    else:
+        feedback, ef_treedef = jax.tree_util.tree_flatten(error_feedback)
+        if ef_treedef != treedef:
+            raise ValueError(f"error_feedback has structure {ef_treedef}, the tree has {treedef}")
+    leaves, residuals = [], []
+    for (key_path, x), e in zip(path_leaves, feedback, strict=True):
+        where = jax.tree_util.keystr(key_path)
+        v = _as_float32(x, where)
+        if e is not None:
+            e = _as_float32(e, where + " (error feedback)")
+            if e.shape != v.shape:
+                raise ValueError(f"error feedback for {where} has shape {e.shape}, not {v.shape}")
+            v = v + e
+        path = tuple(_key_component(k) for k in key_path)
+        leaf, decoded = _encode_leaf(path, v, spec)
+        leaves.append(leaf)
+        residuals.append((v.reshape(-1) - decoded).reshape(v.shape))
+    payload = Payload(spec, tuple(leaves), treedef)
+    return payload, jax.tree_util.tree_unflatten(treedef, residuals)
+
+
+def decode(payload: Payload, like: Any = None) -> Any:
+    """The float32 numpy tree a payload encodes (unsent top-k entries are 0).
+
+    The structure is `like`'s when given (a pytree of arrays or ShapeDtypeStructs; its paths
+    and shapes must match, else PayloadError), else the one `encode` saw, else nested dicts
+    (lists where keys are 0..n-1) rebuilt from the leaf paths.
+    """
+    if like is not None:  # check before decoding: a mismatch should not cost the allocation
+        treedef = _check_like(like, payload)
+        return jax.tree_util.tree_unflatten(treedef, _decode_all(payload))
+    arrays = _decode_all(payload)
+    if payload.treedef is not None:
+        return jax.tree_util.tree_unflatten(payload.treedef, arrays)
+    return _tree_from_paths([leaf.path for leaf in payload.leaves], arrays)
+
+
+def _decode_all(payload: Payload) -> list[np.ndarray]:
+    return [_decode_leaf(leaf, payload.spec) for leaf in payload.leaves]
+
+
+def _as_float32(x: Any, where: str) -> np.ndarray:
+    """A float32 numpy copy of a leaf; non-finite values are a bug upstream, so refuse them."""
+    v = np.array(x, dtype=np.float32)
+    if not np.isfinite(v).all():
+        raise ValueError(f"pseudo-gradient leaf {where} has non-finite values")
+    return v
+
+
+def _key_component(key: Any) -> str | int:
+    """A JSON-able stand-in for one jax key-path entry."""
+    raw = getattr(key, "key", getattr(key, "idx", getattr(key, "name", None)))
+    if isinstance(raw, str) or (type(raw) is int and abs(raw) < 2**31):
+        return raw
+    return str(key)  # e.g. a tuple dict key: still a unique, readable name
+
+
+def _encode_leaf(
+    path: tuple, v: np.ndarray, spec: CompressionSpec
+) -> tuple[LeafPayload, np.ndarray]:
+    """(LeafPayload, flat decoded values) for a float32 array."""
+    flat = v.reshape(-1)
+    index = _topk_indices(flat, topk_count(flat.size, spec.topk)) if spec.topk else None
+    sent = flat if index is None else flat[index]
+    values, scales = _quantize(sent, spec)
+    decoded_sent = _dequantize(values, scales, spec, sent.size)
+    if index is None:
+        return LeafPayload(path, v.shape, values, scales), decoded_sent
+    decoded = np.zeros(flat.size, np.float32)
+    decoded[index] = decoded_sent
+    return LeafPayload(path, v.shape, values, scales, _delta_encode(index)), decoded
+
+
+def _decode_leaf(leaf: LeafPayload, spec: CompressionSpec) -> np.ndarray:
+    n = math.prod(leaf.shape)
+    if leaf.index is None:
+        return _dequantize(leaf.values, leaf.scales, spec, n).reshape(leaf.shape)
+    out = np.zeros(n, np.float32)
+    out[_delta_decode(leaf.index)] = _dequantize(leaf.values, leaf.scales, spec, leaf.index.size)
+    return out.reshape(leaf.shape)
+
+
+def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of the k largest |x|; ties at the threshold go to the lowest indices,
+    so the choice is fully determined (argpartition alone would pick arbitrarily)."""
+    if k >= x.size:
+        return np.arange(x.size)
+    mag = np.abs(x)
+    threshold = np.partition(mag, x.size - k)[x.size - k]
+    above = np.flatnonzero(mag > threshold)
+    ties = np.flatnonzero(mag == threshold)[: k - above.size]
+    return np.sort(np.concatenate([above, ties]))
+
+
+def _delta_encode(index: np.ndarray) -> np.ndarray:
+    """Sorted indices → gaps − 1 (first: the index itself) in the narrowest dtype that fits."""
+    gaps = np.diff(index, prepend=-1) - 1
+    top = int(gaps.max()) if gaps.size else 0
+    name = next(n for n in _INDEX_DTYPES if top <= np.iinfo(n).max)
+    return gaps.astype(name)
+
+
+def _delta_decode(gaps: np.ndarray) -> np.ndarray:
+    return (np.cumsum(gaps.astype(np.uint64) + np.uint64(1)) - np.uint64(1)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------- formats
+
+
+def _blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x zero-padded to whole blocks, as [num_blocks, block]; padding never raises absmax."""
+    num_blocks = -(-x.size // block)
+    return np.pad(x, (0, num_blocks * block - x.size)).reshape(num_blocks, block)
+
+
+def _quantize(x: np.ndarray, spec: CompressionSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, per-block scales or None) for a flat float32 vector."""
+    if spec.format == "fp32":
+        return x.astype(np.float32), None
+    if spec.format == "bf16":
+        # Clip first: float32 values just above bf16's max would otherwise round to inf.
+        return np.clip(x, -_BF16_MAX, _BF16_MAX).astype(ml_dtypes.bfloat16).view(np.uint16), None
+    blocks = _blocks(x, spec.block_size)
+    absmax = np.abs(blocks).max(axis=1)
+    if spec.format == "fp4":
+        return _pack_nibbles(_fp4_codes(blocks, absmax).reshape(-1)[: x.size]), absmax
+    levels = _INT_LEVELS[spec.format]
+    scales = (absmax / np.float32(levels)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))  # an all-zero block codes to zeros
+    q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
+    q = q.reshape(-1)[: x.size]
+    return (q if spec.format == "int8" else _pack_nibbles(q.view(np.uint8) & 0xF)), scales
+
+
+def _fp4_codes(blocks: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """E3M0 nibbles sign<<3 | c: nearest of the levels m·FP4_LEVELS, ties to the larger."""
+    safe = np.where(absmax > 0, absmax, np.float32(1))
+    c = np.searchsorted(_FP4_MIDPOINTS, np.abs(blocks) / safe[:, None], side="right")
+    sign = (blocks < 0) & (c > 0)  # no -0: one code per value
+    return (sign.astype(np.uint8) << 3) | c.astype(np.uint8)
+
+
+def _dequantize(
+    values: np.ndarray, scales: np.ndarray | None, spec: CompressionSpec, k: int
+) -> np.ndarray:
+    """Float32 vector of the k values coded in `values` (+ `scales`)."""
+    if spec.format == "fp32":
+        return values.astype(np.float32)
+    if spec.format == "bf16":
+        return values.view(ml_dtypes.bfloat16).astype(np.float32)
+    per_value = np.repeat(scales, spec.block_size)[:k]
+    if spec.format == "int8":
+        return values.astype(np.float32) * per_value
+    nibbles = _unpack_nibbles(values, k)
+    if spec.format == "int4":
+        signed = nibbles.astype(np.int8) - np.int8(16) * (nibbles >= 8)
+        return signed.astype(np.float32) * per_value
+    magnitude = FP4_LEVELS[nibbles & 7] * per_value
+    return np.where(nibbles & 8, -magnitude, magnitude)
+
+
+def _pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
+    """4-bit codes (uint8 < 16) → bytes, low nibble first; an odd tail pads with 0."""
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
+    nibbles = np.empty(packed.size * 2, np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 0xF, packed >> 4
+    return nibbles[:k]
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def _read_header(view: memoryview) -> tuple[dict, int]:
+    """(header dict, offset of the first buffer), checking the fixed prefix."""
+    if view.nbytes < PREFIX.size:
+        raise PayloadError(f"truncated: {view.nbytes} bytes, the prefix alone is {PREFIX.size}")
+    magic, version, length = PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise PayloadError(f"bad magic {magic!r}, expected {MAGIC!r}: not a near_jax payload")
+    if version != VERSION:
+        raise PayloadError(f"unsupported payload version {version}; this reader knows {VERSION}")
+    end = PREFIX.size + length
+    if length > MAX_HEADER_BYTES or end > view.nbytes:
+        raise PayloadError(f"header claims {length} bytes; {view.nbytes - PREFIX.size} remain")
+
+    def no_constants(name: str) -> None:  # NaN / Infinity are not JSON and have no place here
+        raise PayloadError(f"header contains {name}")
+
+    try:
+        header = json.loads(bytes(view[PREFIX.size : end]).decode(), parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError too
+        if isinstance(e, PayloadError):
+            raise
+        raise PayloadError(f"header is not UTF-8 JSON: {type(e).__name__}: {e}") from None
+    _check_keys(header, {"spec", "leaves"}, "header")
+    if not isinstance(header["leaves"], list) or len(header["leaves"]) > MAX_LEAVES:
+        raise PayloadError(f"header 'leaves' must be a list of at most {MAX_LEAVES}")
+    return header, end
+
+
+def _check_keys(obj: Any, keys: set[str], where: str) -> None:
+    if not isinstance(obj, dict) or set(obj) != keys:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise PayloadError(f"{where} must be an object with keys {sorted(keys)}, got {got}")
+
+
+def _header_spec(header: dict) -> CompressionSpec:
+    try:
+        return CompressionSpec.parse(header["spec"])
+    except ValueError as e:
+        raise PayloadError(f"header spec: {e}") from None
+
+
+def _read_leaf(
+    view: memoryview, offset: int, meta: Any, spec: CompressionSpec, where: str
+) -> tuple[LeafPayload, int]:
+    """(LeafPayload, offset after its buffers): header entry checked, buffers sliced + checked."""
+    _check_keys(meta, {"path", "shape", "buffers"}, where)
+    path, shape = _check_path(meta["path"], where), _check_shape(meta["shape"], where)
+    expected = buffer_layout(spec, math.prod(shape))
+    got = meta["buffers"]
+    if not isinstance(got, list) or len(got) != len(expected):
+        raise PayloadError(f"{where}: buffers {got!r:.200} do not match {expected}")
+    arrays = {}
+    for entry, (name, dtypes, count) in zip(got, expected, strict=True):
+        ok = isinstance(entry, list) and len(entry) == 3 and entry[0] == name
+        if not (ok and entry[1] in dtypes and type(entry[2]) is int and entry[2] == count):
+            raise PayloadError(
+                f"{where}: buffer {entry!r:.200}, expected [{name!r}, {dtypes}, {count}]"
+            )
+        dtype = _DTYPES[entry[1]]
+        if offset + count * dtype.itemsize > view.nbytes:
+            raise PayloadError(f"truncated: {where} {name} needs {count * dtype.itemsize} bytes")
+        arrays[name] = np.frombuffer(view, dtype, count, offset).astype(dtype.name)
+        offset += count * dtype.itemsize
+    leaf = LeafPayload(path, shape, arrays["values"], arrays.get("scales"), arrays.get("index"))
+    _check_contents(leaf, spec, where)
+    return leaf, offset
+
+
+def buffer_layout(spec: CompressionSpec, n: int) -> list[tuple[str, tuple[str, ...], int]]:
+    """The buffers a leaf of n values must have: (name, allowed dtypes, element count)."""
+    k = topk_count(n, spec.topk) if spec.topk else n
+    count = -(-k // 2) if spec.format in NIBBLE_FORMATS else k
+    layout = [("values", (_VALUE_DTYPE[spec.format],), count)]
+    if spec.format in BLOCK_FORMATS:
+        layout.append(("scales", ("float32",), -(-k // spec.block_size)))
+    if spec.topk:
+        layout.append(("index", _INDEX_DTYPES, k))
+    return layout
+
+
+def _check_path(raw: Any, where: str) -> tuple[str | int, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_PATH_DEPTH:
+        raise PayloadError(f"{where}: path must be a list of at most {MAX_PATH_DEPTH} keys")
+    for key in raw:
+        ok_str = isinstance(key, str) and len(key) <= MAX_KEY_CHARS
+        ok_int = isinstance(key, int) and not isinstance(key, bool) and abs(key) < 2**31
+        if not (ok_str or ok_int):
+            raise PayloadError(f"{where}: path key {key!r:.100} is not a short str or an int32")
+    return tuple(raw)
+
+
+def _check_shape(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_NDIM:
+        raise PayloadError(f"{where}: shape must be a list of at most {MAX_NDIM} dims")
+    for dim in raw:
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim < 2**62:
+            raise PayloadError(f"{where}: shape {raw!r:.200} has a bad dimension {dim!r:.50}")
+    if math.prod(raw) >= 2**62:  # a Python int: no overflow; max_elements is checked later
+        raise PayloadError(f"{where}: shape {raw!r:.200} is absurdly large")
+    return tuple(raw)
+
+
+def _check_contents(leaf: LeafPayload, spec: CompressionSpec, where: str) -> None:
+    """Values decode() relies on: finite numbers, codes the encoder can emit, valid indices."""
+    values, fmt = leaf.values, spec.format
+    k = leaf.index.size if leaf.index is not None else math.prod(leaf.shape)
+    if fmt == "fp32" and not np.isfinite(values).all():
+        raise PayloadError(f"{where}: non-finite fp32 values")
+    if fmt == "bf16" and ((values & 0x7F80) == 0x7F80).any():
+        raise PayloadError(f"{where}: non-finite bf16 values")
+    if fmt == "int8" and (values == -128).any():
+        raise PayloadError(f"{where}: int8 code -128 (the encoder uses [-127, 127])")
+    if fmt in NIBBLE_FORMATS:
+        nibbles = _unpack_nibbles(values, values.size * 2)
+        if (nibbles[:k] == 8).any():  # int4 -8 or fp4 "-0": never emitted
+            raise PayloadError(f"{where}: {fmt} code 8 is not canonical")
+        if (nibbles[k:] != 0).any():
+            raise PayloadError(f"{where}: padding nibble is not 0")
+    if leaf.scales is not None and not (np.isfinite(leaf.scales) & (leaf.scales >= 0)).all():
+        raise PayloadError(f"{where}: scales must be finite and >= 0")
+    if leaf.index is not None and leaf.index.size:
+        _check_index(leaf.index, math.prod(leaf.shape), where)
+
+
+def _check_index(gaps: np.ndarray, n: int, where: str) -> None:
+    """Delta-coded indices must land strictly increasing inside [0, n)."""
+    # Each step is 1 + gap <= n < 2**62, so a uint64 cumsum that wraps would decrease.
+    if int(gaps.max()) >= n:
+        raise PayloadError(f"{where}: index gap {int(gaps.max())} out of range for {n} values")
+    index = np.cumsum(gaps.astype(np.uint64) + np.uint64(1)) - np.uint64(1)
+    if (index[1:] <= index[:-1]).any() or int(index[-1]) >= n:
+        raise PayloadError(f"{where}: indices run past the {n} values of the leaf")
+
+
+# ------------------------------------------------------------------------------------ trees
+
+
+def _tree_from_paths(paths: list[tuple], arrays: list) -> Any:
+    """Nested dicts from key paths (lists where the keys are exactly 0..n-1)."""
+    if len(paths) == 1 and paths[0] == ():
+        return arrays[0]
+    root: dict = {}
+    for path, array in zip(paths, arrays, strict=True):
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise PayloadError(f"leaf path {list(path)} runs through another leaf")
+        if not path or path[-1] in node:
+            raise PayloadError(f"leaf path {list(path)} is repeated or clashes with another")
+        node[path[-1]] = array
+    return _listify(root)
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    node = {key: _listify(child) for key, child in node.items()}
+    if (
+        node
+        and all(isinstance(key, int) for key in node)
+        and sorted(node) == list(range(len(node)))
+    ):
+        return [node[i] for i in range(len(node))]
+    return node
+
+
+def _check_like(like: Any, payload: Payload) -> Any:
+    """The treedef of `like`, after checking its leaf paths and shapes match the payload's."""
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    if len(path_leaves) != len(payload.leaves):
+        raise PayloadError(f"payload has {len(payload.leaves)} leaves, `like` {len(path_leaves)}")
+    for (key_path, ref), leaf in zip(path_leaves, payload.leaves, strict=True):
+        path = tuple(_key_component(k) for k in key_path)
+        if path != leaf.path or tuple(np.shape(ref)) != leaf.shape:
+            raise PayloadError(
+                f"payload leaf {list(leaf.path)} {leaf.shape} does not match `like` leaf "
+                f"{list(path)} {tuple(np.shape(ref))}"
+            )
+    return treedef

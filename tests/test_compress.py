@@ -1,0 +1,461 @@
+"""Pseudo-gradient compression: error bounds per block, top-k + error feedback, wire format."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from near_jax.diloco import compress
+from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
+
+SHAPES = [(), (1,), (7,), (128,), (129,), (3, 100), (2, 3, 67), (64, 64)]
+BLOCK_FORMATS = ["int8", "int4", "fp4"]
+SLACK = 1 + 1e-5  # float32 rounding of the scale and of x/scale
+
+
+def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
+    """A pseudo-gradient-like tensor: small normal values, a few ×spike outliers, no zeros."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[flat == 0] = scale
+    flat[rng.choice(flat.size, size=min(outliers, flat.size), replace=False)] *= spike
+    return x
+
+
+def block_absmax(flat, block):
+    """Per element: the absmax m of its block (blocks of `block` consecutive values)."""
+    pad = -flat.size % block
+    m = np.abs(np.pad(flat, (0, pad))).reshape(-1, block).max(axis=1)
+    return np.repeat(m, block)[: flat.size]
+
+
+def roundtrip(x, spec):
+    """Decoded leaf, flattened, after encode → bytes → from_bytes → decode."""
+    payload, _ = encode({"x": x}, spec)
+    out = decode(Payload.from_bytes(payload.to_bytes()))["x"]
+    assert out.dtype == np.float32 and out.shape == np.shape(x)
+    return out.reshape(-1)
+
+
+# --------------------------------------------------------------------------- error bounds
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_is_exact_and_bf16_is_relative_2_to_minus_8(shape):
+    x = delta(shape)
+    flat = x.reshape(-1)
+    np.testing.assert_array_equal(roundtrip(x, "fp32"), flat)
+    err = np.abs(roundtrip(x, "bf16") - flat)
+    assert (err <= 2.0**-8 * np.abs(flat)).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("block", [128, 32])
+def test_int_formats_within_half_a_step_per_block(shape, fmt, levels, block):
+    x = delta(shape, seed=len(shape))
+    flat = x.reshape(-1)
+    err = np.abs(roundtrip(x, f"{fmt}:block={block}") - flat)
+    bound = block_absmax(flat, block) / levels / 2
+    assert (err <= bound * SLACK).all()
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+def test_int_bounds_are_tight(fmt, levels):
+    # Without outliers the errors spread over [0, step/2], so some come close to the bound.
+    x = delta((4096,), seed=11, outliers=0)
+    err = np.abs(roundtrip(x, fmt) - x)
+    assert (err / (block_absmax(x, 128) / levels / 2)).max() > 0.95
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp4_e3m0_levels_rounding_and_bound(shape):
+    x = delta(shape, seed=3)
+    flat = x.reshape(-1)
+    out = roundtrip(x, "fp4")
+    m = block_absmax(flat, 128)
+    # Every decoded magnitude is 0 or m·2^e for e in -6..0.
+    ratio = np.abs(out) / m
+    assert np.isin(ratio, compress.FP4_LEVELS).all()
+    # Nearest level: relative error <= 1/3 within range; below it, absolute error <= m/128.
+    err = np.abs(out - flat)
+    assert (err <= np.maximum(np.abs(flat) / 3, m / 128) * SLACK).all()
+    in_range = np.abs(flat) >= m / 64
+    assert (err[in_range] <= np.abs(flat[in_range]) / 3 * SLACK).all()
+    # Below the smallest level: < m/128 → 0, [m/128, m/64) → ±m/64; signs kept.
+    tiny, small = np.abs(flat) < m / 128, (np.abs(flat) >= m / 128) & ~in_range
+    assert (out[tiny] == 0).all()
+    np.testing.assert_allclose(out[small], np.sign(flat[small]) * m[small] / 64, rtol=1e-6)
+    assert (np.sign(out[~tiny]) == np.sign(flat[~tiny])).all()
+
+
+def test_fp4_rounds_to_nearest_in_linear_space():
+    # Block max 1: 0.74 is nearer 0.5 than 1 (log-space rounding would pick 1, above √2/2).
+    # Ties go up: exactly 0.75 → 1, 0.375 → 0.5. 1/128 → 1/64; just under → 0.
+    x = np.array([1.0, 0.74, 0.75, 0.375, -0.3, 1 / 128, 0.0078], np.float32)
+    out = roundtrip(x, "fp4")
+    np.testing.assert_array_equal(out, [1.0, 0.5, 1.0, 0.5, -0.25, 1 / 64, 0.0])
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_an_outlier_only_hurts_its_own_block(fmt):
+    clean = delta((4 * 128,), seed=5, outliers=0)
+    spiked = clean.copy()
+    spiked[10] = 1.0  # block 0: ~1000× the typical |x|
+    out_clean, out_spiked = roundtrip(clean, fmt), roundtrip(spiked, fmt)
+    # Blocks 1..3 decode bit-identically with or without the outlier in block 0 ...
+    np.testing.assert_array_equal(out_spiked[128:], out_clean[128:])
+    # ... within a bound set by their own absmax, ~1000× below the outlier block's, ...
+    err = np.abs(out_spiked - spiked)
+    m = block_absmax(spiked, 128)
+    assert m[0] > 300 * m[128:].max()
+    bound = {"int8": m / 254, "int4": m / 14, "fp4": np.maximum(np.abs(spiked) / 3, m / 128)}
+    assert (err[128:] <= bound[fmt][128:] * SLACK).all()
+    # ... while the outlier block's ordinary values lose far more.
+    assert err[:128].mean() > 5 * err[128:].mean()
+
+
+# -------------------------------------------------------------------- top-k, error feedback
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (129,), (3, 100), (64, 64)])
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_topk_sends_exactly_k_largest(shape, fraction):
+    x = delta(shape, seed=7)
+    flat = x.reshape(-1)
+    payload, residual = encode({"x": x}, CompressionSpec("fp32", topk=fraction))
+    k = compress.topk_count(flat.size, fraction)
+    assert k == min(flat.size, max(1, math.floor(fraction * flat.size + 0.5)))  # half up
+    (leaf,) = payload.leaves
+    assert leaf.index.size == leaf.values.size == k
+    out = decode(Payload.from_bytes(payload.to_bytes()))["x"].reshape(-1)
+    sent = np.flatnonzero(out)
+    assert sent.size == k
+    np.testing.assert_array_equal(np.sort(np.argsort(-np.abs(flat), kind="stable")[:k]), sent)
+    np.testing.assert_array_equal(out[sent], flat[sent])
+    # The residual is exactly what was not sent.
+    np.testing.assert_array_equal(residual["x"].reshape(-1) + out, flat)
+
+
+def test_topk_ties_go_to_the_lowest_indices():
+    x = np.array([1.0, -2.0, 2.0, 0.5, -2.0], np.float32)
+    payload, _ = encode(x, "fp32+topk=0.4")  # k = 2 of three |2|s
+    np.testing.assert_array_equal(decode(payload), [0, -2, 2, 0, 0])
+
+
+def accumulate(spec, d, rounds, feedback):
+    """Σ of decoded payloads over `rounds` rounds of the constant Δ = d, and the last residual."""
+    total, ef = np.zeros_like(d), None
+    for _ in range(rounds):
+        payload, residual = encode(d, spec, error_feedback=ef)
+        total += decode(Payload.from_bytes(payload.to_bytes()))
+        ef = residual if feedback else None
+    return total, residual
+
+
+@pytest.mark.parametrize(
+    "spec", ["fp32+topk=0.1", "int8+topk=0.1", "int4+topk=0.05", "fp4+topk=0.1"]
+)
+def test_error_feedback_makes_topk_converge(spec):
+    d = delta((1000,), seed=9, outliers=5, spike=10)  # ×1000 outliers would dominate the norm
+    rel = {}
+    for rounds in (50, 200):
+        total, residual = accumulate(spec, d, rounds, feedback=True)
+        # Telescoping: Σ decoded = R·Δ − residual_R exactly up to float32 sums.
+        np.testing.assert_allclose(total + residual, rounds * d, rtol=1e-4, atol=1e-6)
+        rel[rounds] = np.linalg.norm(total - rounds * d) / np.linalg.norm(rounds * d)
+        # The residual stays bounded: no entry waits more than ~1/topk rounds' worth.
+        assert np.abs(residual).max() <= 4 * np.abs(d).max()  # measured 0.5–1.0
+    assert rel[200] < 0.1 and rel[200] < rel[50] / 2  # the error shrinks like 1/R
+    total, _ = accumulate(spec, d, 200, feedback=False)
+    no_feedback = np.linalg.norm(total - 200 * d) / np.linalg.norm(200 * d)
+    assert no_feedback > 0.3 and no_feedback > 5 * rel[200]  # without it, a fixed bias
+
+
+def test_error_feedback_also_carries_quantization_error():
+    # Dense fp4 zeroes everything under m/128; with feedback those values still get through.
+    d = np.full(128, 1e-3, np.float32)
+    d[0] = 1.0
+    total, _ = accumulate("fp4", d, 300, feedback=True)
+    np.testing.assert_allclose(total / 300, d, rtol=0.05)
+    total, _ = accumulate("fp4", d, 300, feedback=False)
+    assert (total[1:] == 0).all()
+
+
+def test_error_feedback_must_match_the_tree():
+    tree = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="structure"):
+        encode(tree, "int8", error_feedback={"a": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        encode(tree, "int8", error_feedback={"a": np.zeros(3), "b": np.zeros(3)})
+    with pytest.raises(ValueError, match="non-finite"):
+        encode({"a": np.array([1.0, np.nan])}, "int8")
+
+
+# ------------------------------------------------------------------------- serialization
+
+SPECS = ["fp32", "bf16", "int8", "int4:block=32", "fp4", "int8+topk=0.1", "fp4:block=64+topk=0.3"]
+
+
+def params_like_tree(seed=0):
+    return {
+        "layers": {"attn": {"q": delta((2, 3, 67), seed)}, "norm": delta((129,), seed + 1)},
+        "embed": delta((64, 64), seed + 2),
+        "scalars": [delta((), seed + 3), delta((7,), seed + 4)],
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_serialization_round_trip_is_exact(spec):
+    tree = params_like_tree()
+    payload, _ = encode(tree, spec)
+    blob = payload.to_bytes()
+    assert payload.nbytes == len(blob)
+    back = Payload.from_bytes(blob)
+    assert back.spec == payload.spec and back.to_bytes() == blob
+    for a, b in zip(payload.leaves, back.leaves, strict=True):
+        assert (a.path, a.shape) == (b.path, b.shape)
+        for (name_a, buf_a), (name_b, buf_b) in zip(a.buffers(), b.buffers(), strict=True):
+            assert name_a == name_b and buf_a.dtype == buf_b.dtype
+            np.testing.assert_array_equal(buf_a, buf_b)
+    # Rebuilt from paths (nested dicts, lists where keys are 0..n-1), or shaped like `like`.
+    expected = decode(payload)
+    for got in (decode(back), decode(back, like=tree)):
+        assert jax.tree.structure(got) == jax.tree.structure(tree)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert encode(tree, spec)[0].to_bytes() == blob  # deterministic
+
+
+def test_a_single_array_round_trips_as_an_array():
+    x = delta((5, 5))
+    out = decode(Payload.from_bytes(encode(x, "int8")[0].to_bytes()))
+    assert isinstance(out, np.ndarray) and out.shape == (5, 5)
+
+
+def test_decode_like_rejects_a_different_tree():
+    payload, _ = encode(params_like_tree(), "int8")
+    other = params_like_tree()
+    other["embed"] = np.zeros((64, 65), np.float32)
+    with pytest.raises(PayloadError, match="does not match"):
+        decode(payload, like=other)
+    with pytest.raises(PayloadError, match="leaves"):
+        decode(payload, like={"x": np.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "spec,ratio",
+    [("fp32", 1.0), ("bf16", 2.0), ("int8", 4 / (1 + 4 / 128)), ("int4", 4 / (0.5 + 4 / 128))]
+    + [("fp4", 4 / (0.5 + 4 / 128)), ("int8:block=32", 4 / (1 + 4 / 32))],
+)
+def test_compression_ratio_is_as_documented(spec, ratio):
+    x = delta((256, 512))
+    payload, _ = encode({"w": x}, spec)
+    assert 4 * x.size / payload.nbytes == pytest.approx(ratio, rel=2e-3)
+    assert compress.bytes_per_value(spec) == pytest.approx(4 / ratio)
+    header = payload.nbytes - sum(a.nbytes for _, a in payload.leaves[0].buffers())
+    assert header < 150
+
+
+def test_topk_payload_size():
+    x = delta((256, 512))
+    payload, _ = encode({"w": x}, "int8+topk=0.1")
+    k = compress.topk_count(x.size, 0.1)
+    (leaf,) = payload.leaves
+    assert leaf.index.dtype in (np.uint8, np.uint16)  # gaps of a random 10% fit in 16 bits
+    values_and_scales = k * compress.bytes_per_value("int8")
+    assert payload.nbytes == pytest.approx(values_and_scales + leaf.index.nbytes, abs=250)
+    assert 4 * x.size / payload.nbytes > 12
+
+
+# ---------------------------------------------------------------------- malformed payloads
+
+
+def valid_blob(spec="int8+topk=0.25"):
+    tree = {"a": delta((3, 100)), "b": [delta((7,), 1)]}
+    return encode(tree, spec)[0].to_bytes()
+
+
+def split(blob):
+    _, _, length = compress.PREFIX.unpack_from(blob)
+    start = compress.PREFIX.size
+    return json.loads(blob[start : start + length]), blob[start + length :]
+
+
+def join(header, data, magic=compress.MAGIC, version=compress.VERSION):
+    text = json.dumps(header).encode() if isinstance(header, dict) else header
+    return compress.PREFIX.pack(magic, version, len(text)) + text + data
+
+
+def edit_header(change):
+    def mutate(blob):
+        header, data = split(blob)
+        change(header)
+        return join(header, data)
+
+    return mutate
+
+
+def poke(leaf, name, value_bytes, spec="int8+topk=0.25"):
+    """Overwrites the first element of a buffer with `value_bytes`."""
+
+    def mutate(_):
+        blob = valid_blob(spec)
+        header, data = split(blob)
+        offset = 0
+        for i, meta in enumerate(header["leaves"]):
+            for buf_name, dtype, count in meta["buffers"]:
+                if (i, buf_name) == (leaf, name):
+                    data = data[:offset] + value_bytes + data[offset + len(value_bytes) :]
+                    return join(header, data)
+                offset += np.dtype(dtype).itemsize * count
+        raise AssertionError("no such buffer")
+
+    return mutate
+
+
+def set_leaf(key, value, leaf=0):
+    return edit_header(lambda h: h["leaves"][leaf].__setitem__(key, value))
+
+
+def set_buffer(position, value, buffer=0):
+    return edit_header(lambda h: h["leaves"][0]["buffers"][buffer].__setitem__(position, value))
+
+
+MALFORMED = {
+    "empty": lambda b: b"",
+    "truncated_prefix": lambda b: b[:7],
+    "truncated_header": lambda b: b[: compress.PREFIX.size + 20],
+    "truncated_data": lambda b: b[:-1],
+    "truncated_mid_data": lambda b: b[:-100],
+    "trailing_bytes": lambda b: b + b"\0",
+    "bad_magic": lambda b: b"XXXX" + b[4:],
+    "bad_version": lambda b: join(*split(b), version=2),
+    "header_length_huge": lambda b: compress.PREFIX.pack(compress.MAGIC, 1, 2**32 - 1) + b[10:],
+    "header_not_json": lambda b: join(b"{not json", split(b)[1]),
+    "header_not_utf8": lambda b: join(b'{"spec": "\xff"}', split(b)[1]),
+    "header_deeply_nested": lambda b: join(b"[" * 200_000, split(b)[1]),
+    "header_not_object": lambda b: join(b"[]", split(b)[1]),
+    "header_extra_key": edit_header(lambda h: h.__setitem__("extra", 1)),
+    "header_missing_leaves": edit_header(lambda h: h.pop("leaves")),
+    "unknown_format": edit_header(lambda h: h.__setitem__("spec", "int3")),
+    "spec_not_string": edit_header(lambda h: h.__setitem__("spec", 8)),
+    "spec_changed_block": edit_header(lambda h: h.__setitem__("spec", "int8:block=64+topk=0.25")),
+    "huge_shape": set_leaf("shape", [2**40]),
+    "huge_shape_product": set_leaf("shape", [2**20, 2**20, 2**20]),
+    "shape_over_max_elements": set_leaf("shape", [2**31 + 1]),
+    "negative_dim": set_leaf("shape", [-3, -100]),
+    "float_dim": set_leaf("shape", [3.0, 100]),
+    "nan_dim": set_leaf("shape", [math.nan, 100]),
+    "bool_dim": set_leaf("shape", [True, 300]),
+    "too_many_dims": set_leaf("shape", [1] * 40 + [300]),
+    "shape_not_list": set_leaf("shape", "3x100"),
+    "leaf_missing_key": edit_header(lambda h: h["leaves"][0].pop("path")),
+    "path_bad_key": set_leaf("path", ["a", 1.5]),
+    "path_null_key": set_leaf("path", [None]),
+    "path_duplicate": set_leaf("path", ["b", 0], leaf=0),
+    "path_through_leaf": set_leaf("path", ["a", "x"], leaf=1),
+    "buffer_count_longer": set_buffer(2, 76),
+    "buffer_count_shorter": set_buffer(2, 74),
+    "buffer_count_float": set_buffer(2, 75.0),
+    "buffer_dtype_wrong": set_buffer(1, "float32"),
+    "buffer_name_wrong": set_buffer(0, "scales"),
+    "buffer_missing": edit_header(lambda h: h["leaves"][0]["buffers"].pop()),
+    "buffer_extra": edit_header(lambda h: h["leaves"][0]["buffers"].append(["x", "uint8", 1])),
+    "index_dtype_not_index": set_buffer(1, "int8", buffer=2),
+    "nan_scale": poke(0, "scales", np.float32(np.nan).tobytes()),
+    "negative_scale": poke(0, "scales", np.float32(-1).tobytes()),
+    "int8_code_minus_128": poke(0, "values", b"\x80"),
+    "int4_code_minus_8": poke(0, "values", b"\x08", spec="int4"),
+    "fp4_negative_zero": poke(0, "values", b"\x80", spec="fp4"),
+    "nibble_padding_not_zero": poke(1, "values", b"\x00\x00\x00\xf0", spec="int4"),
+    "fp32_inf": poke(0, "values", np.float32(np.inf).tobytes(), spec="fp32"),
+    "bf16_inf": poke(0, "values", b"\x80\x7f", spec="bf16"),
+    "index_gap_out_of_range": poke(1, "index", b"\xff", spec="fp32+topk=0.5"),
+    "index_runs_past_end": poke(0, "index", b"\xff\x00", spec="int8+topk=0.25"),
+}
+
+
+def test_malformed_cases_start_from_a_valid_payload():
+    assert Payload.from_bytes(valid_blob()).spec == CompressionSpec("int8", topk=0.25)
+    header, _ = split(valid_blob())
+    assert header["leaves"][0]["buffers"][0] == ["values", "int8", 75]
+    assert header["leaves"][0]["buffers"][2][1] == "uint8"  # index gaps fit a byte
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_payloads_raise_payload_error(name):
+    blob = MALFORMED[name](valid_blob())
+    with pytest.raises(PayloadError):
+        Payload.from_bytes(blob)
+
+
+def test_max_elements_caps_the_decoded_size():
+    blob = valid_blob()
+    assert Payload.from_bytes(blob, max_elements=307).num_elements == 307
+    with pytest.raises(PayloadError, match="max_elements"):
+        Payload.from_bytes(blob, max_elements=306)
+
+
+def test_a_tiny_topk_payload_cannot_claim_a_huge_leaf():
+    # k = round(1e-10·n) = 1 for n up to 5e9, so this header is self-consistent: only the
+    # element cap stops a ~100-byte payload from decoding into 8 GiB.
+    header, data = split(encode({"a": delta((3, 100))}, "fp32+topk=1e-10")[0].to_bytes())
+    header["leaves"][0]["shape"] = [2**31 + 1]
+    with pytest.raises(PayloadError, match="max_elements"):
+        Payload.from_bytes(join(header, data))
+    header["leaves"][0]["shape"] = [2**20]
+    assert Payload.from_bytes(join(header, data)).num_elements == 2**20
+
+
+def test_from_bytes_rejects_non_bytes():
+    with pytest.raises(PayloadError, match="bytes"):
+        Payload.from_bytes("NJPG")
+
+
+# --------------------------------------------------------------------------- spec strings
+
+
+@pytest.mark.parametrize(
+    "text,spec",
+    [
+        ("fp32", CompressionSpec("fp32", 128, 0.0)),
+        ("int8", CompressionSpec("int8")),
+        (" bf16 ", CompressionSpec("bf16")),
+        ("fp4:block=64", CompressionSpec("fp4", 64)),
+        ("int4+topk=0.1", CompressionSpec("int4", 128, 0.1)),
+        ("int8:block=32+topk=0.05", CompressionSpec("int8", 32, 0.05)),
+        ("int8+topk=0.05:block=32", CompressionSpec("int8", 32, 0.05)),
+        ("fp4+topk=1e-3", CompressionSpec("fp4", 128, 0.001)),
+        ("int8+topk=0", CompressionSpec("int8")),
+    ],
+)
+def test_spec_parsing(text, spec):
+    parsed = CompressionSpec.parse(text)
+    assert parsed == spec
+    assert CompressionSpec.parse(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "int3", "INT8", "int8:", "int8:block=0", "int8:block=-1", "int8:block=1.5"]
+    + ["int8:block=99999999", "int8:blk=4", "int8:block", "int8+topk=2", "int8+topk=-0.1"]
+    + ["int8+topk=nan", "int8+topk=inf", "int8+topk=x", "int8:block=64:block=32", "int8 int4"],
+)
+def test_bad_spec_strings_name_the_string_and_the_grammar(text):
+    with pytest.raises(ValueError) as info:
+        CompressionSpec.parse(text)
+    assert repr(text) in str(info.value)
+    assert "fp32, bf16, int8, int4, fp4" in str(info.value)
+
+
+def test_spec_fields_are_validated():
+    with pytest.raises(ValueError, match="format"):
+        CompressionSpec("int2")
+    with pytest.raises(ValueError, match="block"):
+        CompressionSpec("int8", block_size=True)
+    with pytest.raises(ValueError, match="topk"):
+        CompressionSpec("int8", topk=math.inf)
