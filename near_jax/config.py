@@ -100,6 +100,26 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "tensor": (1, "Tensor-parallel axis size; -1 fills."),
         "dcn_data": (1, "Data-parallel size across slices (multi-slice DCN); 1 = one slice."),
     },
+    "diloco": {
+        "replicas": (
+            0,
+            "DiLoCo replicas in this program (0 = off, plain training); they split the "
+            "devices and the global batch and meet only at outer steps.",
+        ),
+        "inner_steps": (50, "H: inner (AdamW) steps between outer steps."),
+        "outer_lr": (0.7, "Outer learning rate (SGD with Nesterov momentum)."),
+        "outer_momentum": (0.9, "Outer Nesterov momentum; 0 = plain SGD."),
+        "compression": (
+            "fp32",
+            "Pseudo-gradient compression: FORMAT[:block=N][+topk=F], FORMAT one of "
+            "fp32 | bf16 | int8 | int4 | fp4.",
+        ),
+        "fragments": (
+            1,
+            "Streaming DiLoCo: layers split into F fragments synced at staggered steps "
+            "(peak bandwidth / F).",
+        ),
+    },
 }
 TOP_LEVEL: dict[str, tuple[Any, str]] = {
     "seed": (0, "Seed of parameter init, data order and dropout-free training randomness."),
@@ -260,6 +280,28 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("config.mesh: at most one of data, fsdp, tensor may be -1")
     if cfg.mesh.dcn_data <= 0:
         _fail("mesh.dcn_data", cfg.mesh.dcn_data, "a positive integer")
+    dl = cfg.diloco
+    if dl.replicas < 0:
+        _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
+    if dl.inner_steps < 1:
+        _fail("diloco.inner_steps", dl.inner_steps, "a positive integer")
+    if dl.outer_lr <= 0:
+        _fail("diloco.outer_lr", dl.outer_lr, "a positive number")
+    if not 0 <= dl.outer_momentum < 1:
+        _fail("diloco.outer_momentum", dl.outer_momentum, "a number in [0, 1)")
+    if not 1 <= dl.fragments <= min(m.n_layers, dl.inner_steps):
+        _fail(
+            "diloco.fragments",
+            dl.fragments,
+            f"an integer in [1, min(model.n_layers={m.n_layers}, diloco.inner_steps="
+            f"{dl.inner_steps})]",
+        )
+    from near_jax.diloco.compress import CompressionSpec  # numpy only; no cycle
+
+    try:
+        CompressionSpec.parse(dl.compression)
+    except ValueError as e:
+        _fail("diloco.compression", dl.compression, " ".join(str(e).split()))
     return cfg
 
 

@@ -19,14 +19,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from near_jax.config import ConfigError
 
-# Mesh axes, outermost first. `replica` (DiLoCo islands inside one program) goes in front of
-# these when it arrives; nothing outside this module names a mesh axis.
+# Mesh axes of one model replica, outermost first (sized by `config.mesh`). Nothing outside
+# this module names a mesh axis.
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+# DiLoCo replicas inside one program (`config.diloco.replicas`) go in front: replicas train
+# independently and only meet at the outer step. The axis is always there (size 1 without
+# DiLoCo), so every mesh has the same axis names.
+REPLICA_AXIS = "replica"
+ALL_AXES: tuple[str, ...] = (REPLICA_AXIS, *MESH_AXES)
 
 # THE rules table: logical axis -> mesh axes. flax resolves each logical axis to the first
 # rule whose mesh axes are still free in that array, so an activation's `embed` stays
 # unsharded once `batch` has taken `fsdp`, while a parameter's `embed` is sharded by `fsdp`.
+#
+# `batch` has two rules: the whole batch splits over replicas too, while inside one replica
+# (where `replica` is a manual shard_map axis, or already taken by a leading `replica` dim)
+# flax falls through to the second.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("replica", REPLICA_AXIS),
+    ("batch", (REPLICA_AXIS, "data", "fsdp")),
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("embed", "fsdp"),
@@ -70,17 +81,28 @@ def _fmt(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(
-    mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+    mesh_cfg: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    replicas: int = 1,
 ) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh from config, over all devices by default.
+    """Builds the (replica, data, fsdp, tensor) mesh, over all devices by default.
 
-    With `mesh.dcn_data > 1` the data axis spans slices (or processes, where devices carry no
-    slice index) and is laid out with `create_hybrid_device_mesh`, so only data parallelism
-    crosses the slow network.
+    `mesh.*` lays out the devices of one replica. With `replicas` > 1 (DiLoCo) the devices
+    are cut into that many contiguous groups (devices are ordered by process and slice, so a
+    replica is a host or slice where they divide evenly). With `mesh.dcn_data > 1` the data
+    axis spans slices (or processes, where devices carry no slice index) and is laid out
+    with `create_hybrid_device_mesh`, so only data parallelism crosses the slow network.
     """
     devices = list(jax.devices() if devices is None else devices)
-    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return Mesh(device_array(mesh_cfg, devices), MESH_AXES, axis_types=axis_types)
+    if replicas < 1 or len(devices) % replicas:
+        raise ConfigError(
+            f"config.diloco.replicas={replicas} is not allowed: it must divide the "
+            f"{len(devices)} devices"
+        )
+    per = len(devices) // replicas
+    groups = [device_array(mesh_cfg, devices[r * per : (r + 1) * per]) for r in range(replicas)]
+    axis_types = (jax.sharding.AxisType.Auto,) * len(ALL_AXES)
+    return Mesh(np.stack(groups), ALL_AXES, axis_types=axis_types)
 
 
 def device_array(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any]) -> np.ndarray:
@@ -104,8 +126,8 @@ def device_array(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any]) ->
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the `batch` logical axis is split on this mesh."""
-    return math.prod(mesh.shape[a] for a in _rule("batch"))
+    """How many ways the `batch` logical axis is split on this mesh (replicas included)."""
+    return math.prod(mesh.shape[a] for a in _rule("batch") if a in mesh.shape)
 
 
 def _rule(logical: str) -> tuple[str, ...]:
@@ -124,6 +146,8 @@ def logical_to_spec(
     2 kv heads on tensor=4.
     """
     spec = nn.logical_to_mesh_axes(logical, LOGICAL_AXIS_RULES)
+    # Axes this mesh lacks, or that are manual here (inside shard_map), cannot shard.
+    usable = set(mesh.shape) - set(getattr(mesh, "manual_axes", ()))
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         if axes is None:
@@ -132,7 +156,7 @@ def logical_to_spec(
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         kept, size = [], 1
         for axis in axes:
-            if dim % (size * mesh.shape[axis]) == 0:
+            if axis in usable and dim % (size * mesh.shape[axis]) == 0:
                 kept.append(axis)
                 size *= mesh.shape[axis]
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
@@ -151,7 +175,8 @@ def logical_to_sharding(logical_tree: Any, shape_tree: Any, mesh: Mesh) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of [batch, length] data arrays: batch over the data-parallel axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), LOGICAL_AXIS_RULES))
+    axes = tuple(a for a in _rule("batch") if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(axes, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

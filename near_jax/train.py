@@ -94,8 +94,56 @@ def _split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Ar
     return jax.tree.map(split, batch)
 
 
+def make_update(
+    model_cfg: model.ModelConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    n_micro: int,
+):
+    """One optimizer step: (params, opt_state, step, batch) -> (params, opt_state, stats).
+
+    With `n_micro` > 1 the batch is split into micro-batches whose gradients are accumulated,
+    weighted by their token counts, before the one update.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(model.loss_fn, cfg=model_cfg), has_aux=True)
+
+    def update(params, opt_state, step, batch: dict[str, jax.Array]):
+        if n_micro == 1:
+            (loss, aux), grads = grad_fn(params, batch)
+        else:
+
+            def accumulate(carry, micro):
+                (loss, aux), grads = grad_fn(params, micro)
+                # Weight each micro-batch by its token count so the sum is the full-batch mean.
+                w = aux["weight"]
+                acc_grads, acc_loss, acc_w = carry
+                acc_grads = jax.tree.map(lambda a, g: a + g * w, acc_grads, grads)
+                return (acc_grads, acc_loss + loss * w, acc_w + w), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            micro = _split_microbatches(batch, n_micro)
+            (grads, loss, weight), _ = jax.lax.scan(accumulate, init, micro)
+            weight = jnp.maximum(weight, 1.0)
+            grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
+            loss = loss / weight
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+        return params, opt_state, stats
+
+    return update
+
+
 def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
-    """Builds the jitted init, train and eval steps with explicit shardings for `mesh`."""
+    """Builds the jitted init, train and eval steps with explicit shardings for `mesh`.
+
+    With `diloco.replicas` > 0 the step is DiLoCo's (`near_jax.diloco.inmesh`).
+    """
+    if cfg.diloco.replicas:
+        from near_jax.diloco import inmesh  # imports this module
+
+        return inmesh.make_trainer(cfg, mesh)
     model_cfg = model.ModelConfig.from_config(cfg.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
     n_micro = cfg.train.microbatches
@@ -120,33 +168,29 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         transform_non_params=lambda _: repl,
     )
     state_shardings = TrainState(repl, param_shardings, opt_shardings, repl)
-    batch_sharding = sharding.batch_sharding(mesh)
-    grad_fn = jax.value_and_grad(functools.partial(model.loss_fn, cfg=model_cfg), has_aux=True)
+    update = make_update(model_cfg, optimizer, schedule, n_micro)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        if n_micro == 1:
-            (loss, aux), grads = grad_fn(state.params, batch)
-        else:
-
-            def accumulate(carry, micro):
-                (loss, aux), grads = grad_fn(state.params, micro)
-                # Weight each micro-batch by its token count so the sum is the full-batch mean.
-                w = aux["weight"]
-                acc_grads, acc_loss, acc_w = carry
-                acc_grads = jax.tree.map(lambda a, g: a + g * w, acc_grads, grads)
-                return (acc_grads, acc_loss + loss * w, acc_w + w), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            micro = _split_microbatches(batch, n_micro)
-            (grads, loss, weight), _ = jax.lax.scan(accumulate, init, micro)
-            weight = jnp.maximum(weight, 1.0)
-            grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
-            loss = loss / weight
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        params, opt_state, stats = update(state.params, state.opt_state, state.step, batch)
         return TrainState(state.step + 1, params, opt_state, state.rng), stats
+
+    return compile_trainer(cfg, model_cfg, mesh, schedule, init_state, train_step, state_shardings)
+
+
+def compile_trainer(
+    cfg: ml_collections.ConfigDict,
+    model_cfg: model.ModelConfig,
+    mesh: jax.sharding.Mesh,
+    schedule: optax.Schedule,
+    init_state,
+    train_step,
+    state_shardings: TrainState,
+) -> Trainer:
+    """Jits a run's init and step functions (and the eval step) with explicit shardings."""
+    repl = sharding.replicated(mesh)
+    param_shardings = state_shardings.params
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
 
     def eval_step(params, batch):
         _, aux = model.loss_fn(params, batch, model_cfg)
@@ -268,7 +312,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config_lib.validate(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_config(cfg, tokenizer.vocab_size)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, replicas=max(cfg.diloco.replicas, 1))
     check_batch(cfg, mesh)
     cfg.data.shards = cfg.data.shards or _run_shards(workdir) or jax.process_count()
     # The data iterator first: a bad source fails before any model work.

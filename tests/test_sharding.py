@@ -97,7 +97,7 @@ def test_rules_table_maps_parameters_to_mesh_axes():
     assert spec("blocks", "mlp", "down") == P(None, "tensor", "fsdp")
     assert spec("embed") == P("tensor", "fsdp")
     assert spec("head") == P("fsdp", "tensor")
-    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert sharding.batch_sharding(mesh).spec == P(("replica", "data", "fsdp"), None)
     assert sharding.data_parallel_size(mesh) == 4
 
 

@@ -1,0 +1,169 @@
+"""DiLoCo inside one JAX program: replicas on a `replica` mesh axis (e.g. TPU slices over DCN).
+
+    --config.diloco.replicas=2 --config.diloco.inner_steps=50   # on any train command
+
+The mesh gets a leading `replica` axis (`sharding.make_mesh(..., replicas=R)`); `mesh.*`
+lays out the devices of one replica. The global batch is cut into R equal parts, one per
+replica. Every step each replica runs the ordinary train step (AdamW, micro-batches, the
+same update as `train.make_update`) on its own part, inside a `shard_map` whose `replica`
+axis is manual: no collective can cross replicas in an inner step. Every H steps the
+pseudo-gradients Δ_r = θ − θ_r are compressed (`diloco.compression`, simulated bit-exactly
+as islands would send them), averaged over replicas (the one collective over `replica`),
+and the outer optimizer updates the global θ (`outer.py`); every replica restarts from it.
+
+Streaming DiLoCo (`diloco.fragments` = F): the blocks are cut into F contiguous fragments
+(the embedding goes with the first, the head and final norm with the last); fragment f
+syncs at steps where step % H == f·H // F, so only 1/F of the params moves at a time.
+
+The state is an ordinary TrainState: `params` are the global params (what eval, generate
+and export read), and `opt_state` holds the replicas' params and inner optimizer states
+(leading axis R) and the outer optimizer state. Checkpoints and exact resume work as for
+plain training.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from near_jax import model, optim, sharding, train
+from near_jax.diloco import outer
+from near_jax.diloco.compress import CompressionSpec
+
+REPLICAS, INNER, OUTER = "replicas", "inner", "outer"
+
+
+def fragment_ids(params_shapes, n_layers: int, fragments: int):
+    """A tree of int arrays (broadcastable to each param) naming each param's fragment."""
+
+    def fragment(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] == "blocks":  # scanned: leading layer axis
+            ids = np.arange(n_layers) * fragments // n_layers
+            return ids.reshape((n_layers,) + (1,) * (len(x.shape) - 1)).astype(np.int32)
+        if keys[0].startswith("block_"):
+            return np.int32(int(keys[0].removeprefix("block_")) * fragments // n_layers)
+        return np.int32(0 if keys[0] == "embed" else fragments - 1)
+
+    return jax.tree_util.tree_map_with_path(fragment, params_shapes)
+
+
+def due_fragments(step: jax.Array, inner_steps: int, fragments: int) -> jax.Array:
+    """bool [F]: the fragments whose outer step falls after inner step `step` (1-based)."""
+    offsets_F = (jnp.arange(fragments) * inner_steps) // fragments
+    return (step % inner_steps) == offsets_F
+
+
+def _replica_sharding(shardings, mesh):
+    """Shardings of arrays with a leading replica axis, from those of one replica's arrays."""
+    return jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, P(sharding.REPLICA_AXIS, *s.spec)), shardings
+    )
+
+
+def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.Trainer:
+    """The DiLoCo Trainer (same interface as `train.make_trainer`)."""
+    dl = cfg.diloco
+    n_rep, h, n_frag = dl.replicas, dl.inner_steps, dl.fragments
+    if mesh.shape[sharding.REPLICA_AXIS] != n_rep:
+        raise ValueError(
+            f"the mesh has {mesh.shape[sharding.REPLICA_AXIS]} replicas but "
+            f"config.diloco.replicas={n_rep} (build it with make_mesh(..., replicas=R))"
+        )
+    spec = CompressionSpec.parse(dl.compression)
+    model_cfg = model.ModelConfig.from_config(cfg.model)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    update = train.make_update(model_cfg, optimizer, schedule, cfg.train.microbatches)
+    outer_opt = outer.outer_optimizer(dl.outer_lr, dl.outer_momentum)
+    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rep, *x.shape)), tree)  # noqa: E731
+
+    def init_state(rng: jax.Array) -> train.TrainState:
+        init_rng, rng = jax.random.split(rng)
+        params = model.init(model_cfg, init_rng)
+        replicas = stack(params)
+        opt_state = {
+            REPLICAS: replicas,
+            INNER: jax.vmap(optimizer.init)(replicas),
+            OUTER: outer_opt.init(params),
+        }
+        return train.TrainState(
+            jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng)
+        )
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    repl = sharding.replicated(mesh)
+    param_shardings = sharding.logical_to_sharding(
+        model.logical_axes(model_cfg), abstract.params, mesh
+    )
+    replica_shardings = _replica_sharding(param_shardings, mesh)
+    inner_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract.opt_state[INNER], replica_shardings,
+        transform_non_params=lambda _: repl,
+    )  # fmt: skip
+    outer_shardings = optax.tree_map_params(
+        outer_opt, lambda _, s: s, abstract.opt_state[OUTER], param_shardings,
+        transform_non_params=lambda _: repl,
+    )  # fmt: skip
+    opt_shardings = {REPLICAS: replica_shardings, INNER: inner_shardings, OUTER: outer_shardings}
+    state_shardings = train.TrainState(repl, param_shardings, opt_shardings, repl)
+    frag_ids = fragment_ids(abstract.params, model_cfg.n_layers, n_frag)
+
+    def local_steps(params_R, inner_R, step, batch_R):
+        """One inner step of this replica (leading axis 1 inside the shard_map)."""
+        squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+        params, inner, stats = update(squeeze(params_R), squeeze(inner_R), step, squeeze(batch_R))
+        return jax.tree.map(lambda x: x[None], (params, inner, stats))
+
+    inner_step = jax.shard_map(
+        local_steps,
+        mesh=mesh,
+        in_specs=(P(sharding.REPLICA_AXIS), P(sharding.REPLICA_AXIS), P(),
+                  P(sharding.REPLICA_AXIS)),
+        out_specs=P(sharding.REPLICA_AXIS),
+        axis_names={sharding.REPLICA_AXIS},
+    )  # fmt: skip
+
+    def sync(params, outer_state, replicas, due_F):
+        """The outer step for the due fragments; replicas restart from the new params."""
+        delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
+        if spec.format != "fp32" or spec.topk:
+            from near_jax.diloco import fake_quant
+
+            delta_R = jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R)
+        delta = jax.tree.map(lambda d: jnp.mean(d, axis=0), delta_R)  # across replicas
+        mask = jax.tree.map(lambda ids: due_F[ids], frag_ids)
+        params, outer_state = outer.outer_step(outer_opt, params, outer_state, delta, mask)
+        replicas = jax.tree.map(
+            lambda m, g, r: jnp.where(m[None], g[None].astype(r.dtype), r), mask, params, replicas
+        )
+        return params, outer_state, replicas
+
+    def train_step(state: train.TrainState, batch):
+        opt = state.opt_state
+        batch_R = jax.tree.map(
+            lambda x: sharding.constrain(
+                x.reshape(n_rep, x.shape[0] // n_rep, *x.shape[1:]), ("replica", "batch", "length")
+            ),
+            batch,
+        )
+        replicas, inner, stats_R = inner_step(opt[REPLICAS], opt[INNER], state.step, batch_R)
+        step = state.step + 1
+        due_F = due_fragments(step, h, n_frag)
+        params, outer_state, replicas = jax.lax.cond(
+            jnp.any(due_F),
+            sync,
+            lambda p, o, r, _: (p, o, r),
+            state.params, opt[OUTER], replicas, due_F,
+        )  # fmt: skip
+        stats = {k: jnp.mean(v) for k, v in stats_R.items()}
+        stats["outer_fragments"] = jnp.sum(due_F).astype(jnp.float32)
+        opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
+        return train.TrainState(step, params, opt_state, state.rng), stats
+
+    return train.compile_trainer(
+        cfg, model_cfg, mesh, schedule, init_state, train_step, state_shardings
+    )

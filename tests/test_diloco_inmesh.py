@@ -1,0 +1,136 @@
+"""In-mesh DiLoCo: reduces to plain training, matches an independent outer-step recomputation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_config
+
+from near_jax import model, optim, sharding, train
+from near_jax.diloco import inmesh
+
+
+def _batches(n, cfg, seed=0):
+    b, length = cfg.train.global_batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, 300, (b, length + 1)).astype(np.int32)
+        segs = np.ones((b, length), np.int32)
+        segs[:, length // 2 :] = 2  # two documents per row
+        positions = np.concatenate([np.arange(length // 2)] * 2)[None].repeat(b, 0)
+        out.append(
+            dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segs,
+                 positions=positions.astype(np.int32), weights=np.ones((b, length), np.float32))
+        )  # fmt: skip
+    return out
+
+
+def _run(cfg, batches, replicas):
+    # One device per replica: the smallest mesh that has the replica axis (compiles fastest).
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:replicas], replicas=replicas)
+    trainer = train.make_trainer(cfg, mesh)
+    state = trainer.init(jax.random.key(cfg.seed))
+    losses = []
+    for b in batches:
+        state, stats = trainer.step(state, {k: jax.device_put(v, trainer.batch_sharding)
+                                            for k, v in b.items()})  # fmt: skip
+        losses.append(float(stats["loss"]))
+    return state, losses
+
+
+def _cfg(**diloco):
+    cfg = small_config()
+    for k, v in diloco.items():
+        cfg.diloco[k] = v
+    return cfg
+
+
+def test_one_replica_h1_lr1_momentum0_is_plain_training():
+    batches = _batches(4, small_config())
+    plain_state, plain = _run(small_config(), batches, replicas=1)
+    cfg = _cfg(replicas=1, inner_steps=1, outer_lr=1.0, outer_momentum=0.0)
+    state, losses = _run(cfg, batches, replicas=1)
+    # θ − (θ − θ') = θ' up to one float32 rounding of the subtraction per step.
+    np.testing.assert_allclose(losses, plain, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        state.params, plain_state.params,
+    )  # fmt: skip
+
+
+def test_two_replicas_one_round_matches_an_independent_recomputation():
+    h = 3
+    cfg = _cfg(replicas=2, inner_steps=h, outer_lr=0.7, outer_momentum=0.9)
+    batches = _batches(h, cfg, seed=1)
+    state, _ = _run(cfg, batches, replicas=2)
+
+    # Reference: two plain AdamW runs on their halves of every batch, one device, then the
+    # outer Nesterov step written out in numpy.
+    mcfg = model.ModelConfig.from_config(cfg.model)
+    init = model.init(mcfg, jax.random.split(jax.random.key(cfg.seed))[0])
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    update = jax.jit(train.make_update(mcfg, optimizer, schedule, 1))
+    half = cfg.train.global_batch_size // 2
+    finals = []
+    for r in range(2):
+        params, opt_state = init, optimizer.init(init)
+        for i, b in enumerate(batches):
+            part = {k: v[r * half : (r + 1) * half] for k, v in b.items()}
+            params, opt_state, _ = update(params, opt_state, jnp.int32(i), part)
+        finals.append(params)
+    theta = jax.tree.map(lambda x: np.asarray(x, np.float64), init)
+    delta = jax.tree.map(
+        lambda t, a, b: t - (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2,
+        theta, *finals,
+    )  # fmt: skip
+    # optax sgd(nesterov): m = Δ (from 0); update = -lr (Δ + μ m)
+    want = jax.tree.map(lambda t, d: t - 0.7 * (d + 0.9 * d), theta, delta)
+    jax.tree.map(
+        lambda got, w: np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-6),
+        state.params, want,
+    )  # fmt: skip
+    # Every replica restarted from the new global params.
+    for r in range(2):
+        jax.tree.map(
+            lambda rep, g, r=r: np.testing.assert_array_equal(rep[r], g),
+            state.opt_state[inmesh.REPLICAS], state.params,
+        )  # fmt: skip
+
+
+def test_replicas_do_not_communicate_between_outer_steps():
+    cfg = _cfg(replicas=2, inner_steps=100)
+    batches = _batches(2, cfg, seed=2)
+    state, _ = _run(cfg, batches, replicas=2)
+    reps = state.opt_state[inmesh.REPLICAS]
+    # Different data, no sync yet: the replicas differ, and the global params have not moved.
+    assert not np.allclose(reps["embed"][0], reps["embed"][1])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
+    init = train.make_trainer(cfg, mesh).init(jax.random.key(cfg.seed))
+    jax.tree.map(np.testing.assert_array_equal, state.params, init.params)
+
+
+def test_streaming_fragments_sync_at_staggered_steps():
+    h, f = 4, 2
+    cfg = _cfg(replicas=2, inner_steps=h, fragments=f)
+    due = [np.asarray(inmesh.due_fragments(jnp.int32(s), h, f)).tolist() for s in range(1, 9)]
+    assert due == [[False, False], [False, True], [False, False], [True, False]] * 2
+    shapes = jax.eval_shape(lambda: model.init(cfg.model, jax.random.key(0)))
+    ids = inmesh.fragment_ids(shapes, cfg.model.n_layers, f)
+    assert ids["embed"] == 0 and ids["head"] == 1
+    assert ids["blocks"]["attn"]["q"].ravel().tolist() == [0, 1]
+
+    batches = _batches(2, cfg, seed=3)
+    state, _ = _run(cfg, batches, replicas=2)  # step 2: only fragment 1 synced
+    reps = state.opt_state[inmesh.REPLICAS]
+    np.testing.assert_array_equal(reps["head"][0], reps["head"][1])  # fragment 1: synced
+    np.testing.assert_array_equal(
+        reps["blocks"]["attn"]["q"][0, 1], reps["blocks"]["attn"]["q"][1, 1]
+    )
+    assert not np.allclose(reps["embed"][0], reps["embed"][1])  # fragment 0: not yet
+    assert not np.allclose(reps["blocks"]["attn"]["q"][0, 0], reps["blocks"]["attn"]["q"][1, 0])
+
+
+def test_replica_count_must_divide_the_devices():
+    with pytest.raises(Exception, match="diloco.replicas=3"):
+        sharding.make_mesh(small_config().mesh, replicas=3)
