@@ -119,6 +119,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "Streaming DiLoCo: layers split into F fragments synced at staggered steps "
             "(peak bandwidth / F).",
         ),
+        "drop_prob": (
+            0.0,
+            "Simulated unreliable islands: each replica's pseudo-gradient is left out of an "
+            "outer step with this probability (benchmarks; 0 = never).",
+        ),
     },
 }
 TOP_LEVEL: dict[str, tuple[Any, str]] = {
@@ -287,6 +292,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("diloco.inner_steps", dl.inner_steps, "a positive integer")
     if dl.outer_lr <= 0:
         _fail("diloco.outer_lr", dl.outer_lr, "a positive number")
+    if not 0 <= dl.drop_prob < 1:
+        _fail("diloco.drop_prob", dl.drop_prob, "a probability in [0, 1)")
     if not 0 <= dl.outer_momentum < 1:
         _fail("diloco.outer_momentum", dl.outer_momentum, "a number in [0, 1)")
     if not 1 <= dl.fragments <= min(m.n_layers, dl.inner_steps):

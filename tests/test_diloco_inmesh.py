@@ -134,3 +134,16 @@ def test_streaming_fragments_sync_at_staggered_steps():
 def test_replica_count_must_divide_the_devices():
     with pytest.raises(Exception, match="diloco.replicas=3"):
         sharding.make_mesh(small_config().mesh, replicas=3)
+
+
+def test_dropped_contributions_leave_the_global_params_unchanged():
+    cfg = _cfg(replicas=2, inner_steps=1, drop_prob=0.99)  # seeded: both dropped here
+    state, _ = _run(cfg, _batches(2, cfg, seed=4), replicas=2)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
+    init = train.make_trainer(cfg, mesh).init(jax.random.key(cfg.seed))
+    jax.tree.map(np.testing.assert_array_equal, state.params, init.params)
+    # The replicas' work was lost: they restarted from the (unchanged) global params.
+    jax.tree.map(
+        lambda rep, g: np.testing.assert_array_equal(rep[1], g),
+        state.opt_state[inmesh.REPLICAS], state.params,
+    )  # fmt: skip

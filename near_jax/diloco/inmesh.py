@@ -127,18 +127,31 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         axis_names={sharding.REPLICA_AXIS},
     )  # fmt: skip
 
-    def sync(params, outer_state, replicas, due_F):
-        """The outer step for the due fragments; replicas restart from the new params."""
+    def sync(params, outer_state, replicas, due_F, keep_R):
+        """The outer step for the due fragments; replicas restart from the new params.
+
+        `keep_R` marks the replicas whose pseudo-gradient arrives (all, unless drop_prob);
+        with none, the global params stay as they are.
+        """
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
         if spec.format != "fp32" or spec.topk:
             from near_jax.diloco import fake_quant
 
             delta_R = jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R)
-        delta = jax.tree.map(lambda d: jnp.mean(d, axis=0), delta_R)  # across replicas
-        mask = jax.tree.map(lambda ids: due_F[ids], frag_ids)
-        params, outer_state = outer.outer_step(outer_opt, params, outer_state, delta, mask)
+        kept = jnp.sum(keep_R)
+
+        def average(d_R):  # the one collective across replicas
+            w_R = keep_R.reshape((n_rep,) + (1,) * (d_R.ndim - 1)).astype(d_R.dtype)
+            return jnp.sum(d_R * w_R, axis=0) / jnp.maximum(kept, 1).astype(d_R.dtype)
+
+        delta = jax.tree.map(average, delta_R)
+        due = jax.tree.map(lambda ids: due_F[ids], frag_ids)
+        apply = jax.tree.map(lambda m: m & (kept > 0), due)
+        params, outer_state = outer.outer_step(outer_opt, params, outer_state, delta, apply)
+        # Every replica of a due fragment restarts from the global params, even if its own
+        # contribution was lost (an island pulls the new version either way).
         replicas = jax.tree.map(
-            lambda m, g, r: jnp.where(m[None], g[None].astype(r.dtype), r), mask, params, replicas
+            lambda m, g, r: jnp.where(m[None], g[None].astype(r.dtype), r), due, params, replicas
         )
         return params, outer_state, replicas
 
@@ -153,14 +166,19 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         replicas, inner, stats_R = inner_step(opt[REPLICAS], opt[INNER], state.step, batch_R)
         step = state.step + 1
         due_F = due_fragments(step, h, n_frag)
+        keep_R = jnp.ones((n_rep,), bool)
+        if dl.drop_prob:
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+            keep_R = jax.random.uniform(rng, (n_rep,)) >= dl.drop_prob
         params, outer_state, replicas = jax.lax.cond(
             jnp.any(due_F),
             sync,
-            lambda p, o, r, _: (p, o, r),
-            state.params, opt[OUTER], replicas, due_F,
+            lambda p, o, r, *_: (p, o, r),
+            state.params, opt[OUTER], replicas, due_F, keep_R,
         )  # fmt: skip
         stats = {k: jnp.mean(v) for k, v in stats_R.items()}
         stats["outer_fragments"] = jnp.sum(due_F).astype(jnp.float32)
+        stats["outer_kept"] = jnp.where(jnp.any(due_F), jnp.sum(keep_R), 0).astype(jnp.float32)
         opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
         return train.TrainState(step, params, opt_state, state.rng), stats
 
