@@ -126,3 +126,16 @@ def test_is_params_only(imported_run, saved_run, tmp_path):
     assert not loading.is_params_only(str(saved_run), 5)  # a training checkpoint
     assert not loading.is_params_only(str(saved_run), 4)  # no such step
     assert not loading.is_params_only(str(tmp_path), 0)  # no checkpoints at all
+
+
+def test_a_tokenizer_that_is_gone_is_a_one_line_error(tmp_path):
+    from helpers import save_run
+
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"not a tokenizer")  # the config only checks that the file exists
+    cfg = small_config()
+    cfg.data.tokenizer = str(tok)
+    save_run(tmp_path / "run", cfg)
+    _one_line_error(
+        lambda: loading.load_run(str(tmp_path / "run")), "the run's tokenizer cannot be loaded"
+    )
