@@ -7,7 +7,7 @@ import pytest
 from helpers import small_config
 
 from near_jax import model, optim, sharding, train
-from near_jax.diloco import inmesh
+from near_jax.diloco import compress, inmesh
 
 
 def _batches(n, cfg, seed=0):
@@ -61,7 +61,7 @@ def test_one_replica_h1_lr1_momentum0_is_plain_training():
 
 def test_two_replicas_one_round_matches_an_independent_recomputation():
     h = 3
-    cfg = _cfg(replicas=2, inner_steps=h, outer_lr=0.7, outer_momentum=0.9)
+    cfg = _cfg(replicas=2, inner_steps=h, outer_lr=0.7, outer_momentum=0.9, compression="int8")
     batches = _batches(h, cfg, seed=1)
     state, _ = _run(cfg, batches, replicas=2)
 
@@ -80,10 +80,14 @@ def test_two_replicas_one_round_matches_an_independent_recomputation():
             params, opt_state, _ = update(params, opt_state, jnp.int32(i), part)
         finals.append(params)
     theta = jax.tree.map(lambda x: np.asarray(x, np.float64), init)
-    delta = jax.tree.map(
-        lambda t, a, b: t - (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2,
-        theta, *finals,
-    )  # fmt: skip
+    # Each replica's Δ goes through the int8 codec islands use, then the two are averaged.
+    deltas = [
+        compress.decode(compress.encode(jax.tree.map(
+            lambda t, f: np.asarray(t, np.float32) - np.asarray(f, np.float32), init, final
+        ), "int8")[0])
+        for final in finals
+    ]  # fmt: skip
+    delta = jax.tree.map(lambda a, b: (np.float64(a) + np.float64(b)) / 2, *deltas)
     # optax sgd(nesterov): m = Δ (from 0); update = -lr (Δ + μ m)
     want = jax.tree.map(lambda t, d: t - 0.7 * (d + 0.9 * d), theta, delta)
     jax.tree.map(
