@@ -1,6 +1,7 @@
 """Small shared builders for tests."""
 
 import ml_collections
+import numpy as np
 
 from near_jax import config as config_lib
 
@@ -43,3 +44,13 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
     ckpt.close()
     train.save_config(cfg, str(workdir))
     return state
+
+
+def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
+    """A pseudo-gradient-like tensor: small normal values, a few ×spike outliers, no zeros."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[flat == 0] = scale
+    flat[rng.choice(flat.size, size=min(outliers, flat.size), replace=False)] *= spike
+    return x

@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from helpers import delta
 
 from near_jax.diloco import compress
 from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
@@ -13,16 +14,6 @@ from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, dec
 SHAPES = [(), (1,), (7,), (128,), (129,), (3, 100), (2, 3, 67), (64, 64)]
 BLOCK_FORMATS = ["int8", "int4", "fp4"]
 SLACK = 1 + 1e-5  # float32 rounding of the scale and of x/scale
-
-
-def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
-    """A pseudo-gradient-like tensor: small normal values, a few ×spike outliers, no zeros."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * scale).astype(np.float32)
-    flat = x.reshape(-1)
-    flat[flat == 0] = scale
-    flat[rng.choice(flat.size, size=min(outliers, flat.size), replace=False)] *= spike
-    return x
 
 
 def block_absmax(flat, block):

@@ -6,20 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import delta
 
 from near_jax.diloco import compress, fake_quant
 from near_jax.diloco.compress import CompressionSpec, decode, encode
-
-
-def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
-    """A pseudo-gradient-like tensor: small normal values, a few ×spike outliers, no zeros."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * scale).astype(np.float32)
-    flat = x.reshape(-1)
-    flat[flat == 0] = scale
-    flat[rng.choice(flat.size, size=min(outliers, flat.size), replace=False)] *= spike
-    return x
-
 
 # Rounding ties when the leaf is one block, signed zeros, and a zero block (when B ≤ 8).
 TIES = {
