@@ -1,0 +1,444 @@
+"""The aggregator of DiLoCo across islands: closes rounds and publishes global versions.
+
+    python -m near_jax.diloco.aggregator --store=gs://bucket/runs --run=demo \\
+        --config=configs/tiny.py --rounds=100 --quorum=3 --round_timeout=600 [--workdir=DIR]
+
+Creates the run at version 0 (params from `config.seed`, exactly as `near_jax.train` would
+initialize them) if it is new — idempotently: a restarted or racing aggregator keeps what
+is stored. Then, for each round r: waits until `--quorum` valid contributions arrived or
+`--round_timeout` seconds passed since version r was published, validates everything it
+reads, commits the decision, publishes version r + 1 (see `rounds.py` for the protocol and
+its commit point), evaluates the new params on a few fixed validation batches
+(`--eval_batches`, 0 = off) and logs the round. After `--rounds` rounds it marks the run
+finished, which makes the islands exit.
+
+Kill it at any moment and run the same command again: it continues from the store, and a
+round it had committed is finished exactly once. The run's compression spec and outer
+optimizer come from the run's manifest once the run exists (the config's `diloco` section
+is used only to create it); its model and data settings must match the manifest.
+
+Metrics (`--workdir`/metrics.jsonl, split "aggregator", step = round): accepted, rejected,
+late, closed_by_quorum, round_s (open → close), outer_step_s (decode + average + encode +
+outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, replayed
+(1 when the round was finished from a decision written before a restart).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+from near_jax.diloco import rounds
+from near_jax.diloco.rounds import ProtocolError, Verdict, Version
+from near_jax.diloco.store import ObjectStore, StoreError
+
+now = time.perf_counter
+
+
+class Aggregator:
+    """Closes the rounds of one run in a store; no JAX model needed (tests drive it)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        run: str,
+        like: Any,
+        *,
+        spec: str,
+        lr: float,
+        momentum: float,
+        quorum: int,
+        round_timeout: float,
+        poll_seconds: float = 0.25,
+        keep_versions: int = 0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.store, self.run, self.like = store, run, like
+        self.spec, self.lr, self.momentum = spec, lr, momentum
+        self.quorum, self.round_timeout = quorum, round_timeout
+        self.poll_seconds, self.keep_versions = poll_seconds, keep_versions
+        self.clock, self.sleep = clock, sleep
+        self.state: Version | None = None
+        self.opened_at = 0.0
+        self._decisions: dict[int, dict] = {}
+
+    # ----------------------------------------------------------------------- run lifecycle
+
+    def create(self, params0: Any, manifest: dict) -> bool:
+        """Creates the run at version 0 unless it exists; True if this call created it.
+
+        Each version-0 object is first-writer-wins and run.json records the hashes of what
+        is stored, so racing or restarted aggregators agree even if their inits differ.
+        """
+        store, run = self.store, self.run
+        if rounds.read_json(store, rounds.manifest_key(run)) is None:
+            zeros = rounds.zeros_like(params0)
+            trees = {"params": rounds.as_float32(params0), "momentum": zeros, "server_ef": zeros}
+            hashes = {}
+            for part, tree in trees.items():
+                key = rounds.version_key(run, 0, part)
+                store.put_if_absent(key, rounds.tree_bytes(tree))
+                hashes[f"{part}_sha256"] = rounds.sha256(store.get(key))
+            manifest = {**manifest, "format": rounds.FORMAT, "run": run, "version0": hashes,
+                        "created_at": self.clock(), "compression": self.spec,
+                        "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+            created = store.put_if_absent(rounds.manifest_key(run), rounds.dumps(manifest))
+        else:
+            created = False
+        if rounds.read_latest(store, run) is None:
+            v0 = rounds.pull_version(store, run, 0, self.like, with_server_ef=True)
+            rounds.advance_latest(store, run, v0, self.clock())
+        return created
+
+    def load(self) -> Version:
+        """Loads the newest published version (params, momentum, error feedback)."""
+        latest = rounds.read_latest(self.store, self.run)
+        if latest is None:
+            raise ProtocolError(f"run {self.run!r} has no {rounds.latest_key(self.run)}")
+        self.state = rounds.pull_version(
+            self.store, self.run, latest["version"], self.like, with_server_ef=True
+        )
+        self.opened_at = float(latest["published_at"])
+        return self.state
+
+    def finish(self) -> None:
+        """Marks the run finished at the current version (islands then exit)."""
+        body = {"version": self.state.version, **self.state.hashes(), "finished_at": self.clock()}
+        self.store.put_if_absent(rounds.finished_key(self.run), rounds.dumps(body))
+
+    # ------------------------------------------------------------------------------ rounds
+
+    def run_round(self) -> dict[str, Any]:
+        """Closes round r = the current version (or finishes a committed one); publishes
+        version r + 1 and returns the round's stats."""
+        store, run, base = self.store, self.run, self.state
+        r = base.version
+        read0, written0 = store.bytes_read, store.bytes_written
+        decision = rounds.read_json(store, rounds.decision_key(run, r))
+        replayed = decision is not None
+        if decision is None:
+            verdicts, reason = self._collect(base)
+            late = self._late(r)
+            t0 = now()
+            accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
+            new, update = rounds.derive(
+                base, [v.payload for v in accepted], self.spec, self.lr, self.momentum, self.like
+            )
+            outer_s = now() - t0
+            decision = rounds.make_decision(
+                run, base, new, verdicts, late, reason, update, self.clock()
+            )
+            if not store.put_if_absent(rounds.decision_key(run, r), rounds.dumps(decision)):
+                decision = rounds.read_json(store, rounds.decision_key(run, r))  # lost a race
+                replayed = True
+        if replayed:  # committed before a restart, or by a racing aggregator
+            t0 = now()
+            new, update = rounds.replay_decision(
+                store, run, base, decision, self.spec, self.lr, self.momentum, self.like
+            )
+            outer_s = now() - t0
+        self._publish(r, new, update)
+        self._decisions[r] = decision
+        self._collect_garbage(new.version)
+        self.state, opened = new, self.opened_at
+        self.opened_at = self.clock()
+        return {
+            "round": r,
+            "version": new.version,
+            "accepted": len(decision["accepted"]),
+            "rejected": len(decision["rejected"]),
+            "late": len(decision["late"]),
+            "closed_by_quorum": int(decision["reason"] == "quorum"),
+            "reason": decision["reason"],
+            "round_s": decision["closed_at"] - opened,
+            "outer_step_s": outer_s,
+            "bytes_read": store.bytes_read - read0,
+            "bytes_written": store.bytes_written - written0,
+            "replayed": int(replayed),
+            "decision": decision,
+        }
+
+    def _publish(self, r: int, new: Version, update: bytes | None) -> None:
+        """Derived objects, then `latest` (a separate method so tests can crash here)."""
+        rounds.publish(self.store, self.run, r, new, update, self.clock())
+
+    def _collect(self, base: Version) -> tuple[list[Verdict], str]:
+        """Reads and validates contributions until the quorum or the deadline."""
+        deadline = self.opened_at + self.round_timeout
+        verdicts: dict[str, Verdict] = {}
+        prefix = rounds.contrib_prefix(self.run, base.version)
+        while True:
+            for key in self.store.list(prefix):
+                if key not in verdicts:
+                    verdicts[key] = rounds.check_contribution(
+                        self.store, self.run, base, key, self.like
+                    )
+            if sum(v.valid for v in verdicts.values()) >= self.quorum:
+                return list(verdicts.values()), "quorum"
+            left = deadline - self.clock()
+            if left <= 0:
+                return list(verdicts.values()), "deadline"
+            self.sleep(min(self.poll_seconds, left))
+
+    def _decision(self, r: int) -> dict:
+        if r not in self._decisions:
+            decision = rounds.read_json(self.store, rounds.decision_key(self.run, r))
+            if decision is None:
+                raise ProtocolError(f"round {r} is closed but has no decision")
+            self._decisions[r] = decision
+        return self._decisions[r]
+
+    def _late(self, r: int) -> list[dict]:
+        """Pushes to the previous LATE_WINDOW rounds that no decision has seen yet."""
+        lo = max(0, r - rounds.LATE_WINDOW)
+        known = set()
+        for earlier in range(lo, r):
+            d = self._decision(earlier)
+            known |= {e["key"] for e in d["accepted"] + d["rejected"] + d["late"]}
+        late = []
+        for earlier in range(lo, r):
+            for key in self.store.list(rounds.contrib_prefix(self.run, earlier)):
+                if key not in known:
+                    late.append({"island": key.rsplit("/", 1)[-1], "round": earlier, "key": key})
+        for old in [k for k in self._decisions if k < lo]:
+            del self._decisions[old]
+        return late
+
+    def _collect_garbage(self, version: int) -> None:
+        """Deletes the full objects of version − keep_versions (updates/decisions stay)."""
+        old = version - self.keep_versions
+        if self.keep_versions > 0 and old >= 0:
+            for part in ("params", "momentum", "server_ef"):
+                self.store.delete(rounds.version_key(self.run, old, part))
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def define_common_flags() -> None:
+    """--config, --store, --run, --workdir, --poll_seconds (shared with the island)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:arg]); override fields with --config.KEY=V."
+    )
+    flags.DEFINE_string(
+        "store", None, "Object store: gs://BUCKET/PREFIX, s3://…, file:///… or a path."
+    )
+    flags.DEFINE_string("run", None, "Run name: the store prefix of this run.")
+    flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl and tb/ (optional).")
+    flags.DEFINE_float("poll_seconds", 0.5, "Seconds between polls of the store.")
+
+
+def prepare(argv: list[str]):
+    """Shared CLI start: (resolved config, mesh, store, run) or a one-line exit 2."""
+    from near_jax import config as config_lib
+    from near_jax import sharding
+    from near_jax.config import ConfigError
+    from near_jax.tokenizer import load_tokenizer
+    from near_jax.train import check_batch, load_config_flag, resolve_config, usage_error
+
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    for name in ("store", "run"):
+        if not f[name].value:
+            usage_error(f"--{name} is required")
+    try:
+        run = rounds.check_name("run", f.run)
+    except ValueError as e:
+        usage_error(str(e))
+    if f.poll_seconds <= 0:
+        usage_error(f"--poll_seconds={f.poll_seconds} must be positive")
+    cfg = load_config_flag(f.config)
+    try:
+        config_lib.validate(cfg)
+        cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+        mesh = sharding.make_mesh(cfg.mesh)
+        check_batch(cfg, mesh)
+    except ConfigError as e:
+        usage_error(str(e))
+    try:
+        store = ObjectStore.open(f.store)
+        manifest = rounds.read_json(store, rounds.manifest_key(run))
+    except (StoreError, ProtocolError) as e:
+        usage_error(str(e))
+    if manifest is not None:
+        problem = manifest_problem(manifest, cfg)
+        if problem:
+            usage_error(problem)
+    return cfg, mesh, store, run, manifest
+
+
+def manifest_fields(cfg) -> dict:
+    """What a run fixes about the model and data (compared against each joiner's config)."""
+    data = {k: cfg.data[k] for k in ("seq_len", "tokenizer")}
+    return {"model": cfg.model.to_dict(), "data": data}
+
+
+def manifest_problem(manifest: dict, cfg) -> str | None:
+    """One line naming the first model/data field where `cfg` differs from the run, or None."""
+    import json
+
+    mine = json.loads(json.dumps(manifest_fields(cfg)))
+    for section, fields in mine.items():
+        theirs = manifest.get(section, {})
+        for key in sorted(set(fields) | set(theirs)):
+            if fields.get(key) != theirs.get(key):
+                return (
+                    f"config.{section}.{key}={fields.get(key)!r} is not allowed: run "
+                    f"{manifest.get('run')!r} uses {theirs.get(key)!r}"
+                )
+    return None
+
+
+def fixed_eval(trainer, num_batches: int) -> Callable[[Any], float] | None:
+    """Mean validation loss of host params on `num_batches` fixed val batches (None if 0)."""
+    if num_batches <= 0:
+        return None
+    import jax
+
+    from near_jax import data
+
+    cfg = trainer.cfg
+    it = data.make_iterator(
+        cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size
+    )
+    batches = [data.to_global_batch(next(it), trainer.batch_sharding) for _ in range(num_batches)]
+    shardings = trainer.state_shardings.params
+    dtypes = jax.tree.map(lambda a: a.dtype, trainer.abstract_state.params)
+
+    def evaluate(params: Any) -> float:
+        params = jax.tree.map(lambda x, d: x.astype(d), params, dtypes)
+        params = jax.device_put(params, shardings)
+        total = weight = 0.0
+        for batch in batches:
+            s, w = jax.device_get(trainer.eval_step(params, batch))
+            total, weight = total + float(s), weight + float(w)
+        return total / max(weight, 1.0)
+
+    return evaluate
+
+
+def _log(message: str) -> None:
+    print(f"aggregator: {message}", file=sys.stderr, flush=True)
+
+
+def _main(argv: list[str]) -> None:
+    from near_jax.train import quiet_library_logs, usage_error
+
+    quiet_library_logs()
+    f = flags.FLAGS
+    if f.rounds is None or f.rounds < 1:
+        usage_error("--rounds must be a positive integer")
+    if f.quorum < 1:
+        usage_error(f"--quorum={f.quorum} must be a positive integer")
+    if f.round_timeout <= 0:
+        usage_error(f"--round_timeout={f.round_timeout} must be positive (seconds)")
+    if f.keep_versions < 0:
+        usage_error(f"--keep_versions={f.keep_versions} must be 0 (all) or positive")
+    cfg, mesh, store, run, manifest = prepare(argv)
+    try:
+        code = aggregate(cfg, mesh, store, run, manifest)
+    except (ProtocolError, StoreError) as e:
+        print(f"near_jax.diloco.aggregator: error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) -> int:
+    """The aggregator loop; returns the exit code."""
+    import jax
+
+    from near_jax import metrics
+    from near_jax.train import make_trainer
+
+    f = flags.FLAGS
+    if rounds.read_json(store, rounds.finished_key(run)) is not None:
+        _log(f"run {run!r} is already finished")
+        return 0
+    dl = manifest if manifest is not None else cfg.diloco.to_dict()
+    dl = {"compression": dl["compression"], "outer_lr": dl["outer_lr"],
+          "outer_momentum": dl["outer_momentum"]}  # fmt: skip
+    trainer = make_trainer(cfg, mesh)
+    like = trainer.abstract_state.params
+    agg = Aggregator(
+        store, run, like, spec=dl["compression"], lr=dl["outer_lr"],
+        momentum=dl["outer_momentum"], quorum=f.quorum, round_timeout=f.round_timeout,
+        poll_seconds=f.poll_seconds, keep_versions=f.keep_versions,
+    )  # fmt: skip
+    created = False
+    if manifest is None:
+        params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
+        info = {**manifest_fields(cfg), "seed": cfg.seed, "rounds": f.rounds,
+                "inner_steps": cfg.diloco.inner_steps, "quorum": f.quorum,
+                "round_timeout": f.round_timeout,
+                "num_params": rounds.num_elements(like)}  # fmt: skip
+        created = agg.create(params0, info)
+    state = agg.load()
+    batches = cfg.train.eval_batches if f.eval_batches < 0 else f.eval_batches
+    evaluate = fixed_eval(trainer, batches)
+    writer = metrics.MetricsWriter(f.workdir) if f.workdir else None
+    _log(
+        f"run {run!r} {'created' if created else 'resumed'} at version {state.version} in "
+        f"{store.url} | {rounds.num_elements(like) / 1e6:.2f}M params | spec {agg.spec} | "
+        f"quorum {agg.quorum} | timeout {agg.round_timeout:g}s"
+    )
+    try:
+        if created and evaluate and writer:
+            writer.write(0, {"version": 0, "eval_loss": evaluate(state.params)}, "aggregator")
+        while agg.state.version < f.rounds:
+            stats = agg.run_round()
+            decision = stats.pop("decision")
+            if evaluate:
+                stats["eval_loss"] = evaluate(agg.state.params)
+            reason = stats.pop("reason")
+            if writer:
+                writer.write(stats["round"], stats, "aggregator")
+            late = ", ".join(f"{e['island']}@{e['round']}" for e in decision["late"])
+            rejected = "; ".join(f"{e['island']}: {e['reason']}" for e in decision["rejected"])
+            _log(
+                f"round {stats['round']} -> version {stats['version']} ({reason}"
+                f"{', replayed' if stats['replayed'] else ''}) | accepted "
+                f"{','.join(e['island'] for e in decision['accepted']) or '-'} | late "
+                f"{late or '-'} | rejected {rejected or '-'} | outer {stats['outer_step_s']:.3f}s"
+                f" | read {stats['bytes_read']} B written {stats['bytes_written']} B"
+                + (f" | eval loss {stats['eval_loss']:.4f}" if evaluate else "")
+            )
+        agg.finish()
+        _log(f"run {run!r} finished at version {agg.state.version}")
+    finally:
+        if writer:
+            writer.close()
+    return 0
+
+
+def define_flags() -> None:
+    define_common_flags()
+    flags.DEFINE_integer("rounds", None, "Close this many rounds, then mark the run finished.")
+    flags.DEFINE_integer("quorum", 1, "Close a round once this many valid contributions arrived.")
+    flags.DEFINE_float("round_timeout", 600.0, "Close a round this many seconds after it opened.")
+    flags.DEFINE_integer(
+        "eval_batches", -1, "Validation batches per version (-1: train.eval_batches; 0: off)."
+    )
+    flags.DEFINE_integer(
+        "keep_versions", 0, "Keep full params of the last K versions only (0: keep all)."
+    )
+
+
+def main() -> None:
+    from near_jax.train import parse_flags
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    define_flags()
+    app.run(_main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()
