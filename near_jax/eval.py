@@ -23,9 +23,10 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from near_jax import heldout, loading, metrics, tasks
+from near_jax import cli, heldout, loading, metrics, tasks
+from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.config import ConfigError
 
 EVAL_FILE = "eval.jsonl"
@@ -191,8 +192,6 @@ def define_flags() -> None:
 
 
 def _check_flags(f) -> None:
-    from near_jax.train import usage_error
-
     if not f.workdir:
         usage_error("--workdir is required: the run directory to evaluate")
     chosen = [f"--{n}" for n, on in (("step", f.step is not None), ("all", f.all),
@@ -207,8 +206,6 @@ def _check_flags(f) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    from near_jax.train import quiet_library_logs, usage_error
-
     quiet_library_logs()
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -232,10 +229,7 @@ def _main(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point."""
-    from near_jax.train import parse_flags
-
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import PartitionSpec
 
-from near_jax import loading, model, sharding
+from near_jax import cli, loading, model, sharding
+from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.sampling import Sampling, sample
 
 PROMPT_BUCKET = 64
@@ -207,8 +208,6 @@ def define_flags() -> None:
 
 
 def _read_prompts(values: list[str], path: str | None) -> list[str]:
-    from near_jax.train import usage_error
-
     prompts = list(values)
     if path:
         try:
@@ -223,8 +222,6 @@ def _read_prompts(values: list[str], path: str | None) -> list[str]:
 
 
 def _main(argv: list[str]) -> None:
-    from near_jax.train import quiet_library_logs, usage_error
-
     quiet_library_logs()
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -267,10 +264,7 @@ def _main(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point."""
-    from near_jax.train import parse_flags
-
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from near_jax import checkpoint, loading, sharding
+from near_jax import checkpoint, cli, loading, sharding
+from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.config import ConfigError, default_config, validate
 from near_jax.hf_convert import DTYPES, HFError, hf_shapes, iter_hf_tensors, np_dtype
 
@@ -408,8 +409,6 @@ def _mb(n: int) -> str:
 def _main(argv: list[str]) -> None:
     from absl import flags
 
-    from near_jax.train import quiet_library_logs, usage_error
-
     quiet_library_logs()
     commands = " | ".join(_FLAGS_OF)
     if len(argv) != 2 or argv[1] not in _FLAGS_OF:
@@ -441,12 +440,7 @@ def _main(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point."""
-    from absl import app
-
-    from near_jax.train import parse_flags
-
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

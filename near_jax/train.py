@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging as std_logging
 import math
 import os
 import sys
@@ -18,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from near_jax import checkpoint, data, distributed, metrics, model, optim, preemption, sharding
+from near_jax import checkpoint, cli, data, distributed, metrics, model, optim, preemption, sharding
 from near_jax import config as config_lib
+from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
 from near_jax.config import ConfigError
 from near_jax.loading import is_params_only
 from near_jax.tokenizer import load_tokenizer
@@ -437,60 +437,6 @@ def define_flags() -> None:
     distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 
-def usage_error(message: str) -> None:
-    """Prints one line for a command-line mistake and exits with status 2."""
-    print(f"{os.path.basename(sys.argv[0]) or 'near_jax'}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing whose errors (incl. unknown config keys) are one line and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        usage_error(str(e).splitlines()[0])
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these for --config.KEY overrides of keys that don't exist.
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        usage_error(f"unknown config key in {' '.join(bad) or 'overrides'} ({e})")
-    return []
-
-
-def load_config_flag(value: Any) -> ml_collections.ConfigDict:
-    """The --config flag's value as a ConfigDict, or a usage error naming the problem."""
-    if value is None:
-        usage_error("--config is required, e.g. --config=configs/tiny.py")
-    try:
-        value.keys()  # a config file that failed to load raises its error here
-    except Exception as e:  # noqa: BLE001 - any load failure is a usage error
-        usage_error(f"--config could not be loaded: {str(e).splitlines()[0]}")
-    if not isinstance(value, ml_collections.ConfigDict):
-        usage_error("--config must return an ml_collections.ConfigDict")
-    return value
-
-
-# Orbax warns about these on every read-only open; reading a run is not a problem.
-_ORBAX_READ_ONLY_NOISE = ("read_only=True", "is read only", "could not be restored")
-
-
-class _LibraryInfoFilter(std_logging.Filter):
-    """Drops INFO records that Orbax logs through absl (dozens per checkpoint)."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "orbax" not in record.pathname:
-            return True
-        if record.levelno <= std_logging.INFO:
-            return False
-        message = record.getMessage()
-        return not any(noise in message for noise in _ORBAX_READ_ONLY_NOISE)
-
-
-def quiet_library_logs() -> None:
-    """Silences INFO chatter of libraries: JAX's backend probe, Orbax's save steps."""
-    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-    std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
-
-
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
     try:
@@ -527,8 +473,7 @@ def _main(argv: list[str]) -> None:
 
 def main() -> None:
     """Console entry point."""
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,15 @@ outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, re
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
+from near_jax import cli
+from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
 from near_jax.diloco import rounds
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
 from near_jax.diloco.store import ObjectStore, StoreError
@@ -242,7 +243,7 @@ def prepare(argv: list[str]):
     from near_jax import sharding
     from near_jax.config import ConfigError
     from near_jax.tokenizer import load_tokenizer
-    from near_jax.train import check_batch, load_config_flag, resolve_config, usage_error
+    from near_jax.train import check_batch, resolve_config
 
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -331,8 +332,6 @@ def _log(message: str) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    from near_jax.train import quiet_library_logs, usage_error
-
     quiet_library_logs()
     f = flags.FLAGS
     if f.rounds is None or f.rounds < 1:
@@ -433,11 +432,8 @@ def define_flags() -> None:
 
 
 def main() -> None:
-    from near_jax.train import parse_flags
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    """Console entry point."""
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

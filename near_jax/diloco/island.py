@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from near_jax import cli
+from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.diloco import rounds
 from near_jax.diloco.aggregator import define_common_flags, manifest_problem, prepare
 from near_jax.diloco.rounds import ProtocolError, Version
@@ -88,7 +89,7 @@ def train_island(
     import jax
 
     from near_jax import data, metrics
-    from near_jax.train import make_trainer, usage_error
+    from near_jax.train import make_trainer
 
     f = flags.FLAGS
     waiter = _Waiter(f.poll_seconds, f.wait_timeout)
@@ -231,8 +232,6 @@ def _catch_up(
 
 
 def _main(argv: list[str]) -> None:
-    from near_jax.train import quiet_library_logs, usage_error
-
     quiet_library_logs()
     f = flags.FLAGS
     if not f.island:
@@ -271,11 +270,8 @@ def define_flags() -> None:
 
 
 def main() -> None:
-    from near_jax.train import parse_flags
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    define_flags()
-    app.run(_main, flags_parser=parse_flags)
+    """Console entry point."""
+    cli.run(_main, define_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Command-line plumbing shared by every near_jax program: one-line usage errors (exit 2),
+absl flag parsing that keeps them one line, and quieter library logs.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+
+
+def usage_error(message: str) -> None:
+    """Prints one line for a command-line mistake and exits with status 2."""
+    print(f"{os.path.basename(sys.argv[0]) or 'near_jax'}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (incl. unknown config keys) are one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        usage_error(str(e).splitlines()[0])
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these for --config.KEY overrides of keys that don't exist.
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        usage_error(f"unknown config key in {' '.join(bad) or 'overrides'} ({e})")
+    return []
+
+
+def load_config_flag(value: Any) -> ml_collections.ConfigDict:
+    """The --config flag's value as a ConfigDict, or a usage error naming the problem."""
+    if value is None:
+        usage_error("--config is required, e.g. --config=configs/tiny.py")
+    try:
+        value.keys()  # a config file that failed to load raises its error here
+    except Exception as e:  # noqa: BLE001 - any load failure is a usage error
+        usage_error(f"--config could not be loaded: {str(e).splitlines()[0]}")
+    if not isinstance(value, ml_collections.ConfigDict):
+        usage_error("--config must return an ml_collections.ConfigDict")
+    return value
+
+
+# Orbax warns about these on every read-only open; reading a run is not a problem.
+_ORBAX_READ_ONLY_NOISE = ("read_only=True", "is read only", "could not be restored")
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+    """Drops INFO records that Orbax logs through absl (dozens per checkpoint)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno <= std_logging.INFO:
+            return False
+        message = record.getMessage()
+        return not any(noise in message for noise in _ORBAX_READ_ONLY_NOISE)
+
+
+def quiet_library_logs() -> None:
+    """Silences INFO chatter of libraries: JAX's backend probe, Orbax's save steps."""
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
+
+
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
+    """Defines a program's flags and runs `main` under absl with one-line flag errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
