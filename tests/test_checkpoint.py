@@ -92,9 +92,9 @@ def _committed_steps(workdir):
     return _committed_steps_of(checkpoint.checkpoint_dir(workdir))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path, seed):
-    rng = np.random.default_rng(seed)
+def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
+    rng = np.random.default_rng()  # a different kill time each run (logged on failure)
+    kill_after = rng.uniform(0.0, 1.5)
     proc = subprocess.Popen(
         _cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -102,12 +102,12 @@ def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path, seed):
     deadline = time.time() + 240
     while not _committed_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.5))  # somewhere mid-run, maybe mid-save
+    time.sleep(kill_after)  # somewhere mid-run, maybe mid-save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(_losses(tmp_path) or [0])
     last_committed = max(_committed_steps(tmp_path))
-    assert proc.returncode == -signal.SIGKILL and last_committed < 40
+    assert proc.returncode == -signal.SIGKILL and last_committed < 40, kill_after
 
     resumed = _run(tmp_path)
     resumed_from = int(resumed.stderr.split("resumed from step ")[1].split()[0])

@@ -284,7 +284,9 @@ def docs(tmp_path_factory):
     return _docs(tmp_path_factory.mktemp("docs"))
 
 
-@pytest.mark.parametrize("num_processes", [2, 4])
+# 4 processes of one device each: the most hosts this machine can run (2 also passes; it
+# is left out to keep the suite short).
+@pytest.mark.parametrize("num_processes", [4])
 def test_multi_process_training_matches_one_process(num_processes, docs, tmp_path):
     flags = _tiny(docs)
     workdir = tmp_path / "run"
