@@ -59,9 +59,10 @@ def test_one_replica_h1_lr1_momentum0_is_plain_training():
     )  # fmt: skip
 
 
-def test_two_replicas_one_round_matches_an_independent_recomputation():
+@pytest.mark.parametrize("spec", ["int8", "int4+topk=0.25"])
+def test_two_replicas_one_round_matches_an_independent_recomputation(spec):
     h = 3
-    cfg = _cfg(replicas=2, inner_steps=h, outer_lr=0.7, outer_momentum=0.9, compression="int8")
+    cfg = _cfg(replicas=2, inner_steps=h, outer_lr=0.7, outer_momentum=0.9, compression=spec)
     batches = _batches(h, cfg, seed=1)
     state, _ = _run(cfg, batches, replicas=2)
 
@@ -80,13 +81,15 @@ def test_two_replicas_one_round_matches_an_independent_recomputation():
             params, opt_state, _ = update(params, opt_state, jnp.int32(i), part)
         finals.append(params)
     theta = jax.tree.map(lambda x: np.asarray(x, np.float64), init)
-    # Each replica's Δ goes through the int8 codec islands use, then the two are averaged.
-    deltas = [
-        compress.decode(compress.encode(jax.tree.map(
+    # Each replica's Δ goes through the codec islands use, then the two are averaged.
+    deltas, feedback = [], []
+    for final in finals:
+        raw = jax.tree.map(
             lambda t, f: np.asarray(t, np.float32) - np.asarray(f, np.float32), init, final
-        ), "int8")[0])
-        for final in finals
-    ]  # fmt: skip
+        )
+        payload, ef = compress.encode(raw, spec)
+        deltas.append(compress.decode(payload))
+        feedback.append(ef)
     delta = jax.tree.map(lambda a, b: (np.float64(a) + np.float64(b)) / 2, *deltas)
     # optax sgd(nesterov): m = Δ (from 0); update = -lr (Δ + μ m)
     want = jax.tree.map(lambda t, d: t - 0.7 * (d + 0.9 * d), theta, delta)
@@ -94,6 +97,12 @@ def test_two_replicas_one_round_matches_an_independent_recomputation():
         lambda got, w: np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-6),
         state.params, want,
     )  # fmt: skip
+    if "topk" in spec:  # what was not sent waits in each replica's error feedback
+        for r in range(2):
+            jax.tree.map(
+                lambda got, want, r=r: np.testing.assert_allclose(got[r], want, atol=1e-7),
+                state.opt_state[inmesh.FEEDBACK], feedback[r],
+            )  # fmt: skip
     # Every replica restarted from the new global params.
     for r in range(2):
         jax.tree.map(

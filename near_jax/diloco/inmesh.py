@@ -34,7 +34,7 @@ from near_jax import model, optim, sharding, train
 from near_jax.diloco import outer
 from near_jax.diloco.compress import CompressionSpec
 
-REPLICAS, INNER, OUTER = "replicas", "inner", "outer"
+REPLICAS, INNER, OUTER, FEEDBACK = "replicas", "inner", "outer", "feedback"
 
 
 def fragment_ids(params_shapes, n_layers: int, fragments: int):
@@ -90,6 +90,8 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
             INNER: jax.vmap(optimizer.init)(replicas),
             OUTER: outer_opt.init(params),
         }
+        if spec.topk:  # top-k's error feedback: what each replica has not sent yet
+            opt_state[FEEDBACK] = jax.tree.map(lambda r: jnp.zeros(r.shape, jnp.float32), replicas)
         return train.TrainState(
             jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng)
         )
@@ -109,6 +111,8 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         transform_non_params=lambda _: repl,
     )  # fmt: skip
     opt_shardings = {REPLICAS: replica_shardings, INNER: inner_shardings, OUTER: outer_shardings}
+    if spec.topk:
+        opt_shardings[FEEDBACK] = replica_shardings
     state_shardings = train.TrainState(repl, param_shardings, opt_shardings, repl)
     frag_ids = fragment_ids(abstract.params, model_cfg.n_layers, n_frag)
 
@@ -127,17 +131,26 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         axis_names={sharding.REPLICA_AXIS},
     )  # fmt: skip
 
-    def sync(params, outer_state, replicas, due_F, keep_R):
+    def sync(params, outer_state, replicas, feedback, due_F, keep_R):
         """The outer step for the due fragments; replicas restart from the new params.
 
         `keep_R` marks the replicas whose pseudo-gradient arrives (all, unless drop_prob);
         with none, the global params stay as they are.
         """
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
+        due = jax.tree.map(lambda ids: due_F[ids], frag_ids)
         if spec.format != "fp32" or spec.topk:
             from near_jax.diloco import fake_quant
 
-            delta_R = jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R)
+            if spec.topk:
+                delta_R, new_feedback = jax.vmap(
+                    lambda d, e: fake_quant.roundtrip_with_feedback(d, spec, e)
+                )(delta_R, feedback)
+                feedback = jax.tree.map(
+                    lambda m, n, o: jnp.where(m[None], n, o), due, new_feedback, feedback
+                )
+            else:
+                delta_R = jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R)
         kept = jnp.sum(keep_R)
 
         def average(d_R):  # the one collective across replicas
@@ -145,7 +158,6 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
             return jnp.sum(d_R * w_R, axis=0) / jnp.maximum(kept, 1).astype(d_R.dtype)
 
         delta = jax.tree.map(average, delta_R)
-        due = jax.tree.map(lambda ids: due_F[ids], frag_ids)
         apply = jax.tree.map(lambda m: m & (kept > 0), due)
         params, outer_state = outer.outer_step(outer_opt, params, outer_state, delta, apply)
         # Every replica of a due fragment restarts from the global params, even if its own
@@ -153,7 +165,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         replicas = jax.tree.map(
             lambda m, g, r: jnp.where(m[None], g[None].astype(r.dtype), r), due, params, replicas
         )
-        return params, outer_state, replicas
+        return params, outer_state, replicas, feedback
 
     def train_step(state: train.TrainState, batch):
         opt = state.opt_state
@@ -170,16 +182,18 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         if dl.drop_prob:
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
             keep_R = jax.random.uniform(rng, (n_rep,)) >= dl.drop_prob
-        params, outer_state, replicas = jax.lax.cond(
+        params, outer_state, replicas, feedback = jax.lax.cond(
             jnp.any(due_F),
             sync,
-            lambda p, o, r, *_: (p, o, r),
-            state.params, opt[OUTER], replicas, due_F, keep_R,
+            lambda p, o, r, f, *_: (p, o, r, f),
+            state.params, opt[OUTER], replicas, opt.get(FEEDBACK), due_F, keep_R,
         )  # fmt: skip
         stats = {k: jnp.mean(v) for k, v in stats_R.items()}
         stats["outer_fragments"] = jnp.sum(due_F).astype(jnp.float32)
         stats["outer_kept"] = jnp.where(jnp.any(due_F), jnp.sum(keep_R), 0).astype(jnp.float32)
         opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
+        if spec.topk:
+            opt_state[FEEDBACK] = feedback
         return train.TrainState(step, params, opt_state, state.rng), stats
 
     return train.compile_trainer(
