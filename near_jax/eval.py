@@ -185,8 +185,7 @@ def define_flags() -> None:
     flags.DEFINE_list("tasks", [], "Multiple-choice tasks: shipped names or JSONL paths.")
     flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per task prompt.")
     flags.DEFINE_integer("batch_size", 16, "Rows per evaluation batch.")
-    flags.DEFINE_integer("fsdp", 1, "Mesh: shard params over this many devices (-1 = all).")
-    flags.DEFINE_integer("tensor", 1, "Mesh: tensor-parallel size.")
+    loading.define_mesh_flags()
     flags.DEFINE_float("poll_seconds", 30.0, "--watch: seconds between looks for new steps.")
     flags.DEFINE_float("idle_timeout", 3600.0, "--watch: stop after this long without a step.")
 
@@ -223,7 +222,7 @@ def _main(argv: list[str]) -> None:
             return
         steps = loading.committed_steps(f.workdir) if f.all else [f.step]
         run_once(evaluator, steps)
-    except (loading.RunError, tasks.TaskError, ConfigError, ValueError) as e:
+    except (loading.RunError, tasks.TaskError, ConfigError) as e:
         usage_error(" ".join(str(e).split()))
 
 

@@ -202,8 +202,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.")
     flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass; 1 = off.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_integer("fsdp", 1, "Mesh: shard params over this many devices (-1 = all).")
-    flags.DEFINE_integer("tensor", 1, "Mesh: tensor-parallel size.")
+    loading.define_mesh_flags()
     flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output: text or one JSON per line.")
 
 

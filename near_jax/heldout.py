@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from near_jax import model, sharding
+from near_jax.config import ConfigError
 from near_jax.documents import list_documents, split_documents
 from near_jax.tokenizer import Tokenizer
 
@@ -124,7 +125,10 @@ def load_heldout(
         if n_tokens >= max_tokens:
             break
     if not pieces:
-        raise ValueError(f"data.source={data_cfg.source!r}: no held-out document to evaluate")
+        raise ConfigError(
+            f"config.data.source={data_cfg.source!r} is not allowed: no held-out document to "
+            "evaluate (every document is empty)"
+        )
     return HeldOut(
         rows=_pack(pieces, row_len, tokenizer.pad_id),
         docs=n_docs,

@@ -117,6 +117,14 @@ def inference_mesh(fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
         raise RunError(str(e).splitlines()[0]) from e
 
 
+def define_mesh_flags() -> None:
+    """--fsdp and --tensor, the mesh flags of the inference programs (eval, generate)."""
+    from absl import flags
+
+    flags.DEFINE_integer("fsdp", 1, "Mesh: shard params over this many devices (-1 = all).")
+    flags.DEFINE_integer("tensor", 1, "Mesh: tensor-parallel size.")
+
+
 def param_shardings(model_cfg: model.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
     """ShapeDtypeStructs of the params with their shardings on `mesh` (nothing allocated)."""
     shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
