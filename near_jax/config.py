@@ -8,6 +8,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -125,6 +126,39 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "outer step with this probability (benchmarks; 0 = never).",
         ),
     },
+    "contrib": {
+        "enabled": (
+            False,
+            "Untrusted islands: signed contributions, screening, scoring, robust aggregation "
+            "and a ledger (fixed in the run's manifest when the aggregator creates it).",
+        ),
+        "aggregation": ("trimmed_mean", "Robust rule: mean | trimmed_mean | median | top_g."),
+        "trim_fraction": (0.2, "trimmed_mean: fraction dropped at each end, per coordinate."),
+        "top_g": (4, "top_g: apply only the G best-scoring contributions of a round."),
+        "screen": (
+            True,
+            "Reject free-riders (zero updates), norm outliers and near-duplicates before "
+            "aggregating.",
+        ),
+        "max_norm_ratio": (3.0, "Reject a Δ whose norm exceeds this × the round's median."),
+        "zero_norm_ratio": (1e-3, "A Δ below this × the round's median norm is a free-rider."),
+        "duplicate_cosine": (0.99, "Cosine similarity at which a Δ counts as a copy."),
+        "score_batches": (
+            2,
+            "Validation batches per round for scoring, drawn from a seed revealed when the "
+            "round closes.",
+        ),
+        "attestation": (
+            "code_hash",
+            "Attestation verifier: code_hash (the signed code hash must be allowed) or "
+            "package.module:factory.",
+        ),
+        "allowed_code": (
+            "",
+            "Comma-separated code hashes accepted besides the aggregator's own "
+            "(python -m near_jax.contrib codehash).",
+        ),
+    },
 }
 TOP_LEVEL: dict[str, tuple[Any, str]] = {
     "seed": (0, "Seed of parameter init, data order and dropout-free training randomness."),
@@ -139,6 +173,7 @@ CHOICES = {
     "data.bin_dtype": ("uint16", "uint32"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.progress": ("auto", "bar", "lines"),
+    "contrib.aggregation": ("mean", "trimmed_mean", "median", "top_g"),
 }
 
 
@@ -303,6 +338,32 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"an integer in [1, min(model.n_layers={m.n_layers}, diloco.inner_steps="
             f"{dl.inner_steps})]",
         )
+    c = cfg.contrib
+    if not 0 <= c.trim_fraction < 0.5:
+        _fail("contrib.trim_fraction", c.trim_fraction, "a fraction in [0, 0.5)")
+    if c.top_g < 1:
+        _fail("contrib.top_g", c.top_g, "a positive integer")
+    if c.max_norm_ratio < 0 or 0 < c.max_norm_ratio <= 1:
+        _fail("contrib.max_norm_ratio", c.max_norm_ratio, "0 (off) or a ratio > 1")
+    if not 0 <= c.zero_norm_ratio < 1:
+        _fail("contrib.zero_norm_ratio", c.zero_norm_ratio, "a ratio in [0, 1)")
+    if not 0 < c.duplicate_cosine <= 1:
+        _fail("contrib.duplicate_cosine", c.duplicate_cosine, "a cosine in (0, 1]")
+    if c.enabled and not cfg.data.shuffle:
+        _fail(
+            "contrib.enabled",
+            c.enabled,
+            "only with data.shuffle=True (scoring batches must be unpredictable)",
+        )
+    if c.score_batches < 1:
+        _fail("contrib.score_batches", c.score_batches, "a positive integer")
+    if not isinstance(c.attestation, str) or not (
+        c.attestation == "code_hash" or re.fullmatch(r"[\w.]+:\w+", c.attestation)
+    ):
+        _fail("contrib.attestation", c.attestation, "code_hash or package.module:factory")
+    for code in filter(None, (h.strip() for h in c.allowed_code.split(","))):
+        if not re.fullmatch(r"[0-9a-f]{64}", code):
+            _fail("contrib.allowed_code", c.allowed_code, "comma-separated sha256 hex hashes")
     from near_jax.diloco.compress import CompressionSpec  # numpy only; no cycle
 
     try:

@@ -104,7 +104,14 @@ def _features(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def shard_dataset(
-    data_cfg, *, split: str, seed: int, rows_per_step: int, shard: int, num_shards: int
+    data_cfg,
+    *,
+    split: str,
+    seed: int,
+    rows_per_step: int,
+    shard: int,
+    num_shards: int,
+    val_seed: int | None = None,
 ) -> grain.IterDataset:
     """The endless, deterministic stream of one data shard: batches of `rows_per_step` rows.
 
@@ -125,7 +132,10 @@ def shard_dataset(
     rows_per_shard = len(ids) < num_shards  # too few documents: shard rows, not docs
     if not rows_per_shard:
         ds = ds[shard::num_shards]
-    shuffle_seed = _seed32("train", int(seed)) if split == "train" else _VAL_SHUFFLE_SEED
+    if split == "train":
+        shuffle_seed = _seed32("train", int(seed))
+    else:  # a val_seed draws other val batches (contribution scoring); None: the fixed order
+        shuffle_seed = _VAL_SHUFFLE_SEED if val_seed is None else _seed32("val", int(val_seed))
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat().map(reader)
@@ -196,12 +206,14 @@ def make_iterator(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    val_seed: int | None = None,
 ) -> HostIterator:
     """This host's endless, deterministic, checkpointable iterator of batches of `split`.
 
     Each batch is [global_batch_size // process_count, seq_len] per array. The shard count is
     `data.shards`, or the process count when that is 0. process_index / process_count default
-    to jax.process_index() / jax.process_count().
+    to jax.process_index() / jax.process_count(). The val split is read in one fixed order
+    unless `val_seed` is given (then in the order that seed shuffles it to).
     """
     if process_index is None or process_count is None:
         import jax
@@ -224,7 +236,7 @@ def make_iterator(
     iters = {
         s: iter(
             shard_dataset(data_cfg, split=split, seed=seed, rows_per_step=rps, shard=s,
-                          num_shards=num_shards)
+                          num_shards=num_shards, val_seed=val_seed)
         )
         for s in shards
     }  # fmt: skip

@@ -179,6 +179,18 @@ def test_val_is_fixed_and_disjoint_from_train(txt_dir):
     assert seen_val == val_ids and len(seen_train) > len(train_ids) // 2
 
 
+def test_val_seed_draws_other_val_batches_reproducibly(txt_dir):
+    cfg = _cfg(source=str(txt_dir), val_fraction=0.3)
+    val_ids = _split_markers(cfg, "val")
+    fixed = _take(_it(cfg, "val"), 2)
+    a, b = _take(_it(cfg, "val", val_seed=11), 2), _take(_it(cfg, "val", val_seed=11), 2)
+    other = _take(_it(cfg, "val", val_seed=12), 2)
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))  # a seed is reproducible
+    assert not all(_same(x, y) for x, y in zip(a, other, strict=True))
+    assert not all(_same(x, y) for x, y in zip(a, fixed, strict=True))
+    assert set().union(*map(_markers, a + other)) <= val_ids  # still only val documents
+
+
 def test_stdlib_split_is_stable_and_nonempty():
     cfg = _cfg()
     docs = data.list_documents(cfg)

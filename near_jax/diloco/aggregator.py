@@ -127,14 +127,8 @@ class Aggregator:
             verdicts, reason = self._collect(base)
             late = self._late(r)
             t0 = now()
-            accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
-            new, update = rounds.derive(
-                base, [v.payload for v in accepted], self.spec, self.lr, self.momentum, self.like
-            )
+            new, update, decision = self.decide(base, verdicts, late, reason)
             outer_s = now() - t0
-            decision = rounds.make_decision(
-                run, base, new, verdicts, late, reason, update, self.clock()
-            )
             if not store.put_if_absent(rounds.decision_key(run, r), rounds.dumps(decision)):
                 decision = rounds.read_json(store, rounds.decision_key(run, r))  # lost a race
                 replayed = True
@@ -145,6 +139,7 @@ class Aggregator:
             )
             outer_s = now() - t0
         self._publish(r, new, update)
+        self.recorded(decision)
         self._decisions[r] = decision
         self._collect_garbage(new.version)
         self.state, opened = new, self.opened_at
@@ -165,6 +160,30 @@ class Aggregator:
             "decision": decision,
         }
 
+    def check(self, base: Version, key: str) -> Verdict:
+        """Reads and validates one contribution to round base.version (a hook: contrib adds
+        signatures, registration, replay and attestation checks)."""
+        return rounds.check_contribution(self.store, self.run, base, key, self.like)
+
+    def decide(
+        self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
+    ) -> tuple[Version, bytes | None, dict]:
+        """(version r + 1, update bytes, decision) from the round's verdicts: here the mean
+        of every valid contribution (a hook: contrib screens, scores and aggregates
+        robustly). Must be a pure function of what it records in the decision."""
+        accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
+        new, update = rounds.derive(
+            base, [v.payload for v in accepted], self.spec, self.lr, self.momentum, self.like
+        )
+        decision = rounds.make_decision(
+            self.run, base, new, verdicts, late, reason, update, self.clock()
+        )
+        return new, update, decision
+
+    def recorded(self, decision: dict) -> None:
+        """Called once round `decision` is committed and published, also after a restart
+        finishes it (a hook: contrib appends it to the ledger; must be idempotent)."""
+
     def _publish(self, r: int, new: Version, update: bytes | None) -> None:
         """Derived objects, then `latest` (a separate method so tests can crash here)."""
         rounds.publish(self.store, self.run, r, new, update, self.clock())
@@ -176,10 +195,8 @@ class Aggregator:
         prefix = rounds.contrib_prefix(self.run, base.version)
         while True:
             for key in self.store.list(prefix):
-                if key not in verdicts:
-                    verdicts[key] = rounds.check_contribution(
-                        self.store, self.run, base, key, self.like
-                    )
+                if key not in verdicts:  # insertion order = arrival order (copy detection)
+                    verdicts[key] = self.check(base, key)
             if sum(v.valid for v in verdicts.values()) >= self.quorum:
                 return list(verdicts.values()), "quorum"
             left = deadline - self.clock()

@@ -75,6 +75,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -312,14 +313,15 @@ def advance_latest(store: ObjectStore, run: str, v: Version, now: float) -> None
 # -------------------------------------------------------------------------- contributions
 
 
-def pack_contribution(tag: dict, payload: Payload) -> bytes:
+def pack_contribution(tag: dict, payload: Payload | bytes) -> bytes:
     """u32 tag length | tag JSON | payload bytes."""
     tag_bytes = dumps(tag)
-    return _TAG_LEN.pack(len(tag_bytes)) + tag_bytes + payload.to_bytes()
+    data = payload if isinstance(payload, bytes) else payload.to_bytes()
+    return _TAG_LEN.pack(len(tag_bytes)) + tag_bytes + data
 
 
-def unpack_contribution(body: bytes, max_elements: int) -> tuple[dict, Payload]:
-    """(tag, validated payload); PayloadError naming the defect."""
+def split_contribution(body: bytes) -> tuple[dict, bytes]:
+    """(tag, payload bytes) of a contribution object, the payload not yet parsed."""
     if len(body) < _TAG_LEN.size:
         raise PayloadError("contribution shorter than its tag length")
     (n,) = _TAG_LEN.unpack_from(body)
@@ -331,8 +333,13 @@ def unpack_contribution(body: bytes, max_elements: int) -> tuple[dict, Payload]:
         raise PayloadError(f"contribution tag is not JSON: {e}") from None
     if not isinstance(tag, dict):
         raise PayloadError("contribution tag is not a JSON object")
-    payload = Payload.from_bytes(body[_TAG_LEN.size + n :], max_elements=max_elements)
-    return tag, payload
+    return tag, body[_TAG_LEN.size + n :]
+
+
+def unpack_contribution(body: bytes, max_elements: int) -> tuple[dict, Payload]:
+    """(tag, validated payload); PayloadError naming the defect."""
+    tag, data = split_contribution(body)
+    return tag, Payload.from_bytes(data, max_elements=max_elements)
 
 
 def push_contribution(
@@ -343,17 +350,22 @@ def push_contribution(
     delta: Any,
     spec: CompressionSpec | str,
     error_feedback: Any = None,
+    sign: Callable[[dict, bytes], dict] | None = None,
     **extra: Any,
 ) -> tuple[bool, int, Any]:
     """Encodes Δ and writes it for round base.version; (written, bytes, new error feedback).
 
-    written is False if this island already has a contribution for the round (e.g. pushed
-    before a restart): contributions are immutable.
+    `sign(tag, payload bytes)` returns more tag fields (contrib: the signature). written is
+    False if this island already has a contribution for the round (e.g. pushed before a
+    restart): contributions are immutable.
     """
     payload, new_ef = encode(delta, spec, error_feedback=error_feedback)
     tag = {"format": FORMAT, "run": run, "round": base.version, "island": island,
            "base_sha256": base.params_sha256, "spec": str(payload.spec), **extra}  # fmt: skip
-    body = pack_contribution(tag, payload)
+    data = payload.to_bytes()
+    if sign is not None:
+        tag.update(sign(tag, data))
+    body = pack_contribution(tag, data)
     written = store.put_if_absent(contrib_key(run, base.version, island), body)
     return written, (len(body) + HEADER.size if written else 0), new_ef
 
@@ -415,21 +427,37 @@ def check_contribution(store: ObjectStore, run: str, base: Version, key: str, li
 
 def derive(
     base: Version, payloads: list[Payload], spec: CompressionSpec | str, lr: float, mu: float,
-    like: Any,
+    like: Any, combine: Callable[[list[Any]], Any] = average,
 ) -> tuple[Version, bytes | None]:  # fmt: skip
-    """Version base+1 and the update's stored bytes from the applied payloads (in order).
+    """Version base+1 and the update's stored bytes from the applied payloads (in order),
+    combined by `combine` (the mean; contrib passes its robust rules).
 
     No payloads: version base+1 = base (params, momentum and error feedback unchanged).
     """
     if not payloads:
         same = dataclasses.replace(base, version=base.version + 1)
         return same, None
-    mean = average([decode(p, like=like) for p in payloads])
+    mean = combine([decode(p, like=like) for p in payloads])
     update_payload, server_ef = encode(mean, spec, error_feedback=base.server_ef)
     update = decode(update_payload, like=like)
     params, momentum = outer_update(base.params, base.momentum, update, lr, mu)
     new = make_version(base.version + 1, params, momentum, server_ef)
     return new, update_payload.to_bytes()
+
+
+def combiner(decision: dict) -> Callable[[list[Any]], Any]:
+    """How decision's applied contributions are combined: the mean, or the robust rule it
+    names in "aggregation" (contributor runs; `near_jax.contrib.robust`)."""
+    rule = decision.get("aggregation")
+    if rule is None:
+        return average
+    from near_jax.contrib import robust  # only runs with untrusted contributors need it
+
+    try:
+        parsed = robust.Rule.parse(rule)
+    except ValueError as e:
+        raise ProtocolError(f"round {decision.get('round')}: {e}") from None
+    return lambda deltas: robust.combine(parsed, deltas)
 
 
 def make_decision(
@@ -441,11 +469,14 @@ def make_decision(
     reason: str,
     update: bytes | None,
     now: float,
+    **extra: Any,
 ) -> dict:
-    """The decision object of round base.version (see the module docstring)."""
+    """The decision object of round base.version (see the module docstring); `extra` adds
+    fields (contrib: the aggregation rule, scores, the revealed seed)."""
     accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
     rejected = sorted((v for v in verdicts if not v.valid), key=lambda v: v.island)
     return {
+        **extra,
         "format": FORMAT,
         "run": run,
         "round": base.version,
@@ -473,7 +504,7 @@ def replay_decision(
         if body is None or sha256(body) != entry["sha256"]:
             raise ProtocolError(f"{entry['key']}, applied in round {r}, is missing or changed")
         payloads.append(unpack_contribution(body, num_elements(like))[1])
-    new, update = derive(base, payloads, spec, lr, mu, like)
+    new, update = derive(base, payloads, spec, lr, mu, like, combiner(decision))
     if new.hashes() != {k: v for k, v in decision["result"].items() if k != "version"}:
         raise ProtocolError(f"recomputing round {r} does not reproduce its recorded result")
     return new, update

@@ -1,0 +1,656 @@
+"""The contribution ledger: an append-only, hash-chained record of every contribution.
+
+Each round the aggregator closes, it records every contribution it looked at — accepted or
+rejected, applied or not — with its score, the reason for a rejection and the reward it
+earned. The ledger is one SQLite file, mirrored into the run's object store as
+`RUN/ledger.sqlite` (`upload` / `download`).
+
+Schema
+------
+    meta(key TEXT PRIMARY KEY, value TEXT)      format = "1", run = the run's name
+    entries(seq INTEGER PRIMARY KEY,            1, 2, 3, ... in append order
+            round, contributor, key_id, payload_sha256, statement, signature,
+            score REAL NULL, accepted INTEGER, applied INTEGER, reason, reward REAL,
+            prev_hash TEXT, entry_hash TEXT)
+    indexes on round, contributor, payload_sha256
+
+An entry's fields (`ENTRY_FIELDS`): round (int ≥ 0); contributor (non-empty str); key_id,
+payload_sha256 ("" when unknown); statement (the canonical JSON text — `rounds.dumps` — of
+the signed statement, "" if none) and signature ("" if none); score (finite float or None);
+accepted and applied (bool; applied implies accepted); reason ("" when accepted); reward
+(finite float ≥ 0).
+
+Hash chain
+----------
+    entry_hash = sha256(rounds.dumps({"seq": seq, "prev_hash": prev_hash, **fields}))
+
+with accepted/applied as JSON booleans and score as null or a float; prev_hash is the
+previous entry's entry_hash, and the first entry's is the genesis hash
+sha256(b"near_jax/ledger/v1\\n" + run). SQLite REAL is an 8-byte IEEE double, so floats
+read back bit-identical (-0.0 is stored as 0.0, since SQLite may store integral reals as
+integers; NaN and ±Inf are refused: JSON cannot hash them and SQLite turns NaN into NULL).
+
+Crash safety
+------------
+The file uses SQLite's default rollback journal (not WAL: the store copy must be the one
+file) with synchronous=FULL, and `append_round` writes a whole round in one transaction
+(BEGIN IMMEDIATE … COMMIT). A kill -9 at any moment therefore leaves either all or none of a
+round's entries; an interrupted transaction leaves a hot `-journal` file that the next
+read-write open rolls back. Appending is idempotent per round (a restarted aggregator
+re-appending a round it had recorded gets False), and rounds only move forward. The store
+copy is a consistent snapshot (SQLite's backup API) put as one whole object, so readers of
+the store see the old or the new ledger, never a mix.
+
+What `verify_chain` detects
+---------------------------
+Edited rows (contents no longer match their hash), deleted rows (a gap in seq, and the next
+row's prev_hash no longer matches), inserted and reordered rows (prev_hash breaks), an edited
+row whose entry_hash was recomputed (the next row's prev_hash breaks), rounds that go
+backwards, non-finite or mistyped values, a wrong meta.run or format, and damage SQLite's
+integrity_check finds. A truncated tail — the last entries or rounds removed, or the last
+row rewritten with a fresh hash — leaves a valid shorter chain: only an external anchor
+catches it, so the caller passes what it knows (`head=`, `count=`, `last_round=`, e.g. the
+head recorded in the round's decision).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import urllib.parse
+from typing import Any
+
+from near_jax.diloco.rounds import check_name, dumps, sha256
+from near_jax.diloco.store import CorruptObject, ObjectStore
+
+FORMAT = 1
+ENTRY_FIELDS = (
+    "round",
+    "contributor",
+    "key_id",
+    "payload_sha256",
+    "statement",
+    "signature",
+    "score",
+    "accepted",
+    "applied",
+    "reason",
+    "reward",
+)
+_STR_FIELDS = ("contributor", "key_id", "payload_sha256", "statement", "signature", "reason")
+_COLUMNS = ", ".join(ENTRY_FIELDS)
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_MAX_PROBLEMS = 100  # a wholly rewritten ledger would otherwise give one line per row
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE entries (
+    seq INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    contributor TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    statement TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    score REAL NULL,
+    accepted INTEGER NOT NULL,
+    applied INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    reward REAL NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX entries_round ON entries (round);
+CREATE INDEX entries_contributor ON entries (contributor);
+CREATE INDEX entries_payload ON entries (payload_sha256);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened, appended to, or copied as asked; one line."""
+
+
+def genesis_hash(run: str) -> str:
+    """The prev_hash of a run's first entry."""
+    return sha256(b"near_jax/ledger/v1\n" + run.encode())
+
+
+def entry_hash(seq: int, prev_hash: str, fields: dict[str, Any]) -> str:
+    """The hash of an entry: its seq, its prev_hash and its normalized fields."""
+    return sha256(dumps({"seq": seq, "prev_hash": prev_hash, **fields}))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _number(name: str, value: Any, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    # bool is an int subclass; True as a score is a bug, not a number
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a float{' or None' if optional else ''}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite: {value!r}")
+    return value + 0.0  # -0.0 → 0.0: SQLite may store it as the integer 0
+
+
+def normalize_entry(entry: dict[str, Any], rnd: int) -> dict[str, Any]:
+    """The entry's fields, checked and normalized for round `rnd`; ValueError if malformed.
+
+    "round" may be left out (it is `rnd`); ints are accepted for score and reward."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"an entry must be a dict, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(ENTRY_FIELDS))
+    missing = [f for f in ENTRY_FIELDS if f not in entry and f != "round"]
+    if unknown or missing:
+        raise ValueError(f"entry fields: unknown {unknown}, missing {missing}")
+    if entry.get("round", rnd) != rnd or isinstance(entry.get("round", rnd), bool):
+        raise ValueError(f"entry round {entry['round']!r} in a call for round {rnd}")
+    out: dict[str, Any] = {"round": rnd}
+    for name in _STR_FIELDS:
+        if not isinstance(entry[name], str):
+            raise ValueError(f"{name} must be a str: {entry[name]!r}")
+        out[name] = entry[name]
+    if not out["contributor"]:
+        raise ValueError("contributor must not be empty")
+    if out["statement"]:
+        try:
+            canonical = dumps(json.loads(out["statement"])).decode()
+        except ValueError as e:
+            raise ValueError(f"statement is not JSON: {e}") from None
+        if canonical != out["statement"]:
+            raise ValueError("statement is not canonical JSON (rounds.dumps)")
+    for name in ("accepted", "applied"):
+        if not isinstance(entry[name], bool):
+            raise ValueError(f"{name} must be a bool: {entry[name]!r}")
+        out[name] = entry[name]
+    if out["applied"] and not out["accepted"]:
+        raise ValueError("an entry cannot be applied without being accepted")
+    out["score"] = _number("score", entry["score"], optional=True)
+    out["reward"] = _number("reward", entry["reward"])
+    if out["reward"] < 0:
+        raise ValueError(f"reward must be >= 0: {out['reward']!r}")
+    return {f: out[f] for f in ENTRY_FIELDS}
+
+
+def _row_fields(row: tuple) -> dict[str, Any]:
+    """Fields of a stored row (columns in ENTRY_FIELDS order); ValueError naming the first
+    mistyped or out-of-range value."""
+    fields = dict(zip(ENTRY_FIELDS, row, strict=True))
+    if not isinstance(fields["round"], int) or fields["round"] < 0:
+        raise ValueError(f"round is {fields['round']!r}, not an int >= 0")
+    for name in _STR_FIELDS:
+        if not isinstance(fields[name], str):
+            raise ValueError(f"{name} is {fields[name]!r}, not text")
+    for name in ("accepted", "applied"):
+        if fields[name] not in (0, 1) or not isinstance(fields[name], int):
+            raise ValueError(f"{name} is {fields[name]!r}, not 0 or 1")
+        fields[name] = bool(fields[name])
+    for name in ("score", "reward"):
+        value = fields[name]
+        if value is None and name == "score":
+            continue
+        if not isinstance(value, float):
+            raise ValueError(f"{name} is {value!r}, not a float")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value!r}, not finite")
+    if fields["reward"] < 0:
+        raise ValueError(f"reward is {fields['reward']!r}, negative")
+    return fields
+
+
+# ------------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """One run's ledger file; open with `Ledger.open`. Safe to share between threads."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str, run: str):
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.path = path
+        self.run = run
+
+    @classmethod
+    def open(cls, path: str, run: str) -> Ledger:
+        """Opens (creating it if absent) the ledger at `path` for `run`; LedgerError if the
+        file is not a ledger, has another format, or belongs to another run."""
+        check_name("run", run)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=60.0, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open ledger {path}: {e}") from None
+        try:
+            # DELETE (the default) keeps the ledger one file; a WAL setting persists in the
+            # file, so set it explicitly in case something else switched it
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")  # two openers must not both create the schema
+            try:
+                tables = {
+                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+                if not tables:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [("format", str(FORMAT)), ("run", run)],
+                    )
+                elif not {"meta", "entries"} <= tables:
+                    raise LedgerError(f"{path} is a SQLite database but not a ledger")
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                if meta.get("format") != str(FORMAT):
+                    raise LedgerError(
+                        f"ledger {path} has format {meta.get('format')!r}, this reader: {FORMAT}"
+                    )
+                if meta.get("run") != run:
+                    raise LedgerError(
+                        f"ledger {path} belongs to run {meta.get('run')!r}, not {run!r}"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            conn.close()
+            raise LedgerError(f"cannot open ledger {path}: {_one_line(e)}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path, run)
+
+    def append_round(self, round: int, entries: list[dict[str, Any]]) -> bool:
+        """Appends `entries` (in order) as round `round` in one transaction. False, writing
+        nothing, if the round is already recorded; LedgerError if `round` is not after the
+        last recorded round; ValueError, writing nothing, if an entry is malformed. An
+        empty list records nothing (True)."""
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ValueError(f"round must be an int >= 0: {round!r}")
+        rows = [normalize_entry(e, round) for e in entries]  # all checked before any write
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise LedgerError(f"cannot append to {self.path}: {_one_line(e)}") from None
+            try:
+                if conn.execute(
+                    "SELECT 1 FROM entries WHERE round = ? LIMIT 1", (round,)
+                ).fetchone():
+                    conn.execute("ROLLBACK")
+                    return False
+                last = conn.execute(
+                    "SELECT seq, round, entry_hash FROM entries ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev = (last[0], last[2]) if last else (0, genesis_hash(self.run))
+                if last and round <= last[1]:
+                    raise LedgerError(
+                        f"round {round} is not after the ledger's last round {last[1]}"
+                    )
+                for fields in rows:
+                    seq += 1
+                    h = entry_hash(seq, prev, fields)
+                    conn.execute(
+                        f"INSERT INTO entries (seq, {_COLUMNS}, prev_hash, entry_hash) "
+                        f"VALUES ({', '.join('?' * (len(ENTRY_FIELDS) + 3))})",
+                        (seq, *(_sql(fields[f]) for f in ENTRY_FIELDS), prev, h),
+                    )
+                    prev = h
+                conn.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the failed COMMIT may already have ended the transaction
+                if isinstance(e, sqlite3.Error):
+                    raise LedgerError(f"cannot append to {self.path}: {_one_line(e)}") from None
+                raise
+        return True
+
+    def last_round(self) -> int | None:
+        """The last recorded round, None if the ledger is empty."""
+        row = self._one("SELECT round FROM entries ORDER BY seq DESC LIMIT 1")
+        return row[0] if row else None
+
+    def head(self) -> str:
+        """The last entry's hash (the genesis hash of an empty ledger): anchors the chain."""
+        row = self._one("SELECT entry_hash FROM entries ORDER BY seq DESC LIMIT 1")
+        return row[0] if row else genesis_hash(self.run)
+
+    def count(self) -> int:
+        """The number of entries."""
+        return self._one("SELECT count(*) FROM entries")[0]
+
+    def entries(
+        self, first_round: int | None = None, last_round: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Entries of rounds first_round..last_round (inclusive; None = unbounded) in seq
+        order: the fields plus seq, prev_hash and entry_hash, accepted/applied as bools."""
+        lo = -1 if first_round is None else first_round
+        hi = (1 << 62) if last_round is None else last_round
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT seq, {_COLUMNS}, prev_hash, entry_hash FROM entries "
+                "WHERE round >= ? AND round <= ? ORDER BY seq",
+                (lo, hi),
+            ).fetchall()
+        out = []
+        for row in rows:
+            entry = {"seq": row[0], **dict(zip(ENTRY_FIELDS, row[1:-2], strict=True))}
+            entry["accepted"], entry["applied"] = bool(entry["accepted"]), bool(entry["applied"])
+            entry["prev_hash"], entry["entry_hash"] = row[-2], row[-1]
+            out.append(entry)
+        return out
+
+    def payload_seen(self, payload_sha256: str) -> tuple[int, str] | None:
+        """(round, contributor) of the earliest entry with this payload hash (a replay
+        check); None if never seen. "" (unknown) never matches."""
+        if not payload_sha256:
+            return None
+        row = self._one(
+            "SELECT round, contributor FROM entries WHERE payload_sha256 = ? ORDER BY seq LIMIT 1",
+            (payload_sha256,),
+        )
+        return (row[0], row[1]) if row else None
+
+    def close(self) -> None:
+        """Closes the file (every round is already committed)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchone()
+
+
+def _sql(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+# ------------------------------------------------------------------------------- verify
+
+
+def verify_chain(
+    path: str,
+    run: str | None = None,
+    *,
+    head: str | None = None,
+    count: int | None = None,
+    last_round: int | None = None,
+) -> list[str]:
+    """Problems with the ledger at `path`, one line each; [] if intact. Never modifies the
+    file and never raises on a damaged one. `run`, `head`, `count` and `last_round` are
+    optional external anchors (a truncated tail is only detectable against them).
+
+    An interrupted transaction (a hot journal left by a killed writer) is not a problem:
+    the ledger is verified as a reader would see it once the journal is rolled back, by
+    rolling back a private copy."""
+    if not os.path.isfile(path):
+        return [f"no ledger file at {path}"]
+    anchors = {"head": head, "count": count, "last_round": last_round}
+    try:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        for _ in range(3):
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60.0)
+            try:
+                return _verify(conn, run, anchors)
+            except sqlite3.OperationalError as e:
+                # a read-only connection cannot roll back a hot journal (SQLITE_READONLY)
+                if "readonly" not in str(e) or not os.path.exists(path + "-journal"):
+                    raise
+            finally:
+                conn.close()
+            problems = _verify_rolled_back_copy(path, run, anchors)
+            if problems is not None:
+                return problems
+        return [f"cannot read {path}: its journal keeps changing"]
+    except sqlite3.DatabaseError as e:
+        if "not a database" in str(e) or "file is encrypted" in str(e):
+            return [f"not a SQLite database: {path} ({_one_line(e)})"]
+        return [f"cannot read {path}: {_one_line(e)}"]
+    except Exception as e:  # noqa: BLE001 - a damaged file must give a problem, not a crash
+        return [f"cannot verify {path}: {type(e).__name__}: {_one_line(e)}"]
+
+
+def _verify_rolled_back_copy(path: str, run: str | None, anchors: dict) -> list[str] | None:
+    """Verifies a copy of the file rolled back with its hot journal; None if the journal
+    changed meanwhile (someone else rolled it back: read the file itself again)."""
+    journal = path + "-journal"
+    with tempfile.TemporaryDirectory(prefix="ledger-verify-") as tmp:
+        copy = os.path.join(tmp, "ledger.sqlite")
+        try:
+            # journal first: a rollback that starts later only makes the file more like the
+            # journal's pages, and replaying the journal again onto that is harmless
+            shutil.copyfile(journal, copy + "-journal")
+            shutil.copyfile(path, copy)
+            with open(journal, "rb") as f, open(copy + "-journal", "rb") as g:
+                if f.read() != g.read():
+                    return None
+        except FileNotFoundError:
+            return None
+        conn = sqlite3.connect(copy, isolation_level=None, timeout=60.0)
+        try:
+            return _verify(conn, run, anchors)
+        finally:
+            conn.close()
+
+
+def _verify(conn: sqlite3.Connection, run: str | None, anchors: dict) -> list[str]:
+    problems: list[str] = []
+    # damaged text must surface as a hash mismatch, not a UnicodeDecodeError; surrogateescape
+    # keeps distinct bytes distinct, so no edit can hide behind a decoding
+    conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+    conn.execute("BEGIN")  # one snapshot for meta, entries and the integrity check
+    try:
+        integrity = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
+        if integrity != ["ok"]:
+            problems += [f"integrity_check: {line}" for line in integrity]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table in ("meta", "entries"):
+            if table not in tables:
+                problems.append(f"the {table} table is missing")
+        if problems and not {"meta", "entries"} <= tables:
+            return problems
+        meta = {str(k): v for k, v in conn.execute("SELECT key, value FROM meta")}
+        if meta.get("format") != str(FORMAT):
+            problems.append(f"meta format is {meta.get('format')!r}, expected '{FORMAT}'")
+        meta_run = meta.get("run")
+        if meta_run is None:
+            problems.append("meta has no run")
+        elif run is not None and meta_run != run:
+            problems.append(f"meta run is {meta_run!r}, expected {run!r}")
+        chain_run = run if run is not None else meta_run
+        problems += _verify_entries(conn, chain_run, anchors)
+    finally:
+        try:
+            conn.execute("ROLLBACK")  # read-only: nothing to commit, just drop the lock
+        except sqlite3.Error:
+            pass  # a failed read may have ended the transaction already
+    if len(problems) > _MAX_PROBLEMS:
+        more = len(problems) - _MAX_PROBLEMS
+        problems = problems[:_MAX_PROBLEMS] + [f"... and {more} more problems"]
+    return problems
+
+
+def _verify_entries(conn: sqlite3.Connection, run: str | None, anchors: dict) -> list[str]:
+    problems: list[str] = []
+    genesis = genesis_hash(run) if isinstance(run, str) else None
+    expected_seq, prev_seq, prev_hash, prev_round, n = 1, None, genesis, None, 0
+    cursor = conn.execute(
+        f"SELECT seq, {_COLUMNS}, prev_hash, entry_hash FROM entries ORDER BY seq"
+    )
+    for row in cursor:
+        n += 1
+        seq, stored_prev, stored_hash = row[0], row[-2], row[-1]
+        if seq != expected_seq:
+            if seq > expected_seq and expected_seq == 1:
+                problems.append(f"entries 1..{seq - 1} are missing (seq starts at {seq})")
+            elif seq == expected_seq + 1:
+                problems.append(f"entry {expected_seq} is missing (seq jumps {prev_seq} → {seq})")
+            elif seq > expected_seq:
+                problems.append(
+                    f"entries {expected_seq}..{seq - 1} are missing (seq jumps {prev_seq} → {seq})"
+                )
+            else:
+                problems.append(f"entry {seq}: seq out of range (expected {expected_seq})")
+        if prev_hash is None:
+            problems.append(f"entry {seq}: cannot check prev_hash (the run is unknown)")
+        elif stored_prev != prev_hash:
+            if prev_seq is None:
+                problems.append(
+                    f"entry {seq}: prev_hash does not match the genesis hash of run {run!r} "
+                    "(another run, or rows deleted at the start)"
+                )
+            else:
+                problems.append(
+                    f"entry {seq}: prev_hash does not match entry {prev_seq} "
+                    "(deleted, inserted or reordered rows)"
+                )
+        try:
+            fields = _row_fields(row[1:-2])
+        except ValueError as e:
+            problems.append(f"entry {seq}: {e}")
+            fields = None
+        if fields is not None:
+            if (
+                not isinstance(stored_prev, str)
+                or entry_hash(seq, stored_prev, fields) != stored_hash
+            ):
+                problems.append(f"entry {seq}: contents do not match its hash (edited)")
+            if prev_round is not None and fields["round"] < prev_round:
+                problems.append(
+                    f"entry {seq}: round {fields['round']} after round {prev_round} "
+                    "(rounds must not decrease)"
+                )
+            prev_round = fields["round"] if prev_round is None else max(prev_round, fields["round"])
+        expected_seq, prev_seq, prev_hash = max(seq, expected_seq - 1) + 1, seq, stored_hash
+    head = prev_hash if n else genesis
+    if anchors["count"] is not None and n != anchors["count"]:
+        problems.append(f"the ledger has {n} entries, expected {anchors['count']} (truncated?)")
+    if anchors["last_round"] is not None and prev_round != anchors["last_round"]:
+        problems.append(
+            f"the last round is {prev_round}, expected {anchors['last_round']} (truncated?)"
+        )
+    if anchors["head"] is not None and head != anchors["head"]:
+        problems.append(
+            f"the head is {str(head)[:16]}…, expected {anchors['head'][:16]}… "
+            "(truncated or rewritten tail)"
+        )
+    return problems
+
+
+# ------------------------------------------------------------------------- store mirror
+
+
+def store_key(run: str) -> str:
+    """The store key of a run's ledger copy."""
+    return f"{check_name('run', run)}/ledger.sqlite"
+
+
+def upload(store: ObjectStore, run: str, path: str) -> int:
+    """Puts a consistent snapshot of the ledger at `path` into the store (one whole-object
+    write replacing the previous copy); returns the bytes written. LedgerError if `path` is
+    missing or is another run's ledger."""
+    if not os.path.isfile(path):
+        raise LedgerError(f"no ledger file at {path}")
+    with tempfile.TemporaryDirectory(prefix="ledger-upload-") as tmp:
+        snapshot = os.path.join(tmp, "ledger.sqlite")
+        # The backup API copies under a read lock and restarts if a writer commits
+        # meanwhile: never half a round. A read-write source connection rolls back a hot
+        # journal first. (Reading the file directly would need a lock, and closing our own
+        # file descriptor would drop this process's POSIX locks on it.)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+        try:
+            src = sqlite3.connect(uri, uri=True, timeout=60.0)
+            try:
+                dst = sqlite3.connect(snapshot)
+                try:
+                    src.backup(dst)
+                    meta = dict(dst.execute("SELECT key, value FROM meta"))
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot snapshot ledger {path}: {_one_line(e)}") from None
+        if meta.get("run") != run:
+            raise LedgerError(f"ledger {path} belongs to run {meta.get('run')!r}, not {run!r}")
+        with open(snapshot, "rb") as f:
+            body = f.read()
+    return store.put(store_key(run), body)
+
+
+def download(store: ObjectStore, run: str, path: str) -> bool:
+    """Replaces the file at `path` with the store's copy of the run's ledger, atomically;
+    False (nothing written) if the store has none. LedgerError if the object is torn or
+    the copy fails `verify_chain` (the local file is then left as it was). No Ledger may
+    be open on `path` meanwhile."""
+    try:
+        body = store.get(store_key(run))
+    except CorruptObject as e:
+        raise LedgerError(f"the store's ledger copy is damaged: {e}") from None
+    if body is None:
+        return False
+    if not body.startswith(_SQLITE_MAGIC):
+        raise LedgerError(f"the store's ledger copy {store_key(run)} is not a SQLite database")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        problems = verify_chain(tmp, run)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise LedgerError(f"the store's ledger copy fails verification: {problems[0]}{more}")
+        # a hot journal left by a crashed writer of the old file would be "rolled back" onto
+        # the new one and corrupt it: drop it first (the old file is being discarded anyway)
+        for suffix in ("-journal", "-wal", "-shm"):
+            try:
+                os.remove(path + suffix)
+            except FileNotFoundError:
+                pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return True
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform lets a directory be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] or type(e).__name__

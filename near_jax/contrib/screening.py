@@ -1,0 +1,261 @@
+"""Screening and scoring of contributions (decoded pseudo-gradient trees, float32 numpy).
+
+Before robust aggregation (`robust.py`) the aggregator rejects contributions that are
+cheap attacks on the protocol rather than on the numbers: free riders pushing a (near) zero
+update, norm outliers, replays of an earlier round's applied update, and copies of another
+contributor's update of the same round. It then scores each contribution by the eval-loss
+improvement it alone brings to the global params, and splits rewards by score.
+
+Everything is pure and deterministic: norms and dot products accumulate float32 values in
+float64 (products of two float32 values are exact in float64) in fixed-size chunks summed in
+order, with numpy's pairwise sum inside a chunk (no BLAS, whose kernels vary by CPU). Weird
+numbers never raise: a non-finite norm is an outlier and a non-finite cosine counts as 0.
+Mismatched inputs (lengths, tree shapes) are caller bugs and raise ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+_CHUNK = 1 << 20  # elements per float64 chunk: bounds the temporary memory (8 MiB)
+
+FREE_RIDER, OUTLIER, STALE, COPY = "free-rider", "outlier", "stale", "copy"
+
+
+def _flat(tree: Any) -> list[np.ndarray]:
+    return [np.asarray(x, dtype=np.float32).reshape(-1) for x in jax.tree.leaves(tree)]
+
+
+def _check_like(a: list[np.ndarray], b: list[np.ndarray], what: str) -> None:
+    if len(a) != len(b) or any(x.size != y.size for x, y in zip(a, b, strict=True)):
+        raise ValueError(f"{what} is not shaped like the first contribution")
+
+
+def _dot(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        for start in range(0, x.size, _CHUNK):
+            cx = x[start : start + _CHUNK].astype(np.float64)
+            cy = y[start : start + _CHUNK].astype(np.float64)
+            total += float(np.sum(cx * cy))
+    return total
+
+
+def _norm(a: list[np.ndarray]) -> float:
+    total = 0.0
+    for x in a:
+        for start in range(0, x.size, _CHUNK):
+            c = x[start : start + _CHUNK].astype(np.float64)
+            total += float(np.sum(c * c))
+    return math.sqrt(total)  # nan stays nan, inf stays inf
+
+
+def _cos(dot: float, norm_a: float, norm_b: float) -> float:
+    if not (norm_a > 0 and norm_b > 0 and math.isfinite(norm_a) and math.isfinite(norm_b)):
+        return 0.0
+    c = dot / (norm_a * norm_b)
+    if not math.isfinite(c):
+        return 0.0
+    return max(-1.0, min(1.0, c))  # rounding can step just past ±1
+
+
+def norms(deltas: Sequence[Any]) -> list[float]:
+    """The global L2 norm of each tree (float64 accumulation; inf or nan if non-finite)."""
+    return [_norm(_flat(d)) for d in deltas]
+
+
+def cosine(a: Any, b: Any) -> float:
+    """Cosine similarity of two trees flattened; 0.0 if either norm is 0 or not finite."""
+    fa, fb = _flat(a), _flat(b)
+    _check_like(fa, fb, "the second tree")
+    return _cos(_dot(fa, fb), _norm(fa), _norm(fb))
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+@dataclasses.dataclass
+class Screen:
+    """The screening verdict on one contribution; `reason` is "" when it passes."""
+
+    reason: str = ""
+    check: str = ""  # "", FREE_RIDER, OUTLIER, STALE or COPY: the first check that failed
+    norm: float = 0.0
+    ratio: float = math.nan  # norm / the round's median norm (nan when undefined)
+    duplicate_of: str = ""  # the history label or contributor name it near-duplicates
+    cosine: float = 0.0  # the cosine with `duplicate_of`
+
+    @property
+    def passed(self) -> bool:
+        return not self.reason
+
+
+def screen_details(
+    deltas: Sequence[Any],
+    names: Sequence[str],
+    *,
+    history: Sequence[tuple[str, Any]] = (),
+    max_norm_ratio: float = 3.0,
+    zero_norm_ratio: float = 1e-3,
+    duplicate_cosine: float = 0.99,
+) -> list[Screen]:
+    """`screen` with the numbers behind each verdict (see `screen`)."""
+    if len(names) != len(deltas):
+        raise ValueError(f"screen: {len(deltas)} contributions but {len(names)} names")
+    for what, value in (("max_norm_ratio", max_norm_ratio), ("zero_norm_ratio", zero_norm_ratio)):
+        if not value >= 0:
+            raise ValueError(f"screen: {what} {value!r} is not >= 0")
+    if math.isnan(duplicate_cosine):
+        raise ValueError("screen: duplicate_cosine is nan")
+    flats = [_flat(d) for d in deltas]
+    hist = [(label, _flat(tree)) for label, tree in history]
+    for i, f in enumerate(flats[1:], 1):
+        _check_like(flats[0], f, f"contribution {i} ({names[i]})")
+    for label, f in hist:
+        if flats:
+            _check_like(flats[0], f, f"history tree {label}")
+    out = [Screen(norm=_norm(f)) for f in flats]
+
+    # 1-2. Norms against the round's median: the adversaries are a minority, so the median
+    # over everyone (finite) is an honest norm. With a median of 0 ratios mean nothing.
+    finite = [s.norm for s in out if math.isfinite(s.norm)]
+    median = statistics.median(finite) if finite else math.nan
+    for s in out:
+        if not math.isfinite(s.norm):
+            s.check, s.reason = OUTLIER, f"norm outlier: norm {_g(s.norm)} is not finite"
+            continue
+        if s.norm == 0:
+            s.check, s.reason = FREE_RIDER, "free-rider: zero update (norm 0)"
+            continue
+        if not median > 0:
+            continue
+        s.ratio = s.norm / median
+        if s.ratio < zero_norm_ratio:
+            s.check = FREE_RIDER
+            s.reason = (
+                f"free-rider: norm {_g(s.norm)} is {_g(s.ratio)}× the round's median "
+                f"{_g(median)} (limit {_g(zero_norm_ratio)}×)"
+            )
+        elif max_norm_ratio > 0 and s.ratio > max_norm_ratio:
+            s.check = OUTLIER
+            s.reason = (
+                f"norm outlier: norm {_g(s.norm)} is {_g(s.ratio)}× the round's median "
+                f"{_g(median)} (limit {_g(max_norm_ratio)}×)"
+            )
+
+    # 3. Replays of an earlier round's applied update: report the closest one.
+    hist_norms = [_norm(f) for _, f in hist]
+    for i, s in enumerate(out):
+        if s.reason:
+            continue
+        best: tuple[str, float] | None = None
+        for (label, f), hist_norm in zip(hist, hist_norms, strict=True):
+            c = _cos(_dot(flats[i], f), s.norm, hist_norm)
+            if c >= duplicate_cosine and (best is None or c > best[1]):
+                best = (label, c)
+        if best is not None:
+            s.check, (s.duplicate_of, s.cosine) = STALE, best
+            s.reason = f"stale: near-duplicate of {s.duplicate_of} (cosine {s.cosine:.4f})"
+
+    # 4. Copies within the round: the first arrival is presumed the original, so j is
+    # flagged against the earliest i < j that was not rejected by checks 1-3 (a copy may
+    # itself be the original of a later copy).
+    for j, s in enumerate(out):
+        if s.reason:
+            continue
+        for i in range(j):
+            if out[i].check in (FREE_RIDER, OUTLIER, STALE):
+                continue
+            c = _cos(_dot(flats[i], flats[j]), out[i].norm, s.norm)
+            if c >= duplicate_cosine:
+                s.check, s.duplicate_of, s.cosine = COPY, names[i], c
+                s.reason = f"copy: near-duplicate of {names[i]} (cosine {c:.4f})"
+                break
+    return out
+
+
+def screen(
+    deltas: Sequence[Any],
+    names: Sequence[str],
+    *,
+    history: Sequence[tuple[str, Any]] = (),
+    max_norm_ratio: float = 3.0,
+    zero_norm_ratio: float = 1e-3,
+    duplicate_cosine: float = 0.99,
+) -> list[str]:
+    """One reason per contribution, "" when it passes. Checks, first failure wins:
+
+    1. free-rider: norm 0, or norm / the round's median norm < zero_norm_ratio;
+    2. norm outlier: a non-finite norm, or norm / median > max_norm_ratio (0 disables);
+    3. stale: cosine >= duplicate_cosine with a tree of `history` (earlier rounds' applied
+       deltas, labelled "contributor@round");
+    4. copy: cosine >= duplicate_cosine with an earlier contribution in the given (arrival)
+       order that checks 1-3 did not reject; the earlier one keeps its status.
+
+    The median is over every contribution with a finite norm; when it is 0 (or there is
+    none) the ratio checks are skipped. duplicate_cosine > 1 disables checks 3-4."""
+    details = screen_details(
+        deltas,
+        names,
+        history=history,
+        max_norm_ratio=max_norm_ratio,
+        zero_norm_ratio=zero_norm_ratio,
+        duplicate_cosine=duplicate_cosine,
+    )
+    return [s.reason for s in details]
+
+
+def _loss(value: Any) -> float:
+    loss = float(np.asarray(value, dtype=np.float64).reshape(()))
+    return loss if math.isfinite(loss) else math.nan
+
+
+def score_contributions(
+    loss_fn: Callable[[Any], Any], params: Any, deltas: Sequence[Any], *, step: float = 1.0
+) -> tuple[float, list[float]]:
+    """(base, scores): base = loss_fn(params) and score_i = base − loss_fn(params − step·Δ_i),
+    the eval-loss improvement of Δ_i applied alone (params − step·Δ_i in float32). A
+    non-finite loss (or difference) scores -inf; a non-finite base is returned as nan."""
+    base = _loss(loss_fn(params))
+    scale = np.float32(step)
+
+    def moved(p: Any, d: Any) -> np.ndarray:
+        p32, d32 = np.asarray(p, dtype=np.float32), np.asarray(d, dtype=np.float32)
+        return np.asarray(p32 - scale * d32, dtype=np.float32)
+
+    scores = []
+    for delta in deltas:
+        score = base - _loss(loss_fn(jax.tree.map(moved, params, delta)))
+        scores.append(score if math.isfinite(score) else -math.inf)
+    return base, scores
+
+
+def reward_shares(
+    scores: Sequence[float | None], applied_or_accepted: Sequence[bool]
+) -> list[float]:
+    """share_i = max(score_i, 0) / Σ_j max(score_j, 0) over the eligible contributions
+    (flagged True, with a finite score); 0 for the others, and all 0 when the total is 0."""
+    if len(scores) != len(applied_or_accepted):
+        raise ValueError(
+            f"reward_shares: {len(scores)} scores but {len(applied_or_accepted)} flags"
+        )
+    positive = []
+    for score, eligible in zip(scores, applied_or_accepted, strict=True):
+        value = 0.0
+        if eligible and score is not None:
+            s = float(score)
+            if math.isfinite(s) and s > 0:
+                value = s
+        positive.append(value)
+    total = math.fsum(positive)
+    if not (total > 0 and math.isfinite(total)):
+        return [0.0] * len(positive)
+    return [value / total for value in positive]

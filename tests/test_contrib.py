@@ -1,0 +1,360 @@
+"""Untrusted contributors, in process: an adversarial round protocol on a synthetic problem.
+
+The model is a least-squares regression (params {"w", "b"}), so every round is fast and the
+honest pseudo-gradients are real (H gradient steps on each island's own data); everything
+else — store, signatures, registry, screening, scoring, robust rules, ledger — is the real
+thing.
+"""
+
+import hashlib
+import json
+import sqlite3
+
+import jax
+import numpy as np
+import pytest
+
+from near_jax.contrib import identity, ledger, validator
+from near_jax.contrib.robust import Rule
+from near_jax.contrib.validator import ContribAggregator, Policy, Signer
+from near_jax.diloco import rounds
+from near_jax.diloco.store import ObjectStore
+
+RUN, SPEC, LR, MU, H = "adv", "int8", 0.7, 0.9, 5
+DIM = 24
+W_TRUE = np.random.default_rng(7).standard_normal(DIM).astype(np.float32)
+LIKE = {"w": np.zeros(DIM, np.float32), "b": np.zeros((), np.float32)}
+CODE, CONFIG = "c" * 64, "d" * 64
+HONEST = [f"honest{i}" for i in range(6)]
+ADVERSARIES = {"zero": ("free-rider", "replayed"), "copier": "copy", "poisoner": "norm outlier",
+               "forger": "bad signature", "replayer": "replayed"}  # fmt: skip
+
+
+def batch(seed, n=64):
+    digest = hashlib.blake2b(repr(seed).encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    y = x @ W_TRUE + 0.5 + 0.1 * rng.standard_normal(n).astype(np.float32)
+    return x, y
+
+
+def loss(params, seed):
+    x, y = batch(("val", seed))
+    err = x @ np.asarray(params["w"]) + np.asarray(params["b"]) - y
+    return float(np.mean(err**2))
+
+
+EVAL = batch(("eval", 0), n=1024)
+
+
+def eval_loss(params):
+    x, y = EVAL
+    return float(np.mean((x @ params["w"] + params["b"] - y) ** 2))
+
+
+def inner(params, island, rnd, lr=0.02):
+    """H steps of gradient descent on the island's own batches: Δ = θ_r − θ_island."""
+    w, b = params["w"].copy(), params["b"].copy()
+    for step in range(H):
+        x, y = batch((island, rnd, step))
+        err = x @ w + b - y
+        w = w - lr * 2 * (x.T @ err) / len(y)
+        b = b - lr * 2 * np.mean(err)
+    return {"w": params["w"] - w.astype(np.float32), "b": params["b"] - np.float32(b)}
+
+
+class FakeClock:
+    def __init__(self):
+        self.t, self.on_sleep = 1000.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+        while self.on_sleep:  # what happens while the aggregator waits
+            self.on_sleep.pop(0)()
+
+
+class World:
+    """A run with registered contributors and an aggregator driven round by round."""
+
+    def __init__(self, path, names, policy, aggregator_key=None):
+        path.mkdir(parents=True, exist_ok=True)
+        self.store = ObjectStore.open(str(path))
+        self.clock, self.path, self.policy = FakeClock(), path, policy
+        self.keys = {name: identity.generate() for name in names}
+        self.agg_key = aggregator_key or identity.generate()
+        self.agg = self.make_aggregator()
+        self.agg.create(
+            {"w": np.zeros(DIM, np.float32), "b": np.zeros((), np.float32)},
+            {"inner_steps": H, **self.agg.manifest_fields()},
+        )
+        for name, key in self.keys.items():
+            assert identity.register(self.store, RUN, name, key, self.clock())
+        self.agg.load()
+        self.pushed = {}  # round -> {name: delta}
+
+    def make_aggregator(self):
+        return ContribAggregator(
+            self.store, RUN, LIKE, aggregator_key=self.agg_key, policy=self.policy,
+            loss_fn=loss, ledger_path=str(self.path / "local" / "ledger.sqlite"), spec=SPEC,
+            lr=LR, momentum=MU, quorum=1, round_timeout=30.0, poll_seconds=1.0,
+            clock=self.clock, sleep=self.clock.sleep,
+        )  # fmt: skip
+
+    def base(self):
+        return rounds.pull_version(self.store, RUN, self.agg.state.version, LIKE)
+
+    def push(self, name, delta, key=None, base=None):
+        signer = Signer(key or self.keys[name], name, CODE, CONFIG)
+        written, _, _ = rounds.push_contribution(
+            self.store, RUN, name, base or self.base(), delta, SPEC, sign=signer
+        )
+        assert written
+        self.pushed.setdefault(self.agg.state.version, {})[name] = delta
+
+    def decoded(self, rnd, name):
+        body = self.store.get(rounds.contrib_key(RUN, rnd, name))
+        return rounds.decode(rounds.unpack_contribution(body, 10**6)[1], like=LIKE)
+
+
+def adversarial_round(world, adversaries=True):
+    """Every island pushes for the current round, then the aggregator closes it."""
+    base, r = world.base(), world.agg.state.version
+    for name in HONEST:
+        world.push(name, inner(base.params, name, r))
+    if adversaries:
+        world.push("zero", jax.tree.map(np.zeros_like, base.params))
+        world.push("poisoner", jax.tree.map(lambda d: -10 * d, inner(base.params, "p", r)))
+        world.push("forger", inner(base.params, "forger", r), key=identity.generate())
+        if r > 0:  # an earlier round's payload, re-signed for this round
+            world.push("replayer", world.decoded(r - 1, "honest3"))
+
+        def copy():  # runs once the aggregator has seen honest2's contribution
+            noise = np.random.default_rng(r).standard_normal(DIM).astype(np.float32)
+            stolen = world.decoded(r, "honest2")
+            stolen["w"] = stolen["w"] + 1e-4 * np.linalg.norm(stolen["w"]) * noise / DIM
+            world.push("copier", stolen)
+
+        world.clock.on_sleep.append(copy)
+    # Closed by the deadline (the fake clock makes it instant), after the copier's push.
+    world.agg.quorum, world.agg.round_timeout = 100, 2.0
+    stats = world.agg.run_round()
+    assert stats["reason"] == "deadline" and not world.clock.on_sleep
+    return stats["decision"]
+
+
+POLICY = Policy(rule=Rule("trimmed_mean", trim_fraction=0.2), allowed_code=(CODE,),
+                config_sha256=CONFIG, score_batches=1)  # fmt: skip
+NAMES = HONEST + list(ADVERSARIES)
+
+
+@pytest.fixture(scope="module")
+def adversarial_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adversarial")
+    world = World(path, NAMES, POLICY)
+    decisions = [adversarial_round(world) for _ in range(5)]
+    world.agg.close()
+    return world, decisions
+
+
+def test_every_honest_contributor_outscores_every_adversary(adversarial_run):
+    world, decisions = adversarial_run
+    for d in decisions:
+        entries = {e["contributor"]: e for e in d["contrib"]["entries"]}
+        honest = [entries[n] for n in HONEST]
+        assert all(e["accepted"] and e["score"] > 0 and e["reward"] > 0 for e in honest)
+        assert sum(e["reward"] for e in honest) == pytest.approx(1.0)
+        for name, reason in ADVERSARIES.items():
+            if name not in entries:
+                assert name == "replayer" and d["round"] == 0
+                continue
+            e = entries[name]
+            assert not e["accepted"] and not e["applied"] and e["reward"] == 0, e
+            assert e["reason"].startswith(reason), (name, e["reason"])
+            assert e["signature"] or name == "forger"
+        assert "honest2" in [a["island"] for a in d["accepted"]]  # the copied one keeps it
+        worst_honest = min(e["score"] for e in honest)
+        scored = [entries[n]["score"] for n in ADVERSARIES if n in entries]
+        assert all(s is None or s < worst_honest for s in scored)
+
+
+def test_ledger_records_every_contribution_and_verifies(adversarial_run, tmp_path):
+    world, decisions = adversarial_run
+    copy = tmp_path / "ledger.sqlite"
+    assert ledger.download(world.store, RUN, str(copy))
+    assert ledger.verify_chain(str(copy), RUN) == []
+    with ledger.Ledger.open(str(copy), RUN) as book:
+        rows = book.entries()
+    assert len(rows) == sum(len(d["contrib"]["entries"]) for d in decisions) == 5 * 11 - 1
+    replays = [r for r in rows if r["contributor"] == "replayer"]
+    assert all("already seen from 'honest3'" in r["reason"] for r in replays)
+
+
+def test_seeds_are_committed_before_and_revealed_after_each_round(adversarial_run):
+    world, decisions = adversarial_run
+    manifest = rounds.read_json(world.store, rounds.manifest_key(RUN))
+    public = manifest["contrib"]["aggregator_key"]
+    commitment = manifest["contrib"]["seed_commitment"]
+    seeds = set()
+    for d in decisions:
+        reveal = d["contrib"]["seed_signature"]
+        assert validator.check_seed(public, RUN, d["round"], reveal, commitment) == ""
+        assert validator.check_seed(public, RUN, d["round"] + 1, reveal, commitment) != ""
+        seeds.add(validator.seed_from_signature(reveal))
+        commitment = d["contrib"]["next_seed_commitment"]
+    assert len(seeds) == len(decisions)  # a fresh validation draw every round
+
+
+def test_robust_rules_stay_near_honest_only_while_the_plain_mean_does_not(tmp_path):
+    def final_loss(name, policy, adversaries, rounds_=6):
+        names = HONEST + (list(ADVERSARIES) if adversaries else [])
+        world = World(tmp_path / name, names, policy)
+        for _ in range(rounds_):
+            adversarial_round(world, adversaries)
+        world.agg.close()
+        return eval_loss(world.agg.state.params)
+
+    start = eval_loss(LIKE)
+    honest = final_loss("honest", Policy(rule=Rule("mean"), allowed_code=(CODE,),
+                                         config_sha256=CONFIG, score_batches=1), False)  # fmt: skip
+    assert honest < 0.3 * start  # the run learns
+    # top_g with G = the honest count: a smaller G throws honest work away (G=4: +4% here).
+    for rule in (Rule("trimmed_mean", trim_fraction=0.2), Rule("median"), Rule("top_g", top_g=6)):
+        policy = Policy(rule=rule, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1)
+        robust = final_loss(f"robust-{rule.name}", policy, True)
+        assert abs(robust - honest) <= 0.02 * honest, (str(rule), robust, honest)
+    plain = Policy(rule=Rule("mean"), screen=False, allowed_code=(CODE,), config_sha256=CONFIG,
+                   score_batches=1)  # fmt: skip
+    assert final_loss("plain", plain, True) > 1.5 * honest
+
+
+def test_without_screening_the_robust_rule_alone_resists_the_poisoner(tmp_path):
+    policy = Policy(rule=Rule("median"), screen=False, allowed_code=(CODE,),
+                    config_sha256=CONFIG, score_batches=1)  # fmt: skip
+    world = World(tmp_path, NAMES, policy)
+    decision = adversarial_round(world)
+    entries = {e["contributor"]: e for e in decision["contrib"]["entries"]}
+    assert entries["poisoner"]["score"] < 0 < min(entries[n]["score"] for n in HONEST)
+    assert entries["zero"]["score"] == 0.0 and entries["zero"]["reward"] == 0.0
+    assert eval_loss(world.agg.state.params) < eval_loss(LIKE)
+
+
+@pytest.mark.parametrize(
+    "attack, reason",
+    [
+        ("unsigned", "unsigned"),
+        ("unregistered", "unregistered contributor"),
+        ("stale_object", "replayed: signed for round 0"),
+        ("wrong_base", "wrong base"),
+        ("unknown_field", "malformed: unknown tag fields 'extra'"),
+        ("truncated", "malformed"),
+        ("nan", "malformed payload: leaf 0: non-finite"),
+        ("bad_code", "attestation: code hash"),
+    ],
+)
+def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, reason):
+    world = World(tmp_path, HONEST[:2] + ["mallory"], POLICY)
+    world.push("honest0", inner(world.base().params, "honest0", 0))
+    adversarial_round_zero = world.agg.run_round()["decision"]  # round 0 → version 1
+    assert adversarial_round_zero["accepted"][0]["island"] == "honest0"
+    base, r = world.base(), 1
+    delta = inner(base.params, "mallory", r)
+    key = rounds.contrib_key(RUN, r, "mallory")
+    signer = Signer(world.keys["mallory"], "mallory", CODE, CONFIG)
+    payload = rounds.encode(delta, SPEC)[0].to_bytes()
+    tag = {"format": 1, "run": RUN, "round": r, "island": "mallory",
+           "base_sha256": base.params_sha256, "spec": SPEC}  # fmt: skip
+    if attack == "unsigned":
+        body = rounds.pack_contribution(tag, payload)
+    elif attack == "unregistered":
+        tag["island"] = "nobody"
+        key = rounds.contrib_key(RUN, r, "nobody")
+        body = rounds.pack_contribution(
+            {**tag, **Signer(identity.generate(), "nobody", CODE, CONFIG)(tag, payload)}, payload
+        )
+    elif attack == "stale_object":
+        body = world.store.get(rounds.contrib_key(RUN, 0, "honest0"))
+        key = rounds.contrib_key(RUN, r, "honest0")
+    elif attack == "wrong_base":
+        tag["base_sha256"] = "0" * 64
+        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)
+    elif attack == "unknown_field":
+        body = rounds.pack_contribution({**tag, **signer(tag, payload), "extra": 1}, payload)
+    elif attack == "truncated":
+        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)[:-7]
+    elif attack == "nan":
+        marker = np.float32(1234.5678)
+        bad = rounds.encode({**delta, "b": marker}, "fp32")[0].to_bytes()
+        bad = bad.replace(marker.tobytes(), np.float32(np.nan).tobytes())
+        tag["spec"] = "fp32"
+        body = rounds.pack_contribution({**tag, **signer(tag, bad)}, bad)
+    else:
+        evil = Signer(world.keys["mallory"], "mallory", "e" * 64, CONFIG)
+        body = rounds.pack_contribution({**tag, **evil(tag, payload)}, payload)
+    world.store.put(key, body)
+    world.push("honest1", inner(base.params, "honest1", r))
+    world.agg.quorum = 2
+    world.agg.round_timeout = 5.0
+    decision = world.agg.run_round()["decision"]
+    entry = [e for e in decision["contrib"]["entries"] if e["contributor"] != "honest1"][0]
+    assert entry["reason"].startswith(reason), entry["reason"]
+    assert not entry["accepted"] and entry["reward"] == 0.0
+    assert [a["island"] for a in decision["accepted"]] == ["honest1"]
+
+
+def test_restarted_aggregator_records_a_committed_round_once(tmp_path):
+    world = World(tmp_path, HONEST[:3], POLICY)
+    base = world.base()
+    for name in HONEST[:3]:
+        world.push(name, inner(base.params, name, 0))
+    world.agg.quorum = 3
+
+    def crash(*_):
+        raise KeyboardInterrupt  # dies after the decision, before the ledger/publication
+
+    world.agg._publish = crash
+    with pytest.raises(KeyboardInterrupt):
+        world.agg.run_round()
+    world.agg.close()
+    assert rounds.read_json(world.store, rounds.decision_key(RUN, 0)) is not None
+    again = world.make_aggregator()
+    assert again.load().version == 0
+    stats = again.run_round()
+    assert stats["replayed"] == 1 and stats["version"] == 1
+    again.close()
+    third = world.make_aggregator()
+    assert third.load().version == 1  # nothing to catch up: no duplicate rows
+    with ledger.Ledger.open(str(tmp_path / "local" / "ledger.sqlite"), RUN) as book:
+        assert [r["contributor"] for r in book.entries()] == HONEST[:3]
+    third.close()
+
+
+def test_a_run_refuses_another_aggregator_key(tmp_path):
+    world = World(tmp_path, HONEST[:1], POLICY)
+    world.agg.close()
+    other = ContribAggregator(
+        world.store, RUN, LIKE, aggregator_key=identity.generate(), policy=POLICY, loss_fn=loss,
+        ledger_path=str(tmp_path / "other.sqlite"), spec=SPEC, lr=LR, momentum=MU, quorum=1,
+        round_timeout=1.0,
+    )  # fmt: skip
+    with pytest.raises(rounds.ProtocolError, match="aggregator key"):
+        other.load()
+
+
+def test_verify_run_replays_robust_decisions(adversarial_run):
+    world, _ = adversarial_run
+    assert rounds.verify_run(world.store, RUN, LIKE) == []
+
+
+def test_tampering_with_the_stored_ledger_is_detected(adversarial_run, tmp_path):
+    world, _ = adversarial_run
+    path = tmp_path / "ledger.sqlite"
+    assert ledger.download(world.store, RUN, str(path))
+    con = sqlite3.connect(path)
+    con.execute("UPDATE entries SET reward = 0.5 WHERE contributor = 'zero' AND round = 2")
+    con.commit()
+    con.close()
+    problems = ledger.verify_chain(str(path), RUN)
+    assert problems and "edited" in json.dumps(problems)
