@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from near_jax.contrib import identity, ledger, validator
+from near_jax.contrib.contributor import Signer
 from near_jax.contrib.robust import Rule
-from near_jax.contrib.validator import ContribAggregator, Policy, Signer
+from near_jax.contrib.validator import ContribAggregator, Policy
 from near_jax.diloco import rounds
 from near_jax.diloco.store import ObjectStore
 

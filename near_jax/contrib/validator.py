@@ -40,7 +40,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -163,37 +162,6 @@ class Candidate(Verdict):
                 "statement": self.statement, "signature": self.signature,
                 "score": self.score, "accepted": self.accepted, "applied": self.valid,
                 "reason": self.reason, "reward": self.reward}  # fmt: skip
-
-
-def recipe_sha256(cfg) -> str:
-    """The config hash contributors sign: the run-fixed model and data settings."""
-    from near_jax.diloco.aggregator import manifest_fields
-
-    return attest.config_sha256(json.loads(json.dumps(manifest_fields(cfg))))
-
-
-class Signer:
-    """What an island adds to each contribution's tag: the signed statement (rounds'
-    `push_contribution(sign=...)`)."""
-
-    def __init__(
-        self, ident: identity.Identity, name: str, code_sha256: str, config_sha256: str,
-        attestation: bytes = b"",
-    ):  # fmt: skip
-        self.ident, self.name, self.attestation = ident, name, attestation
-        self.code_sha256, self.config_sha256 = code_sha256, config_sha256
-
-    def __call__(self, tag: dict, payload: bytes) -> dict:
-        fields = {"run": tag["run"], "round": tag["round"], "contributor": self.name,
-                  "base_sha256": tag["base_sha256"],
-                  "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                  "code_sha256": self.code_sha256, "config_sha256": self.config_sha256}  # fmt: skip
-        out = {k: fields[k] for k in ("contributor", "payload_sha256", "code_sha256",
-                                      "config_sha256")}  # fmt: skip
-        out["signature"] = identity.sign_statement(self.ident, fields)
-        if self.attestation:
-            out["attestation"] = base64.b64encode(self.attestation).decode()
-        return out
 
 
 # ------------------------------------------------------------------------ the aggregator
@@ -488,3 +456,49 @@ def _last_round(path: str) -> int:
 
 def _short(e: object) -> str:
     return " ".join(str(e).split())[:300]
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def scoring_loss(trainer, num_batches: int) -> Callable[[Any, int], float]:
+    """loss_fn(params, seed) for scoring: the trainer's eval loss on `num_batches` val
+    batches drawn from `seed` (drawn once per seed: a round scores everything on them)."""
+    from near_jax.diloco.aggregator import fixed_eval
+
+    cache: dict[int, Callable[[Any], float]] = {}
+
+    def loss(params: Any, seed: int) -> float:
+        if seed not in cache:
+            cache.clear()
+            cache[seed] = fixed_eval(trainer, num_batches, val_seed=seed)
+        return cache[seed](params)
+
+    return loss
+
+
+def build(
+    cfg, trainer, store, run: str, manifest: dict | None, *, key_path: str, ledger_path: str,
+    **kwargs: Any,
+) -> ContribAggregator:  # fmt: skip
+    """The aggregator of a contributor run (the policy from the manifest once the run
+    exists, else from `cfg.contrib`); ValueError (one line) for an unusable key."""
+    from near_jax.contrib.contributor import recipe_sha256
+
+    if not key_path:
+        raise ValueError(
+            "a contributor run needs the aggregator's key: --key=PATH (make one with "
+            "python -m near_jax.contrib keygen --out=PATH)"
+        )
+    try:
+        key = identity.load(key_path)
+    except identity.IdentityError as e:
+        raise ValueError(str(e)) from None
+    if manifest is not None:
+        policy = Policy.from_json(manifest["contrib"]["policy"])
+    else:
+        policy = Policy.from_config(cfg.contrib, attest.code_sha256(), recipe_sha256(cfg))
+    return ContribAggregator(
+        store, run, trainer.abstract_state.params, aggregator_key=key, policy=policy,
+        loss_fn=scoring_loss(trainer, policy.score_batches), ledger_path=ledger_path, **kwargs,
+    )  # fmt: skip

@@ -25,7 +25,9 @@ outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, re
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -316,8 +318,11 @@ def manifest_problem(manifest: dict, cfg) -> str | None:
     return None
 
 
-def fixed_eval(trainer, num_batches: int) -> Callable[[Any], float] | None:
-    """Mean validation loss of host params on `num_batches` fixed val batches (None if 0)."""
+def fixed_eval(
+    trainer, num_batches: int, val_seed: int | None = None
+) -> Callable[[Any], float] | None:
+    """Mean validation loss of host params on `num_batches` fixed val batches (None if 0);
+    `val_seed` draws other val batches (contribution scoring)."""
     if num_batches <= 0:
         return None
     import jax
@@ -326,8 +331,9 @@ def fixed_eval(trainer, num_batches: int) -> Callable[[Any], float] | None:
 
     cfg = trainer.cfg
     it = data.make_iterator(
-        cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size
-    )
+        cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size,
+        val_seed=val_seed,
+    )  # fmt: skip
     batches = [data.to_global_batch(next(it), trainer.batch_sharding) for _ in range(num_batches)]
     shardings = trainer.state_shardings.params
     dtypes = jax.tree.map(lambda a: a.dtype, trainer.abstract_state.params)
@@ -384,11 +390,23 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
           "outer_momentum": dl["outer_momentum"]}  # fmt: skip
     trainer = make_trainer(cfg, mesh)
     like = trainer.abstract_state.params
-    agg = Aggregator(
-        store, run, like, spec=dl["compression"], lr=dl["outer_lr"],
-        momentum=dl["outer_momentum"], quorum=f.quorum, round_timeout=f.round_timeout,
-        poll_seconds=f.poll_seconds, keep_versions=f.keep_versions,
-    )  # fmt: skip
+    kwargs = dict(spec=dl["compression"], lr=dl["outer_lr"], momentum=dl["outer_momentum"],
+                  quorum=f.quorum, round_timeout=f.round_timeout, poll_seconds=f.poll_seconds,
+                  keep_versions=f.keep_versions)  # fmt: skip
+    contributors = "contrib" in manifest if manifest is not None else cfg.contrib.enabled
+    if contributors:
+        from near_jax.contrib import validator
+
+        ledger_path = f.ledger or os.path.join(
+            f.workdir or tempfile.mkdtemp(prefix="near_jax-ledger-"), "ledger.sqlite"
+        )
+        try:
+            agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
+                                  ledger_path=ledger_path, **kwargs)  # fmt: skip
+        except ValueError as e:
+            usage_error(str(e))
+    else:
+        agg = Aggregator(store, run, like, **kwargs)
     created = False
     if manifest is None:
         params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
@@ -396,6 +414,8 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
                 "inner_steps": cfg.diloco.inner_steps, "quorum": f.quorum,
                 "round_timeout": f.round_timeout,
                 "num_params": rounds.num_elements(like)}  # fmt: skip
+        if contributors:
+            info.update(agg.manifest_fields())
         created = agg.create(params0, info)
     state = agg.load()
     batches = cfg.train.eval_batches if f.eval_batches < 0 else f.eval_batches
@@ -415,6 +435,8 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
             if evaluate:
                 stats["eval_loss"] = evaluate(agg.state.params)
             reason = stats.pop("reason")
+            if "contrib" in decision:
+                stats.update(contrib_stats(decision))
             if writer:
                 writer.write(stats["round"], stats, "aggregator")
             late = ", ".join(f"{e['island']}@{e['round']}" for e in decision["late"])
@@ -426,17 +448,39 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
                 f"{late or '-'} | rejected {rejected or '-'} | outer {stats['outer_step_s']:.3f}s"
                 f" | read {stats['bytes_read']} B written {stats['bytes_written']} B"
                 + (f" | eval loss {stats['eval_loss']:.4f}" if evaluate else "")
+                + (f" | best score {stats['best_score']:.4g}" if "best_score" in stats else "")
             )
         agg.finish()
         _log(f"run {run!r} finished at version {agg.state.version}")
     finally:
         if writer:
             writer.close()
+        if contributors:
+            agg.close()
     return 0
+
+
+def contrib_stats(decision: dict) -> dict:
+    """Per-round metrics of a contributor run: base loss, best and mean accepted score."""
+    scores = [e["score"] for e in decision["contrib"]["entries"] if e["accepted"]]
+    out = {"contributions": len(decision["contrib"]["entries"])}
+    if decision["contrib"]["base_loss"] is not None:
+        out["score_base_loss"] = decision["contrib"]["base_loss"]
+    if scores:
+        out["best_score"], out["mean_score"] = max(scores), sum(scores) / len(scores)
+    return out
 
 
 def define_flags() -> None:
     define_common_flags()
+    flags.DEFINE_string(
+        "key", None, "Contributor runs: the aggregator's ed25519 key (python -m near_jax."
+        "contrib keygen); its signatures seed each round's scoring batches."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "ledger", None, "Contributor runs: the local ledger file (default WORKDIR/ledger."
+        "sqlite, else a temp dir); the store keeps the mirror."
+    )  # fmt: skip
     flags.DEFINE_integer("rounds", None, "Close this many rounds, then mark the run finished.")
     flags.DEFINE_integer("quorum", 1, "Close a round once this many valid contributions arrived.")
     flags.DEFINE_float("round_timeout", 600.0, "Close a round this many seconds after it opened.")

@@ -117,6 +117,15 @@ def train_island(
             usage_error(problem)
     spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
     inner_steps = int(manifest["inner_steps"])
+    signer = None
+    if "contrib" in manifest:  # a run of untrusted contributors: sign every contribution
+        from near_jax.contrib.contributor import prepare_signer
+
+        try:
+            signer = prepare_signer(cfg, store, run, island, manifest, f.key, f.attestation)
+        except ValueError as e:
+            usage_error(str(e))
+        _log(island, f"signing as {island} (key id {signer.ident.key_id})")
     latest = waiter.until("the run's first version", lambda: rounds.read_latest(store, run))
     held, _ = _catch_up(store, run, island, None, latest["version"], abstract, spec, lr, mu)
     seed = island_seed(cfg.seed, island, held.version)
@@ -158,7 +167,7 @@ def train_island(
                 note = "round closed before the push (late; not sent)"
             else:
                 written, pushed_bytes, new_ef = rounds.push_contribution(
-                    store, run, island, held, delta, spec, error_feedback,
+                    store, run, island, held, delta, spec, error_feedback, sign=signer,
                     inner_loss=inner_loss, inner_steps=inner_steps,
                 )  # fmt: skip
                 note = "" if written else "already contributed to this round before a restart"
@@ -182,6 +191,10 @@ def train_island(
             pulled_mark = store.bytes_read
             full, full_pending = full or full_pending, False
             outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
+            mine = [e for e in decision.get("contrib", {}).get("entries", [])
+                    if e["contributor"] == island]  # fmt: skip
+            if mine and mine[0]["score"] is not None:
+                outcome += f" (score {mine[0]['score']:.4g}, reward {mine[0]['reward']:.3f})"
             stats = {"round": r, "version": held.version, "inner_loss": inner_loss,
                      "bytes_pushed": pushed_bytes, "bytes_pulled": pulled, "full_pull": int(full),
                      "wait_s": wait_s, "train_s": train_s, "accepted": int(accepted),
@@ -261,6 +274,14 @@ def define_flags() -> None:
     define_common_flags()
     flags.DEFINE_string("island", None, "This island's id (unique in the run): [A-Za-z0-9._-].")
     flags.DEFINE_integer("rounds", 0, "Rounds to contribute to, then exit 0 (0: until finished).")
+    flags.DEFINE_string(
+        "key", None, "Contributor runs: this island's ed25519 key (python -m near_jax.contrib "
+        "keygen); registered under --island on first use."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "attestation", "", "Contributor runs: a file attached to every contribution for the "
+        "run's attestation verifier (e.g. a TEE quote)."
+    )  # fmt: skip
     flags.DEFINE_float(
         "wait_for_run", 0.0, "Seconds to wait for the run to be created (0: fail if unknown)."
     )

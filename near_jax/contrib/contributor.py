@@ -1,0 +1,95 @@
+"""The contributor's side: what an island adds to its contributions in a contributor run.
+
+    python -m near_jax.contrib keygen --out=~/.near_jax/eu-1.key
+    python -m near_jax.diloco.island --store=… --run=… --island=eu-1 \\
+        --key=~/.near_jax/eu-1.key [--attestation=QUOTE_FILE] --config=…
+
+In a run whose manifest has a `contrib` section, `prepare_signer` loads the island's key,
+registers it under the island's name (first come, first served; the same key again is a
+no-op), checks that this code and config are ones the run accepts (so a mismatch fails at
+start-up, not as a rejection every round) and returns the `Signer` that
+`rounds.push_contribution(sign=...)` calls to sign each contribution's statement.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+
+from near_jax.contrib import attest, identity
+from near_jax.diloco.store import ObjectStore
+
+
+def recipe_sha256(cfg) -> str:
+    """The config hash contributors sign: the run-fixed model and data settings."""
+    from near_jax.diloco.aggregator import manifest_fields
+
+    return attest.config_sha256(json.loads(json.dumps(manifest_fields(cfg))))
+
+
+class Signer:
+    """Signs a contribution: returns the tag fields naming the signer and the statement's
+    signature (called with the tag and the payload bytes)."""
+
+    def __init__(
+        self, ident: identity.Identity, name: str, code_sha256: str, config_sha256: str,
+        attestation: bytes = b"",
+    ):  # fmt: skip
+        self.ident, self.name, self.attestation = ident, name, attestation
+        self.code_sha256, self.config_sha256 = code_sha256, config_sha256
+
+    def __call__(self, tag: dict, payload: bytes) -> dict:
+        fields = {"run": tag["run"], "round": tag["round"], "contributor": self.name,
+                  "base_sha256": tag["base_sha256"],
+                  "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                  "code_sha256": self.code_sha256, "config_sha256": self.config_sha256}  # fmt: skip
+        out = {k: fields[k] for k in ("contributor", "payload_sha256", "code_sha256",
+                                      "config_sha256")}  # fmt: skip
+        out["signature"] = identity.sign_statement(self.ident, fields)
+        if self.attestation:
+            out["attestation"] = base64.b64encode(self.attestation).decode()
+        return out
+
+
+def prepare_signer(
+    cfg, store: ObjectStore, run: str, name: str, manifest: dict, key_path: str,
+    attestation_path: str = "",
+) -> Signer:  # fmt: skip
+    """The island's Signer for a contributor run (registers the key); ValueError (one line)
+    when the key, its registration, the code or the config cannot take part."""
+    from near_jax.contrib import validator
+
+    if not key_path:
+        raise ValueError(
+            f"run {run!r} takes signed contributions only: pass --key=PATH (make one with "
+            "python -m near_jax.contrib keygen --out=PATH)"
+        )
+    try:
+        ident = identity.load(key_path)
+        identity.register(store, run, name, ident, time.time())
+    except identity.IdentityError as e:
+        raise ValueError(str(e)) from None
+    policy = validator.Policy.from_json(manifest["contrib"]["policy"])
+    code, config = attest.code_sha256(), recipe_sha256(cfg)
+    if policy.attestation == "code_hash" and code not in policy.allowed_code:
+        raise ValueError(
+            f"this near_jax code (hash {code[:12]}) is not allowed in run {run!r}: it takes "
+            f"{', '.join(h[:12] for h in policy.allowed_code)} (install that version)"
+        )
+    if config != policy.config_sha256:
+        raise ValueError(f"this config's hash {config[:12]} differs from run {run!r}'s")
+    blob = b""
+    if attestation_path:
+        try:
+            with open(attestation_path, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise ValueError(f"--attestation={attestation_path}: {e.strerror}") from None
+        if len(blob) > attest.MAX_BLOB_BYTES:
+            raise ValueError(
+                f"--attestation={attestation_path} is {len(blob)} bytes; the limit is "
+                f"{attest.MAX_BLOB_BYTES}"
+            )
+    return Signer(ident, name, code, config, blob)

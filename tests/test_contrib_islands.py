@@ -1,0 +1,89 @@
+"""A contributor run with real processes: signed islands, a forger, a kill -9'd aggregator."""
+
+import json
+import signal
+import time
+
+import jax
+import numpy as np
+
+from near_jax.contrib import identity, ledger
+from near_jax.contrib.contributor import Signer
+from near_jax.diloco import rounds
+from near_jax.diloco.compress import Payload, decode
+from near_jax.diloco.store import ObjectStore
+from tests.test_islands import MODEL, RUN, Procs, _latest, _records
+
+ROUNDS = 6
+
+
+def test_contributor_run_survives_an_aggregator_kill(tmp_path):
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    store = ObjectStore.open(str(store_dir))
+    keys = {name: tmp_path / f"{name}.key" for name in ("agg", "a", "b")}
+    for path in keys.values():
+        identity.save(identity.generate(), path)
+    common = [f"--store=file://{store_dir}", f"--run={RUN}", "--poll_seconds=0.1", *MODEL,
+              "--config.contrib.enabled=True", "--config.contrib.aggregation=median"]  # fmt: skip
+    agg_args = [*common, f"--rounds={ROUNDS}", "--quorum=2", "--round_timeout=5",
+                f"--workdir={tmp_path / 'agg'}", f"--key={keys['agg']}"]  # fmt: skip
+    procs = Procs(tmp_path)
+    forger = identity.generate()
+    t0 = time.monotonic()
+    try:
+        for name in "ab":
+            procs.start(name, "island", *common, f"--island={name}", f"--key={keys[name]}",
+                        "--wait_for_run=300", f"--workdir={tmp_path / name}")  # fmt: skip
+        procs.start("agg1", "aggregator", *agg_args)
+        procs.wait_for("version 1", lambda: _latest(store) >= 1, 240)
+        # A forger claims island a's name in the open round with another key.
+        v = _latest(store)
+        base = rounds.pull_version(store, RUN, v, _like(store))
+        delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.params)
+        forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
+        identity.register(store, RUN, "mallory", identity.generate(), time.time())
+        rounds.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
+        procs.wait_for("version 3", lambda: _latest(store) >= 3, 120)
+        procs.procs["agg1"].send_signal(signal.SIGKILL)
+        procs.procs["agg1"].wait()
+        killed_at = _latest(store)
+        restarted = procs.start("agg2", "aggregator", *agg_args)
+        restarted.wait(timeout=180)
+        for name in "ab":
+            procs.procs[name].wait(timeout=60)
+    finally:
+        procs.kill_all()
+    assert restarted.returncode == 0, procs.logs()
+    assert all(procs.procs[n].returncode == 0 for n in "ab"), procs.logs()
+    assert f"resumed at version {killed_at} " in procs.log("agg2")
+
+    # The store's ledger verifies and holds every decided contribution exactly once.
+    path = tmp_path / "ledger.sqlite"
+    assert ledger.download(store, RUN, str(path))
+    assert ledger.verify_chain(str(path), RUN) == []
+    with ledger.Ledger.open(str(path), RUN) as book:
+        rows = book.entries()
+    decisions = [json.loads(store.get(rounds.decision_key(RUN, r))) for r in range(ROUNDS)]
+    assert len(rows) == sum(len(d["contrib"]["entries"]) for d in decisions)
+    for d in decisions:
+        mine = [r for r in rows if r["round"] == d["round"]]
+        assert [r["contributor"] for r in mine] == [
+            e["contributor"] for e in d["contrib"]["entries"]
+        ]
+    honest = [r for r in rows if r["contributor"] in "ab"]
+    assert honest and all(r["accepted"] and r["signature"] for r in honest)
+    assert sum(r["applied"] for r in honest) >= ROUNDS
+    forged_rows = [r for r in rows if r["contributor"] == "mallory"]
+    assert len(forged_rows) == 1 and forged_rows[0]["reason"].startswith("bad signature")
+    assert rounds.verify_run(store, RUN, _like(store)) == []
+    records = _records(tmp_path / "agg" / "metrics.jsonl", "aggregator")
+    assert any("best_score" in x for x in records)
+    v0 = next(x["eval_loss"] for x in records if x.get("version") == 0 and "round" not in x)
+    last = max((x for x in records if "round" in x), key=lambda x: x["round"])
+    assert last["eval_loss"] < v0
+    print(f"contributor run: {time.monotonic() - t0:.1f}s, aggregator killed at {killed_at}")
+
+
+def _like(store):
+    return decode(Payload.from_bytes(store.get(rounds.version_key(RUN, 0, "params"))))
