@@ -8,6 +8,7 @@ thing.
 
 import hashlib
 import json
+import re
 import sqlite3
 
 import jax
@@ -253,6 +254,7 @@ def test_without_screening_the_robust_rule_alone_resists_the_poisoner(tmp_path):
         ("truncated", "malformed"),
         ("nan", "malformed payload: leaf 0: non-finite"),
         ("bad_code", "attestation: code hash"),
+        ("oversized", "malformed: oversized"),
     ],
 )
 def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, reason):
@@ -291,6 +293,9 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
         bad = bad.replace(marker.tobytes(), np.float32(np.nan).tobytes())
         tag["spec"] = "fp32"
         body = rounds.pack_contribution({**tag, **signer(tag, bad)}, bad)
+    elif attack == "oversized":
+        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)
+        body += b"\0" * world.agg.max_body
     else:
         evil = Signer(world.keys["mallory"], "mallory", "e" * 64, CONFIG)
         body = rounds.pack_contribution({**tag, **evil(tag, payload)}, payload)
@@ -359,3 +364,34 @@ def test_tampering_with_the_stored_ledger_is_detected(adversarial_run, tmp_path)
     con.close()
     problems = ledger.verify_chain(str(path), RUN)
     assert problems and "edited" in json.dumps(problems)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("aggregation", "mode", "one of mean | trimmed_mean | median | top_g"),
+        ("trim_fraction", 0.5, "in [0, 0.5)"),
+        ("top_g", 0, "a positive integer"),
+        ("max_norm_ratio", 0.5, "0 (off) or a ratio > 1"),
+        ("duplicate_cosine", 1.5, "a cosine in (0, 1]"),
+        ("score_batches", 0, "a positive integer"),
+        ("attestation", "not a spec", "code_hash or package.module:factory"),
+        ("allowed_code", "abc", "comma-separated sha256"),
+    ],
+)
+def test_contrib_config_errors_name_the_key(key, value, message):
+    from near_jax import config
+
+    cfg = config.default_config()
+    cfg.contrib[key] = value
+    with pytest.raises(config.ConfigError, match=rf"config\.contrib\.{key}=.*{re.escape(message)}"):
+        config.validate(cfg)
+
+
+def test_contrib_needs_shuffled_val_data():
+    from near_jax import config
+
+    cfg = config.default_config()
+    cfg.contrib.enabled, cfg.data.shuffle = True, False
+    with pytest.raises(config.ConfigError, match="unpredictable"):
+        config.validate(cfg)
