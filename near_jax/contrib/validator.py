@@ -13,7 +13,10 @@ check (each contribution as it arrives; a failed check is a rejection with its r
 
 decide (once the round closes)
     screen     free-riders (zero updates), norm outliers, stale copies of the previous
-               round's applied contributions, near-duplicates of an earlier arrival
+               round's applied contributions, near-duplicates of an earlier arrival (the
+               order the aggregator first listed them in; one poll lists by name, so a
+               copier must land in a later poll than its original, which it has to read
+               first — poll often: `--poll_seconds`)
     score      each survivor by the eval-loss improvement of θ_r − Δ_i (Δ_i applied alone)
                on validation batches drawn from this round's seed, which nobody knows
                before the aggregator reveals it in the decision

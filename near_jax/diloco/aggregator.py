@@ -140,8 +140,8 @@ class Aggregator:
                 store, run, base, decision, self.spec, self.lr, self.momentum, self.like
             )
             outer_s = now() - t0
+        self.recorded(decision)  # before `latest` moves: no reader sees an unrecorded round
         self._publish(r, new, update)
-        self.recorded(decision)
         self._decisions[r] = decision
         self._collect_garbage(new.version)
         self.state, opened = new, self.opened_at
@@ -183,8 +183,8 @@ class Aggregator:
         return new, update, decision
 
     def recorded(self, decision: dict) -> None:
-        """Called once round `decision` is committed and published, also after a restart
-        finishes it (a hook: contrib appends it to the ledger; must be idempotent)."""
+        """Called once round `decision` is committed, before its version is published, also
+        when a restart finishes it (a hook: contrib appends it to the ledger; idempotent)."""
 
     def _publish(self, r: int, new: Version, update: bytes | None) -> None:
         """Derived objects, then `latest` (a separate method so tests can crash here)."""

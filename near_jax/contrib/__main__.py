@@ -1,0 +1,322 @@
+"""Contributor tools: python -m near_jax.contrib COMMAND [flags]
+
+    keygen      --out=PATH [--force]               a new ed25519 key (PATH, 0600) and PATH.pub
+    register    --key=PATH --name=NAME --store=URL --run=RUN
+                                                   registers the key as contributor NAME
+    verify      --store=URL --run=RUN [--ledger=PATH]
+                                                   audits the run: ledger chain, signatures,
+                                                   decisions, seeds, rewards (exit 1: problems)
+    leaderboard --store=URL --run=RUN [--window=W] [--csv=PATH|-] [--ledger=PATH]
+                                                   standings over the last W rounds (0: all)
+    promote     --store=URL --run=RUN --top=K [--window=W] [--min_rounds=N] [--out=PATH]
+                                                   who qualifies for the next rung (JSON --out)
+    codehash                                       this code's hash (config.contrib.allowed_code)
+
+Exit status: 0 done, 1 the store, ledger or audit failed (one line on stderr, or the
+problems found), 2 a command-line mistake (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+
+from near_jax import cli
+from near_jax.cli import quiet_library_logs, usage_error
+
+_PROG = "near_jax.contrib"
+_STORE = ("store", "run")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A command: what it runs, the flags it needs and the flags it also takes."""
+
+    run: Callable[[Any], int]
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+
+def define_flags() -> None:
+    """The flags of every command (each command accepts only its own)."""
+    flags.DEFINE_string("out", None, "keygen: the key file to write; promote: a JSON file.")
+    flags.DEFINE_bool("force", False, "keygen: replace an existing key file.")
+    flags.DEFINE_string("key", None, "register: the contributor's private key file.")
+    flags.DEFINE_string("name", None, "register: the contributor name to claim.")
+    flags.DEFINE_string(
+        "store", None, "Object store: gs://BUCKET/PREFIX, s3://…, file:///… or a path."
+    )
+    flags.DEFINE_string("run", None, "Run name: the store prefix of the run.")
+    flags.DEFINE_string("ledger", None, "A local ledger file to read instead of the store's copy.")
+    flags.DEFINE_integer("window", 0, "Standings over the last W rounds (0: every round).")
+    flags.DEFINE_string("csv", None, "leaderboard: also write the standings as CSV ('-': stdout).")
+    flags.DEFINE_integer("top", None, "promote: how many contributors to promote (>= 1).")
+    flags.DEFINE_integer(
+        "min_rounds", 1, "promote: accepted in at least this many rounds of the window."
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def keygen(f: Any) -> int:
+    """Generates and saves a key; prints its id, public key and where it went."""
+    from near_jax.contrib import identity
+
+    if os.path.lexists(f.out) and not f.force:
+        usage_error(f"--out={f.out} exists; refusing to overwrite a key (pass --force)")
+    ident = identity.generate()
+    try:
+        identity.save(ident, f.out, overwrite=f.force)
+    except identity.IdentityError as e:
+        usage_error(str(e))
+    print(f"key id {ident.key_id}")
+    print(f"public key {ident.public_hex}")
+    print(f"wrote {f.out} (private: keep it secret) and {f.out}.pub (public: hand it out)")
+    return 0
+
+
+def register(f: Any) -> int:
+    """Registers the key in --key as contributor --name of the run."""
+    from near_jax.contrib import identity
+
+    try:
+        ident = identity.load(f.key)
+    except identity.IdentityError as e:
+        usage_error(str(e))
+    store, run = _open_run(f)
+    try:
+        created = identity.register(store, run, f.name, ident, time.time())
+    except identity.IdentityError as e:
+        usage_error(str(e))
+    if created:
+        print(f"registered {f.name} (key id {ident.key_id}) in run {run}")
+    else:
+        print(f"already registered: {f.name} (key id {ident.key_id}) in run {run}")
+    return 0
+
+
+def verify(f: Any) -> int:
+    """Audits the run; exit status 1 when anything does not check out."""
+    from near_jax.contrib import audit
+
+    store, run = _open_run(f)
+    problems, s = audit.verify(store, run, ledger_path=f.ledger)
+    print(
+        f"run {run}: {s['rounds']} closed rounds, {s['entries']} ledger entries from "
+        f"{s['contributors']} contributors ({s['accepted']} accepted, {s['rejected']} "
+        f"rejected), head {s['head'][:16] or '-'}"
+    )
+    for p in problems:
+        print(p)
+    print(f"{len(problems)} problems" if problems else "OK: everything checks out")
+    return 1 if problems else 0
+
+
+def leaderboard(f: Any) -> int:
+    """Prints the standings over the window; optionally writes them as CSV."""
+    from near_jax.contrib import rewards
+
+    _check_window(f)
+    store, run = _open_run(f)
+    entries = _verified_entries(f, store, run)
+    if entries is None:
+        return 1
+    first, last = rewards.window_bounds(entries, f.window)
+    ranked = rewards.standings(entries, first, last)
+    header = _rounds_header(run, entries, first, last)
+    if f.csv == "-":  # stdout is the CSV alone, so it can be piped
+        print(header, file=sys.stderr)
+        sys.stdout.write(rewards.to_csv(ranked))
+        return 0
+    print(header)
+    if ranked:
+        print(rewards.table(ranked))
+    if f.csv:
+        if not _write(f.csv, rewards.to_csv(ranked)):
+            return 1
+        print(f"wrote {f.csv}")
+    return 0
+
+
+def promote(f: Any) -> int:
+    """Prints who qualifies for promotion; with --out, writes them (and their keys) as JSON."""
+    from near_jax.contrib import identity, rewards
+
+    if f.top is None or f.top < 1:
+        usage_error(f"--top={f.top} is not allowed: must be >= 1")
+    if f.min_rounds < 1:
+        usage_error(f"--min_rounds={f.min_rounds} is not allowed: must be >= 1")
+    _check_window(f)
+    store, run = _open_run(f)
+    entries = _verified_entries(f, store, run)
+    if entries is None:
+        return 1
+    first, last = rewards.window_bounds(entries, f.window)
+    chosen = rewards.promotable(rewards.standings(entries, first, last), f.top, f.min_rounds)
+    print(f"{_rounds_header(run, entries, first, last)}: top {f.top}, accepted in >= "
+          f"{f.min_rounds} rounds, never caught cheating")  # fmt: skip
+    registry = identity.registry(store, run)
+    out = []
+    for rank, s in enumerate(chosen, 1):
+        public = registry.get(s.contributor, "")
+        # a name freed and re-registered to another key must not promote that other key
+        if public and identity.key_id(public) != s.key_id:
+            print(f"{_PROG}: warning: {s.contributor} is now registered to key id "
+                  f"{identity.key_id(public)}, not {s.key_id}; public_key left empty",
+                  file=sys.stderr)  # fmt: skip
+            public = ""
+        print(f"{rank:>3}  {s.contributor}  key id {s.key_id or '-'}  reward {s.reward:.4f}  "
+              f"rounds {len(s.rounds)}")  # fmt: skip
+        out.append({"contributor": s.contributor, "key_id": s.key_id, "public_key": public,
+                    "reward": s.reward, "rounds": len(s.rounds)})  # fmt: skip
+    if not chosen:
+        print("nobody qualifies")
+    if f.out:
+        if not _write(f.out, json.dumps(out, indent=2) + "\n"):
+            return 1
+        print(f"wrote {f.out}")
+    return 0
+
+
+def codehash(f: Any) -> int:
+    """Prints the sha256 of this near_jax package's source."""
+    from near_jax.contrib import attest
+
+    print(attest.code_sha256())
+    return 0
+
+
+COMMANDS = {
+    "keygen": Command(keygen, ("out",), ("force",)),
+    "register": Command(register, ("key", "name", *_STORE)),
+    "verify": Command(verify, _STORE, ("ledger",)),
+    "leaderboard": Command(leaderboard, _STORE, ("window", "csv", "ledger")),
+    "promote": Command(promote, (*_STORE, "top"), ("window", "min_rounds", "out", "ledger")),
+    "codehash": Command(codehash, ()),
+}
+_OWN_FLAGS = ("out", "force", "key", "name", "store", "run", "ledger", "window", "csv", "top",
+              "min_rounds")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _open_run(f: Any) -> tuple[Any, str]:
+    """(store, run) of a contributor run; a usage error for a bad URL, name or run."""
+    from near_jax.diloco import rounds
+    from near_jax.diloco.store import ObjectStore, StoreError
+
+    try:
+        run = rounds.check_name("run", f.run)
+    except ValueError as e:
+        usage_error(str(e))
+    try:
+        store = ObjectStore.open(f.store)
+    except StoreError as e:
+        usage_error(str(e))
+    manifest = rounds.read_json(store, rounds.manifest_key(run))  # damaged: exit 1 in _main
+    if manifest is None:
+        usage_error(f"unknown run {run!r}: no {rounds.manifest_key(run)} in {f.store}")
+    if not isinstance(manifest.get("contrib"), dict):
+        usage_error(f"run {run!r} is not a contributor run (its manifest has no contrib section)")
+    return store, run
+
+
+def _verified_entries(f: Any, store: Any, run: str) -> list[dict] | None:
+    """The ledger's entries, or None (after one line on stderr) when its chain does not
+    verify: standings from a tampered ledger are worthless."""
+    from near_jax.contrib import audit
+
+    entries, problems = audit.read_ledger(store, run, f.ledger)
+    if problems or entries is None:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0].removeprefix("ledger: ") if problems else "no ledger"
+        _error(f"refusing to rank: the ledger does not verify: {first}{more}")
+        return None
+    return entries
+
+
+def _rounds_header(run: str, entries: list[dict], first: int, last: int) -> str:
+    if not entries:
+        return f"run {run}: no contributions recorded yet"
+    return f"run {run}, rounds {first}–{last}"
+
+
+def _check_window(f: Any) -> None:
+    if f.window < 0:
+        usage_error(f"--window={f.window} is not allowed: must be >= 0 (0: every round)")
+
+
+def _write(path: str, text: str) -> bool:
+    """Writes `path` atomically; False (after one line on stderr) if it cannot."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        _error(f"cannot write {path}: {e.strerror or e}")
+        return False
+    return True
+
+
+def _error(message: str) -> None:
+    print(f"{_PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _main(argv: list[str]) -> None:
+    quiet_library_logs()
+    names = ", ".join(COMMANDS)
+    if len(argv) < 2:
+        usage_error(f"a command is required: {names}")
+    command = argv[1]
+    if command not in COMMANDS:
+        usage_error(f"unknown command {command!r}: the commands are {names}")
+    if len(argv) > 2:
+        usage_error(f"unexpected arguments: {' '.join(argv[2:])}")
+    spec, f = COMMANDS[command], flags.FLAGS
+    takes = (*spec.required, *spec.optional)
+    for name in _OWN_FLAGS:
+        if f[name].present and name not in takes:
+            allowed = " ".join(f"--{n}" for n in takes) or "no flags"
+            usage_error(f"--{name} does not apply to {command} (it takes {allowed})")
+    for name in spec.required:
+        if f[name].value is None or f[name].value == "":
+            usage_error(f"--{name} is required for {command}")
+
+    from near_jax.contrib.identity import IdentityError
+    from near_jax.contrib.ledger import LedgerError
+    from near_jax.diloco.rounds import ProtocolError
+    from near_jax.diloco.store import StoreError
+
+    try:
+        code = spec.run(f)
+    except (StoreError, LedgerError, ProtocolError, IdentityError) as e:
+        _error(str(e))
+        code = 1
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console entry point."""
+    if sys.argv and os.path.basename(sys.argv[0]) == "__main__.py":
+        sys.argv[0] = _PROG  # `python -m` names the file; messages should name the program
+    cli.run(_main, define_flags)
+
+
+if __name__ == "__main__":
+    main()
