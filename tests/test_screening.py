@@ -136,12 +136,15 @@ def test_thresholds_hold_at_their_boundaries(honest):
     names = ["h0", "h1", "close", "h2", "h3", "big"]
     big = combo(2.5, h[4])  # h[4] itself is not in the round
     deltas = [h[0], h[1], close, h[2], h[3], big]
-    c = cosine(h[1], close)
-    assert 0.99 < c < 1.0
+    # The boundaries are the exact values screen compares (its Gram matrix may round the
+    # last bit differently from `cosine`), which it reports in screen_details.
+    c = screen_details(deltas, names)[2].cosine
+    assert 0.99 < c < 1.0 and abs(c - cosine(h[1], close)) < 1e-12
     assert screen(deltas, names, duplicate_cosine=c)[2].startswith("copy: near-duplicate of h1")
     assert screen(deltas, names, duplicate_cosine=float(np.nextafter(c, 2.0)))[2] == ""
     # The same boundary for a replay of history.
     hist = [("bob@7", h[1])]
+    c = screen_details([h[0], close, h[2]], ["h0", "close", "h2"], history=hist)[1].cosine
     reasons = screen([h[0], close, h[2]], ["h0", "close", "h2"], history=hist, duplicate_cosine=c)
     assert reasons == ["", f"stale: near-duplicate of bob@7 (cosine {c:.4f})", ""]
     above = float(np.nextafter(c, 2.0))
@@ -153,8 +156,9 @@ def test_thresholds_hold_at_their_boundaries(honest):
         "",
     ]
     # norm / median > max_norm_ratio is flagged; equality passes.
-    ratio = norms([big])[0] / statistics.median(norms(deltas))
+    ratio = screen_details(deltas, names)[5].ratio
     assert 2.0 < ratio < 3.0
+    assert abs(ratio - norms([big])[0] / statistics.median(norms(deltas))) < 1e-12
     assert screen(deltas, names, max_norm_ratio=ratio, duplicate_cosine=1.01)[5] == ""
     below = float(np.nextafter(ratio, 0.0))
     flagged = screen(deltas, names, max_norm_ratio=below, duplicate_cosine=1.01)
