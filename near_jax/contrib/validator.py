@@ -238,7 +238,11 @@ class ContribAggregator(Aggregator):
             self.ledger.close()
         os.makedirs(os.path.dirname(os.path.abspath(self.ledger_path)), exist_ok=True)
         mirror = self.ledger_path + ".mirror"
-        if ledger.download(self.store, self.run, mirror):
+        try:
+            downloaded = ledger.download(self.store, self.run, mirror)
+        except ledger.LedgerError as e:
+            raise ProtocolError(str(e)) from None
+        if downloaded:
             if ledger.verify_chain(mirror, self.run):
                 raise ProtocolError(f"the store's ledger of run {self.run!r} does not verify")
             if _last_round(mirror) > _last_round(self.ledger_path):
