@@ -319,7 +319,7 @@ class Procs:
         self.tmp, self.procs = tmp_path, {}
         self.env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                     "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-                    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+                    "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),  # session-wide
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
 
     def start(self, name, module, *args):
