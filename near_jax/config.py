@@ -7,6 +7,7 @@ naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -143,6 +144,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "max_norm_ratio": (3.0, "Reject a Δ whose norm exceeds this × the round's median."),
         "zero_norm_ratio": (1e-3, "A Δ below this × the round's median norm is a free-rider."),
         "duplicate_cosine": (0.99, "Cosine similarity at which a Δ counts as a copy."),
+        "min_score": (
+            0.0,
+            "With screening: a Δ scoring below this (eval-loss gain alone, at the round's "
+            "median norm) is not applied.",
+        ),
         "score_batches": (
             2,
             "Validation batches per round for scoring, drawn from a seed revealed when the "
@@ -355,6 +361,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             c.enabled,
             "only with data.shuffle=True (scoring batches must be unpredictable)",
         )
+    if not isinstance(c.min_score, int | float) or not math.isfinite(c.min_score):
+        _fail("contrib.min_score", c.min_score, "a finite number")
     if c.score_batches < 1:
         _fail("contrib.score_batches", c.score_batches, "a positive integer")
     if not isinstance(c.attestation, str) or not (

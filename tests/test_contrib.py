@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from near_jax.contrib import identity, ledger, validator
-from near_jax.contrib.contributor import Signer
+from near_jax.contrib.contributor import Signer, slot_problem
 from near_jax.contrib.robust import Rule
 from near_jax.contrib.validator import ContribAggregator, Policy
 from near_jax.diloco import rounds
@@ -395,3 +395,166 @@ def test_contrib_needs_shuffled_val_data():
     cfg.contrib.enabled, cfg.data.shuffle = True, False
     with pytest.raises(config.ConfigError, match="unpredictable"):
         config.validate(cfg)
+
+
+# ------------------------------------------------------------ found in review: each was a hole
+
+
+def _close(world, quorum=100):
+    world.agg.quorum, world.agg.round_timeout = quorum, 2.0
+    return world.agg.run_round()["decision"]
+
+
+def _entries(decision):
+    return {e["contributor"]: e for e in decision["contrib"]["entries"]}
+
+
+def test_hostile_tags_and_registry_entries_never_stop_the_aggregator(tmp_path):
+    world = World(tmp_path, HONEST[:2] + ["badsig"], POLICY)
+    base = world.base()
+    world.push("honest0", inner(base.params, "honest0", 0))
+    payload = rounds.encode(inner(base.params, "x", 0), SPEC)[0].to_bytes()
+    tag = {"format": 1, "run": RUN, "round": 0, "base_sha256": base.params_sha256, "spec": SPEC}
+    hostile = {
+        "surrogate": {**tag, "island": "surrogate", "contributor": "\ud800", "signature": "x"},
+        "badsig": {
+            **tag,
+            "island": "badsig",
+            "contributor": "badsig",
+            "signature": "\udcff" * 3,
+            "code_sha256": CODE,
+            "config_sha256": CONFIG,
+        },
+        "nested": {**tag, "island": "nested", "contributor": "nested"},
+    }
+    for name, t in hostile.items():
+        body = rounds.pack_contribution(t, payload)
+        if name == "nested":  # ~30,000 nested lists inside the tag
+            raw = rounds.dumps(t)[:-1] + b',"x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+            body = len(raw).to_bytes(4, "little") + raw + payload
+        world.store.put(rounds.contrib_key(RUN, 0, name), body)
+    world.store.put(identity.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
+    world.store.put(
+        rounds.contrib_key(RUN, 0, "deep"),
+        rounds.pack_contribution({**tag, "island": "deep", "contributor": "deep",
+                                  "signature": "0" * 128, "payload_sha256": "0" * 64,
+                                  "code_sha256": CODE, "config_sha256": CONFIG}, payload),
+    )  # fmt: skip
+    decision = _close(world)
+    entries = _entries(decision)
+    assert entries["surrogate"]["reason"].startswith("malformed: the tag names")
+    assert entries["badsig"]["reason"].startswith("bad signature: not 128")
+    assert entries["badsig"]["signature"] == ""  # never an unencodable string in the ledger
+    assert entries["nested"]["reason"].startswith("malformed")
+    assert entries["deep"]["reason"].startswith("unregistered contributor 'deep' (its registry")
+    assert [a["island"] for a in decision["accepted"]] == ["honest0"]
+    world.agg.close()
+    assert world.make_aggregator().load().version == 1  # and a restart records it again fine
+
+
+def test_nobody_can_get_a_contributor_disqualified_without_its_key(tmp_path):
+    from near_jax.contrib import rewards
+
+    world = World(tmp_path, HONEST[:3] + ["mallory"], POLICY)
+    base = world.base()
+    for name in HONEST[:3]:
+        world.push(name, inner(base.params, name, 0))
+    _close(world)
+    base, r = world.base(), 1
+    # Mallory names honest0 in a replayed tag in its own slot, and copies honest1's own
+    # signed round-0 object into honest1's slot before honest1 pushes.
+    old = rounds.contrib_key(RUN, 0, "honest1")
+    world.store.put(rounds.contrib_key(RUN, r, "honest1"), world.store.get(old))
+    stale = rounds.pack_contribution({"run": RUN, "round": 0, "contributor": "honest0"}, b"")
+    world.store.put(rounds.contrib_key(RUN, r, "mallory"), stale)
+    for name in ("honest0", "honest2"):
+        world.push(name, inner(base.params, name, r))
+    slot = rounds.contrib_key(RUN, r, "honest1")
+    own = Signer(world.keys["honest1"], "honest1", CODE, CONFIG)
+    expect = {"run": RUN, "round": r, "base_sha256": base.params_sha256}
+    assert "not signed by this island's key" in slot_problem(world.store, slot, own, expect)
+    theirs = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
+    assert slot_problem(world.store, rounds.contrib_key(RUN, r, "honest0"), theirs, expect) == ""
+    entries = _entries(_close(world))
+    assert entries["honest1"]["reason"].startswith("replayed") and not entries["honest1"]["key_id"]
+    assert entries["mallory"]["reason"].startswith("replayed")  # under the key's name
+    with ledger.Ledger.open(str(tmp_path / "local" / "ledger.sqlite"), RUN) as book:
+        ranked = rewards.standings(book.entries())
+    assert {s.contributor for s in rewards.promotable(ranked, top=3)} == set(HONEST[:3])
+
+
+def test_a_copy_seen_in_the_same_poll_credits_neither(tmp_path):
+    world = World(tmp_path, HONEST[:4] + ["aaa"], POLICY)
+    base = world.base()
+    for name in HONEST[:4]:
+        world.push(name, inner(base.params, name, 0))
+    stolen = world.decoded(0, "honest3")
+    stolen["w"] = stolen["w"] * np.float32(1.0001)
+    world.push("aaa", stolen)  # listed before honest3 (by name) in the same poll
+    entries = _entries(_close(world))
+    for name in ("aaa", "honest3"):
+        assert entries[name]["reason"].startswith("duplicate:"), entries[name]
+        assert entries[name]["reward"] == 0 and not entries[name]["applied"]
+    assert all(entries[n]["applied"] for n in HONEST[:3])
+
+
+def test_inflating_an_update_buys_no_reward_and_harmful_ones_are_not_applied(tmp_path):
+    world = World(tmp_path, HONEST[:4] + ["inflated", "harmful"], POLICY)
+    base = world.base()
+    for name in HONEST[:4]:
+        world.push(name, inner(base.params, name, 0))
+    own = inner(base.params, "inflated", 0)  # an honest direction, pushed at 2.9× its norm
+    world.push("inflated", jax.tree.map(lambda d: np.float32(2.9) * d, own))
+    world.push("harmful", jax.tree.map(lambda d: np.float32(-1.5) * d, inner(base.params, "z", 0)))
+    entries = _entries(_close(world))
+    best_honest = max(entries[n]["reward"] for n in HONEST[:4])
+    assert entries["inflated"]["applied"] and entries["inflated"]["reward"] <= 1.25 * best_honest
+    assert entries["harmful"]["reason"].startswith("no improvement: score -")
+    assert entries["harmful"]["score"] < 0 and not entries["harmful"]["applied"]
+    honest = world.decoded(0, "honest1")
+    # Rescaled to the median norm, a scaled copy scores exactly like its original would.
+    scores = validator._at_median_norm([honest, jax.tree.map(lambda d: 2.9 * d, honest)])
+    assert np.allclose(scores[0]["w"], scores[1]["w"], rtol=1e-5)
+
+
+def test_a_forged_store_ledger_is_never_adopted(tmp_path):
+    world = World(tmp_path, HONEST[:2], POLICY)
+    for _ in range(2):
+        base = world.base()
+        for name in HONEST[:2]:
+            world.push(name, inner(base.params, name, base.version))
+        _close(world, quorum=2)
+    world.agg.close()
+    local = tmp_path / "local" / "ledger.sqlite"
+    # A forged mirror: a valid chain that pays honest1 everything, one round ahead.
+    forged = tmp_path / "forged.sqlite"
+    with ledger.Ledger.open(str(forged), RUN) as book:
+        for rnd in range(3):
+            book.append_round(rnd, [{"contributor": "honest1", "key_id": "", "payload_sha256": "",
+                                     "statement": "", "signature": "", "score": 9.0,
+                                     "accepted": True, "applied": True, "reason": "",
+                                     "reward": 1.0}])  # fmt: skip
+    world.store.put(ledger.store_key(RUN), forged.read_bytes())
+    local.unlink()  # a fresh machine: only the store and the decisions
+    again = world.make_aggregator()
+    assert again.load().version == 2
+    again.close()
+    with ledger.Ledger.open(str(local), RUN) as book:
+        rows = book.entries()
+    assert [r["contributor"] for r in rows] == HONEST[:2] * 2  # rebuilt from the decisions
+    copy = tmp_path / "mirror.sqlite"
+    assert ledger.download(world.store, RUN, str(copy))  # and the mirror was replaced
+    with ledger.Ledger.open(str(copy), RUN) as book:
+        assert book.entries() == rows
+
+
+def test_a_diverged_model_closes_the_round_without_applying_anything(tmp_path):
+    world = World(tmp_path, HONEST[:2], POLICY)
+    world.agg.loss_fn = lambda params, seed: float("nan")
+    base = world.base()
+    for name in HONEST[:2]:
+        world.push(name, inner(base.params, name, 0))
+    decision = _close(world, quorum=2)
+    assert decision["contrib"]["base_loss"] is None and decision["accepted"] == []
+    assert all(e["reason"].startswith("harmful") for e in decision["contrib"]["entries"])
+    assert validator.check_decision(world.agg_key.public_hex, decision)

@@ -68,7 +68,6 @@ def prepare_signer(
         )
     try:
         ident = identity.load(key_path)
-        identity.register(store, run, name, ident, time.time())
     except identity.IdentityError as e:
         raise ValueError(str(e)) from None
     policy = validator.Policy.from_json(manifest["contrib"]["policy"])
@@ -92,4 +91,29 @@ def prepare_signer(
                 f"--attestation={attestation_path} is {len(blob)} bytes; the limit is "
                 f"{attest.MAX_BLOB_BYTES}"
             )
+    try:  # last: a start that fails on the code or config does not claim the name
+        identity.register(store, run, name, ident, time.time())
+    except identity.IdentityError as e:
+        raise ValueError(str(e)) from None
     return Signer(ident, name, code, config, blob)
+
+
+def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> str:
+    """Why the object at this island's contribution `key` is not the island's own for the
+    statement fields in `expect` (run, round, base_sha256); "" if it is. Someone else may
+    write to our slot first to block or frame us."""
+    from near_jax.diloco import rounds
+
+    body = store.get(key)
+    if body is None:
+        return "it vanished"
+    try:
+        tag, payload = rounds.split_contribution(body)
+    except Exception as e:  # noqa: BLE001 - whatever is there, it is not ours
+        return f"it is not a contribution ({str(e)[:80]})"
+    fields = {k: tag.get(k) for k in identity.STATEMENT_FIELDS}
+    fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    fields.update(expect, contributor=signer.name)
+    if not identity.verify_statement(signer.ident.public_hex, fields, tag.get("signature", "")):
+        return "it is not signed by this island's key for this round"
+    return ""

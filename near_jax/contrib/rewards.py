@@ -7,8 +7,12 @@ sent, what was accepted and applied, and what was rejected.
 
 Promotion (`promotable`) takes the top K by total reward among contributors that were
 accepted in at least `min_rounds` rounds of the window and were never caught cheating in it:
-a rejection for a bad signature, a replay, a copy or stale copy, or a norm outlier (the
-poisoner's signature) disqualifies. A free-rider is not disqualified; it simply earns 0.
+a rejection for a replay, a copy or stale copy, or a norm outlier (the poisoner's mark)
+disqualifies — but only of an entry the contributor signed for that round (it has a key
+id). Anyone can write an object under someone else's name (a bad signature, an old
+statement of theirs replayed), so unsigned rejections are never held against the name.
+A free-rider is not disqualified; it simply earns 0, and neither is a "duplicate" (a pair
+seen together, the original unknown).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import dataclasses
 import io
 from collections.abc import Iterable, Sequence
 
-DISQUALIFYING = ("bad signature", "replayed", "copy", "stale", "norm outlier")
+DISQUALIFYING = ("replayed", "copy", "stale", "norm outlier")
 
 
 @dataclasses.dataclass
@@ -83,7 +87,7 @@ def standings(entries: Iterable[dict], first: int = 0, last: int | None = None) 
             s.score_sum += e["score"] or 0.0
         else:
             s.rejected += 1
-            for flag in DISQUALIFYING:
+            for flag in DISQUALIFYING if e["key_id"] else ():  # signed by the contributor
                 if e["reason"].startswith(flag):
                     s.flags[flag] = s.flags.get(flag, 0) + 1
         s.applied += bool(e["applied"])

@@ -30,6 +30,7 @@ import numpy as np
 _CHUNK = 1 << 20  # elements per float64 chunk: bounds the temporary memory (8 MiB)
 
 FREE_RIDER, OUTLIER, STALE, COPY = "free-rider", "outlier", "stale", "copy"
+DUPLICATE = "duplicate"  # a near-duplicate pair first seen together: the original is unknown
 
 
 def _flat(tree: Any) -> list[np.ndarray]:
@@ -128,6 +129,7 @@ def screen_details(
     max_norm_ratio: float = 3.0,
     zero_norm_ratio: float = 1e-3,
     duplicate_cosine: float = 0.99,
+    arrival: Sequence[int] | None = None,
 ) -> list[Screen]:
     """`screen` with the numbers behind each verdict (see `screen`)."""
     if len(names) != len(deltas):
@@ -189,9 +191,12 @@ def screen_details(
             s.check, (s.duplicate_of, s.cosine) = STALE, best
             s.reason = f"stale: near-duplicate of {s.duplicate_of} (cosine {s.cosine:.4f})"
 
-    # 4. Copies within the round: the first arrival is presumed the original, so j is
+    # 4. Copies within the round: an earlier arrival is presumed the original, so j is
     # flagged against the earliest i < j that was not rejected by checks 1-3 (a copy may
-    # itself be the original of a later copy).
+    # itself be the original of a later copy). A pair that arrived together (the same
+    # `arrival` value) has no known original: both are flagged as duplicates.
+    if arrival is not None and len(arrival) != len(out):
+        raise ValueError(f"screen: {len(out)} contributions but {len(arrival)} arrivals")
     for j, s in enumerate(out):
         if s.reason:
             continue
@@ -199,10 +204,19 @@ def screen_details(
             if out[i].check in (FREE_RIDER, OUTLIER, STALE):
                 continue
             c = _cos(float(gram[i, j]), out[i].norm, s.norm)
-            if c >= duplicate_cosine:
+            if c < duplicate_cosine:
+                continue
+            if arrival is None or arrival[i] < arrival[j]:
                 s.check, s.duplicate_of, s.cosine = COPY, names[i], c
                 s.reason = f"copy: near-duplicate of {names[i]} (cosine {c:.4f})"
                 break
+            for a, b in ((j, i), (i, j)):
+                if not out[a].reason:
+                    out[a].check, out[a].duplicate_of, out[a].cosine = DUPLICATE, names[b], c
+                    out[a].reason = (f"duplicate: near-duplicate of {names[b]} (cosine "
+                                     f"{c:.4f}), seen at the same time: the original is "
+                                     "unknown, neither is applied")  # fmt: skip
+            break
     return out
 
 
@@ -214,6 +228,7 @@ def screen(
     max_norm_ratio: float = 3.0,
     zero_norm_ratio: float = 1e-3,
     duplicate_cosine: float = 0.99,
+    arrival: Sequence[int] | None = None,
 ) -> list[str]:
     """One reason per contribution, "" when it passes. Checks, first failure wins:
 
@@ -222,7 +237,9 @@ def screen(
     3. stale: cosine >= duplicate_cosine with a tree of `history` (earlier rounds' applied
        deltas, labelled "contributor@round");
     4. copy: cosine >= duplicate_cosine with an earlier contribution in the given (arrival)
-       order that checks 1-3 did not reject; the earlier one keeps its status.
+       order that checks 1-3 did not reject; the earlier one keeps its status — unless
+       `arrival` (e.g. the poll each was first seen in) says they arrived together: then
+       both are flagged "duplicate", since nobody can tell which is the original.
 
     The median is over every contribution with a finite norm; when it is 0 (or there is
     none) the ratio checks are skipped. duplicate_cosine > 1 disables checks 3-4."""
@@ -233,6 +250,7 @@ def screen(
         max_norm_ratio=max_norm_ratio,
         zero_norm_ratio=zero_norm_ratio,
         duplicate_cosine=duplicate_cosine,
+        arrival=arrival,
     )
     return [s.reason for s in details]
 

@@ -17,18 +17,23 @@ decide (once the round closes)
                order the aggregator first listed them in; one poll lists by name, so a
                copier must land in a later poll than its original, which it has to read
                first — poll often: `--poll_seconds`)
-    score      each survivor by the eval-loss improvement of θ_r − Δ_i (Δ_i applied alone)
+    score      each survivor by the eval-loss improvement of θ_r − Δ_i (Δ_i applied alone,
+               rescaled to the round's median norm so inflating a Δ cannot buy reward)
                on validation batches drawn from this round's seed, which nobody knows
-               before the aggregator reveals it in the decision
+               before the aggregator reveals it in the decision; with screening, a Δ
+               scoring below `contrib.min_score` is not applied
     aggregate  the run's robust rule (trimmed mean, coordinate median, top-G by score or
                the plain mean) over the survivors it selects
     reward     each accepted contribution's share of the round: score⁺ / Σ score⁺
 
-recorded (after the decision, the commit point, is published)
+recorded (after the decision, the commit point, is written; before `latest` moves)
     appends the round's entries to the hash-chained SQLite ledger, then mirrors the ledger
-    into the store (`RUN/ledger.sqlite`). The entries are part of the decision, so the
-    ledger is a pure function of the decisions: a restarted aggregator re-appends a round
-    it had committed but not recorded, and `verify` checks ledger against decisions.
+    into the store (`RUN/ledger.sqlite`). The entries are part of the decision, which the
+    aggregator signs, so the ledger is a pure function of the decisions: a restarted
+    aggregator re-appends a round it had committed but not recorded (and checks that a
+    recorded one matches), rebuilds a lost or broken ledger from them, and `verify` checks
+    ledger against decisions. Only entries whose statement the contributor signed for this
+    round carry a key id: nothing unsigned is held against a contributor's name.
 
 Seeds: the seed of round r is derived from the aggregator's ed25519 signature over
 (run, r) — deterministic, so a restart recomputes it — and sha256 of that signature is
@@ -45,6 +50,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +63,7 @@ from near_jax.diloco import rounds
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.compress import Payload, PayloadError, decode
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
-from near_jax.diloco.store import CorruptObject
+from near_jax.diloco.store import CorruptObject, StoreError
 
 TAG_FIELDS = frozenset(
     {"format", "run", "round", "island", "base_sha256", "spec", "inner_loss", "inner_steps",
@@ -64,6 +71,8 @@ TAG_FIELDS = frozenset(
      "attestation"}
 )  # fmt: skip
 _SEED_DOMAIN = b"near_jax/seed/v1\n"
+_DECISION_DOMAIN = b"near_jax/decision/v1\n"
+_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 
 
 # ------------------------------------------------------------------------------- policy
@@ -78,6 +87,7 @@ class Policy:
     max_norm_ratio: float = 3.0
     zero_norm_ratio: float = 1e-3
     duplicate_cosine: float = 0.99
+    min_score: float = 0.0
     score_batches: int = 2
     attestation: str = "code_hash"
     allowed_code: tuple[str, ...] = ()
@@ -93,6 +103,7 @@ class Policy:
             max_norm_ratio=float(contrib_cfg.max_norm_ratio),
             zero_norm_ratio=float(contrib_cfg.zero_norm_ratio),
             duplicate_cosine=float(contrib_cfg.duplicate_cosine),
+            min_score=float(contrib_cfg.min_score),
             score_batches=int(contrib_cfg.score_batches),
             attestation=contrib_cfg.attestation,
             allowed_code=tuple(sorted({code_sha256, *extra})),
@@ -141,6 +152,32 @@ def check_seed(public_hex: str, run: str, rnd: int, signature_hex: str, commitme
     return ""
 
 
+def decision_bytes(decision: dict) -> bytes:
+    """What the aggregator signs of a decision: everything but its "signature"."""
+    body = {k: v for k, v in decision.items() if k != "signature"}
+    return _DECISION_DOMAIN + rounds.dumps(body)
+
+
+def check_decision(public_hex: str, decision: dict) -> bool:
+    """Whether `decision` carries the aggregator's valid signature over its contents."""
+    return identity.verify(public_hex, decision_bytes(decision), decision.get("signature", ""))
+
+
+def _at_median_norm(deltas: list[Any]) -> list[Any]:
+    """Each Δ rescaled to the round's median norm: scores then compare directions, so a
+    contributor cannot raise its score (and reward) by inflating its update."""
+    norms = screening.norms(deltas)
+    finite = [n for n in norms if math.isfinite(n) and n > 0]
+    if not finite:
+        return deltas
+    median = float(np.median(finite))
+    return [
+        jax.tree.map(lambda d, k=median / n: d * np.float32(k), delta)
+        if math.isfinite(n) and n > 0 else delta
+        for delta, n in zip(deltas, norms, strict=True)
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------------------- candidates
 
 
@@ -157,10 +194,11 @@ class Candidate(Verdict):
     score: float | None = None
     accepted: bool = False
     reward: float = 0.0
+    arrival: int = 0  # the aggregator's poll in which it was first listed
 
     def entry(self, rnd: int) -> dict:
         """This contribution's ledger entry."""
-        return {"round": rnd, "contributor": self.contributor or self.island,
+        return {"round": rnd, "contributor": self.contributor,
                 "key_id": self.key_id, "payload_sha256": self.payload_sha256,
                 "statement": self.statement, "signature": self.signature,
                 "score": self.score, "accepted": self.accepted, "applied": self.valid,
@@ -188,9 +226,11 @@ class ContribAggregator(Aggregator):
         policy: Policy,
         loss_fn: Callable[[Any, int], float],
         ledger_path: str,
+        log: Callable[[str], None] = lambda message: None,
         **kwargs: Any,
     ):
         super().__init__(store, run, like, **kwargs)
+        self.log = log
         self.key, self.policy, self.loss_fn = aggregator_key, policy, loss_fn
         self.ledger_path = ledger_path
         self.verifier = attest.load_verifier(
@@ -202,7 +242,6 @@ class ContribAggregator(Aggregator):
         self._keys: dict[str, str] = {}
         self._history: list[tuple[str, Any]] = []  # (contributor@round, Δ) of last round
         self._history_round = -1
-        self._arrivals = 0
 
     def manifest_fields(self) -> dict:
         """What `create` records about contributions (the policy, key, round 0's seed)."""
@@ -224,36 +263,36 @@ class ContribAggregator(Aggregator):
                 f"{str(theirs)[:16]}…, this key is {self.key.public_hex[:16]}…"
             )
         self._open_ledger()
-        for rnd in range((self.ledger.last_round() or -1) + 1, state.version):
+        last = self.ledger.last_round()
+        for rnd in range(0 if last is None else last + 1, state.version):
             decision = rounds.read_json(self.store, rounds.decision_key(self.run, rnd))
             if decision is None:
                 raise ProtocolError(f"round {rnd} is published but has no decision")
             self._record(decision)
-        ledger.upload(self.store, self.run, self.ledger_path)
+        self._upload()
         return state
 
     def _open_ledger(self) -> None:
-        """The local ledger, replaced by the store's mirror when that one is further on."""
+        """The local ledger. One that does not verify is moved aside and rebuilt from the
+        decisions (signed by this aggregator); the store's mirror is never read back, since
+        anyone who can write to the store could have forged it."""
         if self.ledger is not None:
             self.ledger.close()
-        os.makedirs(os.path.dirname(os.path.abspath(self.ledger_path)), exist_ok=True)
-        mirror = self.ledger_path + ".mirror"
+        path = self.ledger_path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            problems = ledger.verify_chain(path, self.run)
+            if problems:
+                aside = f"{path}.broken-{int(time.time())}"
+                for suffix in ("", "-journal"):
+                    if os.path.exists(path + suffix):
+                        os.replace(path + suffix, aside + suffix)
+                self.log(f"ledger {path} does not verify ({problems[0]}); moved it to {aside}, "
+                         "rebuilding it from the decisions")  # fmt: skip
         try:
-            downloaded = ledger.download(self.store, self.run, mirror)
+            self.ledger = ledger.Ledger.open(path, self.run)
         except ledger.LedgerError as e:
             raise ProtocolError(str(e)) from None
-        if downloaded:
-            if ledger.verify_chain(mirror, self.run):
-                raise ProtocolError(f"the store's ledger of run {self.run!r} does not verify")
-            if _last_round(mirror) > _last_round(self.ledger_path):
-                os.replace(mirror, self.ledger_path)
-        if os.path.exists(mirror):
-            os.remove(mirror)
-        if os.path.exists(self.ledger_path):
-            problems = ledger.verify_chain(self.ledger_path, self.run)
-            if problems:
-                raise ProtocolError(f"ledger {self.ledger_path} is broken: {problems[0]}")
-        self.ledger = ledger.Ledger.open(self.ledger_path, self.run)
 
     def close(self) -> None:
         if self.ledger is not None:
@@ -264,14 +303,22 @@ class ContribAggregator(Aggregator):
 
     def check(self, base: Version, key: str) -> Candidate:
         """Reads and verifies one contribution; never raises on what it contains."""
-        c = Candidate(key, key.rsplit("/", 1)[-1])
-        self._arrivals += 1
-        c.reason = self._verify(base, c)
+        island = key.rsplit("/", 1)[-1]
+        c = Candidate(key, island, contributor=island, arrival=self.poll_index)
+        try:
+            c.reason = self._verify(base, c)
+        except StoreError:
+            raise  # the store itself failed: not this contribution's fault
+        except Exception as e:  # noqa: BLE001 - content must never stop the aggregator
+            c.reason = f"malformed: {type(e).__name__} while checking it: {_short(e)}"
         if c.reason:
             c.payload = c.delta = None
         return c
 
     def _verify(self, base: Version, c: Candidate) -> str:
+        """'' if `c` passes every check, else the reason. Fills in what it learns; the key id
+        only once the contributor's signature over this round's statement verifies, so
+        nothing is attributed to a contributor who did not sign it."""
         r = base.version
         try:
             body = self.store.get(c.key)
@@ -289,7 +336,6 @@ class ContribAggregator(Aggregator):
         unknown = sorted(set(tag) - TAG_FIELDS)
         if unknown:
             return f"malformed: unknown tag fields {', '.join(map(repr, unknown))[:200]}"
-        c.contributor = tag.get("contributor") if isinstance(tag.get("contributor"), str) else ""
         c.payload_sha256 = hashlib.sha256(data).hexdigest()
         if tag.get("run") != self.run:
             return f"malformed: tag run={tag.get('run')!r:.80}, this run is {self.run!r}"
@@ -297,28 +343,31 @@ class ContribAggregator(Aggregator):
             return f"replayed: signed for round {tag['round']}, which is closed (now {r})"
         if tag.get("round") != r:
             return f"malformed: tag round={tag.get('round')!r:.40}, the key says {r}"
-        if tag.get("island") != c.island or (c.contributor and c.contributor != c.island):
-            return f"malformed: tag names {c.contributor or tag.get('island')!r:.80}, the key " \
-                   f"says {c.island!r}"  # fmt: skip
+        claimed = tag.get("contributor", c.island)
+        if tag.get("island") != c.island or claimed != c.island:
+            return f"malformed: the tag names {claimed!r:.80}, the key {c.island!r}"
         try:  # the structure only: a truncated or misshapen payload is named as such
             payload = Payload.from_bytes(data, max_elements=rounds.num_elements(self.like))
         except PayloadError as e:
             return f"malformed payload: {_short(e)}"
-        if "signature" not in tag or not c.contributor:
+        if "signature" not in tag or "contributor" not in tag:
             return "unsigned: no contributor signature"
-        public = self._public_key(c.contributor)
+        public, problem = self._public_key(c.island)
         if public is None:
-            return f"unregistered contributor {c.contributor!r}"
-        c.key_id = hashlib.sha256(bytes.fromhex(public)).hexdigest()[:16]
+            return f"unregistered contributor {c.island!r}{problem}"
         fields = {k: tag.get(k) for k in identity.STATEMENT_FIELDS}
         fields["payload_sha256"] = c.payload_sha256  # what the payload is, not what it claims
-        c.signature = str(tag["signature"])[:256]
         try:
-            c.statement = identity.statement_bytes(fields).split(b"\n", 1)[1].decode()
+            statement = identity.statement_bytes(fields).split(b"\n", 1)[1].decode()
         except identity.IdentityError as e:
             return f"malformed: {_short(e)}"
-        if not identity.verify_statement(public, fields, c.signature):
-            return f"bad signature (key id {c.key_id})"
+        signature = tag["signature"]
+        if not (isinstance(signature, str) and _SIGNATURE.fullmatch(signature)):
+            return "bad signature: not 128 lowercase hex characters"
+        c.statement, c.signature = statement, signature
+        if not identity.verify_statement(public, fields, signature):
+            return f"bad signature (registered key id {identity.key_id(public)})"
+        c.key_id = identity.key_id(public)  # from here on, the contributor signed this
         if tag["base_sha256"] != base.params_sha256:
             return (f"wrong base: trained from {tag['base_sha256'][:12]}, round {r} starts "
                     f"from {base.params_sha256[:12]}")  # fmt: skip
@@ -333,27 +382,28 @@ class ContribAggregator(Aggregator):
         refused = attest.check(self.verifier, claim, blob)
         if refused:
             return f"attestation: {_short(refused)}"
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                delta = decode(payload, like=self.like)
-        except PayloadError as e:
-            return f"invalid: {_short(e)}"
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, per leaf
+            delta = decode(payload, like=self.like)
         for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
             if not np.isfinite(leaf).all():
                 return f"invalid: non-finite values in {jax.tree_util.keystr(path)}"
         c.payload, c.delta = payload, delta
         return ""
 
-    def _public_key(self, name: str) -> str | None:
+    def _public_key(self, name: str) -> tuple[str | None, str]:
+        """(registered public key or None, why not); cached once found (entries never
+        change: first come, first served)."""
         if name not in self._keys:
             try:
                 public = identity.lookup(self.store, self.run, name)
-            except (identity.IdentityError, ValueError):
-                return None
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a tampered entry yields no key
+                return None, f" (its registry entry is invalid: {_short(e)[:120]})"
             if public is None:
-                return None  # not cached: it may register later
+                return None, ""  # not cached: it may register later
             self._keys[name] = public
-        return self._keys[name]
+        return self._keys[name], ""
 
     # -------------------------------------------------------------------------- decide
 
@@ -370,6 +420,7 @@ class ContribAggregator(Aggregator):
                 [c.delta for c in valid], [c.contributor for c in valid],
                 history=self._history, max_norm_ratio=policy.max_norm_ratio,
                 zero_norm_ratio=policy.zero_norm_ratio, duplicate_cosine=policy.duplicate_cosine,
+                arrival=[c.arrival for c in valid],
             )  # fmt: skip
             for c, why in zip(valid, reasons, strict=True):
                 if why:
@@ -380,16 +431,25 @@ class ContribAggregator(Aggregator):
         base_loss, scores = None, []
         if passed:
             base_loss, scores = screening.score_contributions(
-                lambda params: self.loss_fn(params, seed), base.params, [c.delta for c in passed]
-            )
-        finite = [math.isfinite(s) for s in scores]
-        chosen = set(robust.select(policy.rule, scores)) & {i for i, f in enumerate(finite) if f}
-        shares = screening.reward_shares(scores, finite)
+                lambda params: self.loss_fn(params, seed), base.params,
+                _at_median_norm([c.delta for c in passed]),
+            )  # fmt: skip
+            if not math.isfinite(base_loss):
+                base_loss = None  # JSON has no nan; every score is -inf, nothing is applied
+        for c, score in zip(passed, scores, strict=True):
+            if not math.isfinite(score):
+                c.reason, c.payload = "harmful: the eval loss is not finite with this Δ", None
+            elif policy.screen and score < policy.min_score:  # it does not help: not applied
+                c.score, c.payload = float(score), None
+                c.reason = (
+                    f"no improvement: score {score:.4g} < contrib.min_score={policy.min_score:g}"
+                )
+        kept = [i for i, c in enumerate(passed) if c.valid]
+        passed, scores = [passed[i] for i in kept], [scores[i] for i in kept]
+        chosen = set(robust.select(policy.rule, scores))
+        shares = screening.reward_shares(scores, [True] * len(passed))
         ranked = sorted(range(len(passed)), key=lambda i: (-scores[i], i))
         for i, c in enumerate(passed):
-            if not finite[i]:
-                c.reason, c.payload = "harmful: the eval loss is not finite with this Δ", None
-                continue
             c.score, c.accepted, c.reward = float(scores[i]), True, float(shares[i])
             if i not in chosen:
                 rank, g = ranked.index(i) + 1, policy.rule.top_g
@@ -410,6 +470,9 @@ class ContribAggregator(Aggregator):
         decision = rounds.make_decision(
             self.run, base, new, verdicts, late, reason, update, self.clock(), **extra
         )
+        for entry in entries:  # an entry the ledger refuses must stop us before the commit
+            ledger.normalize_entry(entry, r)
+        decision["signature"] = self.key.sign(decision_bytes(decision))
         self._history = [(f"{c.contributor}@{r}", c.delta) for c in applied]
         self._history_round = r
         for c in candidates:
@@ -435,30 +498,34 @@ class ContribAggregator(Aggregator):
     def recorded(self, decision: dict) -> None:
         """Appends the round to the ledger (once) and mirrors the ledger into the store."""
         self._record(decision)
-        ledger.upload(self.store, self.run, self.ledger_path)
+        self._upload()
 
     def _record(self, decision: dict) -> None:
+        """Appends decision's entries; a round already recorded must match them exactly."""
+        r = int(decision.get("round", -1))
+        if not check_decision(self.key.public_hex, decision):
+            raise ProtocolError(f"decision {r} is not signed by this aggregator's key")
         entries = decision.get("contrib", {}).get("entries")
         if entries is None:
-            raise ProtocolError(f"round {decision.get('round')}'s decision has no contrib entries")
-        if entries:
-            self.ledger.append_round(int(decision["round"]), entries)
+            raise ProtocolError(f"round {r}'s decision has no contrib entries")
+        try:
+            want = [ledger.normalize_entry(e, r) for e in entries]
+            if not want or self.ledger.append_round(r, entries):
+                return
+        except (ledger.LedgerError, ValueError) as e:
+            raise ProtocolError(f"cannot record round {r} in {self.ledger_path}: {e}") from None
+        have = [{k: e[k] for k in ledger.ENTRY_FIELDS} for e in self.ledger.entries(r, r)]
+        if have != want:
+            raise ProtocolError(
+                f"ledger {self.ledger_path} holds a round {r} that differs from its decision; "
+                "move the file aside and restart to rebuild it from the decisions"
+            )
 
-
-def _last_round(path: str) -> int:
-    """The last round in a ledger file, -1 if none or no file (read-only)."""
-    import sqlite3
-
-    if not os.path.exists(path):
-        return -1
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        row = con.execute("SELECT MAX(round) FROM entries").fetchone()
-    except sqlite3.Error:
-        return -1
-    finally:
-        con.close()
-    return -1 if row is None or row[0] is None else int(row[0])
+    def _upload(self) -> None:
+        try:
+            ledger.upload(self.store, self.run, self.ledger_path)
+        except ledger.LedgerError as e:
+            raise ProtocolError(str(e)) from None
 
 
 def _short(e: object) -> str:

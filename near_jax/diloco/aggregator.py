@@ -70,6 +70,7 @@ class Aggregator:
         self.state: Version | None = None
         self.opened_at = 0.0
         self._decisions: dict[int, dict] = {}
+        self.poll_index = 0  # listings of the store so far (contrib: who arrived first)
 
     # ----------------------------------------------------------------------- run lifecycle
 
@@ -196,6 +197,7 @@ class Aggregator:
         verdicts: dict[str, Verdict] = {}
         prefix = rounds.contrib_prefix(self.run, base.version)
         while True:
+            self.poll_index += 1
             for key in self.store.list(prefix):
                 if key not in verdicts:  # insertion order = arrival order (copy detection)
                     verdicts[key] = self.check(base, key)
@@ -402,10 +404,18 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
         )
         try:
             agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
-                                  ledger_path=ledger_path, **kwargs)  # fmt: skip
+                                  ledger_path=ledger_path, log=_log, **kwargs)  # fmt: skip
         except ValueError as e:
             usage_error(str(e))
+        _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
+             f"the store; rule {agg.policy.rule}")  # fmt: skip
+        if f.quorum < 3:
+            _log(f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
+                 "close a round; untrusted runs want a quorum of several contributors")  # fmt: skip
     else:
+        if f.key or f.ledger:
+            _log(f"warning: --key/--ledger are ignored: run {run!r} does not take contributors "
+                 "(config.contrib.enabled is fixed when a run is created)")  # fmt: skip
         agg = Aggregator(store, run, like, **kwargs)
     created = False
     if manifest is None:

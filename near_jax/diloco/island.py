@@ -171,6 +171,15 @@ def train_island(
                     inner_loss=inner_loss, inner_steps=inner_steps,
                 )  # fmt: skip
                 note = "" if written else "already contributed to this round before a restart"
+                if not written and signer is not None:
+                    from near_jax.contrib.contributor import slot_problem
+
+                    expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
+                    key = rounds.contrib_key(run, r, island)
+                    problem = slot_problem(store, key, signer, expect)
+                    if problem:
+                        note = (f"WARNING: our slot for round {r} already holds an object and "
+                                f"{problem}: someone else wrote under our name")  # fmt: skip
             # 3. wait for version r + 1, learn the outcome, follow.
             t1 = now()
             latest = waiter.until(f"version {r + 1}", lambda r=r: _newer(store, run, r))
@@ -191,14 +200,19 @@ def train_island(
             pulled_mark = store.bytes_read
             full, full_pending = full or full_pending, False
             outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
-            mine = [e for e in decision.get("contrib", {}).get("entries", [])
-                    if e["contributor"] == island]  # fmt: skip
+            mine = [
+                e
+                for e in decision.get("contrib", {}).get("entries", [])
+                if e["contributor"] == island and e["key_id"]
+            ]  # signed by us
             if mine and mine[0]["score"] is not None:
                 outcome += f" (score {mine[0]['score']:.4g}, reward {mine[0]['reward']:.3f})"
             stats = {"round": r, "version": held.version, "inner_loss": inner_loss,
                      "bytes_pushed": pushed_bytes, "bytes_pulled": pulled, "full_pull": int(full),
                      "wait_s": wait_s, "train_s": train_s, "accepted": int(accepted),
                      "late": int(late)}  # fmt: skip
+            if mine and mine[0]["score"] is not None:
+                stats.update(score=mine[0]["score"], reward=mine[0]["reward"])
             if writer:
                 writer.write(r, stats, "island")
             _log(island, f"round {r} | loss {inner_loss:.4f} | pushed {_kb(pushed_bytes)} | "

@@ -152,8 +152,8 @@ def read_json(store: ObjectStore, key: str) -> dict | None:
         return None
     try:
         obj = json.loads(body)
-    except ValueError as e:
-        raise ProtocolError(f"{key} is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ProtocolError(f"{key} is not JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{key} is not a JSON object")
     return obj
@@ -329,8 +329,8 @@ def split_contribution(body: bytes) -> tuple[dict, bytes]:
         raise PayloadError(f"contribution tag claims {n} bytes")
     try:
         tag = json.loads(body[_TAG_LEN.size : _TAG_LEN.size + n])
-    except ValueError as e:
-        raise PayloadError(f"contribution tag is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise PayloadError(f"contribution tag is not JSON: {str(e)[:200]}") from None
     if not isinstance(tag, dict):
         raise PayloadError("contribution tag is not a JSON object")
     return tag, body[_TAG_LEN.size + n :]
