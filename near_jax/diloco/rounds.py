@@ -23,7 +23,11 @@ Keys (under `RUN/`, r and v zero-padded to 8 digits; JSON objects are UTF-8, sor
                                   applied (key + sha256 of the object), which were rejected
                                   and why, which pushes to earlier rounds arrived late, why
                                   the round closed (quorum / deadline), and the sha256 of
-                                  version r + 1. Aggregator, put_if_absent.
+                                  version r + 1. Aggregator, put_if_absent. Runs of
+                                  untrusted contributors add the aggregation rule (replays
+                                  combine with it), every contribution's ledger entry, the
+                                  seed reveal and the aggregator's signature
+                                  (`near_jax/contrib/validator.py`).
     rounds/r/update               Û_r: the mean of the applied Δ in fp32, compressed with the
                                   run's spec (with the aggregator's error feedback) and
                                   decoded again: what every party applies. Absent when no
