@@ -2,6 +2,7 @@
 a real adversarial run: honest islands, a free-rider, a poisoner, a forger, a copier and a
 replayer (tests/test_contrib.py), three rounds closed by the real aggregator."""
 
+import copy
 import csv
 import io
 import json
@@ -10,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,9 +96,10 @@ def test_the_adversarial_run_verifies(world, tmp_path):
     n = ROUNDS * (len(NAMES)) - 1  # no replayer in round 0: nothing to replay yet
     with ledger.Ledger.open(str(ledger_copy(world, tmp_path)), RUN) as book:
         head = book.head()
-    assert summary == {"rounds": ROUNDS, "entries": n, "contributors": len(NAMES),
+    assert summary == {"aggregator_key_id": world.agg_key.key_id, "rounds": ROUNDS,
+                       "entries": n, "contributors": len(NAMES),
                        "accepted": ROUNDS * len(HONEST), "rejected": n - ROUNDS * len(HONEST),
-                       "head": head}  # fmt: skip
+                       "head": head, "warnings": []}  # fmt: skip
     assert audit.verify(world.store, RUN, ledger_path=str(tmp_path / "ledger.sqlite")) == (
         [],
         summary,
@@ -138,30 +141,47 @@ def test_a_truncated_tail_passes_the_chain_but_not_the_decisions(world, tmp_path
     assert summary["entries"] == (ROUNDS - 1) * len(NAMES) - 1
 
 
-@pytest.mark.parametrize("forgery", ["signature", "framed"])
-def test_a_rehashed_forgery_fails_the_signature_check(world, tmp_path, forgery):
+def sign(world, decision: dict) -> dict:
+    """The decision signed by the run's aggregator key (a genuine, or a dishonest,
+    aggregator)."""
+    decision["signature"] = world.agg_key.sign(validator.decision_bytes(decision))
+    return decision
+
+
+UNSIGNED = "round 1: the decision is not signed by the run's aggregator key"
+
+
+@pytest.mark.parametrize(
+    "forgery, by_aggregator", [("signature", False), ("signature", True), ("framed", False)]
+)
+def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_aggregator):
     """A store writer rewrites a row, its hash chain and the decision that lists it: every
-    hash agrees, but the contributor's signature does not."""
+    hash agrees, but the decision is no longer the aggregator's, and the contributor's
+    signature does not match. Even the aggregator (re-signing its decision) cannot credit
+    a contributor with a payload it never signed."""
     store, _ = clone(world, tmp_path)
     path = ledger_copy(world, tmp_path)
     victim = row(path, 1, "honest1")
     if forgery == "signature":  # credit a payload the contributor never signed
         changes = {"signature": identity.generate().sign(b"whatever")}
-        expected = "accepted, but its signature does not verify"
-    else:  # frame an honest contributor as a forger (disqualifying them)
-        changes = {"accepted": False, "applied": False, "reward": 0.0, "score": None,
-                   "reason": f"bad signature (key id {victim['key_id']})"}  # fmt: skip
-        expected = "rejected as a bad signature, but it verifies"
+    else:  # frame an honest contributor as a poisoner (disqualifying them)
+        changes = {"accepted": False, "applied": False, "reward": 0.0,
+                   "reason": "norm outlier: 9.9x the median norm"}  # fmt: skip
     rehash(path, victim["seq"], **changes)
     decision = rounds.read_json(store, rounds.decision_key(RUN, 1))
     for e in decision["contrib"]["entries"]:
         if e["contributor"] == "honest1":
             e.update(changes)
+    if by_aggregator:
+        sign(world, decision)
     store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
     ledger.upload(store, RUN, str(path))
     problems, _ = audit.verify(store, RUN)
-    assert len(problems) == 1 and expected in problems[0], problems
-    assert f"ledger entry {victim['seq']} (round 1, 'honest1')" in problems[0]
+    expected = [] if by_aggregator else [UNSIGNED]
+    if forgery == "signature":
+        expected.append(f"ledger entry {victim['seq']} (round 1, 'honest1'): accepted, but its "
+                        "signature does not verify under 'honest1''s registered key")  # fmt: skip
+    assert sorted(problems) == sorted(expected)
 
 
 def test_an_altered_seed_reveal_is_found(world, tmp_path):
@@ -169,9 +189,15 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
     decision = rounds.read_json(store, rounds.decision_key(RUN, 1))
     # a genuine aggregator signature, but of another round: the seed would be reused
     decision["contrib"]["seed_signature"] = validator.seed_signature(world.agg_key, RUN, 0)
-    store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
+    store.put(rounds.decision_key(RUN, 1), rounds.dumps(sign(world, decision)))
     problems, _ = audit.verify(store, RUN)
     assert problems == ["round 1: the seed is not signed by the run's aggregator key"]
+    del decision["signature"]  # and a decision nobody signed
+    store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
+    assert audit.verify(store, RUN)[0][0] == UNSIGNED
+    # a genuine decision of round 0, filed as round 1's
+    store.put(rounds.decision_key(RUN, 1), store.get(rounds.decision_key(RUN, 0)))
+    assert "round 1: the decision names round 0" in audit.verify(store, RUN)[0]
 
 
 def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
@@ -187,6 +213,128 @@ def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
     ]
 
 
+def set_latest(store: ObjectStore, version: int) -> None:
+    """Moves `latest` to `version` (back, as it was before a round was published)."""
+    info = rounds.read_latest(store, RUN)
+    store.put(rounds.latest_key(RUN), rounds.dumps({**info, "version": version}))
+
+
+def upload_rounds_before(world, tmp_path, store: ObjectStore, rnd: int) -> Path:
+    """Uploads the ledger as it was before round `rnd` was recorded; returns the full one."""
+    full = ledger_copy(world, tmp_path)
+    short = tmp_path / "short.sqlite"
+    shutil.copyfile(full, short)
+    sql(short, f"DELETE FROM entries WHERE round >= {rnd}")
+    ledger.upload(store, RUN, str(short))
+    return full
+
+
+@pytest.mark.parametrize("closing", [1, 2])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_rounds_closing_during_the_audit_are_no_problem(
+    world, tmp_path, monkeypatch, closing, when
+):
+    """`closing` rounds are recorded (ledger mirror), then published (`latest`) just
+    before or just after the audit reads the ledger."""
+    store, _ = clone(world, tmp_path)
+    set_latest(store, ROUNDS - closing)
+    full = upload_rounds_before(world, tmp_path, store, ROUNDS - closing)
+    read_ledger = audit.read_ledger
+
+    def racing(*args, **kwargs):
+        if when == "after":
+            out = read_ledger(*args, **kwargs)
+        ledger.upload(store, RUN, str(full))
+        set_latest(store, ROUNDS)
+        return out if when == "after" else read_ledger(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "read_ledger", racing)
+    problems, summary = audit.verify(store, RUN)
+    assert problems == []
+    # ledger rows past the `latest` read first make the audit read it again
+    moved_on = when == "before" and closing > 1
+    assert summary["rounds"] == (ROUNDS if moved_on else ROUNDS - closing)
+
+
+def test_the_latest_round_may_be_recorded_before_it_is_published(world, tmp_path):
+    store, _ = clone(world, tmp_path)
+    last = ROUNDS - 1
+    set_latest(store, last)  # round `last` committed and recorded, `latest` not moved yet
+    problems, summary = audit.verify(store, RUN)
+    assert problems == [] and summary["rounds"] == last
+    n = len(NAMES)
+    store.delete(rounds.decision_key(RUN, last))  # ... but not without its decision
+    assert audit.verify(store, RUN)[0] == [
+        f"round {last}: the ledger has {n} entries of round {last}, which has no decision "
+        f"(the latest version is {last})"
+    ]
+    decision = world.store.get(rounds.decision_key(RUN, last))
+    store.put(rounds.decision_key(RUN, last), decision)
+    set_latest(store, last - 1)  # and never a round after `latest`
+    assert audit.verify(store, RUN)[0] == [
+        f"the ledger has {n} entries of round(s) {last}, past the latest version {last - 1}: "
+        "no decision lists them"
+    ]
+    bad = rounds.read_json(store, rounds.decision_key(RUN, last))
+    bad["contrib"]["entries"][0]["reward"] = 0.25  # nor with a decision that differs
+    store.put(rounds.decision_key(RUN, last), rounds.dumps(bad))
+    set_latest(store, last)
+    problems = audit.verify(store, RUN)[0]
+    assert problems[0] == f"round {last}: the decision is not signed by the run's aggregator key"
+    assert len(problems) == 2 and "differs from the decision in reward" in problems[1]
+    set_latest(store, last)  # committed, not recorded yet (killed in between): fine too
+    store.put(rounds.decision_key(RUN, last), decision)
+    upload_rounds_before(world, tmp_path, store, last)
+    assert audit.verify(store, RUN)[0] == []
+
+
+def test_junk_in_the_registry_is_a_warning_unless_the_name_signed(world, tmp_path):
+    store, _ = clone(world, tmp_path)
+    store.put(identity.registry_key(RUN, "nobody"), b'{"name": "nobody"}')
+    store.put(identity.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
+    problems, summary = audit.verify(store, RUN)
+    assert problems == []
+    assert len(summary["warnings"]) == 2
+    assert all(w.startswith("registry entry") for w in summary["warnings"]), summary
+    assert "deep" in summary["warnings"][0] and "nobody" in summary["warnings"][1]
+    # a name that signed work: its key became unreadable, its signatures uncheckable
+    store.put(identity.registry_key(RUN, "honest1"), b'{"name": "honest1"}')
+    problems, summary = audit.verify(store, RUN)
+    assert len(summary["warnings"]) == 2
+    assert any(p.startswith(f"registry entry {RUN}/registry/honest1 has fields name")
+               and p.endswith("yet 'honest1' signed entries in the ledger")
+               for p in problems), problems  # fmt: skip
+    assert any("accepted, but contributor 'honest1' is not registered" in p for p in problems)
+
+
+def test_messages_name_the_given_ledger_not_a_copy(world, tmp_path):
+    path = tmp_path / "mine.sqlite"
+    path.write_bytes(b"not a ledger at all")
+    problems, _ = audit.verify(world.store, RUN, ledger_path=str(path))
+    text = "\n".join(problems)
+    assert str(path) in text and "near_jax-audit-" not in text, problems
+    other = tmp_path / "other.sqlite"
+    with ledger.Ledger.open(str(other), "otherrun"):
+        pass
+    problems, _ = audit.verify(world.store, RUN, ledger_path=str(other))
+    assert problems and all("near_jax-audit-" not in p for p in problems), problems
+    assert any(str(other) in p for p in problems), problems
+
+
+def test_deeply_nested_store_objects_are_problems(world, tmp_path):
+    store, _ = clone(world, tmp_path)
+    store.put(rounds.decision_key(RUN, 1), b"[" * 30000 + b"]" * 30000)
+    store.put(rounds.decision_key(RUN, 2), rounds.dumps({"x": [[]] * 3}).replace(
+        b"[[],[],[]]", b"[" * 900 + b"]" * 900))  # fmt: skip
+    problems, _ = audit.verify(store, RUN)
+    assert problems[0].startswith("round 1: the decision is unreadable: "), problems
+    assert any(p.startswith("round 2: ") for p in problems), problems
+    store.put(rounds.manifest_key(RUN), b"{" + b'"a":{' * 30000 + b"}" * 30001)
+    assert audit.verify(store, RUN)[0][0].startswith(
+        f"the run manifest {RUN}/run.json is unreadable"
+    )
+
+
 # --------------------------------------------------------------------------------- CLI
 
 
@@ -196,6 +344,19 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "near_jax.contrib", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
+
+
+def cli_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """cli(*args) of each call, run side by side (each mostly waits on imports)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda args: cli(*args), calls))
+
+
+def one_line_error(p: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert p.returncode == 1 and p.stdout == "", (p.stdout, p.stderr)
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    for phrase in phrases:
+        assert phrase in p.stderr, (phrase, p.stderr)
 
 
 def test_cli(world, tmp_path):
@@ -218,9 +379,13 @@ def test_cli(world, tmp_path):
         reg.stdout.strip() == f"registered newbie (key id {identity.key_id(public)}) in run {RUN}"
     )
 
+    ObjectStore.open(str(path)).put(identity.registry_key(RUN, "junk"), b"{}")
     ok = cli("verify", store, f"--run={RUN}")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.splitlines()[-1] == "OK: everything checks out"
+    lines = ok.stdout.splitlines()
+    assert lines[0].startswith(f"run {RUN} (aggregator key id {world.agg_key.key_id}): ")
+    assert lines[1].startswith(f"warning: registry entry {RUN}/registry/junk has fields")
+    assert lines[-1] == "OK: everything checks out"
 
     board = cli("leaderboard", store, f"--run={RUN}", "--csv=-")
     assert board.returncode == 0, board.stderr
@@ -231,9 +396,11 @@ def test_cli(world, tmp_path):
         ADVERSARIES
     )
     assert f"rounds 0–{ROUNDS - 1}" in board.stderr
+    assert f"warning: registry entry {RUN}/registry/junk" in board.stderr
 
     out = tmp_path / "promoted.json"
-    promoted = cli("promote", store, f"--run={RUN}", "--top=3", f"--out={out}")
+    good = ledger_copy(world, tmp_path)  # audited against the decisions, and accepted
+    promoted = cli("promote", store, f"--run={RUN}", "--top=3", f"--out={out}", f"--ledger={good}")
     assert promoted.returncode == 0, promoted.stderr
     chosen = json.loads(out.read_text())
     assert [c["contributor"] for c in chosen] == names[:3]
@@ -245,8 +412,7 @@ def test_cli(world, tmp_path):
     tampered = ledger_copy(world, tmp_path)
     sql(tampered, "UPDATE entries SET reward = 1.0 WHERE contributor = 'poisoner'")
     refused = cli("leaderboard", store, f"--run={RUN}", f"--ledger={tampered}")
-    assert refused.returncode == 1 and refused.stdout == ""
-    assert len(refused.stderr.strip().splitlines()) == 1 and "refusing" in refused.stderr
+    one_line_error(refused, f"refusing to rank run {RUN}: its audit fails: ", "more)")
 
     missing = cli("verify", store)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
@@ -254,3 +420,60 @@ def test_cli(world, tmp_path):
     unknown = cli("audit", store, f"--run={RUN}")
     assert unknown.returncode == 2 and "unknown command 'audit'" in unknown.stderr
     assert "keygen, register, verify, leaderboard, promote, codehash" in unknown.stderr
+
+
+def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
+    """A store writer replaces the ledger mirror with a valid chain that pays the poisoner:
+    the chain checks out, the signed decisions do not agree."""
+    _, path = clone(world, tmp_path)
+    forged = ledger_copy(world, tmp_path)
+    for rnd in range(ROUNDS):
+        rehash(forged, row(forged, rnd, "poisoner")["seq"], accepted=True, applied=True,
+               reason="", reward=1.0, score=9.0)  # fmt: skip
+    ledger.upload(ObjectStore.open(str(path)), RUN, str(forged))
+    run = (f"--store={path}", f"--run={RUN}")
+    board, promoted = cli_all(("leaderboard", *run), ("promote", *run, "--top=1"))
+    for p in (board, promoted):
+        one_line_error(p, f"refusing to rank run {RUN}: its audit fails: ", "more)")
+
+
+def test_cli_gives_one_line_for_absurd_store_objects(world, tmp_path):
+    deep = b"[" * 30000 + b"]" * 30000
+    store, path = clone(world, tmp_path)
+    store.put(rounds.decision_key(RUN, 1), deep)
+    store.put(identity.registry_key(RUN, "deep"), deep)
+    other, other_path = clone(world, tmp_path / "other")
+    other.put(rounds.manifest_key(RUN), deep)
+    calls = [
+        (command, f"--store={p}", f"--run={RUN}", *extra)
+        for p in (path, other_path)
+        for command, *extra in (("verify",), ("leaderboard",), ("promote", "--top=2"))
+    ]
+    verify, board, promoted, *manifest = cli_all(*calls)  # fmt: skip
+    assert verify.returncode == 1 and "Traceback" not in verify.stdout + verify.stderr
+    assert f"warning: registry entry {RUN}/registry/deep: " in verify.stdout
+    assert "\nround 1: the decision is unreadable: " in verify.stdout, verify.stdout
+    for p in (board, promoted):
+        one_line_error(p, "its audit fails: round 1: the decision is unreadable")
+    for p in manifest:
+        one_line_error(p, f"the run manifest is unreadable: {RUN}/run.json is not JSON")
+
+
+def test_the_window_counts_back_from_the_latest_closed_round(world, tmp_path):
+    """A round nobody contributed to still counts: a window of 2 is that round and the one
+    before, not the last two rounds with contributions."""
+    store, path = clone(world, tmp_path)
+    here = copy.copy(world)
+    here.store, here.path = store, path
+    agg = here.make_aggregator()
+    agg.load()  # rebuilds the ledger from the decisions
+    agg.quorum, agg.round_timeout = 100, 2.0
+    assert agg.run_round()["decision"]["contrib"]["entries"] == []
+    agg.close()
+    problems, summary = audit.verify(store, RUN)
+    assert problems == [] and summary["rounds"] == ROUNDS + 1
+    board = cli("leaderboard", f"--store={path}", f"--run={RUN}", "--window=2", "--csv=-")
+    assert board.returncode == 0, board.stderr
+    assert f"rounds {ROUNDS - 1}–{ROUNDS}" in board.stderr
+    table = {r["contributor"]: r for r in csv.DictReader(io.StringIO(board.stdout))}
+    assert all(table[name]["rounds"] == "1" for name in HONEST), table

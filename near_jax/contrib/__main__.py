@@ -4,16 +4,25 @@
     register    --key=PATH --name=NAME --store=URL --run=RUN
                                                    registers the key as contributor NAME
     verify      --store=URL --run=RUN [--ledger=PATH]
-                                                   audits the run: ledger chain, signatures,
-                                                   decisions, seeds, rewards (exit 1: problems)
+                                                   audits the run: decisions (signed by the
+                                                   aggregator key, whose id it prints), ledger
+                                                   chain, signatures, seeds, rewards, registry
+                                                   (exit 1: problems; warnings do not fail it)
     leaderboard --store=URL --run=RUN [--window=W] [--csv=PATH|-] [--ledger=PATH]
-                                                   standings over the last W rounds (0: all)
+                                                   standings over the last W closed rounds
+                                                   (0: all)
     promote     --store=URL --run=RUN --top=K [--window=W] [--min_rounds=N] [--out=PATH]
-                                                   who qualifies for the next rung (JSON --out)
+                [--ledger=PATH]                    who qualifies for the next rung (JSON --out)
     codehash                                       this code's hash (config.contrib.allowed_code)
 
+leaderboard and promote first run verify's whole audit (of --ledger=PATH, when given, against
+the signed decisions) and refuse a run that fails it: a forged ledger copy with a valid hash
+chain would otherwise rank anyone first. Their window counts back from the latest closed
+round (the latest version − 1), so rounds a contributor sat out still count against it.
+
 Exit status: 0 done, 1 the store, ledger or audit failed (one line on stderr, or the
-problems found), 2 a command-line mistake (one line on stderr).
+problems found), 2 a command-line mistake (one line on stderr). Nothing in the store, however
+damaged or absurd, gives a traceback.
 """
 
 from __future__ import annotations
@@ -111,13 +120,16 @@ def verify(f: Any) -> int:
     store, run = _open_run(f)
     problems, s = audit.verify(store, run, ledger_path=f.ledger)
     print(
-        f"run {run}: {s['rounds']} closed rounds, {s['entries']} ledger entries from "
-        f"{s['contributors']} contributors ({s['accepted']} accepted, {s['rejected']} "
-        f"rejected), head {s['head'][:16] or '-'}"
+        f"run {run} (aggregator key id {s['aggregator_key_id'] or '?'}): {s['rounds']} closed "
+        f"rounds, {s['entries']} ledger entries from {s['contributors']} contributors "
+        f"({s['accepted']} accepted, {s['rejected']} rejected), head {s['head'][:16] or '-'}"
     )
+    for w in s["warnings"]:
+        print(f"warning: {w}")
     for p in problems:
         print(p)
-    print(f"{len(problems)} problems" if problems else "OK: everything checks out")
+    n = len(problems)
+    print(f"{n} problem{'s' * (n != 1)}" if problems else "OK: everything checks out")
     return 1 if problems else 0
 
 
@@ -127,12 +139,12 @@ def leaderboard(f: Any) -> int:
 
     _check_window(f)
     store, run = _open_run(f)
-    entries = _verified_entries(f, store, run)
-    if entries is None:
+    checked = _audited(f, store, run)
+    if checked is None:
         return 1
-    first, last = rewards.window_bounds(entries, f.window)
-    ranked = rewards.standings(entries, first, last)
-    header = _rounds_header(run, entries, first, last)
+    first, last = rewards.window_bounds(checked.latest, f.window)
+    ranked = rewards.standings(checked.entries, first, last)
+    header = _rounds_header(run, checked, first, last)
     if f.csv == "-":  # stdout is the CSV alone, so it can be piped
         print(header, file=sys.stderr)
         sys.stdout.write(rewards.to_csv(ranked))
@@ -157,22 +169,22 @@ def promote(f: Any) -> int:
         usage_error(f"--min_rounds={f.min_rounds} is not allowed: must be >= 1")
     _check_window(f)
     store, run = _open_run(f)
-    entries = _verified_entries(f, store, run)
-    if entries is None:
+    checked = _audited(f, store, run)
+    if checked is None:
         return 1
-    first, last = rewards.window_bounds(entries, f.window)
-    chosen = rewards.promotable(rewards.standings(entries, first, last), f.top, f.min_rounds)
-    print(f"{_rounds_header(run, entries, first, last)}: top {f.top}, accepted in >= "
+    first, last = rewards.window_bounds(checked.latest, f.window)
+    ranked = rewards.standings(checked.entries, first, last)
+    chosen = rewards.promotable(ranked, f.top, f.min_rounds)
+    print(f"{_rounds_header(run, checked, first, last)}: top {f.top}, accepted in >= "
           f"{f.min_rounds} rounds, never caught cheating")  # fmt: skip
-    registry = identity.registry(store, run)
+    registry = checked.registry  # the valid entries, as audited
     out = []
     for rank, s in enumerate(chosen, 1):
         public = registry.get(s.contributor, "")
         # a name freed and re-registered to another key must not promote that other key
         if public and identity.key_id(public) != s.key_id:
-            print(f"{_PROG}: warning: {s.contributor} is now registered to key id "
-                  f"{identity.key_id(public)}, not {s.key_id}; public_key left empty",
-                  file=sys.stderr)  # fmt: skip
+            _warn(f"{s.contributor} is now registered to key id {identity.key_id(public)}, "
+                  f"not {s.key_id}; public_key left empty")  # fmt: skip
             public = ""
         print(f"{rank:>3}  {s.contributor}  key id {s.key_id or '-'}  reward {s.reward:.4f}  "
               f"rounds {len(s.rounds)}")  # fmt: skip
@@ -213,7 +225,7 @@ _OWN_FLAGS = ("out", "force", "key", "name", "store", "run", "ledger", "window",
 def _open_run(f: Any) -> tuple[Any, str]:
     """(store, run) of a contributor run; a usage error for a bad URL, name or run."""
     from near_jax.diloco import rounds
-    from near_jax.diloco.store import ObjectStore, StoreError
+    from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
     try:
         run = rounds.check_name("run", f.run)
@@ -223,7 +235,11 @@ def _open_run(f: Any) -> tuple[Any, str]:
         store = ObjectStore.open(f.store)
     except StoreError as e:
         usage_error(str(e))
-    manifest = rounds.read_json(store, rounds.manifest_key(run))  # damaged: exit 1 in _main
+    try:
+        manifest = rounds.read_json(store, rounds.manifest_key(run))
+    except (CorruptObject, rounds.ProtocolError) as e:  # exit 1 in _main, one line
+        why = " ".join(str(e).split())[:300]
+        raise rounds.ProtocolError(f"the run manifest is unreadable: {why}") from None
     if manifest is None:
         usage_error(f"unknown run {run!r}: no {rounds.manifest_key(run)} in {f.store}")
     if not isinstance(manifest.get("contrib"), dict):
@@ -231,23 +247,29 @@ def _open_run(f: Any) -> tuple[Any, str]:
     return store, run
 
 
-def _verified_entries(f: Any, store: Any, run: str) -> list[dict] | None:
-    """The ledger's entries, or None (after one line on stderr) when its chain does not
-    verify: standings from a tampered ledger are worthless."""
+def _audited(f: Any, store: Any, run: str) -> Any:
+    """The run's audit (`audit.Audit`, of --ledger when given), or None after one line on
+    stderr when it finds problems: standings from a ledger that does not check out are
+    worthless. Its warnings go to stderr."""
     from near_jax.contrib import audit
 
-    entries, problems = audit.read_ledger(store, run, f.ledger)
-    if problems or entries is None:
+    checked = audit.audit(store, run, ledger_path=f.ledger)
+    if checked.problems or checked.entries is None:
+        problems = checked.problems or ["no readable ledger"]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        first = problems[0].removeprefix("ledger: ") if problems else "no ledger"
-        _error(f"refusing to rank: the ledger does not verify: {first}{more}")
+        _error(f"refusing to rank run {run}: its audit fails: {problems[0]}{more} (details: "
+               f"python -m {_PROG} verify)")  # fmt: skip
         return None
-    return entries
+    for w in checked.warnings:
+        _warn(w)
+    return checked
 
 
-def _rounds_header(run: str, entries: list[dict], first: int, last: int) -> str:
-    if not entries:
-        return f"run {run}: no contributions recorded yet"
+def _rounds_header(run: str, checked: Any, first: int, last: int) -> str:
+    if last < 0:
+        return f"run {run}: no round closed yet"
+    if not checked.entries:
+        return f"run {run}, rounds {first}–{last}: no contributions recorded yet"
     return f"run {run}, rounds {first}–{last}"
 
 
@@ -278,6 +300,10 @@ def _error(message: str) -> None:
     print(f"{_PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"{_PROG}: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
     names = ", ".join(COMMANDS)
@@ -306,7 +332,10 @@ def _main(argv: list[str]) -> None:
     try:
         code = spec.run(f)
     except (StoreError, LedgerError, ProtocolError, IdentityError) as e:
-        _error(str(e))
+        _error(str(e)[:500])  # CorruptObject is a StoreError
+        code = 1
+    except RecursionError:  # every reader turns absurd nesting into one of the above: a net
+        _error("a store object is nested too deeply to read")
         code = 1
     sys.exit(code)
 

@@ -1,25 +1,44 @@
 """Auditing a contributor run from its store alone: ledger, signatures, decisions, seeds, rewards.
 
-`verify(store, run)` trusts nothing but the run's manifest (its aggregator key and first
-seed commitment) and the registry's self-signed entries, and checks
+`verify(store, run)` (or `audit`, which also hands back the entries) trusts nothing but the
+run's manifest (its aggregator key — compare its key id with the one the run's operator
+published out of band — and first seed commitment) and the registry's self-signed
+entries, and checks
 
-  ledger     the hash chain of the store's ledger copy (or a local file)
-  signatures every accepted entry carries a statement that its registered contributor
-             signed, naming the entry's run, round, contributor and payload; no entry was
-             rejected as a "bad signature" that in fact verifies
-  decisions  each closed round's decision lists exactly the ledger's entries of that round,
-             field by field: the decisions are the external anchor that exposes a truncated
-             or rewritten tail, which leaves a valid (shorter) chain
+  decisions  every decision is signed by the aggregator key (`validator.check_decision`),
+             is filed under its own round, and lists exactly the ledger's entries of that
+             round, field by field: the signed decisions are the external anchor that
+             exposes a truncated, rewritten or forged ledger, even one with a valid chain
+  ledger     the hash chain of the store's ledger copy (or a local file, `ledger_path`)
+  signatures every entry that is accepted or carries a key id (the aggregator's word that
+             the contributor signed that round's statement, which is what can disqualify)
+             carries a statement naming the entry's run, round, contributor and payload,
+             signed by the contributor's registered key of that id; no entry was rejected
+             as a "bad signature" that in fact verifies
   seeds      each round's revealed seed is signed by the aggregator key and matches the
              commitment published one round earlier
   rewards    a round pays out at most one unit, and nothing to rejected entries
+  registry   an entry that fails validation is a warning (anybody can write junk under an
+             unused name), but a problem under a name that signed ledger entries (a key
+             that signed work became unreadable)
 
-The aggregator records a round in the ledger (and its store mirror) before it moves
-`latest`, so every round below `latest` is in the mirror even while the run is live.
+Rounds and the race with a live run: the aggregator records round r in the ledger (and
+uploads the store mirror) before it moves `latest` to r + 1, so `audit` reads `latest`
+first and the ledger second: every round below `latest` is then closed, must have its
+decision and must be in the ledger. Round `latest` itself may already be in the ledger
+(committed and recorded, not yet published — or the aggregator was killed in between):
+fine when its decision exists, is signed and matches; ledger rows of round `latest`
+without such a decision, or of later rounds, are problems. (Ledger rows past `latest`
+make `audit` read `latest` once more, in case the run moved on meanwhile.)
+
+Messages name what the user gave (`--ledger` as passed, or the store's key), never a
+temporary copy. A damaged or absurd store object (torn, not JSON, nested too deeply) is a
+problem, never an exception; only a failing store itself raises StoreError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +52,21 @@ from near_jax.diloco.rounds import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 REWARD_TOLERANCE = 1e-9
+_UNREADABLE = (CorruptObject, ProtocolError, RecursionError)
+
+
+@dataclasses.dataclass
+class Audit:
+    """The outcome of `audit`: problems (the run does not check out), warnings (worth a
+    look, harmless), the summary, the ledger's entries (None when unreadable), the latest
+    published version (rounds 0..latest-1 are closed) and the valid registry entries."""
+
+    problems: list[str]
+    warnings: list[str]
+    summary: dict[str, Any]
+    entries: list[dict[str, Any]] | None = None
+    latest: int = 0
+    registry: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def read_ledger(
@@ -40,10 +74,15 @@ def read_ledger(
 ) -> tuple[list[dict[str, Any]] | None, list[str]]:
     """(entries, problems) of the run's ledger: the store's copy, or the local file
     `ledger_path`. entries is None when there is nothing readable; problems holds the
-    chain's problems, one line each. Never modifies `ledger_path`."""
-    problems: list[str] = []
+    chain's problems, one line each, naming `ledger_path` (or the store's key), never the
+    temporary copy that is read. Never modifies `ledger_path`."""
+    label = ledger_path if ledger_path is not None else ledger.store_key(run)
     with tempfile.TemporaryDirectory(prefix="near_jax-audit-") as tmp:
         copy = os.path.join(tmp, "ledger.sqlite")
+
+        def named(text: str) -> str:
+            return f"ledger: {text.replace(copy, label)}"
+
         if ledger_path is not None:
             if not os.path.isfile(ledger_path):
                 return None, [f"no ledger file at {ledger_path}"]
@@ -60,13 +99,13 @@ def read_ledger(
                 if not ledger.download(store, run, copy):
                     return None, [f"no ledger in the store (no {ledger.store_key(run)})"]
             except ledger.LedgerError as e:
-                return None, [f"ledger: {e}"]
-        problems += [f"ledger: {p}" for p in ledger.verify_chain(copy, run)]
+                return None, [named(str(e))]
+        problems = [named(p) for p in ledger.verify_chain(copy, run)]
         try:
             with ledger.Ledger.open(copy, run) as book:
                 entries = book.entries()
         except Exception as e:  # noqa: BLE001 - a damaged file is a finding, not a crash
-            problems.append(f"ledger: cannot read its entries: {_one_line(e)}")
+            problems.append(named(f"cannot read its entries: {_one_line(e)}"))
             return None, problems
     return entries, problems
 
@@ -75,44 +114,61 @@ def verify(
     store: ObjectStore, run: str, *, ledger_path: str | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """(problems, summary) of an audit of contributor run `run` (see the module docstring);
-    problems are one line each, [] when everything checks out. summary: rounds, entries,
-    contributors, accepted, rejected and head (the ledger's last entry hash)."""
-    summary: dict[str, Any] = {"rounds": 0, "entries": 0, "contributors": 0, "accepted": 0,
-                               "rejected": 0, "head": ""}  # fmt: skip
+    problems are one line each, [] when everything checks out. summary: aggregator_key_id,
+    rounds (closed), entries, contributors, accepted, rejected, head (the ledger's last
+    entry hash) and warnings (one line each; they do not fail the audit)."""
+    result = audit(store, run, ledger_path=ledger_path)
+    return result.problems, result.summary
+
+
+def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Audit:
+    """The audit of contributor run `run` (see `verify` and the module docstring)."""
+    summary: dict[str, Any] = {"aggregator_key_id": "", "rounds": 0, "entries": 0,
+                               "contributors": 0, "accepted": 0, "rejected": 0, "head": "",
+                               "warnings": []}  # fmt: skip
+    out = Audit([], summary["warnings"], summary)
+    problems = out.problems
     try:
         manifest = rounds.read_json(store, rounds.manifest_key(run))
-    except (CorruptObject, ProtocolError) as e:
-        return [f"the run manifest is unreadable: {_one_line(e)}"], summary
+    except _UNREADABLE as e:
+        problems.append(f"the run manifest {rounds.manifest_key(run)} is unreadable: "
+                        f"{_one_line(e)}")  # fmt: skip
+        return out
     if manifest is None:
-        return [f"run {run!r} has no manifest {rounds.manifest_key(run)} (unknown run)"], summary
+        problems.append(f"run {run!r} has no manifest {rounds.manifest_key(run)} (unknown run)")
+        return out
     contrib = manifest.get("contrib")
     if not isinstance(contrib, dict):
-        why = f"run {run!r} has no contrib section in its manifest (not a contributor run)"
-        return [why], summary
-
-    entries, problems = read_ledger(store, run, ledger_path)
-    registry = identity.registry(store, run)
-    problems += [f"registry: {p}" for p in identity.registry_problems(store, run)]
-    if entries is not None:
-        for e in entries:
-            problems += _signature_problems(e, registry, run)
-
-    latest = 0
+        problems.append(f"run {run!r} has no contrib section in its manifest (not a "
+                        "contributor run)")  # fmt: skip
+        return out
     try:
-        info = rounds.read_latest(store, run)
-    except (CorruptObject, ProtocolError) as e:
-        info = None
-        problems.append(f"the latest version is unreadable: {_one_line(e)}")
-    else:
-        if info is None:
-            problems.append(f"run {run!r} has no {rounds.latest_key(run)}")
-    if info is not None:
-        version = info.get("version")
-        if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
-            latest = version
+        aggregator_key: str | None = identity.check_public_hex(contrib.get("aggregator_key"))
+        summary["aggregator_key_id"] = identity.key_id(aggregator_key)
+    except (identity.IdentityError, RecursionError) as e:
+        aggregator_key = None
+        problems.append(f"the manifest's aggregator_key is unusable: {_one_line(e)}")
+
+    # `latest` before the ledger: every round below it is then recorded (module docstring)
+    latest, why = _read_latest(store, run)
+    if why:
+        problems.append(why)
+    entries, ledger_problems = read_ledger(store, run, ledger_path)
+    problems += ledger_problems
+    if entries and not why and max(_round_of(e) for e in entries) > latest:
+        again, _ = _read_latest(store, run)  # the run may have moved on meanwhile
+        latest = max(latest, again)
+
+    registry, invalid = _registry(store, run)
+    signers = {e["contributor"] for e in entries or [] if e["key_id"]}
+    for name, message in invalid:
+        if name in signers:
+            problems.append(f"{message}; yet {name!r} signed entries in the ledger")
         else:
-            problems.append(f"{rounds.latest_key(run)} has version {version!r}")
-    problems += _decision_problems(store, run, contrib, latest, entries)
+            out.warnings.append(message)
+    for e in entries or []:
+        problems += _signature_problems(e, registry, run)
+    problems += _decision_problems(store, run, contrib, aggregator_key, latest, entries)
     if entries is not None:
         problems += _reward_problems(entries)
         accepted = sum(bool(e["accepted"]) for e in entries)
@@ -125,7 +181,52 @@ def verify(
             head=head,
         )
     summary["rounds"] = latest
-    return problems, summary
+    out.entries, out.latest, out.registry = entries, latest, registry
+    return out
+
+
+def _read_latest(store: ObjectStore, run: str) -> tuple[int, str]:
+    """(latest version, '') or (0, why it is unusable)."""
+    try:
+        info = rounds.read_latest(store, run)
+    except _UNREADABLE as e:
+        return 0, f"{rounds.latest_key(run)} is unreadable: {_one_line(e)}"
+    if info is None:
+        return 0, f"run {run!r} has no {rounds.latest_key(run)}"
+    version = info.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        return 0, f"{rounds.latest_key(run)} has version {_short(version)}"
+    return version, ""
+
+
+def _round_of(entry: dict[str, Any]) -> int:
+    r = entry["round"]
+    return r if isinstance(r, int) else -1
+
+
+def _registry(store: ObjectStore, run: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(name -> public key of every valid registry entry, [(name, why) of invalid ones])."""
+    prefix = identity.registry_prefix(run)
+    valid: dict[str, str] = {}
+    invalid: list[tuple[str, str]] = []
+    for key in store.list(prefix):
+        name = key[len(prefix) :]
+        try:
+            rounds.check_name("contributor", name)
+        except ValueError as e:
+            invalid.append((name, f"registry entry {_short(key)}: {_one_line(e)}"))
+            continue
+        try:
+            public = identity.lookup(store, run, name)
+        except identity.IdentityError as e:
+            invalid.append((name, _one_line(e)))
+            continue
+        except RecursionError:
+            invalid.append((name, f"registry entry {key} is nested too deeply"))
+            continue
+        if public is not None:  # None: deleted since the listing
+            valid[name] = public
+    return valid, invalid
 
 
 # ------------------------------------------------------------------------------ signatures
@@ -139,7 +240,7 @@ def signature_problem(entry: dict[str, Any], registry: dict[str, str], run: str)
         return "it has no signed statement"
     try:
         fields = json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return "its statement is not JSON"
     if not isinstance(fields, dict):
         return "its statement is not a JSON object"
@@ -160,18 +261,21 @@ def _signature_problems(entry: dict[str, Any], registry: dict[str, str], run: st
     where = (f"ledger entry {entry['seq']} (round {entry['round']}, "
              f"{_short(entry['contributor'])})")  # fmt: skip
     why = signature_problem(entry, registry, run)
-    if entry["accepted"]:
+    problems = []
+    if entry["accepted"] or entry["key_id"]:
+        # accepted, or rejected with a key id: either says the contributor signed it
+        what = "accepted" if entry["accepted"] else f"signed (key id {_short(entry['key_id'])})"
         if why:
-            return [f"{where}: accepted, but {why}"]
-        registered = identity.key_id(registry[entry["contributor"]])
-        if entry["key_id"] != registered:
-            return [f"{where}: key id {_short(entry['key_id'])}, the registered key's is "
-                    f"{registered}"]  # fmt: skip
-        return []
+            problems.append(f"{where}: {what}, but {why}")
+        else:
+            registered = identity.key_id(registry[entry["contributor"]])
+            if entry["key_id"] != registered:
+                problems.append(f"{where}: key id {_short(entry['key_id'])}, the registered "
+                                f"key's is {registered}")  # fmt: skip
     reason = entry["reason"] if isinstance(entry["reason"], str) else ""
-    if reason.startswith("bad signature") and not why:
-        return [f"{where}: rejected as a bad signature, but it verifies"]
-    return []  # other rejections may carry any signature, or none
+    if not entry["accepted"] and reason.startswith("bad signature") and not why:
+        problems.append(f"{where}: rejected as a bad signature, but it verifies")
+    return problems  # other unsigned rejections may carry any signature, or none
 
 
 # ------------------------------------------------------------------------------- decisions
@@ -181,59 +285,81 @@ def _decision_problems(
     store: ObjectStore,
     run: str,
     contrib: dict[str, Any],
+    aggregator_key: str | None,
     latest: int,
     entries: list[dict[str, Any]] | None,
 ) -> list[str]:
+    """Problems of the decisions of rounds 0..latest (round `latest`'s is optional) and of
+    their agreement with the ledger's entries."""
+    from near_jax.contrib import validator  # jax and the aggregator: only when auditing
+
     problems: list[str] = []
-    by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    by_round: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for e in entries or []:
         by_round[e["round"]].append(e)
-    aggregator_key = contrib.get("aggregator_key")
     commitment = contrib.get("seed_commitment")
     if not isinstance(commitment, str):
         problems.append("the manifest has no seed_commitment for round 0")
         commitment = None
-    for r in range(latest):
+    for r in range(latest + 1):
+        rows = by_round.pop(r, [])
         try:
             decision = rounds.read_json(store, rounds.decision_key(run, r))
-        except (CorruptObject, ProtocolError) as e:
-            decision, why = None, f"round {r}: the decision is unreadable: {_one_line(e)}"
-        else:
-            why = f"round {r}: no decision {rounds.decision_key(run, r)}, yet it is closed"
-        section = decision.get("contrib") if decision is not None else None
-        if decision is not None and not isinstance(section, dict):
-            why = f"round {r}: the decision has no contrib section"
-        if not isinstance(section, dict):
-            problems.append(why)
+        except _UNREADABLE as e:
+            problems.append(f"round {r}: the decision is unreadable: {_one_line(e)}")
             commitment = None  # the chain of commitments is broken from here on
             continue
-        if commitment is not None:
-            bad = _check_seed(aggregator_key, run, r, section.get("seed_signature"), commitment)
-            if bad:
-                problems.append(bad)
+        if decision is None:
+            if r < latest:
+                problems.append(
+                    f"round {r}: no decision {rounds.decision_key(run, r)}, yet it is closed"
+                )
+            elif rows:
+                problems.append(
+                    f"round {r}: the ledger has {len(rows)} entries of round {r}, which has no "
+                    f"decision (the latest version is {latest})"
+                )
+            commitment = None
+            continue
+        if aggregator_key is not None and not _signed(validator, aggregator_key, decision):
+            problems.append(f"round {r}: the decision is not signed by the run's aggregator key")
+        if decision.get("round") != r:
+            problems.append(f"round {r}: the decision names round {_short(decision.get('round'))}")
+        section = decision.get("contrib")
+        if not isinstance(section, dict):
+            problems.append(f"round {r}: the decision has no contrib section")
+            commitment = None
+            continue
+        if commitment is not None and aggregator_key is not None:
+            signature = section.get("seed_signature")
+            if not isinstance(signature, str):
+                problems.append(f"round {r}: the decision has no seed_signature")
+            else:
+                bad = validator.check_seed(aggregator_key, run, r, signature, commitment)
+                if bad:
+                    problems.append(bad)
         nxt = section.get("next_seed_commitment")
         commitment = nxt if isinstance(nxt, str) else None
         if commitment is None:
             problems.append(f"round {r}: the decision has no next_seed_commitment")
-        if entries is not None:
-            problems += _compare_round(r, section.get("entries"), by_round.get(r, []))
-    if entries is not None:
-        extra = [e for e in entries if not isinstance(e["round"], int) or e["round"] >= latest]
-        if extra:
-            rounds_ = sorted({str(e["round"]) for e in extra})
-            problems.append(
-                f"the ledger has {len(extra)} entries of round(s) {', '.join(rounds_)}, at or "
-                f"after version {latest}: no closed round lists them"
-            )
+        # round `latest` may be committed but not recorded yet: then its rows are absent
+        if entries is not None and (r < latest or rows):
+            problems += _compare_round(r, section.get("entries"), rows)
+    if entries is not None and by_round:  # rows of no round 0..latest
+        extra = [e for rows in by_round.values() for e in rows]
+        rounds_ = sorted({str(e["round"]) for e in extra})
+        problems.append(
+            f"the ledger has {len(extra)} entries of round(s) {', '.join(rounds_)}, past the "
+            f"latest version {latest}: no decision lists them"
+        )
     return problems
 
 
-def _check_seed(public: Any, run: str, r: int, signature: Any, commitment: str) -> str:
-    from near_jax.contrib import validator  # jax and the aggregator: only when auditing
-
-    if not isinstance(public, str) or not isinstance(signature, str):
-        return f"round {r}: the seed signature or the aggregator key is missing"
-    return validator.check_seed(public, run, r, signature, commitment)
+def _signed(validator: Any, aggregator_key: str, decision: dict[str, Any]) -> bool:
+    try:
+        return validator.check_decision(aggregator_key, decision)
+    except (TypeError, ValueError, RecursionError):  # e.g. NaN or absurd nesting
+        return False
 
 
 def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]:
@@ -247,7 +373,7 @@ def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]
     for i, (want, row) in enumerate(zip(listed, rows, strict=True)):
         try:
             want = ledger.normalize_entry(want, r)
-        except ValueError as e:
+        except (TypeError, ValueError, RecursionError) as e:
             problems.append(f"round {r}: the decision's entry {i} is malformed: {_one_line(e)}")
             continue
         # type() too: True == 1 and 1 == 1.0, yet the chain hashes them differently
@@ -286,7 +412,10 @@ def _reward_problems(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _short(v: Any) -> str:
-    text = repr(v)
+    try:
+        text = repr(v)
+    except RecursionError:
+        return f"<a {type(v).__name__} nested too deeply>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -61,11 +61,10 @@ class Standing:
                 "flags": ";".join(f"{k}={v}" for k, v in sorted(self.flags.items()))}  # fmt: skip
 
 
-def window_bounds(entries: Sequence[dict], window: int) -> tuple[int, int]:
-    """(first, last) round of the last `window` rounds in the entries (window 0: all)."""
-    if not entries:
-        return 0, -1
-    last = max(e["round"] for e in entries)
+def window_bounds(latest: int, window: int) -> tuple[int, int]:
+    """(first, last) round of the last `window` closed rounds (0: all), counted back from
+    the latest closed round, latest − 1, whoever contributed to it."""
+    last = latest - 1
     first = 0 if window <= 0 else max(0, last - window + 1)
     return first, last
 
