@@ -558,3 +558,32 @@ def test_a_diverged_model_closes_the_round_without_applying_anything(tmp_path):
     assert decision["contrib"]["base_loss"] is None and decision["accepted"] == []
     assert all(e["reason"].startswith("harmful") for e in decision["contrib"]["entries"])
     assert validator.check_decision(world.agg_key.public_hex, decision)
+
+
+def test_scoring_draws_fresh_batches_per_seed_from_a_private_source(tmp_path):
+    from helpers import small_config
+
+    from near_jax import sharding, train
+
+    private = tmp_path / "private"
+    private.mkdir()
+    for i in range(40):  # text the contributors never see
+        (private / f"{i}.txt").write_text(f"held-out document {i}: " + "xyzzy plugh " * (5 + i))
+    cfg = small_config()
+    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    params = jax.device_get(trainer.init(jax.random.key(0)).params)
+    public = validator.scoring_loss(trainer, 1)
+    hidden = validator.scoring_loss(trainer, 1, source=str(private))
+    a, b = hidden(params, 1), hidden(params, 2)
+    assert a != b and hidden(params, 1) == a  # a seed is one draw, reproducible
+    assert public(params, 1) not in (a, b)  # another text: the public val split differs
+    with pytest.raises(ValueError, match="--score_source=.*nope"):
+        validator.build(cfg, trainer, None, RUN, None, key_path=_keyfile(tmp_path),
+                        ledger_path=str(tmp_path / "l.sqlite"), score_source=str(tmp_path / "nope"),
+                        spec=SPEC, lr=LR, momentum=MU, quorum=1, round_timeout=1.0)  # fmt: skip
+
+
+def _keyfile(tmp_path):
+    path = tmp_path / "agg.key"
+    identity.save(identity.generate(), path)
+    return str(path)

@@ -535,9 +535,10 @@ def _short(e: object) -> str:
 # ---------------------------------------------------------------------------------- CLI
 
 
-def scoring_loss(trainer, num_batches: int) -> Callable[[Any, int], float]:
+def scoring_loss(trainer, num_batches: int, source: str = "") -> Callable[[Any, int], float]:
     """loss_fn(params, seed) for scoring: the trainer's eval loss on `num_batches` val
-    batches drawn from `seed` (drawn once per seed: a round scores everything on them)."""
+    batches drawn from `seed` (drawn once per seed: a round scores everything on them) —
+    of the run's val split, or of a private `source` (see `fixed_eval`)."""
     from near_jax.diloco.aggregator import fixed_eval
 
     cache: dict[int, Callable[[Any], float]] = {}
@@ -545,7 +546,7 @@ def scoring_loss(trainer, num_batches: int) -> Callable[[Any, int], float]:
     def loss(params: Any, seed: int) -> float:
         if seed not in cache:
             cache.clear()
-            cache[seed] = fixed_eval(trainer, num_batches, val_seed=seed)
+            cache[seed] = fixed_eval(trainer, num_batches, val_seed=seed, source=source)
         return cache[seed](params)
 
     return loss
@@ -553,10 +554,11 @@ def scoring_loss(trainer, num_batches: int) -> Callable[[Any, int], float]:
 
 def build(
     cfg, trainer, store, run: str, manifest: dict | None, *, key_path: str, ledger_path: str,
-    **kwargs: Any,
+    score_source: str = "", **kwargs: Any,
 ) -> ContribAggregator:  # fmt: skip
     """The aggregator of a contributor run (the policy from the manifest once the run
-    exists, else from `cfg.contrib`); ValueError (one line) for an unusable key."""
+    exists, else from `cfg.contrib`); ValueError (one line) for an unusable key or
+    scoring source."""
     from near_jax.contrib.contributor import recipe_sha256
 
     if not key_path:
@@ -572,7 +574,15 @@ def build(
         policy = Policy.from_json(manifest["contrib"]["policy"])
     else:
         policy = Policy.from_config(cfg.contrib, attest.code_sha256(), recipe_sha256(cfg))
+    loss = scoring_loss(trainer, policy.score_batches, score_source)
+    if score_source:  # fail now, with the source named, not in the first round
+        from near_jax.config import ConfigError
+
+        try:
+            loss(jax.device_get(trainer.init(jax.random.key(0)).params), 0)
+        except (ConfigError, ValueError, OSError) as e:
+            raise ValueError(f"--score_source={score_source}: {_short(e)}") from None
     return ContribAggregator(
         store, run, trainer.abstract_state.params, aggregator_key=key, policy=policy,
-        loss_fn=scoring_loss(trainer, policy.score_batches), ledger_path=ledger_path, **kwargs,
+        loss_fn=loss, ledger_path=ledger_path, **kwargs,
     )  # fmt: skip

@@ -321,10 +321,11 @@ def manifest_problem(manifest: dict, cfg) -> str | None:
 
 
 def fixed_eval(
-    trainer, num_batches: int, val_seed: int | None = None
+    trainer, num_batches: int, val_seed: int | None = None, source: str = ""
 ) -> Callable[[Any], float] | None:
     """Mean validation loss of host params on `num_batches` fixed val batches (None if 0);
-    `val_seed` draws other val batches (contribution scoring)."""
+    `val_seed` draws other val batches, and with `source` (a data source only this
+    machine has) batches of that source drawn from `val_seed` (contribution scoring)."""
     if num_batches <= 0:
         return None
     import jax
@@ -332,10 +333,18 @@ def fixed_eval(
     from near_jax import data
 
     cfg = trainer.cfg
-    it = data.make_iterator(
-        cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size,
-        val_seed=val_seed,
-    )  # fmt: skip
+    if source:  # private: its whole train split is held out from every contributor
+        data_cfg = cfg.data.copy_and_resolve_references()
+        data_cfg.source = source
+        it = data.make_iterator(
+            data_cfg, split="train", seed=val_seed or 0,
+            global_batch_size=cfg.train.global_batch_size,
+        )  # fmt: skip
+    else:
+        it = data.make_iterator(
+            cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size,
+            val_seed=val_seed,
+        )  # fmt: skip
     batches = [data.to_global_batch(next(it), trainer.batch_sharding) for _ in range(num_batches)]
     shardings = trainer.state_shardings.params
     dtypes = jax.tree.map(lambda a: a.dtype, trainer.abstract_state.params)
@@ -404,18 +413,20 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
         )
         try:
             agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
-                                  ledger_path=ledger_path, log=_log, **kwargs)  # fmt: skip
+                                  ledger_path=ledger_path, score_source=f.score_source,
+                                  log=_log, **kwargs)  # fmt: skip
         except ValueError as e:
             usage_error(str(e))
         _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
-             f"the store; rule {agg.policy.rule}")  # fmt: skip
+             f"the store; rule {agg.policy.rule}; scoring on "
+             f"{f.score_source or 'the public val split (see --score_source)'}")  # fmt: skip
         if f.quorum < 3:
             _log(f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
                  "close a round; untrusted runs want a quorum of several contributors")  # fmt: skip
     else:
-        if f.key or f.ledger:
-            _log(f"warning: --key/--ledger are ignored: run {run!r} does not take contributors "
-                 "(config.contrib.enabled is fixed when a run is created)")  # fmt: skip
+        if f.key or f.ledger or f.score_source:
+            _log(f"warning: --key/--ledger/--score_source are ignored: run {run!r} does not "
+                 "take contributors (config.contrib.enabled is fixed at its creation)")  # fmt: skip
         agg = Aggregator(store, run, like, **kwargs)
     created = False
     if manifest is None:
@@ -490,6 +501,11 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "ledger", None, "Contributor runs: the local ledger file (default WORKDIR/ledger."
         "sqlite, else a temp dir); the store keeps the mirror."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "score_source", "", "Contributor runs: score on this data source (a path/glob only "
+        "the aggregator has) instead of the run's public val split, which contributors "
+        "could train on."
     )  # fmt: skip
     flags.DEFINE_integer("rounds", None, "Close this many rounds, then mark the run finished.")
     flags.DEFINE_integer("quorum", 1, "Close a round once this many valid contributions arrived.")
