@@ -587,3 +587,32 @@ def _keyfile(tmp_path):
     path = tmp_path / "agg.key"
     identity.save(identity.generate(), path)
     return str(path)
+
+
+def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
+    world = World(tmp_path, HONEST[:2], POLICY)
+    base = world.base()
+    new_code = "e" * 64
+    world.push("honest0", inner(base.params, "honest0", 0))
+    upgraded = Signer(world.keys["honest1"], "honest1", new_code, CONFIG)
+    rounds.push_contribution(world.store, RUN, "honest1", base, inner(base.params, "h1", 0),
+                             SPEC, sign=upgraded)  # fmt: skip
+    entries = _entries(_close(world, quorum=2))
+    assert entries["honest1"]["reason"].startswith("attestation: code hash eeeeeeeeeeee")
+    # Anyone can write a list; only the aggregator's signed one counts.
+    forged = {"run": RUN, "hashes": [new_code], "signature": "0" * 128}
+    world.store.put(validator.allowed_code_key(RUN), rounds.dumps(forged))
+    extra, problem = validator.extra_allowed_code(world.store, RUN, world.agg_key.public_hex)
+    assert extra == set() and "not signed" in problem
+    assert world.agg.allow_code([new_code]) == [new_code]
+    assert validator.extra_allowed_code(world.store, RUN, world.agg_key.public_hex) == (
+        {new_code},
+        "",
+    )
+    base = world.base()
+    old_code = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
+    for name, signer in (("honest0", old_code), ("honest1", upgraded)):
+        delta = inner(base.params, name, 1)
+        rounds.push_contribution(world.store, RUN, name, base, delta, SPEC, sign=signer)
+    entries = _entries(_close(world, quorum=2))
+    assert entries["honest1"]["applied"] and entries["honest0"]["applied"]

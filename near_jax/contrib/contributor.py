@@ -72,10 +72,12 @@ def prepare_signer(
         raise ValueError(str(e)) from None
     policy = validator.Policy.from_json(manifest["contrib"]["policy"])
     code, config = attest.code_sha256(), recipe_sha256(cfg)
-    if policy.attestation == "code_hash" and code not in policy.allowed_code:
+    extra, _ = validator.extra_allowed_code(store, run, manifest["contrib"]["aggregator_key"])
+    allowed = set(policy.allowed_code) | extra
+    if policy.attestation == "code_hash" and code not in allowed:
         raise ValueError(
             f"this near_jax code (hash {code[:12]}) is not allowed in run {run!r}: it takes "
-            f"{', '.join(h[:12] for h in policy.allowed_code)} (install that version)"
+            f"{', '.join(h[:12] for h in sorted(allowed))} (install that version)"
         )
     if config != policy.config_sha256:
         raise ValueError(f"this config's hash {config[:12]} differs from run {run!r}'s")

@@ -73,6 +73,8 @@ TAG_FIELDS = frozenset(
 _SEED_DOMAIN = b"near_jax/seed/v1\n"
 _DECISION_DOMAIN = b"near_jax/decision/v1\n"
 _SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_HASH = re.compile(r"[0-9a-f]{64}")
+_ALLOW_DOMAIN = b"near_jax/allowed_code/v1\n"
 
 
 # ------------------------------------------------------------------------------- policy
@@ -150,6 +152,33 @@ def check_seed(public_hex: str, run: str, rnd: int, signature_hex: str, commitme
     if seed_commitment(signature_hex) != commitment:
         return f"round {rnd}: the revealed seed does not match its commitment"
     return ""
+
+
+def allowed_code_key(run: str) -> str:
+    """The aggregator's signed list of code hashes allowed after the run was created."""
+    return f"{run}/allowed_code"
+
+
+def extra_allowed_code(store, run: str, aggregator_public: str) -> tuple[set[str], str]:
+    """(the extra allowed code hashes, a problem or ""): only a list the run's aggregator
+    signed counts (anyone can write to the store)."""
+    try:
+        obj = rounds.read_json(store, allowed_code_key(run))
+    except (ProtocolError, CorruptObject) as e:
+        return set(), f"{allowed_code_key(run)} is unreadable ({_short(e)[:100]})"
+    if obj is None:
+        return set(), ""
+    body = {"run": obj.get("run"), "hashes": obj.get("hashes")}
+    hashes = body["hashes"]
+    if (
+        body["run"] != run
+        or not isinstance(hashes, list)
+        or not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
+        or not identity.verify(aggregator_public, _ALLOW_DOMAIN + rounds.dumps(body),
+                               obj.get("signature", ""))
+    ):  # fmt: skip
+        return set(), f"{allowed_code_key(run)} is not signed by the run's aggregator"
+    return set(hashes), ""
 
 
 def decision_bytes(decision: dict) -> bytes:
@@ -233,10 +262,7 @@ class ContribAggregator(Aggregator):
         self.log = log
         self.key, self.policy, self.loss_fn = aggregator_key, policy, loss_fn
         self.ledger_path = ledger_path
-        self.verifier = attest.load_verifier(
-            policy.attestation, allowed_code=frozenset(policy.allowed_code),
-            config_sha256=policy.config_sha256,
-        )  # fmt: skip
+        self.verifier = self._verifier(frozenset())
         self.ledger: ledger.Ledger | None = None
         self.max_body = 2 * 4 * rounds.num_elements(like) + (1 << 20)  # fp32 + headroom
         self._keys: dict[str, str] = {}
@@ -250,6 +276,23 @@ class ContribAggregator(Aggregator):
                             "seed_commitment": seed_commitment(
                                 seed_signature(self.key, self.run, 0))}}  # fmt: skip
 
+    def _verifier(self, extra_code: frozenset[str]) -> attest.Verifier:
+        return attest.load_verifier(
+            self.policy.attestation, allowed_code=frozenset(self.policy.allowed_code) | extra_code,
+            config_sha256=self.policy.config_sha256,
+        )  # fmt: skip
+
+    def allow_code(self, hashes: list[str]) -> list[str]:
+        """Adds code hashes the run accepts from now on (a new near_jax release mid-run) to
+        the signed list in the store; returns the whole extra list."""
+        extra, _ = extra_allowed_code(self.store, self.run, self.key.public_hex)
+        merged = sorted(extra | set(hashes))
+        body = {"run": self.run, "hashes": merged}
+        body["signature"] = self.key.sign(_ALLOW_DOMAIN + rounds.dumps(body))
+        self.store.put(allowed_code_key(self.run), rounds.dumps(body))
+        self.verifier = self._verifier(frozenset(merged))
+        return merged
+
     # ----------------------------------------------------------------------- lifecycle
 
     def load(self) -> Version:
@@ -262,6 +305,10 @@ class ContribAggregator(Aggregator):
                 f"run {self.run!r} was created with aggregator key "
                 f"{str(theirs)[:16]}…, this key is {self.key.public_hex[:16]}…"
             )
+        extra, problem = extra_allowed_code(self.store, self.run, self.key.public_hex)
+        if problem:
+            self.log(f"warning: {problem}; only the manifest's code hashes are allowed")
+        self.verifier = self._verifier(frozenset(extra))
         self._open_ledger()
         last = self.ledger.last_round()
         for rnd in range(0 if last is None else last + 1, state.version):

@@ -26,6 +26,7 @@ outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, re
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
@@ -417,6 +418,11 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
                                   log=_log, **kwargs)  # fmt: skip
         except ValueError as e:
             usage_error(str(e))
+        if f.allow_code:
+            hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
+            if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+                usage_error(f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
+                            "(python -m near_jax.contrib codehash)")  # fmt: skip
         _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
              f"the store; rule {agg.policy.rule}; scoring on "
              f"{f.score_source or 'the public val split (see --score_source)'}")  # fmt: skip
@@ -424,9 +430,10 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
             _log(f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
                  "close a round; untrusted runs want a quorum of several contributors")  # fmt: skip
     else:
-        if f.key or f.ledger or f.score_source:
-            _log(f"warning: --key/--ledger/--score_source are ignored: run {run!r} does not "
-                 "take contributors (config.contrib.enabled is fixed at its creation)")  # fmt: skip
+        if f.key or f.ledger or f.score_source or f.allow_code:
+            _log(f"warning: the contributor flags (--key, --ledger, --score_source, "
+                 f"--allow_code) are ignored: run {run!r} does not take contributors "
+                 "(config.contrib.enabled is fixed at its creation)")  # fmt: skip
         agg = Aggregator(store, run, like, **kwargs)
     created = False
     if manifest is None:
@@ -439,6 +446,9 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
             info.update(agg.manifest_fields())
         created = agg.create(params0, info)
     state = agg.load()
+    if contributors and f.allow_code:
+        allowed = agg.allow_code([h.strip() for h in f.allow_code.split(",") if h.strip()])
+        _log(f"code hashes allowed besides the manifest's: {', '.join(h[:12] for h in allowed)}")
     batches = cfg.train.eval_batches if f.eval_batches < 0 else f.eval_batches
     evaluate = fixed_eval(trainer, batches)
     writer = metrics.MetricsWriter(f.workdir) if f.workdir else None
@@ -501,6 +511,10 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "ledger", None, "Contributor runs: the local ledger file (default WORKDIR/ledger."
         "sqlite, else a temp dir); the store keeps the mirror."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "allow_code", "", "Contributor runs: also accept contributions from these code hashes "
+        "from now on (comma-separated; a new release mid-run), in a list this key signs."
     )  # fmt: skip
     flags.DEFINE_string(
         "score_source", "", "Contributor runs: score on this data source (a path/glob only "
