@@ -179,6 +179,7 @@ def promote(f: Any) -> int:
           f"{f.min_rounds} rounds, never caught cheating")  # fmt: skip
     registry = checked.registry  # the valid entries, as audited
     out = []
+    width = max((len(s.contributor) for s in chosen), default=0)
     for rank, s in enumerate(chosen, 1):
         public = registry.get(s.contributor, "")
         # a name freed and re-registered to another key must not promote that other key
@@ -186,8 +187,8 @@ def promote(f: Any) -> int:
             _warn(f"{s.contributor} is now registered to key id {identity.key_id(public)}, "
                   f"not {s.key_id}; public_key left empty")  # fmt: skip
             public = ""
-        print(f"{rank:>3}  {s.contributor}  key id {s.key_id or '-'}  reward {s.reward:.4f}  "
-              f"rounds {len(s.rounds)}")  # fmt: skip
+        print(f"{rank:>3}  {s.contributor:<{width}}  key id {s.key_id or '-'}  "
+              f"reward {s.reward:.4f}  rounds {len(s.rounds)}")  # fmt: skip
         out.append({"contributor": s.contributor, "key_id": s.key_id, "public_key": public,
                     "reward": s.reward, "rounds": len(s.rounds)})  # fmt: skip
     if not chosen:
