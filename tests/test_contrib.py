@@ -512,9 +512,12 @@ def test_inflating_an_update_buys_no_reward_and_harmful_ones_are_not_applied(tmp
     assert entries["harmful"]["reason"].startswith("no improvement: score -")
     assert entries["harmful"]["score"] < 0 and not entries["harmful"]["applied"]
     honest = world.decoded(0, "honest1")
-    # Rescaled to the median norm, a scaled copy scores exactly like its original would.
-    scores = validator._at_median_norm([honest, jax.tree.map(lambda d: 2.9 * d, honest)])
-    assert np.allclose(scores[0]["w"], scores[1]["w"], rtol=1e-5)
+    # Scaled down to the median norm, an inflated copy scores like its original would; a
+    # token update is not scaled up (that would reward doing nothing).
+    big, tiny = (jax.tree.map(lambda d, k=k: np.float32(k) * d, honest) for k in (2.9, 0.003))
+    scaled = validator._at_median_norm([honest, honest, big, tiny])
+    assert np.allclose(scaled[2]["w"], honest["w"], rtol=1e-5)
+    assert np.array_equal(scaled[3]["w"], tiny["w"]) and scaled[0] is honest
 
 
 def test_a_forged_store_ledger_is_never_adopted(tmp_path):
@@ -616,3 +619,41 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
         rounds.push_contribution(world.store, RUN, name, base, delta, SPEC, sign=signer)
     entries = _entries(_close(world, quorum=2))
     assert entries["honest1"]["applied"] and entries["honest0"]["applied"]
+
+
+def test_second_review_holes_stay_closed(tmp_path):
+    world = World(tmp_path / "run", HONEST[:3], POLICY)
+    base = world.base()
+    for name in HONEST[:3]:
+        world.push(name, inner(base.params, name, 0))
+    # An object posing as a second contribution of honest0 under a nested key is ignored.
+    own = world.store.get(rounds.contrib_key(RUN, 0, "honest0"))
+    world.store.put(rounds.contrib_prefix(RUN, 0) + "x/honest0", own)
+    decision = _close(world, quorum=3)
+    assert [e["contributor"] for e in decision["contrib"]["entries"]] == HONEST[:3]
+    assert all(e["applied"] for e in decision["contrib"]["entries"])
+    # Damage to an applied round-0 object does not block a restarted aggregator, and
+    # re-pushing the published update of round 0 is a stale copy.
+    world.store.put(rounds.contrib_key(RUN, 0, "honest1"), b"junk")
+    world.agg.close()
+    world.agg = world.make_aggregator()
+    world.agg.load()
+    base = world.base()
+    echo = world.agg._decoded(rounds.update_key(RUN, 0))
+    world.push("honest0", inner(base.params, "honest0", 1))
+    world.push("honest2", echo)
+    entries = _entries(_close(world, quorum=2))
+    assert entries["honest2"]["reason"].startswith("stale: near-duplicate of the published")
+    assert entries["honest0"]["applied"]
+    # Junk in an island's own slot is reported, not fatal.
+    slot = rounds.contrib_key(RUN, 2, "honest1")
+    world.store._kv.write(slot, b"not a framed object").result()
+    signer = Signer(world.keys["honest1"], "honest1", CODE, CONFIG)
+    assert slot_problem(world.store, slot, signer, {}) == "it is not an intact object"
+    world.agg.close()
+    # A --ledger path that is not a ledger file is refused, never moved aside.
+    other = world.make_aggregator()
+    other.ledger_path = str(tmp_path / "run")  # the store's own directory
+    with pytest.raises(rounds.ProtocolError, match="is not a ledger file"):
+        other.load()
+    assert (tmp_path / "run").is_dir() and world.store.exists(rounds.manifest_key(RUN))

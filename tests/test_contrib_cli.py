@@ -477,3 +477,25 @@ def test_the_window_counts_back_from_the_latest_closed_round(world, tmp_path):
     assert f"rounds {ROUNDS - 1}–{ROUNDS}" in board.stderr
     table = {r["contributor"]: r for r in csv.DictReader(io.StringIO(board.stdout))}
     assert all(table[name]["rounds"] == "1" for name in HONEST), table
+
+
+def test_cli_refuses_impossible_requests_up_front(tmp_path):
+    """Usage mistakes caught before any work: exit 2, one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    store = tmp_path / "store"
+    store.mkdir()
+    cases = [
+        (["promote", "--top=1", "--window=1", "--min_rounds=2"], "can never be met"),
+        (["leaderboard", f"--csv={tmp_path}/no/such/dir/x.csv"], "not a writable directory"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "near_jax.contrib", *args, f"--store={store}", "--run=r"],
+            cwd=repo, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err

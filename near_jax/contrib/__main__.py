@@ -245,6 +245,8 @@ def _open_run(f: Any) -> tuple[Any, str]:
         usage_error(f"unknown run {run!r}: no {rounds.manifest_key(run)} in {f.store}")
     if not isinstance(manifest.get("contrib"), dict):
         usage_error(f"run {run!r} is not a contributor run (its manifest has no contrib section)")
+    if getattr(f, "ledger", None) and not os.path.isfile(f.ledger):
+        usage_error(f"--ledger={f.ledger}: no such file (leave it out to read the store's copy)")
     return store, run
 
 
@@ -277,6 +279,12 @@ def _rounds_header(run: str, checked: Any, first: int, last: int) -> str:
 def _check_window(f: Any) -> None:
     if f.window < 0:
         usage_error(f"--window={f.window} is not allowed: must be >= 0 (0: every round)")
+    if f.window and f.min_rounds > f.window:
+        usage_error(f"--min_rounds={f.min_rounds} can never be met in --window={f.window} rounds")
+    if f.csv and f.csv != "-":
+        directory = os.path.dirname(os.path.abspath(f.csv))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            usage_error(f"--csv={f.csv}: {directory} is not a writable directory")
 
 
 def _write(path: str, text: str) -> bool:

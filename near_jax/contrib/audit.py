@@ -156,8 +156,9 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
     entries, ledger_problems = read_ledger(store, run, ledger_path)
     problems += ledger_problems
     if entries and not why and max(_round_of(e) for e in entries) > latest:
-        again, _ = _read_latest(store, run)  # the run may have moved on meanwhile
-        latest = max(latest, again)
+        again, _ = _read_latest(store, run)  # the run may have moved on meanwhile, but
+        # the ledger snapshot only holds the rounds up to its last one
+        latest = max(latest, min(again, max(_round_of(e) for e in entries) + 1))
 
     registry, invalid = _registry(store, run)
     signers = {e["contributor"] for e in entries or [] if e["key_id"]}

@@ -19,7 +19,7 @@ import json
 import time
 
 from near_jax.contrib import attest, identity
-from near_jax.diloco.store import ObjectStore
+from near_jax.diloco.store import CorruptObject, ObjectStore
 
 
 def recipe_sha256(cfg) -> str:
@@ -72,12 +72,14 @@ def prepare_signer(
         raise ValueError(str(e)) from None
     policy = validator.Policy.from_json(manifest["contrib"]["policy"])
     code, config = attest.code_sha256(), recipe_sha256(cfg)
-    extra, _ = validator.extra_allowed_code(store, run, manifest["contrib"]["aggregator_key"])
+    aggregator = manifest["contrib"]["aggregator_key"]
+    extra, problem = validator.extra_allowed_code(store, run, aggregator)
     allowed = set(policy.allowed_code) | extra
     if policy.attestation == "code_hash" and code not in allowed:
         raise ValueError(
             f"this near_jax code (hash {code[:12]}) is not allowed in run {run!r}: it takes "
             f"{', '.join(h[:12] for h in sorted(allowed))} (install that version)"
+            + (f"; note: {problem}" if problem else "")
         )
     if config != policy.config_sha256:
         raise ValueError(f"this config's hash {config[:12]} differs from run {run!r}'s")
@@ -106,7 +108,10 @@ def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> 
     write to our slot first to block or frame us."""
     from near_jax.diloco import rounds
 
-    body = store.get(key)
+    try:
+        body = store.get(key)
+    except CorruptObject:
+        return "it is not an intact object"
     if body is None:
         return "it vanished"
     try:

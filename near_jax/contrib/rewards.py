@@ -7,12 +7,13 @@ sent, what was accepted and applied, and what was rejected.
 
 Promotion (`promotable`) takes the top K by total reward among contributors that were
 accepted in at least `min_rounds` rounds of the window and were never caught cheating in it:
-a rejection for a replay, a copy or stale copy, or a norm outlier (the poisoner's mark)
-disqualifies — but only of an entry the contributor signed for that round (it has a key
-id). Anyone can write an object under someone else's name (a bad signature, an old
-statement of theirs replayed), so unsigned rejections are never held against the name.
-A free-rider is not disqualified; it simply earns 0, and neither is a "duplicate" (a pair
-seen together, the original unknown).
+a rejection for a replay, a copy or a stale copy disqualifies — but only of an entry the
+contributor signed for that round (it has a key id). Anyone can write an object under
+someone else's name (a bad signature, an old statement of theirs replayed), so unsigned
+rejections are never held against the name. Free-riders, norm outliers (a poisoner, or an
+honest island that diverged — or honest ones, if sybils flood the round's median) and
+"duplicates" (a pair seen together, the original unknown) are not disqualified: they earn
+0 for that round, which keeps them off the top anyway.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 import io
 from collections.abc import Iterable, Sequence
 
-DISQUALIFYING = ("replayed", "copy", "stale", "norm outlier")
+DISQUALIFYING = ("replayed", "copy", "stale")
 
 
 @dataclasses.dataclass

@@ -193,8 +193,9 @@ def check_decision(public_hex: str, decision: dict) -> bool:
 
 
 def _at_median_norm(deltas: list[Any]) -> list[Any]:
-    """Each Δ rescaled to the round's median norm: scores then compare directions, so a
-    contributor cannot raise its score (and reward) by inflating its update."""
+    """Each Δ larger than the round's median norm scaled down to it: a contributor cannot
+    raise its score (and reward) by inflating its update. Smaller ones are left as they
+    are (scaling up a token update would reward doing nothing)."""
     norms = screening.norms(deltas)
     finite = [n for n in norms if math.isfinite(n) and n > 0]
     if not finite:
@@ -202,7 +203,7 @@ def _at_median_norm(deltas: list[Any]) -> list[Any]:
     median = float(np.median(finite))
     return [
         jax.tree.map(lambda d, k=median / n: d * np.float32(k), delta)
-        if math.isfinite(n) and n > 0 else delta
+        if math.isfinite(n) and n > median else delta
         for delta, n in zip(deltas, norms, strict=True)
     ]  # fmt: skip
 
@@ -326,7 +327,14 @@ class ContribAggregator(Aggregator):
         if self.ledger is not None:
             self.ledger.close()
         path = self.ledger_path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise ProtocolError(f"cannot create the ledger's directory for {path}: {e}") from None
+        if os.path.exists(path) and not _is_sqlite_file(path):
+            raise ProtocolError(
+                f"ledger path {path} exists and is not a ledger file (pass --ledger=FILE)"
+            )
         if os.path.exists(path):
             problems = ledger.verify_chain(path, self.run)
             if problems:
@@ -527,18 +535,35 @@ class ContribAggregator(Aggregator):
         return new, update, decision
 
     def _refresh_history(self, r: int) -> None:
-        """The previous round's applied Δ (for stale-copy screening), from the store after a
-        restart."""
-        if self._history_round == r - 1 or r == 0:
+        """What a stale copy would copy, for screening: the previous round's applied Δ and
+        its published update (re-pushing the update costs nothing). Read from the store
+        after a restart; an unreadable object only drops out of the history."""
+        if r == 0:
             return
-        self._history, self._history_round = [], r - 1
-        decision = rounds.read_json(self.store, rounds.decision_key(self.run, r - 1))
-        for entry in (decision or {}).get("accepted", []):
-            body = self.store.get(entry["key"])
-            if body is None or rounds.sha256(body) != entry["sha256"]:
-                continue
-            payload = rounds.unpack_contribution(body, rounds.num_elements(self.like))[1]
-            self._history.append((f"{entry['island']}@{r - 1}", decode(payload, like=self.like)))
+        if self._history_round != r - 1:
+            self._history, self._history_round = [], r - 1
+            decision = _read_quietly(
+                lambda: rounds.read_json(self.store, rounds.decision_key(self.run, r - 1))
+            )
+            for entry in (decision or {}).get("accepted", []):
+                delta = _read_quietly(lambda e=entry: self._decoded(e["key"], e["sha256"]))
+                if delta is not None:
+                    self._history.append((f"{entry['island']}@{r - 1}", delta))
+        label = f"the published update of round {r - 1}"
+        if all(name != label for name, _ in self._history):
+            update = _read_quietly(lambda: self._decoded(rounds.update_key(self.run, r - 1)))
+            if update is not None:
+                self._history.append((label, update))
+
+    def _decoded(self, key: str, sha256: str | None = None) -> Any:
+        """The Δ or update stored at `key` (None if missing or not the recorded object)."""
+        body = self.store.get(key)
+        if body is None or (sha256 is not None and rounds.sha256(body) != sha256):
+            return None
+        limit = rounds.num_elements(self.like)
+        if key.endswith("/update"):
+            return decode(Payload.from_bytes(body, max_elements=limit), like=self.like)
+        return decode(rounds.unpack_contribution(body, limit)[1], like=self.like)
 
     # ------------------------------------------------------------------------ recorded
 
@@ -573,6 +598,24 @@ class ContribAggregator(Aggregator):
             ledger.upload(self.store, self.run, self.ledger_path)
         except ledger.LedgerError as e:
             raise ProtocolError(str(e)) from None
+
+
+def _is_sqlite_file(path: str) -> bool:
+    """A regular file that starts like a SQLite database (what may be moved aside)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
+def _read_quietly(read: Callable[[], Any]) -> Any:
+    """read(), or None when what it reads is damaged (never when the store is down)."""
+    try:
+        return read()
+    except StoreError:
+        raise
+    except Exception:  # noqa: BLE001 - a damaged object only drops out of the history
+        return None
 
 
 def _short(e: object) -> str:

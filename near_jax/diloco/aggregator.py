@@ -196,10 +196,9 @@ class Aggregator:
         """Reads and validates contributions until the quorum or the deadline."""
         deadline = self.opened_at + self.round_timeout
         verdicts: dict[str, Verdict] = {}
-        prefix = rounds.contrib_prefix(self.run, base.version)
         while True:
             self.poll_index += 1
-            for key in self.store.list(prefix):
+            for key in rounds.contrib_keys(self.store, self.run, base.version):
                 if key not in verdicts:  # insertion order = arrival order (copy detection)
                     verdicts[key] = self.check(base, key)
             if sum(v.valid for v in verdicts.values()) >= self.quorum:
@@ -226,7 +225,7 @@ class Aggregator:
             known |= {e["key"] for e in d["accepted"] + d["rejected"] + d["late"]}
         late = []
         for earlier in range(lo, r):
-            for key in self.store.list(rounds.contrib_prefix(self.run, earlier)):
+            for key in rounds.contrib_keys(self.store, self.run, earlier):
                 if key not in known:
                     late.append({"island": key.rsplit("/", 1)[-1], "round": earlier, "key": key})
         for old in [k for k in self._decisions if k < lo]:
@@ -412,17 +411,20 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
         ledger_path = f.ledger or os.path.join(
             f.workdir or tempfile.mkdtemp(prefix="near_jax-ledger-"), "ledger.sqlite"
         )
+        if f.allow_code:
+            hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
+            if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+                usage_error(f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
+                            "(python -m near_jax.contrib codehash)")  # fmt: skip
+        if f.score_source and f.score_source == cfg.data.source:
+            usage_error(f"--score_source={f.score_source} is the run's training source: "
+                        "score on data the contributors do not have")  # fmt: skip
         try:
             agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
                                   ledger_path=ledger_path, score_source=f.score_source,
                                   log=_log, **kwargs)  # fmt: skip
         except ValueError as e:
             usage_error(str(e))
-        if f.allow_code:
-            hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
-            if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
-                usage_error(f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
-                            "(python -m near_jax.contrib codehash)")  # fmt: skip
         _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
              f"the store; rule {agg.policy.rule}; scoring on "
              f"{f.score_source or 'the public val split (see --score_source)'}")  # fmt: skip

@@ -134,6 +134,14 @@ def contrib_key(run: str, rnd: int, island: str) -> str:
     return contrib_prefix(run, rnd) + island
 
 
+def contrib_keys(store: ObjectStore, run: str, rnd: int) -> list[str]:
+    """The contribution keys of round `rnd`: prefix + a valid island name. Anything else
+    under the prefix (nested keys, odd names) is nobody's contribution and is ignored, so
+    no object can pose as a second contribution of some island."""
+    prefix = contrib_prefix(run, rnd)
+    return [k for k in store.list(prefix) if _NAME.fullmatch(k[len(prefix) :])]
+
+
 def decision_key(run: str, rnd: int) -> str:
     return f"{run}/rounds/{rnd:08d}/decision"
 

@@ -177,7 +177,9 @@ class ObjectStore:
             keys = self._kv.list(key_range).result()
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"cannot list {prefix!r} in {self.url!r}: {_one_line(e)}") from None
-        return sorted(k.decode() for k in keys)
+        # A key that is not UTF-8 cannot be one of ours; "replace" keeps list() from failing
+        # on it (callers check names, so it is never read back).
+        return sorted(k.decode("utf-8", "replace") for k in keys)
 
     # ------------------------------------------------------------------------------- writes
 
