@@ -438,7 +438,10 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
     a = _records(tmp_path / "a" / "metrics.jsonl", "island")
     assert a[0]["full_pull"] == 1 and all(x["full_pull"] == 0 for x in a[1:])
     assert all(x["bytes_pulled"] > 0 and x["inner_loss"] > 0 for x in a)
-    assert sum(x["accepted"] for x in a) >= ROUNDS - 2 and all(x["bytes_pushed"] > 0 for x in a)
+    # An island does not push into a round that closed first (e.g. the restarted aggregator
+    # closing an overdue round at once): that round is late for it, and sends nothing.
+    assert sum(x["accepted"] for x in a) >= ROUNDS - 2
+    assert all(x["bytes_pushed"] > 0 or x["late"] for x in a), a
     c = _records(tmp_path / "c" / "metrics.jsonl", "island")
     assert c and c[0]["round"] >= b_killed_at and c[0]["full_pull"] == 1
     print(
