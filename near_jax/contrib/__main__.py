@@ -137,13 +137,10 @@ def leaderboard(f: Any) -> int:
     """Prints the standings over the window; optionally writes them as CSV."""
     from near_jax.contrib import rewards
 
-    _check_window(f)
-    store, run = _open_run(f)
-    checked = _audited(f, store, run)
-    if checked is None:
+    found = _ranked(f)
+    if found is None:
         return 1
-    first, last = rewards.window_bounds(checked.latest, f.window)
-    ranked = rewards.standings(checked.entries, first, last)
+    run, checked, first, last, ranked = found
     header = _rounds_header(run, checked, first, last)
     if f.csv == "-":  # stdout is the CSV alone, so it can be piped
         print(header, file=sys.stderr)
@@ -167,13 +164,10 @@ def promote(f: Any) -> int:
         usage_error(f"--top={f.top} is not allowed: must be >= 1")
     if f.min_rounds < 1:
         usage_error(f"--min_rounds={f.min_rounds} is not allowed: must be >= 1")
-    _check_window(f)
-    store, run = _open_run(f)
-    checked = _audited(f, store, run)
-    if checked is None:
+    found = _ranked(f)
+    if found is None:
         return 1
-    first, last = rewards.window_bounds(checked.latest, f.window)
-    ranked = rewards.standings(checked.entries, first, last)
+    run, checked, first, last, ranked = found
     chosen = rewards.promotable(ranked, f.top, f.min_rounds)
     print(f"{_rounds_header(run, checked, first, last)}: top {f.top}, accepted in >= "
           f"{f.min_rounds} rounds, never caught cheating")  # fmt: skip
@@ -266,6 +260,20 @@ def _audited(f: Any, store: Any, run: str) -> Any:
     for w in checked.warnings:
         _warn(w)
     return checked
+
+
+def _ranked(f: Any) -> tuple[str, Any, int, int, list] | None:
+    """(run, audit, first, last, standings over the window) of an audited run; None after
+    one line on stderr when the audit fails."""
+    from near_jax.contrib import rewards
+
+    _check_window(f)
+    store, run = _open_run(f)
+    checked = _audited(f, store, run)
+    if checked is None:
+        return None
+    first, last = rewards.window_bounds(checked.latest, f.window)
+    return run, checked, first, last, rewards.standings(checked.entries, first, last)
 
 
 def _rounds_header(run: str, checked: Any, first: int, last: int) -> str:

@@ -220,17 +220,10 @@ def screen_details(
     return out
 
 
-def screen(
-    deltas: Sequence[Any],
-    names: Sequence[str],
-    *,
-    history: Sequence[tuple[str, Any]] = (),
-    max_norm_ratio: float = 3.0,
-    zero_norm_ratio: float = 1e-3,
-    duplicate_cosine: float = 0.99,
-    arrival: Sequence[int] | None = None,
-) -> list[str]:
-    """One reason per contribution, "" when it passes. Checks, first failure wins:
+def screen(deltas: Sequence[Any], names: Sequence[str], **options: Any) -> list[str]:
+    """One reason per contribution, "" when it passes. `options` are screen_details'
+    keywords: history, max_norm_ratio (3.0), zero_norm_ratio (1e-3), duplicate_cosine
+    (0.99), arrival. Checks, first failure wins:
 
     1. free-rider: norm 0, or norm / the round's median norm < zero_norm_ratio;
     2. norm outlier: a non-finite norm, or norm / median > max_norm_ratio (0 disables);
@@ -243,15 +236,7 @@ def screen(
 
     The median is over every contribution with a finite norm; when it is 0 (or there is
     none) the ratio checks are skipped. duplicate_cosine > 1 disables checks 3-4."""
-    details = screen_details(
-        deltas,
-        names,
-        history=history,
-        max_norm_ratio=max_norm_ratio,
-        zero_norm_ratio=zero_norm_ratio,
-        duplicate_cosine=duplicate_cosine,
-        arrival=arrival,
-    )
+    details = screen_details(deltas, names, **options)
     return [s.reason for s in details]
 
 
