@@ -8,16 +8,24 @@ A run keeps its checkpoints in `workdir/checkpoints/<step>/` with three items:
 
 Saves are asynchronous by default (Orbax writes in the background and commits atomically by
 renaming a temporary directory); a background failure is raised at the next save or at
-`close()`. On restore the latest step is tried first; an incomplete or damaged step is
-reported with a warning and the previous one is tried, and if none can be read the run stops
-with a CheckpointError rather than silently starting afresh.
+`close()`. After the commit every file of the step is hashed into an integrity manifest
+(`checkpoint_manifest`), and only then does retention delete older steps. A state holding a
+NaN or Inf is never saved (NonFiniteStateError).
+
+On restore the latest step is tried first; an incomplete or damaged step (no commit marker,
+a file that does not match the manifest, anything Orbax cannot read, a saved config that is
+not a config) is reported with a warning, moved aside to `<checkpoints>.damaged/` (never
+deleted), and the previous one is tried; if none can be read the run stops with a
+CheckpointError rather than silently starting afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+import threading
 from typing import Any
 
 import grain
@@ -26,6 +34,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from near_jax import checkpoint_integrity as integrity
+from near_jax.checkpoint_integrity import checked_config, is_finite
 
 STATE, DATA, CONFIG = "state", "data", "config"
 CHECKPOINT_DIR = "checkpoints"
@@ -37,6 +48,10 @@ _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 class CheckpointError(RuntimeError):
     """No checkpoint could be read where one was expected (the message says why)."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """A state with NaN or Inf values was refused by `Checkpointer.save` (nothing written)."""
 
 
 @dataclasses.dataclass
@@ -55,7 +70,13 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
 
 
 class Checkpointer:
-    """Saves and restores a run's checkpoints (an Orbax CheckpointManager underneath)."""
+    """Saves and restores a run's checkpoints (an Orbax CheckpointManager underneath).
+
+    A step counts once Orbax has committed it *and* its integrity manifest is written (in a
+    background thread after the commit); retention (`keep`, `keep_every`) runs only then,
+    so it never deletes the newest good step for one that is not finished. A state with a
+    NaN or Inf is refused before anything is written.
+    """
 
     def __init__(
         self,
@@ -67,13 +88,14 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = epath.Path(directory)
+        self.keep, self.keep_every, self.read_only = keep, keep_every, read_only
         self.stale = [] if read_only else self._remove_stale_tmp()
+        self._finisher: threading.Thread | None = None
+        self._finisher_error: BaseException | None = None
+        self._last_step = -1
+        # Retention is ours (after the manifest), not Orbax's (after the commit).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
-            keep_period=keep_every or None,
-            enable_async_checkpointing=async_save,
-            create=not read_only,
-            read_only=read_only,
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -102,8 +124,18 @@ class Checkpointer:
         return found
 
     def steps(self) -> list[int]:
-        """Committed steps, oldest first."""
-        return sorted(self.manager.all_steps())
+        """Committed steps, oldest first (read from the directory, not Orbax's cache)."""
+        return [s for s in self.step_dirs() if (self.directory / str(s) / COMMIT_MARKER).exists()]
+
+    def good_steps(self) -> list[int]:
+        """Steps whose save finished (committed, manifest written), oldest first."""
+        return [s for s in self.step_dirs() if integrity.has_manifest(self.directory / str(s))]
+
+    def step_dirs(self) -> list[int]:
+        """Every step-numbered entry of the directory (committed or not), oldest first."""
+        if not self.directory.exists():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
     def save(
         self,
@@ -114,76 +146,178 @@ class Checkpointer:
         *,
         wait: bool = False,
     ) -> None:
-        """Saves the run at `step` (async unless `wait`); raises an earlier save's error."""
-        self.manager.check_for_errors()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardSave(state),
-                    DATA: grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter)),
-                    CONFIG: ocp.args.JsonSave(config.to_dict()),
-                }
-            ),
-            force=True,
+        """Saves the run at `step` (async unless `wait`); raises an earlier save's error.
+
+        Raises NonFiniteStateError, writing nothing, if any float in `state` is NaN or Inf.
+        """
+        if not is_finite(state):
+            raise NonFiniteStateError(f"step {step}: the state has NaN or Inf values")
+        self._join_finisher()
+        self._last_step = step
+        with self._save_errors(step):
+            self.manager.check_for_errors()
+            self.manager.reload()  # retention deleted steps behind Orbax's back
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardSave(state),
+                        DATA: grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter)),
+                        CONFIG: ocp.args.JsonSave(config.to_dict()),
+                    }
+                ),
+                force=True,
+            )
+        self._finisher = threading.Thread(
+            target=self._finish, args=(step,), name=f"near_jax-checkpoint-{step}", daemon=True
         )
+        self._finisher.start()
         if wait:
             self.wait()
 
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        """Any failure to write `step` (a full disk...) as one CheckpointError line."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many kinds
+            good = self.good_steps() if jax.process_index() == 0 else []
+            newest = f"step {good[-1]}" if good else "none"
+            raise CheckpointError(
+                f"step {step} could not be written ({_one_line(e)}); the newest good "
+                f"checkpoint is {newest}"
+            ) from e
+
+    def _finish(self, step: int) -> None:
+        """After the commit: the manifest, then retention (in the background thread)."""
+        try:
+            with self._save_errors(step):
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
+                if jax.process_index() == 0:
+                    integrity.write(self.directory / str(step))
+                    self._apply_retention()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread at the join
+            self._finisher_error = e
+
+    def _join_finisher(self) -> None:
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+        error, self._finisher_error = self._finisher_error, None
+        if error is not None:
+            raise error
+
+    def _apply_retention(self) -> None:
+        """Deletes old steps beyond the newest `keep` good ones (and `keep_every` multiples)."""
+        if self.keep <= 0:
+            return
+        good = self.good_steps()
+        if len(good) <= self.keep:
+            return
+        oldest_kept = good[-self.keep]
+        for step in self.steps():  # committed ones only: junk waits for restore to set it aside
+            if step < oldest_kept and not (self.keep_every and step % self.keep_every == 0):
+                (self.directory / str(step)).rmtree()
+
     def wait(self) -> None:
-        """Blocks until pending saves are committed; raises their errors."""
-        self.manager.wait_until_finished()
-        self.manager.check_for_errors()
+        """Blocks until pending saves are committed and verified; raises their errors."""
+        self._join_finisher()
+        with self._save_errors(self._last_step):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def restore(
         self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None
     ) -> Restored:
-        """Restores the latest readable step (or exactly `step`) into `abstract_state`'s shardings.
+        """Restores the latest good step (or exactly `step`) into `abstract_state`'s shardings.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding`: arrays land
         directly in those shardings, whatever mesh they were saved from. `data_iter`, when
-        given, is set to the saved position. Newer steps that fail are skipped with a warning.
+        given, is set to the saved position. Newer steps that are incomplete or damaged are
+        skipped with a warning and (unless read-only) moved aside by `integrity.quarantine`.
         """
-        candidates = [step] if step is not None else list(reversed(self.steps()))
+        present = self.step_dirs()
+        candidates = [step] if step is not None else list(reversed(present))
         if not candidates:
             raise CheckpointError(f"no committed checkpoint in {self.directory}")
-        skipped = list(self.stale)
-        for candidate in candidates:
-            if candidate not in self.manager.all_steps():
-                raise CheckpointError(
-                    f"step {candidate} not found in {self.directory}; "
-                    f"committed steps: {self.steps() or 'none'}"
-                )
-            if not (self.directory / str(candidate) / COMMIT_MARKER).exists():
-                problem = f"step {candidate}: incomplete (no {COMMIT_MARKER})"
-                logging.warning("checkpoint %s; trying an older step", problem)
-                skipped.append(problem)
-                if step is not None:
-                    raise CheckpointError(f"checkpoint {problem}")
-                continue
-            try:
-                items = {
-                    STATE: ocp.args.StandardRestore(abstract_state),
-                    CONFIG: ocp.args.JsonRestore(),
-                }
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-                data_state = self.read_data_state(candidate) if data_iter is not None else None
-            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
-                problem = f"step {candidate}: unreadable ({_one_line(e)})"
-                logging.warning("checkpoint %s; trying an older step", problem)
-                skipped.append(problem)
-                if step is not None:
-                    raise CheckpointError(f"checkpoint {problem}") from e
-                continue
-            if data_state is not None:
+        if step is not None and step not in self.steps():
+            raise CheckpointError(
+                f"step {step} not found in {self.directory}; "
+                f"committed steps: {self.steps() or 'none'}"
+            )
+        # A run saved before integrity manifests existed is read unverified (with a warning).
+        verified = any(integrity.has_manifest(self.directory / str(s)) for s in present)
+        skipped, set_aside = list(self.stale), []
+        try:
+            for candidate in candidates:
                 try:
-                    data_iter.set_state(data_state)
-                except ValueError as e:
-                    raise CheckpointError(f"step {candidate}: {e}") from e
-            return Restored(candidate, restored[STATE], dict(restored[CONFIG]), skipped)
+                    restored = self._restore_step(candidate, abstract_state, data_iter, verified)
+                except integrity.StepProblem as e:
+                    problem = f"step {candidate}: {e}"
+                    logging.warning("checkpoint %s; trying an older step", problem)
+                    if step is not None:
+                        raise CheckpointError(f"checkpoint {problem}") from e.__cause__
+                    if not self.read_only:
+                        problem += self._set_aside(candidate, problem)
+                        set_aside.append(candidate)
+                    skipped.append(problem)
+                    continue
+                if not verified:
+                    logging.warning(
+                        "checkpoint step %d: no integrity manifest (saved by an older near_jax); "
+                        "restored unverified",
+                        candidate,
+                    )
+                return dataclasses.replace(restored, skipped=skipped)
+        finally:
+            if set_aside:
+                integrity.barrier("near_jax_checkpoint_set_aside")
+                self.manager.reload()  # forget the steps that moved, so they can be saved again
         raise CheckpointError(
             f"none of the checkpoints in {self.directory} could be read: " + "; ".join(skipped)
         )
+
+    def _restore_step(
+        self, step: int, abstract_state: Any, data_iter: Any | None, verified: bool
+    ) -> Restored:
+        """One step, or integrity.StepProblem saying why it cannot be used."""
+        step_dir = self.directory / str(step)
+        if not (step_dir / COMMIT_MARKER).exists():
+            raise integrity.StepProblem(f"incomplete (no {COMMIT_MARKER})")
+        if verified:
+            integrity.verify_everywhere(step_dir)
+        try:
+            items = {
+                STATE: ocp.args.StandardRestore(abstract_state),
+                CONFIG: ocp.args.JsonRestore(),
+            }
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            config = checked_config(restored[CONFIG])
+            data_state = self.read_data_state(step) if data_iter is not None else None
+        except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            raise integrity.StepProblem(f"unreadable ({_one_line(e)})") from e
+        if data_state is not None:
+            try:
+                data_iter.set_state(data_state)
+            except ValueError as e:
+                raise CheckpointError(f"step {step}: {e}") from e
+        return Restored(step, restored[STATE], config, [])
+
+    def _set_aside(self, step: int, problem: str) -> str:
+        """Moves a damaged step out of the way (process 0); the text to add to its warning."""
+        if jax.process_index() != 0:
+            return ""
+        try:
+            target = integrity.quarantine(self.directory / str(step), problem)
+        except OSError as e:
+            raise CheckpointError(
+                f"step {step} is damaged and cannot be moved aside: {_one_line(e)} ({problem})"
+            ) from e
+        logging.warning("checkpoint step %d: set aside in %s", step, target)
+        return f"; set aside in {target}"
 
     def read_data_state(self, step: int) -> dict[str, Any]:
         """The data position at `step`: every process's shard states merged into one dict.
@@ -205,8 +339,12 @@ class Checkpointer:
         """Waits for pending saves, raises their errors, and releases the manager."""
         try:
             self.wait()
-        finally:
-            self.manager.close()
+        except BaseException:
+            # Orbax re-raises the same failed save from close(): report it once, from wait().
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise
+        self.manager.close()
 
 
 class _IteratorSnapshot:
@@ -222,9 +360,10 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text.splitlines()[0][:300]
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """`Type: message` on one line; a long one keeps its start and its end (often the cause)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -293,16 +432,22 @@ def restore_params(
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"{what}={spec!r}: step {step} not found; have {steps}")
+        if _has_manifests(directory):
+            try:
+                integrity.verify(directory / str(step))
+            except integrity.DamagedStep as e:
+                raise CheckpointError(f"{what}={spec!r}: step {step} is damaged ({e})") from e
         saved = manager.item_metadata(step)[STATE]
         saved = getattr(saved, "tree", saved)
         problem = _shape_mismatch(saved.get("params", {}), abstract_params)
         if problem:
             raise CheckpointError(f"{what}={spec!r}: a different architecture: {problem}")
         restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                           dtype=x.dtype),
+            lambda x: ocp.ArrayRestoreArgs(
+                sharding=x.sharding, global_shape=x.shape, dtype=x.dtype
+            ),
             abstract_params,
-        )  # fmt: skip
+        )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -320,13 +465,22 @@ def restore_params(
         manager.close()
 
 
+def _has_manifests(directory: epath.Path) -> bool:
+    """Whether any step of `directory` has an integrity manifest (runs before them have none)."""
+    return any(
+        integrity.has_manifest(p) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
+    )
+
+
 def read_config(directory: str | epath.Path, step: int) -> dict:
-    """The resolved config a checkpoint step was saved with (its `config` item)."""
+    """The resolved config a checkpoint step was saved with (CheckpointError if unusable)."""
     manager = _read_only_manager(epath.Path(directory))
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
         )
-        return dict(restored[CONFIG])
+        return checked_config(restored[CONFIG])
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"step {step}: unreadable config ({_one_line(e)})") from e
     finally:
         manager.close()

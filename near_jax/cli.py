@@ -59,7 +59,14 @@ class _LibraryInfoFilter(std_logging.Filter):
         if record.levelno <= std_logging.INFO:
             return False
         message = record.getMessage()
-        return not any(noise in message for noise in _ORBAX_READ_ONLY_NOISE)
+        if any(noise in message for noise in _ORBAX_READ_ONLY_NOISE):
+            return False
+        # Orbax logs a failed background save from each of its threads with a traceback, and
+        # near_jax reports the same failure once, as one line: keep one short line of each.
+        first = " ".join(message.split())
+        record.msg, record.args = first if len(first) <= 300 else first[:297] + "...", None
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def quiet_library_logs() -> None:

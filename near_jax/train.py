@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from near_jax import checkpoint, cli, data, distributed, metrics, model, optim, preemption, sharding
 from near_jax import config as config_lib
+from near_jax import workdir as workdir_lib
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
 from near_jax.config import ConfigError
 from near_jax.loading import is_params_only
@@ -30,6 +31,10 @@ from near_jax.tokenizer import load_tokenizer
 now = time.perf_counter
 
 VOCAB_MULTIPLE = 128
+
+
+class DivergedError(RuntimeError):
+    """The loss or the state stopped being finite; nothing from that point was saved."""
 
 
 class TrainState(NamedTuple):
@@ -285,16 +290,14 @@ def start_state(
     """The state to train from: resumed, warm-started (init_from), or fresh; and a message."""
     cfg = trainer.cfg
     abstract = trainer.abstract_state
-    if ckpt.steps():
+    if ckpt.step_dirs():
         workdir = str(ckpt.directory.parent)
-        if is_params_only(workdir, ckpt.steps()[-1]):
+        if is_params_only(workdir, ckpt.step_dirs()[-1]):
             raise ConfigError(f"--workdir={workdir} holds params only (an imported model): it "
                               "cannot be resumed; train from it in a new --workdir with "
                               f"--config.checkpoint.init_from={workdir}")  # fmt: skip
         restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
-        check_resume_config(restored.config, cfg)
-        for problem in restored.skipped:
-            logging.warning("checkpoint %s", problem)
+        check_resume_config(restored.config, cfg)  # (checkpoint logged what it skipped)
         return TrainState(
             **restored.state
         ), f"resumed from step {restored.step} in {ckpt.directory}"
@@ -320,9 +323,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         cfg.data, split="train", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size
     )
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
+    # Process 0 owns the workdir for the whole run: a second train on it is refused.
+    lock = workdir_lib.acquire(workdir, program="near_jax.train") if is_main else None
+    try:
+        return _train_locked(cfg, workdir, mesh, train_iter, is_main)
+    finally:
+        if lock:
+            lock.release()
 
+
+def _train_locked(cfg, workdir, mesh, train_iter, is_main) -> dict[str, float]:
     trainer = make_trainer(cfg, mesh)
     counts = model.param_counts(trainer.model_cfg)
     logging.info(
@@ -341,6 +351,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if is_main:
             save_config(cfg, workdir)
         return _loop(trainer, state, train_iter, ckpt, workdir, is_main)
+    except (DivergedError, checkpoint.NonFiniteStateError) as e:
+        ckpt.wait()  # the good saves before it finish
+        good = ckpt.good_steps()
+        newest = f"step {good[-1]}" if good else "none"
+        raise DivergedError(
+            f"{e}; nothing from there on was saved: the newest good checkpoint is {newest} in "
+            f"{ckpt.directory} (lower optim.lr or fix the data, then run again to resume)"
+        ) from e
     finally:
         ckpt.close()
 
@@ -376,7 +394,7 @@ def _loop(trainer, state, train_iter, ckpt, workdir, is_main) -> dict[str, float
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 stats = {k: float(v) for k, v in jax.device_get(stats).items()}
                 if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(f"loss is {stats['loss']} at step {done}")
+                    raise DivergedError(f"step {done}: the training loss is {stats['loss']}")
                 t_now = now()
                 if done > last_step:
                     step_time = (t_now - last_time) / (done - last_step)
@@ -396,6 +414,8 @@ def _loop(trainer, state, train_iter, ckpt, workdir, is_main) -> dict[str, float
             every = cfg.train.eval_every
             if (every and done % every == 0) or done == cfg.train.steps:
                 eval_stats = evaluate(trainer, state.params, cfg.seed)
+                if not math.isfinite(eval_stats["loss"]):
+                    raise DivergedError(f"step {done}: the eval loss is {eval_stats['loss']}")
                 eval_stats["tokens"] = done * tokens_per_step
                 writer.write(done, eval_stats, split="eval")
                 if progress:
@@ -450,11 +470,16 @@ def _main(argv: list[str]) -> None:
         usage_error("--workdir is required: the run directory for metrics and config")
     try:
         result = train(cfg, flags.FLAGS.workdir)
-    except ConfigError as e:
+    except (ConfigError, workdir_lib.WorkdirError) as e:
         usage_error(str(e))
     except checkpoint.CheckpointError as e:
-        print(f"near_jax.train: checkpoint error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"checkpoint error: {e}")
+    except DivergedError as e:
+        _fail(f"diverged: {e}")
+    except OSError as e:  # a full disk, a filesystem gone read-only mid-run
+        _fail(
+            f"cannot write the run: {str(e).splitlines()[0]} (committed checkpoints stay readable)"
+        )
     if "stopped_at" in result:
         print(f"stopped at step {result['stopped_at']} (train.stop_at): checkpoint saved in "
               f"{flags.FLAGS.workdir}; run again without it to continue")  # fmt: skip
@@ -469,6 +494,11 @@ def _main(argv: list[str]) -> None:
         return
     summary = {k: round(v, 4) for k, v in result.items() if k in ("train_loss", "eval_loss")}
     print(f"done: {json.dumps(summary)} | workdir {flags.FLAGS.workdir}")
+
+
+def _fail(message: str) -> None:
+    print(f"near_jax.train: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main() -> None:

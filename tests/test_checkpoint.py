@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import small_config
 
-from near_jax import checkpoint, metrics, sharding, train
+from near_jax import checkpoint, checkpoint_integrity, metrics, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
@@ -223,8 +223,8 @@ def _damage(kind, step_dir):
     "kind, message",
     [
         ("no commit marker", "step 20: incomplete"),
-        ("truncated array file", "step 20: unreadable"),
-        ("missing array file", "step 20: unreadable"),
+        ("truncated array file", "step 20: damaged"),
+        ("missing array file", "step 20: damaged"),
         ("stale temporary directory", "step 20: incomplete save"),
     ],
 )
@@ -263,7 +263,7 @@ def test_background_save_error_is_raised(tmp_path, monkeypatch):
     ckpt.wait()
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_async_save)
     ckpt.save(2, state, _Iterator(), cfg)  # returns at once; the write fails behind it
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.CheckpointError, match="step 2 could not be written .*disk full"):
         ckpt.close()
     assert _committed_steps_of(tmp_path) == [1]
 
@@ -298,6 +298,7 @@ def test_data_position_merges_every_process_file(tmp_path):
     for p in range(2):
         state = {"num_shards": 4, "shards": {str(2 * p + i): {"pos": 2 * p + i} for i in (0, 1)}}
         (data_dir / f"process_{p}-of-2.json").write_text(json.dumps(state))
+    checkpoint_integrity.write(tmp_path / "10")  # as the two-process save would have
     ckpt = checkpoint.Checkpointer(tmp_path)
     assert ckpt.read_data_state(10) == {
         "num_shards": 4,
