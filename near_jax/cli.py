@@ -5,6 +5,7 @@ absl flag parsing that keeps them one line, and quieter library logs.
 from __future__ import annotations
 
 import logging as std_logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import ml_collections
 from absl import app, flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 
 def usage_error(message: str) -> None:
@@ -20,17 +22,71 @@ def usage_error(message: str) -> None:
     sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing whose errors (incl. unknown config keys) are one line and exit 2."""
+class _ConfigFileParser(flags.ArgumentParser):
+    """ml_collections' config file parser, but every failure to load is one ValueError line.
+
+    ml_collections defers a missing file to the first access (the error then names a module,
+    not the path), lets a SyntaxError out as a traceback and folds get_config's errors into a
+    multi-line traceback text; absl prefixes a ValueError with `flag --config=PATH:`.
+    """
+
+    def __init__(self, inner: flags.ArgumentParser):
+        self._inner = inner
+
+    def flag_type(self) -> str:
+        return self._inner.flag_type()
+
+    def parse(self, argument: Any) -> Any:
+        if not isinstance(argument, str):
+            return self._inner.parse(argument)
+        path = argument.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise ValueError("no such file" if not os.path.exists(path) else "not a file")
+        try:
+            config = self._inner.parse(argument)
+            if not isinstance(config, ml_collections.ConfigDict):
+                config.keys()  # a deferred load error (ml_collections' _ErrorConfig) raises here
+        except SyntaxError as e:  # also one in a module the config file imports
+            raise ValueError(f"syntax error in {e.filename}, line {e.lineno}: {e.msg}") from None
+        except Exception as e:  # noqa: BLE001 - anything get_config raises is a usage error
+            if str(e).startswith("Error whilst parsing config file") and e.__context__:
+                e = e.__context__  # ml_collections' wrapper around get_config's own error
+            raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+        return config
+
+
+def _explain_config_files(flag_values: flags.FlagValues) -> None:
+    """Gives every config-file flag the parser whose load errors are one line."""
+    for name in flag_values:
+        flag = flag_values[name]
+        if isinstance(flag.parser, ConfigFileFlagParser):
+            flag.parser = _ConfigFileParser(flag.parser)
+
+
+def _check_finite_floats(flag_values: flags.FlagValues) -> None:
+    """NaN and Inf pass absl's float parsing (and any bound); no program wants them."""
+    for name in flag_values:
+        flag = flag_values[name]
+        value = flag.value
+        if isinstance(flag.parser, flags.FloatParser) and isinstance(value, float):
+            if not math.isfinite(value):
+                usage_error(f"--{name}={value} is not allowed: must be a finite number")
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """absl flag parsing whose errors (incl. config files and unknown config keys) are one
+    line and exit 2; float flags must be finite."""
+    _explain_config_files(flag_values)
     try:
-        return flags.FLAGS(argv)
+        rest = flag_values(argv)
     except flags.Error as e:
         usage_error(str(e).splitlines()[0])
     except (AttributeError, KeyError) as e:
         # ml_collections raises these for --config.KEY overrides of keys that don't exist.
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         usage_error(f"unknown config key in {' '.join(bad) or 'overrides'} ({e})")
-    return []
+    _check_finite_floats(flag_values)
+    return rest
 
 
 def load_config_flag(value: Any) -> ml_collections.ConfigDict:

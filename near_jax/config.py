@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -183,6 +184,37 @@ CHOICES = {
 }
 
 
+# The range of every float field of SCHEMA: (check, what is allowed). Each value must also be
+# finite: NaN slips through every comparison and Inf through most, and either only fails
+# steps later inside the model. validate() looks up every float field here, so a new one
+# without a range is a KeyError in tests, not a silent hole.
+_POSITIVE = (lambda x: x > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda x: x >= 0, "a finite number >= 0")
+_FRACTION_BELOW_1 = (lambda x: 0 <= x < 1, "a finite number in [0, 1)")
+FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "model.rope_theta": _POSITIVE,
+    "model.norm_eps": _POSITIVE,
+    "model.z_loss": (lambda x: x >= 0, "a finite number >= 0 (0 = off)"),
+    "model.init_std": _POSITIVE,
+    "data.val_fraction": (lambda x: 0 < x < 1, "a finite number in (0, 1)"),
+    "optim.lr": _POSITIVE,
+    "optim.min_lr_ratio": (lambda x: 0 <= x <= 1, "a finite number in [0, 1]"),
+    "optim.b1": _FRACTION_BELOW_1,
+    "optim.b2": _FRACTION_BELOW_1,
+    "optim.eps": _POSITIVE,  # 0 divides 0 by 0 where a gradient entry stays 0
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.clip_norm": (lambda x: x >= 0, "a finite number >= 0 (0 = off)"),
+    "diloco.outer_lr": _POSITIVE,
+    "diloco.outer_momentum": _FRACTION_BELOW_1,
+    "diloco.drop_prob": (lambda x: 0 <= x < 1, "a probability in [0, 1)"),
+    "contrib.trim_fraction": (lambda x: 0 <= x < 0.5, "a fraction in [0, 0.5)"),
+    "contrib.max_norm_ratio": (lambda x: x == 0 or x > 1, "0 (off) or a ratio > 1, finite"),
+    "contrib.zero_norm_ratio": (lambda x: 0 <= x < 1, "a ratio in [0, 1)"),
+    "contrib.duplicate_cosine": (lambda x: 0 < x <= 1, "a cosine in (0, 1]"),
+    "contrib.min_score": (lambda x: True, "a finite number"),
+}
+
+
 class ConfigError(ValueError):
     """A config value that is not allowed; the message is one line naming the key."""
 
@@ -236,6 +268,19 @@ def _check_keys(cfg: ml_collections.ConfigDict) -> None:
                 _fail(f"{section}.{key}", value, f"expected {want.__name__}")
 
 
+def _check_floats(cfg: ml_collections.ConfigDict) -> None:
+    """Every float field of the schema is finite and in its FLOAT_RANGES range."""
+    for section, fields in SCHEMA.items():
+        for key, (default, _) in fields.items():
+            if not isinstance(default, float):
+                continue
+            check, allowed = FLOAT_RANGES[f"{section}.{key}"]
+            value = cfg[section][key]
+            # An int (allowed for a float field) is finite; isfinite would overflow on a huge one.
+            if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
+                _fail(f"{section}.{key}", value, allowed)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field of `cfg`; raises ConfigError (one line) on the first bad one."""
     _check_keys(cfg)
@@ -243,6 +288,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         section, field = key.split(".")
         if cfg[section][field] not in allowed:
             _fail(key, cfg[section][field], f"one of {' | '.join(allowed)}")
+    _check_floats(cfg)
 
     m = cfg.model
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
@@ -260,23 +306,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if m.head_dim < 0 or m.head_dim % 2:
         _fail("model.head_dim", m.head_dim, "0 or a positive even integer (RoPE pairs)")
-    if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
-        _fail(
-            "model.rope_theta/norm_eps/init_std",
-            (m.rope_theta, m.norm_eps, m.init_std),
-            "positive numbers",
-        )
     for key in ("attention_block_q", "attention_block_kv", "attention_window"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "0 (default / off) or a positive integer")
-    if m.z_loss < 0:
-        _fail("model.z_loss", m.z_loss, "a number >= 0")
 
     d = cfg.data
     if d.seq_len <= 0:
         _fail("data.seq_len", d.seq_len, "a positive integer")
-    if not 0 < d.val_fraction < 1:
-        _fail("data.val_fraction", d.val_fraction, "a number strictly between 0 and 1")
     if d.shuffle_window < 0:
         _fail("data.shuffle_window", d.shuffle_window, "0 (off) or a positive number of rows")
     if d.shards < 0:
@@ -305,15 +341,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"a divisor of train.global_batch_size={t.global_batch_size}",
         )
 
-    o = cfg.optim
-    if o.lr <= 0:
-        _fail("optim.lr", o.lr, "a positive number")
-    for key in ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"):
-        if o[key] < 0:
-            _fail(f"optim.{key}", o[key], "a number >= 0")
-    for key in ("b1", "b2"):
-        if not 0 <= o[key] < 1:
-            _fail(f"optim.{key}", o[key], "a number in [0, 1)")
+    if cfg.optim.warmup_steps < 0:
+        _fail("optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
 
     for key in ("every", "keep", "keep_every"):
         if cfg.checkpoint[key] < 0:
@@ -331,12 +360,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
     if dl.inner_steps < 1:
         _fail("diloco.inner_steps", dl.inner_steps, "a positive integer")
-    if dl.outer_lr <= 0:
-        _fail("diloco.outer_lr", dl.outer_lr, "a positive number")
-    if not 0 <= dl.drop_prob < 1:
-        _fail("diloco.drop_prob", dl.drop_prob, "a probability in [0, 1)")
-    if not 0 <= dl.outer_momentum < 1:
-        _fail("diloco.outer_momentum", dl.outer_momentum, "a number in [0, 1)")
     if not 1 <= dl.fragments <= min(m.n_layers, dl.inner_steps):
         _fail(
             "diloco.fragments",
@@ -345,24 +368,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{dl.inner_steps})]",
         )
     c = cfg.contrib
-    if not 0 <= c.trim_fraction < 0.5:
-        _fail("contrib.trim_fraction", c.trim_fraction, "a fraction in [0, 0.5)")
     if c.top_g < 1:
         _fail("contrib.top_g", c.top_g, "a positive integer")
-    if c.max_norm_ratio < 0 or 0 < c.max_norm_ratio <= 1:
-        _fail("contrib.max_norm_ratio", c.max_norm_ratio, "0 (off) or a ratio > 1")
-    if not 0 <= c.zero_norm_ratio < 1:
-        _fail("contrib.zero_norm_ratio", c.zero_norm_ratio, "a ratio in [0, 1)")
-    if not 0 < c.duplicate_cosine <= 1:
-        _fail("contrib.duplicate_cosine", c.duplicate_cosine, "a cosine in (0, 1]")
     if c.enabled and not cfg.data.shuffle:
         _fail(
             "contrib.enabled",
             c.enabled,
             "only with data.shuffle=True (scoring batches must be unpredictable)",
         )
-    if not isinstance(c.min_score, int | float) or not math.isfinite(c.min_score):
-        _fail("contrib.min_score", c.min_score, "a finite number")
     if c.score_batches < 1:
         _fail("contrib.score_batches", c.score_batches, "a positive integer")
     if not isinstance(c.attestation, str) or not (

@@ -8,6 +8,13 @@ one jitted decode step per token samples every row at its own position (rows may
 different prompt lengths). Shapes are bucketed (prompt length to a multiple of 64, cache to a
 multiple of 128) so repeated calls reuse compiled code. Params stay sharded on the mesh
 (`--fsdp`, `--tensor`; data parallelism over the remaining devices splits the batch).
+
+A request is checked before anything is allocated. Prompt plus new tokens must fit the
+context the model was trained on, `data.seq_len`: RoPE attention has never seen a query-key
+distance past it, so longer output is extrapolation, not sampling (a sliding-window model,
+whose distances stay under `model.attention_window`, is bounded by memory only). And the KV
+cache of the (bucketed) batch must fit in CACHE_MEMORY_FRACTION of the free memory of each
+device (the rest is for prefill activations and logits).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -34,6 +42,8 @@ PROMPT_BUCKET = 64
 CACHE_BUCKET = 128
 # Rows check for "all finished" every few steps: each check waits for the device.
 SYNC_EVERY = 8
+# Share of a device's free memory the KV cache may take (see the module docstring).
+CACHE_MEMORY_FRACTION = 0.8
 
 
 @dataclasses.dataclass
@@ -58,6 +68,35 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, math.ceil(n / multiple) * multiple)
 
 
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable of this host (free pages if /proc/meminfo is not there)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_memory(mesh: jax.sharding.Mesh) -> int:
+    """Bytes free on the fullest device of this process in `mesh`.
+
+    Accelerators report their allocator's limit and use; CPU devices report nothing and share
+    the host's available memory.
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = [d.memory_stats() for d in local]
+    if all(st and "bytes_limit" in st for st in stats):
+        return min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+    return _host_available_bytes() // max(len(local), 1)
+
+
 class Generator:
     """Jitted prefill and decode steps for one model, params and mesh."""
 
@@ -70,9 +109,15 @@ class Generator:
         eos_id: int,
         pad_id: int,
         vocab_limit: int | None = None,
+        max_len: int = 0,
+        cache_budget_bytes: int | None = None,
     ):
+        """`max_len`: tokens of prompt plus output at most (0 = no limit but memory);
+        `cache_budget_bytes`: KV cache bytes per device at most (None = CACHE_MEMORY_FRACTION
+        of the free memory at each request)."""
         self.params, self.model_cfg, self.mesh = params, model_cfg, mesh
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.max_len, self.cache_budget_bytes = max_len, cache_budget_bytes
         # Ids past the tokenizer's vocabulary (padding rows of the embedding) are never drawn.
         self.vocab_limit = vocab_limit or model_cfg.vocab_size
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=3)
@@ -113,16 +158,8 @@ class Generator:
         `sampling` defaults to greedy.
         """
         sampling = sampling or Sampling()
-        if not prompts:
-            raise ValueError("no prompts: pass at least one")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("an empty prompt: every prompt needs at least one token (BOS)")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+        batch, prompt_len, cache_len = self.check_request(prompts, max_new_tokens)
         n = len(prompts)
-        batch = _round_up(n, sharding.data_parallel_size(self.mesh))
-        prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
-        cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
         tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
         lengths = np.ones(batch, np.int32)  # padding rows: one pad token, output dropped
         for i, p in enumerate(prompts):
@@ -166,11 +203,61 @@ class Generator:
             rows.append(row[: stop[0]].tolist() if stop.size else row.tolist())
         return Generation(rows, finished, prefill_seconds, decode_seconds)
 
-    @functools.cache  # noqa: B019 - one cache builder per shape; the generator lives long
-    def _cache_builder(self, batch: int, cache_len: int):
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int, int]:
+        """Raises ValueError (one line) for a request this model and mesh cannot serve;
+        returns its bucketed (batch, prompt length, cache length)."""
+        if not prompts:
+            raise ValueError("no prompts: pass at least one")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt: every prompt needs at least one token (BOS)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+        longest = max(len(p) for p in prompts)
+        if self.max_len and longest + max_new_tokens > self.max_len:
+            if longest >= self.max_len:
+                raise ValueError(
+                    f"a prompt of {longest} tokens is not allowed: the model's context is "
+                    f"{self.max_len} tokens (data.seq_len), prompt and output together"
+                )
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} is not allowed: at most "
+                f"{self.max_len - longest} (the model's context of {self.max_len} tokens, "
+                f"data.seq_len, less the longest prompt's {longest})"
+            )
+        batch = _round_up(len(prompts), sharding.data_parallel_size(self.mesh))
+        prompt_len = _round_up(longest, PROMPT_BUCKET)
+        cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+        # The cache is linear in its length; price one bucket, then the request.
+        per_bucket = self.cache_bytes_per_device(batch, CACHE_BUCKET)
+        need = per_bucket * (cache_len // CACHE_BUCKET)
+        budget = self.cache_budget_bytes
+        if budget is None:
+            budget = int(CACHE_MEMORY_FRACTION * free_device_memory(self.mesh))
+        if need > budget:
+            most = (budget // per_bucket) * CACHE_BUCKET - prompt_len
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} is not allowed: its KV cache needs "
+                f"{_gib(need)} per device, over the {_gib(budget)} allowed; at most "
+                f"{max(most, 0)} for {len(prompts)} prompt(s) of up to {longest} tokens"
+            )
+        return batch, prompt_len, cache_len
+
+    def cache_bytes_per_device(self, batch: int, cache_len: int) -> int:
+        """Bytes of the KV cache of `batch` rows and `cache_len` tokens on one device."""
+        shapes, shardings = self._cache_layout(batch, cache_len)
+        return sum(
+            math.prod(shardings[k].shard_shape(v.shape)) * v.dtype.itemsize
+            for k, v in shapes.items()
+        )
+
+    def _cache_layout(self, batch: int, cache_len: int):
         shapes = jax.eval_shape(lambda: model.init_cache(self.model_cfg, batch, cache_len))
         logical = {k: jax.sharding.PartitionSpec(*model.CACHE_AXES) for k in shapes}
-        shardings = sharding.logical_to_sharding(logical, shapes, self.mesh)
+        return shapes, sharding.logical_to_sharding(logical, shapes, self.mesh)
+
+    @functools.cache  # noqa: B019 - one cache builder per shape; the generator lives long
+    def _cache_builder(self, batch: int, cache_len: int):
+        _, shardings = self._cache_layout(batch, cache_len)
         return jax.jit(
             lambda: model.init_cache(self.model_cfg, batch, cache_len), out_shardings=shardings
         )
@@ -179,12 +266,19 @@ class Generator:
         return self._cache_builder(batch, cache_len)()
 
 
+def context_len(run: loading.LoadedRun) -> int:
+    """Tokens of prompt plus output a run's model can serve: its data.seq_len, or 0 (memory
+    only) for sliding-window attention (see the module docstring)."""
+    return 0 if run.model_cfg.attention_window else int(run.cfg.data.seq_len)
+
+
 def generator_for_run(run: loading.LoadedRun) -> Generator:
-    """A Generator over a loaded run, stopping at its tokenizer's EOS."""
+    """A Generator over a loaded run, stopping at its tokenizer's EOS, bounded by its context."""
     tok = run.tokenizer
     return Generator(
         run.params, run.model_cfg, run.mesh,
         eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
+        max_len=context_len(run),
     )  # fmt: skip
 
 
@@ -240,7 +334,12 @@ def _main(argv: list[str]) -> None:
         usage_error(str(e))
     tok = run.tokenizer
     ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    result = generator_for_run(run).generate(
+    generator = generator_for_run(run)
+    try:
+        generator.check_request(ids, f.max_new_tokens)  # before any memory is allocated
+    except ValueError as e:
+        usage_error(str(e))
+    result = generator.generate(
         ids, max_new_tokens=f.max_new_tokens, sampling=sampling, seed=f.seed
     )
     for i, (prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):

@@ -1,7 +1,8 @@
 """Metrics: JSONL + TensorBoard writers, MFU, and the progress display.
 
 A run directory holds `metrics.jsonl` (one JSON object per line: `step`, `split`, `time`, and
-the metrics) and `tb/` (TensorBoard event files). The JSONL file is the source of truth: it is
+the metrics; strict JSON, so a NaN or infinite metric is null) and `tb/` (TensorBoard event
+files). The JSONL file is the source of truth: it is
 appended to across restarts and read back by `read_metrics` (and `python -m near_jax.plot`).
 
 Train metrics: loss, lr, grad_norm, tokens (cumulative), tokens_per_s, tokens_per_s_per_device,
@@ -139,6 +140,22 @@ def _to_number(name: str, value: Any) -> int | float:
 _RESERVED = ("step", "split", "time")
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """`record` as strict JSON (no newline): NaN and ±Inf become null, which every parser
+    reads; Python's default writes bare NaN/Infinity, which strict parsers reject."""
+    return json.dumps(_finite_or_none(record), allow_nan=False)
+
+
 class MetricsWriter:
     """Appends metrics to `workdir/metrics.jsonl` (or `filename`) and TensorBoard scalars to
     `workdir/tb/`.
@@ -173,7 +190,10 @@ class MetricsWriter:
         self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), flush_secs=5)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
-        """Records `metrics` (numbers; strings go to the JSONL only; None skipped) at `step`."""
+        """Records `metrics` (numbers; strings go to the JSONL only; None skipped) at `step`.
+
+        A NaN or infinite value is null in the JSONL (strict JSON) and NaN/Inf in TensorBoard.
+        """
         if not self.enabled:
             return
         if self._file is None:
@@ -188,7 +208,7 @@ class MetricsWriter:
             elif value is not None:
                 values[name] = _to_number(name, value)
         record = {"step": step, "split": split, "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record) + "\n")
         self._file.flush()
         for name, value in values.items():
             if not isinstance(value, str):

@@ -6,6 +6,7 @@ All functions are jit-friendly; the sampling settings are static (a hashable dat
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,14 @@ class Sampling:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = all
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is not allowed: must be >= 0")
+        # NaN passes every comparison below; it (or Inf) would sample garbage, not fail.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature={self.temperature} is not allowed: must be a finite number >= 0"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} is not allowed: must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise ValueError(f"top_p={self.top_p} is not allowed: must be in (0, 1]")
 
 

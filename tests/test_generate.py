@@ -116,6 +116,31 @@ def test_bad_requests_are_refused():
         gen.generate([[1], []], max_new_tokens=2)
 
 
+def test_max_new_tokens_is_bounded_by_context_and_cache_memory():
+    cfg, params = _setup()
+    mesh = sharding.make_mesh(small_config().mesh)
+    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, max_len=32)
+    with pytest.raises(ValueError, match=r"^max_new_tokens=28 is not allowed: at most 27 "):
+        gen.generate([[1] * 5, [2]], max_new_tokens=28)
+    with pytest.raises(ValueError, match="a prompt of 32 tokens is not allowed"):
+        gen.generate([[1] * 32], max_new_tokens=1)
+    assert gen.check_request([[1] * 5], 27) == (8, 64, 128)  # batch over 8 data shards
+
+    # 8 rows (one per device) x 128 positions x 2 layers x 2 kv heads x 16 x 4 bytes x (k, v)
+    per_bucket = 128 * 2 * 2 * 16 * 4 * 2
+    assert gen.cache_bytes_per_device(8, 128) == per_bucket
+    small = generate.Generator(
+        params, cfg, mesh, eos_id=-1, pad_id=0, cache_budget_bytes=2 * per_bucket
+    )
+    assert small.check_request([[1] * 5], 192)[2] == 256
+    with pytest.raises(ValueError, match=r"max_new_tokens=193 is not allowed: .* at most 192 "):
+        small.generate([[1] * 5], max_new_tokens=193)
+    # The default budget is the devices' free memory: a huge request fails before allocating.
+    unbounded = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens=100000000000 .*KV cache needs"):
+        unbounded.generate([[1]], max_new_tokens=10**11)
+
+
 def _env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -139,6 +164,11 @@ def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run
         ([f"--workdir={saved_run}", "--prompt=x", "--step=999"], "--step=999: not found"),
         ([f"--workdir={saved_run}", "--prompt=x", "--top_p=0"], "top_p=0.0 is not allowed"),
         ([f"--workdir={saved_run}"], "no prompt"),
+        # data.seq_len of the run is 32; "x" is 2 tokens with BOS.
+        (
+            [f"--workdir={saved_run}", "--prompt=x", "--max_new_tokens=100000000"],
+            "max_new_tokens=100000000 is not allowed: at most 30",
+        ),
     ]:
         proc = subprocess.run(
             [sys.executable, "-m", "near_jax.generate", *args],

@@ -4,6 +4,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -65,6 +66,28 @@ def test_writer_writes_and_appends(tmp_path):
     assert b["lr"] == 3e-4  # float32 written as its shortest decimal
     assert c["perplexity"] == pytest.approx(np.exp(losses[2]))
     assert set(a) == {"step", "split", "time", "loss", "tokens"}
+
+
+def _strict(line):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("filename", ["metrics.jsonl", "eval.jsonl"])
+def test_non_finite_metrics_are_strict_json_null(tmp_path, filename):
+    workdir = str(tmp_path / "run")
+    with metrics.MetricsWriter(workdir, filename=filename) as w:
+        w.write(5, {"loss": float("nan"), "grad_norm": np.float32("inf"), "lr": -np.inf})
+        w.write(6, {"loss": 2.5})
+    with open(os.path.join(workdir, filename)) as f:
+        first, second = (_strict(line) for line in f.read().splitlines())
+    assert first["loss"] is None and first["grad_norm"] is None and first["lr"] is None
+    assert second["loss"] == 2.5
+    assert metrics.json_line({"a": [1.0, math.nan], "b": {"c": math.inf}}) == (
+        '{"a": [1.0, null], "b": {"c": null}}'
+    )
 
 
 def test_writer_converts_jax_scalars(tmp_path):

@@ -1,5 +1,7 @@
 """Sampling: greedy, top-k and top-p masks, temperature draws against the softmax."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +62,10 @@ def test_top_k_sampling_never_draws_outside_the_top_k():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)]
+    "kwargs",
+    [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)]
+    + [dict(temperature=x) for x in (math.nan, math.inf)]
+    + [dict(top_p=x) for x in (math.nan, math.inf, -math.inf)],
 )
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="is not allowed"):
