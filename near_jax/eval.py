@@ -13,6 +13,9 @@ a table. Params are restored onto a mesh of this machine's devices (`--fsdp`, `-
 `--watch` evaluates the latest step, then polls for new committed checkpoints every
 `--poll_seconds`. It exits when the run has reached its `train.steps`, or when no new
 checkpoint has appeared for `--idle_timeout` seconds, so it never waits forever.
+
+A step that cannot be read is skipped with a one-line warning and the others are evaluated;
+the program then ends with a line saying which steps were skipped, and exit status 1.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Evaluator:
         self.num_fewshot, self.batch_size = num_fewshot, batch_size
         self.mesh = loading.inference_mesh(fsdp, tensor)
         self._heldout: heldout.HeldOut | None = None
+        self.skipped: dict[int, str] = {}  # step -> why it could not be read (one line)
+        self.train_steps: int | None = None  # the run's train.steps, from the last step read
 
     def _held_out(self, run: loading.LoadedRun) -> heldout.HeldOut:
         if self._heldout is None:  # the same documents for every step of the run
@@ -71,6 +76,7 @@ class Evaluator:
         """Evaluates one step (None: the latest); returns the record written to eval.jsonl."""
         start = time.perf_counter()
         run = loading.load_run(self.workdir, step, self.mesh)
+        self.train_steps = int(run.cfg.train.steps)
         held = self._held_out(run)
         result = heldout.evaluate_heldout(
             run.params, run.model_cfg, run.mesh, held, batch_size=self.batch_size
@@ -86,9 +92,14 @@ class Evaluator:
         record["seconds"] = time.perf_counter() - start
         return record
 
-    def target_steps(self, step: int) -> int:
-        """The run's train.steps as saved with `step`."""
-        return int(loading.run_config(self.workdir, step).train.steps)
+    def try_evaluate(self, step: int, log=print) -> dict[str, Any] | None:
+        """evaluate(step), or None with a warning (kept in `skipped`) if it cannot be read."""
+        try:
+            return self.evaluate(step)
+        except loading.CheckpointUnreadable as e:
+            log(f"{e}; skipped", file=sys.stderr)
+            self.skipped[step] = str(e)
+            return None
 
 
 def _fmt(value: Any) -> str:
@@ -120,13 +131,22 @@ def _record(writer: metrics.MetricsWriter, table: Table, record: dict[str, Any])
     table.row(record)
 
 
-def run_once(evaluator: Evaluator, steps: list[int | None]) -> list[dict[str, Any]]:
-    """Evaluates the given steps in order, writing and printing each."""
+def run_once(
+    evaluator: Evaluator, steps: list[int | None], *, skip_unreadable: bool = False
+) -> list[dict[str, Any]]:
+    """Evaluates the given steps in order, writing and printing each.
+
+    A step that cannot be read raises loading.CheckpointUnreadable, or with `skip_unreadable`
+    is skipped with a warning (see `Evaluator.skipped`). None is the latest readable step.
+    """
     loading.committed_steps(evaluator.workdir)  # a missing run fails before anything is written
     table, out = Table(), []
     with metrics.MetricsWriter(evaluator.workdir, filename=EVAL_FILE) as writer:
         for step in steps:
-            record = evaluator.evaluate(step)
+            if step is None or not skip_unreadable:
+                record = evaluator.evaluate(step)
+            elif (record := evaluator.try_evaluate(step)) is None:
+                continue
             _record(writer, table, record)
             out.append(record)
     return out
@@ -135,7 +155,11 @@ def run_once(evaluator: Evaluator, steps: list[int | None]) -> list[dict[str, An
 def watch(
     evaluator: Evaluator, *, poll_seconds: float, idle_timeout: float, log=print
 ) -> list[dict[str, Any]]:
-    """Evaluates each new checkpoint as it lands until the run is finished or goes idle."""
+    """Evaluates each new checkpoint as it lands until the run is finished or goes idle.
+
+    It starts from the latest step that can be read; steps that cannot are skipped (see
+    `Evaluator.skipped`), so a damaged checkpoint never stops it.
+    """
     table, out, done = Table(), [], set()
     last_new = time.monotonic()
     with metrics.MetricsWriter(evaluator.workdir, filename=EVAL_FILE) as writer:
@@ -144,22 +168,27 @@ def watch(
                 steps = loading.committed_steps(evaluator.workdir)
             except loading.RunError:
                 steps = []  # the run has not saved its first checkpoint yet
-            # Start from the latest step; after that, every newer one in order.
-            new = [s for s in steps if s not in done and (done or s == steps[-1])]
-            if done:
-                new = [s for s in new if s > max(done)]
+            forward = bool(out)
+            if forward:  # after the first step read, every newer one in order
+                new = [s for s in steps if s > max(done)]
+            else:  # the latest readable one first: older steps only while newer ones fail
+                new = [s for s in reversed(steps) if s not in done]
             for step in new:
                 try:
-                    record = evaluator.evaluate(step)
+                    record = evaluator.try_evaluate(step, log)
                 except loading.RunError as e:  # e.g. deleted by checkpoint.keep meanwhile
                     log(f"step {step} skipped: {e}", file=sys.stderr)
-                    done.add(step)
+                    record = None
+                done.add(step)
+                if record is None:
                     continue
                 _record(writer, table, record)
                 out.append(record)
-                done.add(step)
                 last_new = time.monotonic()
-            if done and max(done) >= evaluator.target_steps(max(done)):
+                if not forward:
+                    break
+            target = evaluator.train_steps
+            if done and target is not None and max(done) >= target:
                 log(f"run finished at step {max(done)}; stopping", file=sys.stderr)
                 return out
             if time.monotonic() - last_new > idle_timeout:
@@ -218,12 +247,26 @@ def _main(argv: list[str]) -> None:
         if f.watch:
             if not os.path.isdir(f.workdir):
                 usage_error(f"--workdir={f.workdir!r}: no such directory")
-            watch(evaluator, poll_seconds=f.poll_seconds, idle_timeout=f.idle_timeout)
-            return
-        steps = loading.committed_steps(f.workdir) if f.all else [f.step]
-        run_once(evaluator, steps)
+            records = watch(evaluator, poll_seconds=f.poll_seconds, idle_timeout=f.idle_timeout)
+        else:
+            steps = loading.committed_steps(f.workdir) if f.all else [f.step]
+            records = run_once(evaluator, steps, skip_unreadable=f.all)
+    except loading.CheckpointUnreadable as e:  # damaged data, not a usage mistake
+        _fail(" ".join(str(e).split()))
     except (loading.RunError, tasks.TaskError, ConfigError) as e:
         usage_error(" ".join(str(e).split()))
+    if evaluator.skipped:
+        skipped = ", ".join(map(str, evaluator.skipped))
+        _fail(
+            f"evaluated {len(records)} steps; skipped {len(evaluator.skipped)} that could not "
+            f"be read (steps {skipped}; see the warnings above)"
+        )
+
+
+def _fail(message: str) -> None:
+    """Prints one line for a failure (not a usage mistake) and exits with status 1."""
+    print(f"near_jax.eval: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main() -> None:

@@ -330,6 +330,9 @@ def _main(argv: list[str]) -> None:
         usage_error(f"--max_new_tokens={f.max_new_tokens} is not allowed: must be >= 1")
     try:
         run = loading.load_run(f.workdir, f.step, loading.inference_mesh(f.fsdp, f.tensor))
+    except loading.CheckpointUnreadable as e:  # damaged data, not a usage mistake: exit 1
+        print(f"near_jax.generate: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except loading.RunError as e:
         usage_error(str(e))
     tok = run.tokenizer

@@ -278,7 +278,7 @@ def export_run(
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
 ) -> Written:
-    """Writes a run's params at `step` (default: the latest) as an HF Llama directory `out`."""
+    """Writes a run's params at `step` (default: the latest readable) as an HF directory `out`."""
     dtype_name = np_dtype(dtype).name
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     check_out_dir(out, "--out")
@@ -431,11 +431,11 @@ def _main(argv: list[str]) -> None:
             print(f"wrote {written.path}: checkpoint at step 0, {written.params:,} params, "
                   f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "
                   f"--config.checkpoint.init_from={written.path}")  # fmt: skip
-    except (HFError, loading.RunError) as e:
-        usage_error(str(e))
-    except (OSError, checkpoint.CheckpointError) as e:
+    except (OSError, checkpoint.CheckpointError, loading.CheckpointUnreadable) as e:
         print(f"near_jax.hf: {command} failed: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except (HFError, loading.RunError) as e:
+        usage_error(str(e))
 
 
 def main() -> None:

@@ -8,16 +8,24 @@ built here, so a checkpoint trained on a pod can be evaluated on a laptop if it 
 model comes from the config the checkpoint was saved with, so no config flag is needed.
 A relative tokenizer path in that config is looked up in the run directory first (an
 imported run keeps `tokenizer/tokenizer.json` there), so a run directory can be moved.
+
+Without an explicit step the latest committed step is tried first; a step that cannot be read
+(any error reading its config or params) is reported with a one-line warning and the next
+older one is tried, as `train` does when it resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import sys
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from near_jax import checkpoint, model, sharding
 from near_jax.config import ConfigError, default_config
@@ -26,6 +34,30 @@ from near_jax.tokenizer import Tokenizer, load_tokenizer
 
 class RunError(ValueError):
     """A run directory or step that cannot be loaded; the message is one line."""
+
+
+class CheckpointUnreadable(RunError):
+    """Checkpoint data that cannot be read (damaged or incomplete); the message is one line.
+
+    Not a usage mistake: programs report it as a failure (exit 1). `step` is the step that
+    failed, or None when every step of the run failed (the message then lists why each did).
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+def _unreadable(step: int, reason: str) -> CheckpointUnreadable:
+    return CheckpointUnreadable(f"checkpoint step {step}: unreadable ({reason})", step)
+
+
+def _one_line(e: BaseException) -> str:
+    """Our errors' messages as they are; others' first line, typed and cut (Orbax's run long)."""
+    lines = str(e).strip().splitlines()
+    if isinstance(e, (RunError, checkpoint.CheckpointError)) and lines:
+        return lines[0]
+    return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
 
 
 @dataclasses.dataclass
@@ -61,17 +93,53 @@ def committed_steps(workdir: str) -> list[int]:
     return steps
 
 
+# Model fields that fix the param shapes: a saved config without them is not a usable config.
+_MODEL_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
+
+
+def _config_problem(saved: Any) -> str | None:
+    """What is wrong with the shape of a saved config, or None if it can be used."""
+    if not isinstance(saved, dict):
+        return f"the saved config is a JSON {type(saved).__name__}, not an object"
+    for section in ("model", "data"):
+        if not isinstance(saved.get(section), dict):
+            return f"the saved config has no {section} section"
+    for key in _MODEL_SHAPE_KEYS:
+        value = saved["model"].get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"model.{key} is {value!r} in the saved config, not a positive integer"
+    return None
+
+
 def run_config(workdir: str, step: int) -> ml_collections.ConfigDict:
-    """The config of a checkpoint step, completed with today's defaults for newer fields."""
-    saved = checkpoint.read_config(checkpoint.checkpoint_dir(workdir), step)
+    """The config of a checkpoint step, completed with today's defaults for newer fields.
+
+    Raises CheckpointUnreadable (one line naming the step and why) if the step's config
+    cannot be read or is not a config (e.g. a JSON list, `{}`, no model section).
+    """
+    where = checkpoint.checkpoint_dir(workdir) / str(step) / checkpoint.CONFIG
+    try:
+        saved = checkpoint.read_config(checkpoint.checkpoint_dir(workdir), step)
+    except Exception as e:  # noqa: BLE001 - any failure to read it means "damaged"
+        problem = _one_line(e)
+        # Orbax's error for JSON that is not an object is cryptic: say what the file holds.
+        with contextlib.suppress(Exception):
+            problem = _config_problem(json.loads((where / "metadata").read_text())) or problem
+        raise _unreadable(step, f"{where}: {problem}") from e
+    problem = _config_problem(saved)
+    if problem:
+        raise _unreadable(step, f"{where}: {problem}")
     cfg = default_config()
     for section, values in saved.items():
-        if isinstance(values, dict) and section in cfg:
-            for key, value in values.items():
-                if key in cfg[section]:
-                    cfg[section][key] = value
-        elif section in cfg:
-            cfg[section] = values
+        try:
+            if isinstance(values, dict) and section in cfg:
+                for key, value in values.items():
+                    if key in cfg[section]:
+                        cfg[section][key] = value
+            elif section in cfg:
+                cfg[section] = values
+        except (TypeError, ValueError, KeyError) as e:  # a value of the wrong type
+            raise _unreadable(step, f"{where}: {section}: {_one_line(e)}") from e
     return cfg
 
 
@@ -138,31 +206,78 @@ def load_run(
     mesh: jax.sharding.Mesh | None = None,
     model_overrides: dict[str, Any] | None = None,
 ) -> LoadedRun:
-    """Loads a run's params at `step` (default: the latest committed) onto `mesh`.
+    """Loads a run's params at `step` (default: the latest readable committed one) onto `mesh`.
 
     `model_overrides` change inference-only model fields (e.g. {"attention": "xla"}).
-    Raises RunError (one line) for a missing or empty run, an unknown step, an unreadable
-    tokenizer, or a checkpoint whose params do not match its architecture.
+    Raises RunError (one line) for a missing or empty run, an unknown step, or an unreadable
+    tokenizer; CheckpointUnreadable (one line) when `step` cannot be read or, without a
+    `step`, when no committed step can be (it lists why each failed). Without a `step`, each
+    unreadable newer step is skipped with a one-line warning.
     """
     steps = committed_steps(workdir)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise RunError(f"--step={step}: not found in {workdir}; committed steps: {steps}")
+    mesh = mesh or inference_mesh()
+    candidates = [step] if step is not None else steps[::-1]
+    problems = []
+    for i, candidate in enumerate(candidates):
+        try:
+            return _load_step(workdir, candidate, mesh, model_overrides or {})
+        except CheckpointUnreadable as e:
+            if step is not None:
+                raise
+            problems.append(str(e))
+            if i + 1 < len(candidates):
+                logging.warning("%s; trying an older step", e)
+    raise CheckpointUnreadable(
+        f"{workdir}: no checkpoint could be read: " + "; ".join(problems), None
+    )
+
+
+def _load_step(
+    workdir: str, step: int, mesh: jax.sharding.Mesh, model_overrides: dict[str, Any]
+) -> LoadedRun:
+    """load_run of one step; CheckpointUnreadable if its config or params cannot be read."""
+    _quiet_abandoned_reads()  # before reading: abandoned reads report as soon as one fails
     path = os.path.abspath(workdir)  # Orbax reads arrays from absolute paths only
     cfg = run_config(path, step)
-    for key, value in (model_overrides or {}).items():
+    for key, value in model_overrides.items():
         cfg.model[key] = value
+    try:
+        model_cfg = model.ModelConfig.from_config(cfg.model)
+        abstract = param_shardings(model_cfg, mesh)
+    except Exception as e:  # noqa: BLE001 - a config that passed the shape checks but is wrong
+        where = checkpoint.checkpoint_dir(path) / str(step) / checkpoint.CONFIG
+        raise _unreadable(step, f"{where}: {_one_line(e)}") from e
     cfg.data.tokenizer = tokenizer_path(path, cfg.data.tokenizer)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except ConfigError as e:
+    except ConfigError as e:  # the tokenizer is the run's, not the step's: no older step helps
         raise RunError(f"{workdir}: the run's tokenizer cannot be loaded: {e}") from e
-    model_cfg = model.ModelConfig.from_config(cfg.model)
-    mesh = mesh or inference_mesh()
-    abstract = param_shardings(model_cfg, mesh)
     try:
         _, params = checkpoint.restore_params(f"{path}:{step}", abstract, what="--workdir")
-    except checkpoint.CheckpointError as e:
-        raise RunError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - CheckpointError or whatever Orbax raises: damaged
+        raise _unreadable(step, _one_line(e)) from e
     return LoadedRun(workdir, step, cfg, model_cfg, params, mesh, tokenizer)
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the 'Event loop is closed' reports of reads that a failed restore abandoned.
+
+    When one array of a restore fails, Orbax stops waiting and closes its event loop; the
+    tensorstore reads still in flight then each report RuntimeError('Event loop is closed')
+    through sys.unraisablehook as they finish: hundreds of traceback lines after the one
+    line that says what is wrong. Other unraisable exceptions still reach the old hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_near_jax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._near_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

@@ -46,6 +46,44 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
     return state
 
 
+DAMAGE_KINDS = (
+    "no_commit_marker",
+    "arrays_deleted",
+    "arrays_truncated",
+    "config_garbage",
+    "config_list",
+    "config_empty",
+    "empty_newer_step",
+)
+
+
+def damage_step(workdir, step, kind):
+    """Damages checkpoint `step` of a run in place the way a crash or a bad disk would."""
+    import pathlib
+
+    directory = pathlib.Path(workdir) / "checkpoints" / str(step)
+    arrays = [p for p in (directory / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    config = directory / "config" / "metadata"  # the JSON of the step's config item
+    if kind == "no_commit_marker":
+        (directory / "commit_success.txt").unlink()
+    elif kind == "arrays_deleted":
+        for path in arrays:
+            path.unlink()
+    elif kind == "arrays_truncated":
+        for path in arrays:
+            path.write_bytes(path.read_bytes()[:10])
+    elif kind == "config_garbage":
+        config.write_text("{not json")
+    elif kind == "config_list":
+        config.write_text("[1, 2]")
+    elif kind == "config_empty":
+        config.write_text("{}")
+    elif kind == "empty_newer_step":  # a folder named like a newer step, with nothing in it
+        (directory.parent / str(step + 100)).mkdir()
+    else:
+        raise ValueError(f"unknown damage kind {kind!r}")
+
+
 def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
     """A pseudo-gradient-like tensor: small normal values, a few ×spike outliers, no zeros."""
     rng = np.random.default_rng(seed)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import save_run, small_config
+from helpers import damage_step, save_run, small_config
 
+from near_jax import eval as eval_lib
 from near_jax import heldout, model, sharding
 from near_jax.tokenizer import ByteTokenizer
 
@@ -142,3 +144,51 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, saved_run):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run with checkpoints at steps 3 and 5 (copy it before damaging it)."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    save_run(workdir, small_config(), steps=(3, 5))
+    return workdir
+
+
+def _damaged(source, tmp_path, step, kind):
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    damage_step(workdir, step, kind)
+    return str(workdir)
+
+
+def test_all_skips_an_unreadable_step_and_evaluates_the_others(two_steps, tmp_path):
+    workdir = _damaged(two_steps, tmp_path, 3, "arrays_truncated")
+    evaluator = eval_lib.Evaluator(workdir, max_tokens=300)
+    records = eval_lib.run_once(evaluator, [3, 5], skip_unreadable=True)
+    assert [r["step"] for r in records] == [5] and list(evaluator.skipped) == [3]
+    assert evaluator.skipped[3].startswith("checkpoint step 3: unreadable (ValueError:")
+
+
+def test_watch_starts_from_the_latest_readable_step(two_steps, tmp_path):
+    workdir = _damaged(two_steps, tmp_path, 5, "config_garbage")
+    evaluator = eval_lib.Evaluator(workdir, max_tokens=300)
+    lines = []
+    records = eval_lib.watch(
+        evaluator, poll_seconds=0, idle_timeout=0, log=lambda m, file=None: lines.append(m)
+    )
+    assert [r["step"] for r in records] == [3] and list(evaluator.skipped) == [5]
+    assert lines[0].startswith("checkpoint step 5: unreadable (") and "JSONDecodeError" in lines[0]
+
+
+def test_cli_unreadable_checkpoints_are_one_line_and_exit_1(two_steps, saved_run, tmp_path):
+    proc = _eval(f"--workdir={_damaged(saved_run, tmp_path / 'a', 5, 'arrays_deleted')}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) < 10, proc.stderr[-3000:]
+    assert "no checkpoint could be read: checkpoint step 5: unreadable (" in lines[-1]
+
+    workdir = _damaged(two_steps, tmp_path / "b", 3, "config_list")
+    proc = _eval(f"--workdir={workdir}", "--all", "--max_tokens=300")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) < 10, proc.stderr[-3000:]
+    assert "evaluated 1 steps; skipped 1 that could not be read (steps 3;" in lines[-1]
+    assert proc.stdout.strip().splitlines()[-1].split()[0] == "5"

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import damage_step, small_config
 
 from near_jax import generate, model, sharding
 from near_jax.sampling import Sampling
@@ -179,3 +180,16 @@ def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run
             args,
             proc.stderr,
         )
+
+
+def test_cli_a_damaged_step_is_one_line_and_exit_1(tmp_path, saved_run):
+    shutil.copytree(saved_run, tmp_path / "run")
+    damage_step(tmp_path / "run", 5, "arrays_truncated")
+    args = [f"--workdir={tmp_path / 'run'}", "--prompt=x", "--step=5"]
+    command = [sys.executable, "-m", "near_jax.generate", *args]
+    proc = subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert "checkpoint step 5: unreadable (ValueError: OUT_OF_RANGE" in lines[0]

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import damage_step, small_config
 
 from near_jax import checkpoint, hf, loading, model
 from near_jax.tokenizer import load_tokenizer
@@ -308,3 +309,13 @@ def test_hf_reexports_the_conversion():
              "params_from_hf", "params_to_hf")  # fmt: skip
     for name in names:
         assert getattr(hf, name) is getattr(hf_convert, name), name
+
+
+def test_cli_export_of_unreadable_checkpoints_is_one_line_and_exit_1(tmp_path, saved_run):
+    shutil.copytree(saved_run, tmp_path / "run")
+    damage_step(tmp_path / "run", 5, "arrays_deleted")
+    proc = _cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) < 10, proc.stderr[-3000:]
+    assert "export failed: " in lines[-1] and "no checkpoint could be read" in lines[-1]
+    assert not (tmp_path / "out").exists()

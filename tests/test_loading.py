@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import DAMAGE_KINDS, damage_step, save_run, small_config
 
 from near_jax import loading, model
 
@@ -129,8 +129,6 @@ def test_is_params_only(imported_run, saved_run, tmp_path):
 
 
 def test_a_tokenizer_that_is_gone_is_a_one_line_error(tmp_path):
-    from helpers import save_run
-
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"not a tokenizer")  # the config only checks that the file exists
     cfg = small_config()
@@ -139,3 +137,78 @@ def test_a_tokenizer_that_is_gone_is_a_one_line_error(tmp_path):
     _one_line_error(
         lambda: loading.load_run(str(tmp_path / "run")), "the run's tokenizer cannot be loaded"
     )
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run with checkpoints at steps 3 and 5 (copy it before damaging it)."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    save_run(workdir, small_config(), steps=(3, 5))
+    return workdir
+
+
+def _damaged(two_steps, tmp_path, kind, steps=(5,)):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_steps, workdir)
+    for step in steps:
+        damage_step(workdir, step, kind)
+    return str(workdir)
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_a_damaged_latest_step_falls_back_to_the_older_one(two_steps, tmp_path, kind, caplog):
+    run = loading.load_run(_damaged(two_steps, tmp_path, kind))
+    assert run.step == (5 if kind == "empty_newer_step" else 3) and run.cfg.model.d_model == 64
+    warnings = [r.getMessage() for r in caplog.records if "trying an older step" in r.getMessage()]
+    if kind in ("no_commit_marker", "empty_newer_step"):  # never committed: not a candidate
+        assert not warnings
+    else:
+        (warning,) = warnings
+        assert warning.startswith("checkpoint step 5: unreadable (") and "\n" not in warning
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("arrays_truncated", "OUT_OF_RANGE"),
+        ("config_garbage", "config: JSONDecodeError"),
+        ("config_list", "config: the saved config is a JSON list, not an object"),
+        ("config_empty", "config: the saved config has no model section"),
+    ],
+)
+def test_a_damaged_explicit_step_is_a_one_line_error(two_steps, tmp_path, kind, why):
+    workdir = _damaged(two_steps, tmp_path, kind)
+    with pytest.raises(
+        loading.CheckpointUnreadable, match=r"^checkpoint step 5: unreadable \("
+    ) as e:
+        loading.load_run(workdir, step=5)
+    assert why in str(e.value) and "\n" not in str(e.value) and e.value.step == 5
+    assert loading.load_run(workdir, step=3).step == 3
+
+
+def test_no_readable_step_is_one_line_saying_why_each_failed(two_steps, tmp_path):
+    workdir = _damaged(two_steps, tmp_path, "arrays_deleted", steps=(3, 5))
+    damage_step(workdir, 5, "config_list")
+    message = _one_line_error(lambda: loading.load_run(workdir), "no checkpoint could be read")
+    assert "checkpoint step 5: unreadable (" in message and "a JSON list" in message
+    assert "checkpoint step 3: unreadable (ValueError: NOT_FOUND" in message
+
+
+@pytest.mark.parametrize(
+    "saved, problem",
+    [
+        ([1, 2], "the saved config is a JSON list, not an object"),
+        ({}, "the saved config has no model section"),
+        ({"model": [], "data": {}}, "the saved config has no model section"),
+        ({"model": {"d_model": 64}, "data": {}}, "model.vocab_size is None in the saved config"),
+        ({"model": {"vocab_size": "x"}, "data": {}}, "model.vocab_size is 'x' in the saved"),
+    ],
+)
+def test_run_config_checks_the_shape_of_the_saved_config(saved_run, monkeypatch, saved, problem):
+    from near_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint, "read_config", lambda directory, step: saved)
+    with pytest.raises(loading.CheckpointUnreadable) as e:
+        loading.run_config(str(saved_run), 5)
+    want = f"checkpoint step 5: unreadable ({saved_run}/checkpoints/5/config: {problem}"
+    assert str(e.value).startswith(want) and "\n" not in str(e.value)
