@@ -303,7 +303,10 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
     world.push("honest1", inner(base.params, "honest1", r))
     world.agg.quorum = 2
     world.agg.round_timeout = 5.0
+    read0 = world.store.bytes_read
     decision = world.agg.run_round()["decision"]
+    if attack == "oversized":  # refused from its header: the junk body is never read
+        assert world.store.bytes_read - read0 < world.agg.max_body
     entry = [e for e in decision["contrib"]["entries"] if e["contributor"] != "honest1"][0]
     assert entry["reason"].startswith(reason), entry["reason"]
     assert not entry["accepted"] and entry["reward"] == 0.0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from near_jax.diloco import rounds
+from near_jax.diloco import store as store_lib
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.compress import LeafPayload, Payload, decode, encode
 from near_jax.diloco.outer import outer_optimizer, outer_step
@@ -204,6 +205,30 @@ def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     update = decode(encode(decode(encode(good, SPEC)[0]), SPEC)[0])
     ref_params, _ = optax_rounds(tree(1), [update])
     assert bits_equal(rounds.pull_version(store, RUN, 1, LIKE).params, ref_params)
+
+
+def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
+    """A 200 MB (sparse) contribution is refused from its header; a link to a file outside
+    the store is refused by name, and nothing of that file reaches the decision."""
+    store, clock, agg = started
+    push(store, "good", 0, tree(20, 1e-2))
+    size = 200 << 20
+    with open(tmp_path / rounds.contrib_key(RUN, 0, "junk"), "wb") as f:
+        f.write(store_lib.HEADER.pack(store_lib.MAGIC, 1, size, b"\0" * 32))
+        f.truncate(store_lib.HEADER.size + size)
+    outside = tmp_path.parent / f"{tmp_path.name}-passwd"
+    outside.write_bytes(store_lib.frame(b"SECRET:x:0:0:root:/root:/bin/bash"))
+    os.symlink(outside, tmp_path / rounds.contrib_key(RUN, 0, "link"))
+    read0 = store.bytes_read
+    decision = agg.run_round()["decision"]
+    assert store.bytes_read - read0 < rounds.object_limit(LIKE)
+    reasons = {e["island"]: e["reason"] for e in decision["rejected"]}
+    assert "oversized" in reasons["junk"]
+    assert (
+        "symbolic link" in reasons["link"] and rounds.contrib_key(RUN, 0, "link") in reasons["link"]
+    )
+    assert "SECRET" not in json.dumps(decision)
+    assert [e["island"] for e in decision["accepted"]] == ["good"]
 
 
 def test_empty_round_publishes_the_same_version(started):

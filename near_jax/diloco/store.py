@@ -337,13 +337,13 @@ class ObjectStore:
                 return
             except OSError as e:
                 raise StoreError(f"cannot inspect {key!r} in {self.url!r}: {e.strerror}") from None
-            last = i == len(parts) - 1
+            last, where = i == len(parts) - 1, "/".join(parts[: i + 1])
             if stat.S_ISLNK(mode) and not (last and leaf_link_ok):
-                raise UnsafePath(key, f"{path} is a symbolic link; the store refuses links")
+                raise UnsafePath(key, f"{where} is a symbolic link; the store refuses links")
             if not last and not stat.S_ISDIR(mode):
                 return  # a file where a directory is expected: the key cannot exist
             if last and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                raise UnsafePath(key, f"{path} is not a regular file")
+                raise UnsafePath(key, f"{where} is not a regular file")
 
     def _count(self, read: int = 0, written: int = 0) -> None:
         with self._lock:
