@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from near_jax.diloco import rounds
+from near_jax.diloco import island, rounds
 from near_jax.diloco import store as store_lib
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.compress import LeafPayload, Payload, decode, encode
@@ -229,6 +229,52 @@ def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
     )
     assert "SECRET" not in json.dumps(decision)
     assert [e["island"] for e in decision["accepted"]] == ["good"]
+
+
+@pytest.mark.parametrize("planted", ["unframed", "not_json", "forged"])
+def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_path, planted):
+    """Garbage or a forgery in the decision slot never stops the run: the aggregator moves
+    it aside with a warning naming it and decides the round; islands keep waiting."""
+    store, clock, agg = started
+    logged = []
+    agg.log = logged.append
+    push(store, "good", 0, tree(20, 1e-2))
+    key = rounds.decision_key(RUN, 0)
+    if planted == "unframed":
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"garbage")
+    elif planted == "not_json":
+        store.put(key, b"{not json")
+    else:  # well-formed, but its result is not what replaying its contributions gives
+        base = agg.state
+        fake = rounds.make_version(1, tree(7), rounds.zeros_like(LIKE))
+        verdict = rounds.check_contribution(
+            store, RUN, base, rounds.contrib_key(RUN, 0, "good"), LIKE
+        )
+        store.put(
+            key,
+            rounds.dumps(rounds.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)),
+        )
+    assert island._newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
+    stats = agg.run_round()
+    assert stats["accepted"] == 1 and not stats["replayed"]
+    aside = store.list(f"{RUN}/quarantine/")
+    assert len(aside) == 1 and aside[0].startswith(f"{RUN}/quarantine/rounds.00000000.decision.")
+    assert any(key in m and aside[0] in m for m in logged), logged
+    assert rounds.verify_run(store, RUN, LIKE) == []
+
+
+def test_a_planted_latest_is_moved_aside_and_rebuilt(started):
+    store, clock, agg = started
+    push(store, "good", 0, tree(20, 1e-2))
+    agg.run_round()
+    store.put(rounds.latest_key(RUN), b'{"version": 99}')
+    assert island._newer(store, RUN, 1, "eu-1") is None
+    again = make_aggregator(store, clock)
+    assert not again.create(tree(1), {})
+    assert again.load().version == 1 and again.state.hashes() == agg.state.hashes()
+    assert rounds.read_latest(store, RUN)["version"] == 1
+    assert len(store.list(f"{RUN}/quarantine/")) == 1
 
 
 def test_empty_round_publishes_the_same_version(started):

@@ -270,6 +270,15 @@ class ContribAggregator(Aggregator):
         self._history: list[tuple[str, Any]] = []  # (contributor@round, Δ) of last round
         self._history_round = -1
 
+    signs_decisions = True
+
+    def authentic(self, decision: dict, base: Version) -> str:
+        """A decision in the slot that this aggregator's key did not sign is not its own."""
+        problem = super().authentic(decision, base)
+        if not problem and not check_decision(self.key.public_hex, decision):
+            problem = "not signed by this aggregator's key"
+        return problem
+
     def manifest_fields(self) -> dict:
         """What `create` records about contributions (the policy, key, round 0's seed)."""
         return {"contrib": {"policy": self.policy.to_json(),

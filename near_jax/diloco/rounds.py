@@ -62,6 +62,19 @@ committed and the round simply continues. The outer momentum and error feedback 
 versions/v/, so they survive restarts. If two aggregators race, put_if_absent makes one
 decision win and the other finishes from it.
 
+Planted objects (slots only the aggregator writes)
+--------------------------------------------------
+Anyone with write access to the store can put an object in `rounds/r/decision` or `latest`.
+The aggregator reads those slots only through `quarantine.read_own`: an object that is torn,
+not JSON, not shaped like what it writes (wrong run/round/base, missing fields), does not
+replay to its recorded hashes (trusted runs) or is not signed by its key (contributor runs)
+is moved to `quarantine/<key>.<ms>` (raw bytes kept as evidence, deleted only if unchanged
+meanwhile) with a warning naming both keys; the round is then decided again and `latest` is
+rebuilt from the newest version that verifies. Islands treat an unreadable decision or
+`latest` as "not there yet": they warn once and keep waiting. Reads of anything another
+party can write are bounded (`object_limit`, `store.MAX_OBJECT_BYTES`); file stores refuse
+links.
+
 Late, invalid and restarted islands
 -----------------------------------
 Each contribution names its round in its key and the hash of its base version in its tag,
