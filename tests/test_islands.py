@@ -525,7 +525,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "store"
     empty.mkdir()
     store, run = f"--store={empty}", f"--run={RUN}"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
     cases = {
+        "workdir file": ("aggregator", [store, run, "--rounds=2", f"--workdir={afile}"],
+                         "--workdir"),
+        "island workdir file": ("island", [store, run, "--island=a", f"--workdir={afile}"],
+                                "--workdir"),
         "missing store": ("aggregator", [f"--store={tmp_path / 'nope'}", run, "--rounds=2"],
                           "does not exist"),
         "unknown run": ("island", [store, run, "--island=a"], "unknown run"),
@@ -542,5 +548,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
             proc.wait(timeout=120)
             err = procs.log(name.replace(" ", "_")).strip()
             assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err
+        assert os.listdir(empty) == []  # nothing was created in the store
     finally:
         procs.kill_all()
+
+
+def test_an_invalid_run_writes_nothing_to_the_store(tmp_path):
+    store, clock = ObjectStore.open(str(tmp_path)), FakeClock()
+    with pytest.raises(ValueError, match="outer lr is nan"):
+        Aggregator(store, RUN, LIKE, spec=SPEC, lr=float("nan"), momentum=MU, quorum=1,
+                   round_timeout=1.0)  # fmt: skip
+    agg = make_aggregator(store, clock)
+    with pytest.raises(ValueError, match="cannot be created"):
+        agg.create(tree(1), {"inner_steps": 3, "round_timeout": float("inf")})
+    assert store.list("") == []

@@ -25,6 +25,7 @@ outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, re
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -67,6 +68,9 @@ class Aggregator:
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] = lambda message: None,
     ):
+        for name, value in (("outer lr", lr), ("outer momentum", momentum)):
+            if not math.isfinite(value):  # caught before anything is written to the store
+                raise ValueError(f"the {name} is {value}; it must be finite")
         self.store, self.run, self.like, self.log = store, run, like, log
         self.spec, self.lr, self.momentum = spec, lr, momentum
         self.quorum, self.round_timeout = quorum, round_timeout
@@ -86,6 +90,12 @@ class Aggregator:
         is stored, so racing or restarted aggregators agree even if their inits differ.
         """
         store, run = self.store, self.run
+        fixed = {**manifest, "format": rounds.FORMAT, "run": run, "compression": self.spec,
+                 "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+        try:  # all of the manifest must be storable before its first object is written
+            rounds.dumps(fixed)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"run {run!r} cannot be created: its manifest {e}") from None
         if rounds.read_json(store, rounds.manifest_key(run)) is None:
             zeros = rounds.zeros_like(params0)
             trees = {"params": rounds.as_float32(params0), "momentum": zeros, "server_ef": zeros}
@@ -94,9 +104,7 @@ class Aggregator:
                 key = rounds.version_key(run, 0, part)
                 store.put_if_absent(key, rounds.tree_bytes(tree))
                 hashes[f"{part}_sha256"] = rounds.sha256(store.get(key))
-            manifest = {**manifest, "format": rounds.FORMAT, "run": run, "version0": hashes,
-                        "created_at": self.clock(), "compression": self.spec,
-                        "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+            manifest = {**fixed, "version0": hashes, "created_at": self.clock()}
             created = store.put_if_absent(rounds.manifest_key(run), rounds.dumps(manifest))
         else:
             created = False
@@ -339,6 +347,11 @@ def prepare(argv: list[str]):
         check_batch(cfg, mesh)
     except ConfigError as e:
         usage_error(str(e))
+    if f.workdir:  # now, not after the run was created in the store
+        try:
+            os.makedirs(f.workdir, exist_ok=True)
+        except OSError as e:
+            usage_error(f"--workdir={f.workdir}: {e.strerror} (it must be a directory)")
     try:
         store = ObjectStore.open(f.store)
         manifest = rounds.read_json(store, rounds.manifest_key(run))
@@ -489,7 +502,10 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
             _log(f"warning: the contributor flags (--key, --ledger, --score_source, "
                  f"--allow_code) are ignored: run {run!r} does not take contributors "
                  "(config.contrib.enabled is fixed at its creation)")  # fmt: skip
-        agg = Aggregator(store, run, like, log=_log, **kwargs)
+        try:
+            agg = Aggregator(store, run, like, log=_log, **kwargs)
+        except ValueError as e:
+            usage_error(str(e))
     created = False
     if manifest is None:
         params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
@@ -499,7 +515,10 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
                 "num_params": rounds.num_elements(like)}  # fmt: skip
         if contributors:
             info.update(agg.manifest_fields())
-        created = agg.create(params0, info)
+        try:
+            created = agg.create(params0, info)
+        except ValueError as e:
+            usage_error(str(e))
     state = agg.load()
     if contributors and f.allow_code:
         allowed = agg.allow_code([h.strip() for h in f.allow_code.split(",") if h.strip()])
