@@ -43,7 +43,7 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import quiet_library_logs, usage_error
-from near_jax.diloco import quarantine, rounds
+from near_jax.diloco import claims, quarantine, rounds
 from near_jax.diloco.aggregator import define_common_flags, manifest_problem, prepare
 from near_jax.diloco.rounds import ProtocolError, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
@@ -83,7 +83,13 @@ class _Waiter:
 
 
 def train_island(
-    cfg, mesh, store: ObjectStore, run: str, island: str, manifest: dict | None
+    cfg,
+    mesh,
+    store: ObjectStore,
+    run: str,
+    island: str,
+    manifest: dict | None,
+    claim: claims.Claim | None = None,
 ) -> int:
     """Joins the run and trains rounds until --rounds or the run's end; the exit code."""
     import jax
@@ -160,6 +166,9 @@ def train_island(
             train_s = now() - t0
             if not math.isfinite(inner_loss):
                 raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
+            if claim is not None and claim.lost:
+                raise ProtocolError(f"island {claim.lost} took over the name {island!r}; "
+                                    "stopping so that only one island pushes under it")  # fmt: skip
             # 2. push Δ = θ_r − θ_island (unless the round is already closed).
             delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
             pushed_bytes, written, new_ef = 0, False, None
@@ -170,7 +179,14 @@ def train_island(
                     store, run, island, held, delta, spec, error_feedback, sign=signer,
                     inner_loss=inner_loss, inner_steps=inner_steps,
                 )  # fmt: skip
-                note = "" if written else "already contributed to this round before a restart"
+                note = (
+                    ""
+                    if written
+                    else (
+                        "our slot already held a contribution (pushed before a restart, or by "
+                        "another island under this name)"
+                    )
+                )
                 if not written and signer is not None:
                     from near_jax.contrib.contributor import slot_problem
 
@@ -201,6 +217,8 @@ def train_island(
             pulled_mark = store.bytes_read
             full, full_pending = full or full_pending, False
             outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
+            if not written and (accepted or rejected):  # the verdict is on the slot's object
+                outcome = f"this push was NOT stored; the object already in our slot was {outcome}"
             mine = [
                 e
                 for e in decision.get("contrib", {}).get("entries", [])
@@ -304,11 +322,22 @@ def _main(argv: list[str]) -> None:
             f"unknown run {run!r} in {store.url}: no {rounds.manifest_key(run)} (start the "
             "aggregator first, or pass --wait_for_run=SECONDS)"
         )
+    claim = claims.Claim(store, run, island)
     try:
-        code = train_island(cfg, mesh, store, run, island, manifest)
+        claim.acquire()
+    except claims.NameTaken as e:
+        usage_error(str(e))
+    claim.start()
+    try:
+        code = train_island(cfg, mesh, store, run, island, manifest, claim)
     except (ProtocolError, StoreError, FloatingPointError) as e:
         print(f"near_jax.diloco.island: error: {e}", file=sys.stderr)
         code = 1
+    finally:
+        try:
+            claim.release()
+        except StoreError:
+            pass  # it lapses after a lease
     sys.exit(code)
 
 
