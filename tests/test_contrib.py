@@ -18,7 +18,7 @@ import pytest
 from near_jax.contrib import identity, ledger, validator
 from near_jax.contrib.contributor import Signer, slot_problem
 from near_jax.contrib.robust import Rule
-from near_jax.contrib.validator import ContribAggregator, Policy
+from near_jax.contrib.validator import ContribAggregator, Policy, check_decision
 from near_jax.diloco import rounds
 from near_jax.diloco.store import ObjectStore
 
@@ -303,7 +303,10 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
     world.push("honest1", inner(base.params, "honest1", r))
     world.agg.quorum = 2
     world.agg.round_timeout = 5.0
+    read0 = world.store.bytes_read
     decision = world.agg.run_round()["decision"]
+    if attack == "oversized":  # refused from its header: the junk body is never read
+        assert world.store.bytes_read - read0 < world.agg.max_body
     entry = [e for e in decision["contrib"]["entries"] if e["contributor"] != "honest1"][0]
     assert entry["reason"].startswith(reason), entry["reason"]
     assert not entry["accepted"] and entry["reward"] == 0.0
@@ -657,3 +660,22 @@ def test_second_review_holes_stay_closed(tmp_path):
     with pytest.raises(rounds.ProtocolError, match="is not a ledger file"):
         other.load()
     assert (tmp_path / "run").is_dir() and world.store.exists(rounds.manifest_key(RUN))
+
+
+def test_a_decision_not_signed_by_the_aggregator_is_moved_aside(tmp_path):
+    world = World(tmp_path, HONEST[:2], POLICY)
+    for name in HONEST[:2]:
+        world.push(name, inner(world.base().params, name, 0))
+    base, logged = world.agg.state, []
+    world.agg.log = logged.append
+    other = world.make_aggregator()  # the same key: a decision it could have written...
+    verdicts = [other.check(base, k) for k in rounds.contrib_keys(world.store, RUN, 0)]
+    forged = other.decide(base, verdicts, [], "quorum")[2]
+    forged["signature"] = "0" * 128  # well-formed and replayable, but not the key's
+    world.store.put(rounds.decision_key(RUN, 0), rounds.dumps(forged))
+    world.agg.quorum = 2
+    stats = world.agg.run_round()
+    assert stats["accepted"] == 2 and not stats["replayed"]
+    assert check_decision(world.agg_key.public_hex, stats["decision"])
+    assert any("not signed by this aggregator's key" in m for m in logged), logged
+    assert len(world.store.list(f"{RUN}/quarantine/")) == 1

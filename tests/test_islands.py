@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from near_jax.diloco import rounds
+from near_jax.diloco import island, rounds
+from near_jax.diloco import store as store_lib
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.compress import LeafPayload, Payload, decode, encode
 from near_jax.diloco.outer import outer_optimizer, outer_step
@@ -204,6 +205,76 @@ def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     update = decode(encode(decode(encode(good, SPEC)[0]), SPEC)[0])
     ref_params, _ = optax_rounds(tree(1), [update])
     assert bits_equal(rounds.pull_version(store, RUN, 1, LIKE).params, ref_params)
+
+
+def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
+    """A 200 MB (sparse) contribution is refused from its header; a link to a file outside
+    the store is refused by name, and nothing of that file reaches the decision."""
+    store, clock, agg = started
+    push(store, "good", 0, tree(20, 1e-2))
+    size = 200 << 20
+    with open(tmp_path / rounds.contrib_key(RUN, 0, "junk"), "wb") as f:
+        f.write(store_lib.HEADER.pack(store_lib.MAGIC, 1, size, b"\0" * 32))
+        f.truncate(store_lib.HEADER.size + size)
+    outside = tmp_path.parent / f"{tmp_path.name}-passwd"
+    outside.write_bytes(store_lib.frame(b"SECRET:x:0:0:root:/root:/bin/bash"))
+    os.symlink(outside, tmp_path / rounds.contrib_key(RUN, 0, "link"))
+    read0 = store.bytes_read
+    decision = agg.run_round()["decision"]
+    assert store.bytes_read - read0 < rounds.object_limit(LIKE)
+    reasons = {e["island"]: e["reason"] for e in decision["rejected"]}
+    assert "oversized" in reasons["junk"]
+    assert (
+        "symbolic link" in reasons["link"] and rounds.contrib_key(RUN, 0, "link") in reasons["link"]
+    )
+    assert "SECRET" not in json.dumps(decision)
+    assert [e["island"] for e in decision["accepted"]] == ["good"]
+
+
+@pytest.mark.parametrize("planted", ["unframed", "not_json", "forged"])
+def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_path, planted):
+    """Garbage or a forgery in the decision slot never stops the run: the aggregator moves
+    it aside with a warning naming it and decides the round; islands keep waiting."""
+    store, clock, agg = started
+    logged = []
+    agg.log = logged.append
+    push(store, "good", 0, tree(20, 1e-2))
+    key = rounds.decision_key(RUN, 0)
+    if planted == "unframed":
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"garbage")
+    elif planted == "not_json":
+        store.put(key, b"{not json")
+    else:  # well-formed, but its result is not what replaying its contributions gives
+        base = agg.state
+        fake = rounds.make_version(1, tree(7), rounds.zeros_like(LIKE))
+        verdict = rounds.check_contribution(
+            store, RUN, base, rounds.contrib_key(RUN, 0, "good"), LIKE
+        )
+        store.put(
+            key,
+            rounds.dumps(rounds.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)),
+        )
+    assert island._newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
+    stats = agg.run_round()
+    assert stats["accepted"] == 1 and not stats["replayed"]
+    aside = store.list(f"{RUN}/quarantine/")
+    assert len(aside) == 1 and aside[0].startswith(f"{RUN}/quarantine/rounds.00000000.decision.")
+    assert any(key in m and aside[0] in m for m in logged), logged
+    assert rounds.verify_run(store, RUN, LIKE) == []
+
+
+def test_a_planted_latest_is_moved_aside_and_rebuilt(started):
+    store, clock, agg = started
+    push(store, "good", 0, tree(20, 1e-2))
+    agg.run_round()
+    store.put(rounds.latest_key(RUN), b'{"version": 99}')
+    assert island._newer(store, RUN, 1, "eu-1") is None
+    again = make_aggregator(store, clock)
+    assert not again.create(tree(1), {})
+    assert again.load().version == 1 and again.state.hashes() == agg.state.hashes()
+    assert rounds.read_latest(store, RUN)["version"] == 1
+    assert len(store.list(f"{RUN}/quarantine/")) == 1
 
 
 def test_empty_round_publishes_the_same_version(started):
@@ -454,7 +525,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "store"
     empty.mkdir()
     store, run = f"--store={empty}", f"--run={RUN}"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
     cases = {
+        "workdir file": ("aggregator", [store, run, "--rounds=2", f"--workdir={afile}"],
+                         "--workdir"),
+        "island workdir file": ("island", [store, run, "--island=a", f"--workdir={afile}"],
+                                "--workdir"),
         "missing store": ("aggregator", [f"--store={tmp_path / 'nope'}", run, "--rounds=2"],
                           "does not exist"),
         "unknown run": ("island", [store, run, "--island=a"], "unknown run"),
@@ -471,5 +548,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
             proc.wait(timeout=120)
             err = procs.log(name.replace(" ", "_")).strip()
             assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err
+        assert os.listdir(empty) == []  # nothing was created in the store
     finally:
         procs.kill_all()
+
+
+def test_an_invalid_run_writes_nothing_to_the_store(tmp_path):
+    store, clock = ObjectStore.open(str(tmp_path)), FakeClock()
+    with pytest.raises(ValueError, match="outer lr is nan"):
+        Aggregator(store, RUN, LIKE, spec=SPEC, lr=float("nan"), momentum=MU, quorum=1,
+                   round_timeout=1.0)  # fmt: skip
+    agg = make_aggregator(store, clock)
+    with pytest.raises(ValueError, match="cannot be created"):
+        agg.create(tree(1), {"inner_steps": 3, "round_timeout": float("inf")})
+    assert store.list("") == []

@@ -145,3 +145,77 @@ def test_frame_unframe():
         data = bytearray(frame(b"abc"))
         data[4] = 9
         unframe(bytes(data))
+
+
+class _SpyKv:
+    """Wraps a kvstore; records how many bytes each read handed back."""
+
+    def __init__(self, kv):
+        self.kv, self.returned = kv, []
+
+    def read(self, key, **kw):
+        result = self.kv.read(key, **kw).result()
+        self.returned.append(len(result.value))
+        return _Done(result)
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@pytest.mark.parametrize("framed", [True, False])
+def test_oversized_object_is_refused_without_reading_it(store, tmp_path, framed):
+    """A 200 MB (sparse) object is refused having read a bounded number of bytes."""
+    path = tmp_path / "run" / "junk"
+    path.parent.mkdir()
+    size = 200 << 20
+    with open(path, "wb") as f:
+        if framed:  # a well-formed header that declares the whole 200 MB
+            f.write(store_lib.HEADER.pack(store_lib.MAGIC, 1, size, b"\0" * 32))
+        f.truncate(store_lib.HEADER.size + size)
+    spy = store._kv = _SpyKv(store._kv)
+    with pytest.raises(CorruptObject) as info:
+        store.get("run/junk", max_bytes=1 << 20)
+    assert info.value.key == "run/junk"
+    assert ("oversized" if framed else "magic") in str(info.value)
+    assert sum(spy.returned) <= 1 << 10 and store.bytes_read == 0
+    store.put("run/small", b"x" * 1000)  # within the limit: read in full, exactly
+    assert store.get("run/small", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(store_lib.ObjectTooLarge, match="limit is 999"):
+        store.get("run/small", max_bytes=999)
+    assert store.get_with_generation("run/small", max_bytes=999 + 1)[0] == b"x" * 1000
+
+
+def test_links_are_refused_naming_the_key(store, tmp_path):
+    secret = tmp_path.parent / f"{tmp_path.name}-outside"
+    secret.write_bytes(frame(b"root:x:0:0"))  # even a well-framed object outside the root
+    (tmp_path / "run").mkdir()
+    os.symlink(secret, tmp_path / "run" / "decision")
+    os.symlink(tmp_path.parent, tmp_path / "run" / "dir")
+    for key in ("run/decision", f"run/dir/{secret.name}"):
+        with pytest.raises(store_lib.UnsafePath, match="symbolic link") as info:
+            store.get(key)
+        assert info.value.key == key
+    with pytest.raises(store_lib.UnsafePath):
+        store.put(f"run/dir/{tmp_path.name}-planted", b"x")  # nor written through a link
+    assert not (tmp_path.parent / f"{tmp_path.name}-planted").exists()
+    os.mkfifo(tmp_path / "run" / "fifo")  # would block a reader forever
+    with pytest.raises(store_lib.UnsafePath, match="not a regular file"):
+        store.get("run/fifo")
+    store.delete("run/decision")  # removes the link itself, not what it points to
+    assert secret.exists() and not os.path.lexists(tmp_path / "run" / "decision")
+
+
+def test_read_prefix_keeps_raw_bytes_bounded(store, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "raw").write_bytes(b"garbage")
+    assert store.read_prefix("run/raw", 100)[:2] == (b"garbage", True)
+    assert store.read_prefix("run/raw", 3)[:2] == (b"gar", False)
+    assert store.read_prefix("run/none", 3) is None

@@ -79,6 +79,7 @@ STATEMENT_FIELDS = (
 )
 ENTRY_FIELDS = frozenset({"name", "public_key", "key_id", "run", "registered_at", "signature"})
 MAX_KEY_FILE_BYTES = 1 << 16
+MAX_ENTRY_BYTES = 1 << 16  # a registry entry is a few hundred bytes; a bigger one is junk
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -395,7 +396,7 @@ def lookup(store: ObjectStore, run: str, name: str) -> str | None:
     IdentityError if the entry is corrupt, malformed, mis-filed or not self-signed."""
     key = registry_key(run, name)
     try:
-        entry = rounds.read_json(store, key)
+        entry = rounds.read_json(store, key, max_bytes=MAX_ENTRY_BYTES)  # anyone writes here
     except (CorruptObject, rounds.ProtocolError) as e:
         raise IdentityError(f"registry entry {key}: {_one_line(e)}") from None
     if entry is None:

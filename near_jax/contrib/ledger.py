@@ -85,6 +85,7 @@ ENTRY_FIELDS = (
 _STR_FIELDS = ("contributor", "key_id", "payload_sha256", "statement", "signature", "reason")
 _COLUMNS = ", ".join(ENTRY_FIELDS)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+MAX_MIRROR_BYTES = 1 << 30  # the store's ledger copy is read bounded (anyone can write it)
 _MAX_PROBLEMS = 100  # a wholly rewritten ledger would otherwise give one line per row
 
 _SCHEMA = """
@@ -602,7 +603,7 @@ def download(store: ObjectStore, run: str, path: str) -> bool:
     the copy fails `verify_chain` (the local file is then left as it was). No Ledger may
     be open on `path` meanwhile."""
     try:
-        body = store.get(store_key(run))
+        body = store.get(store_key(run), max_bytes=MAX_MIRROR_BYTES)
     except CorruptObject as e:
         raise LedgerError(f"the store's ledger copy is damaged: {e}") from None
     if body is None:

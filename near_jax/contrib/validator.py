@@ -63,7 +63,7 @@ from near_jax.diloco import rounds
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.compress import Payload, PayloadError, decode
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
-from near_jax.diloco.store import CorruptObject, StoreError
+from near_jax.diloco.store import CorruptObject, ObjectTooLarge, StoreError
 
 TAG_FIELDS = frozenset(
     {"format", "run", "round", "island", "base_sha256", "spec", "inner_loss", "inner_steps",
@@ -270,6 +270,15 @@ class ContribAggregator(Aggregator):
         self._history: list[tuple[str, Any]] = []  # (contributor@round, Δ) of last round
         self._history_round = -1
 
+    signs_decisions = True
+
+    def authentic(self, decision: dict, base: Version) -> str:
+        """A decision in the slot that this aggregator's key did not sign is not its own."""
+        problem = super().authentic(decision, base)
+        if not problem and not check_decision(self.key.public_hex, decision):
+            problem = "not signed by this aggregator's key"
+        return problem
+
     def manifest_fields(self) -> dict:
         """What `create` records about contributions (the policy, key, round 0's seed)."""
         return {"contrib": {"policy": self.policy.to_json(),
@@ -375,15 +384,15 @@ class ContribAggregator(Aggregator):
         only once the contributor's signature over this round's statement verifies, so
         nothing is attributed to a contributor who did not sign it."""
         r = base.version
-        try:
-            body = self.store.get(c.key)
+        try:  # read no more than max_body: an oversized object is refused unread
+            body = self.store.get(c.key, max_bytes=self.max_body)
+        except ObjectTooLarge as e:
+            return f"malformed: oversized ({e.reason})"
         except CorruptObject as e:
             return f"malformed: corrupt object ({e.reason})"
         if body is None:
             return "malformed: vanished before it could be read"
         c.sha256 = rounds.sha256(body)
-        if len(body) > self.max_body:
-            return f"malformed: oversized ({len(body)} bytes, limit {self.max_body})"
         try:
             tag, data = rounds.split_contribution(body)
         except PayloadError as e:
@@ -557,7 +566,7 @@ class ContribAggregator(Aggregator):
 
     def _decoded(self, key: str, sha256: str | None = None) -> Any:
         """The Δ or update stored at `key` (None if missing or not the recorded object)."""
-        body = self.store.get(key)
+        body = self.store.get(key, max_bytes=self.max_body)
         if body is None or (sha256 is not None and rounds.sha256(body) != sha256):
             return None
         limit = rounds.num_elements(self.like)

@@ -25,6 +25,7 @@ outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, re
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -37,15 +38,18 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
-from near_jax.diloco import rounds
+from near_jax.diloco import quarantine, rounds
+from near_jax.diloco.compress import PayloadError
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
-from near_jax.diloco.store import ObjectStore, StoreError
+from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
 now = time.perf_counter
 
 
 class Aggregator:
     """Closes the rounds of one run in a store; no JAX model needed (tests drive it)."""
+
+    signs_decisions = False  # contrib: its decisions carry its signature (see `authentic`)
 
     def __init__(
         self,
@@ -62,8 +66,12 @@ class Aggregator:
         keep_versions: int = 0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        log: Callable[[str], None] = lambda message: None,
     ):
-        self.store, self.run, self.like = store, run, like
+        for name, value in (("outer lr", lr), ("outer momentum", momentum)):
+            if not math.isfinite(value):  # caught before anything is written to the store
+                raise ValueError(f"the {name} is {value}; it must be finite")
+        self.store, self.run, self.like, self.log = store, run, like, log
         self.spec, self.lr, self.momentum = spec, lr, momentum
         self.quorum, self.round_timeout = quorum, round_timeout
         self.poll_seconds, self.keep_versions = poll_seconds, keep_versions
@@ -82,6 +90,12 @@ class Aggregator:
         is stored, so racing or restarted aggregators agree even if their inits differ.
         """
         store, run = self.store, self.run
+        fixed = {**manifest, "format": rounds.FORMAT, "run": run, "compression": self.spec,
+                 "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+        try:  # all of the manifest must be storable before its first object is written
+            rounds.dumps(fixed)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"run {run!r} cannot be created: its manifest {e}") from None
         if rounds.read_json(store, rounds.manifest_key(run)) is None:
             zeros = rounds.zeros_like(params0)
             trees = {"params": rounds.as_float32(params0), "momentum": zeros, "server_ef": zeros}
@@ -90,27 +104,39 @@ class Aggregator:
                 key = rounds.version_key(run, 0, part)
                 store.put_if_absent(key, rounds.tree_bytes(tree))
                 hashes[f"{part}_sha256"] = rounds.sha256(store.get(key))
-            manifest = {**manifest, "format": rounds.FORMAT, "run": run, "version0": hashes,
-                        "created_at": self.clock(), "compression": self.spec,
-                        "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+            manifest = {**fixed, "version0": hashes, "created_at": self.clock()}
             created = store.put_if_absent(rounds.manifest_key(run), rounds.dumps(manifest))
         else:
             created = False
-        if rounds.read_latest(store, run) is None:
-            v0 = rounds.pull_version(store, run, 0, self.like, with_server_ef=True)
-            rounds.advance_latest(store, run, v0, self.clock())
+        if self._latest() is None:
+            quarantine.recover_latest(store, run, self.like, self.clock())
         return created
 
     def load(self) -> Version:
-        """Loads the newest published version (params, momentum, error feedback)."""
-        latest = rounds.read_latest(self.store, self.run)
+        """Loads the newest published version (params, momentum, error feedback); a `latest`
+        this aggregator did not write is moved aside and rebuilt (`quarantine.py`)."""
+        latest = self._latest()
         if latest is None:
-            raise ProtocolError(f"run {self.run!r} has no {rounds.latest_key(self.run)}")
-        self.state = rounds.pull_version(
-            self.store, self.run, latest["version"], self.like, with_server_ef=True
-        )
+            if rounds.read_json(self.store, rounds.manifest_key(self.run)) is None:
+                raise ProtocolError(f"run {self.run!r} has no {rounds.latest_key(self.run)}")
+            quarantine.recover_latest(self.store, self.run, self.like, self.clock())
+            latest = self._latest()
+        try:
+            self.state = rounds.pull_version(
+                self.store, self.run, latest["version"], self.like, with_server_ef=True
+            )
+        except ProtocolError:  # the version `latest` names does not verify: rebuild it
+            quarantine.move_aside(self.store, self.run, rounds.latest_key(self.run), self.clock())
+            self.state = quarantine.recover_latest(self.store, self.run, self.like, self.clock())
+            latest = self._latest()
         self.opened_at = float(latest["published_at"])
         return self.state
+
+    def _latest(self) -> dict | None:
+        return quarantine.read_own(
+            self.store, self.run, rounds.latest_key(self.run), quarantine.latest_problem,
+            self.log, self.clock(),
+        )  # fmt: skip
 
     def finish(self) -> None:
         """Marks the run finished at the current version (islands then exit)."""
@@ -125,23 +151,25 @@ class Aggregator:
         store, run, base = self.store, self.run, self.state
         r = base.version
         read0, written0 = store.bytes_read, store.bytes_written
-        decision = rounds.read_json(store, rounds.decision_key(run, r))
-        replayed = decision is not None
-        if decision is None:
+        t0 = now()  # committed before a restart, or by a racing aggregator: replay it
+        committed = self._committed(base)
+        replayed = committed is not None
+        if committed is None:
             verdicts, reason = self._collect(base)
             late = self._late(r)
             t0 = now()
-            new, update, decision = self.decide(base, verdicts, late, reason)
-            outer_s = now() - t0
-            if not store.put_if_absent(rounds.decision_key(run, r), rounds.dumps(decision)):
-                decision = rounds.read_json(store, rounds.decision_key(run, r))  # lost a race
-                replayed = True
-        if replayed:  # committed before a restart, or by a racing aggregator
-            t0 = now()
-            new, update = rounds.replay_decision(
-                store, run, base, decision, self.spec, self.lr, self.momentum, self.like
-            )
-            outer_s = now() - t0
+            committed = new, update, decision = self.decide(base, verdicts, late, reason)
+            for _ in range(3):  # a failed put: a racing aggregator won, or a planted object
+                if store.put_if_absent(rounds.decision_key(run, r), rounds.dumps(decision)):
+                    break
+                t0 = now()
+                if (theirs := self._committed(base)) is not None:
+                    committed, replayed = theirs, True
+                    break
+            else:
+                raise ProtocolError(f"{rounds.decision_key(run, r)} keeps being overwritten")
+        new, update, decision = committed
+        outer_s = now() - t0
         self.recorded(decision)  # before `latest` moves: no reader sees an unrecorded round
         self._publish(r, new, update)
         self._decisions[r] = decision
@@ -163,6 +191,34 @@ class Aggregator:
             "replayed": int(replayed),
             "decision": decision,
         }
+
+    def authentic(self, decision: dict, base: Version) -> str:
+        """Why `decision` is not one this aggregator wrote for round base.version ("" if it
+        may be): a hook, contrib also checks its signature."""
+        return quarantine.decision_problem(decision, self.run, base)
+
+    def _committed(self, base: Version) -> tuple[Version, bytes | None, dict] | None:
+        """(version r + 1, update, decision) replayed from round r's committed decision; None
+        if there is none. An object in the slot this aggregator did not write is moved
+        aside (`quarantine.py`): the round is then decided (again)."""
+        key = rounds.decision_key(self.run, base.version)
+        decision = quarantine.read_own(
+            self.store, self.run, key, lambda d: self.authentic(d, base), self.log, self.clock()
+        )
+        if decision is None:
+            return None
+        try:
+            new, update = rounds.replay_decision(
+                self.store, self.run, base, decision, self.spec, self.lr, self.momentum, self.like
+            )
+        except (ProtocolError, PayloadError) as e:
+            if self.signs_decisions:  # signed by us: a real inconsistency, not a forgery
+                raise
+            aside = quarantine.move_aside(self.store, self.run, key, self.clock())
+            self.log(f"warning: {key} does not replay ({e}); moved it to {aside}, deciding "
+                     f"round {base.version} again")  # fmt: skip
+            return None
+        return new, update, decision
 
     def check(self, base: Version, key: str) -> Verdict:
         """Reads and validates one contribution to round base.version (a hook: contrib adds
@@ -210,7 +266,12 @@ class Aggregator:
 
     def _decision(self, r: int) -> dict:
         if r not in self._decisions:
-            decision = rounds.read_json(self.store, rounds.decision_key(self.run, r))
+            key = rounds.decision_key(self.run, r)
+            try:
+                decision = rounds.read_json(self.store, key)
+            except (ProtocolError, CorruptObject) as e:  # damaged after it was published
+                self.log(f"warning: {key} is unreadable ({e}); its pushes may be listed late")
+                decision = {"accepted": [], "rejected": [], "late": []}
             if decision is None:
                 raise ProtocolError(f"round {r} is closed but has no decision")
             self._decisions[r] = decision
@@ -286,6 +347,11 @@ def prepare(argv: list[str]):
         check_batch(cfg, mesh)
     except ConfigError as e:
         usage_error(str(e))
+    if f.workdir:  # now, not after the run was created in the store
+        try:
+            os.makedirs(f.workdir, exist_ok=True)
+        except OSError as e:
+            usage_error(f"--workdir={f.workdir}: {e.strerror} (it must be a directory)")
     try:
         store = ObjectStore.open(f.store)
         manifest = rounds.read_json(store, rounds.manifest_key(run))
@@ -436,7 +502,10 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
             _log(f"warning: the contributor flags (--key, --ledger, --score_source, "
                  f"--allow_code) are ignored: run {run!r} does not take contributors "
                  "(config.contrib.enabled is fixed at its creation)")  # fmt: skip
-        agg = Aggregator(store, run, like, **kwargs)
+        try:
+            agg = Aggregator(store, run, like, log=_log, **kwargs)
+        except ValueError as e:
+            usage_error(str(e))
     created = False
     if manifest is None:
         params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
@@ -446,7 +515,10 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
                 "num_params": rounds.num_elements(like)}  # fmt: skip
         if contributors:
             info.update(agg.manifest_fields())
-        created = agg.create(params0, info)
+        try:
+            created = agg.create(params0, info)
+        except ValueError as e:
+            usage_error(str(e))
     state = agg.load()
     if contributors and f.allow_code:
         allowed = agg.allow_code([h.strip() for h in f.allow_code.split(",") if h.strip()])

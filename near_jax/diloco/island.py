@@ -43,10 +43,10 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import quiet_library_logs, usage_error
-from near_jax.diloco import rounds
+from near_jax.diloco import claims, quarantine, rounds
 from near_jax.diloco.aggregator import define_common_flags, manifest_problem, prepare
 from near_jax.diloco.rounds import ProtocolError, Version
-from near_jax.diloco.store import ObjectStore, StoreError
+from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
 now = time.perf_counter
 
@@ -83,7 +83,13 @@ class _Waiter:
 
 
 def train_island(
-    cfg, mesh, store: ObjectStore, run: str, island: str, manifest: dict | None
+    cfg,
+    mesh,
+    store: ObjectStore,
+    run: str,
+    island: str,
+    manifest: dict | None,
+    claim: claims.Claim | None = None,
 ) -> int:
     """Joins the run and trains rounds until --rounds or the run's end; the exit code."""
     import jax
@@ -126,7 +132,7 @@ def train_island(
         except ValueError as e:
             usage_error(str(e))
         _log(island, f"signing as {island} (key id {signer.ident.key_id})")
-    latest = waiter.until("the run's first version", lambda: rounds.read_latest(store, run))
+    latest = waiter.until("the run's first version", lambda: _newer(store, run, -1, island))
     held, _ = _catch_up(store, run, island, None, latest["version"], abstract, spec, lr, mu)
     seed = island_seed(cfg.seed, island, held.version)
     train_iter = data.make_iterator(
@@ -141,7 +147,7 @@ def train_island(
     pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
     try:
         while True:
-            finished = rounds.read_json(store, rounds.finished_key(run))
+            finished = _tolerant(island, lambda: rounds.read_json(store, rounds.finished_key(run)))
             if finished is not None and held.version >= finished["version"]:
                 _log(island, f"run {run!r} is finished at version {finished['version']}")
                 return 0
@@ -160,17 +166,27 @@ def train_island(
             train_s = now() - t0
             if not math.isfinite(inner_loss):
                 raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
+            if claim is not None and claim.lost:
+                raise ProtocolError(f"island {claim.lost} took over the name {island!r}; "
+                                    "stopping so that only one island pushes under it")  # fmt: skip
             # 2. push Δ = θ_r − θ_island (unless the round is already closed).
             delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
             pushed_bytes, written, new_ef = 0, False, None
-            if store.exists(rounds.decision_key(run, r)):
+            if _tolerant(island, lambda r=r: store.exists(rounds.decision_key(run, r))):
                 note = "round closed before the push (late; not sent)"
             else:
                 written, pushed_bytes, new_ef = rounds.push_contribution(
                     store, run, island, held, delta, spec, error_feedback, sign=signer,
                     inner_loss=inner_loss, inner_steps=inner_steps,
                 )  # fmt: skip
-                note = "" if written else "already contributed to this round before a restart"
+                note = (
+                    ""
+                    if written
+                    else (
+                        "our slot already held a contribution (pushed before a restart, or by "
+                        "another island under this name)"
+                    )
+                )
                 if not written and signer is not None:
                     from near_jax.contrib.contributor import slot_problem
 
@@ -182,12 +198,13 @@ def train_island(
                                 f"{problem}: someone else wrote under our name")  # fmt: skip
             # 3. wait for version r + 1, learn the outcome, follow.
             t1 = now()
-            latest = waiter.until(f"version {r + 1}", lambda r=r: _newer(store, run, r))
+            latest = waiter.until(f"version {r + 1}", lambda r=r: _newer(store, run, r, island))
             wait_s = now() - t1
             if latest["version"] <= r:  # the run finished at version r meanwhile
                 _log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
                 return 0
-            decision = rounds.read_json(store, rounds.decision_key(run, r)) or {}
+            key = rounds.decision_key(run, r)
+            decision = _tolerant(island, lambda key=key: rounds.read_json(store, key)) or {}
             accepted = any(e["island"] == island for e in decision.get("accepted", []))
             rejected = [e["reason"] for e in decision.get("rejected", []) if e["island"] == island]
             late = not accepted and not rejected  # not in the decision: it came too late
@@ -200,6 +217,8 @@ def train_island(
             pulled_mark = store.bytes_read
             full, full_pending = full or full_pending, False
             outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
+            if not written and (accepted or rejected):  # the verdict is on the slot's object
+                outcome = f"this push was NOT stored; the object already in our slot was {outcome}"
             mine = [
                 e
                 for e in decision.get("contrib", {}).get("entries", [])
@@ -228,12 +247,37 @@ def train_island(
             writer.close()
 
 
-def _newer(store: ObjectStore, run: str, version: int) -> dict | None:
-    """`latest` once it is past `version` or the run is finished, else None."""
-    latest = rounds.read_latest(store, run)
+def _newer(store: ObjectStore, run: str, version: int, island: str) -> dict | None:
+    """`latest` once it is past `version` or the run is finished, else None (also while
+    `latest` is damaged: the aggregator moves such an object aside and rewrites it)."""
+    latest = _tolerant(island, lambda: rounds.read_latest(store, run))
+    problem = quarantine.latest_problem(latest) if latest is not None else ""
+    if problem:
+        _warn_once(island, f"{rounds.latest_key(run)}: {problem}")
+        latest = None
     if latest and latest["version"] > version:
         return latest
-    return latest if store.exists(rounds.finished_key(run)) else None
+    return latest if _tolerant(island, lambda: store.exists(rounds.finished_key(run))) else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(island: str, problem: str) -> None:
+    if problem not in _warned:
+        _warned.add(problem)
+        _log(island, f"warning: {problem}; treating it as not there yet")
+
+
+def _tolerant(island: str, read):
+    """read(), or None when what it reads is damaged or not the aggregator's (planted by
+    someone else): the island warns once and goes on as if it were not there yet, instead
+    of stopping (the aggregator quarantines such objects, see `quarantine.py`)."""
+    try:
+        return read()
+    except (ProtocolError, CorruptObject) as e:
+        _warn_once(island, str(e))
+        return None
 
 
 def _catch_up(
@@ -246,15 +290,17 @@ def _catch_up(
             while held.version < target:
                 held = rounds.apply_update(store, run, held, spec, lr, mu, like)
             return held, False
-        except ProtocolError as e:
+        except (ProtocolError, CorruptObject) as e:
             _log(island, f"cannot follow by updates ({e}); pulling the full version")
     for attempt in range(3):
         try:
             return rounds.pull_version(store, run, target, like), True
-        except ProtocolError:  # e.g. collected by --keep_versions meanwhile: take the newest
+        except (ProtocolError, CorruptObject):  # collected by --keep_versions meanwhile?
             if attempt == 2:
                 raise
-            target = rounds.read_latest(store, run)["version"]
+            target = (_tolerant(island, lambda: rounds.read_latest(store, run)) or {}).get(
+                "version", target
+            )
     raise AssertionError("unreachable")
 
 
@@ -276,11 +322,22 @@ def _main(argv: list[str]) -> None:
             f"unknown run {run!r} in {store.url}: no {rounds.manifest_key(run)} (start the "
             "aggregator first, or pass --wait_for_run=SECONDS)"
         )
+    claim = claims.Claim(store, run, island)
     try:
-        code = train_island(cfg, mesh, store, run, island, manifest)
+        claim.acquire()
+    except claims.NameTaken as e:
+        usage_error(str(e))
+    claim.start()
+    try:
+        code = train_island(cfg, mesh, store, run, island, manifest, claim)
     except (ProtocolError, StoreError, FloatingPointError) as e:
         print(f"near_jax.diloco.island: error: {e}", file=sys.stderr)
         code = 1
+    finally:
+        try:
+            claim.release()
+        except StoreError:
+            pass  # it lapses after a lease
     sys.exit(code)
 
 

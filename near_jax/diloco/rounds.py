@@ -62,6 +62,19 @@ committed and the round simply continues. The outer momentum and error feedback 
 versions/v/, so they survive restarts. If two aggregators race, put_if_absent makes one
 decision win and the other finishes from it.
 
+Planted objects (slots only the aggregator writes)
+--------------------------------------------------
+Anyone with write access to the store can put an object in `rounds/r/decision` or `latest`.
+The aggregator reads those slots only through `quarantine.read_own`: an object that is torn,
+not JSON, not shaped like what it writes (wrong run/round/base, missing fields), does not
+replay to its recorded hashes (trusted runs) or is not signed by its key (contributor runs)
+is moved to `quarantine/<key>.<ms>` (raw bytes kept as evidence, deleted only if unchanged
+meanwhile) with a warning naming both keys; the round is then decided again and `latest` is
+rebuilt from the newest version that verifies. Islands treat an unreadable decision or
+`latest` as "not there yet": they warn once and keep waiting. Reads of anything another
+party can write are bounded (`object_limit`, `store.MAX_OBJECT_BYTES`); file stores refuse
+links.
+
 Late, invalid and restarted islands
 -----------------------------------
 Each contribution names its round in its key and the hash of its base version in its tag,
@@ -86,7 +99,7 @@ import jax
 import numpy as np
 
 from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
-from near_jax.diloco.store import HEADER, CorruptObject, ObjectStore
+from near_jax.diloco.store import HEADER, MAX_OBJECT_BYTES, CorruptObject, ObjectStore
 
 FORMAT = 1
 LATE_WINDOW = 8  # a decision lists late pushes to the previous LATE_WINDOW rounds
@@ -157,9 +170,10 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def read_json(store: ObjectStore, key: str) -> dict | None:
-    """The JSON object at `key`, None if missing; ProtocolError if it is not a JSON object."""
-    body = store.get(key)
+def read_json(store: ObjectStore, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> dict | None:
+    """The JSON object at `key`, None if missing; ProtocolError if it is not a JSON object
+    (CorruptObject if not intact or over `max_bytes`)."""
+    body = store.get(key, max_bytes=max_bytes)
     if body is None:
         return None
     try:
@@ -193,6 +207,21 @@ def tree_from_bytes(body: bytes, like: Any, where: str) -> Any:
 
 def num_elements(tree: Any) -> int:
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+def object_limit(like: Any) -> int:
+    """The most bytes a tree object of `like`'s shape may take in the store (a version part,
+    an update, a contribution): twice its fp32 size plus 1 MiB for tags and leaf paths.
+    Reads of them are bounded by it (`ObjectStore.get(max_bytes=...)`)."""
+    return 8 * num_elements(like) + (1 << 20)
+
+
+def get_tree_object(store: ObjectStore, key: str, like: Any) -> bytes | None:
+    """The body at `key`, bounded by `object_limit(like)`; ProtocolError if it is damaged."""
+    try:
+        return store.get(key, max_bytes=object_limit(like))
+    except CorruptObject as e:
+        raise ProtocolError(str(e)) from None
 
 
 def zeros_like(tree: Any) -> Any:
@@ -287,7 +316,7 @@ def pull_version(
     trees = {}
     for part in parts:
         key = version_key(run, version, part)
-        body = store.get(key)
+        body = get_tree_object(store, key, like)
         if body is None:
             raise ProtocolError(f"{key} is missing")
         if sha256(body) != hashes[f"{part}_sha256"]:
@@ -316,10 +345,19 @@ def advance_latest(store: ObjectStore, run: str, v: Version, now: float) -> None
     body = dumps({"version": v.version, "published_at": now, **v.hashes()})
     while True:
         current, generation = store.get_with_generation(latest_key(run))
-        if current is not None and json.loads(current)["version"] >= v.version:
+        if current is not None and _version_in(current) >= v.version:
             return
         if store.put_if_generation(latest_key(run), body, generation):
             return
+
+
+def _version_in(latest: bytes) -> int:
+    """The version a stored `latest` names; -1 for one that names none (it is replaced)."""
+    try:
+        version = json.loads(latest).get("version")
+    except (ValueError, AttributeError, RecursionError):
+        return -1
+    return version if isinstance(version, int) and not isinstance(version, bool) else -1
 
 
 # -------------------------------------------------------------------------- contributions
@@ -403,7 +441,7 @@ def check_contribution(store: ObjectStore, run: str, base: Version, key: str, li
     island = key.rsplit("/", 1)[-1]
     verdict = Verdict(key, island)
     try:
-        body = store.get(key)
+        body = store.get(key, max_bytes=object_limit(like))
     except CorruptObject as e:
         verdict.reason = f"corrupt object: {e.reason}"
         return verdict
@@ -512,7 +550,7 @@ def replay_decision(
         raise ProtocolError(f"decision of round {r} does not start from version {r}")
     payloads = []
     for entry in decision["accepted"]:
-        body = store.get(entry["key"])
+        body = get_tree_object(store, entry["key"], like)
         if body is None or sha256(body) != entry["sha256"]:
             raise ProtocolError(f"{entry['key']}, applied in round {r}, is missing or changed")
         payloads.append(unpack_contribution(body, num_elements(like))[1])
@@ -550,7 +588,7 @@ def apply_update(
     if decision["update_sha256"] is None:
         new = dataclasses.replace(held, version=r + 1)
     else:
-        body = store.get(update_key(run, r))
+        body = get_tree_object(store, update_key(run, r), like)
         if body is None or sha256(body) != decision["update_sha256"]:
             raise ProtocolError(f"{update_key(run, r)} is missing or does not match")
         update = tree_from_bytes_any(body, like, update_key(run, r))
@@ -593,7 +631,7 @@ def verify_run(store: ObjectStore, run: str, like: Any) -> list[str]:
             return problems + [f"round {r}: {e}"]
         if stored.hashes() != new.hashes():
             problems.append(f"version {r + 1} differs from replaying decision {r}")
-        if update is not None and store.get(update_key(run, r)) != update:
+        if update is not None and get_tree_object(store, update_key(run, r), like) != update:
             problems.append(f"{update_key(run, r)} differs from its replay")
         held = new
     if latest and latest.get("params_sha256", held.params_sha256) != held.params_sha256:

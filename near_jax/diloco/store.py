@@ -34,6 +34,20 @@ with `ifGenerationMatch=0`. The protocol only relies on it where two *aggregator
 
 Keys are `/`-separated paths of [A-Za-z0-9._=-] components (no empty, `.` or `..`
 components), so an island id cannot escape its prefix on a filesystem.
+
+Bounded reads
+-------------
+Anyone who can write to the store can leave an object of any size, so no read takes a whole
+object on trust: `get` reads the header first (a ranged read), refuses a body longer than
+`max_bytes` (`ObjectTooLarge`, a CorruptObject) and then reads exactly the length the header
+declares. Callers pass a limit that fits what they expect (a tree's size for versions and
+contributions); everything else gets `MAX_OBJECT_BYTES`.
+
+Links (file stores)
+-------------------
+A file store refuses symbolic links and anything that is not a regular file, anywhere on a
+key's path below the store's root (`UnsafePath`, a CorruptObject naming the key): a link
+placed in the store would otherwise make it read, or write, files outside it.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import struct
 import threading
 import urllib.parse
@@ -49,6 +64,7 @@ MAGIC = b"NJOB"  # near_jax object
 VERSION = 1
 HEADER = struct.Struct("<4sHQ32s")  # magic, version, body length, sha256(body)
 _KEY_PART = re.compile(r"[A-Za-z0-9._=-]+")
+MAX_OBJECT_BYTES = 64 << 20  # the default bound of a read (JSON objects, small blobs)
 
 
 class StoreError(Exception):
@@ -61,6 +77,14 @@ class CorruptObject(StoreError):
     def __init__(self, key: str, reason: str):
         super().__init__(f"corrupt object {key!r}: {reason}")
         self.key, self.reason = key, reason
+
+
+class ObjectTooLarge(CorruptObject):
+    """An object's body is longer than the reader's limit (it was not read)."""
+
+
+class UnsafePath(CorruptObject):
+    """A key of a file store is a link, or a path through one, or not a regular file."""
 
 
 def frame(body: bytes) -> bytes:
@@ -135,6 +159,7 @@ class ObjectStore:
         self.bytes_read = 0
         self.bytes_written = 0
         self._lock = threading.Lock()
+        self._root: str | None = None  # file stores: the real path of the root directory
 
     @classmethod
     def open(cls, url: str, *, must_exist: bool = True) -> ObjectStore:
@@ -148,18 +173,17 @@ class ObjectStore:
             kv = ts.KvStore.open(spec).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError/...
             raise StoreError(f"cannot open store {url!r}: {_one_line(e)}") from None
-        return cls(kv, url)
+        store = cls(kv, url)
+        if spec["driver"] == "file":  # links are resolved against the real root
+            store._root = os.path.realpath(spec["path"])
+        return store
 
     # -------------------------------------------------------------------------------- reads
 
-    def get(self, key: str) -> bytes | None:
-        """The body stored at `key`, None if missing; CorruptObject if it is not intact."""
-        result = self._read(key)
-        if result.state != "value":
-            return None
-        data = result.value
-        self._count(read=len(data))
-        return unframe(data, key)
+    def get(self, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes | None:
+        """The body stored at `key`, None if missing; CorruptObject if it is not intact,
+        ObjectTooLarge (before reading it) if its body is longer than `max_bytes`."""
+        return self.get_with_generation(key, max_bytes)[0]
 
     def exists(self, key: str) -> bool:
         """Whether `key` holds an object (reads no body bytes)."""
@@ -197,13 +221,34 @@ class ObjectStore:
             return False
         return self.put_if_generation(key, body, missing.stamp.generation)
 
-    def get_with_generation(self, key: str) -> tuple[bytes | None, bytes]:
-        """(body or None, the storage generation read) for a later `put_if_generation`."""
-        result = self._read(key)
-        if result.state != "value":
-            return None, result.stamp.generation
-        self._count(read=len(result.value))
-        return unframe(result.value, key), result.stamp.generation
+    def get_with_generation(
+        self, key: str, max_bytes: int = MAX_OBJECT_BYTES
+    ) -> tuple[bytes | None, bytes]:
+        """(body or None, the storage generation read) for a later `put_if_generation`;
+        bounded like `get`."""
+        for _ in range(3):
+            data, generation = self._read_framed(key, max_bytes)
+            if data is not False:
+                return (None if data is None else unframe(data, key)), generation
+        raise StoreError(f"{key!r} in {self.url!r} kept changing while it was being read")
+
+    def read_prefix(self, key: str, max_bytes: int) -> tuple[bytes, bool, bytes] | None:
+        """(the first `max_bytes` or fewer stored bytes of `key`, whether that is all of it,
+        generation), None if missing: the raw, unchecked bytes, e.g. to keep as evidence."""
+        head = self._try_read(key, slice(0, max_bytes))
+        if head is None:  # shorter than max_bytes: find its size, one byte probe at a time
+            lo, hi = 0, max_bytes  # the object has >= lo bytes and < hi bytes
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self._try_read(key, slice(mid - 1, mid)) else (lo, mid)
+            head = self._try_read(key, slice(0, lo))
+            if head is None:
+                raise StoreError(f"{key!r} in {self.url!r} changed while it was being read")
+        if head.state != "value":
+            return None
+        complete = self._try_read(key, slice(max_bytes, max_bytes + 1)) is None
+        self._count(read=len(head.value))
+        return head.value, complete, head.stamp.generation
 
     def put_if_generation(self, key: str, body: bytes, generation: bytes) -> bool:
         """Compare-and-swap: stores `body` only if `key` is still at `generation` (as returned
@@ -215,27 +260,90 @@ class ObjectStore:
         self._count(written=len(data))
         return True
 
-    def delete(self, key: str) -> None:
-        """Removes `key` if present."""
-        self._write(key, None)
+    def delete(self, key: str, if_equal: bytes | None = None) -> bool:
+        """Removes `key` if present (only if still at generation `if_equal`, when given);
+        False if the condition failed. A link at `key` itself is removed, not followed."""
+        return bool(self._write(key, None, if_equal=if_equal, leaf_link_ok=True))
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _read(self, key: str, head: bool = False):
+    def _read(self, key: str, head: bool = False, byte_range: slice | None = None):
         check_key(key)
+        self._check_path(key)
+        if head:
+            byte_range = slice(0, 0)
         try:
-            if head:
-                return self._kv.read(key, byte_range=slice(0, 0)).result()
-            return self._kv.read(key).result()
+            return self._kv.read(key, byte_range=byte_range).result()
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"cannot read {key!r} from {self.url!r}: {_one_line(e)}") from None
 
-    def _write(self, key: str, data: bytes | None, if_equal: bytes | None = None) -> bytes:
+    def _try_read(self, key: str, byte_range: slice):
+        """A ranged read; None if the object is shorter than the range."""
+        try:
+            return self._read(key, byte_range=byte_range)
+        except StoreError as e:
+            if "OUT_OF_RANGE" in str(e):
+                return None
+            raise
+
+    def _read_framed(self, key: str, max_bytes: int):
+        """(stored bytes or None if missing, generation), reading no more than the header
+        and the body it declares (at most `max_bytes`); (False, b"") if the object changed
+        between the ranged reads (the caller retries)."""
+        head = self._try_read(key, slice(0, HEADER.size))
+        if head is None:
+            raise CorruptObject(key, f"truncated: shorter than the {HEADER.size}-byte header")
+        if head.state != "value":
+            return None, head.stamp.generation
+        magic, _, length, _ = HEADER.unpack_from(head.value)
+        if magic != MAGIC:
+            raise CorruptObject(key, f"bad magic {magic!r}, expected {MAGIC!r}")
+        if length > max_bytes:
+            raise ObjectTooLarge(
+                key, f"oversized: its header says {length} body bytes, the limit is {max_bytes}"
+            )
+        end = HEADER.size + length
+        body = self._try_read(key, slice(HEADER.size, end))
+        if body is None:
+            raise CorruptObject(key, f"header says {length} body bytes, found fewer")
+        if self._try_read(key, slice(end, end + 1)) is not None:
+            raise CorruptObject(key, f"header says {length} body bytes, found more")
+        if body.state != "value" or body.stamp.generation != head.stamp.generation:
+            return False, b""
+        self._count(read=end)
+        return head.value + body.value, head.stamp.generation
+
+    def _write(
+        self, key: str, data: bytes | None, if_equal: bytes | None = None, leaf_link_ok=False
+    ) -> bytes:
         check_key(key)
+        self._check_path(key, leaf_link_ok)
         try:
             return self._kv.write(key, data, if_equal=if_equal).result().generation
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"cannot write {key!r} to {self.url!r}: {_one_line(e)}") from None
+
+    def _check_path(self, key: str, leaf_link_ok: bool = False) -> None:
+        """UnsafePath unless every existing component of `key` under a file store's root is a
+        directory (a regular file at the end), none of them a link."""
+        if self._root is None:
+            return
+        path, parts = self._root, key.split("/")
+        for i, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise StoreError(f"cannot inspect {key!r} in {self.url!r}: {e.strerror}") from None
+            last, where = i == len(parts) - 1, "/".join(parts[: i + 1])
+            if stat.S_ISLNK(mode) and not (last and leaf_link_ok):
+                raise UnsafePath(key, f"{where} is a symbolic link; the store refuses links")
+            if not last and not stat.S_ISDIR(mode):
+                return  # a file where a directory is expected: the key cannot exist
+            if last and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                raise UnsafePath(key, f"{where} is not a regular file")
 
     def _count(self, read: int = 0, written: int = 0) -> None:
         with self._lock:
