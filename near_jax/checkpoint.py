@@ -249,7 +249,7 @@ class Checkpointer:
                 f"committed steps: {self.steps() or 'none'}"
             )
         # A run saved before integrity manifests existed is read unverified (with a warning).
-        verified = any(integrity.has_manifest(self.directory / str(s)) for s in present)
+        verified = integrity.uses_manifests(self.directory)
         skipped, set_aside = list(self.stale), []
         try:
             for candidate in candidates:
@@ -432,7 +432,7 @@ def restore_params(
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"{what}={spec!r}: step {step} not found; have {steps}")
-        if _has_manifests(directory):
+        if integrity.uses_manifests(directory):
             try:
                 integrity.verify(directory / str(step))
             except integrity.DamagedStep as e:
@@ -463,13 +463,6 @@ def restore_params(
         return step, restored[STATE]["params"]
     finally:
         manager.close()
-
-
-def _has_manifests(directory: epath.Path) -> bool:
-    """Whether any step of `directory` has an integrity manifest (runs before them have none)."""
-    return any(
-        integrity.has_manifest(p) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
-    )
 
 
 def read_config(directory: str | epath.Path, step: int) -> dict:

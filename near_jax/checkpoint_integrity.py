@@ -27,6 +27,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 MANIFEST_NAME = "near_jax_manifest.json"
+# In the checkpoints directory once any step has a manifest: from then on every step needs one
+# (a run saved by an older near_jax has none, and is read unverified).
+MARKER_NAME = "near_jax_manifests"
 DAMAGED_SUFFIX = ".damaged"
 REASON_NAME = "DAMAGED.txt"
 _CHUNK = 8 << 20
@@ -77,9 +80,17 @@ def write(step_dir: epath.Path) -> None:
         "format": _FORMAT,
         "files": {name: {"bytes": n, "sha256": h} for name, (n, h) in digests.items()},
     }
+    (step_dir.parent / MARKER_NAME).write_text("every step here has a sha256 manifest\n")
     tmp = step_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(step_dir / MANIFEST_NAME)
+
+
+def uses_manifests(directory: epath.Path) -> bool:
+    """Whether a checkpoints directory's steps must have manifests (see MARKER_NAME)."""
+    return (directory / MARKER_NAME).exists() or any(
+        has_manifest(p) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
+    )
 
 
 def has_manifest(step_dir: epath.Path) -> bool:

@@ -126,9 +126,33 @@ class _LibraryInfoFilter(std_logging.Filter):
 
 
 def quiet_library_logs() -> None:
-    """Silences INFO chatter of libraries: JAX's backend probe, Orbax's save steps."""
+    """Silences INFO chatter of libraries (JAX's backend probe, Orbax's save steps) and the
+    echoes of a failed checkpoint read or write (`_drop_abandoned_io_reports`)."""
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
+    _drop_abandoned_io_reports()
+
+
+def _drop_abandoned_io_reports() -> None:
+    """Drops the 'Event loop is closed' reports of I/O that a failed checkpoint abandoned.
+
+    When one array of a restore or save fails, Orbax stops waiting and closes its event loop;
+    the tensorstore operations still in flight then each report RuntimeError('Event loop is
+    closed') through sys.unraisablehook as they finish: hundreds of traceback lines around the
+    one line that says what is wrong. Other unraisable exceptions still reach the old hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_near_jax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._near_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -238,7 +237,6 @@ def _load_step(
     workdir: str, step: int, mesh: jax.sharding.Mesh, model_overrides: dict[str, Any]
 ) -> LoadedRun:
     """load_run of one step; CheckpointUnreadable if its config or params cannot be read."""
-    _quiet_abandoned_reads()  # before reading: abandoned reads report as soon as one fails
     path = os.path.abspath(workdir)  # Orbax reads arrays from absolute paths only
     cfg = run_config(path, step)
     for key, value in model_overrides.items():
@@ -259,25 +257,3 @@ def _load_step(
     except Exception as e:  # noqa: BLE001 - CheckpointError or whatever Orbax raises: damaged
         raise _unreadable(step, _one_line(e)) from e
     return LoadedRun(workdir, step, cfg, model_cfg, params, mesh, tokenizer)
-
-
-def _quiet_abandoned_reads() -> None:
-    """Drops the 'Event loop is closed' reports of reads that a failed restore abandoned.
-
-    When one array of a restore fails, Orbax stops waiting and closes its event loop; the
-    tensorstore reads still in flight then each report RuntimeError('Event loop is closed')
-    through sys.unraisablehook as they finish: hundreds of traceback lines after the one
-    line that says what is wrong. Other unraisable exceptions still reach the old hook.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "_near_jax_quiet", False):
-        return
-
-    def hook(unraisable) -> None:
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._near_jax_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook

@@ -497,8 +497,12 @@ def _main(argv: list[str]) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"near_jax.train: {message}", file=sys.stderr)
-    sys.exit(1)
+    print(f"near_jax.train: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exit now: after a failed save, Orbax's abandoned I/O threads may still print their own
+    # tracebacks at interpreter shutdown, burying this line. Every file near_jax wrote is
+    # closed by now, and the kernel drops the workdir lock.
+    os._exit(1)
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     with pytest.raises(checkpoint.NonFiniteStateError, match="step 10: .*NaN or Inf"):
         ckpt.save(10, broken, _Iterator(), _CFG)
     ckpt.close()
-    assert sorted(os.listdir(tmp_path)) == ["5"]
+    assert checkpoint.Checkpointer(tmp_path).step_dirs() == [5]
 
 
 def test_every_saved_step_has_a_manifest_that_verifies(tmp_path):
@@ -156,7 +156,7 @@ def test_an_empty_newer_step_directory_is_set_aside(tmp_path):
     assert restored.step == 5 and "step 30: incomplete" in restored.skipped[0]
     ckpt.save(30, _state(30), _Iterator(), _CFG)  # the step number is free again
     ckpt.close()
-    assert sorted(os.listdir(tmp_path)) == ["30", "5"]
+    assert ckpt.good_steps() == [5, 30]
 
 
 def test_read_only_restore_moves_nothing(tmp_path):
@@ -211,5 +211,14 @@ def test_a_run_without_manifests_restores_unverified(tmp_path):
     """Checkpoints from before manifests existed stay usable."""
     _saved(tmp_path, (5,))
     (tmp_path / "5" / integrity.MANIFEST_NAME).unlink()
+    (tmp_path / integrity.MARKER_NAME).unlink()
     restored = checkpoint.Checkpointer(tmp_path).restore(_abstract(_state()))
     assert restored.step == 5 and not restored.skipped
+
+
+def test_the_last_manifest_lost_is_still_damage(tmp_path):
+    """Once a directory has manifests, a step without one is never read unverified."""
+    _saved(tmp_path, (5,))
+    (tmp_path / "5" / integrity.MANIFEST_NAME).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="step 5: damaged .*never finished"):
+        checkpoint.Checkpointer(tmp_path).restore(_abstract(_state()))

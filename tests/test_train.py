@@ -3,16 +3,21 @@
 import json
 import os
 import re
+import resource
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from helpers import small_config
 
-from near_jax import sharding, train
+from near_jax import checkpoint, sharding, train
+from near_jax import checkpoint_integrity as integrity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,13 +115,15 @@ BAD_INPUTS = {
     "bad value type": (["--config.train.steps=many"], "config.train.steps"),
     "missing config file": (["--config=configs/nope.py"], "--config"),
     "missing workdir": (["--workdir="], "--workdir"),
+    "workdir is a file": (["--workdir={file}"], "is not a directory"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
     extra, needle = BAD_INPUTS[case]
-    extra = [a.format(tok=_bad_tokenizer(tmp_path)) for a in extra]
+    (tmp_path / "file").write_text("in the way")
+    extra = [a.format(tok=_bad_tokenizer(tmp_path), file=tmp_path / "file") for a in extra]
     args = ["near_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", *extra]
     proc = _run_cli(args, tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -161,3 +168,121 @@ def test_readme_quick_start_runs_end_to_end_and_plots(tmp_path):
     plot = _run_cli(["near_jax.plot", f"--workdir={workdir}"], tmp_path)
     assert plot.returncode == 0, plot.stderr
     assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- nothing lost: divergence, a second run, failed writes --------------------------------
+
+SMALL = [
+    "near_jax.train",
+    "--config=configs/tiny.py",
+    "--config.model.d_model=64",
+    "--config.model.n_layers=2",
+    "--config.model.mlp_dim=128",
+    "--config.data.seq_len=64",
+    "--config.train.global_batch_size=8",
+    "--config.train.log_every=20",
+    "--config.train.eval_every=0",
+    "--config.train.eval_batches=1",
+    "--config.train.progress=lines",
+    "--config.checkpoint.every=5",
+    "--config.checkpoint.keep=3",
+]
+
+
+def _small(workdir, *extra, limit_file_bytes=None, wait=True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def limit():  # as a full disk answers a write (Python ignores SIGXFSZ: writes fail EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+
+    cmd = [sys.executable, "-m", *SMALL, f"--workdir={workdir}", *extra]
+    kwargs = dict(cwd=REPO, env=env, text=True, preexec_fn=limit if limit_file_bytes else None)
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.run(cmd, capture_output=True, timeout=300, **kwargs)
+
+
+def _steps_with_manifests(workdir):
+    directory = checkpoint.checkpoint_dir(workdir)
+    return sorted(int(p.name) for p in directory.iterdir() if integrity.has_manifest(p))
+
+
+@pytest.fixture(scope="module")
+def trained_20(tmp_path_factory):
+    """A small run trained to step 20 (checkpoints 10, 15, 20 kept)."""
+    workdir = tmp_path_factory.mktemp("trained_20") / "run"
+    proc = _small(workdir, "--config.train.steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _steps_with_manifests(workdir) == [10, 15, 20]
+    return workdir
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _last_line(proc):
+    return [line for line in proc.stderr.splitlines() if line.strip()][-1]
+
+
+def test_divergence_saves_nothing_and_keeps_every_good_step(trained_20, tmp_path):
+    """lr=1e30 turns the state non-finite at once: before, NaN steps pushed out the good ones."""
+    workdir = _copy(trained_20, tmp_path)
+    proc = _small(
+        workdir, "--config.train.steps=40", "--config.optim.lr=1e30", "--config.train.eval_every=5"
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _last_line(proc)
+    assert line.startswith("near_jax.train: diverged: step 25: the eval loss is "), line
+    assert "the newest good checkpoint is step 20" in line and "Traceback" not in proc.stderr
+    assert _steps_with_manifests(workdir) == [10, 15, 20]
+    for step in (10, 15, 20):
+        integrity.verify(checkpoint.checkpoint_dir(workdir) / str(step))
+        state = ocp.StandardCheckpointer().restore(
+            checkpoint.checkpoint_dir(workdir) / str(step) / checkpoint.STATE
+        )
+        assert integrity.is_finite(state), step
+    losses = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+    assert all(r["loss"] is None or np.isfinite(r["loss"]) for r in losses)  # strict JSON
+
+
+def test_a_second_train_on_the_same_workdir_is_refused(trained_20, tmp_path):
+    workdir = _copy(trained_20, tmp_path)
+    first = _small(workdir, "--config.train.steps=100000", wait=False)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and f'"pid": {first.pid}' not in _read(workdir / ".lock"):
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.1)
+        second = _small(workdir, "--config.train.steps=100000")
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = [x for x in second.stderr.splitlines() if x.strip() and not x.startswith("I")]
+    assert len(lines) == 1 and f"is in use by near_jax.train (pid {first.pid} on" in lines[0]
+    assert _steps_with_manifests(workdir)[-3:] == _steps_with_manifests(workdir)[-3:]
+
+
+def _read(path):
+    try:
+        return open(path).read()
+    except OSError:
+        return ""
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_checkpoints(trained_20, tmp_path):
+    workdir = _copy(trained_20, tmp_path)
+    proc = _small(workdir, "--config.train.steps=40", limit_file_bytes=200_000)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _last_line(proc)
+    assert line.startswith("near_jax.train: checkpoint error: step 25 could not be written")
+    assert line.endswith("the newest good checkpoint is step 20"), line
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 20, proc.stderr
+    assert _steps_with_manifests(workdir) == [10, 15, 20]
+    resumed = _small(workdir, "--config.train.steps=25")  # the half-written step is cleared
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 20" in resumed.stderr and "incomplete save 25" in resumed.stderr
+    assert _steps_with_manifests(workdir) == [15, 20, 25]
