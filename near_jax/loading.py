@@ -120,7 +120,7 @@ def run_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     try:
         saved = checkpoint.read_config(checkpoint.checkpoint_dir(workdir), step)
     except Exception as e:  # noqa: BLE001 - any failure to read it means "damaged"
-        problem = _one_line(e)
+        problem = _one_line(e.__cause__ or e)  # read_config's own line names the step again
         # Orbax's error for JSON that is not an object is cryptic: say what the file holds.
         with contextlib.suppress(Exception):
             problem = _config_problem(json.loads((where / "metadata").read_text())) or problem

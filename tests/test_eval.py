@@ -166,7 +166,8 @@ def test_all_skips_an_unreadable_step_and_evaluates_the_others(two_steps, tmp_pa
     evaluator = eval_lib.Evaluator(workdir, max_tokens=300)
     records = eval_lib.run_once(evaluator, [3, 5], skip_unreadable=True)
     assert [r["step"] for r in records] == [5] and list(evaluator.skipped) == [3]
-    assert evaluator.skipped[3].startswith("checkpoint step 3: unreadable (ValueError:")
+    assert evaluator.skipped[3].startswith("checkpoint step 3: unreadable (")
+    assert "the manifest says" in evaluator.skipped[3]  # found by the integrity check
 
 
 def test_watch_starts_from_the_latest_readable_step(two_steps, tmp_path):
