@@ -231,6 +231,10 @@ def _check_flags(f) -> None:
             usage_error(f"--{name}={f[name].value} is not allowed: must be >= 1")
     if f.num_fewshot < 0:
         usage_error(f"--num_fewshot={f.num_fewshot} is not allowed: must be >= 0")
+    if f.poll_seconds <= 0:
+        usage_error(f"--poll_seconds={f.poll_seconds} is not allowed: must be > 0")
+    if f.idle_timeout < 0:
+        usage_error(f"--idle_timeout={f.idle_timeout} is not allowed: must be >= 0")
 
 
 def _main(argv: list[str]) -> None:

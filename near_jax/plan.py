@@ -43,9 +43,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from near_jax import cli, model, sharding
 from near_jax import config as config_lib
 from near_jax import hardware as hardware_lib
-from near_jax import model, sharding
 from near_jax.config import ConfigError
 
 LADDER_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ladder.py")
@@ -651,21 +651,6 @@ def _main(argv: list[str]) -> None:
         _usage_error(str(e).splitlines()[0])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        # A config file that raised: its exception is the traceback's last line.
-        _usage_error(lines[-1] if "Traceback" in str(e) else lines[0])
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        _usage_error(f"unknown or bad config key in {' '.join(bad) or '--config'} ({e})")
-    return []
-
-
 def main() -> None:
     """Console entry point."""
     import logging
@@ -674,7 +659,7 @@ def main() -> None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     _define_flags()
-    app.run(_main, flags_parser=_parse_flags)
+    app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

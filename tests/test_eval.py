@@ -139,6 +139,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, saved_run):
         ([f"--workdir={saved_run}", "--step=7"], "--step=7: not found"),
         ([f"--workdir={saved_run}", "--step=5", "--all"], "choose one of"),
         ([f"--workdir={saved_run}", f"--tasks={bad_task}"], "bad.jsonl:1:"),
+        ([f"--workdir={saved_run}", "--watch", "--poll_seconds=-1"], "--poll_seconds=-1.0"),
     ]:
         proc = _eval(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])

@@ -109,7 +109,9 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_cli_json_and_one_line_errors():
+def test_cli_json_and_one_line_errors(tmp_path):
+    bad_config = tmp_path / "bad.py"
+    bad_config.write_text("def get_config(:\n")
     out = _cli("--config=configs/ladder.py:m7b", "--config.mesh.fsdp=32",
                "--config.mesh.data=2", "--hardware=h100", "--json")  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -123,6 +125,7 @@ def test_cli_json_and_one_line_errors():
             "config.mesh={data=1, fsdp=3, tensor=1} is not allowed",
         ),
         (["--bogus"], "Unknown command line flag 'bogus'"),
+        ([f"--config={bad_config}"], f"syntax error in {bad_config}, line 1"),
     ):
         out = _cli(*bad)
         assert out.returncode == 2, (bad, out.stderr)
