@@ -1,5 +1,9 @@
 """Small shared builders for tests."""
 
+import hashlib
+import math
+
+import jax
 import ml_collections
 import numpy as np
 
@@ -92,3 +96,34 @@ def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
     flat[flat == 0] = scale
     flat[rng.choice(flat.size, size=min(outliers, flat.size), replace=False)] *= spike
     return x
+
+
+def hashed_delta(shape, seed=0, scale=1e-3, spike=1000):
+    """A pseudo-gradient-like float32 tensor that depends on no random number generator (so
+    that golden hashes of what the codec or outer step make of it pin those, not numpy's
+    RNG): uniform in ±scale from sha256 counter blocks, every 97th value ×spike, and a −0
+    and a +0 where there is room. Exact float64 arithmetic, then one rounding to float32."""
+    n = math.prod(shape)
+    stream = b"".join(
+        hashlib.sha256(f"near_jax {seed} {i}".encode()).digest() for i in range(-(-n // 8))
+    )
+    u = np.frombuffer(stream, "<u4")[:n].astype(np.float64)
+    x = (u / 2.0**31 - 1.0) * scale  # exact in float64: u < 2³², a power-of-two divisor
+    x[::97] *= spike
+    x[5:6], x[6:7] = -0.0, 0.0
+    return x.astype(np.float32).reshape(shape)
+
+
+def hashed_tree(seed, scale=1e-3):
+    """A small pytree of hashed_delta leaves (one a block multiple plus one, one a scalar)."""
+    return {
+        "w": hashed_delta((3, 100), seed, scale),
+        "b": hashed_delta((129,), seed + 1, scale),
+        "s": hashed_delta((), seed + 2, scale),
+    }
+
+
+def leaves_sha256(tree) -> str:
+    """sha256 of a tree's float32 leaves' bytes, in tree order: a golden's fingerprint."""
+    leaves = (np.asarray(x, np.float32).tobytes() for x in jax.tree.leaves(tree))
+    return hashlib.sha256(b"".join(leaves)).hexdigest()

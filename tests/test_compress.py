@@ -1,12 +1,13 @@
 """Pseudo-gradient compression: error bounds per block, top-k + error feedback, wire format."""
 
+import hashlib
 import json
 import math
 
 import jax
 import numpy as np
 import pytest
-from helpers import delta
+from helpers import delta, hashed_tree, leaves_sha256
 
 from near_jax.diloco import compress
 from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
@@ -450,3 +451,54 @@ def test_spec_fields_are_validated():
         CompressionSpec("int8", block_size=True)
     with pytest.raises(ValueError, match="topk"):
         CompressionSpec("int8", topk=math.inf)
+
+
+# -------------------------------------------------------------------------------- goldens
+
+# sha256 of the payload bytes of two rounds (error feedback carried) and of the last residual,
+# for hashed_tree(0) then hashed_tree(10): fixed inputs that use no RNG. Produced with numpy
+# 2.4.6 on x86-64 (AMD EPYC, AVX-512) by this test's own code; a numpy upgrade, another CPU
+# or a codec change that alters one byte fails here. Update them only for an intended change
+# to the wire format or the numerics (then islands on old and new code would disagree).
+GOLDEN_INPUT = "abfd8ca962392112ff6f8fc512cc69ff36f2027721ee169689b4d943b1f2f29b"
+GOLDEN_ENCODE = {
+    "fp32": (
+        "e789006a84f900086265ef083a35981f5f8752268710d06c4981cf59b1736a75",
+        "7f940f388dff02a4f956e483bb83d796c6b7e80d40704e13c67505a1cdf779b0",
+    ),
+    "bf16": (
+        "fa9788563e835c43237d4b0c84a9cbe5d640d621acda64823bd9928767189344",
+        "8fcf0fbb59d9f1feccbdee7dc488ef4536dce40d56b6dfbfda6c23465d6ca828",
+    ),
+    "int8": (
+        "909d4f4cdfa1756ebdefb558bdc8394267110c0978cdd70978045ec0e1dd1e0d",
+        "41aafd31787f08e7e0cf06c2b6edc4f4187453d31514a49006a8d8ad8d2797f4",
+    ),
+    "int4": (
+        "c925c2c5f679d1d3b50861cc408ee233cdce9154dc6fd54ab0398350fdbf8dcc",
+        "d7f1a27d1d9b6f7803c34bd8b75bebf58f25d8509b3cd6e352744d459dcbe772",
+    ),
+    "fp4": (
+        "4ae207e6b9d55d5f85f0565f387a6fa9be554afc950853e9c1781e0bfce51fdd",
+        "b15bbada7c2f347b3d1b30c8a042a14e43448c714c541aa45289db68dd205dbf",
+    ),
+    "int8:block=32+topk=0.1": (
+        "275223a7028312447fa6559bee90dde3383c6fb9cc793c305e942561efc6d253",
+        "be9d4455c4d767ec5bab94b86a807649f6ce76e7e887844044709c59060e18fd",
+    ),
+    "fp4:block=7+topk=0.3": (
+        "3401e12fd1d5cd3dcdf3d5870cb23704dc8823382657546d56e0f3aa6391017e",
+        "5e39039eb8db4dfe0ed4c35bf6c2887e7b005cc310772bf626d3f2a54ca3b0d8",
+    ),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(GOLDEN_ENCODE))
+def test_encode_bytes_are_pinned(spec):
+    assert leaves_sha256(hashed_tree(0)) == GOLDEN_INPUT  # else the input moved, not encode
+    ef, blobs = None, []
+    for seed in (0, 10):
+        payload, ef = encode(hashed_tree(seed), spec, error_feedback=ef)
+        blobs.append(payload.to_bytes())
+    got = (hashlib.sha256(b"".join(blobs)).hexdigest(), leaves_sha256(ef))
+    assert got == GOLDEN_ENCODE[spec]

@@ -1,6 +1,11 @@
 """Simulated compression (jax.numpy) against the numpy codec: bit for bit, under jit and vmap."""
 
 import functools
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +222,37 @@ def test_max_index_gaps_set_the_index_dtype():
     assert (
         fake_quant.payload_bytes(small, "int4+topk=0.2") == encode(small, "int4+topk=0.2")[0].nbytes
     )
+
+
+# ------------------------------------------------------------------------------ CPU ISAs
+
+ISA_CHILD = "NEAR_JAX_TEST_ISA_CHILD"  # set in the reruns below, so they do not rerun again
+NOT_NUMERIC = "not payload_bytes and not max_index_gaps and not must_match"
+
+
+@pytest.mark.skipif(os.environ.get(ISA_CHILD) == "1", reason="already a rerun under an ISA cap")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+def test_bit_exact_under_avx2_and_avx512():
+    """XLA's CPU code depends on the ISA it targets: under AVX-512 LLVM once folded the select
+    that kept v − q·s apart into a masked FMA, and only AVX-512 CI machines saw it. So rerun
+    this file's numeric tests with the code capped at AVX2 and at AVX-512 (where the machine
+    lacks AVX-512, that cap is its own ISA), in parallel subprocesses."""
+    repo = Path(__file__).resolve().parents[1]
+    runs = {}
+    for isa in ("AVX2", "AVX512"):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_max_isa={isa}", ISA_CHILD: "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        runs[isa] = subprocess.Popen(
+            [*cmd, "-k", NOT_NUMERIC],
+            cwd=repo,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    failed = {}
+    for isa, proc in runs.items():
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            failed[isa] = out[-3000:]
+    assert not failed, "\n\n".join(f"--xla_cpu_max_isa={k}:\n{v}" for k, v in failed.items())

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import hashed_tree, leaves_sha256
 
 from near_jax.contrib.robust import RULES, Rule, combine, select
 from near_jax.diloco import rounds
@@ -241,3 +242,20 @@ def test_select():
     odd = [None, -math.inf, math.nan, -3.0, 2.0]
     assert select(Rule("top_g", top_g=2), odd) == [3, 4]
     assert select(Rule("top_g", top_g=3), odd) == [0, 3, 4]
+
+
+# sha256 of each rule's combination of hashed_tree(400) … (404): fixed inputs that use no RNG.
+# Produced with numpy 2.4.6 on x86-64 (AMD EPYC, AVX-512) by this test's own code; a numpy
+# upgrade (its sort, say) or another CPU that changes one byte fails here.
+GOLDEN_COMBINE = {
+    "mean": "c3ba3cd49d48e3792d44caece79e4787fe2c8029cfac74eba2a57ced9b8ab989",
+    "trimmed_mean:0.2": "ee1143287ca8d554dd691b045f0f791e6817937770b3d3c7cb433efda8ffe91b",
+    "median": "a33f5d7ddf67aadcecfefe8139a0b1af7d42f24d0ac3538097134b7e648e7e26",
+    "top_g:2": "c3ba3cd49d48e3792d44caece79e4787fe2c8029cfac74eba2a57ced9b8ab989",  # the mean
+}
+
+
+@pytest.mark.parametrize("rule", sorted(GOLDEN_COMBINE))
+def test_combine_bytes_are_pinned(rule):
+    deltas = [hashed_tree(seed) for seed in range(400, 405)]
+    assert leaves_sha256(combine(Rule.parse(rule), deltas)) == GOLDEN_COMBINE[rule]

@@ -19,13 +19,21 @@ The arithmetic is the codec's, step by step in float32: block absmax, scale = m 
 |x| / m with the fp4 midpoints (ties to the larger level), decoded = code · scale, residual =
 v − decoded; bf16 rounds to nearest even in integer arithmetic on the bits. Tests check
 bit-for-bit equality (sign of zero included) with `compress` for every format, several block
-sizes, and top-k with error feedback, on CPU. Two XLA habits that would break it are avoided:
+sizes, and top-k with error feedback, on CPU, with XLA's CPU code capped at AVX2 and at
+AVX-512 (`--xla_cpu_max_isa`; the code differs). Two XLA habits that would break it are avoided:
 
 - XLA rewrites a / broadcast(b) as a · broadcast(1/b), which is up to an ulp off, so codes on
   rounding boundaries would flip; `_div` hides the broadcast behind a select.
-- XLA (CPU and GPU) contracts v − q·s into a fused multiply-add, which rounds once instead of
-  twice; decoded values go through a select (0 where q = 0, which also keeps +0 as the codec
-  does) that LLVM does not contract across.
+- XLA (CPU and GPU) contracts a multiply feeding an add or subtract into a fused multiply-add,
+  which rounds once instead of twice (XLA's CPU compiler always allows it, "it increases
+  precision"), so the residual v − q·s would not be v − decoded. Decoded values are therefore
+  q·s + (s − s): an add of a +0 that no compiler may fold without fast-math (s − s is NaN for
+  infinite s), which also turns −0 into +0 as the codec has it. Contracting that add is
+  harmless (q·s + 0 rounds once either way), and the subtraction then sees an add, never a
+  multiply. A select, as used before, is not enough: with AVX-512, LLVM's X86 backend folds
+  v − select(c, q·s, 0) into select(c, v − q·s, v) (its select-with-identity-constant fold,
+  for masked ops) and contracts that into a masked vfnmadd231ps, so residuals were off by
+  the rounding error of q·s (3 of 129 in a test leaf) on AVX-512 machines only.
 
 Known differences: XLA flushes float32 subnormals (|x| < 2⁻¹²⁶ ≈ 1.2e-38) to zero on CPU and
 GPU, numpy does not; so values that tiny, and blocks whose scale or decoded values would be
@@ -190,7 +198,9 @@ def _dense(x: jax.Array, spec: CompressionSpec) -> jax.Array:
         levels = _INT_LEVELS[spec.format]
         scale = _div(absmax, jnp.float32(levels))
         q = jnp.clip(jnp.rint(_div(blocks, jnp.where(scale > 0, scale, 1))), -levels, levels)
-        decoded = jnp.where(q != 0, q * scale, 0)  # +0 for q = 0; also blocks FMA contraction
+        # q·s + (+0): +0 for q = ±0 as in the codec, and consumers (the residual v − decoded)
+        # see an add they cannot contract with into an FMA; see Exactness.
+        decoded = q * scale + (scale - scale)
     return _from_blocks(decoded, x.shape)
 
 

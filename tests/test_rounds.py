@@ -1,0 +1,44 @@
+"""The islands' numpy outer step and mean (near_jax.diloco.rounds): bytes pinned by goldens.
+
+Islands and the aggregator must reach the same bits on any machine (versions are checked by
+sha256), so these pin what `outer_update` and `average` make of fixed inputs that use no RNG.
+The goldens were produced with numpy 2.4.6 on x86-64 (AMD EPYC, AVX-512) by these tests' own
+code; a numpy upgrade or another CPU that changes one byte fails here. Their agreement with
+optax is tested in test_islands.py.
+"""
+
+import pytest
+from helpers import hashed_tree, leaves_sha256
+
+from near_jax.diloco import rounds
+
+GOLDEN_PARAMS0 = "05cab80b78d68edf0e3d24a449730a21dec15a96ec286ad3a512c6e9cecb202c"
+# momentum μ → (params, momentum) after three steps of lr 0.7 from hashed_tree(100, 1.0) and
+# zero momentum, with updates hashed_tree(200), (201), (202).
+GOLDEN_OUTER = {
+    0.9: (
+        "e36d3ff793d145f93443dd783eedf5a70e187d9b846b6eb8af12d53370c4e7ce",
+        "ca2a792d40652688d1795111177cb924ccc6a6c0324b99402211fbcb3f698d41",
+    ),
+    0.0: (
+        "efe239b8a61eb012c776e97590b1a3bfea89e7648169e9e0c3584b6b2ca8db1e",
+        "7f940f388dff02a4f956e483bb83d796c6b7e80d40704e13c67505a1cdf779b0",  # zeros: kept as is
+    ),
+}
+# The mean of hashed_tree(300), (301), (302).
+GOLDEN_AVERAGE = "557585ded1c9335a7178694367886c41d466433f99655a8d09224d2ffd8d7412"
+
+
+@pytest.mark.parametrize("mu", sorted(GOLDEN_OUTER))
+def test_outer_update_bytes_are_pinned(mu):
+    params = hashed_tree(100, scale=1.0)
+    assert leaves_sha256(params) == GOLDEN_PARAMS0  # else the input moved, not the step
+    momentum = rounds.zeros_like(params)
+    for seed in (200, 201, 202):
+        params, momentum = rounds.outer_update(params, momentum, hashed_tree(seed), 0.7, mu)
+    assert (leaves_sha256(params), leaves_sha256(momentum)) == GOLDEN_OUTER[mu]
+
+
+def test_average_bytes_are_pinned():
+    mean = rounds.average([hashed_tree(seed) for seed in (300, 301, 302)])
+    assert leaves_sha256(mean) == GOLDEN_AVERAGE
