@@ -50,6 +50,10 @@ class CheckpointError(RuntimeError):
     """No checkpoint could be read where one was expected (the message says why)."""
 
 
+class NoFinishedCheckpoint(CheckpointError):
+    """Every step found was an unfinished save (none damaged): a run may start afresh."""
+
+
 class NonFiniteStateError(RuntimeError):
     """A state with NaN or Inf values was refused by `Checkpointer.save` (nothing written)."""
 
@@ -106,6 +110,9 @@ class Checkpointer:
                 CONFIG: ocp.JsonCheckpointHandler(),
             },
         )
+        if not read_only and jax.process_index() == 0 and not self.step_dirs():
+            # A new run: from its first step on, a step without a manifest is unfinished.
+            integrity.mark_uses_manifests(self.directory)
 
     def _remove_stale_tmp(self) -> list[str]:
         """Deletes temporary directories of saves that never committed; returns warnings."""
@@ -250,7 +257,7 @@ class Checkpointer:
             )
         # A run saved before integrity manifests existed is read unverified (with a warning).
         verified = integrity.uses_manifests(self.directory)
-        skipped, set_aside = list(self.stale), []
+        skipped, set_aside, damaged = list(self.stale), [], False
         try:
             for candidate in candidates:
                 try:
@@ -260,6 +267,7 @@ class Checkpointer:
                     logging.warning("checkpoint %s; trying an older step", problem)
                     if step is not None:
                         raise CheckpointError(f"checkpoint {problem}") from e.__cause__
+                    damaged = damaged or not e.unfinished
                     if not self.read_only:
                         problem += self._set_aside(candidate, problem)
                         set_aside.append(candidate)
@@ -276,7 +284,8 @@ class Checkpointer:
             if set_aside:
                 integrity.barrier("near_jax_checkpoint_set_aside")
                 self.manager.reload()  # forget the steps that moved, so they can be saved again
-        raise CheckpointError(
+        error = CheckpointError if damaged else NoFinishedCheckpoint
+        raise error(
             f"none of the checkpoints in {self.directory} could be read: " + "; ".join(skipped)
         )
 
@@ -286,7 +295,7 @@ class Checkpointer:
         """One step, or integrity.StepProblem saying why it cannot be used."""
         step_dir = self.directory / str(step)
         if not (step_dir / COMMIT_MARKER).exists():
-            raise integrity.StepProblem(f"incomplete (no {COMMIT_MARKER})")
+            raise integrity.StepProblem(f"incomplete (no {COMMIT_MARKER})", unfinished=True)
         if verified:
             integrity.verify_everywhere(step_dir)
         try:

@@ -40,8 +40,20 @@ class DamagedStep(RuntimeError):
     """A step whose files do not match its manifest; the message is one line."""
 
 
+class UnfinishedStep(DamagedStep):
+    """A committed step whose manifest was never written (killed between commit and manifest)."""
+
+
 class StepProblem(Exception):
-    """Why one step cannot be used (incomplete, damaged, unreadable); the message is one line."""
+    """Why one step cannot be used (incomplete, damaged, unreadable); the message is one line.
+
+    `unfinished`: the save never finished (no commit marker or no manifest), as opposed to
+    a finished step that was damaged afterwards.
+    """
+
+    def __init__(self, message: str, unfinished: bool = False):
+        super().__init__(message)
+        self.unfinished = unfinished
 
 
 def _files(step_dir: epath.Path) -> list[str]:
@@ -80,10 +92,16 @@ def write(step_dir: epath.Path) -> None:
         "format": _FORMAT,
         "files": {name: {"bytes": n, "sha256": h} for name, (n, h) in digests.items()},
     }
-    (step_dir.parent / MARKER_NAME).write_text("every step here has a sha256 manifest\n")
+    mark_uses_manifests(step_dir.parent)
     tmp = step_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(step_dir / MANIFEST_NAME)
+
+
+def mark_uses_manifests(directory: epath.Path) -> None:
+    """Declares that every step of a checkpoints directory has (or will have) a manifest."""
+    if not (directory / MARKER_NAME).exists():
+        (directory / MARKER_NAME).write_text("every step here has a sha256 manifest\n")
 
 
 def uses_manifests(directory: epath.Path) -> bool:
@@ -109,7 +127,7 @@ def _read(step_dir: epath.Path) -> dict[str, Any]:
                 raise ValueError("an entry lacks bytes or sha256")
         return files
     except FileNotFoundError as e:
-        raise DamagedStep(f"no {MANIFEST_NAME} (the save never finished)") from e
+        raise UnfinishedStep(f"no {MANIFEST_NAME} (the save never finished)") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedStep(f"{MANIFEST_NAME} is unreadable ({type(e).__name__}: {e})") from e
 
@@ -170,19 +188,24 @@ def checked_config(saved: Any) -> dict:
 
 def verify_everywhere(step_dir: epath.Path) -> None:
     """Checks a step against its manifest on process 0 and shares the verdict (StepProblem)."""
-    problem = ""
+    problem, verdict = "", _OK
     if jax.process_index() == 0:
         try:
             verify(step_dir)
+        except UnfinishedStep as e:
+            problem, verdict = str(e), _UNFINISHED
         except DamagedStep as e:
-            problem = str(e)
+            problem, verdict = str(e), _DAMAGED
         except OSError as e:
-            problem = f"cannot be checked ({f'{type(e).__name__}: {e}'})"
+            problem, verdict = f"cannot be checked ({type(e).__name__}: {e})", _DAMAGED
     if jax.process_count() > 1:  # every process must take the same step
-        ok = multihost_utils.broadcast_one_to_all(np.int32(not problem))
-        problem = problem or ("" if ok else "failed its integrity check on process 0")
-    if problem:
-        raise StepProblem(f"damaged ({problem})")
+        verdict = int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
+        problem = problem or ("" if verdict == _OK else "failed its check on process 0")
+    if verdict != _OK:
+        raise StepProblem(f"damaged ({problem})", unfinished=verdict == _UNFINISHED)
+
+
+_OK, _DAMAGED, _UNFINISHED = 0, 1, 2
 
 
 def barrier(name: str) -> None:

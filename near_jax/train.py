@@ -296,11 +296,14 @@ def start_state(
             raise ConfigError(f"--workdir={workdir} holds params only (an imported model): it "
                               "cannot be resumed; train from it in a new --workdir with "
                               f"--config.checkpoint.init_from={workdir}")  # fmt: skip
-        restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
-        check_resume_config(restored.config, cfg)  # (checkpoint logged what it skipped)
-        return TrainState(
-            **restored.state
-        ), f"resumed from step {restored.step} in {ckpt.directory}"
+        try:
+            restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
+        except checkpoint.NoFinishedCheckpoint:  # killed before its first save finished
+            restored = None
+        if restored is not None:
+            check_resume_config(restored.config, cfg)  # (checkpoint logged what it skipped)
+            how = f"resumed from step {restored.step} in {ckpt.directory}"
+            return TrainState(**restored.state), how
     state = trainer.init(jax.random.key(cfg.seed))
     if cfg.checkpoint.init_from:
         step, params = checkpoint.restore_params(cfg.checkpoint.init_from, abstract.params)

@@ -222,3 +222,17 @@ def test_the_last_manifest_lost_is_still_damage(tmp_path):
     (tmp_path / "5" / integrity.MANIFEST_NAME).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="step 5: damaged .*never finished"):
         checkpoint.Checkpointer(tmp_path).restore(_abstract(_state()))
+
+
+def test_only_unfinished_saves_let_a_run_start_afresh(tmp_path):
+    """A kill before the first manifest: nothing was lost, so train may start from scratch;
+    a finished step damaged later is an error instead."""
+    _saved(tmp_path / "a", (5,))
+    (tmp_path / "a" / "5" / integrity.MANIFEST_NAME).unlink()
+    with pytest.raises(checkpoint.NoFinishedCheckpoint, match="never finished"):
+        checkpoint.Checkpointer(tmp_path / "a").restore(_abstract(_state()))
+    _saved(tmp_path / "b", (5,))
+    os.remove(_largest_file(tmp_path / "b" / "5" / "state"))
+    with pytest.raises(checkpoint.CheckpointError, match="is missing") as e:
+        checkpoint.Checkpointer(tmp_path / "b").restore(_abstract(_state()))
+    assert not isinstance(e.value, checkpoint.NoFinishedCheckpoint)
