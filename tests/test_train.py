@@ -257,13 +257,16 @@ def test_a_second_train_on_the_same_workdir_is_refused(trained_20, tmp_path):
             assert first.poll() is None, first.stderr.read()[-3000:]
             time.sleep(0.1)
         second = _small(workdir, "--config.train.steps=100000")
+        holder = _read(workdir / ".lock")  # read while the first still runs
     finally:
         first.kill()
         first.wait()
     assert second.returncode == 2, second.stderr[-3000:]
     lines = [x for x in second.stderr.splitlines() if x.strip() and not x.startswith("I")]
     assert len(lines) == 1 and f"is in use by near_jax.train (pid {first.pid} on" in lines[0]
-    assert _steps_with_manifests(workdir)[-3:] == _steps_with_manifests(workdir)[-3:]
+    assert json.loads(holder)["pid"] == first.pid  # the refused run changed nothing of it
+    for line in open(workdir / "metrics.jsonl"):  # one writer: no interleaved lines
+        json.loads(line)
 
 
 def _read(path):
