@@ -176,13 +176,21 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def checked_config(saved: Any) -> dict:
-    """A saved config as a dict, or ValueError (one line) if it is not one of a run."""
+def config_problem(saved: Any) -> str | None:
+    """What makes a saved config not one of a run (not an object, a section missing), or None."""
     if not isinstance(saved, dict):
-        raise ValueError(f"the saved config is a {type(saved).__name__}, not a JSON object")
+        return f"the saved config is a JSON {type(saved).__name__}, not an object"
     for section in ("model", "data"):
         if not isinstance(saved.get(section), dict):
-            raise ValueError(f"the saved config has no {section!r} section")
+            return f"the saved config has no {section} section"
+    return None
+
+
+def checked_config(saved: Any) -> dict:
+    """A saved config as a dict, or ValueError (one line, `config_problem`) if it is not one."""
+    problem = config_problem(saved)
+    if problem:
+        raise ValueError(problem)
     return dict(saved)
 
 

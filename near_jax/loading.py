@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from near_jax import checkpoint, model, sharding
+from near_jax import checkpoint, checkpoint_integrity, model, sharding
 from near_jax.config import ConfigError, default_config
 from near_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -98,11 +98,9 @@ _MODEL_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads
 
 def _config_problem(saved: Any) -> str | None:
     """What is wrong with the shape of a saved config, or None if it can be used."""
-    if not isinstance(saved, dict):
-        return f"the saved config is a JSON {type(saved).__name__}, not an object"
-    for section in ("model", "data"):
-        if not isinstance(saved.get(section), dict):
-            return f"the saved config has no {section} section"
+    problem = checkpoint_integrity.config_problem(saved)
+    if problem:
+        return problem
     for key in _MODEL_SHAPE_KEYS:
         value = saved["model"].get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

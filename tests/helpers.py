@@ -9,6 +9,21 @@ import numpy as np
 
 from near_jax import config as config_lib
 
+# A ~0.1M-parameter tiny.py run on the command line, saving every 5 steps (add steps,
+# log_every and checkpoint.keep per test).
+SMALL_TRAIN_FLAGS = [
+    "--config=configs/tiny.py",
+    "--config.model.d_model=64",
+    "--config.model.n_layers=2",
+    "--config.model.mlp_dim=128",
+    "--config.data.seq_len=64",
+    "--config.train.global_batch_size=8",
+    "--config.train.eval_every=0",
+    "--config.train.eval_batches=1",
+    "--config.train.progress=lines",
+    "--config.checkpoint.every=5",
+]
+
 
 def small_config(**model_overrides) -> ml_collections.ConfigDict:
     """A validated config of a tiny float32 model (vocab 384) for fast tests."""

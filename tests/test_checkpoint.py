@@ -13,24 +13,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import small_config
+from helpers import SMALL_TRAIN_FLAGS, small_config
 
 from near_jax import checkpoint, checkpoint_integrity, metrics, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
-    "--config=configs/tiny.py",
-    "--config.model.d_model=64",
-    "--config.model.n_layers=2",
-    "--config.model.mlp_dim=128",
-    "--config.data.seq_len=64",
-    "--config.train.global_batch_size=8",
+    *SMALL_TRAIN_FLAGS,
     "--config.train.steps=40",
     "--config.train.log_every=1",
-    "--config.train.eval_every=0",
-    "--config.train.eval_batches=1",
-    "--config.train.progress=lines",
-    "--config.checkpoint.every=5",
     "--config.checkpoint.keep=0",
 ]
 

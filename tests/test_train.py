@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import small_config
+from helpers import SMALL_TRAIN_FLAGS, small_config
 
 from near_jax import checkpoint, sharding, train
 from near_jax import checkpoint_integrity as integrity
@@ -174,17 +174,8 @@ def test_readme_quick_start_runs_end_to_end_and_plots(tmp_path):
 
 SMALL = [
     "near_jax.train",
-    "--config=configs/tiny.py",
-    "--config.model.d_model=64",
-    "--config.model.n_layers=2",
-    "--config.model.mlp_dim=128",
-    "--config.data.seq_len=64",
-    "--config.train.global_batch_size=8",
+    *SMALL_TRAIN_FLAGS,
     "--config.train.log_every=20",
-    "--config.train.eval_every=0",
-    "--config.train.eval_batches=1",
-    "--config.train.progress=lines",
-    "--config.checkpoint.every=5",
     "--config.checkpoint.keep=3",
 ]
 
