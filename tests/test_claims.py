@@ -47,8 +47,12 @@ def test_a_stale_claim_is_taken_over_and_its_old_holder_learns_it(store):
 
 
 def test_a_dead_process_on_this_host_is_taken_over_at_once(store):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Claim(store, "demo", "eu-1", holder=f"{socket.gethostname()}:{dead}:aa").acquire()
     again = Claim(store, "demo", "eu-1")
     again.acquire()
@@ -63,3 +67,13 @@ def test_an_unreadable_claim_is_replaced(store, tmp_path):
     claim = Claim(store, "demo", "eu-1")
     claim.acquire()
     assert claim.renew()
+
+
+@pytest.mark.parametrize("renewed_at", ["soon", None, [1], "nan", 1e400])
+def test_a_claim_with_a_junk_time_counts_as_stale(store, renewed_at):
+    """A claim is written by another party: a time that is not a number never crashes."""
+    store.put(
+        claim_key("demo", "eu-1"),
+        json.dumps({"holder": "hostA:1:aa", "renewed_at": renewed_at}).encode(),
+    )
+    Claim(store, "demo", "eu-1", clock=Clock(), holder="hostB:2:bb").acquire()

@@ -556,8 +556,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 def test_an_invalid_run_writes_nothing_to_the_store(tmp_path):
     store, clock = ObjectStore.open(str(tmp_path)), FakeClock()
     with pytest.raises(ValueError, match="outer lr is nan"):
-        Aggregator(store, RUN, LIKE, spec=SPEC, lr=float("nan"), momentum=MU, quorum=1,
-                   round_timeout=1.0)  # fmt: skip
+        Aggregator(
+            store, RUN, LIKE, spec=SPEC, lr=float("nan"), momentum=MU, quorum=1, round_timeout=1.0
+        )
     agg = make_aggregator(store, clock)
     with pytest.raises(ValueError, match="cannot be created"):
         agg.create(tree(1), {"inner_steps": 3, "round_timeout": float("inf")})

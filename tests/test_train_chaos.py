@@ -109,9 +109,13 @@ def _damage(rng, workdir):
 def _run_until(workdir, target_losses, deadline_s=240):
     """Starts training and kills it (SIGKILL) once `target_losses` steps are logged."""
     proc = subprocess.Popen(
-        _cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        _cmd(workdir),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     deadline = time.time() + deadline_s
     while proc.poll() is None and time.time() < deadline:
         if len(_losses(workdir)) >= target_losses:

@@ -90,8 +90,14 @@ class Aggregator:
         is stored, so racing or restarted aggregators agree even if their inits differ.
         """
         store, run = self.store, self.run
-        fixed = {**manifest, "format": rounds.FORMAT, "run": run, "compression": self.spec,
-                 "outer_lr": self.lr, "outer_momentum": self.momentum}  # fmt: skip
+        fixed = {
+            **manifest,
+            "format": rounds.FORMAT,
+            "run": run,
+            "compression": self.spec,
+            "outer_lr": self.lr,
+            "outer_momentum": self.momentum,
+        }
         try:  # all of the manifest must be storable before its first object is written
             rounds.dumps(fixed)
         except (TypeError, ValueError) as e:
@@ -134,9 +140,13 @@ class Aggregator:
 
     def _latest(self) -> dict | None:
         return quarantine.read_own(
-            self.store, self.run, rounds.latest_key(self.run), quarantine.latest_problem,
-            self.log, self.clock(),
-        )  # fmt: skip
+            self.store,
+            self.run,
+            rounds.latest_key(self.run),
+            quarantine.latest_problem,
+            self.log,
+            self.clock(),
+        )
 
     def finish(self) -> None:
         """Marks the run finished at the current version (islands then exit)."""
@@ -215,8 +225,10 @@ class Aggregator:
             if self.signs_decisions:  # signed by us: a real inconsistency, not a forgery
                 raise
             aside = quarantine.move_aside(self.store, self.run, key, self.clock())
-            self.log(f"warning: {key} does not replay ({e}); moved it to {aside}, deciding "
-                     f"round {base.version} again")  # fmt: skip
+            self.log(
+                f"warning: {key} does not replay ({e}); moved it to {aside}, deciding "
+                f"round {base.version} again"
+            )
             return None
         return new, update, decision
 

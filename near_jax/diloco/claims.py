@@ -14,6 +14,7 @@ must agree to well within a lease (default 60 s).
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -32,7 +33,17 @@ class NameTaken(RuntimeError):
 
 
 def claim_key(run: str, island: str) -> str:
+    """The store key of `island`'s claim in `run`."""
     return f"{run}/claims/{island}"
+
+
+def _renewed_at(claim: dict) -> float:
+    """When a stored claim was renewed; 0 (long stale) if it says nothing usable."""
+    try:
+        renewed = float(claim.get("renewed_at", 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return renewed if math.isfinite(renewed) else 0.0
 
 
 def new_holder() -> str:
@@ -59,9 +70,15 @@ class Claim:
     """This island's claim on `island` in `run` (see the module docstring)."""
 
     def __init__(
-        self, store: ObjectStore, run: str, island: str, *, lease: float = LEASE_SECONDS,
-        clock: Callable[[], float] = time.time, holder: str | None = None,
-    ):  # fmt: skip
+        self,
+        store: ObjectStore,
+        run: str,
+        island: str,
+        *,
+        lease: float = LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+        holder: str | None = None,
+    ):
         self.store, self.key, self.island = store, claim_key(run, island), island
         self.lease, self.clock = lease, clock
         self.holder = holder or new_holder()
@@ -91,7 +108,7 @@ class Claim:
         """Claims the name; NameTaken if another holder's claim is live."""
         claim, generation = self._read()
         if claim is not None and claim.get("holder") != self.holder:
-            age = self.clock() - float(claim.get("renewed_at", 0) or 0)
+            age = self.clock() - _renewed_at(claim)
             holder = str(claim.get("holder"))[:120]
             if age < self.lease and not _dead_here(holder):
                 raise NameTaken(

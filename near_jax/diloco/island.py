@@ -167,8 +167,10 @@ def train_island(
             if not math.isfinite(inner_loss):
                 raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
             if claim is not None and claim.lost:
-                raise ProtocolError(f"island {claim.lost} took over the name {island!r}; "
-                                    "stopping so that only one island pushes under it")  # fmt: skip
+                raise ProtocolError(
+                    f"island {claim.lost} took over the name {island!r}; "
+                    "stopping so that only one island pushes under it"
+                )
             # 2. push Δ = θ_r − θ_island (unless the round is already closed).
             delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
             pushed_bytes, written, new_ef = 0, False, None

@@ -48,9 +48,13 @@ def move_aside(store: ObjectStore, run: str, key: str, now: float) -> str:
 
 
 def read_own(
-    store: ObjectStore, run: str, key: str, problem: Callable[[dict], str],
-    log: Callable[[str], None], now: float,
-) -> dict | None:  # fmt: skip
+    store: ObjectStore,
+    run: str,
+    key: str,
+    problem: Callable[[dict], str],
+    log: Callable[[str], None],
+    now: float,
+) -> dict | None:
     """The JSON object at `key` if it is one the aggregator wrote (`problem(obj)` == ""),
     else None: missing, or moved aside with a warning."""
     try:
@@ -61,8 +65,10 @@ def read_own(
     if not why:
         return obj
     aside = move_aside(store, run, key, now)
-    log(f"warning: {key} is not an object this aggregator wrote ({why[:200]}); "
-        f"moved it to {aside or '(it vanished)'} and treat the slot as empty")  # fmt: skip
+    log(
+        f"warning: {key} is not an object this aggregator wrote ({why[:200]}); "
+        f"moved it to {aside or '(it vanished)'} and treat the slot as empty"
+    )
     return None
 
 
