@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from near_jax import metrics
-from near_jax.kernels import attention as kernels_attention
+from near_jax.model.kernels import attention as kernels_attention
+from near_jax.train import metrics
 
 # (batch, length, heads, kv_heads, head_dim)
 SWEEP = [

@@ -21,7 +21,9 @@ import jax
 from absl import app, flags
 from train_throughput import random_batch
 
-from near_jax import checkpoint, config, model, sharding, train
+from near_jax import cli, config, model, sharding
+from near_jax.train import checkpoint
+from near_jax.train.loop import trainer_for
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "m100"], "Presets to measure: tiny, m100.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per measurement.")
@@ -62,7 +64,7 @@ def _dir_bytes(path: str) -> int:
 def measure(cfg, steps: int, every: int) -> dict:
     """Runs the two measurements for one config; returns the row of numbers."""
     mesh = sharding.make_mesh(cfg.mesh)
-    trainer = train.make_trainer(cfg, mesh)
+    trainer = trainer_for(cfg, mesh)
     batch = jax.device_put(random_batch(cfg, cfg.model.vocab_size), trainer.batch_sharding)
     state = trainer.init(jax.random.key(0))
     state, stats = trainer.step(state, batch)  # compile
@@ -121,7 +123,7 @@ def measure(cfg, steps: int, every: int) -> dict:
 
 def main(argv):
     del argv
-    train.quiet_library_logs()
+    cli.quiet_library_logs()
     rows = [measure(preset(name), _STEPS.value, _EVERY.value) for name in _PRESETS.value]
     keys = list(rows[0])
     width = max(len(k) for k in keys)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from near_jax.contrib import identity, robust, screening
+from near_jax.contrib import identity, screening
 from near_jax.contrib.contributor import Signer
 from near_jax.contrib.validator import ContribAggregator, Policy
-from near_jax.diloco import rounds
+from near_jax.diloco import robust, rounds
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.store import ObjectStore
 

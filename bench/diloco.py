@@ -5,7 +5,7 @@
 
 Every row trains the same small model on the same token stream for the same number of
 inner steps (so the same total tokens): the data-parallel baseline with global batch B, and
-in-mesh DiLoCo (`near_jax.diloco.inmesh`) with M replicas of batch B/M each (one simulated
+in-mesh DiLoCo (`near_jax.train.inmesh`) with M replicas of batch B/M each (one simulated
 CPU device per replica), syncing every H steps with the pseudo-gradient compressed as
 islands would send it. `--drop` adds rows where each contribution is lost with that
 probability (`diloco.drop_prob`).
@@ -38,9 +38,11 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from near_jax import config as config_lib  # noqa: E402
-from near_jax import data, model, sharding, train  # noqa: E402
-from near_jax.diloco import compress  # noqa: E402
+from near_jax import config as config_lib
+from near_jax import data, model, sharding
+from near_jax.diloco.codec import compress
+from near_jax.train.loop import trainer_for
+from near_jax.train.step import evaluate
 
 FORMAT_NAMES = {"4bit": "int4"}  # the "4-bit" is int4 here (fp4 also accepted)
 
@@ -70,12 +72,12 @@ def run_row(cfg, replicas: int, batches) -> tuple[float, float]:
     config_lib.validate(cfg)
     n_dev = max(replicas, 1)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n_dev], replicas=n_dev)
-    trainer = train.make_trainer(cfg, mesh)
+    trainer = trainer_for(cfg, mesh)
     state = trainer.init(jax.random.key(cfg.seed))
     start = time.perf_counter()
     for batch in batches:
         state, _ = trainer.step(state, data.to_global_batch(batch, trainer.batch_sharding))
-    loss = train.evaluate(trainer, state.params, cfg.seed)["loss"]
+    loss = evaluate(trainer, state.params, cfg.seed)["loss"]
     return loss, time.perf_counter() - start
 
 

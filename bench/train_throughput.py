@@ -19,10 +19,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from near_jax import cli, model, sharding
 from near_jax import config as config_lib
-from near_jax import metrics, model, sharding, train
 from near_jax.config import ConfigError
-from near_jax.tokenizer import load_tokenizer
+from near_jax.data.tokenizer import load_tokenizer
+from near_jax.train import metrics
+from near_jax.train.loop import trainer_for
+from near_jax.train.step import check_batch, resolve_config
 
 
 def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,10 +45,10 @@ def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
 def measure(cfg, steps: int, warmup: int) -> dict:
     """Compiles the train step for `cfg` and times `steps` steps after `warmup` ones."""
     config_lib.validate(cfg)
-    cfg = train.resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
-    train.check_batch(cfg, mesh)
-    trainer = train.make_trainer(cfg, mesh)
+    check_batch(cfg, mesh)
+    trainer = trainer_for(cfg, mesh)
     state = trainer.init(jax.random.key(0))
     batch = jax.device_put(random_batch(cfg, cfg.model.vocab_size), trainer.batch_sharding)
 
@@ -106,14 +109,14 @@ def _fmt(value) -> str:
 
 
 def main(argv: list[str]) -> None:
-    train.quiet_library_logs()
+    cli.quiet_library_logs()
     if len(argv) > 1:
-        train.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    cfg = train.load_config_flag(flags.FLAGS.config)
+        cli.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = cli.load_config_flag(flags.FLAGS.config)
     try:
         result = measure(cfg, flags.FLAGS.steps, flags.FLAGS.warmup)
     except ConfigError as e:
-        train.usage_error(str(e))
+        cli.usage_error(str(e))
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in result.items()))
     print(json.dumps({"bench": "train_throughput", **result}))
@@ -124,4 +127,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

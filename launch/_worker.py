@@ -6,14 +6,14 @@ the NEAR_JAX_* variables set; `near_jax.distributed.initialize()` reads them. On
 thin alias kept so launch commands stay the same.
 """
 
-from near_jax import distributed
+from near_jax.train import distributed
 
 
 def main() -> None:
     distributed.initialize()
-    from near_jax import train
+    from near_jax.train.__main__ import main as train_main
 
-    train.main()
+    train_main()
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for code in filter(None, (h.strip() for h in c.allowed_code.split(","))):
         if not re.fullmatch(r"[0-9a-f]{64}", code):
             _fail("contrib.allowed_code", c.allowed_code, "comma-separated sha256 hex hashes")
-    from near_jax.diloco.compress import CompressionSpec  # numpy only; no cycle
+    from near_jax.diloco.codec.compress import CompressionSpec
 
     try:
         CompressionSpec.parse(dl.compression)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from near_jax.metrics import PEAK_FLOPS_BF16
+from near_jax.train.metrics import PEAK_FLOPS_BF16
 
 GB = 1e9
 GIB = 2**30

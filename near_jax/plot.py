@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from near_jax import metrics as metrics_lib
+from near_jax.train import metrics as metrics_lib
 
 
 class PlotError(Exception):

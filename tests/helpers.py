@@ -51,9 +51,11 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
     """Writes checkpoints of a freshly initialized run (params optionally replaced) to workdir."""
     import jax
 
-    from near_jax import checkpoint, sharding, train
+    from near_jax import sharding
+    from near_jax.train import checkpoint
+    from near_jax.train.loop import save_config, trainer_for
 
-    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh))
     state = trainer.init(jax.random.key(cfg.seed))
     if params is not None:
         state = state._replace(params=params)
@@ -61,7 +63,7 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
     for step in steps:
         ckpt.save(step, state._replace(step=state.step + step)._asdict(), _DataPosition(), cfg)
     ckpt.close()
-    train.save_config(cfg, str(workdir))
+    save_config(cfg, str(workdir))
     return state
 
 

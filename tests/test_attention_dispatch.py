@@ -19,12 +19,13 @@ from helpers import small_config
 from jax.sharding import NamedSharding, PartitionSpec
 from test_flash_attention import reference
 
-from near_jax import model, sharding, train
-from near_jax.kernels import splash
-from near_jax.kernels.attention import attention, xla_attention
+from near_jax import model, sharding
+from near_jax.model.kernels import splash
+from near_jax.model.kernels.attention import attention, xla_attention
+from near_jax.train.loop import trainer_for
 
 # The package re-exports the function `attention`, which shadows the module's name.
-dispatch = importlib.import_module("near_jax.kernels.attention")
+dispatch = importlib.import_module("near_jax.model.kernels.attention")
 
 
 def _qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32, batch=2, seed=0):
@@ -142,7 +143,7 @@ def _train_losses(attention_impl, steps=3):
     cfg = small_config()
     cfg.model.attention = attention_impl
     cfg.mesh.data = 1
-    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     state = trainer.init(jax.random.key(0))
     losses = []
     for step in range(steps):

@@ -15,7 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import SMALL_TRAIN_FLAGS, small_config
 
-from near_jax import checkpoint, checkpoint_integrity, metrics, sharding, train
+from near_jax import sharding
+from near_jax.train import checkpoint, checkpoint_integrity, metrics
+from near_jax.train.loop import trainer_for
+from near_jax.train.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
@@ -155,7 +158,7 @@ def _trainer(**mesh):
     cfg = small_config()
     for key, value in mesh.items():
         cfg.mesh[key] = value
-    return train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
+    return trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
 
 
 def _save_steps(directory, trainer, steps=(10, 20)):
@@ -180,11 +183,11 @@ def test_restore_onto_another_mesh(tmp_path, target):
     cfg = small_config()
     for key, value in target.items():
         cfg.mesh[key] = value
-    dest = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
+    dest = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
     it = _Iterator()
     restored = checkpoint.Checkpointer(tmp_path).restore(dest.abstract_state._asdict(), it)
     assert restored.step == 10 and it.position == {"num_shards": 1, "shards": {"0": 10}}
-    state = train.TrainState(**restored.state)
+    state = TrainState(**restored.state)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state, saved)
     got = jax.tree.map(lambda x: x.sharding, state)
     for x, want in zip(jax.tree.leaves(state), jax.tree.leaves(dest.state_shardings), strict=True):

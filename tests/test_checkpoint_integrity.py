@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from near_jax import checkpoint
-from near_jax import checkpoint_integrity as integrity
+from near_jax.train import checkpoint
+from near_jax.train import checkpoint_integrity as integrity
 
 
 class _Iterator:

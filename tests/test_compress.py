@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import delta, hashed_tree, leaves_sha256
 
-from near_jax.diloco import compress
-from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
+from near_jax.diloco.codec import compress
+from near_jax.diloco.codec.compress import CompressionSpec, Payload, PayloadError, decode, encode
 
 SHAPES = [(), (1,), (7,), (128,), (129,), (3, 100), (2, 3, 67), (64, 64)]
 BLOCK_FORMATS = ["int8", "int4", "fp4"]

@@ -17,9 +17,9 @@ import pytest
 
 from near_jax.contrib import identity, ledger, validator
 from near_jax.contrib.contributor import Signer, slot_problem
-from near_jax.contrib.robust import Rule
 from near_jax.contrib.validator import ContribAggregator, Policy, check_decision
 from near_jax.diloco import rounds
+from near_jax.diloco.robust import Rule
 from near_jax.diloco.store import ObjectStore
 
 RUN, SPEC, LR, MU, H = "adv", "int8", 0.7, 0.9, 5
@@ -569,14 +569,15 @@ def test_a_diverged_model_closes_the_round_without_applying_anything(tmp_path):
 def test_scoring_draws_fresh_batches_per_seed_from_a_private_source(tmp_path):
     from helpers import small_config
 
-    from near_jax import sharding, train
+    from near_jax import sharding
+    from near_jax.train.loop import trainer_for
 
     private = tmp_path / "private"
     private.mkdir()
     for i in range(40):  # text the contributors never see
         (private / f"{i}.txt").write_text(f"held-out document {i}: " + "xyzzy plugh " * (5 + i))
     cfg = small_config()
-    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     params = jax.device_get(trainer.init(jax.random.key(0)).params)
     public = validator.scoring_loss(trainer, 1)
     hidden = validator.scoring_loss(trainer, 1, source=str(private))

@@ -10,7 +10,7 @@ import numpy as np
 from near_jax.contrib import identity, ledger
 from near_jax.contrib.contributor import Signer
 from near_jax.diloco import rounds
-from near_jax.diloco.compress import Payload, decode
+from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.store import ObjectStore
 from tests.test_islands import MODEL, RUN, Procs, _latest, _records
 

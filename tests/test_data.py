@@ -12,7 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from near_jax import config, data
 from near_jax.config import ConfigError
-from near_jax.tokenizer import load_tokenizer
+from near_jax.data import pipeline
+from near_jax.data.tokenizer import load_tokenizer
 
 SEQ = 64
 BYTE = load_tokenizer("byte")
@@ -113,7 +114,7 @@ def test_finite_stream_pads_with_zero_weight():
     ds = grain.MapDataset.source(docs).to_iter_dataset()
     rows = list(data.PackIterDataset(ds, row_len=17, pad_id=99))
     assert len(rows) == 3
-    batch = data._features({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = pipeline._features({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     # row 3: the last token of document 2, document 3 (7 tokens), 9 padding tokens
     assert rows[-1]["segment_ids"].tolist() == [1] + [2] * 7 + [0] * 9
     assert rows[-1]["positions"].tolist()[:8] == [0, *range(7)]

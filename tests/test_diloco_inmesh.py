@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from helpers import small_config
 
-from near_jax import model, optim, sharding, train
-from near_jax.diloco import compress, inmesh
+from near_jax import model, sharding
+from near_jax.diloco.codec import compress
+from near_jax.train import inmesh, optim
+from near_jax.train.loop import trainer_for
+from near_jax.train.step import TrainState, make_update
 
 
 def _batches(n, cfg, seed=0):
@@ -29,7 +32,7 @@ def _batches(n, cfg, seed=0):
 def _run(cfg, batches, replicas):
     # One device per replica: the smallest mesh that has the replica axis (compiles fastest).
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:replicas], replicas=replicas)
-    trainer = train.make_trainer(cfg, mesh)
+    trainer = trainer_for(cfg, mesh)
     state = trainer.init(jax.random.key(cfg.seed))
     losses = []
     for b in batches:
@@ -71,7 +74,7 @@ def test_two_replicas_one_round_matches_an_independent_recomputation(spec):
     mcfg = model.ModelConfig.from_config(cfg.model)
     init = model.init(mcfg, jax.random.split(jax.random.key(cfg.seed))[0])
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    update = jax.jit(train.make_update(mcfg, optimizer, schedule, 1))
+    update = jax.jit(make_update(mcfg, optimizer, schedule, 1))
     half = cfg.train.global_batch_size // 2
     finals = []
     for r in range(2):
@@ -119,7 +122,7 @@ def test_replicas_do_not_communicate_between_outer_steps():
     # Different data, no sync yet: the replicas differ, and the global params have not moved.
     assert not np.allclose(reps["embed"][0], reps["embed"][1])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
-    init = train.make_trainer(cfg, mesh).init(jax.random.key(cfg.seed))
+    init = trainer_for(cfg, mesh).init(jax.random.key(cfg.seed))
     jax.tree.map(np.testing.assert_array_equal, state.params, init.params)
 
 
@@ -153,7 +156,7 @@ def test_dropped_contributions_leave_the_global_params_unchanged():
     cfg = _cfg(replicas=2, inner_steps=1, drop_prob=0.99)  # seeded: both dropped here
     state, _ = _run(cfg, _batches(2, cfg, seed=4), replicas=2)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
-    init = train.make_trainer(cfg, mesh).init(jax.random.key(cfg.seed))
+    init = trainer_for(cfg, mesh).init(jax.random.key(cfg.seed))
     jax.tree.map(np.testing.assert_array_equal, state.params, init.params)
     # The replicas' work was lost: they restarted from the (unchanged) global params.
     jax.tree.map(
@@ -165,11 +168,11 @@ def test_dropped_contributions_leave_the_global_params_unchanged():
 def test_checkpoint_resume_is_exact(tmp_path):
     from helpers import _DataPosition
 
-    from near_jax import checkpoint
+    from near_jax.train import checkpoint
 
     cfg = _cfg(replicas=2, inner_steps=2, compression="int4")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
-    trainer = train.make_trainer(cfg, mesh)
+    trainer = trainer_for(cfg, mesh)
     batches = [
         {k: jax.device_put(v, trainer.batch_sharding) for k, v in b.items()}
         for b in _batches(4, cfg, seed=5)
@@ -184,7 +187,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
             ckpt.save(1, state._asdict(), _DataPosition(), cfg, wait=True)
             ckpt.close()
     restored = checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict())
-    resumed = train.TrainState(**restored.state)
+    resumed = TrainState(**restored.state)
     losses = straight[:1]
     for b in batches[1:]:
         resumed, stats = trainer.step(resumed, b)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from helpers import damage_step, save_run, small_config
 
-from near_jax import eval as eval_lib
-from near_jax import heldout, model, sharding
-from near_jax.tokenizer import ByteTokenizer
+from near_jax import model, sharding
+from near_jax.data.tokenizer import ByteTokenizer
+from near_jax.eval import heldout
+from near_jax.eval.checkpoints import Evaluator, run_once, watch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = {
@@ -164,8 +165,8 @@ def _damaged(source, tmp_path, step, kind):
 
 def test_all_skips_an_unreadable_step_and_evaluates_the_others(two_steps, tmp_path):
     workdir = _damaged(two_steps, tmp_path, 3, "arrays_truncated")
-    evaluator = eval_lib.Evaluator(workdir, max_tokens=300)
-    records = eval_lib.run_once(evaluator, [3, 5], skip_unreadable=True)
+    evaluator = Evaluator(workdir, max_tokens=300)
+    records = run_once(evaluator, [3, 5], skip_unreadable=True)
     assert [r["step"] for r in records] == [5] and list(evaluator.skipped) == [3]
     assert evaluator.skipped[3].startswith("checkpoint step 3: unreadable (")
     assert "the manifest says" in evaluator.skipped[3]  # found by the integrity check
@@ -173,9 +174,9 @@ def test_all_skips_an_unreadable_step_and_evaluates_the_others(two_steps, tmp_pa
 
 def test_watch_starts_from_the_latest_readable_step(two_steps, tmp_path):
     workdir = _damaged(two_steps, tmp_path, 5, "config_garbage")
-    evaluator = eval_lib.Evaluator(workdir, max_tokens=300)
+    evaluator = Evaluator(workdir, max_tokens=300)
     lines = []
-    records = eval_lib.watch(
+    records = watch(
         evaluator, poll_seconds=0, idle_timeout=0, log=lambda m, file=None: lines.append(m)
     )
     assert [r["step"] for r in records] == [3] and list(evaluator.skipped) == [5]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers import delta
 
-from near_jax.diloco import compress, fake_quant
-from near_jax.diloco.compress import CompressionSpec, decode, encode
+from near_jax.diloco.codec import compress, fake_quant
+from near_jax.diloco.codec.compress import CompressionSpec, decode, encode
 
 # Rounding ties when the leaf is one block, signed zeros, and a zero block (when B ≤ 8).
 TIES = {

@@ -18,9 +18,9 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from near_jax.kernels import flash_attention as flash
-from near_jax.kernels import flash_blocks as fb
-from near_jax.kernels.flash_blocks import Tiling
+from near_jax.model.kernels import flash_attention as flash
+from near_jax.model.kernels import flash_blocks as fb
+from near_jax.model.kernels.flash_blocks import Tiling
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from helpers import damage_step, small_config
 
-from near_jax import generate, model, sharding
-from near_jax.sampling import Sampling
+from near_jax import model, sharding
+from near_jax.infer.generator import Generator
+from near_jax.infer.sampling import Sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_LIMIT = 300  # a tokenizer smaller than the (padded) embedding
@@ -72,7 +73,7 @@ def test_greedy_with_cache_equals_full_forward(overrides, mesh_axes):
         mcfg[key] = value
     mesh = sharding.make_mesh(mcfg)
     prompts = _prompts([3, 11, 1])  # ragged: rows prefill and decode at their own positions
-    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    gen = Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
     steps = 10
     result = gen.generate(prompts, max_new_tokens=steps)
     for prompt, got in zip(prompts, result.tokens, strict=True):
@@ -86,7 +87,7 @@ def test_rows_stop_at_eos_and_batches_are_independent():
     prompts = _prompts([5, 8], seed=2)
     free = _reference_greedy(params, cfg, prompts[0], 10)
     eos = free[3]  # row 0 stops where it first emits this token
-    gen = generate.Generator(params, cfg, mesh, eos_id=eos, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    gen = Generator(params, cfg, mesh, eos_id=eos, pad_id=0, vocab_limit=VOCAB_LIMIT)
     result = gen.generate(prompts, max_new_tokens=10)
     first = free.index(eos)
     assert result.tokens[0] == free[:first] and result.finished[0]
@@ -98,7 +99,7 @@ def test_rows_stop_at_eos_and_batches_are_independent():
 def test_sampling_is_reproducible_and_stays_in_vocab():
     cfg, params = _setup()
     mesh = sharding.make_mesh(small_config().mesh)
-    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
+    gen = Generator(params, cfg, mesh, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT)
     sampling = Sampling(temperature=1.5, top_p=0.98)
     a = gen.generate(_prompts([4, 4]), max_new_tokens=16, sampling=sampling, seed=7)
     b = gen.generate(_prompts([4, 4]), max_new_tokens=16, sampling=sampling, seed=7)
@@ -110,7 +111,7 @@ def test_sampling_is_reproducible_and_stays_in_vocab():
 def test_bad_requests_are_refused():
     cfg, params = _setup()
     mesh = sharding.make_mesh(small_config().mesh)
-    gen = generate.Generator(params, cfg, mesh, eos_id=1, pad_id=0)
+    gen = Generator(params, cfg, mesh, eos_id=1, pad_id=0)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         gen.generate([[1, 2]], max_new_tokens=0)
     with pytest.raises(ValueError, match="empty prompt"):
@@ -120,7 +121,7 @@ def test_bad_requests_are_refused():
 def test_max_new_tokens_is_bounded_by_context_and_cache_memory():
     cfg, params = _setup()
     mesh = sharding.make_mesh(small_config().mesh)
-    gen = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0, max_len=32)
+    gen = Generator(params, cfg, mesh, eos_id=-1, pad_id=0, max_len=32)
     with pytest.raises(ValueError, match=r"^max_new_tokens=28 is not allowed: at most 27 "):
         gen.generate([[1] * 5, [2]], max_new_tokens=28)
     with pytest.raises(ValueError, match="a prompt of 32 tokens is not allowed"):
@@ -130,14 +131,12 @@ def test_max_new_tokens_is_bounded_by_context_and_cache_memory():
     # 8 rows (one per device) x 128 positions x 2 layers x 2 kv heads x 16 x 4 bytes x (k, v)
     per_bucket = 128 * 2 * 2 * 16 * 4 * 2
     assert gen.cache_bytes_per_device(8, 128) == per_bucket
-    small = generate.Generator(
-        params, cfg, mesh, eos_id=-1, pad_id=0, cache_budget_bytes=2 * per_bucket
-    )
+    small = Generator(params, cfg, mesh, eos_id=-1, pad_id=0, cache_budget_bytes=2 * per_bucket)
     assert small.check_request([[1] * 5], 192)[2] == 256
     with pytest.raises(ValueError, match=r"max_new_tokens=193 is not allowed: .* at most 192 "):
         small.generate([[1] * 5], max_new_tokens=193)
     # The default budget is the devices' free memory: a huge request fails before allocating.
-    unbounded = generate.Generator(params, cfg, mesh, eos_id=-1, pad_id=0)
+    unbounded = Generator(params, cfg, mesh, eos_id=-1, pad_id=0)
     with pytest.raises(ValueError, match=r"max_new_tokens=100000000000 .*KV cache needs"):
         unbounded.generate([[1]], max_new_tokens=10**11)
 

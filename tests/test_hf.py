@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 from helpers import damage_step, small_config
 
-from near_jax import checkpoint, hf, loading, model
-from near_jax.tokenizer import load_tokenizer
+from near_jax import hf, model
+from near_jax.data.tokenizer import load_tokenizer
+from near_jax.hf import exchange
+from near_jax.hf.convert import HFError, llama_config, params_from_hf, params_to_hf
+from near_jax.hf.exchange import INDEX_FILE, SafetensorsDir, export_run, import_hf
+from near_jax.infer import loading
+from near_jax.train import checkpoint
 
 pytest.importorskip("safetensors.numpy")  # the rest of near_jax does not need it
 
@@ -113,7 +118,7 @@ def tokenizer_json(tmp_path_factory):
 
 
 def _read_dir_tensors(directory) -> dict[str, np.ndarray]:
-    tensors = hf.SafetensorsDir(str(directory))
+    tensors = SafetensorsDir(str(directory))
     return {name: tensors[name] for name in tensors}
 
 
@@ -122,7 +127,7 @@ def test_import_matches_transformers_logits(tied):
     torch, transformers = _torch()
     hf_model = _hf_model(transformers, tied)
     state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    overrides, params = hf.params_from_hf(state, hf_model.config)
+    overrides, params = params_from_hf(state, hf_model.config)
     assert overrides["tie_embeddings"] is tied and overrides["rope_theta"] == THETA
     cfg = model.ModelConfig(**overrides, dtype="float32")
     ids = _ids(300)
@@ -143,7 +148,7 @@ def test_export_files_load_in_transformers_with_same_logits(tied, tmp_path, toke
         cfg.data.tokenizer = tokenizer_json
     params = _near_params(cfg)
     _save_run(tmp_path / "run", cfg, params)
-    written = hf.export_run(str(tmp_path / "run"), str(tmp_path / "hf"))
+    written = export_run(str(tmp_path / "run"), str(tmp_path / "hf"))
     assert written.params == sum(x.size for x in jax.tree.leaves(params))
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -174,9 +179,9 @@ def test_round_trip_import_export_is_exact_and_sharded(tmp_path, tokenizer_json)
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
     hf_model.save_pretrained(str(hf_dir), max_shard_size="200KB")
     (hf_dir / "tokenizer.json").write_text(open(tokenizer_json).read())
-    assert (hf_dir / hf.INDEX_FILE).exists()  # a sharded checkpoint is read
+    assert (hf_dir / INDEX_FILE).exists()  # a sharded checkpoint is read
 
-    written = hf.import_hf(str(hf_dir), str(run))
+    written = import_hf(str(hf_dir), str(run))
     assert written.params == sum(p.numel() for p in hf_model.parameters())
     loaded = loading.load_run(str(run))
     assert loaded.step == 0 and loaded.tokenizer.name == "hf:tokenizer.json"
@@ -187,13 +192,13 @@ def test_round_trip_import_export_is_exact_and_sharded(tmp_path, tokenizer_json)
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, params, loaded.params)
 
-    hf.export_run(str(run), str(out), max_shard_size="150KB")
-    assert (out / hf.INDEX_FILE).exists() and (out / "tokenizer.json").exists()
+    export_run(str(run), str(out), max_shard_size="150KB")
+    assert (out / INDEX_FILE).exists() and (out / "tokenizer.json").exists()
     want, got = _read_dir_tensors(hf_dir), _read_dir_tensors(out)
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    index = json.loads((out / hf.INDEX_FILE).read_text())
+    index = json.loads((out / INDEX_FILE).read_text())
     assert index["metadata"]["total_size"] == sum(x.nbytes for x in got.values())
 
 
@@ -207,12 +212,12 @@ def test_unscanned_params_export_like_scanned():
     assert jax.tree.structure(unrolled) == jax.tree.structure(
         jax.eval_shape(lambda: model.init(unrolled_cfg, jax.random.key(0)))
     )
-    want = hf.params_to_hf(params, cfg.model)
-    got = hf.params_to_hf(unrolled, unrolled_cfg)
+    want = params_to_hf(params, cfg.model)
+    got = params_to_hf(unrolled, unrolled_cfg)
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
-    bf16 = hf.params_to_hf(params, cfg.model, dtype="bfloat16")
+    bf16 = params_to_hf(params, cfg.model, dtype="bfloat16")
     assert bf16["model.embed_tokens.weight"].dtype.name == "bfloat16"
 
 
@@ -220,7 +225,7 @@ def test_unscanned_params_export_like_scanned():
 def good_hf():
     """A valid (hf config, state dict) pair from a near_jax model, no torch needed."""
     cfg = small_config(rope_theta=THETA)
-    return hf.llama_config(cfg.model), hf.params_to_hf(_near_params(cfg), cfg.model)
+    return llama_config(cfg.model), params_to_hf(_near_params(cfg), cfg.model)
 
 
 @pytest.mark.parametrize(
@@ -240,24 +245,22 @@ def good_hf():
 def test_unrepresentable_configs_are_refused_in_one_line(good_hf, change, match):
     config, state = good_hf
     config = {**config, **change}
-    with pytest.raises(hf.HFError, match=match) as e:
-        hf.params_from_hf(state, config)
+    with pytest.raises(HFError, match=match) as e:
+        params_from_hf(state, config)
     assert "\n" not in str(e.value)
 
 
 def test_bad_tensors_are_refused(good_hf):
     config, state = good_hf
-    with pytest.raises(hf.HFError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.b"):
-        hf.params_from_hf({**state, "model.layers.0.self_attn.q_proj.bias": np.zeros(64)}, config)
+    with pytest.raises(HFError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.b"):
+        params_from_hf({**state, "model.layers.0.self_attn.q_proj.bias": np.zeros(64)}, config)
     missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
-    with pytest.raises(hf.HFError, match="'model.norm.weight' is missing"):
-        hf.params_from_hf(missing, config)
-    with pytest.raises(hf.HFError, match=r"has shape \(64, 64\) but config.json implies"):
-        hf.params_from_hf(
-            {**state, "model.layers.1.mlp.up_proj.weight": np.zeros((64, 64))}, config
-        )
+    with pytest.raises(HFError, match="'model.norm.weight' is missing"):
+        params_from_hf(missing, config)
+    with pytest.raises(HFError, match=r"has shape \(64, 64\) but config.json implies"):
+        params_from_hf({**state, "model.layers.1.mlp.up_proj.weight": np.zeros((64, 64))}, config)
     # Old checkpoints' saved RoPE buffers are recomputed, so they are skipped.
-    hf.params_from_hf({**state, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)}, config)
+    params_from_hf({**state, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)}, config)
 
 
 def test_export_refusals_and_a_crash_leaves_no_directory(tmp_path, monkeypatch):
@@ -265,19 +268,19 @@ def test_export_refusals_and_a_crash_leaves_no_directory(tmp_path, monkeypatch):
     _save_run(tmp_path / "run", cfg, _near_params(cfg))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    with pytest.raises(hf.HFError, match="already exists and is not empty"):
-        hf.export_run(str(tmp_path / "run"), str(tmp_path / "full"))
+    with pytest.raises(HFError, match="already exists and is not empty"):
+        export_run(str(tmp_path / "run"), str(tmp_path / "full"))
     with pytest.raises(loading.RunError, match="--step=3: not found"):
-        hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
-    with pytest.raises(hf.HFError, match="--max_shard_size='5 parsecs' is not allowed"):
-        hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"), max_shard_size="5 parsecs")
+        export_run(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
+    with pytest.raises(HFError, match="--max_shard_size='5 parsecs' is not allowed"):
+        export_run(str(tmp_path / "run"), str(tmp_path / "out"), max_shard_size="5 parsecs")
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "_write_json", crash)
+    monkeypatch.setattr(exchange, "_write_json", crash)
     with pytest.raises(OSError, match="disk full"):
-        hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+        export_run(str(tmp_path / "run"), str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["full", "run"]  # no out, no temporary left
 
 
@@ -303,7 +306,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 
 def test_hf_reexports_the_conversion():
-    from near_jax import hf_convert
+    from near_jax.hf import convert as hf_convert
 
     names = ("DTYPES", "HFError", "iter_hf_tensors", "llama_config", "model_overrides",
              "params_from_hf", "params_to_hf")  # fmt: skip

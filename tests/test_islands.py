@@ -16,7 +16,7 @@ import pytest
 from near_jax.diloco import island, rounds
 from near_jax.diloco import store as store_lib
 from near_jax.diloco.aggregator import Aggregator
-from near_jax.diloco.compress import LeafPayload, Payload, decode, encode
+from near_jax.diloco.codec.compress import LeafPayload, Payload, decode, encode
 from near_jax.diloco.outer import outer_optimizer, outer_step
 from near_jax.diloco.store import ObjectStore
 

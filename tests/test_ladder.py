@@ -5,10 +5,11 @@ import math
 import pytest
 
 from launch import tpu  # noqa: E402
-from near_jax import config as config_lib  # noqa: E402
-from near_jax import hardware, model, plan  # noqa: E402
+from near_jax import config as config_lib
+from near_jax import hardware, model
+from near_jax.plan.planner import format_ladder, load_ladder, make_plan
 
-ladder = plan.load_ladder()
+ladder = load_ladder()
 NOMINAL = {"m500m": 0.5e9, "m2b": 2e9, "m7b": 7e9, "m27b": 27e9, "m100b": 100e9,
            "m375b": 375e9, "m1400b": 1.4e12}  # fmt: skip
 
@@ -59,11 +60,11 @@ def test_every_rung_fits_its_hardware_per_the_planner():
     plans = []
     for name, rung in ladder.RUNGS.items():
         acc = hardware.get(rung.hardware)
-        plans.append(plan.make_plan(ladder.get_config(name), acc, ladder.devices(rung)))
+        plans.append(make_plan(ladder.get_config(name), acc, ladder.devices(rung)))
     for p in plans:
         assert p.fits, (p.name, p.memory["total"] / 2**30)
         assert 0.3 < p.time["mfu_bound"] <= 1.0, (p.name, p.time)
     # The ladder grows: every rung costs more compute than the one below it.
     flops = [p.train_flops for p in plans]
     assert flops == sorted(flops)
-    assert "m1400b" in plan.format_ladder(plans)
+    assert "m1400b" in format_ladder(plans)

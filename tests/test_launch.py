@@ -17,8 +17,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the launch/ package lives at the repository root
 from launch import local, slurm, tpu  # noqa: E402
-from near_jax import data, distributed, sharding, train  # noqa: E402
-from near_jax.tokenizer import load_tokenizer  # noqa: E402
+from near_jax import data, sharding  # noqa: E402
+from near_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from near_jax.train import distributed  # noqa: E402
+from near_jax.train.loop import trainer_for  # noqa: E402
+from near_jax.train.step import resolve_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -266,8 +269,8 @@ def _reference_losses(train_flags: list[str], data_shards: int) -> list[tuple[fl
         section, field = key.split(".")
         cfg[section][field] = type(cfg[section][field])(value)
     cfg.data.shards = data_shards
-    cfg = train.resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
-    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]))
+    cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]))
     state = trainer.init(jax.random.key(cfg.seed))
     batches = data.make_iterator(cfg.data, split="train", seed=cfg.seed, global_batch_size=8,
                                  process_index=0, process_count=1)  # fmt: skip

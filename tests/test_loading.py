@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from helpers import DAMAGE_KINDS, damage_step, save_run, small_config
 
-from near_jax import loading, model
+from near_jax import model
+from near_jax.infer import loading
+from near_jax.train import checkpoint
 
 TOKENIZER = os.path.join("tokenizer", "tokenizer.json")  # where an imported run keeps it
 
@@ -64,7 +66,8 @@ def imported_run(tmp_path_factory):
     """A run imported from an HF directory with a tokenizer.json (no torch needed)."""
     safetensors = pytest.importorskip("safetensors.numpy")
     tokenizers = pytest.importorskip("tokenizers")
-    from near_jax import hf
+    from near_jax.hf.convert import llama_config, params_to_hf
+    from near_jax.hf.exchange import import_hf
 
     base = tmp_path_factory.mktemp("imported")
     hf_dir = base / "hf"
@@ -73,14 +76,14 @@ def imported_run(tmp_path_factory):
     shapes = jax.eval_shape(lambda: model.init(cfg.model, jax.random.key(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), shapes)
-    safetensors.save_file(hf.params_to_hf(params, cfg.model), str(hf_dir / "model.safetensors"))
-    (hf_dir / "config.json").write_text(json.dumps(hf.llama_config(cfg.model)))
+    safetensors.save_file(params_to_hf(params, cfg.model), str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(llama_config(cfg.model)))
     words = ["<unk>", "<s>", "</s>", *"the a cat sat on mat".split()]
     vocab = {w: i for i, w in enumerate(words)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(hf_dir / "tokenizer.json"))
-    hf.import_hf(str(hf_dir), str(base / "run"))
+    import_hf(str(hf_dir), str(base / "run"))
     return base / "run", params
 
 
@@ -96,7 +99,7 @@ def test_imported_run_stores_a_relative_tokenizer_and_can_be_moved(
     moved = tmp_path / "after" / "run"
     monkeypatch.chdir(tmp_path / "after")  # TOKENIZER is not relative to here
     loaded = loading.load_run("run")  # a relative workdir too
-    assert loaded.workdir == "run" and loading.is_params_only("run", 0)
+    assert loaded.workdir == "run" and checkpoint.is_params_only("run", 0)
     assert loaded.cfg.data.tokenizer == str(moved / TOKENIZER)
     assert loaded.tokenizer.name == "hf:tokenizer.json"
     assert loaded.tokenizer.encode("the cat sat on the mat") == [3, 5, 6, 7, 3, 8]
@@ -122,10 +125,10 @@ def test_relative_tokenizer_is_found_in_the_run_then_in_the_current_directory(
 
 
 def test_is_params_only(imported_run, saved_run, tmp_path):
-    assert loading.is_params_only(str(imported_run[0]), 0)
-    assert not loading.is_params_only(str(saved_run), 5)  # a training checkpoint
-    assert not loading.is_params_only(str(saved_run), 4)  # no such step
-    assert not loading.is_params_only(str(tmp_path), 0)  # no checkpoints at all
+    assert checkpoint.is_params_only(str(imported_run[0]), 0)
+    assert not checkpoint.is_params_only(str(saved_run), 5)  # a training checkpoint
+    assert not checkpoint.is_params_only(str(saved_run), 4)  # no such step
+    assert not checkpoint.is_params_only(str(tmp_path), 0)  # no checkpoints at all
 
 
 def test_a_tokenizer_that_is_gone_is_a_one_line_error(tmp_path):
@@ -205,7 +208,7 @@ def test_no_readable_step_is_one_line_saying_why_each_failed(two_steps, tmp_path
     ],
 )
 def test_run_config_checks_the_shape_of_the_saved_config(saved_run, monkeypatch, saved, problem):
-    from near_jax import checkpoint
+    from near_jax.train import checkpoint
 
     monkeypatch.setattr(checkpoint, "read_config", lambda directory, step: saved)
     with pytest.raises(loading.CheckpointUnreadable) as e:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from near_jax import metrics
+from near_jax.train import metrics
 
 
 def _read_lines(workdir):

@@ -9,7 +9,7 @@ import pytest
 from helpers import small_config
 
 from near_jax import model
-from near_jax.kernels import attention
+from near_jax.model.kernels import attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Eager flax scans dispatch op by op; jit keeps these tests fast.

@@ -7,7 +7,7 @@ import optax
 import pytest
 from helpers import small_config
 
-from near_jax import optim
+from near_jax.train import optim
 
 
 def _optim_cfg(**kw):

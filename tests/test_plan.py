@@ -9,7 +9,10 @@ import jax
 import pytest
 from helpers import small_config
 
-from near_jax import hardware, plan
+from near_jax import hardware
+from near_jax.config import ConfigError
+from near_jax.plan.__main__ import target
+from near_jax.plan.planner import compiled_memory, layout, load_ladder, make_plan, memory, resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,8 +53,8 @@ PAIRS = {
 def test_planner_memory_agrees_with_xla_within_15_percent(name):
     cfg = PAIRS[name]
     devices = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
-    xla = plan.compiled_memory(cfg, jax.devices()[:devices])  # AOT: nothing is allocated
-    planned = plan.memory(plan.resolve(cfg), plan.layout(plan.resolve(cfg), devices), "xla")
+    xla = compiled_memory(cfg, jax.devices()[:devices])  # AOT: nothing is allocated
+    planned = memory(resolve(cfg), layout(resolve(cfg), devices), "xla")
     ratio = planned["total"] / xla["total"]
     print(f"{name}: plan {planned['total'] / 2**20:.1f} MiB, XLA {xla['total'] / 2**20:.1f} MiB")
     assert 0.85 <= ratio <= 1.15, (ratio, planned, xla)
@@ -61,41 +64,41 @@ def test_planner_memory_agrees_with_xla_within_15_percent(name):
 
 
 def test_state_is_sharded_by_fsdp_and_tensor_exactly():
-    cfg = plan.resolve(_cfg(mesh=dict(data=1)))
-    full = plan.memory(cfg, plan.layout(cfg, 1))
-    cfg8 = plan.resolve(_cfg(mesh=dict(fsdp=4, tensor=2)))
-    split = plan.memory(cfg8, plan.layout(cfg8, 8))
+    cfg = resolve(_cfg(mesh=dict(data=1)))
+    full = memory(cfg, layout(cfg, 1))
+    cfg8 = resolve(_cfg(mesh=dict(fsdp=4, tensor=2)))
+    split = memory(cfg8, layout(cfg8, 8))
     # Every weight matrix splits 8 ways; only the norm scales (embed -> fsdp) split 4 ways.
     assert full["params"] / 8 < split["params"] < full["params"] / 7.9
     assert split["optimizer"] == 2 * split["params"]
-    micro = plan.resolve(_cfg(micro=2))
-    lay = plan.layout(micro, 8)
-    assert plan.memory(micro, lay)["grads"] == 2 * plan.memory(micro, lay)["params"]
+    micro = resolve(_cfg(micro=2))
+    lay = layout(micro, 8)
+    assert memory(micro, lay)["grads"] == 2 * memory(micro, lay)["params"]
 
 
 def test_remat_and_micro_batches_trade_memory_as_expected():
     lay = {"data": 8, "fsdp": 1, "tensor": 1, "dcn_data": 1, "devices": 8}
-    acts = {r: plan.memory(plan.resolve(_cfg(remat=r)), lay)["activations"]
+    acts = {r: memory(resolve(_cfg(remat=r)), lay)["activations"]
             for r in ("full", "dots_saveable", "none")}  # fmt: skip
     assert acts["full"] < acts["dots_saveable"] < acts["none"]
-    one = plan.memory(plan.resolve(_cfg(batch=32)), lay)["activations"]
-    four = plan.memory(plan.resolve(_cfg(batch=32, micro=4)), lay)["activations"]
+    one = memory(resolve(_cfg(batch=32)), lay)["activations"]
+    four = memory(resolve(_cfg(batch=32, micro=4)), lay)["activations"]
     assert four < one / 3
     # Fused attention (TPU splash, GPU cuDNN) keeps no [length x length] scores.
-    cfg = plan.resolve(_cfg(remat="none", seq=1024, batch=8))
-    assert plan.memory(cfg, lay, "splash")["total"] < plan.memory(cfg, lay, "xla")["total"]
+    cfg = resolve(_cfg(remat="none", seq=1024, batch=8))
+    assert memory(cfg, lay, "splash")["total"] < memory(cfg, lay, "xla")["total"]
 
 
 def test_step_time_bound_and_hardware_table():
-    cfg = plan.load_ladder().get_config("m7b")
-    p = plan.make_plan(cfg, hardware.get("v5p"), 64)
+    cfg = load_ladder().get_config("m7b")
+    p = make_plan(cfg, hardware.get("v5p"), 64)
     t = p.time
     assert t["step_s"] == max(t["compute_s"], t["hbm_s"], t["ici_s"], t["dcn_s"])
     # Full remat recomputes the forward pass: the bound is about 3/4 MFU when compute-bound.
     assert 0.7 < t["mfu_bound"] < 0.8
     assert p.fits and p.attention == "splash"
     # Across 8 H100 nodes FSDP traffic crosses InfiniBand: slower than in one TPU slice.
-    gpu = plan.make_plan(cfg, hardware.get("h100"), 64)
+    gpu = make_plan(cfg, hardware.get("h100"), 64)
     assert gpu.time["ici_s"] > t["ici_s"] and gpu.attention == "cudnn"
     assert hardware.get("v5p").peak_flops == 459e12
     assert hardware.get("ironwood").hbm_bytes == 96 * 2**30  # per device: 2 per chip
@@ -133,16 +136,16 @@ def test_cli_json_and_one_line_errors(tmp_path):
 
 
 def test_target_hardware_and_devices_come_from_flags_rung_or_mesh():
-    ladder = plan.load_ladder()
-    acc, devices = plan.target(ladder.get_config("m1400b"), "", 0)
+    ladder = load_ladder()
+    acc, devices = target(ladder.get_config("m1400b"), "", 0)
     assert (acc.name, devices) == ("v5p", 8192)
-    acc, devices = plan.target(ladder.get_config("m7b"), "ironwood", 0)
+    acc, devices = target(ladder.get_config("m7b"), "ironwood", 0)
     assert (acc.name, devices) == ("tpu7x", 64)  # the mesh's devices: 32 chips
     tiny = small_config()
     tiny.mesh.data, tiny.mesh.fsdp = 2, 4
-    assert plan.target(tiny, "cpu", 0)[1] == 8
-    with pytest.raises(plan.ConfigError, match="--hardware is required"):
-        plan.target(tiny, "", 0)
+    assert target(tiny, "cpu", 0)[1] == 8
+    with pytest.raises(ConfigError, match="--hardware is required"):
+        target(tiny, "", 0)
     tiny.mesh.data = -1
-    with pytest.raises(plan.ConfigError, match="--devices is required"):
-        plan.target(tiny, "cpu", 0)
+    with pytest.raises(ConfigError, match="--devices is required"):
+        target(tiny, "cpu", 0)

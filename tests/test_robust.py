@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import hashed_tree, leaves_sha256
 
-from near_jax.contrib.robust import RULES, Rule, combine, select
 from near_jax.diloco import rounds
+from near_jax.diloco.robust import RULES, Rule, combine, select
 
 SHAPES = {"w": (3, 4), "b": (5,), "blocks": {"k": (2, 2, 3)}, "s": ()}
 

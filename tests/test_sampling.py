@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from near_jax.sampling import Sampling, mask_top_k, mask_top_p, sample
+from near_jax.infer.sampling import Sampling, mask_top_k, mask_top_p, sample
 
 
 def _logits(seed=0, b=4, v=50):

@@ -10,8 +10,10 @@ import optax
 import pytest
 from helpers import small_config
 
-from near_jax import loading, model, sharding, tasks
-from near_jax.tokenizer import ByteTokenizer
+from near_jax import model, sharding
+from near_jax.data.tokenizer import ByteTokenizer
+from near_jax.eval import tasks
+from near_jax.infer import loading
 
 TOK = ByteTokenizer()
 CFG = model.ModelConfig.from_config(small_config().model)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from near_jax.config import ConfigError
-from near_jax.tokenizer import load_tokenizer
+from near_jax.data.tokenizer import load_tokenizer
 
 WORDS = "the quick brown fox jumps over lazy dog data model train token pack shard".split()
 
@@ -152,6 +152,7 @@ def test_bad_tokenizer_files(tmp_path, name, content):
 
 def test_sentencepiece_feeds_the_data_pipeline(sp_model, tmp_path):
     from near_jax import config, data
+    from near_jax.data import pipeline
 
     texts = _corpus(30, seed=3)
     for i, text in enumerate(texts):
@@ -171,5 +172,5 @@ def test_sentencepiece_feeds_the_data_pipeline(sp_model, tmp_path):
             piece = row[segs == s]
             assert piece[0] == tok.bos_id and piece[-1] == tok.eos_id
             assert tok.decode(piece) in texts
-    reader = data._ReadTokens(data.list_documents(cfg), tok)
+    reader = pipeline._ReadTokens(data.list_documents(cfg), tok)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(reader))(3), reader(3))

@@ -16,8 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import SMALL_TRAIN_FLAGS, small_config
 
-from near_jax import checkpoint, sharding, train
-from near_jax import checkpoint_integrity as integrity
+from near_jax import sharding
+from near_jax.train import checkpoint
+from near_jax.train import checkpoint_integrity as integrity
+from near_jax.train.loop import trainer_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def _random_batch(seed: int, batch: int, length: int, vocab: int = 384) -> dict:
 def _trainer(cfg, **mesh):
     for key, value in mesh.items():
         cfg.mesh[key] = value
-    return train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    return trainer_for(cfg, sharding.make_mesh(cfg.mesh))
 
 
 def test_overfitting_one_batch_drives_loss_below_0_1():

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from near_jax import checkpoint, metrics
-from near_jax import checkpoint_integrity as integrity
+from near_jax.train import checkpoint, metrics
+from near_jax.train import checkpoint_integrity as integrity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120

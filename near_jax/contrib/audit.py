@@ -292,7 +292,7 @@ def _decision_problems(
 ) -> list[str]:
     """Problems of the decisions of rounds 0..latest (round `latest`'s is optional) and of
     their agreement with the ledger's entries."""
-    from near_jax.contrib import validator  # jax and the aggregator: only when auditing
+    from near_jax.contrib import validator
 
     problems: list[str] = []
     by_round: dict[Any, list[dict[str, Any]]] = defaultdict(list)

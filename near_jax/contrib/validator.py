@@ -58,10 +58,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from near_jax.contrib import attest, identity, ledger, robust, screening
-from near_jax.diloco import rounds
+from near_jax.contrib import attest, identity, ledger, screening
+from near_jax.diloco import robust, rounds
 from near_jax.diloco.aggregator import Aggregator
-from near_jax.diloco.compress import Payload, PayloadError, decode
+from near_jax.diloco.codec.compress import Payload, PayloadError, decode
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectTooLarge, StoreError
 

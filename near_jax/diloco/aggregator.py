@@ -39,7 +39,7 @@ from absl import flags
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
 from near_jax.diloco import quarantine, rounds
-from near_jax.diloco.compress import PayloadError
+from near_jax.diloco.codec.compress import PayloadError
 from near_jax.diloco.rounds import ProtocolError, Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
@@ -336,8 +336,8 @@ def prepare(argv: list[str]):
     from near_jax import config as config_lib
     from near_jax import sharding
     from near_jax.config import ConfigError
-    from near_jax.tokenizer import load_tokenizer
-    from near_jax.train import check_batch, resolve_config
+    from near_jax.data.tokenizer import load_tokenizer
+    from near_jax.train.step import check_batch, resolve_config
 
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -467,8 +467,8 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
     """The aggregator loop; returns the exit code."""
     import jax
 
-    from near_jax import metrics
-    from near_jax.train import make_trainer
+    from near_jax.train import metrics
+    from near_jax.train.loop import trainer_for as make_trainer
 
     f = flags.FLAGS
     if rounds.read_json(store, rounds.finished_key(run)) is not None:

@@ -94,8 +94,9 @@ def train_island(
     """Joins the run and trains rounds until --rounds or the run's end; the exit code."""
     import jax
 
-    from near_jax import data, metrics
-    from near_jax.train import make_trainer
+    from near_jax import data
+    from near_jax.train import metrics
+    from near_jax.train.loop import trainer_for as make_trainer
 
     f = flags.FLAGS
     waiter = _Waiter(f.poll_seconds, f.wait_timeout)

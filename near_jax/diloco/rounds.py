@@ -98,7 +98,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from near_jax.diloco.compress import CompressionSpec, Payload, PayloadError, decode, encode
+from near_jax.diloco.codec.compress import CompressionSpec, Payload, PayloadError, decode, encode
 from near_jax.diloco.store import HEADER, MAX_OBJECT_BYTES, CorruptObject, ObjectStore
 
 FORMAT = 1
@@ -497,11 +497,11 @@ def derive(
 
 def combiner(decision: dict) -> Callable[[list[Any]], Any]:
     """How decision's applied contributions are combined: the mean, or the robust rule it
-    names in "aggregation" (contributor runs; `near_jax.contrib.robust`)."""
+    names in "aggregation" (contributor runs; `near_jax.diloco.robust`)."""
     rule = decision.get("aggregation")
     if rule is None:
         return average
-    from near_jax.contrib import robust  # only runs with untrusted contributors need it
+    from near_jax.diloco import robust
 
     try:
         parsed = robust.Rule.parse(rule)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from near_jax.config import ConfigError
-from near_jax.tokenizer import Tokenizer
+from near_jax.data.tokenizer import Tokenizer
 
 _EXTS = {".txt": "text", ".jsonl": "jsonl", ".bin": "bin"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}

@@ -28,8 +28,8 @@ from absl import logging
 from jax.sharding import PartitionSpec
 
 from near_jax import sharding
-from near_jax.kernels import flash_attention as flash
-from near_jax.kernels import splash
+from near_jax.model.kernels import flash_attention as flash
+from near_jax.model.kernels import splash
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
 AUTO_ORDER = {"tpu": ("splash", "pallas"), "gpu": ("cudnn", "pallas")}

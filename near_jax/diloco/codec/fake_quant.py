@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from near_jax.diloco.compress import (
+from near_jax.diloco.codec.compress import (
     _BF16_MAX,
     _INT_LEVELS,
     CompressionSpec,
@@ -66,7 +66,7 @@ from near_jax.diloco.compress import (
     _key_component,
     topk_count,
 )
-from near_jax.diloco.payload import PREFIX, buffer_layout, header_bytes, index_dtype
+from near_jax.diloco.codec.payload import PREFIX, buffer_layout, header_bytes, index_dtype
 
 _BF16_MAX_BITS = _BF16_MAX.view(np.uint32)
 

@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from near_jax.kernels import flash_blocks as fb
-from near_jax.kernels.flash_blocks import Tiling
+from near_jax.model.kernels import flash_blocks as fb
+from near_jax.model.kernels.flash_blocks import Tiling
 
 _LANES = 128
 

@@ -5,7 +5,7 @@
 The mesh gets a leading `replica` axis (`sharding.make_mesh(..., replicas=R)`); `mesh.*`
 lays out the devices of one replica. The global batch is cut into R equal parts, one per
 replica. Every step each replica runs the ordinary train step (AdamW, micro-batches, the
-same update as `train.make_update`) on its own part, inside a `shard_map` whose `replica`
+same update as `make_update`) on its own part, inside a `shard_map` whose `replica`
 axis is manual: no collective can cross replicas in an inner step. Every H steps the
 pseudo-gradients Δ_r = θ − θ_r are compressed (`diloco.compression`, simulated bit-exactly
 as islands would send them), averaged over replicas (the one collective over `replica`),
@@ -30,9 +30,11 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from near_jax import model, optim, sharding, train
+from near_jax import model, sharding
 from near_jax.diloco import outer
-from near_jax.diloco.compress import CompressionSpec
+from near_jax.diloco.codec.compress import CompressionSpec
+from near_jax.train import optim
+from near_jax.train.step import Trainer, TrainState, compile_trainer, make_update
 
 REPLICAS, INNER, OUTER, FEEDBACK = "replicas", "inner", "outer", "feedback"
 
@@ -65,8 +67,8 @@ def _replica_sharding(shardings, mesh):
     )
 
 
-def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.Trainer:
-    """The DiLoCo Trainer (same interface as `train.make_trainer`)."""
+def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+    """The DiLoCo Trainer (same interface as `trainer_for`)."""
     dl = cfg.diloco
     n_rep, h, n_frag = dl.replicas, dl.inner_steps, dl.fragments
     if mesh.shape[sharding.REPLICA_AXIS] != n_rep:
@@ -77,11 +79,11 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
     spec = CompressionSpec.parse(dl.compression)
     model_cfg = model.ModelConfig.from_config(cfg.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    update = train.make_update(model_cfg, optimizer, schedule, cfg.train.microbatches)
+    update = make_update(model_cfg, optimizer, schedule, cfg.train.microbatches)
     outer_opt = outer.outer_optimizer(dl.outer_lr, dl.outer_momentum)
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rep, *x.shape)), tree)  # noqa: E731
 
-    def init_state(rng: jax.Array) -> train.TrainState:
+    def init_state(rng: jax.Array) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         params = model.init(model_cfg, init_rng)
         replicas = stack(params)
@@ -92,9 +94,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         }
         if spec.topk:  # top-k's error feedback: what each replica has not sent yet
             opt_state[FEEDBACK] = jax.tree.map(lambda r: jnp.zeros(r.shape, jnp.float32), replicas)
-        return train.TrainState(
-            jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng)
-        )
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng))
 
     abstract = jax.eval_shape(init_state, jax.random.key(0))
     repl = sharding.replicated(mesh)
@@ -113,7 +113,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
     opt_shardings = {REPLICAS: replica_shardings, INNER: inner_shardings, OUTER: outer_shardings}
     if spec.topk:
         opt_shardings[FEEDBACK] = replica_shardings
-    state_shardings = train.TrainState(repl, param_shardings, opt_shardings, repl)
+    state_shardings = TrainState(repl, param_shardings, opt_shardings, repl)
     frag_ids = fragment_ids(abstract.params, model_cfg.n_layers, n_frag)
 
     def local_steps(params_R, inner_R, step, batch_R):
@@ -140,7 +140,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
         due = jax.tree.map(lambda ids: due_F[ids], frag_ids)
         if spec.format != "fp32" or spec.topk:
-            from near_jax.diloco import fake_quant
+            from near_jax.diloco.codec import fake_quant
 
             if spec.topk:
                 delta_R, new_feedback = jax.vmap(
@@ -167,7 +167,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         )
         return params, outer_state, replicas, feedback
 
-    def train_step(state: train.TrainState, batch):
+    def train_step(state: TrainState, batch):
         opt = state.opt_state
         batch_R = jax.tree.map(
             lambda x: sharding.constrain(
@@ -194,8 +194,6 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tra
         opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
         if spec.topk:
             opt_state[FEEDBACK] = feedback
-        return train.TrainState(step, params, opt_state, state.rng), stats
+        return TrainState(step, params, opt_state, state.rng), stats
 
-    return train.compile_trainer(
-        cfg, model_cfg, mesh, schedule, init_state, train_step, state_shardings
-    )
+    return compile_trainer(cfg, model_cfg, mesh, schedule, init_state, train_step, state_shardings)

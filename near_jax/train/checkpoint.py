@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import threading
 from typing import Any
@@ -35,8 +36,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from near_jax import checkpoint_integrity as integrity
-from near_jax.checkpoint_integrity import checked_config, is_finite
+from near_jax.train import checkpoint_integrity as integrity
+from near_jax.train.checkpoint_integrity import checked_config, is_finite
 
 STATE, DATA, CONFIG = "state", "data", "config"
 CHECKPOINT_DIR = "checkpoints"
@@ -486,3 +487,22 @@ def read_config(directory: str | epath.Path, step: int) -> dict:
         raise CheckpointError(f"step {step}: unreadable config ({_one_line(e)})") from e
     finally:
         manager.close()
+
+
+def is_params_only(workdir: str, step: int) -> bool:
+    """Whether checkpoint `step` of a run holds params only (no optimizer state, no step).
+
+    True for an imported run (`python -m near_jax.hf import`): it cannot be resumed, only
+    started from with `config.checkpoint.init_from`. False for a training checkpoint and for
+    one whose metadata cannot be read (restoring it then reports the problem).
+    """
+    try:
+        directory = checkpoint_dir(os.path.abspath(workdir))
+        ckpt = Checkpointer(directory, read_only=True)
+        try:
+            state = ckpt.manager.item_metadata(step)[STATE]
+        finally:
+            ckpt.close()
+        return set(getattr(state, "tree", state)) == {"params"}
+    except Exception:  # noqa: BLE001 - unreadable metadata: restoring it will say why
+        return False

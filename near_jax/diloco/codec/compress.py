@@ -58,7 +58,7 @@ Payloads
 --------
 `encode` returns a `Payload` (one `LeafPayload` of numpy buffers per leaf); its wire format,
 `to_bytes`, and the validating `Payload.from_bytes` for untrusted peers (raising `PayloadError`)
-live in `near_jax.diloco.payload`, re-exported here. `near_jax.diloco.fake_quant` simulates
+live in `near_jax.diloco.codec.payload`, re-exported here. `near_jax.diloco.codec.fake_quant` simulates
 this codec in jax.numpy, bit-exactly, for replicas inside one XLA program.
 """
 
@@ -73,7 +73,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from near_jax.diloco.payload import (
+from near_jax.diloco.codec.payload import (
     DEFAULT_MAX_ELEMENTS,
     MAGIC,
     MAX_HEADER_BYTES,

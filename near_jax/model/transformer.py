@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from near_jax import kernels
+from near_jax.model import kernels
 from near_jax.sharding import constrain
 
 Params = Any
@@ -96,7 +96,7 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; the kernel comes from `near_jax.kernels`."""
+    """Grouped-query self-attention with RoPE; the kernel comes from `near_jax.model.kernels`."""
 
     cfg: ModelConfig
 

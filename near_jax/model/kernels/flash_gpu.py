@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from near_jax.kernels import flash_blocks as fb
-from near_jax.kernels.flash_blocks import Tiling
+from near_jax.model.kernels import flash_blocks as fb
+from near_jax.model.kernels.flash_blocks import Tiling
 
 
 def _params(block_rows: int, head_dim: int) -> pltriton.CompilerParams:

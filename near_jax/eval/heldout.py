@@ -31,8 +31,8 @@ import numpy as np
 
 from near_jax import model, sharding
 from near_jax.config import ConfigError
-from near_jax.documents import list_documents, split_documents
-from near_jax.tokenizer import Tokenizer
+from near_jax.data.documents import list_documents, split_documents
+from near_jax.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from near_jax.diloco.compress import CompressionSpec
+    from near_jax.diloco.codec.compress import CompressionSpec
 
 MAGIC = b"NJPG"  # near_jax pseudo-gradient
 VERSION = 1
@@ -197,9 +197,9 @@ def index_dtype(max_gap: int) -> str:
 
 
 def _codec():
-    """near_jax.diloco.compress (the spec, top-k counts, formats). It imports this module, so
+    """near_jax.diloco.codec.compress (the spec, top-k counts, formats). It imports this module, so
     this one imports it only when first needed rather than at import time."""
-    from near_jax.diloco import compress
+    from near_jax.diloco.codec import compress
 
     return compress
 

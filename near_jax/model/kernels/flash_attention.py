@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from near_jax.kernels import flash_gpu, flash_tpu
-from near_jax.kernels.flash_blocks import Tiling
+from near_jax.model.kernels import flash_gpu, flash_tpu
+from near_jax.model.kernels.flash_blocks import Tiling
 
 # (block_q, block_kv) defaults: (forward, backward) per backend. TPU: 512-row blocks keep
 # the MXU busy and fit scoped VMEM with head_dim <= 256. GPU: FlashAttention-2's usual

@@ -1,6 +1,6 @@
 """The grain input pipeline: documents -> tokens -> packed rows -> per-host batches.
 
-Sources, document identities and the train/val split are in `near_jax.documents`.
+Sources, document identities and the train/val split are in `near_jax.data.documents`.
 
 Pipeline: the data is cut into `data.shards` fixed shards (default: the process count at the
 run's start), one grain graph each; a host reads the shards its rows of the global batch come
@@ -37,9 +37,9 @@ import grain
 import numpy as np
 
 from near_jax.config import ConfigError
-from near_jax.documents import Documents, list_documents, split_documents
-from near_jax.packing import PackIterDataset
-from near_jax.tokenizer import Tokenizer, load_tokenizer
+from near_jax.data.documents import Documents, list_documents, split_documents
+from near_jax.data.packing import PackIterDataset
+from near_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FEATURES = ("inputs", "targets", "positions", "segment_ids", "weights")
 _VAL_SHUFFLE_SEED = 0  # val order never depends on the training seed

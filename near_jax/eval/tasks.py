@@ -17,7 +17,7 @@ integer index of the right choice, `id` optional (a string or an integer); no ot
 allowed. Blank lines are skipped. Anything else stops loading with a one-line TaskError
 `path:LINE: what is wrong; what is allowed`. (For task authors: a choice that is a prefix of
 another never loses on acc, since log-probabilities only fall as tokens are added.) Files
-shipped in `near_jax/evaltasks/` can be named without a path: `python_syntax` holds 35
+shipped in `near_jax/eval/evaltasks/` can be named without a path: `python_syntax` holds 35
 completions of Python syntax for the CPU quick-start model, written for the default
 target_delimiter " " (each context stops where a space comes next).
 
@@ -65,7 +65,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from near_jax import model, sharding
-from near_jax.tokenizer import Tokenizer
+from near_jax.data.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaltasks")
 MIN_BUCKET = 16  # the shortest padded row length, so tiny requests share one shape
@@ -125,7 +125,7 @@ def resolve_task(spec: str | os.PathLike) -> str:
 
 
 def shipped_tasks() -> list[str]:
-    """Names of the task files shipped in `near_jax/evaltasks/`."""
+    """Names of the task files shipped in `near_jax/eval/evaltasks/`."""
     if not os.path.isdir(TASKS_DIR):
         return []
     return sorted(f[: -len(".jsonl")] for f in os.listdir(TASKS_DIR) if f.endswith(".jsonl"))

@@ -26,9 +26,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from near_jax import checkpoint, checkpoint_integrity, model, sharding
+from near_jax import model, sharding
 from near_jax.config import ConfigError, default_config
-from near_jax.tokenizer import Tokenizer, load_tokenizer
+from near_jax.data.tokenizer import Tokenizer, load_tokenizer
+from near_jax.train import checkpoint, checkpoint_integrity
 
 
 class RunError(ValueError):
@@ -151,25 +152,6 @@ def tokenizer_path(workdir: str, spec: str) -> str:
         return spec
     in_run = os.path.join(workdir, spec)
     return os.path.abspath(in_run) if os.path.isfile(in_run) else spec
-
-
-def is_params_only(workdir: str, step: int) -> bool:
-    """Whether checkpoint `step` of a run holds params only (no optimizer state, no step).
-
-    True for an imported run (`python -m near_jax.hf import`): it cannot be resumed, only
-    started from with `config.checkpoint.init_from`. False for a training checkpoint and for
-    one whose metadata cannot be read (restoring it then reports the problem).
-    """
-    try:
-        directory = checkpoint.checkpoint_dir(os.path.abspath(workdir))
-        ckpt = checkpoint.Checkpointer(directory, read_only=True)
-        try:
-            state = ckpt.manager.item_metadata(step)[checkpoint.STATE]
-        finally:
-            ckpt.close()
-        return set(getattr(state, "tree", state)) == {"params"}
-    except Exception:  # noqa: BLE001 - unreadable metadata: restoring it will say why
-        return False
 
 
 def inference_mesh(fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
