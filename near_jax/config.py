@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from near_jax.diloco.codec.spec import CompressionSpec
+
 # (section, key) -> (default, doc). Defaults never use None: ml_collections cannot override
 # a None-typed field from the command line, so "unset" is 0 or "".
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
@@ -385,8 +387,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for code in filter(None, (h.strip() for h in c.allowed_code.split(","))):
         if not re.fullmatch(r"[0-9a-f]{64}", code):
             _fail("contrib.allowed_code", c.allowed_code, "comma-separated sha256 hex hashes")
-    from near_jax.diloco.codec.compress import CompressionSpec
-
     try:
         CompressionSpec.parse(dl.compression)
     except ValueError as e:

@@ -54,19 +54,22 @@ Unsent entries decode to 0. E.g. int8+topk=0.1 at B=128 costs ≈ 0.1·(1 + 4/12
 plus the quantization error of those it did. Passing it back as `error_feedback` next round
 means nothing is dropped, only delayed: after R rounds Σ decoded = Σ Δ − r_R with r bounded.
 
+The spec
+--------
+`CompressionSpec`, the format names and `topk_count` live in the dependency-free
+`near_jax.diloco.codec.spec` (config validates against it) and are re-exported here.
+
 Payloads
 --------
 `encode` returns a `Payload` (one `LeafPayload` of numpy buffers per leaf); its wire format,
 `to_bytes`, and the validating `Payload.from_bytes` for untrusted peers (raising `PayloadError`)
-live in `near_jax.diloco.codec.payload`, re-exported here. `near_jax.diloco.codec.fake_quant` simulates
-this codec in jax.numpy, bit-exactly, for replicas inside one XLA program.
+live in `near_jax.diloco.codec.payload`, re-exported here. `near_jax.diloco.codec.fake_quant`
+simulates this codec in jax.numpy, bit-exactly, for replicas inside one XLA program.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -89,6 +92,18 @@ from near_jax.diloco.codec.payload import (
     buffer_layout,
     index_dtype,
     tree_from_paths,
+)
+from near_jax.diloco.codec.spec import (
+    BLOCK_FORMATS,
+    DEFAULT_BLOCK,
+    FORMATS,
+    MAX_BLOCK,
+    NIBBLE_FORMATS,
+    SPEC_GRAMMAR,
+    CompressionSpec,
+    as_spec,
+    bytes_per_value,
+    topk_count,
 )
 
 __all__ = [
@@ -119,117 +134,11 @@ __all__ = [
     "topk_count",
 ]
 
-FORMATS = ("fp32", "bf16", "int8", "int4", "fp4")
-BLOCK_FORMATS = ("int8", "int4", "fp4")  # formats with one scale per block
-NIBBLE_FORMATS = ("int4", "fp4")  # two values per byte
-DEFAULT_BLOCK = 128
-MAX_BLOCK = 1 << 20
-
 _INT_LEVELS = {"int8": 127, "int4": 7}
 # fp4 magnitudes for exponent field c = 0..7, in units of the block absmax.
 FP4_LEVELS = np.array([0.0] + [2.0**e for e in range(-6, 1)], np.float32)
 _FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2  # exact binary fractions
 _BF16_MAX = np.float32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-
-SPEC_GRAMMAR = (
-    "expected FORMAT[:block=N][+topk=F] (options in any order, ':' or '+' before each) with "
-    f"FORMAT one of {', '.join(FORMATS)}, N an integer in [1, {MAX_BLOCK}] (default "
-    f"{DEFAULT_BLOCK}), F a fraction in [0, 1] (0 = off); e.g. 'int8', 'fp4:block=64', "
-    "'int4+topk=0.1'"
-)
-
-
-# ------------------------------------------------------------------------------------- spec
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressionSpec:
-    """How to compress a pseudo-gradient; `CompressionSpec.parse("int4:block=64+topk=0.1")`.
-
-    Attributes:
-      format: one of FORMATS.
-      block_size: values per scale for int8/int4/fp4 (ignored by fp32/bf16).
-      topk: fraction of each leaf's entries to send, largest |v| first; 0 sends everything.
-    """
-
-    format: str = "int8"
-    block_size: int = DEFAULT_BLOCK
-    topk: float = 0.0
-
-    def __post_init__(self):
-        problem = _spec_problem(self.format, self.block_size, self.topk)
-        if problem:
-            raise ValueError(f"bad CompressionSpec: {problem}; {SPEC_GRAMMAR}")
-
-    @classmethod
-    def parse(cls, text: str) -> CompressionSpec:
-        """Parses the short form; see SPEC_GRAMMAR. Raises ValueError naming `text`."""
-
-        def bad(reason: str) -> ValueError:
-            return ValueError(f"bad compression spec {text!r}: {reason}; {SPEC_GRAMMAR}")
-
-        if not isinstance(text, str):
-            raise bad("not a string")
-        fmt, *options = re.split(r"[:+]", text.strip())
-        if fmt not in FORMATS:
-            raise bad(f"unknown format {fmt!r}")
-        given: dict[str, str] = {}
-        for option in options:
-            key, sep, value = option.partition("=")
-            if key not in ("block", "topk") or not sep:
-                raise bad(f"unknown option {option!r}")
-            if key in given:
-                raise bad(f"{key} given twice")
-            given[key] = value
-        block = given.get("block", str(DEFAULT_BLOCK))
-        if not re.fullmatch(r"[0-9]{1,9}", block):
-            raise bad(f"block {block!r} is not an integer")
-        try:
-            topk = float(given.get("topk", "0"))
-        except ValueError:
-            raise bad(f"topk {given['topk']!r} is not a number") from None
-        problem = _spec_problem(fmt, int(block), topk)
-        if problem:
-            raise bad(problem)
-        return cls(fmt, int(block), topk)
-
-    def __str__(self) -> str:
-        """The canonical short form: parse(str(spec)) == spec."""
-        text = self.format
-        if self.block_size != DEFAULT_BLOCK:
-            text += f":block={self.block_size}"
-        if self.topk:
-            text += f"+topk={float(self.topk)!r}"
-        return text
-
-
-def _spec_problem(fmt: Any, block: Any, topk: Any) -> str | None:
-    """What is wrong with these spec fields, or None."""
-    if fmt not in FORMATS:
-        return f"unknown format {fmt!r}"
-    if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= MAX_BLOCK:
-        return f"block {block!r} is not an integer in [1, {MAX_BLOCK}]"
-    if not isinstance(topk, int | float) or isinstance(topk, bool) or not 0 <= topk <= 1:
-        return f"topk {topk!r} is not a fraction in [0, 1]"
-    return None
-
-
-def topk_count(n: int, fraction: float) -> int:
-    """Entries top-k sends for a leaf of n values: round(fraction·n), half up, within [1, n]."""
-    if n == 0:
-        return 0
-    return min(n, max(1, math.floor(fraction * n + 0.5)))
-
-
-def bytes_per_value(spec: CompressionSpec | str) -> float:
-    """Value + scale bytes per *sent* value (top-k indices and the header not included)."""
-    spec = _as_spec(spec)
-    value = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5, "fp4": 0.5}[spec.format]
-    return value + (4.0 / spec.block_size if spec.format in BLOCK_FORMATS else 0.0)
-
-
-def _as_spec(spec: CompressionSpec | str) -> CompressionSpec:
-    return CompressionSpec.parse(spec) if isinstance(spec, str) else spec
 
 
 # ---------------------------------------------------------------------------- encode/decode
@@ -243,7 +152,7 @@ def encode(
     The new error feedback is a float32 numpy tree shaped like `tree`: (Δ + error_feedback) −
     decode(payload). Pass it as `error_feedback` next round; None means zeros.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if error_feedback is None:
         feedback = [None] * len(path_leaves)

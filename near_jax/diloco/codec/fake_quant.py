@@ -58,15 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from near_jax.diloco.codec.compress import (
-    _BF16_MAX,
-    _INT_LEVELS,
-    CompressionSpec,
-    _as_spec,
-    _key_component,
-    topk_count,
-)
+from near_jax.diloco.codec.compress import _BF16_MAX, _INT_LEVELS, _key_component
 from near_jax.diloco.codec.payload import PREFIX, buffer_layout, header_bytes, index_dtype
+from near_jax.diloco.codec.spec import CompressionSpec, as_spec, topk_count
 
 _BF16_MAX_BITS = _BF16_MAX.view(np.uint32)
 
@@ -76,7 +70,7 @@ def roundtrip(tree: Any, spec: CompressionSpec | str) -> Any:
 
     With a top-k spec this is one round without error feedback; see roundtrip_with_feedback.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     return jax.tree.map(lambda x: _decode(jnp.asarray(x, jnp.float32), spec), tree)
 
 
@@ -84,7 +78,7 @@ def roundtrip_with_feedback(tree: Any, spec: CompressionSpec | str, ef: Any) -> 
     """(decoded, new error feedback) as `encode(tree, spec, error_feedback=ef)` gives them:
     v = tree + ef, decoded = decode(payload of v), new ef = v − decoded. `ef` is a tree like
     `tree` (float32; start from zeros) or None (zeros)."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     v = _plus_feedback(tree, ef)
     decoded = jax.tree.map(lambda x: _decode(x, spec), v)
     return decoded, jax.tree.map(jnp.subtract, v, decoded)
@@ -93,7 +87,7 @@ def roundtrip_with_feedback(tree: Any, spec: CompressionSpec | str, ef: Any) -> 
 def max_index_gaps(tree: Any, spec: CompressionSpec | str, ef: Any = None) -> Any:
     """Per leaf, the largest delta-coded top-k index `encode(tree, spec, ef)` would write
     (an int32 scalar; 0 without top-k): what sets the index dtype, for `payload_bytes`."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
 
     def gap(v: jax.Array) -> jax.Array:
         k = topk_count(v.size, spec.topk) if spec.topk else v.size
@@ -115,7 +109,7 @@ def payload_bytes(shapes: Any, spec: CompressionSpec | str, max_gaps: Any = None
     replica's) for the exact size; without it each leaf gets the widest dtype its gaps could
     need (they are at most n − k), an upper bound that is exact when n − k < 256.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     if max_gaps is None:
         gaps = [None] * len(path_leaves)

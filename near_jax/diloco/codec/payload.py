@@ -24,8 +24,8 @@ values (finite scales, canonical codes, in-range indices), caps the decoded size
 `max_elements`, and raises `PayloadError` on anything else; a payload it returns decodes without
 error. (Finite but huge values are the robust aggregator's business, not the codec's.)
 
-The spec (`CompressionSpec`) and the numerics live in `compress`, which imports this module;
-the few places here that need the spec reach `compress` at call time (`_codec()`).
+The spec (`CompressionSpec`, format names, top-k counts) comes from `spec`; the numerics live
+in `compress`, which imports this module.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ import json
 import math
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from near_jax.diloco.codec.compress import CompressionSpec
+from near_jax.diloco.codec.spec import BLOCK_FORMATS, NIBBLE_FORMATS, CompressionSpec, topk_count
 
 MAGIC = b"NJPG"  # near_jax pseudo-gradient
 VERSION = 1
@@ -179,11 +178,10 @@ def header_bytes(
 
 def buffer_layout(spec: CompressionSpec, n: int) -> list[tuple[str, tuple[str, ...], int]]:
     """The buffers a leaf of n values must have: (name, allowed dtypes, element count)."""
-    codec = _codec()
-    k = codec.topk_count(n, spec.topk) if spec.topk else n
-    count = -(-k // 2) if spec.format in codec.NIBBLE_FORMATS else k
+    k = topk_count(n, spec.topk) if spec.topk else n
+    count = -(-k // 2) if spec.format in NIBBLE_FORMATS else k
     layout = [("values", (VALUE_DTYPE[spec.format],), count)]
-    if spec.format in codec.BLOCK_FORMATS:
+    if spec.format in BLOCK_FORMATS:
         layout.append(("scales", ("float32",), -(-k // spec.block_size)))
     if spec.topk:
         layout.append(("index", INDEX_DTYPES, k))
@@ -194,14 +192,6 @@ def index_dtype(max_gap: int) -> str:
     """The index buffer's dtype: the narrowest of INDEX_DTYPES that holds every delta-coded
     index (gap − 1; the first index itself), i.e. `max_gap`."""
     return next(n for n in INDEX_DTYPES if max_gap <= np.iinfo(n).max)
-
-
-def _codec():
-    """near_jax.diloco.codec.compress (the spec, top-k counts, formats). It imports this module, so
-    this one imports it only when first needed rather than at import time."""
-    from near_jax.diloco.codec import compress
-
-    return compress
 
 
 # ------------------------------------------------------------------------------- validation
@@ -243,7 +233,7 @@ def _check_keys(obj: Any, keys: set[str], where: str) -> None:
 
 def _header_spec(header: dict) -> CompressionSpec:
     try:
-        return _codec().CompressionSpec.parse(header["spec"])
+        return CompressionSpec.parse(header["spec"])
     except ValueError as e:
         raise PayloadError(f"header spec: {e}") from None
 
@@ -307,7 +297,7 @@ def _check_contents(leaf: LeafPayload, spec: CompressionSpec, where: str) -> Non
         raise PayloadError(f"{where}: non-finite bf16 values")
     if fmt == "int8" and (values == -128).any():
         raise PayloadError(f"{where}: int8 code -128 (the encoder uses [-127, 127])")
-    if fmt in _codec().NIBBLE_FORMATS:
+    if fmt in NIBBLE_FORMATS:
         nibbles = np.stack([values & 0xF, values >> 4], axis=-1).reshape(-1)  # low nibble first
         if (nibbles[:k] == 8).any():  # int4 -8 or fp4 "-0": never emitted
             raise PayloadError(f"{where}: {fmt} code 8 is not canonical")
