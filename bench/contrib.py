@@ -29,7 +29,7 @@ import numpy as np
 from near_jax.contrib import identity, screening
 from near_jax.contrib.contributor import Signer
 from near_jax.contrib.validator import ContribAggregator, Policy
-from near_jax.diloco import robust, rounds
+from near_jax.diloco import protocol, robust
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.store import ObjectStore
 
@@ -66,7 +66,7 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
         identity.register(store, RUN, name, key, 0.0)
         delta = {k: 0.01 * (shared[k] + rng.standard_normal(v.shape).astype(np.float32))
                  for k, v in like.items()}  # fmt: skip
-        rounds.push_contribution(store, RUN, name, base, delta, SPEC,
+        protocol.push_contribution(store, RUN, name, base, delta, SPEC,
                                  sign=Signer(key, name, CODE, CONFIG))  # fmt: skip
 
     times: dict[str, float] = {}
@@ -94,8 +94,8 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
     times["round"] = time.perf_counter() - t0
     assert stats["accepted"] == n, stats["decision"]["rejected"][:3]
     times["check"] /= n  # per contribution
-    deltas = [rounds.decode(rounds.unpack_contribution(store.get(e["key"]), 10**9)[1], like=like)
-              for e in stats["decision"]["accepted"]]  # fmt: skip
+    bodies = [store.get(e["key"]) for e in stats["decision"]["accepted"]]
+    deltas = [protocol.decode(protocol.unpack_contribution(b, 10**9)[1], like=like) for b in bodies]
     for name in ("trimmed_mean", "median", "mean"):
         t1 = time.perf_counter()
         robust.combine(robust.Rule(name), deltas)
@@ -113,7 +113,7 @@ def baseline_round(path: Path, like: dict, n: int, rnd_seed: int) -> float:
     base = agg.load()
     for i in range(n):
         delta = {k: 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()}
-        rounds.push_contribution(store, RUN, f"c{i:03d}", base, delta, SPEC)
+        protocol.push_contribution(store, RUN, f"c{i:03d}", base, delta, SPEC)
     t0 = time.perf_counter()
     agg.run_round()
     return time.perf_counter() - t0
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     like = like_tree(int(args.params))
-    p = rounds.num_elements(like)
+    p = protocol.num_elements(like)
     rows = []
     for n in [int(x) for x in args.contributors.split(",")]:
         samples, base = [], []

@@ -18,7 +18,7 @@ import pytest
 from near_jax.contrib import identity, ledger, validator
 from near_jax.contrib.contributor import Signer, slot_problem
 from near_jax.contrib.validator import ContribAggregator, Policy, check_decision
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.robust import Rule
 from near_jax.diloco.store import ObjectStore
 
@@ -106,19 +106,19 @@ class World:
         )  # fmt: skip
 
     def base(self):
-        return rounds.pull_version(self.store, RUN, self.agg.state.version, LIKE)
+        return protocol.pull_version(self.store, RUN, self.agg.state.version, LIKE)
 
     def push(self, name, delta, key=None, base=None):
         signer = Signer(key or self.keys[name], name, CODE, CONFIG)
-        written, _, _ = rounds.push_contribution(
+        written, _, _ = protocol.push_contribution(
             self.store, RUN, name, base or self.base(), delta, SPEC, sign=signer
         )
         assert written
         self.pushed.setdefault(self.agg.state.version, {})[name] = delta
 
     def decoded(self, rnd, name):
-        body = self.store.get(rounds.contrib_key(RUN, rnd, name))
-        return rounds.decode(rounds.unpack_contribution(body, 10**6)[1], like=LIKE)
+        body = self.store.get(protocol.contrib_key(RUN, rnd, name))
+        return protocol.decode(protocol.unpack_contribution(body, 10**6)[1], like=LIKE)
 
 
 def adversarial_round(world, adversaries=True):
@@ -196,7 +196,7 @@ def test_ledger_records_every_contribution_and_verifies(adversarial_run, tmp_pat
 
 def test_seeds_are_committed_before_and_revealed_after_each_round(adversarial_run):
     world, decisions = adversarial_run
-    manifest = rounds.read_json(world.store, rounds.manifest_key(RUN))
+    manifest = protocol.read_json(world.store, protocol.manifest_key(RUN))
     public = manifest["contrib"]["aggregator_key"]
     commitment = manifest["contrib"]["seed_commitment"]
     seeds = set()
@@ -264,41 +264,41 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
     assert adversarial_round_zero["accepted"][0]["island"] == "honest0"
     base, r = world.base(), 1
     delta = inner(base.params, "mallory", r)
-    key = rounds.contrib_key(RUN, r, "mallory")
+    key = protocol.contrib_key(RUN, r, "mallory")
     signer = Signer(world.keys["mallory"], "mallory", CODE, CONFIG)
-    payload = rounds.encode(delta, SPEC)[0].to_bytes()
+    payload = protocol.encode(delta, SPEC)[0].to_bytes()
     tag = {"format": 1, "run": RUN, "round": r, "island": "mallory",
            "base_sha256": base.params_sha256, "spec": SPEC}  # fmt: skip
     if attack == "unsigned":
-        body = rounds.pack_contribution(tag, payload)
+        body = protocol.pack_contribution(tag, payload)
     elif attack == "unregistered":
         tag["island"] = "nobody"
-        key = rounds.contrib_key(RUN, r, "nobody")
-        body = rounds.pack_contribution(
+        key = protocol.contrib_key(RUN, r, "nobody")
+        body = protocol.pack_contribution(
             {**tag, **Signer(identity.generate(), "nobody", CODE, CONFIG)(tag, payload)}, payload
         )
     elif attack == "stale_object":
-        body = world.store.get(rounds.contrib_key(RUN, 0, "honest0"))
-        key = rounds.contrib_key(RUN, r, "honest0")
+        body = world.store.get(protocol.contrib_key(RUN, 0, "honest0"))
+        key = protocol.contrib_key(RUN, r, "honest0")
     elif attack == "wrong_base":
         tag["base_sha256"] = "0" * 64
-        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)
     elif attack == "unknown_field":
-        body = rounds.pack_contribution({**tag, **signer(tag, payload), "extra": 1}, payload)
+        body = protocol.pack_contribution({**tag, **signer(tag, payload), "extra": 1}, payload)
     elif attack == "truncated":
-        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)[:-7]
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)[:-7]
     elif attack == "nan":
         marker = np.float32(1234.5678)
-        bad = rounds.encode({**delta, "b": marker}, "fp32")[0].to_bytes()
+        bad = protocol.encode({**delta, "b": marker}, "fp32")[0].to_bytes()
         bad = bad.replace(marker.tobytes(), np.float32(np.nan).tobytes())
         tag["spec"] = "fp32"
-        body = rounds.pack_contribution({**tag, **signer(tag, bad)}, bad)
+        body = protocol.pack_contribution({**tag, **signer(tag, bad)}, bad)
     elif attack == "oversized":
-        body = rounds.pack_contribution({**tag, **signer(tag, payload)}, payload)
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)
         body += b"\0" * world.agg.max_body
     else:
         evil = Signer(world.keys["mallory"], "mallory", "e" * 64, CONFIG)
-        body = rounds.pack_contribution({**tag, **evil(tag, payload)}, payload)
+        body = protocol.pack_contribution({**tag, **evil(tag, payload)}, payload)
     world.store.put(key, body)
     world.push("honest1", inner(base.params, "honest1", r))
     world.agg.quorum = 2
@@ -327,7 +327,7 @@ def test_restarted_aggregator_records_a_committed_round_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         world.agg.run_round()
     world.agg.close()
-    assert rounds.read_json(world.store, rounds.decision_key(RUN, 0)) is not None
+    assert protocol.read_json(world.store, protocol.decision_key(RUN, 0)) is not None
     again = world.make_aggregator()
     assert again.load().version == 0
     stats = again.run_round()
@@ -348,13 +348,13 @@ def test_a_run_refuses_another_aggregator_key(tmp_path):
         ledger_path=str(tmp_path / "other.sqlite"), spec=SPEC, lr=LR, momentum=MU, quorum=1,
         round_timeout=1.0,
     )  # fmt: skip
-    with pytest.raises(rounds.ProtocolError, match="aggregator key"):
+    with pytest.raises(protocol.ProtocolError, match="aggregator key"):
         other.load()
 
 
 def test_verify_run_replays_robust_decisions(adversarial_run):
     world, _ = adversarial_run
-    assert rounds.verify_run(world.store, RUN, LIKE) == []
+    assert protocol.verify_run(world.store, RUN, LIKE) == []
 
 
 def test_tampering_with_the_stored_ledger_is_detected(adversarial_run, tmp_path):
@@ -416,7 +416,7 @@ def test_hostile_tags_and_registry_entries_never_stop_the_aggregator(tmp_path):
     world = World(tmp_path, HONEST[:2] + ["badsig"], POLICY)
     base = world.base()
     world.push("honest0", inner(base.params, "honest0", 0))
-    payload = rounds.encode(inner(base.params, "x", 0), SPEC)[0].to_bytes()
+    payload = protocol.encode(inner(base.params, "x", 0), SPEC)[0].to_bytes()
     tag = {"format": 1, "run": RUN, "round": 0, "base_sha256": base.params_sha256, "spec": SPEC}
     hostile = {
         "surrogate": {**tag, "island": "surrogate", "contributor": "\ud800", "signature": "x"},
@@ -431,15 +431,15 @@ def test_hostile_tags_and_registry_entries_never_stop_the_aggregator(tmp_path):
         "nested": {**tag, "island": "nested", "contributor": "nested"},
     }
     for name, t in hostile.items():
-        body = rounds.pack_contribution(t, payload)
+        body = protocol.pack_contribution(t, payload)
         if name == "nested":  # ~30,000 nested lists inside the tag
-            raw = rounds.dumps(t)[:-1] + b',"x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+            raw = protocol.dumps(t)[:-1] + b',"x":' + b"[" * 30000 + b"]" * 30000 + b"}"
             body = len(raw).to_bytes(4, "little") + raw + payload
-        world.store.put(rounds.contrib_key(RUN, 0, name), body)
+        world.store.put(protocol.contrib_key(RUN, 0, name), body)
     world.store.put(identity.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
     world.store.put(
-        rounds.contrib_key(RUN, 0, "deep"),
-        rounds.pack_contribution({**tag, "island": "deep", "contributor": "deep",
+        protocol.contrib_key(RUN, 0, "deep"),
+        protocol.pack_contribution({**tag, "island": "deep", "contributor": "deep",
                                   "signature": "0" * 128, "payload_sha256": "0" * 64,
                                   "code_sha256": CODE, "config_sha256": CONFIG}, payload),
     )  # fmt: skip
@@ -466,18 +466,18 @@ def test_nobody_can_get_a_contributor_disqualified_without_its_key(tmp_path):
     base, r = world.base(), 1
     # Mallory names honest0 in a replayed tag in its own slot, and copies honest1's own
     # signed round-0 object into honest1's slot before honest1 pushes.
-    old = rounds.contrib_key(RUN, 0, "honest1")
-    world.store.put(rounds.contrib_key(RUN, r, "honest1"), world.store.get(old))
-    stale = rounds.pack_contribution({"run": RUN, "round": 0, "contributor": "honest0"}, b"")
-    world.store.put(rounds.contrib_key(RUN, r, "mallory"), stale)
+    old = protocol.contrib_key(RUN, 0, "honest1")
+    world.store.put(protocol.contrib_key(RUN, r, "honest1"), world.store.get(old))
+    stale = protocol.pack_contribution({"run": RUN, "round": 0, "contributor": "honest0"}, b"")
+    world.store.put(protocol.contrib_key(RUN, r, "mallory"), stale)
     for name in ("honest0", "honest2"):
         world.push(name, inner(base.params, name, r))
-    slot = rounds.contrib_key(RUN, r, "honest1")
+    slot = protocol.contrib_key(RUN, r, "honest1")
     own = Signer(world.keys["honest1"], "honest1", CODE, CONFIG)
     expect = {"run": RUN, "round": r, "base_sha256": base.params_sha256}
     assert "not signed by this island's key" in slot_problem(world.store, slot, own, expect)
     theirs = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
-    assert slot_problem(world.store, rounds.contrib_key(RUN, r, "honest0"), theirs, expect) == ""
+    assert slot_problem(world.store, protocol.contrib_key(RUN, r, "honest0"), theirs, expect) == ""
     entries = _entries(_close(world))
     assert entries["honest1"]["reason"].startswith("replayed") and not entries["honest1"]["key_id"]
     assert entries["mallory"]["reason"].startswith("replayed")  # under the key's name
@@ -602,13 +602,13 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     new_code = "e" * 64
     world.push("honest0", inner(base.params, "honest0", 0))
     upgraded = Signer(world.keys["honest1"], "honest1", new_code, CONFIG)
-    rounds.push_contribution(world.store, RUN, "honest1", base, inner(base.params, "h1", 0),
+    protocol.push_contribution(world.store, RUN, "honest1", base, inner(base.params, "h1", 0),
                              SPEC, sign=upgraded)  # fmt: skip
     entries = _entries(_close(world, quorum=2))
     assert entries["honest1"]["reason"].startswith("attestation: code hash eeeeeeeeeeee")
     # Anyone can write a list; only the aggregator's signed one counts.
     forged = {"run": RUN, "hashes": [new_code], "signature": "0" * 128}
-    world.store.put(validator.allowed_code_key(RUN), rounds.dumps(forged))
+    world.store.put(validator.allowed_code_key(RUN), protocol.dumps(forged))
     extra, problem = validator.extra_allowed_code(world.store, RUN, world.agg_key.public_hex)
     assert extra == set() and "not signed" in problem
     assert world.agg.allow_code([new_code]) == [new_code]
@@ -620,7 +620,7 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     old_code = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
     for name, signer in (("honest0", old_code), ("honest1", upgraded)):
         delta = inner(base.params, name, 1)
-        rounds.push_contribution(world.store, RUN, name, base, delta, SPEC, sign=signer)
+        protocol.push_contribution(world.store, RUN, name, base, delta, SPEC, sign=signer)
     entries = _entries(_close(world, quorum=2))
     assert entries["honest1"]["applied"] and entries["honest0"]["applied"]
 
@@ -631,26 +631,26 @@ def test_second_review_holes_stay_closed(tmp_path):
     for name in HONEST[:3]:
         world.push(name, inner(base.params, name, 0))
     # An object posing as a second contribution of honest0 under a nested key is ignored.
-    own = world.store.get(rounds.contrib_key(RUN, 0, "honest0"))
-    world.store.put(rounds.contrib_prefix(RUN, 0) + "x/honest0", own)
+    own = world.store.get(protocol.contrib_key(RUN, 0, "honest0"))
+    world.store.put(protocol.contrib_prefix(RUN, 0) + "x/honest0", own)
     decision = _close(world, quorum=3)
     assert [e["contributor"] for e in decision["contrib"]["entries"]] == HONEST[:3]
     assert all(e["applied"] for e in decision["contrib"]["entries"])
     # Damage to an applied round-0 object does not block a restarted aggregator, and
     # re-pushing the published update of round 0 is a stale copy.
-    world.store.put(rounds.contrib_key(RUN, 0, "honest1"), b"junk")
+    world.store.put(protocol.contrib_key(RUN, 0, "honest1"), b"junk")
     world.agg.close()
     world.agg = world.make_aggregator()
     world.agg.load()
     base = world.base()
-    echo = world.agg._decoded(rounds.update_key(RUN, 0))
+    echo = world.agg._decoded(protocol.update_key(RUN, 0))
     world.push("honest0", inner(base.params, "honest0", 1))
     world.push("honest2", echo)
     entries = _entries(_close(world, quorum=2))
     assert entries["honest2"]["reason"].startswith("stale: near-duplicate of the published")
     assert entries["honest0"]["applied"]
     # Junk in an island's own slot is reported, not fatal.
-    slot = rounds.contrib_key(RUN, 2, "honest1")
+    slot = protocol.contrib_key(RUN, 2, "honest1")
     world.store._kv.write(slot, b"not a framed object").result()
     signer = Signer(world.keys["honest1"], "honest1", CODE, CONFIG)
     assert slot_problem(world.store, slot, signer, {}) == "it is not an intact object"
@@ -658,9 +658,9 @@ def test_second_review_holes_stay_closed(tmp_path):
     # A --ledger path that is not a ledger file is refused, never moved aside.
     other = world.make_aggregator()
     other.ledger_path = str(tmp_path / "run")  # the store's own directory
-    with pytest.raises(rounds.ProtocolError, match="is not a ledger file"):
+    with pytest.raises(protocol.ProtocolError, match="is not a ledger file"):
         other.load()
-    assert (tmp_path / "run").is_dir() and world.store.exists(rounds.manifest_key(RUN))
+    assert (tmp_path / "run").is_dir() and world.store.exists(protocol.manifest_key(RUN))
 
 
 def test_a_decision_not_signed_by_the_aggregator_is_moved_aside(tmp_path):
@@ -670,10 +670,10 @@ def test_a_decision_not_signed_by_the_aggregator_is_moved_aside(tmp_path):
     base, logged = world.agg.state, []
     world.agg.log = logged.append
     other = world.make_aggregator()  # the same key: a decision it could have written...
-    verdicts = [other.check(base, k) for k in rounds.contrib_keys(world.store, RUN, 0)]
+    verdicts = [other.check(base, k) for k in protocol.contrib_keys(world.store, RUN, 0)]
     forged = other.decide(base, verdicts, [], "quorum")[2]
     forged["signature"] = "0" * 128  # well-formed and replayable, but not the key's
-    world.store.put(rounds.decision_key(RUN, 0), rounds.dumps(forged))
+    world.store.put(protocol.decision_key(RUN, 0), protocol.dumps(forged))
     world.agg.quorum = 2
     stats = world.agg.run_round()
     assert stats["accepted"] == 2 and not stats["replayed"]

@@ -18,7 +18,7 @@ import pytest
 
 from near_jax.contrib import audit, identity, ledger, validator
 from near_jax.contrib.rewards import Standing
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
 from tests.test_contrib import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 
@@ -168,13 +168,13 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
         changes = {"accepted": False, "applied": False, "reward": 0.0,
                    "reason": "norm outlier: 9.9x the median norm"}  # fmt: skip
     rehash(path, victim["seq"], **changes)
-    decision = rounds.read_json(store, rounds.decision_key(RUN, 1))
+    decision = protocol.read_json(store, protocol.decision_key(RUN, 1))
     for e in decision["contrib"]["entries"]:
         if e["contributor"] == "honest1":
             e.update(changes)
     if by_aggregator:
         sign(world, decision)
-    store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
+    store.put(protocol.decision_key(RUN, 1), protocol.dumps(decision))
     ledger.upload(store, RUN, str(path))
     problems, _ = audit.verify(store, RUN)
     expected = [] if by_aggregator else [UNSIGNED]
@@ -186,23 +186,23 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
 
 def test_an_altered_seed_reveal_is_found(world, tmp_path):
     store, _ = clone(world, tmp_path)
-    decision = rounds.read_json(store, rounds.decision_key(RUN, 1))
+    decision = protocol.read_json(store, protocol.decision_key(RUN, 1))
     # a genuine aggregator signature, but of another round: the seed would be reused
     decision["contrib"]["seed_signature"] = validator.seed_signature(world.agg_key, RUN, 0)
-    store.put(rounds.decision_key(RUN, 1), rounds.dumps(sign(world, decision)))
+    store.put(protocol.decision_key(RUN, 1), protocol.dumps(sign(world, decision)))
     problems, _ = audit.verify(store, RUN)
     assert problems == ["round 1: the seed is not signed by the run's aggregator key"]
     del decision["signature"]  # and a decision nobody signed
-    store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
+    store.put(protocol.decision_key(RUN, 1), protocol.dumps(decision))
     assert audit.verify(store, RUN)[0][0] == UNSIGNED
     # a genuine decision of round 0, filed as round 1's
-    store.put(rounds.decision_key(RUN, 1), store.get(rounds.decision_key(RUN, 0)))
+    store.put(protocol.decision_key(RUN, 1), store.get(protocol.decision_key(RUN, 0)))
     assert "round 1: the decision names round 0" in audit.verify(store, RUN)[0]
 
 
 def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
     store, path = clone(world, tmp_path)
-    (path / rounds.decision_key(RUN, 0)).write_bytes(b"not a framed object")
+    (path / protocol.decision_key(RUN, 0)).write_bytes(b"not a framed object")
     (path / ledger.store_key(RUN)).write_bytes(b"garbage")
     problems, summary = audit.verify(store, RUN)
     assert any(p.startswith("round 0: the decision is unreadable") for p in problems), problems
@@ -215,8 +215,8 @@ def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
 
 def set_latest(store: ObjectStore, version: int) -> None:
     """Moves `latest` to `version` (back, as it was before a round was published)."""
-    info = rounds.read_latest(store, RUN)
-    store.put(rounds.latest_key(RUN), rounds.dumps({**info, "version": version}))
+    info = protocol.read_latest(store, RUN)
+    store.put(protocol.latest_key(RUN), protocol.dumps({**info, "version": version}))
 
 
 def upload_rounds_before(world, tmp_path, store: ObjectStore, rnd: int) -> Path:
@@ -263,27 +263,27 @@ def test_the_latest_round_may_be_recorded_before_it_is_published(world, tmp_path
     problems, summary = audit.verify(store, RUN)
     assert problems == [] and summary["rounds"] == last
     n = len(NAMES)
-    store.delete(rounds.decision_key(RUN, last))  # ... but not without its decision
+    store.delete(protocol.decision_key(RUN, last))  # ... but not without its decision
     assert audit.verify(store, RUN)[0] == [
         f"round {last}: the ledger has {n} entries of round {last}, which has no decision "
         f"(the latest version is {last})"
     ]
-    decision = world.store.get(rounds.decision_key(RUN, last))
-    store.put(rounds.decision_key(RUN, last), decision)
+    decision = world.store.get(protocol.decision_key(RUN, last))
+    store.put(protocol.decision_key(RUN, last), decision)
     set_latest(store, last - 1)  # and never a round after `latest`
     assert audit.verify(store, RUN)[0] == [
         f"the ledger has {n} entries of round(s) {last}, past the latest version {last - 1}: "
         "no decision lists them"
     ]
-    bad = rounds.read_json(store, rounds.decision_key(RUN, last))
+    bad = protocol.read_json(store, protocol.decision_key(RUN, last))
     bad["contrib"]["entries"][0]["reward"] = 0.25  # nor with a decision that differs
-    store.put(rounds.decision_key(RUN, last), rounds.dumps(bad))
+    store.put(protocol.decision_key(RUN, last), protocol.dumps(bad))
     set_latest(store, last)
     problems = audit.verify(store, RUN)[0]
     assert problems[0] == f"round {last}: the decision is not signed by the run's aggregator key"
     assert len(problems) == 2 and "differs from the decision in reward" in problems[1]
     set_latest(store, last)  # committed, not recorded yet (killed in between): fine too
-    store.put(rounds.decision_key(RUN, last), decision)
+    store.put(protocol.decision_key(RUN, last), decision)
     upload_rounds_before(world, tmp_path, store, last)
     assert audit.verify(store, RUN)[0] == []
 
@@ -323,13 +323,13 @@ def test_messages_name_the_given_ledger_not_a_copy(world, tmp_path):
 
 def test_deeply_nested_store_objects_are_problems(world, tmp_path):
     store, _ = clone(world, tmp_path)
-    store.put(rounds.decision_key(RUN, 1), b"[" * 30000 + b"]" * 30000)
-    store.put(rounds.decision_key(RUN, 2), rounds.dumps({"x": [[]] * 3}).replace(
+    store.put(protocol.decision_key(RUN, 1), b"[" * 30000 + b"]" * 30000)
+    store.put(protocol.decision_key(RUN, 2), protocol.dumps({"x": [[]] * 3}).replace(
         b"[[],[],[]]", b"[" * 900 + b"]" * 900))  # fmt: skip
     problems, _ = audit.verify(store, RUN)
     assert problems[0].startswith("round 1: the decision is unreadable: "), problems
     assert any(p.startswith("round 2: ") for p in problems), problems
-    store.put(rounds.manifest_key(RUN), b"{" + b'"a":{' * 30000 + b"}" * 30001)
+    store.put(protocol.manifest_key(RUN), b"{" + b'"a":{' * 30000 + b"}" * 30001)
     assert audit.verify(store, RUN)[0][0].startswith(
         f"the run manifest {RUN}/run.json is unreadable"
     )
@@ -440,10 +440,10 @@ def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
 def test_cli_gives_one_line_for_absurd_store_objects(world, tmp_path):
     deep = b"[" * 30000 + b"]" * 30000
     store, path = clone(world, tmp_path)
-    store.put(rounds.decision_key(RUN, 1), deep)
+    store.put(protocol.decision_key(RUN, 1), deep)
     store.put(identity.registry_key(RUN, "deep"), deep)
     other, other_path = clone(world, tmp_path / "other")
-    other.put(rounds.manifest_key(RUN), deep)
+    other.put(protocol.manifest_key(RUN), deep)
     calls = [
         (command, f"--store={p}", f"--run={RUN}", *extra)
         for p in (path, other_path)

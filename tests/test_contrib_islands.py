@@ -9,7 +9,7 @@ import numpy as np
 
 from near_jax.contrib import identity, ledger
 from near_jax.contrib.contributor import Signer
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.store import ObjectStore
 from tests.test_islands import MODEL, RUN, Procs, _latest, _records
@@ -40,11 +40,11 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
         procs.wait_for("version 1", lambda: _latest(store) >= 1, 240)
         # A forger claims island a's name in the open round with another key.
         v = _latest(store)
-        base = rounds.pull_version(store, RUN, v, _like(store))
+        base = protocol.pull_version(store, RUN, v, _like(store))
         delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.params)
         forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
         identity.register(store, RUN, "mallory", identity.generate(), time.time())
-        rounds.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
+        protocol.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
         procs.wait_for("version 2", lambda: _latest(store) >= 2, 120)
         procs.procs["agg1"].send_signal(signal.SIGKILL)
         procs.procs["agg1"].wait()
@@ -65,7 +65,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     assert ledger.verify_chain(str(path), RUN) == []
     with ledger.Ledger.open(str(path), RUN) as book:
         rows = book.entries()
-    decisions = [json.loads(store.get(rounds.decision_key(RUN, r))) for r in range(ROUNDS)]
+    decisions = [json.loads(store.get(protocol.decision_key(RUN, r))) for r in range(ROUNDS)]
     assert len(rows) == sum(len(d["contrib"]["entries"]) for d in decisions)
     for d in decisions:
         mine = [r for r in rows if r["round"] == d["round"]]
@@ -81,7 +81,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     ]
     forged_rows = [r for r in rows if r["contributor"] == "mallory"]
     assert len(forged_rows) == 1 and forged_rows[0]["reason"].startswith("bad signature")
-    assert rounds.verify_run(store, RUN, _like(store)) == []
+    assert protocol.verify_run(store, RUN, _like(store)) == []
     records = _records(tmp_path / "agg" / "metrics.jsonl", "aggregator")
     assert any("best_score" in x for x in records)
     v0 = next(x["eval_loss"] for x in records if x.get("version") == 0 and "round" not in x)
@@ -93,4 +93,4 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
 
 
 def _like(store):
-    return decode(Payload.from_bytes(store.get(rounds.version_key(RUN, 0, "params"))))
+    return decode(Payload.from_bytes(store.get(protocol.version_key(RUN, 0, "params"))))

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from near_jax.contrib import attest, identity
 from near_jax.contrib.identity import IdentityError
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
 
 H = {c: c * 64 for c in "0123456789abcdef"}  # distinct valid sha256 hex strings
@@ -108,7 +108,7 @@ def test_statement_is_canonical(alice):
     data = identity.statement_bytes(f)
     assert data == identity.statement_bytes(reordered)
     assert data.startswith(b"near_jax/contribution/v1\n")
-    assert data == b"near_jax/contribution/v1\n" + rounds.dumps(f)
+    assert data == b"near_jax/contribution/v1\n" + protocol.dumps(f)
     sig = identity.sign_statement(alice, f)
     assert identity.verify_statement(alice.public_hex, reordered, sig)
     # Every field is covered by the signature.
@@ -117,7 +117,7 @@ def test_statement_is_canonical(alice):
     ]:
         assert not identity.verify_statement(alice.public_hex, fields(**{k: v}), sig), k
     # A statement signature is not a signature of the bare JSON (domain separation).
-    assert not identity.verify(alice.public_hex, rounds.dumps(f), sig)
+    assert not identity.verify(alice.public_hex, protocol.dumps(f), sig)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_register_and_lookup(store, alice, bob):
     assert identity.register(store, "other", "alice", bob, now=1.0) is True
     assert identity.registry(store, "demo") == {"alice": alice.public_hex, "bob": bob.public_hex}
     assert identity.registry_problems(store, "demo") == []
-    entry = rounds.read_json(store, "demo/registry/alice")
+    entry = protocol.read_json(store, "demo/registry/alice")
     assert entry["registered_at"] == 100.0 and entry["key_id"] == alice.key_id
 
 
@@ -266,11 +266,11 @@ def test_tampered_registry_never_yields_a_key(store, alice, bob):
     identity.register(store, "demo", "alice", alice, now=1.0)
     identity.register(store, "demo", "bob", bob, now=1.0)
     identity.register(store, "demo", "carol", identity.generate(), now=1.0)
-    good = rounds.read_json(store, "demo/registry/alice")
+    good = protocol.read_json(store, "demo/registry/alice")
 
     # Swap in another public key (with a consistent key id): the self-signature fails.
     swapped = dict(good, public_key=bob.public_hex, key_id=bob.key_id)
-    store.put("demo/registry/alice", rounds.dumps(swapped))
+    store.put("demo/registry/alice", protocol.dumps(swapped))
     with pytest.raises(IdentityError, match="demo/registry/alice.*signature that does not verify"):
         identity.lookup(store, "demo", "alice")
 
@@ -281,9 +281,9 @@ def test_tampered_registry_never_yields_a_key(store, alice, bob):
 
     # Not JSON, wrong fields, a key id that lies.
     store.put("demo/registry/dave", b"not json")
-    bad_id = rounds.read_json(store, "demo/registry/carol")
-    store.put("demo/registry/carol", rounds.dumps(dict(bad_id, key_id="0" * 16)))
-    store.put("demo/registry/eve", rounds.dumps({"name": "eve"}))
+    bad_id = protocol.read_json(store, "demo/registry/carol")
+    store.put("demo/registry/carol", protocol.dumps(dict(bad_id, key_id="0" * 16)))
+    store.put("demo/registry/eve", protocol.dumps({"name": "eve"}))
     for name, match in [("dave", "not JSON"), ("carol", "key id"), ("eve", "has fields")]:
         with pytest.raises(IdentityError, match=match):
             identity.lookup(store, "demo", name)
@@ -343,11 +343,11 @@ def test_code_sha256_of_a_copied_package(tmp_path):
     assert attest.code_sha256(str(copy)) == default  # stable
     (copy / "README.txt").write_text("not code")
     assert attest.code_sha256(str(copy)) == default
-    with open(copy / "diloco" / "rounds.py", "a") as f:
+    with open(copy / "diloco" / "protocol" / "keys.py", "a") as f:
         f.write("\n# changed\n")
     changed = attest.code_sha256(str(copy))
     assert changed != default
-    os.rename(copy / "diloco" / "rounds.py", copy / "diloco" / "rounds2.py")
+    os.rename(copy / "diloco" / "protocol" / "keys.py", copy / "diloco" / "protocol" / "keys2.py")
     assert attest.code_sha256(str(copy)) not in (default, changed)
 
 

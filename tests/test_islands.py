@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from near_jax.diloco import island, rounds
+from near_jax.diloco import island, protocol
 from near_jax.diloco import store as store_lib
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.codec.compress import LeafPayload, Payload, decode, encode
@@ -68,8 +68,8 @@ def started(tmp_path):
 
 
 def push(store, island, version, delta, **kw):
-    base = rounds.pull_version(store, RUN, version, LIKE)
-    return rounds.push_contribution(store, RUN, island, base, delta, SPEC, **kw)
+    base = protocol.pull_version(store, RUN, version, LIKE)
+    return protocol.push_contribution(store, RUN, island, base, delta, SPEC, **kw)
 
 
 def optax_rounds(params, updates):
@@ -94,13 +94,13 @@ def bits_equal(a, b):
 def test_numpy_outer_update_is_bit_identical_to_optax(mu):
     """Host numpy float32 == optax op by op. A jitted step may fuse (e.g. into FMAs) and
     differ in the last bit, which is why islands and the aggregator step on the host."""
-    params, momentum = tree(1), rounds.zeros_like(LIKE)
+    params, momentum = tree(1), protocol.zeros_like(LIKE)
     opt = outer_optimizer(LR, mu)
     ref_params, ref_state = params, opt.init(params)
     jitted = jax.jit(lambda p, s, d: outer_step(opt, p, s, d))
     for step in range(5):
         delta = tree(10 + step, scale=1e-2)
-        params, momentum = rounds.outer_update(params, momentum, delta, LR, mu)
+        params, momentum = protocol.outer_update(params, momentum, delta, LR, mu)
         eager = outer_step(opt, ref_params, ref_state, delta)
         jit_params, _ = jitted(ref_params, ref_state, delta)
         ref_params, ref_state = eager
@@ -130,14 +130,14 @@ def test_round_of_three_matches_independent_recomputation(started):
     mean = jax.tree.map(lambda a, b, c: (a + b + c) / np.float32(3), *decoded)
     update = decode(encode(mean, SPEC)[0])
     ref_params, ref_momentum = optax_rounds(tree(1), [update])
-    v1 = rounds.pull_version(store, RUN, 1, LIKE, with_server_ef=True)
+    v1 = protocol.pull_version(store, RUN, 1, LIKE, with_server_ef=True)
     assert bits_equal(v1.params, ref_params) and bits_equal(v1.momentum, ref_momentum)
     # An island following by the update alone reaches the same bits (hash-checked).
-    island_v0 = rounds.pull_version(store, RUN, 0, LIKE)
-    island_v1 = rounds.apply_update(store, RUN, island_v0, SPEC, LR, MU, LIKE)
+    island_v0 = protocol.pull_version(store, RUN, 0, LIKE)
+    island_v1 = protocol.apply_update(store, RUN, island_v0, SPEC, LR, MU, LIKE)
     assert island_v1.params_sha256 == v1.params_sha256 and bits_equal(island_v1.params, ref_params)
-    assert json.loads(store.get(rounds.latest_key(RUN)))["version"] == 1
-    assert rounds.verify_run(store, RUN, LIKE) == []
+    assert json.loads(store.get(protocol.latest_key(RUN)))["version"] == 1
+    assert protocol.verify_run(store, RUN, LIKE) == []
 
 
 def test_late_push_is_recorded_late_and_never_applied(started):
@@ -152,41 +152,41 @@ def test_late_push_is_recorded_late_and_never_applied(started):
     push(store, "b", 1, tree(24, 1e-2))
     stats = agg.run_round()
     assert stats["decision"]["late"] == [
-        {"island": "c", "round": 0, "key": rounds.contrib_key(RUN, 0, "c")}
+        {"island": "c", "round": 0, "key": protocol.contrib_key(RUN, 0, "c")}
     ]
-    d0 = json.loads(store.get(rounds.decision_key(RUN, 0)))
+    d0 = json.loads(store.get(protocol.decision_key(RUN, 0)))
     assert [e["island"] for e in d0["accepted"]] == ["a", "b"]
     stats = agg.run_round()  # round 2 (deadline, empty): c is not reported twice
     assert stats["decision"]["late"] == [] and stats["reason"] == "deadline"
-    assert rounds.verify_run(store, RUN, LIKE) == []  # every version = its decision, once
+    assert protocol.verify_run(store, RUN, LIKE) == []  # every version = its decision, once
 
 
 def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     store, clock, agg = started
-    base = rounds.pull_version(store, RUN, 0, LIKE)
+    base = protocol.pull_version(store, RUN, 0, LIKE)
     good = tree(20, 1e-2)
     push(store, "good", 0, good)
     # Wrong base: built on other params.
-    other = rounds.make_version(0, tree(5), rounds.zeros_like(LIKE))
-    rounds.push_contribution(store, RUN, "stale", other, good, SPEC)
+    other = protocol.make_version(0, tree(5), protocol.zeros_like(LIKE))
+    protocol.push_contribution(store, RUN, "stale", other, good, SPEC)
     # Shapes unlike the params.
     bad_shape = {**good, "b": np.zeros(32, np.float32)}
-    rounds.push_contribution(store, RUN, "shape", base, bad_shape, SPEC)
+    protocol.push_contribution(store, RUN, "shape", base, bad_shape, SPEC)
     # Not a payload at all.
-    store.put(rounds.contrib_key(RUN, 0, "garbage"), b"\x05\x00\x00\x00{}abc" + b"junk" * 9)
+    store.put(protocol.contrib_key(RUN, 0, "garbage"), b"\x05\x00\x00\x00{}abc" + b"junk" * 9)
     # Finite scales whose decoded values overflow to inf.
     payload, _ = encode(good, SPEC)
     leaves = list(payload.leaves)
     leaves[0] = LeafPayload(leaves[0].path, leaves[0].shape, leaves[0].values,
                             np.full_like(leaves[0].scales, 3e38), None)  # fmt: skip
     tag = {"run": RUN, "round": 0, "island": "huge", "base_sha256": base.params_sha256}
-    body = rounds.pack_contribution(tag, Payload(payload.spec, tuple(leaves)))
-    store.put(rounds.contrib_key(RUN, 0, "huge"), body)
+    body = protocol.pack_contribution(tag, Payload(payload.spec, tuple(leaves)))
+    store.put(protocol.contrib_key(RUN, 0, "huge"), body)
     # Tag naming another island than its key.
-    store.put(rounds.contrib_key(RUN, 0, "liar"), body)
+    store.put(protocol.contrib_key(RUN, 0, "liar"), body)
     # A torn object (as a store without atomic writes might leave).
     push(store, "torn", 0, good)
-    path = tmp_path / rounds.contrib_key(RUN, 0, "torn")
+    path = tmp_path / protocol.contrib_key(RUN, 0, "torn")
     path.write_bytes(path.read_bytes()[:100])
 
     stats = agg.run_round()
@@ -204,7 +204,7 @@ def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     # Only the good contribution was applied.
     update = decode(encode(decode(encode(good, SPEC)[0]), SPEC)[0])
     ref_params, _ = optax_rounds(tree(1), [update])
-    assert bits_equal(rounds.pull_version(store, RUN, 1, LIKE).params, ref_params)
+    assert bits_equal(protocol.pull_version(store, RUN, 1, LIKE).params, ref_params)
 
 
 def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
@@ -213,19 +213,20 @@ def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
     store, clock, agg = started
     push(store, "good", 0, tree(20, 1e-2))
     size = 200 << 20
-    with open(tmp_path / rounds.contrib_key(RUN, 0, "junk"), "wb") as f:
+    with open(tmp_path / protocol.contrib_key(RUN, 0, "junk"), "wb") as f:
         f.write(store_lib.HEADER.pack(store_lib.MAGIC, 1, size, b"\0" * 32))
         f.truncate(store_lib.HEADER.size + size)
     outside = tmp_path.parent / f"{tmp_path.name}-passwd"
     outside.write_bytes(store_lib.frame(b"SECRET:x:0:0:root:/root:/bin/bash"))
-    os.symlink(outside, tmp_path / rounds.contrib_key(RUN, 0, "link"))
+    os.symlink(outside, tmp_path / protocol.contrib_key(RUN, 0, "link"))
     read0 = store.bytes_read
     decision = agg.run_round()["decision"]
-    assert store.bytes_read - read0 < rounds.object_limit(LIKE)
+    assert store.bytes_read - read0 < protocol.object_limit(LIKE)
     reasons = {e["island"]: e["reason"] for e in decision["rejected"]}
     assert "oversized" in reasons["junk"]
     assert (
-        "symbolic link" in reasons["link"] and rounds.contrib_key(RUN, 0, "link") in reasons["link"]
+        "symbolic link" in reasons["link"]
+        and protocol.contrib_key(RUN, 0, "link") in reasons["link"]
     )
     assert "SECRET" not in json.dumps(decision)
     assert [e["island"] for e in decision["accepted"]] == ["good"]
@@ -239,7 +240,7 @@ def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_pa
     logged = []
     agg.log = logged.append
     push(store, "good", 0, tree(20, 1e-2))
-    key = rounds.decision_key(RUN, 0)
+    key = protocol.decision_key(RUN, 0)
     if planted == "unframed":
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / key).write_bytes(b"garbage")
@@ -247,13 +248,15 @@ def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_pa
         store.put(key, b"{not json")
     else:  # well-formed, but its result is not what replaying its contributions gives
         base = agg.state
-        fake = rounds.make_version(1, tree(7), rounds.zeros_like(LIKE))
-        verdict = rounds.check_contribution(
-            store, RUN, base, rounds.contrib_key(RUN, 0, "good"), LIKE
+        fake = protocol.make_version(1, tree(7), protocol.zeros_like(LIKE))
+        verdict = protocol.check_contribution(
+            store, RUN, base, protocol.contrib_key(RUN, 0, "good"), LIKE
         )
         store.put(
             key,
-            rounds.dumps(rounds.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)),
+            protocol.dumps(
+                protocol.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)
+            ),
         )
     assert island._newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
     stats = agg.run_round()
@@ -261,19 +264,19 @@ def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_pa
     aside = store.list(f"{RUN}/quarantine/")
     assert len(aside) == 1 and aside[0].startswith(f"{RUN}/quarantine/rounds.00000000.decision.")
     assert any(key in m and aside[0] in m for m in logged), logged
-    assert rounds.verify_run(store, RUN, LIKE) == []
+    assert protocol.verify_run(store, RUN, LIKE) == []
 
 
 def test_a_planted_latest_is_moved_aside_and_rebuilt(started):
     store, clock, agg = started
     push(store, "good", 0, tree(20, 1e-2))
     agg.run_round()
-    store.put(rounds.latest_key(RUN), b'{"version": 99}')
+    store.put(protocol.latest_key(RUN), b'{"version": 99}')
     assert island._newer(store, RUN, 1, "eu-1") is None
     again = make_aggregator(store, clock)
     assert not again.create(tree(1), {})
     assert again.load().version == 1 and again.state.hashes() == agg.state.hashes()
-    assert rounds.read_latest(store, RUN)["version"] == 1
+    assert protocol.read_latest(store, RUN)["version"] == 1
     assert len(store.list(f"{RUN}/quarantine/")) == 1
 
 
@@ -281,8 +284,8 @@ def test_empty_round_publishes_the_same_version(started):
     store, clock, agg = started
     stats = agg.run_round()
     assert (stats["reason"], stats["accepted"], stats["version"]) == ("deadline", 0, 1)
-    v0, v1 = (rounds.pull_version(store, RUN, v, LIKE) for v in (0, 1))
-    assert v0.hashes() == v1.hashes() and store.get(rounds.update_key(RUN, 0)) is None
+    v0, v1 = (protocol.pull_version(store, RUN, v, LIKE) for v in (0, 1))
+    assert v0.hashes() == v1.hashes() and store.get(protocol.update_key(RUN, 0)) is None
 
 
 class Crash(Exception):
@@ -302,17 +305,17 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
     if where == "after_decision":
         agg._publish = crash  # dies right after writing the decision
     else:
-        real = rounds.advance_latest
-        rounds.advance_latest = crash  # dies after the derived objects, before `latest`
+        real = protocol.advance_latest
+        protocol.advance_latest = crash  # dies after the derived objects, before `latest`
     try:
         with pytest.raises(Crash):
             agg.run_round()
     finally:
         if where == "before_latest":
-            rounds.advance_latest = real
-    decision_bytes = store.get(rounds.decision_key(RUN, 0))
+            protocol.advance_latest = real
+    decision_bytes = store.get(protocol.decision_key(RUN, 0))
     assert decision_bytes is not None
-    assert json.loads(store.get(rounds.latest_key(RUN)))["version"] == 0
+    assert json.loads(store.get(protocol.latest_key(RUN)))["version"] == 0
     written = {}
     if where == "before_latest":
         written = {k: (tmp_path / k).read_bytes() for k in store.list(f"{RUN}/versions/00000001/")}
@@ -322,17 +325,17 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
     assert fresh.load().version == 0
     stats = fresh.run_round()
     assert stats["replayed"] == 1 and stats["version"] == 1
-    assert store.get(rounds.decision_key(RUN, 0)) == decision_bytes  # the commit stands
+    assert store.get(protocol.decision_key(RUN, 0)) == decision_bytes  # the commit stands
     for key, raw in written.items():
         assert (tmp_path / key).read_bytes() == raw  # recomputed: identical bytes
     # Applied exactly once: version 1 = version 0 + one outer step; version 2 continues.
     mean = jax.tree.map(lambda a, b, c: (a + b + c) / np.float32(3),
                         *[decode(encode(d, SPEC)[0]) for d in deltas])  # fmt: skip
     ref_params, _ = optax_rounds(tree(1), [decode(encode(mean, SPEC)[0])])
-    assert bits_equal(rounds.pull_version(store, RUN, 1, LIKE).params, ref_params)
+    assert bits_equal(protocol.pull_version(store, RUN, 1, LIKE).params, ref_params)
     assert fresh.load().version == 1
     assert fresh.run_round()["reason"] == "deadline"  # round 1: nothing was pushed
-    assert rounds.verify_run(store, RUN, LIKE) == []
+    assert protocol.verify_run(store, RUN, LIKE) == []
 
 
 def test_island_follows_by_updates_and_detects_mismatch(started):
@@ -341,13 +344,13 @@ def test_island_follows_by_updates_and_detects_mismatch(started):
     for r in range(3):
         push(store, "a", r, tree(40 + r, 1e-2))
         agg.run_round()
-    held = rounds.pull_version(store, RUN, 0, LIKE)
+    held = protocol.pull_version(store, RUN, 0, LIKE)
     for _ in range(3):
-        held = rounds.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
-    assert held.hashes() == rounds.pull_version(store, RUN, 3, LIKE).hashes()
-    drifted = rounds.make_version(1, tree(7), rounds.pull_version(store, RUN, 1, LIKE).momentum)
-    with pytest.raises(rounds.ProtocolError, match="another base"):
-        rounds.apply_update(store, RUN, drifted, SPEC, LR, MU, LIKE)
+        held = protocol.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
+    assert held.hashes() == protocol.pull_version(store, RUN, 3, LIKE).hashes()
+    drifted = protocol.make_version(1, tree(7), protocol.pull_version(store, RUN, 1, LIKE).momentum)
+    with pytest.raises(protocol.ProtocolError, match="another base"):
+        protocol.apply_update(store, RUN, drifted, SPEC, LR, MU, LIKE)
 
 
 def test_jnp_params_are_accepted_like_numpy(started):
@@ -361,15 +364,15 @@ def test_jnp_params_are_accepted_like_numpy(started):
 def test_keep_versions_collects_old_full_versions(started):
     store, _, agg = started
     agg.keep_versions, agg.quorum = 2, 1
-    held = rounds.pull_version(store, RUN, 0, LIKE)  # an island that falls behind
+    held = protocol.pull_version(store, RUN, 0, LIKE)  # an island that falls behind
     for r in range(4):
         push(store, "a", r, tree(60 + r, 1e-2))
         agg.run_round()
     versions = {k.split("/")[2] for k in store.list(f"{RUN}/versions/")}
     assert versions == {"00000003", "00000004"}
     for _ in range(4):  # updates and decisions are kept: it can still follow
-        held = rounds.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
-    assert held.hashes() == rounds.pull_version(store, RUN, 4, LIKE).hashes()
+        held = protocol.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
+    assert held.hashes() == protocol.pull_version(store, RUN, 4, LIKE).hashes()
 
 
 # ------------------------------------------------------------------- processes on localhost
@@ -422,7 +425,7 @@ class Procs:
 
 
 def _latest(store):
-    body = store.get(rounds.latest_key(RUN))
+    body = store.get(protocol.latest_key(RUN))
     return json.loads(body)["version"] if body else -1
 
 
@@ -485,10 +488,10 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
 
     # The run is complete and every version is exactly version 0 + its decisions, each
     # applied once (replayed from the store; every object read is validated).
-    like = decode(Payload.from_bytes(store.get(rounds.version_key(RUN, 0, "params"))))
-    assert _latest(store) == ROUNDS and store.exists(rounds.finished_key(RUN))
-    assert rounds.verify_run(store, RUN, like) == []
-    decisions = [json.loads(store.get(rounds.decision_key(RUN, r))) for r in range(ROUNDS)]
+    like = decode(Payload.from_bytes(store.get(protocol.version_key(RUN, 0, "params"))))
+    assert _latest(store) == ROUNDS and store.exists(protocol.finished_key(RUN))
+    assert protocol.verify_run(store, RUN, like) == []
+    decisions = [json.loads(store.get(protocol.decision_key(RUN, r))) for r in range(ROUNDS)]
     applied = [{e["island"] for e in d["accepted"]} for d in decisions]
     assert all(not d["rejected"] for d in decisions)  # no partial or corrupt object was read
     assert any("b" in a for a in applied[:b_killed_at])

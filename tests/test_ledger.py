@@ -22,7 +22,7 @@ from near_jax.contrib.ledger import (
     upload,
     verify_chain,
 )
-from near_jax.diloco.rounds import dumps
+from near_jax.diloco.protocol import dumps
 from near_jax.diloco.store import ObjectStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -470,7 +470,7 @@ def test_store_round_trip_and_damage(ledger_path, tmp_path):
 CHILD = r"""
 import os, signal, sys
 from near_jax.contrib.ledger import Ledger
-from near_jax.diloco.rounds import dumps
+from near_jax.diloco.protocol import dumps
 
 path, mode = sys.argv[1], sys.argv[2]
 pad = "x" * 2000  # ~100 KB a round: more than the page cache below, so pages spill

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import hashed_tree, leaves_sha256
 
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.robust import RULES, Rule, combine, select
 
 SHAPES = {"w": (3, 4), "b": (5,), "blocks": {"k": (2, 2, 3)}, "s": ()}
@@ -66,9 +66,9 @@ def trimmed_reference(k):
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_mean_is_bit_identical_to_rounds_average(n):
     deltas = trees(n, n)
-    assert_bits_equal(combine(Rule("mean"), deltas), rounds.average(deltas))
+    assert_bits_equal(combine(Rule("mean"), deltas), protocol.average(deltas))
     # top_g averages whatever it is given, in the given order, like the mean.
-    assert_bits_equal(combine(Rule("top_g", top_g=2), deltas), rounds.average(deltas))
+    assert_bits_equal(combine(Rule("top_g", top_g=2), deltas), protocol.average(deltas))
 
 
 @pytest.mark.parametrize("n", [5, 7, 11])
@@ -106,7 +106,7 @@ def test_robust_rules_resist_a_huge_sign_flipped_outlier():
     ]
     honest = [jax.tree.map(lambda x: np.asarray(x, np.float32), h) for h in honest]
     attacker = jax.tree.map(lambda b: (-1000.0 * b).astype(np.float32), base)
-    truth = rounds.average(honest)
+    truth = protocol.average(honest)
 
     def error(t):
         return max(

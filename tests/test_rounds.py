@@ -1,4 +1,4 @@
-"""The islands' numpy outer step and mean (near_jax.diloco.rounds): bytes pinned by goldens.
+"""The islands' numpy outer step and mean (near_jax.diloco.protocol): bytes pinned by goldens.
 
 Islands and the aggregator must reach the same bits on any machine (versions are checked by
 sha256), so these pin what `outer_update` and `average` make of fixed inputs that use no RNG.
@@ -10,7 +10,7 @@ optax is tested in test_islands.py.
 import pytest
 from helpers import hashed_tree, leaves_sha256
 
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 
 GOLDEN_PARAMS0 = "05cab80b78d68edf0e3d24a449730a21dec15a96ec286ad3a512c6e9cecb202c"
 # momentum μ → (params, momentum) after three steps of lr 0.7 from hashed_tree(100, 1.0) and
@@ -33,12 +33,12 @@ GOLDEN_AVERAGE = "557585ded1c9335a7178694367886c41d466433f99655a8d09224d2ffd8d74
 def test_outer_update_bytes_are_pinned(mu):
     params = hashed_tree(100, scale=1.0)
     assert leaves_sha256(params) == GOLDEN_PARAMS0  # else the input moved, not the step
-    momentum = rounds.zeros_like(params)
+    momentum = protocol.zeros_like(params)
     for seed in (200, 201, 202):
-        params, momentum = rounds.outer_update(params, momentum, hashed_tree(seed), 0.7, mu)
+        params, momentum = protocol.outer_update(params, momentum, hashed_tree(seed), 0.7, mu)
     assert (leaves_sha256(params), leaves_sha256(momentum)) == GOLDEN_OUTER[mu]
 
 
 def test_average_bytes_are_pinned():
-    mean = rounds.average([hashed_tree(seed) for seed in (300, 301, 302)])
+    mean = protocol.average([hashed_tree(seed) for seed in (300, 301, 302)])
     assert leaves_sha256(mean) == GOLDEN_AVERAGE

@@ -219,11 +219,11 @@ _OWN_FLAGS = ("out", "force", "key", "name", "store", "run", "ledger", "window",
 
 def _open_run(f: Any) -> tuple[Any, str]:
     """(store, run) of a contributor run; a usage error for a bad URL, name or run."""
-    from near_jax.diloco import rounds
+    from near_jax.diloco import protocol
     from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
     try:
-        run = rounds.check_name("run", f.run)
+        run = protocol.check_name("run", f.run)
     except ValueError as e:
         usage_error(str(e))
     try:
@@ -231,12 +231,12 @@ def _open_run(f: Any) -> tuple[Any, str]:
     except StoreError as e:
         usage_error(str(e))
     try:
-        manifest = rounds.read_json(store, rounds.manifest_key(run))
-    except (CorruptObject, rounds.ProtocolError) as e:  # exit 1 in _main, one line
+        manifest = protocol.read_json(store, protocol.manifest_key(run))
+    except (CorruptObject, protocol.ProtocolError) as e:  # exit 1 in _main, one line
         why = " ".join(str(e).split())[:300]
-        raise rounds.ProtocolError(f"the run manifest is unreadable: {why}") from None
+        raise protocol.ProtocolError(f"the run manifest is unreadable: {why}") from None
     if manifest is None:
-        usage_error(f"unknown run {run!r}: no {rounds.manifest_key(run)} in {f.store}")
+        usage_error(f"unknown run {run!r}: no {protocol.manifest_key(run)} in {f.store}")
     if not isinstance(manifest.get("contrib"), dict):
         usage_error(f"run {run!r} is not a contributor run (its manifest has no contrib section)")
     if getattr(f, "ledger", None) and not os.path.isfile(f.ledger):
@@ -343,7 +343,7 @@ def _main(argv: list[str]) -> None:
 
     from near_jax.contrib.identity import IdentityError
     from near_jax.contrib.ledger import LedgerError
-    from near_jax.diloco.rounds import ProtocolError
+    from near_jax.diloco.protocol import ProtocolError
     from near_jax.diloco.store import StoreError
 
     try:

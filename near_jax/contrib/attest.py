@@ -54,7 +54,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from near_jax.contrib import identity
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 
 MAX_BLOB_BYTES = 64 * 1024
 _SPEC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
@@ -105,8 +105,8 @@ def _tree_sha256(package_dir: str) -> str:
 
 
 def config_sha256(recipe: dict) -> str:
-    """sha256 of the run's config in canonical JSON (`rounds.dumps`)."""
-    return rounds.sha256(rounds.dumps(recipe))
+    """sha256 of the run's config in canonical JSON (`protocol.dumps`)."""
+    return protocol.sha256(protocol.dumps(recipe))
 
 
 # ---------------------------------------------------------------------------------- claims

@@ -47,8 +47,8 @@ from collections import defaultdict
 from typing import Any
 
 from near_jax.contrib import identity, ledger
-from near_jax.diloco import rounds
-from near_jax.diloco.rounds import ProtocolError
+from near_jax.diloco import protocol
+from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 REWARD_TOLERANCE = 1e-9
@@ -129,13 +129,13 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
     out = Audit([], summary["warnings"], summary)
     problems = out.problems
     try:
-        manifest = rounds.read_json(store, rounds.manifest_key(run))
+        manifest = protocol.read_json(store, protocol.manifest_key(run))
     except _UNREADABLE as e:
-        problems.append(f"the run manifest {rounds.manifest_key(run)} is unreadable: "
+        problems.append(f"the run manifest {protocol.manifest_key(run)} is unreadable: "
                         f"{_one_line(e)}")  # fmt: skip
         return out
     if manifest is None:
-        problems.append(f"run {run!r} has no manifest {rounds.manifest_key(run)} (unknown run)")
+        problems.append(f"run {run!r} has no manifest {protocol.manifest_key(run)} (unknown run)")
         return out
     contrib = manifest.get("contrib")
     if not isinstance(contrib, dict):
@@ -189,14 +189,14 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
 def _read_latest(store: ObjectStore, run: str) -> tuple[int, str]:
     """(latest version, '') or (0, why it is unusable)."""
     try:
-        info = rounds.read_latest(store, run)
+        info = protocol.read_latest(store, run)
     except _UNREADABLE as e:
-        return 0, f"{rounds.latest_key(run)} is unreadable: {_one_line(e)}"
+        return 0, f"{protocol.latest_key(run)} is unreadable: {_one_line(e)}"
     if info is None:
-        return 0, f"run {run!r} has no {rounds.latest_key(run)}"
+        return 0, f"run {run!r} has no {protocol.latest_key(run)}"
     version = info.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        return 0, f"{rounds.latest_key(run)} has version {_short(version)}"
+        return 0, f"{protocol.latest_key(run)} has version {_short(version)}"
     return version, ""
 
 
@@ -213,7 +213,7 @@ def _registry(store: ObjectStore, run: str) -> tuple[dict[str, str], list[tuple[
     for key in store.list(prefix):
         name = key[len(prefix) :]
         try:
-            rounds.check_name("contributor", name)
+            protocol.check_name("contributor", name)
         except ValueError as e:
             invalid.append((name, f"registry entry {_short(key)}: {_one_line(e)}"))
             continue
@@ -305,7 +305,7 @@ def _decision_problems(
     for r in range(latest + 1):
         rows = by_round.pop(r, [])
         try:
-            decision = rounds.read_json(store, rounds.decision_key(run, r))
+            decision = protocol.read_json(store, protocol.decision_key(run, r))
         except _UNREADABLE as e:
             problems.append(f"round {r}: the decision is unreadable: {_one_line(e)}")
             commitment = None  # the chain of commitments is broken from here on
@@ -313,7 +313,7 @@ def _decision_problems(
         if decision is None:
             if r < latest:
                 problems.append(
-                    f"round {r}: no decision {rounds.decision_key(run, r)}, yet it is closed"
+                    f"round {r}: no decision {protocol.decision_key(run, r)}, yet it is closed"
                 )
             elif rows:
                 problems.append(

@@ -8,7 +8,7 @@ In a run whose manifest has a `contrib` section, `prepare_signer` loads the isla
 registers it under the island's name (first come, first served; the same key again is a
 no-op), checks that this code and config are ones the run accepts (so a mismatch fails at
 start-up, not as a rejection every round) and returns the `Signer` that
-`rounds.push_contribution(sign=...)` calls to sign each contribution's statement.
+`protocol.push_contribution(sign=...)` calls to sign each contribution's statement.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> 
     """Why the object at this island's contribution `key` is not the island's own for the
     statement fields in `expect` (run, round, base_sha256); "" if it is. Someone else may
     write to our slot first to block or frame us."""
-    from near_jax.diloco import rounds
+    from near_jax.diloco import protocol
 
     try:
         body = store.get(key)
@@ -115,7 +115,7 @@ def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> 
     if body is None:
         return "it vanished"
     try:
-        tag, payload = rounds.split_contribution(body)
+        tag, payload = protocol.split_contribution(body)
     except Exception as e:  # noqa: BLE001 - whatever is there, it is not ours
         return f"it is not a contribution ({str(e)[:80]})"
     fields = {k: tag.get(k) for k in identity.STATEMENT_FIELDS}

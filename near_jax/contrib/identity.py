@@ -22,7 +22,7 @@ A contribution is signed over
 
     b"near_jax/contribution/v1\\n" + canonical JSON of the STATEMENT_FIELDS
 
-(`rounds.dumps`: sorted keys, no whitespace): run, round (an int >= 0), contributor, and the
+(`protocol.dumps`: sorted keys, no whitespace): run, round (an int >= 0), contributor, and the
 sha256 (64 lowercase hex) of the base version, of the payload, of the code and of the run's
 config. The domain prefix keeps a contribution signature from ever being valid for another
 kind of message (a registration, a future format), and the canonical form makes the signed
@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from near_jax.diloco import rounds
+from near_jax.diloco import protocol
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 STATEMENT_DOMAIN = b"near_jax/contribution/v1\n"
@@ -325,7 +325,7 @@ def statement_bytes(fields: dict) -> bytes:
                 raise IdentityError(
                     f"statement {k} must be 64 lowercase hex characters, got {_short(v)}"
                 )
-    return STATEMENT_DOMAIN + rounds.dumps({k: fields[k] for k in STATEMENT_FIELDS})
+    return STATEMENT_DOMAIN + protocol.dumps({k: fields[k] for k in STATEMENT_FIELDS})
 
 
 def sign_statement(identity: Identity, fields: dict) -> str:
@@ -358,7 +358,7 @@ def registry_key(run: str, name: str) -> str:
 
 def registration_bytes(run: str, name: str, public_hex: str) -> bytes:
     """The bytes a registration's proof-of-possession signature covers."""
-    return REGISTER_DOMAIN + rounds.dumps({"run": run, "name": name, "public_key": public_hex})
+    return REGISTER_DOMAIN + protocol.dumps({"run": run, "name": name, "public_key": public_hex})
 
 
 def register(store: ObjectStore, run: str, name: str, identity: Identity, now: float) -> bool:
@@ -376,11 +376,11 @@ def register(store: ObjectStore, run: str, name: str, identity: Identity, now: f
         "registered_at": float(now),
         "signature": identity.sign(registration_bytes(run, name, public)),
     }
-    if store.put_if_absent(key, rounds.dumps(entry)):
+    if store.put_if_absent(key, protocol.dumps(entry)):
         return True
     existing = lookup(store, run, name)  # a broken entry raises here: the name is unusable
     if existing is None:  # vanished between the two calls (deleted): try once more
-        if store.put_if_absent(key, rounds.dumps(entry)):
+        if store.put_if_absent(key, protocol.dumps(entry)):
             return True
         existing = lookup(store, run, name)
     if existing == public:
@@ -396,8 +396,8 @@ def lookup(store: ObjectStore, run: str, name: str) -> str | None:
     IdentityError if the entry is corrupt, malformed, mis-filed or not self-signed."""
     key = registry_key(run, name)
     try:
-        entry = rounds.read_json(store, key, max_bytes=MAX_ENTRY_BYTES)  # anyone writes here
-    except (CorruptObject, rounds.ProtocolError) as e:
+        entry = protocol.read_json(store, key, max_bytes=MAX_ENTRY_BYTES)  # anyone writes here
+    except (CorruptObject, protocol.ProtocolError) as e:
         raise IdentityError(f"registry entry {key}: {_one_line(e)}") from None
     if entry is None:
         return None
@@ -467,7 +467,7 @@ def registry_problems(store: ObjectStore, run: str) -> list[str]:
 
 def _checked(kind: str, name: str) -> str:
     try:
-        return rounds.check_name(kind, name)
+        return protocol.check_name(kind, name)
     except ValueError as e:
         raise IdentityError(str(e)) from None
 

@@ -65,7 +65,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from near_jax.diloco.rounds import check_name, dumps, sha256
+from near_jax.diloco.protocol import check_name, dumps, sha256
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 FORMAT = 1

@@ -59,10 +59,10 @@ import jax
 import numpy as np
 
 from near_jax.contrib import attest, identity, ledger, screening
-from near_jax.diloco import robust, rounds
+from near_jax.diloco import protocol, robust
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.codec.compress import Payload, PayloadError, decode
-from near_jax.diloco.rounds import ProtocolError, Verdict, Version
+from near_jax.diloco.protocol import ProtocolError, Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectTooLarge, StoreError
 
 TAG_FIELDS = frozenset(
@@ -130,7 +130,7 @@ class Policy:
 
 def seed_signature(aggregator: identity.Identity, run: str, rnd: int) -> str:
     """The aggregator's (deterministic) ed25519 signature that round `rnd`'s seed comes from."""
-    return aggregator.sign(_SEED_DOMAIN + rounds.dumps({"run": run, "round": rnd}))
+    return aggregator.sign(_SEED_DOMAIN + protocol.dumps({"run": run, "round": rnd}))
 
 
 def seed_commitment(signature_hex: str) -> str:
@@ -146,7 +146,7 @@ def seed_from_signature(signature_hex: str) -> int:
 
 def check_seed(public_hex: str, run: str, rnd: int, signature_hex: str, commitment: str) -> str:
     """'' if round `rnd`'s revealed seed signature is genuine and matches its commitment."""
-    message = _SEED_DOMAIN + rounds.dumps({"run": run, "round": rnd})
+    message = _SEED_DOMAIN + protocol.dumps({"run": run, "round": rnd})
     if not identity.verify(public_hex, message, signature_hex):
         return f"round {rnd}: the seed is not signed by the run's aggregator key"
     if seed_commitment(signature_hex) != commitment:
@@ -163,7 +163,7 @@ def extra_allowed_code(store, run: str, aggregator_public: str) -> tuple[set[str
     """(the extra allowed code hashes, a problem or ""): only a list the run's aggregator
     signed counts (anyone can write to the store)."""
     try:
-        obj = rounds.read_json(store, allowed_code_key(run))
+        obj = protocol.read_json(store, allowed_code_key(run))
     except (ProtocolError, CorruptObject) as e:
         return set(), f"{allowed_code_key(run)} is unreadable ({_short(e)[:100]})"
     if obj is None:
@@ -174,7 +174,7 @@ def extra_allowed_code(store, run: str, aggregator_public: str) -> tuple[set[str
         body["run"] != run
         or not isinstance(hashes, list)
         or not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
-        or not identity.verify(aggregator_public, _ALLOW_DOMAIN + rounds.dumps(body),
+        or not identity.verify(aggregator_public, _ALLOW_DOMAIN + protocol.dumps(body),
                                obj.get("signature", ""))
     ):  # fmt: skip
         return set(), f"{allowed_code_key(run)} is not signed by the run's aggregator"
@@ -184,7 +184,7 @@ def extra_allowed_code(store, run: str, aggregator_public: str) -> tuple[set[str
 def decision_bytes(decision: dict) -> bytes:
     """What the aggregator signs of a decision: everything but its "signature"."""
     body = {k: v for k, v in decision.items() if k != "signature"}
-    return _DECISION_DOMAIN + rounds.dumps(body)
+    return _DECISION_DOMAIN + protocol.dumps(body)
 
 
 def check_decision(public_hex: str, decision: dict) -> bool:
@@ -265,7 +265,7 @@ class ContribAggregator(Aggregator):
         self.ledger_path = ledger_path
         self.verifier = self._verifier(frozenset())
         self.ledger: ledger.Ledger | None = None
-        self.max_body = 2 * 4 * rounds.num_elements(like) + (1 << 20)  # fp32 + headroom
+        self.max_body = 2 * 4 * protocol.num_elements(like) + (1 << 20)  # fp32 + headroom
         self._keys: dict[str, str] = {}
         self._history: list[tuple[str, Any]] = []  # (contributor@round, Δ) of last round
         self._history_round = -1
@@ -298,8 +298,8 @@ class ContribAggregator(Aggregator):
         extra, _ = extra_allowed_code(self.store, self.run, self.key.public_hex)
         merged = sorted(extra | set(hashes))
         body = {"run": self.run, "hashes": merged}
-        body["signature"] = self.key.sign(_ALLOW_DOMAIN + rounds.dumps(body))
-        self.store.put(allowed_code_key(self.run), rounds.dumps(body))
+        body["signature"] = self.key.sign(_ALLOW_DOMAIN + protocol.dumps(body))
+        self.store.put(allowed_code_key(self.run), protocol.dumps(body))
         self.verifier = self._verifier(frozenset(merged))
         return merged
 
@@ -308,7 +308,7 @@ class ContribAggregator(Aggregator):
     def load(self) -> Version:
         """Loads the newest version, then brings the ledger up to it (see the docstring)."""
         state = super().load()
-        manifest = rounds.read_json(self.store, rounds.manifest_key(self.run)) or {}
+        manifest = protocol.read_json(self.store, protocol.manifest_key(self.run)) or {}
         theirs = manifest.get("contrib", {}).get("aggregator_key")
         if theirs != self.key.public_hex:
             raise ProtocolError(
@@ -322,7 +322,7 @@ class ContribAggregator(Aggregator):
         self._open_ledger()
         last = self.ledger.last_round()
         for rnd in range(0 if last is None else last + 1, state.version):
-            decision = rounds.read_json(self.store, rounds.decision_key(self.run, rnd))
+            decision = protocol.read_json(self.store, protocol.decision_key(self.run, rnd))
             if decision is None:
                 raise ProtocolError(f"round {rnd} is published but has no decision")
             self._record(decision)
@@ -392,9 +392,9 @@ class ContribAggregator(Aggregator):
             return f"malformed: corrupt object ({e.reason})"
         if body is None:
             return "malformed: vanished before it could be read"
-        c.sha256 = rounds.sha256(body)
+        c.sha256 = protocol.sha256(body)
         try:
-            tag, data = rounds.split_contribution(body)
+            tag, data = protocol.split_contribution(body)
         except PayloadError as e:
             return f"malformed: {_short(e)}"
         unknown = sorted(set(tag) - TAG_FIELDS)
@@ -411,7 +411,7 @@ class ContribAggregator(Aggregator):
         if tag.get("island") != c.island or claimed != c.island:
             return f"malformed: the tag names {claimed!r:.80}, the key {c.island!r}"
         try:  # the structure only: a truncated or misshapen payload is named as such
-            payload = Payload.from_bytes(data, max_elements=rounds.num_elements(self.like))
+            payload = Payload.from_bytes(data, max_elements=protocol.num_elements(self.like))
         except PayloadError as e:
             return f"malformed payload: {_short(e)}"
         if "signature" not in tag or "contributor" not in tag:
@@ -520,8 +520,8 @@ class ContribAggregator(Aggregator):
                 c.reason = f"accepted, not applied: rank {rank} by score, {policy.rule} applies {g}"
                 c.payload = None
         applied = sorted((c for c in passed if c.valid), key=lambda c: c.island)
-        combine = rounds.combiner({"aggregation": str(policy.rule)})
-        new, update = rounds.derive(
+        combine = protocol.combiner({"aggregation": str(policy.rule)})
+        new, update = protocol.derive(
             base, [c.payload for c in applied], self.spec, self.lr, self.momentum, self.like,
             combine,
         )  # fmt: skip
@@ -531,7 +531,7 @@ class ContribAggregator(Aggregator):
                              "next_seed_commitment": seed_commitment(
                                  seed_signature(self.key, self.run, r + 1)),
                              "base_loss": base_loss, "entries": entries}}  # fmt: skip
-        decision = rounds.make_decision(
+        decision = protocol.make_decision(
             self.run, base, new, verdicts, late, reason, update, self.clock(), **extra
         )
         for entry in entries:  # an entry the ledger refuses must stop us before the commit
@@ -552,7 +552,7 @@ class ContribAggregator(Aggregator):
         if self._history_round != r - 1:
             self._history, self._history_round = [], r - 1
             decision = _read_quietly(
-                lambda: rounds.read_json(self.store, rounds.decision_key(self.run, r - 1))
+                lambda: protocol.read_json(self.store, protocol.decision_key(self.run, r - 1))
             )
             for entry in (decision or {}).get("accepted", []):
                 delta = _read_quietly(lambda e=entry: self._decoded(e["key"], e["sha256"]))
@@ -560,19 +560,19 @@ class ContribAggregator(Aggregator):
                     self._history.append((f"{entry['island']}@{r - 1}", delta))
         label = f"the published update of round {r - 1}"
         if all(name != label for name, _ in self._history):
-            update = _read_quietly(lambda: self._decoded(rounds.update_key(self.run, r - 1)))
+            update = _read_quietly(lambda: self._decoded(protocol.update_key(self.run, r - 1)))
             if update is not None:
                 self._history.append((label, update))
 
     def _decoded(self, key: str, sha256: str | None = None) -> Any:
         """The Δ or update stored at `key` (None if missing or not the recorded object)."""
         body = self.store.get(key, max_bytes=self.max_body)
-        if body is None or (sha256 is not None and rounds.sha256(body) != sha256):
+        if body is None or (sha256 is not None and protocol.sha256(body) != sha256):
             return None
-        limit = rounds.num_elements(self.like)
+        limit = protocol.num_elements(self.like)
         if key.endswith("/update"):
             return decode(Payload.from_bytes(body, max_elements=limit), like=self.like)
-        return decode(rounds.unpack_contribution(body, limit)[1], like=self.like)
+        return decode(protocol.unpack_contribution(body, limit)[1], like=self.like)
 
     # ------------------------------------------------------------------------ recorded
 

@@ -4,7 +4,7 @@ codec/      the pseudo-gradient codec: formats, wire payloads, the bit-exact jnp
 outer       the outer step in jax (SGD with Nesterov momentum on averaged pseudo-gradients)
 robust      aggregation rules a decision may name: mean, trimmed mean, coordinate median, top-G
 store       the object store islands exchange through (file://, gs://, s3://), bounded reads
-rounds      the protocol: keys, versions, contributions, decisions, the numpy outer step
+protocol/   the protocol: keys, versions, contributions, decisions, the numpy outer step
 claims      island name claims; quarantine: planted decisions and `latest` set aside
 island      an island's loop (`python -m near_jax.diloco.island`)
 aggregator  the aggregator's loop (`python -m near_jax.diloco.aggregator`)

@@ -7,8 +7,8 @@ Creates the run at version 0 (params from `config.seed`, exactly as `near_jax.tr
 initialize them) if it is new — idempotently: a restarted or racing aggregator keeps what
 is stored. Then, for each round r: waits until `--quorum` valid contributions arrived or
 `--round_timeout` seconds passed since version r was published, validates everything it
-reads, commits the decision, publishes version r + 1 (see `rounds.py` for the protocol and
-its commit point), evaluates the new params on a few fixed validation batches
+reads, commits the decision, publishes version r + 1 (see `near_jax.diloco.protocol` for the
+protocol and its commit point), evaluates the new params on a few fixed validation batches
 (`--eval_batches`, 0 = off) and logs the round. After `--rounds` rounds it marks the run
 finished, which makes the islands exit.
 
@@ -38,9 +38,9 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
-from near_jax.diloco import quarantine, rounds
+from near_jax.diloco import protocol, quarantine
 from near_jax.diloco.codec.compress import PayloadError
-from near_jax.diloco.rounds import ProtocolError, Verdict, Version
+from near_jax.diloco.protocol import ProtocolError, Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
 now = time.perf_counter
@@ -92,26 +92,26 @@ class Aggregator:
         store, run = self.store, self.run
         fixed = {
             **manifest,
-            "format": rounds.FORMAT,
+            "format": protocol.FORMAT,
             "run": run,
             "compression": self.spec,
             "outer_lr": self.lr,
             "outer_momentum": self.momentum,
         }
         try:  # all of the manifest must be storable before its first object is written
-            rounds.dumps(fixed)
+            protocol.dumps(fixed)
         except (TypeError, ValueError) as e:
             raise ValueError(f"run {run!r} cannot be created: its manifest {e}") from None
-        if rounds.read_json(store, rounds.manifest_key(run)) is None:
-            zeros = rounds.zeros_like(params0)
-            trees = {"params": rounds.as_float32(params0), "momentum": zeros, "server_ef": zeros}
+        if protocol.read_json(store, protocol.manifest_key(run)) is None:
+            zeros = protocol.zeros_like(params0)
+            trees = {"params": protocol.as_float32(params0), "momentum": zeros, "server_ef": zeros}
             hashes = {}
             for part, tree in trees.items():
-                key = rounds.version_key(run, 0, part)
-                store.put_if_absent(key, rounds.tree_bytes(tree))
-                hashes[f"{part}_sha256"] = rounds.sha256(store.get(key))
+                key = protocol.version_key(run, 0, part)
+                store.put_if_absent(key, protocol.tree_bytes(tree))
+                hashes[f"{part}_sha256"] = protocol.sha256(store.get(key))
             manifest = {**fixed, "version0": hashes, "created_at": self.clock()}
-            created = store.put_if_absent(rounds.manifest_key(run), rounds.dumps(manifest))
+            created = store.put_if_absent(protocol.manifest_key(run), protocol.dumps(manifest))
         else:
             created = False
         if self._latest() is None:
@@ -123,16 +123,16 @@ class Aggregator:
         this aggregator did not write is moved aside and rebuilt (`quarantine.py`)."""
         latest = self._latest()
         if latest is None:
-            if rounds.read_json(self.store, rounds.manifest_key(self.run)) is None:
-                raise ProtocolError(f"run {self.run!r} has no {rounds.latest_key(self.run)}")
+            if protocol.read_json(self.store, protocol.manifest_key(self.run)) is None:
+                raise ProtocolError(f"run {self.run!r} has no {protocol.latest_key(self.run)}")
             quarantine.recover_latest(self.store, self.run, self.like, self.clock())
             latest = self._latest()
         try:
-            self.state = rounds.pull_version(
+            self.state = protocol.pull_version(
                 self.store, self.run, latest["version"], self.like, with_server_ef=True
             )
         except ProtocolError:  # the version `latest` names does not verify: rebuild it
-            quarantine.move_aside(self.store, self.run, rounds.latest_key(self.run), self.clock())
+            quarantine.move_aside(self.store, self.run, protocol.latest_key(self.run), self.clock())
             self.state = quarantine.recover_latest(self.store, self.run, self.like, self.clock())
             latest = self._latest()
         self.opened_at = float(latest["published_at"])
@@ -142,7 +142,7 @@ class Aggregator:
         return quarantine.read_own(
             self.store,
             self.run,
-            rounds.latest_key(self.run),
+            protocol.latest_key(self.run),
             quarantine.latest_problem,
             self.log,
             self.clock(),
@@ -151,7 +151,7 @@ class Aggregator:
     def finish(self) -> None:
         """Marks the run finished at the current version (islands then exit)."""
         body = {"version": self.state.version, **self.state.hashes(), "finished_at": self.clock()}
-        self.store.put_if_absent(rounds.finished_key(self.run), rounds.dumps(body))
+        self.store.put_if_absent(protocol.finished_key(self.run), protocol.dumps(body))
 
     # ------------------------------------------------------------------------------ rounds
 
@@ -170,14 +170,14 @@ class Aggregator:
             t0 = now()
             committed = new, update, decision = self.decide(base, verdicts, late, reason)
             for _ in range(3):  # a failed put: a racing aggregator won, or a planted object
-                if store.put_if_absent(rounds.decision_key(run, r), rounds.dumps(decision)):
+                if store.put_if_absent(protocol.decision_key(run, r), protocol.dumps(decision)):
                     break
                 t0 = now()
                 if (theirs := self._committed(base)) is not None:
                     committed, replayed = theirs, True
                     break
             else:
-                raise ProtocolError(f"{rounds.decision_key(run, r)} keeps being overwritten")
+                raise ProtocolError(f"{protocol.decision_key(run, r)} keeps being overwritten")
         new, update, decision = committed
         outer_s = now() - t0
         self.recorded(decision)  # before `latest` moves: no reader sees an unrecorded round
@@ -211,14 +211,14 @@ class Aggregator:
         """(version r + 1, update, decision) replayed from round r's committed decision; None
         if there is none. An object in the slot this aggregator did not write is moved
         aside (`quarantine.py`): the round is then decided (again)."""
-        key = rounds.decision_key(self.run, base.version)
+        key = protocol.decision_key(self.run, base.version)
         decision = quarantine.read_own(
             self.store, self.run, key, lambda d: self.authentic(d, base), self.log, self.clock()
         )
         if decision is None:
             return None
         try:
-            new, update = rounds.replay_decision(
+            new, update = protocol.replay_decision(
                 self.store, self.run, base, decision, self.spec, self.lr, self.momentum, self.like
             )
         except (ProtocolError, PayloadError) as e:
@@ -235,7 +235,7 @@ class Aggregator:
     def check(self, base: Version, key: str) -> Verdict:
         """Reads and validates one contribution to round base.version (a hook: contrib adds
         signatures, registration, replay and attestation checks)."""
-        return rounds.check_contribution(self.store, self.run, base, key, self.like)
+        return protocol.check_contribution(self.store, self.run, base, key, self.like)
 
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
@@ -244,10 +244,10 @@ class Aggregator:
         of every valid contribution (a hook: contrib screens, scores and aggregates
         robustly). Must be a pure function of what it records in the decision."""
         accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
-        new, update = rounds.derive(
+        new, update = protocol.derive(
             base, [v.payload for v in accepted], self.spec, self.lr, self.momentum, self.like
         )
-        decision = rounds.make_decision(
+        decision = protocol.make_decision(
             self.run, base, new, verdicts, late, reason, update, self.clock()
         )
         return new, update, decision
@@ -258,7 +258,8 @@ class Aggregator:
 
     def _publish(self, r: int, new: Version, update: bytes | None) -> None:
         """Derived objects, then `latest` (a separate method so tests can crash here)."""
-        rounds.publish(self.store, self.run, r, new, update, self.clock())
+        protocol.write_derived(self.store, self.run, r, new, update)
+        protocol.advance_latest(self.store, self.run, new, self.clock())
 
     def _collect(self, base: Version) -> tuple[list[Verdict], str]:
         """Reads and validates contributions until the quorum or the deadline."""
@@ -266,7 +267,7 @@ class Aggregator:
         verdicts: dict[str, Verdict] = {}
         while True:
             self.poll_index += 1
-            for key in rounds.contrib_keys(self.store, self.run, base.version):
+            for key in protocol.contrib_keys(self.store, self.run, base.version):
                 if key not in verdicts:  # insertion order = arrival order (copy detection)
                     verdicts[key] = self.check(base, key)
             if sum(v.valid for v in verdicts.values()) >= self.quorum:
@@ -278,9 +279,9 @@ class Aggregator:
 
     def _decision(self, r: int) -> dict:
         if r not in self._decisions:
-            key = rounds.decision_key(self.run, r)
+            key = protocol.decision_key(self.run, r)
             try:
-                decision = rounds.read_json(self.store, key)
+                decision = protocol.read_json(self.store, key)
             except (ProtocolError, CorruptObject) as e:  # damaged after it was published
                 self.log(f"warning: {key} is unreadable ({e}); its pushes may be listed late")
                 decision = {"accepted": [], "rejected": [], "late": []}
@@ -291,14 +292,14 @@ class Aggregator:
 
     def _late(self, r: int) -> list[dict]:
         """Pushes to the previous LATE_WINDOW rounds that no decision has seen yet."""
-        lo = max(0, r - rounds.LATE_WINDOW)
+        lo = max(0, r - protocol.LATE_WINDOW)
         known = set()
         for earlier in range(lo, r):
             d = self._decision(earlier)
             known |= {e["key"] for e in d["accepted"] + d["rejected"] + d["late"]}
         late = []
         for earlier in range(lo, r):
-            for key in rounds.contrib_keys(self.store, self.run, earlier):
+            for key in protocol.contrib_keys(self.store, self.run, earlier):
                 if key not in known:
                     late.append({"island": key.rsplit("/", 1)[-1], "round": earlier, "key": key})
         for old in [k for k in self._decisions if k < lo]:
@@ -310,7 +311,7 @@ class Aggregator:
         old = version - self.keep_versions
         if self.keep_versions > 0 and old >= 0:
             for part in ("params", "momentum", "server_ef"):
-                self.store.delete(rounds.version_key(self.run, old, part))
+                self.store.delete(protocol.version_key(self.run, old, part))
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -346,7 +347,7 @@ def prepare(argv: list[str]):
         if not f[name].value:
             usage_error(f"--{name} is required")
     try:
-        run = rounds.check_name("run", f.run)
+        run = protocol.check_name("run", f.run)
     except ValueError as e:
         usage_error(str(e))
     if f.poll_seconds <= 0:
@@ -366,7 +367,7 @@ def prepare(argv: list[str]):
             usage_error(f"--workdir={f.workdir}: {e.strerror} (it must be a directory)")
     try:
         store = ObjectStore.open(f.store)
-        manifest = rounds.read_json(store, rounds.manifest_key(run))
+        manifest = protocol.read_json(store, protocol.manifest_key(run))
     except (StoreError, ProtocolError) as e:
         usage_error(str(e))
     if manifest is not None:
@@ -471,7 +472,7 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
     from near_jax.train.loop import trainer_for as make_trainer
 
     f = flags.FLAGS
-    if rounds.read_json(store, rounds.finished_key(run)) is not None:
+    if protocol.read_json(store, protocol.finished_key(run)) is not None:
         _log(f"run {run!r} is already finished")
         return 0
     dl = manifest if manifest is not None else cfg.diloco.to_dict()
@@ -524,7 +525,7 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
         info = {**manifest_fields(cfg), "seed": cfg.seed, "rounds": f.rounds,
                 "inner_steps": cfg.diloco.inner_steps, "quorum": f.quorum,
                 "round_timeout": f.round_timeout,
-                "num_params": rounds.num_elements(like)}  # fmt: skip
+                "num_params": protocol.num_elements(like)}  # fmt: skip
         if contributors:
             info.update(agg.manifest_fields())
         try:
@@ -540,7 +541,7 @@ def aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) ->
     writer = metrics.MetricsWriter(f.workdir) if f.workdir else None
     _log(
         f"run {run!r} {'created' if created else 'resumed'} at version {state.version} in "
-        f"{store.url} | {rounds.num_elements(like) / 1e6:.2f}M params | spec {agg.spec} | "
+        f"{store.url} | {protocol.num_elements(like) / 1e6:.2f}M params | spec {agg.spec} | "
         f"quorum {agg.quorum} | timeout {agg.round_timeout:g}s"
     )
     try:

@@ -43,9 +43,9 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import quiet_library_logs, usage_error
-from near_jax.diloco import claims, quarantine, rounds
+from near_jax.diloco import claims, protocol, quarantine
 from near_jax.diloco.aggregator import define_common_flags, manifest_problem, prepare
-from near_jax.diloco.rounds import ProtocolError, Version
+from near_jax.diloco.protocol import ProtocolError, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
 now = time.perf_counter
@@ -116,9 +116,9 @@ def train_island(
         deadline = now() + f.wait_for_run
         while manifest is None and now() < deadline:
             time.sleep(f.poll_seconds)
-            manifest = rounds.read_json(store, rounds.manifest_key(run))
+            manifest = protocol.read_json(store, protocol.manifest_key(run))
         if manifest is None:
-            usage_error(f"unknown run {run!r} in {store.url}: no {rounds.manifest_key(run)}")
+            usage_error(f"unknown run {run!r} in {store.url}: no {protocol.manifest_key(run)}")
         problem = manifest_problem(manifest, cfg)
         if problem:
             usage_error(problem)
@@ -148,7 +148,9 @@ def train_island(
     pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
     try:
         while True:
-            finished = _tolerant(island, lambda: rounds.read_json(store, rounds.finished_key(run)))
+            finished = _tolerant(
+                island, lambda: protocol.read_json(store, protocol.finished_key(run))
+            )
             if finished is not None and held.version >= finished["version"]:
                 _log(island, f"run {run!r} is finished at version {finished['version']}")
                 return 0
@@ -175,10 +177,10 @@ def train_island(
             # 2. push Δ = θ_r − θ_island (unless the round is already closed).
             delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
             pushed_bytes, written, new_ef = 0, False, None
-            if _tolerant(island, lambda r=r: store.exists(rounds.decision_key(run, r))):
+            if _tolerant(island, lambda r=r: store.exists(protocol.decision_key(run, r))):
                 note = "round closed before the push (late; not sent)"
             else:
-                written, pushed_bytes, new_ef = rounds.push_contribution(
+                written, pushed_bytes, new_ef = protocol.push_contribution(
                     store, run, island, held, delta, spec, error_feedback, sign=signer,
                     inner_loss=inner_loss, inner_steps=inner_steps,
                 )  # fmt: skip
@@ -194,7 +196,7 @@ def train_island(
                     from near_jax.contrib.contributor import slot_problem
 
                     expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
-                    key = rounds.contrib_key(run, r, island)
+                    key = protocol.contrib_key(run, r, island)
                     problem = slot_problem(store, key, signer, expect)
                     if problem:
                         note = (f"WARNING: our slot for round {r} already holds an object and "
@@ -206,8 +208,8 @@ def train_island(
             if latest["version"] <= r:  # the run finished at version r meanwhile
                 _log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
                 return 0
-            key = rounds.decision_key(run, r)
-            decision = _tolerant(island, lambda key=key: rounds.read_json(store, key)) or {}
+            key = protocol.decision_key(run, r)
+            decision = _tolerant(island, lambda key=key: protocol.read_json(store, key)) or {}
             accepted = any(e["island"] == island for e in decision.get("accepted", []))
             rejected = [e["reason"] for e in decision.get("rejected", []) if e["island"] == island]
             late = not accepted and not rejected  # not in the decision: it came too late
@@ -253,14 +255,14 @@ def train_island(
 def _newer(store: ObjectStore, run: str, version: int, island: str) -> dict | None:
     """`latest` once it is past `version` or the run is finished, else None (also while
     `latest` is damaged: the aggregator moves such an object aside and rewrites it)."""
-    latest = _tolerant(island, lambda: rounds.read_latest(store, run))
+    latest = _tolerant(island, lambda: protocol.read_latest(store, run))
     problem = quarantine.latest_problem(latest) if latest is not None else ""
     if problem:
-        _warn_once(island, f"{rounds.latest_key(run)}: {problem}")
+        _warn_once(island, f"{protocol.latest_key(run)}: {problem}")
         latest = None
     if latest and latest["version"] > version:
         return latest
-    return latest if _tolerant(island, lambda: store.exists(rounds.finished_key(run))) else None
+    return latest if _tolerant(island, lambda: store.exists(protocol.finished_key(run))) else None
 
 
 _warned: set[str] = set()
@@ -288,20 +290,20 @@ def _catch_up(
 ) -> tuple[Version, bool]:
     """Version `target` (or newer): by applying updates if at most MAX_CHAIN behind, else (or
     on a mismatch) by a full pull. Returns (version, whether it pulled in full)."""
-    if held is not None and target - held.version <= rounds.MAX_CHAIN:
+    if held is not None and target - held.version <= protocol.MAX_CHAIN:
         try:
             while held.version < target:
-                held = rounds.apply_update(store, run, held, spec, lr, mu, like)
+                held = protocol.apply_update(store, run, held, spec, lr, mu, like)
             return held, False
         except (ProtocolError, CorruptObject) as e:
             _log(island, f"cannot follow by updates ({e}); pulling the full version")
     for attempt in range(3):
         try:
-            return rounds.pull_version(store, run, target, like), True
+            return protocol.pull_version(store, run, target, like), True
         except (ProtocolError, CorruptObject):  # collected by --keep_versions meanwhile?
             if attempt == 2:
                 raise
-            target = (_tolerant(island, lambda: rounds.read_latest(store, run)) or {}).get(
+            target = (_tolerant(island, lambda: protocol.read_latest(store, run)) or {}).get(
                 "version", target
             )
     raise AssertionError("unreachable")
@@ -313,7 +315,7 @@ def _main(argv: list[str]) -> None:
     if not f.island:
         usage_error("--island is required: this island's id, unique in the run")
     try:
-        island = rounds.check_name("island", f.island)
+        island = protocol.check_name("island", f.island)
     except ValueError as e:
         usage_error(str(e))
     for name in ("rounds", "wait_for_run", "wait_timeout"):
@@ -322,7 +324,7 @@ def _main(argv: list[str]) -> None:
     cfg, mesh, store, run, manifest = prepare(argv)
     if manifest is None and f.wait_for_run <= 0:
         usage_error(
-            f"unknown run {run!r} in {store.url}: no {rounds.manifest_key(run)} (start the "
+            f"unknown run {run!r} in {store.url}: no {protocol.manifest_key(run)} (start the "
             "aggregator first, or pass --wait_for_run=SECONDS)"
         )
     claim = claims.Claim(store, run, island)

@@ -6,7 +6,7 @@ not shaped like what it writes (`decision_problem`, `latest_problem`) or, in a r
 aggregator key, not signed by it, is moved to `RUN/quarantine/…` (its raw bytes kept as
 evidence, see `move_aside`) with a warning naming both keys, and the slot counts as empty:
 the round is decided again, `latest` is rebuilt from the newest version that verifies
-(`recover_latest`). The protocol docstring (`rounds.py`) has the whole picture.
+(`recover_latest`). The protocol docstring (`near_jax.diloco.protocol`) has the whole picture.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from near_jax.diloco import rounds
-from near_jax.diloco.rounds import ProtocolError, Version
+from near_jax.diloco import protocol
+from near_jax.diloco.protocol import ProtocolError, Version
 from near_jax.diloco.store import MAX_OBJECT_BYTES, CorruptObject, ObjectStore, UnsafePath
 
 MAX_EVIDENCE_BYTES = 1 << 20  # what of a quarantined object is kept
@@ -58,7 +58,7 @@ def read_own(
     """The JSON object at `key` if it is one the aggregator wrote (`problem(obj)` == ""),
     else None: missing, or moved aside with a warning."""
     try:
-        obj = rounds.read_json(store, key, max_bytes=MAX_OBJECT_BYTES)
+        obj = protocol.read_json(store, key, max_bytes=MAX_OBJECT_BYTES)
         why = "" if obj is None else problem(obj)
     except (CorruptObject, ProtocolError) as e:
         obj, why = None, str(e)
@@ -78,10 +78,10 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 def decision_problem(decision: dict, run: str, base: Version) -> str:
     """Why `decision` cannot be round base.version's decision as the aggregator writes it
-    ("" if it can): the fields `rounds.make_decision` writes, of the right types, naming
+    ("" if it can): the fields `protocol.make_decision` writes, of the right types, naming
     this run, round and base, with contribution keys of this round."""
     r = base.version
-    want = {"format": rounds.FORMAT, "run": run, "round": r, "base_sha256": base.params_sha256}
+    want = {"format": protocol.FORMAT, "run": run, "round": r, "base_sha256": base.params_sha256}
     for name, value in want.items():
         if decision.get(name) != value:
             return f"{name} is {json.dumps(decision.get(name))[:40]}, expected {value!r}"
@@ -91,7 +91,7 @@ def decision_problem(decision: dict, run: str, base: Version) -> str:
             return f"{name} is not a list of entries"
     for e in decision["accepted"]:
         island, sha = e.get("island"), e.get("sha256")
-        if not _is(island, str) or e.get("key") != rounds.contrib_key(run, r, island):
+        if not _is(island, str) or e.get("key") != protocol.contrib_key(run, r, island):
             return "an accepted entry names no contribution of this round"
         if not _is(sha, str):
             return "an accepted entry has no sha256"
@@ -125,17 +125,17 @@ def recover_latest(store: ObjectStore, run: str, like: Any, now: float) -> Versi
     to it. A committed round after it is finished by replaying its decision, as usual."""
     newest = 0  # the newest round with a decision: probe doubling, then bisect
     step = 1
-    while store.exists(rounds.decision_key(run, newest + step - 1)):
+    while store.exists(protocol.decision_key(run, newest + step - 1)):
         newest, step = newest + step, step * 2
     while step > 1:
         step //= 2
-        if store.exists(rounds.decision_key(run, newest + step - 1)):
+        if store.exists(protocol.decision_key(run, newest + step - 1)):
             newest += step
     for version in range(newest, -1, -1):  # decision newest-1 → version newest, ...
         try:
-            held = rounds.pull_version(store, run, version, like, with_server_ef=True)
+            held = protocol.pull_version(store, run, version, like, with_server_ef=True)
         except (ProtocolError, CorruptObject, KeyError, TypeError):
             continue
-        rounds.advance_latest(store, run, held, now)
+        protocol.advance_latest(store, run, held, now)
         return held
     raise ProtocolError(f"run {run!r}: no stored version verifies, not even version 0")

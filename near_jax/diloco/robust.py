@@ -3,7 +3,7 @@
 A rule names how the aggregator combines the contributions of a round that passed screening
 (`screening.py`):
 
-    mean              the plain mean, bit-identical to `diloco.rounds.average`
+    mean              the plain mean, bit-identical to `diloco.protocol.average`
     trimmed_mean:F    per coordinate, drop the floor(F·n) lowest and highest values and
                       average the rest (0 <= F < 0.5)
     median            the per-coordinate median (mean of the two middle values for even n)
