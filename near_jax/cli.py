@@ -18,8 +18,17 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 def usage_error(message: str) -> None:
     """Prints one line for a command-line mistake and exits with status 2."""
-    print(f"{os.path.basename(sys.argv[0]) or 'near_jax'}: error: {message}", file=sys.stderr)
+    print(f"{_program_name()}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _program_name() -> str:
+    """The running program's file name; for a package run with -m (`python -m near_jax.train`
+    runs near_jax/train/__main__.py) the package's, as it was when it was one module."""
+    name = os.path.basename(sys.argv[0])
+    if name == "__main__.py":
+        name = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) + ".py"
+    return name or "near_jax"
 
 
 class _ConfigFileParser(flags.ArgumentParser):
