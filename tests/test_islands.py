@@ -258,7 +258,7 @@ def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_pa
                 protocol.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)
             ),
         )
-    assert island._newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
+    assert island.newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
     stats = agg.run_round()
     assert stats["accepted"] == 1 and not stats["replayed"]
     aside = store.list(f"{RUN}/quarantine/")
@@ -272,7 +272,7 @@ def test_a_planted_latest_is_moved_aside_and_rebuilt(started):
     push(store, "good", 0, tree(20, 1e-2))
     agg.run_round()
     store.put(protocol.latest_key(RUN), b'{"version": 99}')
-    assert island._newer(store, RUN, 1, "eu-1") is None
+    assert island.newer(store, RUN, 1, "eu-1") is None
     again = make_aggregator(store, clock)
     assert not again.create(tree(1), {})
     assert again.load().version == 1 and again.state.hashes() == agg.state.hashes()

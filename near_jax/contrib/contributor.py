@@ -19,13 +19,13 @@ import json
 import time
 
 from near_jax.contrib import attest, identity
+from near_jax.diloco import protocol
+from near_jax.diloco.aggregator import manifest_fields
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 
 def recipe_sha256(cfg) -> str:
     """The config hash contributors sign: the run-fixed model and data settings."""
-    from near_jax.diloco.aggregator import manifest_fields
-
     return attest.config_sha256(json.loads(json.dumps(manifest_fields(cfg))))
 
 
@@ -106,8 +106,6 @@ def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> 
     """Why the object at this island's contribution `key` is not the island's own for the
     statement fields in `expect` (run, round, base_sha256); "" if it is. Someone else may
     write to our slot first to block or frame us."""
-    from near_jax.diloco import protocol
-
     try:
         body = store.get(key)
     except CorruptObject:

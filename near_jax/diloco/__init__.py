@@ -6,8 +6,13 @@ robust      aggregation rules a decision may name: mean, trimmed mean, coordinat
 store       the object store islands exchange through (file://, gs://, s3://), bounded reads
 protocol/   the protocol: keys, versions, contributions, decisions, the numpy outer step
 claims      island name claims; quarantine: planted decisions and `latest` set aside
-island      an island's loop (`python -m near_jax.diloco.island`)
-aggregator  the aggregator's loop (`python -m near_jax.diloco.aggregator`)
+startup     what both programs check first: common flags, config, store, run; UsageError
+island/     an island's loop (`python -m near_jax.diloco.island`)
+aggregator/ the Aggregator and its loop (`python -m near_jax.diloco.aggregator`)
+
+The library takes arguments and raises; the two `__main__` programs read the flags, exit,
+and pass in what `near_jax.contrib` provides for contributor runs (contrib's validator-built
+Aggregator; the island's signer and slot check): only those programs import contrib.
 
 In-mesh DiLoCo (replicas on a `replica` mesh axis of one program) is a train step:
 `near_jax.train.inmesh`, built on `codec/` and `outer`.

@@ -1,0 +1,195 @@
+"""The aggregator of DiLoCo across islands: closes rounds and publishes global versions.
+
+    python -m near_jax.diloco.aggregator --store=gs://bucket/runs --run=demo \\
+        --config=configs/tiny.py --rounds=100 --quorum=3 --round_timeout=600 [--workdir=DIR]
+
+Creates the run at version 0 (params from `config.seed`, exactly as `near_jax.train` would
+initialize them) if it is new — idempotently: a restarted or racing aggregator keeps what
+is stored. Then, for each round r: waits until `--quorum` valid contributions arrived or
+`--round_timeout` seconds passed since version r was published, validates everything it
+reads, commits the decision, publishes version r + 1 (see `near_jax.diloco.protocol` for the
+protocol and its commit point), evaluates the new params on a few fixed validation batches
+(`--eval_batches`, 0 = off) and logs the round. After `--rounds` rounds it marks the run
+finished, which makes the islands exit.
+
+Kill it at any moment and run the same command again: it continues from the store, and a
+round it had committed is finished exactly once. The run's compression spec and outer
+optimizer come from the run's manifest once the run exists (the config's `diloco` section
+is used only to create it); its model and data settings must match the manifest.
+
+Metrics (`--workdir`/metrics.jsonl, split "aggregator", step = round): accepted, rejected,
+late, closed_by_quorum, round_s (open → close), outer_step_s (decode + average + encode +
+outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, replayed
+(1 when the round was finished from a decision written before a restart).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+from absl import flags
+
+from near_jax import cli
+from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
+from near_jax.contrib import validator
+from near_jax.diloco import protocol, startup
+from near_jax.diloco.aggregator.core import Aggregator
+from near_jax.diloco.aggregator.loop import aggregate, create_run, outer_settings
+from near_jax.diloco.protocol import ProtocolError
+from near_jax.diloco.store import ObjectStore, StoreError
+from near_jax.train.loop import trainer_for
+
+
+def _log(message: str) -> None:
+    print(f"aggregator: {message}", file=sys.stderr, flush=True)
+
+
+def _main(argv: list[str]) -> None:
+    quiet_library_logs()
+    f = flags.FLAGS
+    if f.rounds is None or f.rounds < 1:
+        usage_error("--rounds must be a positive integer")
+    if f.quorum < 1:
+        usage_error(f"--quorum={f.quorum} must be a positive integer")
+    if f.round_timeout <= 0:
+        usage_error(f"--round_timeout={f.round_timeout} must be positive (seconds)")
+    if f.keep_versions < 0:
+        usage_error(f"--keep_versions={f.keep_versions} must be 0 (all) or positive")
+    cfg, mesh, store, run, manifest = _prepare(argv)
+    try:
+        code = _aggregate(cfg, mesh, store, run, manifest)
+    except (ProtocolError, StoreError) as e:
+        print(f"near_jax.diloco.aggregator: error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _prepare(argv: list[str]):
+    """(resolved config, mesh, store, run, manifest or None), or a one-line exit 2."""
+    f = flags.FLAGS
+    try:
+        run = startup.check_args(argv, store=f.store, run=f.run, poll_seconds=f.poll_seconds)
+    except startup.UsageError as e:
+        usage_error(str(e))
+    cfg = load_config_flag(f.config)
+    try:
+        cfg, mesh, store, manifest = startup.open_run(cfg, f.store, run, f.workdir)
+    except startup.UsageError as e:
+        usage_error(str(e))
+    return cfg, mesh, store, run, manifest
+
+
+def _aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) -> int:
+    """Builds the run's Aggregator from the flags and runs it; the exit code."""
+    f = flags.FLAGS
+    if protocol.read_json(store, protocol.finished_key(run)) is not None:
+        _log(f"run {run!r} is already finished")
+        return 0
+    trainer = trainer_for(cfg, mesh)
+    kwargs = dict(
+        **outer_settings(cfg, manifest),
+        quorum=f.quorum,
+        round_timeout=f.round_timeout,
+        poll_seconds=f.poll_seconds,
+        keep_versions=f.keep_versions,
+    )
+    contributors = "contrib" in manifest if manifest is not None else cfg.contrib.enabled
+    if contributors:
+        agg = _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs)
+    else:
+        if f.key or f.ledger or f.score_source or f.allow_code:
+            _log(f"warning: the contributor flags (--key, --ledger, --score_source, "
+                 f"--allow_code) are ignored: run {run!r} does not take contributors "
+                 "(config.contrib.enabled is fixed at its creation)")  # fmt: skip
+        try:
+            agg = Aggregator(store, run, trainer.abstract_state.params, log=_log, **kwargs)
+        except ValueError as e:
+            usage_error(str(e))
+    created = False
+    if manifest is None:
+        try:
+            created = create_run(agg, trainer, cfg, rounds=f.rounds)
+        except ValueError as e:
+            usage_error(str(e))
+    agg.load()
+    if contributors and f.allow_code:
+        allowed = agg.allow_code([h.strip() for h in f.allow_code.split(",") if h.strip()])
+        _log(f"code hashes allowed besides the manifest's: {', '.join(h[:12] for h in allowed)}")
+    batches = cfg.train.eval_batches if f.eval_batches < 0 else f.eval_batches
+    aggregate(
+        agg, trainer, rounds=f.rounds, created=created, eval_batches=batches, workdir=f.workdir
+    )
+    return 0
+
+
+def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregator:
+    """The validator-built aggregator of a contributor run (contrib's key, ledger, scoring)."""
+    f = flags.FLAGS
+    ledger_path = f.ledger or os.path.join(
+        f.workdir or tempfile.mkdtemp(prefix="near_jax-ledger-"), "ledger.sqlite"
+    )
+    if f.allow_code:
+        hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
+        if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+            usage_error(f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
+                        "(python -m near_jax.contrib codehash)")  # fmt: skip
+    if f.score_source and f.score_source == cfg.data.source:
+        usage_error(f"--score_source={f.score_source} is the run's training source: "
+                    "score on data the contributors do not have")  # fmt: skip
+    try:
+        agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
+                              ledger_path=ledger_path, score_source=f.score_source,
+                              log=_log, **kwargs)  # fmt: skip
+    except ValueError as e:
+        usage_error(str(e))
+    _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
+         f"the store; rule {agg.policy.rule}; scoring on "
+         f"{f.score_source or 'the public val split (see --score_source)'}")  # fmt: skip
+    if f.quorum < 3:
+        _log(f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
+             "close a round; untrusted runs want a quorum of several contributors")  # fmt: skip
+    return agg
+
+
+def define_flags() -> None:
+    startup.define_common_flags()
+    for name in startup.COMMON_FLAGS:
+        flags.declare_key_flag(name)  # listed by --help, as this program's own
+    flags.DEFINE_string(
+        "key", None, "Contributor runs: the aggregator's ed25519 key (python -m near_jax."
+        "contrib keygen); its signatures seed each round's scoring batches."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "ledger", None, "Contributor runs: the local ledger file (default WORKDIR/ledger."
+        "sqlite, else a temp dir); the store keeps the mirror."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "allow_code", "", "Contributor runs: also accept contributions from these code hashes "
+        "from now on (comma-separated; a new release mid-run), in a list this key signs."
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "score_source", "", "Contributor runs: score on this data source (a path/glob only "
+        "the aggregator has) instead of the run's public val split, which contributors "
+        "could train on."
+    )  # fmt: skip
+    flags.DEFINE_integer("rounds", None, "Close this many rounds, then mark the run finished.")
+    flags.DEFINE_integer("quorum", 1, "Close a round once this many valid contributions arrived.")
+    flags.DEFINE_float("round_timeout", 600.0, "Close a round this many seconds after it opened.")
+    flags.DEFINE_integer(
+        "eval_batches", -1, "Validation batches per version (-1: train.eval_batches; 0: off)."
+    )
+    flags.DEFINE_integer(
+        "keep_versions", 0, "Keep full params of the last K versions only (0: keep all)."
+    )
+
+
+def main() -> None:
+    """Console entry point."""
+    cli.run(_main, define_flags)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""An island's loop: join the run, then each round train H steps, push Δ, follow the run.
+
+    train_island(cfg, mesh, store, run, "eu-1", manifest, rounds=0, poll_seconds=0.5)
+
+Arguments are plain values; the program (`python -m near_jax.diloco.island`) reads them
+from its flags. In a contributor run (a manifest with a `contrib` section) every push is
+signed: the program passes `make_signer(manifest) -> sign(tag, payload bytes) -> fields`
+and `slot_problem(store, key, signer, expect) -> str` (contrib's contributor module). The
+loop raises `UsageError` for a run it cannot join, ProtocolError / StoreError when the store
+cannot go on, FloatingPointError for a diverged inner loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from near_jax import data
+from near_jax.diloco import claims, protocol
+from near_jax.diloco.island.follow import Waiter, catch_up, kb, log, newer, now, tolerant
+from near_jax.diloco.protocol import ProtocolError
+from near_jax.diloco.startup import UsageError, manifest_problem
+from near_jax.diloco.store import ObjectStore
+from near_jax.train import metrics
+from near_jax.train.loop import trainer_for
+
+
+def island_seed(seed: int, island: str, version: int) -> int:
+    """The data seed of `island` joining at `version`: 31 bits of blake2b of all three."""
+    digest = hashlib.blake2b(repr((int(seed), island, int(version))).encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+
+
+Signer = Callable[[dict, bytes], dict]
+
+
+def train_island(
+    cfg,
+    mesh,
+    store: ObjectStore,
+    run: str,
+    island: str,
+    manifest: dict | None,
+    *,
+    claim: claims.Claim | None = None,
+    rounds: int = 0,
+    poll_seconds: float = 0.5,
+    wait_timeout: float = 0.0,
+    wait_for_run: float = 0.0,
+    workdir: str | None = None,
+    make_signer: Callable[[dict], Signer] | None = None,
+    slot_problem: Callable[[ObjectStore, str, Signer, dict], str] | None = None,
+) -> None:
+    """Joins the run and trains rounds until `rounds` (0: no limit) or the run's end.
+
+    `manifest` None: waits up to `wait_for_run` seconds for the run to be created. Polls
+    every `poll_seconds`; waits at most `wait_timeout` seconds for a version (0: forever).
+    """
+    waiter = Waiter(poll_seconds, wait_timeout)
+    trainer = trainer_for(cfg, mesh)
+    abstract = trainer.abstract_state.params
+    state = trainer.init(jax.random.key(cfg.seed))
+    # Compile the step before joining, so the first round is not spent compiling.
+    probe = data.make_iterator(
+        cfg.data, split="val", seed=0, global_batch_size=cfg.train.global_batch_size
+    )
+    sample = data.to_global_batch(next(probe), trainer.batch_sharding)
+    trainer.step.lower(trainer.abstract_state, sample).compile()
+    del probe, sample
+
+    if manifest is None:
+        manifest = _wait_for_run(cfg, store, run, island, wait_for_run, poll_seconds)
+    spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
+    inner_steps = int(manifest["inner_steps"])
+    signer = None
+    if "contrib" in manifest:  # a run of untrusted contributors: sign every contribution
+        if make_signer is None:
+            raise UsageError(f"run {run!r} takes signed contributions only")
+        signer = make_signer(manifest)
+    latest = waiter.until("the run's first version", lambda: newer(store, run, -1, island))
+    held, _ = catch_up(store, run, island, None, latest["version"], abstract, spec, lr, mu)
+    seed = island_seed(cfg.seed, island, held.version)
+    train_iter = data.make_iterator(
+        cfg.data, split="train", seed=seed, global_batch_size=cfg.train.global_batch_size
+    )
+    log(
+        island,
+        f"joined run {run!r} at version {held.version} ({kb(store.bytes_read)} "
+        f"pulled) | H={inner_steps} | spec {spec} | data seed {seed}",
+    )
+
+    shardings, dtypes = trainer.state_shardings.params, jax.tree.map(lambda a: a.dtype, abstract)
+    writer = metrics.MetricsWriter(workdir) if workdir else None
+    error_feedback, done = None, 0
+    pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
+    try:
+        while True:
+            finished = tolerant(
+                island, lambda: protocol.read_json(store, protocol.finished_key(run))
+            )
+            if finished is not None and held.version >= finished["version"]:
+                log(island, f"run {run!r} is finished at version {finished['version']}")
+                return
+            r = held.version
+            # 1. inner steps from θ_r.
+            t0 = now()
+            params = jax.tree.map(lambda x, d: np.asarray(x, d), held.params, dtypes)
+            state = state._replace(params=jax.device_put(params, shardings))
+            losses = []
+            for _ in range(inner_steps):
+                batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
+                state, stats = trainer.step(state, batch)
+                losses.append(stats["loss"])
+            local = jax.device_get(state.params)
+            inner_loss = float(np.mean(jax.device_get(losses)))
+            train_s = now() - t0
+            if not math.isfinite(inner_loss):
+                raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
+            if claim is not None and claim.lost:
+                raise ProtocolError(
+                    f"island {claim.lost} took over the name {island!r}; "
+                    "stopping so that only one island pushes under it"
+                )
+            # 2. push Δ = θ_r − θ_island (unless the round is already closed).
+            delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
+            pushed_bytes, written, new_ef = 0, False, None
+            if tolerant(island, lambda r=r: store.exists(protocol.decision_key(run, r))):
+                note = "round closed before the push (late; not sent)"
+            else:
+                written, pushed_bytes, new_ef = protocol.push_contribution(
+                    store, run, island, held, delta, spec, error_feedback, sign=signer,
+                    inner_loss=inner_loss, inner_steps=inner_steps,
+                )  # fmt: skip
+                note = (
+                    ""
+                    if written
+                    else (
+                        "our slot already held a contribution (pushed before a restart, or by "
+                        "another island under this name)"
+                    )
+                )
+                if not written and signer is not None and slot_problem is not None:
+                    expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
+                    key = protocol.contrib_key(run, r, island)
+                    problem = slot_problem(store, key, signer, expect)
+                    if problem:
+                        note = (f"WARNING: our slot for round {r} already holds an object and "
+                                f"{problem}: someone else wrote under our name")  # fmt: skip
+            # 3. wait for version r + 1, learn the outcome, follow.
+            t1 = now()
+            latest = waiter.until(f"version {r + 1}", lambda r=r: newer(store, run, r, island))
+            wait_s = now() - t1
+            if latest["version"] <= r:  # the run finished at version r meanwhile
+                log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
+                return
+            key = protocol.decision_key(run, r)
+            decision = tolerant(island, lambda key=key: protocol.read_json(store, key)) or {}
+            accepted, late, outcome, scored = _outcome(decision, island, written)
+            if accepted and written:
+                error_feedback = new_ef  # else Δ was not applied: the old residual still owed
+            held, full = catch_up(
+                store, run, island, held, latest["version"], abstract, spec, lr, mu
+            )
+            pulled = store.bytes_read - pulled_mark
+            pulled_mark = store.bytes_read
+            full, full_pending = full or full_pending, False
+            stats = {"round": r, "version": held.version, "inner_loss": inner_loss,
+                     "bytes_pushed": pushed_bytes, "bytes_pulled": pulled, "full_pull": int(full),
+                     "wait_s": wait_s, "train_s": train_s, "accepted": int(accepted),
+                     "late": int(late)}  # fmt: skip
+            stats.update(scored)
+            if writer:
+                writer.write(r, stats, "island")
+            log(
+                island,
+                f"round {r} | loss {inner_loss:.4f} | pushed {kb(pushed_bytes)} | "
+                f"pulled {kb(pulled)}{' (full)' if full else ''} | train {train_s:.2f}s"
+                f" | wait {wait_s:.2f}s | {outcome}{'; ' + note if note else ''} -> "
+                f"version {held.version}",
+            )
+            done += 1
+            if rounds and done >= rounds:
+                log(island, f"done: {done} rounds")
+                return
+    finally:
+        if writer:
+            writer.close()
+
+
+def _wait_for_run(
+    cfg, store: ObjectStore, run: str, island: str, wait_for_run: float, poll_seconds: float
+) -> dict:
+    """The run's manifest once it is created, within `wait_for_run` seconds; UsageError if
+    it is not, or if the run's model and data settings are not the config's."""
+    log(island, f"waiting up to {wait_for_run:g}s for run {run!r} to be created")
+    deadline = now() + wait_for_run
+    manifest = None
+    while manifest is None and now() < deadline:
+        time.sleep(poll_seconds)
+        manifest = protocol.read_json(store, protocol.manifest_key(run))
+    if manifest is None:
+        raise UsageError(f"unknown run {run!r} in {store.url}: no {protocol.manifest_key(run)}")
+    problem = manifest_problem(manifest, cfg)
+    if problem:
+        raise UsageError(problem)
+    return manifest
+
+
+def _outcome(decision: dict, island: str, written: bool) -> tuple[bool, bool, str, dict]:
+    """(accepted, late, the log's outcome text, score and reward if scored) of this
+    island's push in a round's decision ({} while the decision is unreadable)."""
+    accepted = any(e["island"] == island for e in decision.get("accepted", []))
+    rejected = [e["reason"] for e in decision.get("rejected", []) if e["island"] == island]
+    late = not accepted and not rejected  # not in the decision: it came too late
+    outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
+    if not written and (accepted or rejected):  # the verdict is on the slot's object
+        outcome = f"this push was NOT stored; the object already in our slot was {outcome}"
+    mine = [
+        e
+        for e in decision.get("contrib", {}).get("entries", [])
+        if e["contributor"] == island and e["key_id"]
+    ]  # signed by us
+    scored = {}
+    if mine and mine[0]["score"] is not None:
+        outcome += f" (score {mine[0]['score']:.4g}, reward {mine[0]['reward']:.3f})"
+        scored = {"score": mine[0]["score"], "reward": mine[0]["reward"]}
+    return accepted, late, outcome, scored
