@@ -58,8 +58,8 @@ Payloads
 --------
 `encode` returns a `Payload` (one `LeafPayload` of numpy buffers per leaf); its wire format,
 `to_bytes`, and the validating `Payload.from_bytes` for untrusted peers (raising `PayloadError`)
-live in `near_jax.diloco.codec.payload`, re-exported here. `near_jax.diloco.codec.fake_quant` simulates
-this codec in jax.numpy, bit-exactly, for replicas inside one XLA program.
+live in `near_jax.diloco.codec.payload`, re-exported here. `near_jax.diloco.codec.fake_quant`
+simulates this codec in jax.numpy, bit-exactly, for replicas inside one XLA program.
 """
 
 from __future__ import annotations
