@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from near_jax.contrib import audit, identity, ledger, validator
+from near_jax.contrib import audit, identity, ledger, ledger_mirror, ledger_verify, signing
 from near_jax.contrib.rewards import Standing
 from near_jax.diloco import rounds
 from near_jax.diloco.store import ObjectStore
@@ -44,7 +44,7 @@ def clone(world, tmp_path) -> tuple[ObjectStore, Path]:
 
 def ledger_copy(world, tmp_path) -> Path:
     path = tmp_path / "ledger.sqlite"
-    assert ledger.download(world.store, RUN, str(path))
+    assert ledger_mirror.download(world.store, RUN, str(path))
     return path
 
 
@@ -79,7 +79,7 @@ def rehash(path: Path, seq: int, **changes) -> None:
         prev = h
     con.commit()
     con.close()
-    assert ledger.verify_chain(str(path), RUN) == []
+    assert ledger_verify.verify_chain(str(path), RUN) == []
 
 
 def row(path: Path, rnd: int, contributor: str) -> dict:
@@ -133,7 +133,7 @@ def test_a_tampered_ledger_copy_is_found(world, tmp_path, attack):
 def test_a_truncated_tail_passes_the_chain_but_not_the_decisions(world, tmp_path):
     path = ledger_copy(world, tmp_path)
     sql(path, f"DELETE FROM entries WHERE round = {ROUNDS - 1}")
-    assert ledger.verify_chain(str(path), RUN) == []  # a shorter chain is still a chain
+    assert ledger_verify.verify_chain(str(path), RUN) == []  # a shorter chain is still a chain
     problems, summary = audit.verify(world.store, RUN, ledger_path=str(path))
     assert problems == [
         f"round {ROUNDS - 1}: the decision lists {len(NAMES)} contributions, the ledger 0"
@@ -144,7 +144,7 @@ def test_a_truncated_tail_passes_the_chain_but_not_the_decisions(world, tmp_path
 def sign(world, decision: dict) -> dict:
     """The decision signed by the run's aggregator key (a genuine, or a dishonest,
     aggregator)."""
-    decision["signature"] = world.agg_key.sign(validator.decision_bytes(decision))
+    decision["signature"] = world.agg_key.sign(signing.decision_bytes(decision))
     return decision
 
 
@@ -175,7 +175,7 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
     if by_aggregator:
         sign(world, decision)
     store.put(rounds.decision_key(RUN, 1), rounds.dumps(decision))
-    ledger.upload(store, RUN, str(path))
+    ledger_mirror.upload(store, RUN, str(path))
     problems, _ = audit.verify(store, RUN)
     expected = [] if by_aggregator else [UNSIGNED]
     if forgery == "signature":
@@ -188,7 +188,7 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
     store, _ = clone(world, tmp_path)
     decision = rounds.read_json(store, rounds.decision_key(RUN, 1))
     # a genuine aggregator signature, but of another round: the seed would be reused
-    decision["contrib"]["seed_signature"] = validator.seed_signature(world.agg_key, RUN, 0)
+    decision["contrib"]["seed_signature"] = signing.seed_signature(world.agg_key, RUN, 0)
     store.put(rounds.decision_key(RUN, 1), rounds.dumps(sign(world, decision)))
     problems, _ = audit.verify(store, RUN)
     assert problems == ["round 1: the seed is not signed by the run's aggregator key"]
@@ -203,7 +203,7 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
 def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
     store, path = clone(world, tmp_path)
     (path / rounds.decision_key(RUN, 0)).write_bytes(b"not a framed object")
-    (path / ledger.store_key(RUN)).write_bytes(b"garbage")
+    (path / ledger_mirror.store_key(RUN)).write_bytes(b"garbage")
     problems, summary = audit.verify(store, RUN)
     assert any(p.startswith("round 0: the decision is unreadable") for p in problems), problems
     assert any("ledger copy is damaged" in p for p in problems), problems
@@ -225,7 +225,7 @@ def upload_rounds_before(world, tmp_path, store: ObjectStore, rnd: int) -> Path:
     short = tmp_path / "short.sqlite"
     shutil.copyfile(full, short)
     sql(short, f"DELETE FROM entries WHERE round >= {rnd}")
-    ledger.upload(store, RUN, str(short))
+    ledger_mirror.upload(store, RUN, str(short))
     return full
 
 
@@ -244,7 +244,7 @@ def test_rounds_closing_during_the_audit_are_no_problem(
     def racing(*args, **kwargs):
         if when == "after":
             out = read_ledger(*args, **kwargs)
-        ledger.upload(store, RUN, str(full))
+        ledger_mirror.upload(store, RUN, str(full))
         set_latest(store, ROUNDS)
         return out if when == "after" else read_ledger(*args, **kwargs)
 
@@ -430,7 +430,7 @@ def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
     for rnd in range(ROUNDS):
         rehash(forged, row(forged, rnd, "poisoner")["seq"], accepted=True, applied=True,
                reason="", reward=1.0, score=9.0)  # fmt: skip
-    ledger.upload(ObjectStore.open(str(path)), RUN, str(forged))
+    ledger_mirror.upload(ObjectStore.open(str(path)), RUN, str(forged))
     run = (f"--store={path}", f"--run={RUN}")
     board, promoted = cli_all(("leaderboard", *run), ("promote", *run, "--top=1"))
     for p in (board, promoted):

@@ -13,15 +13,9 @@ import time
 import pytest
 
 from near_jax.contrib import ledger as ledger_lib
-from near_jax.contrib.ledger import (
-    ENTRY_FIELDS,
-    Ledger,
-    LedgerError,
-    download,
-    store_key,
-    upload,
-    verify_chain,
-)
+from near_jax.contrib.ledger import ENTRY_FIELDS, Ledger, LedgerError
+from near_jax.contrib.ledger_mirror import download, store_key, upload
+from near_jax.contrib.ledger_verify import verify_chain
 from near_jax.diloco.rounds import dumps
 from near_jax.diloco.store import ObjectStore
 

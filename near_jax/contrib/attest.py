@@ -53,6 +53,7 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
+import near_jax
 from near_jax.contrib import identity
 from near_jax.diloco import rounds
 
@@ -78,8 +79,6 @@ def code_sha256(package_dir: str | None = None) -> str:
 def _installed_code_sha256() -> str:
     # The installed package does not change under a running process, and hashing it reads
     # every source file: once per process is enough.
-    import near_jax
-
     return _tree_sha256(os.path.dirname(os.path.abspath(near_jax.__file__)))
 
 

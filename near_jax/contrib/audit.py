@@ -5,7 +5,7 @@ run's manifest (its aggregator key — compare its key id with the one the run's
 published out of band — and first seed commitment) and the registry's self-signed
 entries, and checks
 
-  decisions  every decision is signed by the aggregator key (`validator.check_decision`),
+  decisions  every decision is signed by the aggregator key (`signing.check_decision`),
              is filed under its own round, and lists exactly the ledger's entries of that
              round, field by field: the signed decisions are the external anchor that
              exposes a truncated, rewritten or forged ledger, even one with a valid chain
@@ -46,7 +46,7 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from near_jax.contrib import identity, ledger
+from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, signing
 from near_jax.diloco import rounds
 from near_jax.diloco.rounds import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -76,7 +76,7 @@ def read_ledger(
     `ledger_path`. entries is None when there is nothing readable; problems holds the
     chain's problems, one line each, naming `ledger_path` (or the store's key), never the
     temporary copy that is read. Never modifies `ledger_path`."""
-    label = ledger_path if ledger_path is not None else ledger.store_key(run)
+    label = ledger_path if ledger_path is not None else ledger_mirror.store_key(run)
     with tempfile.TemporaryDirectory(prefix="near_jax-audit-") as tmp:
         copy = os.path.join(tmp, "ledger.sqlite")
 
@@ -96,11 +96,11 @@ def read_ledger(
                 return None, [f"cannot read {ledger_path}: {e.strerror or e}"]
         else:
             try:
-                if not ledger.download(store, run, copy):
-                    return None, [f"no ledger in the store (no {ledger.store_key(run)})"]
+                if not ledger_mirror.download(store, run, copy):
+                    return None, [f"no ledger in the store (no {ledger_mirror.store_key(run)})"]
             except ledger.LedgerError as e:
                 return None, [named(str(e))]
-        problems = [named(p) for p in ledger.verify_chain(copy, run)]
+        problems = [named(p) for p in ledger_verify.verify_chain(copy, run)]
         try:
             with ledger.Ledger.open(copy, run) as book:
                 entries = book.entries()
@@ -292,8 +292,6 @@ def _decision_problems(
 ) -> list[str]:
     """Problems of the decisions of rounds 0..latest (round `latest`'s is optional) and of
     their agreement with the ledger's entries."""
-    from near_jax.contrib import validator
-
     problems: list[str] = []
     by_round: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for e in entries or []:
@@ -322,7 +320,7 @@ def _decision_problems(
                 )
             commitment = None
             continue
-        if aggregator_key is not None and not _signed(validator, aggregator_key, decision):
+        if aggregator_key is not None and not _signed(aggregator_key, decision):
             problems.append(f"round {r}: the decision is not signed by the run's aggregator key")
         if decision.get("round") != r:
             problems.append(f"round {r}: the decision names round {_short(decision.get('round'))}")
@@ -336,7 +334,7 @@ def _decision_problems(
             if not isinstance(signature, str):
                 problems.append(f"round {r}: the decision has no seed_signature")
             else:
-                bad = validator.check_seed(aggregator_key, run, r, signature, commitment)
+                bad = signing.check_seed(aggregator_key, run, r, signature, commitment)
                 if bad:
                     problems.append(bad)
         nxt = section.get("next_seed_commitment")
@@ -356,9 +354,9 @@ def _decision_problems(
     return problems
 
 
-def _signed(validator: Any, aggregator_key: str, decision: dict[str, Any]) -> bool:
+def _signed(aggregator_key: str, decision: dict[str, Any]) -> bool:
     try:
-        return validator.check_decision(aggregator_key, decision)
+        return signing.check_decision(aggregator_key, decision)
     except (TypeError, ValueError, RecursionError):  # e.g. NaN or absurd nesting
         return False
 
