@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 from absl import flags
 
 from near_jax import cli
+from near_jax._io import atomic_write, one_line
 from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.contrib import attest, audit, identity, rewards
 from near_jax.contrib.identity import IdentityError
@@ -224,7 +224,7 @@ def _open_run(f: Any) -> tuple[Any, str]:
     try:
         manifest = rounds.read_json(store, rounds.manifest_key(run))
     except (CorruptObject, ProtocolError) as e:  # exit 1 in _main, one line
-        why = " ".join(str(e).split())[:300]
+        why = one_line(e)
         raise ProtocolError(f"the run manifest is unreadable: {why}") from None
     if manifest is None:
         usage_error(f"unknown run {run!r}: no {rounds.manifest_key(run)} in {f.store}")
@@ -284,16 +284,8 @@ def _check_window(f: Any) -> None:
 
 def _write(path: str, text: str) -> bool:
     """Writes `path` atomically; False (after one line on stderr) if it cannot."""
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, text)
     except OSError as e:
         _error(f"cannot write {path}: {e.strerror or e}")
         return False

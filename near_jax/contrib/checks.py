@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from near_jax._io import one_line
 from near_jax.contrib import attest, identity
 from near_jax.diloco import rounds
 from near_jax.diloco.codec.compress import Payload, PayloadError, decode
@@ -115,7 +116,7 @@ class Checker:
         except StoreError:
             raise  # the store itself failed: not this contribution's fault
         except Exception as e:  # noqa: BLE001 - content must never stop the aggregator
-            c.reason = f"malformed: {type(e).__name__} while checking it: {_short(e)}"
+            c.reason = f"malformed: {type(e).__name__} while checking it: {one_line(e)}"
         if c.reason:
             c.payload = c.delta = None
         return c
@@ -137,7 +138,7 @@ class Checker:
         try:
             tag, data = rounds.split_contribution(body)
         except PayloadError as e:
-            return f"malformed: {_short(e)}"
+            return f"malformed: {one_line(e)}"
         unknown = sorted(set(tag) - TAG_FIELDS)
         if unknown:
             return f"malformed: unknown tag fields {', '.join(map(repr, unknown))[:200]}"
@@ -154,7 +155,7 @@ class Checker:
         try:  # the structure only: a truncated or misshapen payload is named as such
             payload = Payload.from_bytes(data, max_elements=rounds.num_elements(self.like))
         except PayloadError as e:
-            return f"malformed payload: {_short(e)}"
+            return f"malformed payload: {one_line(e)}"
         if "signature" not in tag or "contributor" not in tag:
             return "unsigned: no contributor signature"
         public, problem = self._public_key(c.island)
@@ -165,7 +166,7 @@ class Checker:
         try:
             statement = identity.statement_bytes(fields).split(b"\n", 1)[1].decode()
         except identity.IdentityError as e:
-            return f"malformed: {_short(e)}"
+            return f"malformed: {one_line(e)}"
         signature = tag["signature"]
         if not (isinstance(signature, str) and _SIGNATURE.fullmatch(signature)):
             return "bad signature: not 128 lowercase hex characters"
@@ -188,7 +189,7 @@ class Checker:
         claim = attest.Claim(**fields)
         refused = attest.check(self.verifier, claim, blob)
         if refused:
-            return f"attestation: {_short(refused)}"
+            return f"attestation: {one_line(refused)}"
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, per leaf
             delta = decode(payload, like=self.like)
         for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
@@ -206,12 +207,8 @@ class Checker:
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - a tampered entry yields no key
-                return None, f" (its registry entry is invalid: {_short(e)[:120]})"
+                return None, f" (its registry entry is invalid: {one_line(e, 120)})"
             if public is None:
                 return None, ""  # not cached: it may register later
             self._keys[name] = public
         return self._keys[name], ""
-
-
-def _short(e: object) -> str:
-    return " ".join(str(e).split())[:300]

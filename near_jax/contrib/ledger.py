@@ -50,6 +50,7 @@ import sqlite3
 import threading
 from typing import Any
 
+from near_jax._io import one_line
 from near_jax.diloco.rounds import check_name, dumps, sha256
 
 FORMAT = 1
@@ -245,7 +246,7 @@ class Ledger:
                 raise
         except sqlite3.Error as e:
             conn.close()
-            raise LedgerError(f"cannot open ledger {path}: {_one_line(e)}") from None
+            raise LedgerError(f"cannot open ledger {path}: {one_line(e)}") from None
         except BaseException:
             conn.close()
             raise
@@ -264,7 +265,7 @@ class Ledger:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                raise LedgerError(f"cannot append to {self.path}: {_one_line(e)}") from None
+                raise LedgerError(f"cannot append to {self.path}: {one_line(e)}") from None
             try:
                 if conn.execute(
                     "SELECT 1 FROM entries WHERE round = ? LIMIT 1", (round,)
@@ -295,7 +296,7 @@ class Ledger:
                 except sqlite3.Error:
                     pass  # the failed COMMIT may already have ended the transaction
                 if isinstance(e, sqlite3.Error):
-                    raise LedgerError(f"cannot append to {self.path}: {_one_line(e)}") from None
+                    raise LedgerError(f"cannot append to {self.path}: {one_line(e)}") from None
                 raise
         return True
 
@@ -363,8 +364,3 @@ class Ledger:
 
 def _sql(value: Any) -> Any:
     return int(value) if isinstance(value, bool) else value
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__

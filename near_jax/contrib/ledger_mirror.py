@@ -14,6 +14,7 @@ import sqlite3
 import tempfile
 import urllib.parse
 
+from near_jax._io import atomic_write, one_line
 from near_jax.contrib.ledger import LedgerError
 from near_jax.contrib.ledger_verify import verify_chain
 from near_jax.diloco.rounds import check_name
@@ -53,7 +54,7 @@ def upload(store: ObjectStore, run: str, path: str) -> int:
             finally:
                 src.close()
         except sqlite3.Error as e:
-            raise LedgerError(f"cannot snapshot ledger {path}: {_one_line(e)}") from None
+            raise LedgerError(f"cannot snapshot ledger {path}: {one_line(e)}") from None
         if meta.get("run") != run:
             raise LedgerError(f"ledger {path} belongs to run {meta.get('run')!r}, not {run!r}")
         with open(snapshot, "rb") as f:
@@ -74,13 +75,8 @@ def download(store: ObjectStore, run: str, path: str) -> bool:
         return False
     if not body.startswith(_SQLITE_MAGIC):
         raise LedgerError(f"the store's ledger copy {store_key(run)} is not a SQLite database")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def verified(tmp: str) -> None:
         problems = verify_chain(tmp, run)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -92,30 +88,6 @@ def download(store: ObjectStore, run: str, path: str) -> bool:
                 os.remove(path + suffix)
             except FileNotFoundError:
                 pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+
+    atomic_write(path, body, before_replace=verified)
     return True
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not every platform lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__

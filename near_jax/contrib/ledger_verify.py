@@ -23,6 +23,7 @@ import sqlite3
 import tempfile
 import urllib.parse
 
+from near_jax._io import one_line
 from near_jax.contrib.ledger import ENTRY_FIELDS, FORMAT, entry_hash, genesis_hash, row_fields
 
 _COLUMNS = ", ".join(ENTRY_FIELDS)
@@ -65,10 +66,10 @@ def verify_chain(
         return [f"cannot read {path}: its journal keeps changing"]
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e) or "file is encrypted" in str(e):
-            return [f"not a SQLite database: {path} ({_one_line(e)})"]
-        return [f"cannot read {path}: {_one_line(e)}"]
+            return [f"not a SQLite database: {path} ({one_line(e)})"]
+        return [f"cannot read {path}: {one_line(e)}"]
     except Exception as e:  # noqa: BLE001 - a damaged file must give a problem, not a crash
-        return [f"cannot verify {path}: {type(e).__name__}: {_one_line(e)}"]
+        return [f"cannot verify {path}: {type(e).__name__}: {one_line(e)}"]
 
 
 def _verify_rolled_back_copy(path: str, run: str | None, anchors: dict) -> list[str] | None:
@@ -196,8 +197,3 @@ def _verify_entries(conn: sqlite3.Connection, run: str | None, anchors: dict) ->
             "(truncated or rewritten tail)"
         )
     return problems
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__

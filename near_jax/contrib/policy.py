@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 
+from near_jax._io import one_line
 from near_jax.contrib import attest, identity
 from near_jax.diloco import robust, rounds
 from near_jax.diloco.aggregator import manifest_fields
@@ -93,7 +94,7 @@ def extra_allowed_code(
     try:
         obj = rounds.read_json(store, allowed_code_key(run))
     except (ProtocolError, CorruptObject) as e:
-        return set(), f"{allowed_code_key(run)} is unreadable ({_short(e)[:100]})"
+        return set(), f"{allowed_code_key(run)} is unreadable ({one_line(e, 100)})"
     if obj is None:
         return set(), ""
     body = {"run": obj.get("run"), "hashes": obj.get("hashes")}
@@ -115,7 +116,3 @@ def signed_allowed_code(aggregator: identity.Identity, run: str, hashes: list[st
     body = {"run": run, "hashes": hashes}
     body["signature"] = aggregator.sign(_ALLOW_DOMAIN + rounds.dumps(body))
     return body
-
-
-def _short(e: object) -> str:
-    return " ".join(str(e).split())[:300]

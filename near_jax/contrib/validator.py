@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from near_jax._io import one_line
 from near_jax.config import ConfigError
 from near_jax.contrib import attest, identity, ledger, screening
 from near_jax.contrib.checks import Candidate, Checker
@@ -298,10 +299,6 @@ def _read_quietly(read: Callable[[], Any]) -> Any:
         return None
 
 
-def _short(e: object) -> str:
-    return " ".join(str(e).split())[:300]
-
-
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -345,7 +342,7 @@ def build(
         try:
             loss(jax.device_get(trainer.init(jax.random.key(0)).params), 0)
         except (ConfigError, ValueError, OSError) as e:
-            raise ValueError(f"--score_source={score_source}: {_short(e)}") from None
+            raise ValueError(f"--score_source={score_source}: {one_line(e)}") from None
     return ContribAggregator(
         store, run, trainer.abstract_state.params, aggregator_key=key, policy=policy,
         loss_fn=loss, ledger_path=ledger_path, **kwargs,
