@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers import REPO
 
 from near_jax.contrib import ledger as ledger_lib
 from near_jax.contrib.ledger import (
@@ -25,7 +26,6 @@ from near_jax.contrib.ledger import (
 from near_jax.diloco.rounds import dumps
 from near_jax.diloco.store import ObjectStore
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "demo"
 
 
