@@ -14,6 +14,7 @@ import sqlite3
 import jax
 import numpy as np
 import pytest
+from helpers import FakeClock
 
 from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, signing, validator
 from near_jax.contrib.contributor import Signer, slot_problem
@@ -65,19 +66,6 @@ def inner(params, island, rnd, lr=0.02):
         w = w - lr * 2 * (x.T @ err) / len(y)
         b = b - lr * 2 * np.mean(err)
     return {"w": params["w"] - w.astype(np.float32), "b": params["b"] - np.float32(b)}
-
-
-class FakeClock:
-    def __init__(self):
-        self.t, self.on_sleep = 1000.0, []
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.t += seconds
-        while self.on_sleep:  # what happens while the aggregator waits
-            self.on_sleep.pop(0)()
 
 
 class World:

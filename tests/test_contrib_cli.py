@@ -6,15 +6,14 @@ import copy
 import csv
 import io
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import run_module
 
 from near_jax.contrib import audit, identity, ledger, ledger_mirror, ledger_verify, signing
 from near_jax.contrib.rewards import Standing
@@ -22,7 +21,6 @@ from near_jax.diloco import rounds
 from near_jax.diloco.store import ObjectStore
 from tests.test_contrib import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
 
@@ -339,11 +337,7 @@ def test_deeply_nested_store_objects_are_problems(world, tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "near_jax.contrib", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    return run_module("near_jax.contrib", *args, timeout=120)
 
 
 def cli_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
@@ -481,11 +475,6 @@ def test_the_window_counts_back_from_the_latest_closed_round(world, tmp_path):
 
 def test_cli_refuses_impossible_requests_up_front(tmp_path):
     """Usage mistakes caught before any work: exit 2, one line."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     store = tmp_path / "store"
     store.mkdir()
     cases = [
@@ -493,9 +482,6 @@ def test_cli_refuses_impossible_requests_up_front(tmp_path):
         (["leaderboard", f"--csv={tmp_path}/no/such/dir/x.csv"], "not a writable directory"),
     ]
     for args, message in cases:
-        proc = subprocess.run(
-            [sys.executable, "-m", "near_jax.contrib", *args, f"--store={store}", "--run=r"],
-            cwd=repo, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        proc = cli(*args, f"--store={store}", "--run=r")
         err = proc.stderr.strip()
         assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers import REPO
 
 from near_jax.contrib import ledger as ledger_lib
 from near_jax.contrib.ledger import ENTRY_FIELDS, Ledger, LedgerError
@@ -19,7 +20,6 @@ from near_jax.contrib.ledger_verify import verify_chain
 from near_jax.diloco.rounds import dumps
 from near_jax.diloco.store import ObjectStore
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "demo"
 
 
