@@ -314,7 +314,7 @@ def test_keep_last_k_and_every_m_th_step(tmp_path):
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from near_jax.preemption import StopRequest
+from near_jax.train.preemption import StopRequest
 stop = StopRequest()
 os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(0.2)
