@@ -28,7 +28,8 @@ import numpy as np
 
 from near_jax.contrib import identity, screening
 from near_jax.contrib.contributor import Signer
-from near_jax.contrib.validator import ContribAggregator, Policy
+from near_jax.contrib.policy import Policy
+from near_jax.contrib.validator import ContribAggregator
 from near_jax.diloco import protocol, robust
 from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.store import ObjectStore

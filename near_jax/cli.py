@@ -15,6 +15,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from near_jax._io import one_line
+
 
 def usage_error(message: str) -> None:
     """Prints one line for a command-line mistake and exits with status 2."""
@@ -128,8 +130,7 @@ class _LibraryInfoFilter(std_logging.Filter):
             return False
         # Orbax logs a failed background save from each of its threads with a traceback, and
         # near_jax reports the same failure once, as one line: keep one short line of each.
-        first = " ".join(message.split())
-        record.msg, record.args = first if len(first) <= 300 else first[:297] + "...", None
+        record.msg, record.args = one_line(message), None
         record.exc_info, record.exc_text = None, None
         return True
 

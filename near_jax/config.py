@@ -3,10 +3,15 @@
 Configs are `ml_collections.ConfigDict`s. `configs/*.py` start from `default_config()` and
 override fields; `validate(cfg)` runs once at start-up and raises `ConfigError` with one line
 naming the key, the value and what is allowed.
+
+The model section is defined once, as the `ModelConfig` dataclass (the hashable value the
+model takes): each field carries its config default and doc, and SCHEMA["model"] is built
+from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,36 +22,85 @@ import ml_collections
 
 from near_jax.diloco.codec.spec import CompressionSpec
 
-# (section, key) -> (default, doc). Defaults never use None: ml_collections cannot override
-# a None-typed field from the command line, so "unset" is 0 or "".
+
+def _field(default: Any, doc: str, *, required: bool = False) -> Any:
+    """A ModelConfig field with its config default and one-line doc (SCHEMA["model"] reads both).
+
+    `required`: a ModelConfig must be given the value (the shape, and vocab_size and head_dim
+    resolved first, which the config leaves at 0); configs still start from `default`.
+    """
+    metadata = {"default": default, "doc": doc}
+    if required:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model section of the config as a hashable value (a static argument for jit).
+
+    The one definition of the model fields: SCHEMA["model"] (and so default_config and
+    describe) is built from these fields, in this order.
+    """
+
+    vocab_size: int = _field(
+        0, "Vocabulary size; 0 = the tokenizer's size rounded up to 128.", required=True
+    )
+    d_model: int = _field(512, "Width of the residual stream.", required=True)
+    n_layers: int = _field(8, "Number of transformer blocks.", required=True)
+    n_heads: int = _field(8, "Number of query heads.", required=True)
+    n_kv_heads: int = _field(
+        8,
+        "Number of key/value heads (grouped-query attention); divides n_heads.",
+        required=True,
+    )
+    head_dim: int = _field(0, "Width of one attention head; 0 = d_model // n_heads.", required=True)
+    mlp_dim: int = _field(1536, "Hidden width of the SwiGLU MLP.", required=True)
+    rope_theta: float = _field(500_000.0, "RoPE base frequency.")
+    norm_eps: float = _field(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = _field(False, "Share the input embedding with the output projection.")
+    z_loss: float = _field(
+        0.0, "Coefficient of the z-loss (log(Z)^2) that keeps logits small; 0 = off."
+    )
+    init_std: float = _field(
+        0.02, "Standard deviation of the normal initializer of weight matrices."
+    )
+    dtype: str = _field("bfloat16", "Compute dtype of activations and matmuls.")
+    param_dtype: str = _field("float32", "Storage dtype of the parameters.")
+    remat: str = _field("none", "Rematerialization of each block: none | full | dots_saveable.")
+    scan_layers: bool = _field(
+        True, "Stack the blocks with scan (compile time independent of depth)."
+    )
+    attention: str = _field(
+        "auto", "Attention implementation: auto | xla | pallas | cudnn | splash."
+    )
+    attention_block_q: int = _field(
+        0, "Pallas query block (TPU: multiple of 128; GPU: power of 2 >= 16); 0 = default."
+    )
+    attention_block_kv: int = _field(
+        0, "Pallas key/value block (same rules as attention_block_q); 0 = default."
+    )
+    attention_window: int = _field(0, "Sliding-window (local) attention span in tokens; 0 = full.")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelConfig:
+        """Builds a ModelConfig from a `model` ConfigDict (or returns a ModelConfig as is)."""
+        if isinstance(cfg, ModelConfig):
+            return cfg
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in cfg.items() if k in fields}
+        if values["vocab_size"] <= 0:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
+        values["head_dim"] = head_dim(cfg)
+        return cls(**values)
+
+
+# (section, key) -> (default, doc); the model section is ModelConfig's fields. Defaults never
+# use None: ml_collections cannot override a None-typed field from the command line, so
+# "unset" is 0 or "".
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "model": {
-        "vocab_size": (0, "Vocabulary size; 0 = the tokenizer's size rounded up to 128."),
-        "d_model": (512, "Width of the residual stream."),
-        "n_layers": (8, "Number of transformer blocks."),
-        "n_heads": (8, "Number of query heads."),
-        "n_kv_heads": (8, "Number of key/value heads (grouped-query attention); divides n_heads."),
-        "head_dim": (0, "Width of one attention head; 0 = d_model // n_heads."),
-        "mlp_dim": (1536, "Hidden width of the SwiGLU MLP."),
-        "rope_theta": (500_000.0, "RoPE base frequency."),
-        "norm_eps": (1e-5, "RMSNorm epsilon."),
-        "tie_embeddings": (False, "Share the input embedding with the output projection."),
-        "z_loss": (0.0, "Coefficient of the z-loss (log(Z)^2) that keeps logits small; 0 = off."),
-        "init_std": (0.02, "Standard deviation of the normal initializer of weight matrices."),
-        "dtype": ("bfloat16", "Compute dtype of activations and matmuls."),
-        "param_dtype": ("float32", "Storage dtype of the parameters."),
-        "remat": ("none", "Rematerialization of each block: none | full | dots_saveable."),
-        "scan_layers": (True, "Stack the blocks with scan (compile time independent of depth)."),
-        "attention": ("auto", "Attention implementation: auto | xla | pallas | cudnn | splash."),
-        "attention_block_q": (
-            0,
-            "Pallas query block (TPU: multiple of 128; GPU: power of 2 >= 16); 0 = default.",
-        ),
-        "attention_block_kv": (
-            0,
-            "Pallas key/value block (same rules as attention_block_q); 0 = default.",
-        ),
-        "attention_window": (0, "Sliding-window (local) attention span in tokens; 0 = full."),
+        f.name: (f.metadata["default"], f.metadata["doc"]) for f in dataclasses.fields(ModelConfig)
     },
     "data": {
         "source": ("stdlib", "stdlib (Python's own .py files) or a path/glob of .txt/.jsonl/.bin."),
@@ -284,14 +338,39 @@ def _check_floats(cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every field of `cfg`; raises ConfigError (one line) on the first bad one."""
+    """Checks every field of `cfg`; raises ConfigError (one line) on the first bad one.
+
+    The checks run in a fixed order (which error a config with several gets): keys and types,
+    choices, float ranges, then one validator per section in SCHEMA order, and last
+    diloco.compression (at the end of _validate_contrib).
+    """
     _check_keys(cfg)
+    _check_choices(cfg)
+    _check_floats(cfg)
+    for check in (
+        _validate_model,
+        _validate_data,
+        _validate_train,
+        _validate_optim,
+        _validate_checkpoint,
+        _validate_mesh,
+        _validate_diloco,
+        _validate_contrib,
+    ):
+        check(cfg)
+    return cfg
+
+
+def _check_choices(cfg: ml_collections.ConfigDict) -> None:
+    """Every CHOICES field holds one of its allowed values."""
     for key, allowed in CHOICES.items():
         section, field = key.split(".")
         if cfg[section][field] not in allowed:
             _fail(key, cfg[section][field], f"one of {' | '.join(allowed)}")
-    _check_floats(cfg)
 
+
+def _validate_model(cfg: ml_collections.ConfigDict) -> None:
+    """model: positive sizes, a resolvable vocab, heads that divide, an even head width."""
     m = cfg.model
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
         if m[key] <= 0:
@@ -312,6 +391,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "0 (default / off) or a positive integer")
 
+
+def _validate_data(cfg: ml_collections.ConfigDict) -> None:
+    """data: a positive seq_len, non-negative counts, a tokenizer that exists."""
     d = cfg.data
     if d.seq_len <= 0:
         _fail("data.seq_len", d.seq_len, "a positive integer")
@@ -328,6 +410,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "'byte' or an existing SentencePiece .model / HF tokenizer.json file",
         )
 
+
+def _validate_train(cfg: ml_collections.ConfigDict) -> None:
+    """train: positive counts, and microbatches that divide the global batch."""
     t = cfg.train
     for key in ("steps", "global_batch_size", "microbatches", "log_every", "eval_batches"):
         if t[key] <= 0:
@@ -343,13 +428,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"a divisor of train.global_batch_size={t.global_batch_size}",
         )
 
+
+def _validate_optim(cfg: ml_collections.ConfigDict) -> None:
+    """optim: a non-negative warm-up (the float fields are checked by _check_floats)."""
     if cfg.optim.warmup_steps < 0:
         _fail("optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
 
+
+def _validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
+    """checkpoint: non-negative save and keep counts."""
     for key in ("every", "keep", "keep_every"):
         if cfg.checkpoint[key] < 0:
             _fail(f"checkpoint.{key}", cfg.checkpoint[key], "an integer >= 0")
 
+
+def _validate_mesh(cfg: ml_collections.ConfigDict) -> None:
+    """mesh: positive axis sizes, at most one -1 (fill), a positive dcn_data."""
     for key in ("data", "fsdp", "tensor"):
         if cfg.mesh[key] == 0 or cfg.mesh[key] < -1:
             _fail(f"mesh.{key}", cfg.mesh[key], "a positive integer or -1 (fill)")
@@ -357,7 +451,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("config.mesh: at most one of data, fsdp, tensor may be -1")
     if cfg.mesh.dcn_data <= 0:
         _fail("mesh.dcn_data", cfg.mesh.dcn_data, "a positive integer")
-    dl = cfg.diloco
+
+
+def _validate_diloco(cfg: ml_collections.ConfigDict) -> None:
+    """diloco: counts, fragments within the layers and the inner steps (compression: last)."""
+    m, dl = cfg.model, cfg.diloco
     if dl.replicas < 0:
         _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
     if dl.inner_steps < 1:
@@ -369,7 +467,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"an integer in [1, min(model.n_layers={m.n_layers}, diloco.inner_steps="
             f"{dl.inner_steps})]",
         )
-    c = cfg.contrib
+
+
+def _validate_contrib(cfg: ml_collections.ConfigDict) -> None:
+    """contrib: counts, shuffled data when on, the attestation and allowed hashes; then
+    diloco.compression, which has always been checked last."""
+    c, dl = cfg.contrib, cfg.diloco
     if c.top_g < 1:
         _fail("contrib.top_g", c.top_g, "a positive integer")
     if c.enabled and not cfg.data.shuffle:
@@ -391,9 +494,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         CompressionSpec.parse(dl.compression)
     except ValueError as e:
         _fail("diloco.compression", dl.compression, " ".join(str(e).split()))
-    return cfg
 
 
-def head_dim(model_cfg: ml_collections.ConfigDict) -> int:
-    """The attention head width: model.head_dim, or d_model // n_heads when it is 0."""
+def head_dim(model_cfg: Any) -> int:
+    """The attention head width: model.head_dim, or d_model // n_heads when it is 0.
+
+    The one place the width is derived; `model_cfg` is the model section or a ModelConfig.
+    """
     return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads

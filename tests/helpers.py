@@ -1,13 +1,82 @@
-"""Small shared builders for tests."""
+"""Small shared builders for tests, and the scaffolding for running the CLIs in subprocesses."""
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 
 from near_jax import config as config_lib
+
+# The repository root: the working directory of every CLI a test runs (`python -m near_jax.X`
+# finds the package there, and configs/... paths are relative to it).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(devices=None, compilation_cache=None, **overrides) -> dict[str, str]:
+    """The environment of a child process: this one's (conftest's included) on the CPU platform.
+
+    devices: the number of simulated CPU devices, XLA_FLAGS replaced by just that flag; None
+      keeps this process's XLA_FLAGS (conftest's 8 devices appended to whatever was set).
+    compilation_cache: a directory for a persistent compilation cache that children share, with
+      every compile cached (for tests that start the same program several times).
+    overrides: any other variables (strings), set last (e.g. XLA_FLAGS="" for XLA's defaults).
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.update(overrides)
+    return env
+
+
+def run_module(
+    module, *args, cwd=REPO, env=None, timeout=300, **kwargs
+) -> subprocess.CompletedProcess:
+    """Runs `python -m module *args` to completion; returns the CompletedProcess, its stdout and
+    stderr captured as text. env defaults to subprocess_env(); kwargs go to subprocess.run (e.g.
+    preexec_fn). The exit status is the caller's to check."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=subprocess_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def start_module(module, *args, cwd=REPO, env=None, **popen_kwargs) -> subprocess.Popen:
+    """Starts `python -m module *args` without waiting; returns the Popen. env defaults to
+    subprocess_env(); popen_kwargs (stdout, stderr, text, ...) go to subprocess.Popen as given:
+    nothing is captured unless asked for."""
+    env = subprocess_env() if env is None else env
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, **popen_kwargs)
+
+
+class FakeClock:
+    """time.time / time.sleep stand-ins: starts at t = 1000.0, and sleeping advances the clock
+    at once. Callables appended to on_sleep run (in order, once each) at the next sleep: what
+    happens in the world while the sleeper waits."""
+
+    def __init__(self):
+        self.t, self.on_sleep = 1000.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+        while self.on_sleep:
+            self.on_sleep.pop(0)()
+
 
 # A ~0.1M-parameter tiny.py run on the command line, saving every 5 steps (add steps,
 # log_every and checkpoint.keep per test).

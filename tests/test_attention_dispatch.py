@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import REPO, small_config
 from jax.sharding import NamedSharding, PartitionSpec
 from test_flash_attention import reference
 
@@ -187,7 +187,7 @@ def test_pallas_holds_no_length_squared_buffer_at_4096():
 
 
 def test_benchmark_quick_run_prints_a_table_and_one_json_line(capsys):
-    path = pathlib.Path(__file__).parents[1] / "bench" / "attention.py"
+    path = pathlib.Path(REPO) / "bench" / "attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -13,14 +13,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import SMALL_TRAIN_FLAGS, small_config
+from helpers import REPO, SMALL_TRAIN_FLAGS, run_module, small_config, start_module, subprocess_env
 
 from near_jax import sharding
 from near_jax.train import checkpoint, checkpoint_integrity, metrics
 from near_jax.train.loop import trainer_for
 from near_jax.train.step import TrainState
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
     *SMALL_TRAIN_FLAGS,
     "--config.train.steps=40",
@@ -29,22 +28,12 @@ SMALL_RUN = [
 ]
 
 
-def _cmd(workdir, *extra):
-    return [sys.executable, "-m", "near_jax.train", *SMALL_RUN, f"--workdir={workdir}", *extra]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+def _args(workdir, *extra):
+    return ["near_jax.train", *SMALL_RUN, f"--workdir={workdir}", *extra]
 
 
 def _run(workdir, *extra, timeout=300):
-    proc = subprocess.run(
-        _cmd(workdir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    proc = run_module(*_args(workdir, *extra), env=subprocess_env(devices=1), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -89,8 +78,8 @@ def _committed_steps(workdir):
 def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
     rng = np.random.default_rng()  # a different kill time each run (logged on failure)
     kill_after = rng.uniform(0.0, 1.5)
-    proc = subprocess.Popen(
-        _cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = start_module(
+        *_args(tmp_path), env=subprocess_env(devices=1), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 240
@@ -121,9 +110,9 @@ def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
 
 
 def test_sigterm_saves_at_the_interrupted_step_and_exits_0(tmp_path):
-    proc = subprocess.Popen(
-        _cmd(tmp_path, "--config.checkpoint.every=0", "--config.train.steps=400"), cwd=REPO,
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = start_module(
+        *_args(tmp_path, "--config.checkpoint.every=0", "--config.train.steps=400"),
+        env=subprocess_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 240
     while len(_losses(tmp_path)) < 3 and time.time() < deadline:
@@ -325,7 +314,7 @@ def test_keep_last_k_and_every_m_th_step(tmp_path):
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from near_jax.preemption import StopRequest
+from near_jax.train.preemption import StopRequest
 stop = StopRequest()
 os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(0.2)
@@ -338,8 +327,8 @@ print("second signal ignored", flush=True)
 
 def test_second_signal_aborts_at_once():
     proc = subprocess.run(
-        [sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, env=_env(), capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, env=subprocess_env(devices=1),
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "first signal: stop requested" in proc.stdout
     assert "second signal ignored" not in proc.stdout

@@ -6,17 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import FakeClock
 
 from near_jax.diloco.claims import Claim, NameTaken, claim_key
 from near_jax.diloco.store import ObjectStore
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture
@@ -25,7 +18,7 @@ def store(tmp_path):
 
 
 def test_a_second_island_with_a_live_name_is_refused_naming_the_holder(store):
-    clock = Clock()
+    clock = FakeClock()
     first = Claim(store, "demo", "eu-1", clock=clock, holder="hostA:1:aa")
     first.acquire()
     second = Claim(store, "demo", "eu-1", clock=clock, holder="hostB:2:bb")
@@ -38,7 +31,7 @@ def test_a_second_island_with_a_live_name_is_refused_naming_the_holder(store):
 
 
 def test_a_stale_claim_is_taken_over_and_its_old_holder_learns_it(store):
-    clock = Clock()
+    clock = FakeClock()
     first = Claim(store, "demo", "eu-1", clock=clock, holder="hostA:1:aa", lease=60)
     first.acquire()
     clock.t += 61  # no heartbeat for a lease: the holder was killed
@@ -76,4 +69,4 @@ def test_a_claim_with_a_junk_time_counts_as_stale(store, renewed_at):
         claim_key("demo", "eu-1"),
         json.dumps({"holder": "hostA:1:aa", "renewed_at": renewed_at}).encode(),
     )
-    Claim(store, "demo", "eu-1", clock=Clock(), holder="hostB:2:bb").acquire()
+    Claim(store, "demo", "eu-1", clock=FakeClock(), holder="hostB:2:bb").acquire()

@@ -1,17 +1,13 @@
 """Tests of near_jax.cli: one-line usage errors for config files and float flags."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from absl import flags
+from helpers import run_module
 from ml_collections import config_flags
 
 from near_jax import cli
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _usage_error(capsys, argv, define) -> str:
@@ -64,15 +60,7 @@ def test_non_finite_float_flags_are_usage_errors(capsys, value):
 def test_a_program_with_a_broken_config_file_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(:\n    pass\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "near_jax.train", f"--config={bad}", f"--workdir={tmp_path}/w"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("near_jax.train", f"--config={bad}", f"--workdir={tmp_path}/w")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "line 1" in lines[0], proc.stderr

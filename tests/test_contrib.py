@@ -14,10 +14,13 @@ import sqlite3
 import jax
 import numpy as np
 import pytest
+from helpers import FakeClock
 
-from near_jax.contrib import identity, ledger, validator
+from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, signing, validator
 from near_jax.contrib.contributor import Signer, slot_problem
-from near_jax.contrib.validator import ContribAggregator, Policy, check_decision
+from near_jax.contrib.policy import Policy, allowed_code_key, extra_allowed_code
+from near_jax.contrib.signing import check_decision
+from near_jax.contrib.validator import ContribAggregator
 from near_jax.diloco import protocol
 from near_jax.diloco.robust import Rule
 from near_jax.diloco.store import ObjectStore
@@ -63,19 +66,6 @@ def inner(params, island, rnd, lr=0.02):
         w = w - lr * 2 * (x.T @ err) / len(y)
         b = b - lr * 2 * np.mean(err)
     return {"w": params["w"] - w.astype(np.float32), "b": params["b"] - np.float32(b)}
-
-
-class FakeClock:
-    def __init__(self):
-        self.t, self.on_sleep = 1000.0, []
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.t += seconds
-        while self.on_sleep:  # what happens while the aggregator waits
-            self.on_sleep.pop(0)()
 
 
 class World:
@@ -185,8 +175,8 @@ def test_every_honest_contributor_outscores_every_adversary(adversarial_run):
 def test_ledger_records_every_contribution_and_verifies(adversarial_run, tmp_path):
     world, decisions = adversarial_run
     copy = tmp_path / "ledger.sqlite"
-    assert ledger.download(world.store, RUN, str(copy))
-    assert ledger.verify_chain(str(copy), RUN) == []
+    assert ledger_mirror.download(world.store, RUN, str(copy))
+    assert ledger_verify.verify_chain(str(copy), RUN) == []
     with ledger.Ledger.open(str(copy), RUN) as book:
         rows = book.entries()
     assert len(rows) == sum(len(d["contrib"]["entries"]) for d in decisions) == 5 * 11 - 1
@@ -202,9 +192,9 @@ def test_seeds_are_committed_before_and_revealed_after_each_round(adversarial_ru
     seeds = set()
     for d in decisions:
         reveal = d["contrib"]["seed_signature"]
-        assert validator.check_seed(public, RUN, d["round"], reveal, commitment) == ""
-        assert validator.check_seed(public, RUN, d["round"] + 1, reveal, commitment) != ""
-        seeds.add(validator.seed_from_signature(reveal))
+        assert signing.check_seed(public, RUN, d["round"], reveal, commitment) == ""
+        assert signing.check_seed(public, RUN, d["round"] + 1, reveal, commitment) != ""
+        seeds.add(signing.seed_from_signature(reveal))
         commitment = d["contrib"]["next_seed_commitment"]
     assert len(seeds) == len(decisions)  # a fresh validation draw every round
 
@@ -360,12 +350,12 @@ def test_verify_run_replays_robust_decisions(adversarial_run):
 def test_tampering_with_the_stored_ledger_is_detected(adversarial_run, tmp_path):
     world, _ = adversarial_run
     path = tmp_path / "ledger.sqlite"
-    assert ledger.download(world.store, RUN, str(path))
+    assert ledger_mirror.download(world.store, RUN, str(path))
     con = sqlite3.connect(path)
     con.execute("UPDATE entries SET reward = 0.5 WHERE contributor = 'zero' AND round = 2")
     con.commit()
     con.close()
-    problems = ledger.verify_chain(str(path), RUN)
+    problems = ledger_verify.verify_chain(str(path), RUN)
     assert problems and "edited" in json.dumps(problems)
 
 
@@ -540,7 +530,7 @@ def test_a_forged_store_ledger_is_never_adopted(tmp_path):
                                      "statement": "", "signature": "", "score": 9.0,
                                      "accepted": True, "applied": True, "reason": "",
                                      "reward": 1.0}])  # fmt: skip
-    world.store.put(ledger.store_key(RUN), forged.read_bytes())
+    world.store.put(ledger_mirror.store_key(RUN), forged.read_bytes())
     local.unlink()  # a fresh machine: only the store and the decisions
     again = world.make_aggregator()
     assert again.load().version == 2
@@ -549,7 +539,7 @@ def test_a_forged_store_ledger_is_never_adopted(tmp_path):
         rows = book.entries()
     assert [r["contributor"] for r in rows] == HONEST[:2] * 2  # rebuilt from the decisions
     copy = tmp_path / "mirror.sqlite"
-    assert ledger.download(world.store, RUN, str(copy))  # and the mirror was replaced
+    assert ledger_mirror.download(world.store, RUN, str(copy))  # and the mirror was replaced
     with ledger.Ledger.open(str(copy), RUN) as book:
         assert book.entries() == rows
 
@@ -563,7 +553,7 @@ def test_a_diverged_model_closes_the_round_without_applying_anything(tmp_path):
     decision = _close(world, quorum=2)
     assert decision["contrib"]["base_loss"] is None and decision["accepted"] == []
     assert all(e["reason"].startswith("harmful") for e in decision["contrib"]["entries"])
-    assert validator.check_decision(world.agg_key.public_hex, decision)
+    assert check_decision(world.agg_key.public_hex, decision)
 
 
 def test_scoring_draws_fresh_batches_per_seed_from_a_private_source(tmp_path):
@@ -608,11 +598,11 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     assert entries["honest1"]["reason"].startswith("attestation: code hash eeeeeeeeeeee")
     # Anyone can write a list; only the aggregator's signed one counts.
     forged = {"run": RUN, "hashes": [new_code], "signature": "0" * 128}
-    world.store.put(validator.allowed_code_key(RUN), protocol.dumps(forged))
-    extra, problem = validator.extra_allowed_code(world.store, RUN, world.agg_key.public_hex)
+    world.store.put(allowed_code_key(RUN), protocol.dumps(forged))
+    extra, problem = extra_allowed_code(world.store, RUN, world.agg_key.public_hex)
     assert extra == set() and "not signed" in problem
     assert world.agg.allow_code([new_code]) == [new_code]
-    assert validator.extra_allowed_code(world.store, RUN, world.agg_key.public_hex) == (
+    assert extra_allowed_code(world.store, RUN, world.agg_key.public_hex) == (
         {new_code},
         "",
     )
@@ -657,7 +647,7 @@ def test_second_review_holes_stay_closed(tmp_path):
     world.agg.close()
     # A --ledger path that is not a ledger file is refused, never moved aside.
     other = world.make_aggregator()
-    other.ledger_path = str(tmp_path / "run")  # the store's own directory
+    other.recorder.path = str(tmp_path / "run")  # the store's own directory
     with pytest.raises(protocol.ProtocolError, match="is not a ledger file"):
         other.load()
     assert (tmp_path / "run").is_dir() and world.store.exists(protocol.manifest_key(RUN))

@@ -6,23 +6,21 @@ import copy
 import csv
 import io
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import run_module
 
-from near_jax.contrib import audit, identity, ledger, validator
+from near_jax.contrib import audit, identity, ledger, ledger_mirror, ledger_verify, signing
 from near_jax.contrib.rewards import Standing
 from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
 from tests.test_contrib import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
 
@@ -44,7 +42,7 @@ def clone(world, tmp_path) -> tuple[ObjectStore, Path]:
 
 def ledger_copy(world, tmp_path) -> Path:
     path = tmp_path / "ledger.sqlite"
-    assert ledger.download(world.store, RUN, str(path))
+    assert ledger_mirror.download(world.store, RUN, str(path))
     return path
 
 
@@ -79,7 +77,7 @@ def rehash(path: Path, seq: int, **changes) -> None:
         prev = h
     con.commit()
     con.close()
-    assert ledger.verify_chain(str(path), RUN) == []
+    assert ledger_verify.verify_chain(str(path), RUN) == []
 
 
 def row(path: Path, rnd: int, contributor: str) -> dict:
@@ -133,7 +131,7 @@ def test_a_tampered_ledger_copy_is_found(world, tmp_path, attack):
 def test_a_truncated_tail_passes_the_chain_but_not_the_decisions(world, tmp_path):
     path = ledger_copy(world, tmp_path)
     sql(path, f"DELETE FROM entries WHERE round = {ROUNDS - 1}")
-    assert ledger.verify_chain(str(path), RUN) == []  # a shorter chain is still a chain
+    assert ledger_verify.verify_chain(str(path), RUN) == []  # a shorter chain is still a chain
     problems, summary = audit.verify(world.store, RUN, ledger_path=str(path))
     assert problems == [
         f"round {ROUNDS - 1}: the decision lists {len(NAMES)} contributions, the ledger 0"
@@ -144,7 +142,7 @@ def test_a_truncated_tail_passes_the_chain_but_not_the_decisions(world, tmp_path
 def sign(world, decision: dict) -> dict:
     """The decision signed by the run's aggregator key (a genuine, or a dishonest,
     aggregator)."""
-    decision["signature"] = world.agg_key.sign(validator.decision_bytes(decision))
+    decision["signature"] = world.agg_key.sign(signing.decision_bytes(decision))
     return decision
 
 
@@ -175,7 +173,7 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
     if by_aggregator:
         sign(world, decision)
     store.put(protocol.decision_key(RUN, 1), protocol.dumps(decision))
-    ledger.upload(store, RUN, str(path))
+    ledger_mirror.upload(store, RUN, str(path))
     problems, _ = audit.verify(store, RUN)
     expected = [] if by_aggregator else [UNSIGNED]
     if forgery == "signature":
@@ -188,7 +186,7 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
     store, _ = clone(world, tmp_path)
     decision = protocol.read_json(store, protocol.decision_key(RUN, 1))
     # a genuine aggregator signature, but of another round: the seed would be reused
-    decision["contrib"]["seed_signature"] = validator.seed_signature(world.agg_key, RUN, 0)
+    decision["contrib"]["seed_signature"] = signing.seed_signature(world.agg_key, RUN, 0)
     store.put(protocol.decision_key(RUN, 1), protocol.dumps(sign(world, decision)))
     problems, _ = audit.verify(store, RUN)
     assert problems == ["round 1: the seed is not signed by the run's aggregator key"]
@@ -203,7 +201,7 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
 def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
     store, path = clone(world, tmp_path)
     (path / protocol.decision_key(RUN, 0)).write_bytes(b"not a framed object")
-    (path / ledger.store_key(RUN)).write_bytes(b"garbage")
+    (path / ledger_mirror.store_key(RUN)).write_bytes(b"garbage")
     problems, summary = audit.verify(store, RUN)
     assert any(p.startswith("round 0: the decision is unreadable") for p in problems), problems
     assert any("ledger copy is damaged" in p for p in problems), problems
@@ -225,7 +223,7 @@ def upload_rounds_before(world, tmp_path, store: ObjectStore, rnd: int) -> Path:
     short = tmp_path / "short.sqlite"
     shutil.copyfile(full, short)
     sql(short, f"DELETE FROM entries WHERE round >= {rnd}")
-    ledger.upload(store, RUN, str(short))
+    ledger_mirror.upload(store, RUN, str(short))
     return full
 
 
@@ -244,7 +242,7 @@ def test_rounds_closing_during_the_audit_are_no_problem(
     def racing(*args, **kwargs):
         if when == "after":
             out = read_ledger(*args, **kwargs)
-        ledger.upload(store, RUN, str(full))
+        ledger_mirror.upload(store, RUN, str(full))
         set_latest(store, ROUNDS)
         return out if when == "after" else read_ledger(*args, **kwargs)
 
@@ -339,11 +337,7 @@ def test_deeply_nested_store_objects_are_problems(world, tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "near_jax.contrib", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    return run_module("near_jax.contrib", *args, timeout=120)
 
 
 def cli_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
@@ -430,7 +424,7 @@ def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
     for rnd in range(ROUNDS):
         rehash(forged, row(forged, rnd, "poisoner")["seq"], accepted=True, applied=True,
                reason="", reward=1.0, score=9.0)  # fmt: skip
-    ledger.upload(ObjectStore.open(str(path)), RUN, str(forged))
+    ledger_mirror.upload(ObjectStore.open(str(path)), RUN, str(forged))
     run = (f"--store={path}", f"--run={RUN}")
     board, promoted = cli_all(("leaderboard", *run), ("promote", *run, "--top=1"))
     for p in (board, promoted):
@@ -481,11 +475,6 @@ def test_the_window_counts_back_from_the_latest_closed_round(world, tmp_path):
 
 def test_cli_refuses_impossible_requests_up_front(tmp_path):
     """Usage mistakes caught before any work: exit 2, one line."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     store = tmp_path / "store"
     store.mkdir()
     cases = [
@@ -493,9 +482,6 @@ def test_cli_refuses_impossible_requests_up_front(tmp_path):
         (["leaderboard", f"--csv={tmp_path}/no/such/dir/x.csv"], "not a writable directory"),
     ]
     for args, message in cases:
-        proc = subprocess.run(
-            [sys.executable, "-m", "near_jax.contrib", *args, f"--store={store}", "--run=r"],
-            cwd=repo, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        proc = cli(*args, f"--store={store}", "--run=r")
         err = proc.stderr.strip()
         assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err

@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from near_jax.contrib import identity, ledger
+from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify
 from near_jax.contrib.contributor import Signer
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, decode
@@ -61,8 +61,8 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
 
     # The store's ledger verifies and holds every decided contribution exactly once.
     path = tmp_path / "ledger.sqlite"
-    assert ledger.download(store, RUN, str(path))
-    assert ledger.verify_chain(str(path), RUN) == []
+    assert ledger_mirror.download(store, RUN, str(path))
+    assert ledger_verify.verify_chain(str(path), RUN) == []
     with ledger.Ledger.open(str(path), RUN) as book:
         rows = book.entries()
     decisions = [json.loads(store.get(protocol.decision_key(RUN, r))) for r in range(ROUNDS)]

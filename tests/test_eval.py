@@ -5,21 +5,19 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import damage_step, save_run, small_config
+from helpers import damage_step, run_module, save_run, small_config, start_module, subprocess_env
 
 from near_jax import model, sharding
 from near_jax.data.tokenizer import ByteTokenizer
 from near_jax.eval import heldout
 from near_jax.eval.checkpoints import Evaluator, run_once, watch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = {
     "a.txt": "héllo wörld",  # 13 bytes: é and ö take two each
     "b.txt": "def f(x):\n    return x * 2\n",  # 9 + 1 + 16 + 1 = 27 bytes
@@ -75,18 +73,8 @@ def test_validation_split_is_the_default_and_whole_documents_are_taken():
     assert w.sum() == held.tokens and set(np.unique(w)) <= {0.0, 1.0}
 
 
-def _env(devices=2):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _eval(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "near_jax.eval", *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return run_module("near_jax.eval", *args, env=subprocess_env(devices=2), timeout=timeout)
 
 
 def _records(workdir):
@@ -111,10 +99,10 @@ def test_cli_writes_eval_jsonl_and_a_table(saved_run):
 def test_watch_picks_up_a_checkpoint_written_after_it_started(tmp_path):
     cfg = small_config()  # train.steps = 10: watch stops once step 10 is evaluated
     save_run(tmp_path, cfg, steps=(5,))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "near_jax.eval", f"--workdir={tmp_path}", "--watch",
-         "--poll_seconds=0.5", "--idle_timeout=240", "--max_tokens=500"],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = start_module(
+        "near_jax.eval", f"--workdir={tmp_path}", "--watch", "--poll_seconds=0.5",
+        "--idle_timeout=240", "--max_tokens=500", env=subprocess_env(devices=2),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240

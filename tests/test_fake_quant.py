@@ -4,14 +4,12 @@ import functools
 import os
 import platform
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import delta
+from helpers import delta, start_module, subprocess_env
 
 from near_jax.diloco.codec import compress, fake_quant
 from near_jax.diloco.codec.compress import CompressionSpec, decode, encode
@@ -237,14 +235,13 @@ def test_bit_exact_under_avx2_and_avx512():
     that kept v − q·s apart into a masked FMA, and only AVX-512 CI machines saw it. So rerun
     this file's numeric tests with the code capped at AVX2 and at AVX-512 (where the machine
     lacks AVX-512, that cap is its own ISA), in parallel subprocesses."""
-    repo = Path(__file__).resolve().parents[1]
     runs = {}
     for isa in ("AVX2", "AVX512"):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_max_isa={isa}", ISA_CHILD: "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        runs[isa] = subprocess.Popen(
-            [*cmd, "-k", NOT_NUMERIC],
-            cwd=repo,
+        env = subprocess_env(XLA_FLAGS=f"--xla_cpu_max_isa={isa}", **{ISA_CHILD: "1"})
+        args = ["-q", "-p", "no:cacheprovider", __file__, "-k", NOT_NUMERIC]
+        runs[isa] = start_module(
+            "pytest",
+            *args,
             env=env,
             text=True,
             stdout=subprocess.PIPE,

@@ -1,22 +1,18 @@
 """Generation with a KV cache: exact against full forward passes, ragged batches, EOS, CLI."""
 
 import functools
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import damage_step, small_config
+from helpers import damage_step, run_module, small_config, subprocess_env
 
 from near_jax import model, sharding
 from near_jax.infer.generator import Generator
 from near_jax.infer.sampling import Sampling
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_LIMIT = 300  # a tokenizer smaller than the (padded) embedding
 
 
@@ -141,18 +137,10 @@ def test_max_new_tokens_is_bounded_by_context_and_cache_memory():
         unbounded.generate([[1]], max_new_tokens=10**11)
 
 
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run):
-    proc = subprocess.run(
-        [sys.executable, "-m", "near_jax.generate", f"--workdir={saved_run}",
-         "--prompt=def ", "--prompt=import", "--max_new_tokens=8", "--format=jsonl"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    proc = run_module(
+        "near_jax.generate", f"--workdir={saved_run}", "--prompt=def ", "--prompt=import",
+        "--max_new_tokens=8", "--format=jsonl", env=subprocess_env(devices=2),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
@@ -170,10 +158,7 @@ def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run
             "max_new_tokens=100000000 is not allowed: at most 30",
         ),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "near_jax.generate", *args],
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = run_module("near_jax.generate", *args, env=subprocess_env(devices=2))
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
             args,
@@ -185,10 +170,7 @@ def test_cli_a_damaged_step_is_one_line_and_exit_1(tmp_path, saved_run):
     shutil.copytree(saved_run, tmp_path / "run")
     damage_step(tmp_path / "run", 5, "arrays_truncated")
     args = [f"--workdir={tmp_path / 'run'}", "--prompt=x", "--step=5"]
-    command = [sys.executable, "-m", "near_jax.generate", *args]
-    proc = subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = run_module("near_jax.generate", *args, env=subprocess_env(devices=2))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
     assert "checkpoint step 5: unreadable (" in lines[0] and "the manifest says" in lines[0]

@@ -4,14 +4,12 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import damage_step, small_config
+from helpers import damage_step, run_module, small_config, subprocess_env
 
 from near_jax import hf, model
 from near_jax.data.tokenizer import load_tokenizer
@@ -26,7 +24,6 @@ pytest.importorskip("safetensors.numpy")  # the rest of near_jax does not need i
 jax.config.update("jax_default_matmul_precision", "highest")
 apply = jax.jit(model.apply, static_argnums=4)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THETA = 12345.0
 TIED = pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 
@@ -284,12 +281,8 @@ def test_export_refusals_and_a_crash_leaves_no_directory(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["full", "run"]  # no out, no temporary left
 
 
-def _cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run(
-        [sys.executable, "-m", "near_jax.hf", *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+def _cli(*args):  # XLA_FLAGS="": XLA's defaults (one CPU device)
+    return run_module("near_jax.hf", *args, env=subprocess_env(XLA_FLAGS=""), timeout=120)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, FakeClock, start_module, subprocess_env
 
 from near_jax.diloco import island, protocol
 from near_jax.diloco import store as store_lib
@@ -20,7 +18,6 @@ from near_jax.diloco.codec.compress import LeafPayload, Payload, decode, encode
 from near_jax.diloco.outer import outer_optimizer, outer_step
 from near_jax.diloco.store import ObjectStore
 
-REPO = Path(__file__).resolve().parents[1]
 RUN, SPEC, LR, MU = "demo", "int8", 0.7, 0.9
 SHAPES = {"w": (4, 33), "b": (33,), "blocks": {"k": (2, 3, 5)}}
 
@@ -35,19 +32,6 @@ def tree(seed, scale=1.0):
 
 
 LIKE = tree(0)
-
-
-class FakeClock:
-    """time.time / time.sleep stand-ins: sleeping advances the clock instantly."""
-
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.t += seconds
 
 
 def make_aggregator(store, clock, quorum=3, timeout=10.0):
@@ -391,16 +375,14 @@ class Procs:
 
     def __init__(self, tmp_path):
         self.tmp, self.procs = tmp_path, {}
-        self.env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                    "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-                    "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),  # session-wide
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+        cache = tmp_path.parent / "jax_cache"  # session-wide
+        self.env = subprocess_env(devices=1, compilation_cache=cache, PYTHONPATH=REPO)
 
     def start(self, name, module, *args):
-        cmd = [sys.executable, "-m", f"near_jax.diloco.{module}", *args]
         with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own handle
-            self.procs[name] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
-                                                stderr=log)  # fmt: skip
+            self.procs[name] = start_module(
+                f"near_jax.diloco.{module}", *args, env=self.env, stdout=log, stderr=log
+            )
         return self.procs[name]
 
     def log(self, name):

@@ -6,15 +6,14 @@ import json
 import os
 import random
 import shlex
-import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, run_module, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the launch/ package lives at the repository root
 from launch import local, slurm, tpu  # noqa: E402
 from near_jax import data, sharding  # noqa: E402
@@ -295,12 +294,12 @@ def test_multi_process_training_matches_one_process(num_processes, docs, tmp_pat
     workdir = tmp_path / "run"
     # Workers: 4 devices in all, split over the processes. A lighter CPU back end compiles
     # ~3x faster (launch.local replaces the device count and keeps these flags).
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-    cmd = [sys.executable, "-m", "launch.local", "-n", str(num_processes),
-           f"--devices_per_process={4 // num_processes}", "--timeout_s=240", "--",
-           *flags, f"--workdir={workdir}"]  # fmt: skip
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = subprocess_env(
+        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    )
+    args = ["-n", str(num_processes), f"--devices_per_process={4 // num_processes}",
+            "--timeout_s=240", "--", *flags, f"--workdir={workdir}"]  # fmt: skip
+    run = run_module("launch.local", *args, env=env)
     assert run.returncode == 0, run.stdout[-3000:]
     assert f"4 devices, {num_processes} processes" in run.stdout
     for i in range(num_processes):

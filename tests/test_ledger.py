@@ -11,21 +11,15 @@ import sys
 import time
 
 import pytest
+from helpers import REPO
 
 from near_jax.contrib import ledger as ledger_lib
-from near_jax.contrib.ledger import (
-    ENTRY_FIELDS,
-    Ledger,
-    LedgerError,
-    download,
-    store_key,
-    upload,
-    verify_chain,
-)
+from near_jax.contrib.ledger import ENTRY_FIELDS, Ledger, LedgerError
+from near_jax.contrib.ledger_mirror import download, store_key, upload
+from near_jax.contrib.ledger_verify import verify_chain
 from near_jax.diloco.protocol import dumps
 from near_jax.diloco.store import ObjectStore
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "demo"
 
 

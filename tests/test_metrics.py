@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from near_jax import hardware
 from near_jax.train import metrics
 
 
@@ -222,7 +223,7 @@ def test_peak_split_megacore_and_cpu():
 
 
 def test_peak_table_order():
-    keys = list(metrics.PEAK_FLOPS_BF16)
+    keys = list(hardware.PEAK_FLOPS_BF16)
     assert all(k == k.lower() for k in keys)
     for i, earlier in enumerate(keys):
         for later in keys[i + 1 :]:

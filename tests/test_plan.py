@@ -1,20 +1,15 @@
 """The planner: exact state sizes, a memory model that agrees with XLA, bounds, the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
-from helpers import small_config
+from helpers import run_module, small_config
 
 from near_jax import hardware
 from near_jax.config import ConfigError
 from near_jax.plan.__main__ import target
 from near_jax.plan.planner import compiled_memory, layout, load_ladder, make_plan, memory, resolve
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(model=None, mesh=None, remat="full", batch=16, seq=256, micro=1):
@@ -108,8 +103,7 @@ def test_step_time_bound_and_hardware_table():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "near_jax.plan", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run_module("near_jax.plan", *args, timeout=120)
 
 
 def test_cli_json_and_one_line_errors(tmp_path):

@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_module
 
 from near_jax import plot
 
@@ -36,12 +35,7 @@ def _synthetic_run(seed=0, steps=200, log_every=10, eval_every=50, tokens_per_st
 
 
 def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "near_jax.plot", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_module("near_jax.plot", *args, timeout=60)
 
 
 def _assert_png(path):

@@ -7,21 +7,18 @@ import resource
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import SMALL_TRAIN_FLAGS, small_config
+from helpers import REPO, SMALL_TRAIN_FLAGS, run_module, small_config, start_module, subprocess_env
 
 from near_jax import sharding
 from near_jax.train import checkpoint
 from near_jax.train import checkpoint_integrity as integrity
 from near_jax.train.loop import trainer_for
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_batch(seed: int, batch: int, length: int, vocab: int = 384) -> dict:
@@ -92,13 +89,7 @@ def test_train_state_is_sharded_as_the_table_says():
 
 
 def _run_cli(args, tmp_path, timeout=300):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    return run_module(*args, env=subprocess_env(devices=8), timeout=timeout)
 
 
 def _bad_tokenizer(tmp_path):
@@ -183,17 +174,15 @@ SMALL = [
 
 
 def _small(workdir, *extra, limit_file_bytes=None, wait=True):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["JAX_PLATFORMS"] = "cpu"
-
     def limit():  # as a full disk answers a write (Python ignores SIGXFSZ: writes fail EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
 
-    cmd = [sys.executable, "-m", *SMALL, f"--workdir={workdir}", *extra]
-    kwargs = dict(cwd=REPO, env=env, text=True, preexec_fn=limit if limit_file_bytes else None)
+    args = [*SMALL, f"--workdir={workdir}", *extra]
+    kwargs = dict(env=subprocess_env(devices=1), preexec_fn=limit if limit_file_bytes else None)
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
-    return subprocess.run(cmd, capture_output=True, timeout=300, **kwargs)
+        pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return start_module(*args, **pipes, **kwargs)
+    return run_module(*args, **kwargs)
 
 
 def _steps_with_manifests(workdir):

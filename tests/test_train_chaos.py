@@ -7,15 +7,14 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from helpers import run_module, start_module, subprocess_env
 
 from near_jax.train import checkpoint, metrics
 from near_jax.train import checkpoint_integrity as integrity
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
 RUN = [
     "--config=configs/tiny.py",
@@ -36,21 +35,15 @@ RUN = [
 ]
 
 
-def _cmd(workdir):
-    return [sys.executable, "-m", "near_jax.train", *RUN, f"--workdir={workdir}"]
+def _args(workdir):
+    return ["near_jax.train", *RUN, f"--workdir={workdir}"]
 
 
 CACHE = {}  # the runs share one persistent compilation cache: most of a start is compiling
 
 
 def _env():
-    return dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=CACHE["dir"],
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    return subprocess_env(devices=1, compilation_cache=CACHE["dir"])
 
 
 def _losses(workdir):
@@ -108,9 +101,8 @@ def _damage(rng, workdir):
 
 def _run_until(workdir, target_losses, deadline_s=240):
     """Starts training and kills it (SIGKILL) once `target_losses` steps are logged."""
-    proc = subprocess.Popen(
-        _cmd(workdir),
-        cwd=REPO,
+    proc = start_module(
+        *_args(workdir),
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -130,9 +122,7 @@ def _run_until(workdir, target_losses, deadline_s=240):
 def clean_run(tmp_path_factory):
     CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
     workdir = tmp_path_factory.mktemp("clean") / "run"
-    proc = subprocess.run(
-        _cmd(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = run_module(*_args(workdir), env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _losses(workdir)
 
@@ -167,15 +157,11 @@ def test_kills_and_damage_never_lose_a_good_step(clean_run, tmp_path):
             aside = tmp_path / "run" / "checkpoints.damaged"
             assert any(p.name.startswith(f"{step}-") for p in aside.iterdir()), (seed, step)
 
-    final = subprocess.run(
-        _cmd(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    final = run_module(*_args(workdir), env=_env())
     if (
         "none of the checkpoints" in final.stderr
     ):  # every step was spoiled: a fresh start is allowed
-        final = subprocess.run(
-            _cmd(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-        )
+        final = run_module(*_args(workdir), env=_env())
     assert final.returncode == 0, (seed, history, final.stderr[-3000:])
     assert _losses(workdir) == clean_run, (seed, history)  # bit-identical, step by step
     assert _good_steps(workdir)[-1] == STEPS

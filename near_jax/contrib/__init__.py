@@ -1,11 +1,20 @@
-"""Contributors: identity, scoring, validation, ledger, rewards.
+"""Contributors: identity, policy, validation, ledger, audit, rewards.
 
-identity    ed25519 keys, signed contribution statements, the run's key registry
-attest      code/config hashes and the pluggable attestation verifier (TEE quotes)
-screening   free-riders, norm outliers, copies; scoring by eval-loss improvement
-validator   the aggregator's validator role (checks, decide, seeds, ledger entries)
-ledger      the append-only, hash-chained SQLite ledger and its store mirror
-rewards     standings over a window: leaderboard and promotion
+identity       ed25519 keys, signed contribution statements, the run's key registry
+attest         code/config hashes and the pluggable attestation verifier (TEE quotes)
+policy         what a run accepts: its Policy, the config hash signed, allowed code hashes
+signing        what the aggregator's key signs: round seeds (commit, reveal), decisions
+screening      free-riders, norm outliers, copies; scoring by eval-loss improvement
+checks         the validator's checks of each contribution as it arrives (Candidate)
+ledger         the append-only, hash-chained SQLite ledger: entries, hashes, appends
+ledger_verify  verify_chain: the problems of a ledger file, against optional anchors
+ledger_mirror  the store's copy of the ledger (RUN/ledger.sqlite): upload, download
+recorder       the aggregator's local ledger: opened or rebuilt, recorded from decisions
+validator      the aggregator's validator role (check, decide, record) and `build`
+contributor    an island's side: its Signer, the start-up checks, its slot's owner
+audit          auditing a run from its store alone (what `verify` runs)
+rewards        standings over a window: leaderboard and promotion
+__main__       python -m near_jax.contrib: keygen, register, verify, leaderboard, promote
 
 The robust aggregation rules live in `near_jax.diloco.robust` (the protocol replays them).
 """

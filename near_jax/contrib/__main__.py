@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +38,14 @@ from typing import Any
 from absl import flags
 
 from near_jax import cli
+from near_jax._io import atomic_write, one_line
 from near_jax.cli import quiet_library_logs, usage_error
+from near_jax.contrib import attest, audit, identity, rewards
+from near_jax.contrib.identity import IdentityError
+from near_jax.contrib.ledger import LedgerError
+from near_jax.diloco import protocol
+from near_jax.diloco.protocol import ProtocolError
+from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
 _PROG = "near_jax.contrib"
 _STORE = ("store", "run")
@@ -78,8 +84,6 @@ def define_flags() -> None:
 
 def keygen(f: Any) -> int:
     """Generates and saves a key; prints its id, public key and where it went."""
-    from near_jax.contrib import identity
-
     if os.path.lexists(f.out) and not f.force:
         usage_error(f"--out={f.out} exists; refusing to overwrite a key (pass --force)")
     ident = identity.generate()
@@ -95,8 +99,6 @@ def keygen(f: Any) -> int:
 
 def register(f: Any) -> int:
     """Registers the key in --key as contributor --name of the run."""
-    from near_jax.contrib import identity
-
     try:
         ident = identity.load(f.key)
     except identity.IdentityError as e:
@@ -115,8 +117,6 @@ def register(f: Any) -> int:
 
 def verify(f: Any) -> int:
     """Audits the run; exit status 1 when anything does not check out."""
-    from near_jax.contrib import audit
-
     store, run = _open_run(f)
     problems, s = audit.verify(store, run, ledger_path=f.ledger)
     print(
@@ -135,8 +135,6 @@ def verify(f: Any) -> int:
 
 def leaderboard(f: Any) -> int:
     """Prints the standings over the window; optionally writes them as CSV."""
-    from near_jax.contrib import rewards
-
     found = _ranked(f)
     if found is None:
         return 1
@@ -158,8 +156,6 @@ def leaderboard(f: Any) -> int:
 
 def promote(f: Any) -> int:
     """Prints who qualifies for promotion; with --out, writes them (and their keys) as JSON."""
-    from near_jax.contrib import identity, rewards
-
     if f.top is None or f.top < 1:
         usage_error(f"--top={f.top} is not allowed: must be >= 1")
     if f.min_rounds < 1:
@@ -196,8 +192,6 @@ def promote(f: Any) -> int:
 
 def codehash(f: Any) -> int:
     """Prints the sha256 of this near_jax package's source."""
-    from near_jax.contrib import attest
-
     print(attest.code_sha256())
     return 0
 
@@ -219,9 +213,6 @@ _OWN_FLAGS = ("out", "force", "key", "name", "store", "run", "ledger", "window",
 
 def _open_run(f: Any) -> tuple[Any, str]:
     """(store, run) of a contributor run; a usage error for a bad URL, name or run."""
-    from near_jax.diloco import protocol
-    from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
-
     try:
         run = protocol.check_name("run", f.run)
     except ValueError as e:
@@ -232,9 +223,9 @@ def _open_run(f: Any) -> tuple[Any, str]:
         usage_error(str(e))
     try:
         manifest = protocol.read_json(store, protocol.manifest_key(run))
-    except (CorruptObject, protocol.ProtocolError) as e:  # exit 1 in _main, one line
-        why = " ".join(str(e).split())[:300]
-        raise protocol.ProtocolError(f"the run manifest is unreadable: {why}") from None
+    except (CorruptObject, ProtocolError) as e:  # exit 1 in _main, one line
+        why = one_line(e)
+        raise ProtocolError(f"the run manifest is unreadable: {why}") from None
     if manifest is None:
         usage_error(f"unknown run {run!r}: no {protocol.manifest_key(run)} in {f.store}")
     if not isinstance(manifest.get("contrib"), dict):
@@ -248,8 +239,6 @@ def _audited(f: Any, store: Any, run: str) -> Any:
     """The run's audit (`audit.Audit`, of --ledger when given), or None after one line on
     stderr when it finds problems: standings from a ledger that does not check out are
     worthless. Its warnings go to stderr."""
-    from near_jax.contrib import audit
-
     checked = audit.audit(store, run, ledger_path=f.ledger)
     if checked.problems or checked.entries is None:
         problems = checked.problems or ["no readable ledger"]
@@ -265,8 +254,6 @@ def _audited(f: Any, store: Any, run: str) -> Any:
 def _ranked(f: Any) -> tuple[str, Any, int, int, list] | None:
     """(run, audit, first, last, standings over the window) of an audited run; None after
     one line on stderr when the audit fails."""
-    from near_jax.contrib import rewards
-
     _check_window(f)
     store, run = _open_run(f)
     checked = _audited(f, store, run)
@@ -297,16 +284,8 @@ def _check_window(f: Any) -> None:
 
 def _write(path: str, text: str) -> bool:
     """Writes `path` atomically; False (after one line on stderr) if it cannot."""
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, text)
     except OSError as e:
         _error(f"cannot write {path}: {e.strerror or e}")
         return False
@@ -340,11 +319,6 @@ def _main(argv: list[str]) -> None:
     for name in spec.required:
         if f[name].value is None or f[name].value == "":
             usage_error(f"--{name} is required for {command}")
-
-    from near_jax.contrib.identity import IdentityError
-    from near_jax.contrib.ledger import LedgerError
-    from near_jax.diloco.protocol import ProtocolError
-    from near_jax.diloco.store import StoreError
 
     try:
         code = spec.run(f)

@@ -53,6 +53,8 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
+import near_jax
+from near_jax._io import one_line
 from near_jax.contrib import identity
 from near_jax.diloco import protocol
 
@@ -78,8 +80,6 @@ def code_sha256(package_dir: str | None = None) -> str:
 def _installed_code_sha256() -> str:
     # The installed package does not change under a running process, and hashing it reads
     # every source file: once per process is enough.
-    import near_jax
-
     return _tree_sha256(os.path.dirname(os.path.abspath(near_jax.__file__)))
 
 
@@ -187,7 +187,7 @@ def load_verifier(spec: str, *, allowed_code: Iterable[str], config_sha256: str)
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - import runs arbitrary module code
         raise ValueError(
-            f"attestation verifier {spec!r}: cannot import {module_name}: {_describe(e)}"
+            f"attestation verifier {spec!r}: cannot import {module_name}: {one_line(e, typed=True)}"
         ) from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
@@ -197,7 +197,9 @@ def load_verifier(spec: str, *, allowed_code: Iterable[str], config_sha256: str)
     try:
         verifier = factory(allowed_code=allowed, config_sha256=config_sha256)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"attestation verifier {spec!r}: factory raised {_describe(e)}") from None
+        raise ValueError(
+            f"attestation verifier {spec!r}: factory raised {one_line(e, typed=True)}"
+        ) from None
     if not callable(verifier):
         raise ValueError(
             f"attestation verifier {spec!r}: factory returned a {type(verifier).__name__}, "
@@ -217,15 +219,10 @@ def check(verifier: Verifier, claim: Claim, blob: bytes) -> str | None:
     try:
         reason = verifier(claim, blob)
     except Exception as e:  # noqa: BLE001 - a contribution must never crash the aggregator
-        return f"attestation verifier raised {_describe(e)}"
+        return f"attestation verifier raised {one_line(e, typed=True)}"
     if reason is None:
         return None
     if not isinstance(reason, str):  # fail closed on a verifier that answers nonsense
         return f"attestation verifier returned a {type(reason).__name__}, not None or a reason"
-    reason = " ".join(reason.split())[:300]
+    reason = one_line(reason)
     return reason or "attestation verifier rejected the contribution (no reason given)"
-
-
-def _describe(e: BaseException) -> str:
-    text = " ".join(str(e).split())[:300]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -5,7 +5,7 @@ run's manifest (its aggregator key — compare its key id with the one the run's
 published out of band — and first seed commitment) and the registry's self-signed
 entries, and checks
 
-  decisions  every decision is signed by the aggregator key (`validator.check_decision`),
+  decisions  every decision is signed by the aggregator key (`signing.check_decision`),
              is filed under its own round, and lists exactly the ledger's entries of that
              round, field by field: the signed decisions are the external anchor that
              exposes a truncated, rewritten or forged ledger, even one with a valid chain
@@ -46,7 +46,8 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from near_jax.contrib import identity, ledger
+from near_jax._io import one_line, short_repr
+from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, signing
 from near_jax.diloco import protocol
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -76,7 +77,7 @@ def read_ledger(
     `ledger_path`. entries is None when there is nothing readable; problems holds the
     chain's problems, one line each, naming `ledger_path` (or the store's key), never the
     temporary copy that is read. Never modifies `ledger_path`."""
-    label = ledger_path if ledger_path is not None else ledger.store_key(run)
+    label = ledger_path if ledger_path is not None else ledger_mirror.store_key(run)
     with tempfile.TemporaryDirectory(prefix="near_jax-audit-") as tmp:
         copy = os.path.join(tmp, "ledger.sqlite")
 
@@ -96,16 +97,16 @@ def read_ledger(
                 return None, [f"cannot read {ledger_path}: {e.strerror or e}"]
         else:
             try:
-                if not ledger.download(store, run, copy):
-                    return None, [f"no ledger in the store (no {ledger.store_key(run)})"]
+                if not ledger_mirror.download(store, run, copy):
+                    return None, [f"no ledger in the store (no {ledger_mirror.store_key(run)})"]
             except ledger.LedgerError as e:
                 return None, [named(str(e))]
-        problems = [named(p) for p in ledger.verify_chain(copy, run)]
+        problems = [named(p) for p in ledger_verify.verify_chain(copy, run)]
         try:
             with ledger.Ledger.open(copy, run) as book:
                 entries = book.entries()
         except Exception as e:  # noqa: BLE001 - a damaged file is a finding, not a crash
-            problems.append(named(f"cannot read its entries: {_one_line(e)}"))
+            problems.append(named(f"cannot read its entries: {one_line(e)}"))
             return None, problems
     return entries, problems
 
@@ -132,7 +133,7 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
         manifest = protocol.read_json(store, protocol.manifest_key(run))
     except _UNREADABLE as e:
         problems.append(f"the run manifest {protocol.manifest_key(run)} is unreadable: "
-                        f"{_one_line(e)}")  # fmt: skip
+                        f"{one_line(e)}")  # fmt: skip
         return out
     if manifest is None:
         problems.append(f"run {run!r} has no manifest {protocol.manifest_key(run)} (unknown run)")
@@ -147,7 +148,7 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
         summary["aggregator_key_id"] = identity.key_id(aggregator_key)
     except (identity.IdentityError, RecursionError) as e:
         aggregator_key = None
-        problems.append(f"the manifest's aggregator_key is unusable: {_one_line(e)}")
+        problems.append(f"the manifest's aggregator_key is unusable: {one_line(e)}")
 
     # `latest` before the ledger: every round below it is then recorded (module docstring)
     latest, why = _read_latest(store, run)
@@ -191,12 +192,12 @@ def _read_latest(store: ObjectStore, run: str) -> tuple[int, str]:
     try:
         info = protocol.read_latest(store, run)
     except _UNREADABLE as e:
-        return 0, f"{protocol.latest_key(run)} is unreadable: {_one_line(e)}"
+        return 0, f"{protocol.latest_key(run)} is unreadable: {one_line(e)}"
     if info is None:
         return 0, f"run {run!r} has no {protocol.latest_key(run)}"
     version = info.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        return 0, f"{protocol.latest_key(run)} has version {_short(version)}"
+        return 0, f"{protocol.latest_key(run)} has version {short_repr(version)}"
     return version, ""
 
 
@@ -215,12 +216,12 @@ def _registry(store: ObjectStore, run: str) -> tuple[dict[str, str], list[tuple[
         try:
             protocol.check_name("contributor", name)
         except ValueError as e:
-            invalid.append((name, f"registry entry {_short(key)}: {_one_line(e)}"))
+            invalid.append((name, f"registry entry {short_repr(key)}: {one_line(e)}"))
             continue
         try:
             public = identity.lookup(store, run, name)
         except identity.IdentityError as e:
-            invalid.append((name, _one_line(e)))
+            invalid.append((name, one_line(e)))
             continue
         except RecursionError:
             invalid.append((name, f"registry entry {key} is nested too deeply"))
@@ -249,10 +250,11 @@ def signature_problem(entry: dict[str, Any], registry: dict[str, str], run: str)
                 "payload_sha256": entry.get("payload_sha256")}  # fmt: skip
     for name, value in expected.items():
         if fields.get(name) != value:
-            return f"its statement names {name} {_short(fields.get(name))}, not {_short(value)}"
+            got, want = short_repr(fields.get(name)), short_repr(value)
+            return f"its statement names {name} {got}, not {want}"
     public = registry.get(entry.get("contributor"))  # type: ignore[arg-type]
     if public is None:
-        return f"contributor {_short(entry.get('contributor'))} is not registered"
+        return f"contributor {short_repr(entry.get('contributor'))} is not registered"
     if not identity.verify_statement(public, fields, entry.get("signature")):  # type: ignore
         return f"its signature does not verify under {entry['contributor']!r}'s registered key"
     return ""
@@ -260,18 +262,18 @@ def signature_problem(entry: dict[str, Any], registry: dict[str, str], run: str)
 
 def _signature_problems(entry: dict[str, Any], registry: dict[str, str], run: str) -> list[str]:
     where = (f"ledger entry {entry['seq']} (round {entry['round']}, "
-             f"{_short(entry['contributor'])})")  # fmt: skip
+             f"{short_repr(entry['contributor'])})")  # fmt: skip
     why = signature_problem(entry, registry, run)
     problems = []
     if entry["accepted"] or entry["key_id"]:
         # accepted, or rejected with a key id: either says the contributor signed it
-        what = "accepted" if entry["accepted"] else f"signed (key id {_short(entry['key_id'])})"
+        what = "accepted" if entry["accepted"] else f"signed (key id {short_repr(entry['key_id'])})"
         if why:
             problems.append(f"{where}: {what}, but {why}")
         else:
             registered = identity.key_id(registry[entry["contributor"]])
             if entry["key_id"] != registered:
-                problems.append(f"{where}: key id {_short(entry['key_id'])}, the registered "
+                problems.append(f"{where}: key id {short_repr(entry['key_id'])}, the registered "
                                 f"key's is {registered}")  # fmt: skip
     reason = entry["reason"] if isinstance(entry["reason"], str) else ""
     if not entry["accepted"] and reason.startswith("bad signature") and not why:
@@ -292,8 +294,6 @@ def _decision_problems(
 ) -> list[str]:
     """Problems of the decisions of rounds 0..latest (round `latest`'s is optional) and of
     their agreement with the ledger's entries."""
-    from near_jax.contrib import validator
-
     problems: list[str] = []
     by_round: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for e in entries or []:
@@ -307,7 +307,7 @@ def _decision_problems(
         try:
             decision = protocol.read_json(store, protocol.decision_key(run, r))
         except _UNREADABLE as e:
-            problems.append(f"round {r}: the decision is unreadable: {_one_line(e)}")
+            problems.append(f"round {r}: the decision is unreadable: {one_line(e)}")
             commitment = None  # the chain of commitments is broken from here on
             continue
         if decision is None:
@@ -322,10 +322,12 @@ def _decision_problems(
                 )
             commitment = None
             continue
-        if aggregator_key is not None and not _signed(validator, aggregator_key, decision):
+        if aggregator_key is not None and not _signed(aggregator_key, decision):
             problems.append(f"round {r}: the decision is not signed by the run's aggregator key")
         if decision.get("round") != r:
-            problems.append(f"round {r}: the decision names round {_short(decision.get('round'))}")
+            problems.append(
+                f"round {r}: the decision names round {short_repr(decision.get('round'))}"
+            )
         section = decision.get("contrib")
         if not isinstance(section, dict):
             problems.append(f"round {r}: the decision has no contrib section")
@@ -336,7 +338,7 @@ def _decision_problems(
             if not isinstance(signature, str):
                 problems.append(f"round {r}: the decision has no seed_signature")
             else:
-                bad = validator.check_seed(aggregator_key, run, r, signature, commitment)
+                bad = signing.check_seed(aggregator_key, run, r, signature, commitment)
                 if bad:
                     problems.append(bad)
         nxt = section.get("next_seed_commitment")
@@ -356,9 +358,9 @@ def _decision_problems(
     return problems
 
 
-def _signed(validator: Any, aggregator_key: str, decision: dict[str, Any]) -> bool:
+def _signed(aggregator_key: str, decision: dict[str, Any]) -> bool:
     try:
-        return validator.check_decision(aggregator_key, decision)
+        return signing.check_decision(aggregator_key, decision)
     except (TypeError, ValueError, RecursionError):  # e.g. NaN or absurd nesting
         return False
 
@@ -375,7 +377,7 @@ def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]
         try:
             want = ledger.normalize_entry(want, r)
         except (TypeError, ValueError, RecursionError) as e:
-            problems.append(f"round {r}: the decision's entry {i} is malformed: {_one_line(e)}")
+            problems.append(f"round {r}: the decision's entry {i} is malformed: {one_line(e)}")
             continue
         # type() too: True == 1 and 1 == 1.0, yet the chain hashes them differently
         diff = [f for f in ledger.ENTRY_FIELDS
@@ -383,9 +385,9 @@ def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]
         if diff:
             f = diff[0]
             problems.append(
-                f"round {r}: ledger entry {row['seq']} ({_short(row['contributor'])}) differs "
-                f"from the decision in {', '.join(diff)} ({f}: ledger {_short(row[f])}, "
-                f"decision {_short(want[f])})"
+                f"round {r}: ledger entry {row['seq']} ({short_repr(row['contributor'])}) differs "
+                f"from the decision in {', '.join(diff)} ({f}: ledger {short_repr(row[f])}, "
+                f"decision {short_repr(want[f])})"
             )
     return problems
 
@@ -403,22 +405,10 @@ def _reward_problems(entries: list[dict[str, Any]]) -> list[str]:
         totals[e["round"]] += reward
         if not e["accepted"] and reward != 0:
             problems.append(
-                f"ledger entry {e['seq']} (round {e['round']}, {_short(e['contributor'])}): "
+                f"ledger entry {e['seq']} (round {e['round']}, {short_repr(e['contributor'])}): "
                 f"rejected, yet rewarded {reward!r}"
             )
     for r, total in sorted(totals.items(), key=lambda kv: str(kv[0])):
         if total > 1 + REWARD_TOLERANCE:
             problems.append(f"round {r}: rewards sum to {total!r}, more than the round's one unit")
     return problems
-
-
-def _short(v: Any) -> str:
-    try:
-        text = repr(v)
-    except RecursionError:
-        return f"<a {type(v).__name__} nested too deeply>"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__

@@ -15,18 +15,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 
 from near_jax.contrib import attest, identity
+from near_jax.contrib.policy import Policy, extra_allowed_code, recipe_sha256
 from near_jax.diloco import protocol
-from near_jax.diloco.aggregator import manifest_fields
 from near_jax.diloco.store import CorruptObject, ObjectStore
-
-
-def recipe_sha256(cfg) -> str:
-    """The config hash contributors sign: the run-fixed model and data settings."""
-    return attest.config_sha256(json.loads(json.dumps(manifest_fields(cfg))))
 
 
 class Signer:
@@ -59,8 +53,6 @@ def prepare_signer(
 ) -> Signer:  # fmt: skip
     """The island's Signer for a contributor run (registers the key); ValueError (one line)
     when the key, its registration, the code or the config cannot take part."""
-    from near_jax.contrib import validator
-
     if not key_path:
         raise ValueError(
             f"run {run!r} takes signed contributions only: pass --key=PATH (make one with "
@@ -70,10 +62,10 @@ def prepare_signer(
         ident = identity.load(key_path)
     except identity.IdentityError as e:
         raise ValueError(str(e)) from None
-    policy = validator.Policy.from_json(manifest["contrib"]["policy"])
+    policy = Policy.from_json(manifest["contrib"]["policy"])
     code, config = attest.code_sha256(), recipe_sha256(cfg)
     aggregator = manifest["contrib"]["aggregator_key"]
-    extra, problem = validator.extra_allowed_code(store, run, aggregator)
+    extra, problem = extra_allowed_code(store, run, aggregator)
     allowed = set(policy.allowed_code) | extra
     if policy.attestation == "code_hash" and code not in allowed:
         raise ValueError(

@@ -46,13 +46,11 @@ key under the freed name; pin keys out of band where that matters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
 import os
 import re
-import tempfile
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -63,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from near_jax._io import atomic_write, one_line, short_repr
 from near_jax.diloco import protocol
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
@@ -156,12 +155,12 @@ def verify(public_hex: str, message: bytes, signature_hex: str) -> bool:
 def check_public_hex(s: Any) -> str:
     """`s` if it is 64 lowercase hex characters that load as an ed25519 public key."""
     if not isinstance(s, str) or not _HEX64.fullmatch(s):
-        raise IdentityError(f"bad public key {_short(s)}: expected 64 lowercase hex characters")
+        raise IdentityError(f"bad public key {short_repr(s)}: expected 64 lowercase hex characters")
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(s))
     except ValueError as e:
         raise IdentityError(
-            f"public key {s[:16]}... is not an ed25519 key: {_one_line(e)}"
+            f"public key {s[:16]}... is not an ed25519 key: {one_line(e)}"
         ) from None
     return s
 
@@ -215,7 +214,7 @@ def load(path: str | os.PathLike) -> Identity:
         raise IdentityError(f"{path} holds an encrypted key; {expected}") from None
     except (ValueError, UnsupportedAlgorithm) as e:
         raise IdentityError(
-            f"{path} is not a usable private key (PEM {kind!r}: {_one_line(e)}); {expected}"
+            f"{path} is not a usable private key (PEM {kind!r}: {one_line(e)}); {expected}"
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"{path} holds {_describe_key(key)}; {expected}")
@@ -243,56 +242,14 @@ def _describe_key(key: Any) -> str:
 def _write_atomic(path: str, data: bytes, mode: int, *, overwrite: bool) -> None:
     """Writes `path` so that it appears complete or not at all, with `mode` from the start
     (a key must never sit world-readable, even briefly)."""
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-        )
-    except OSError as e:
-        raise IdentityError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # explicit: mkstemp's 0600 is right only for the key
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_no_clobber(tmp, path)
-    except OSError as e:
-        raise IdentityError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-
-
-def _link_no_clobber(tmp: str, path: str) -> None:
-    # link() fails if `path` exists, atomically, so a key created between our existence check
-    # and now is never replaced; rename would silently clobber it.
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
+        atomic_write(path, data, mode=mode, overwrite=overwrite)
+    except FileExistsError:  # only without `overwrite`: a key created since save's check
         raise IdentityError(
             f"{path} exists; refusing to overwrite a key (pass --force to replace it)"
         ) from None
-    except OSError:  # a filesystem without hard links: fall back to check-then-rename
-        if os.path.lexists(path):
-            raise IdentityError(
-                f"{path} exists; refusing to overwrite a key (pass --force to replace it)"
-            ) from None
-        os.replace(tmp, path)
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable; some platforms/filesystems cannot open directories.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError as e:
+        raise IdentityError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # ------------------------------------------------------------------------------ statements
@@ -323,7 +280,7 @@ def statement_bytes(fields: dict) -> bytes:
             v = fields[k]
             if not isinstance(v, str) or not _HEX64.fullmatch(v):
                 raise IdentityError(
-                    f"statement {k} must be 64 lowercase hex characters, got {_short(v)}"
+                    f"statement {k} must be 64 lowercase hex characters, got {short_repr(v)}"
                 )
     return STATEMENT_DOMAIN + protocol.dumps({k: fields[k] for k in STATEMENT_FIELDS})
 
@@ -398,7 +355,7 @@ def lookup(store: ObjectStore, run: str, name: str) -> str | None:
     try:
         entry = protocol.read_json(store, key, max_bytes=MAX_ENTRY_BYTES)  # anyone writes here
     except (CorruptObject, protocol.ProtocolError) as e:
-        raise IdentityError(f"registry entry {key}: {_one_line(e)}") from None
+        raise IdentityError(f"registry entry {key}: {one_line(e)}") from None
     if entry is None:
         return None
     return _check_entry(key, entry, run, name)
@@ -413,7 +370,7 @@ def _check_entry(key: str, entry: dict, run: str, name: str) -> str:
         raise bad(f"has fields {got}; expected {', '.join(sorted(ENTRY_FIELDS))}")
     if entry["name"] != name or entry["run"] != run:
         raise bad(
-            f"names contributor {_short(entry['name'])} of run {_short(entry['run'])}, "
+            f"names contributor {short_repr(entry['name'])} of run {short_repr(entry['run'])}, "
             f"but is filed as {name!r} of {run!r}"
         )
     try:
@@ -421,10 +378,10 @@ def _check_entry(key: str, entry: dict, run: str, name: str) -> str:
     except IdentityError as e:
         raise bad(str(e)) from None
     if entry["key_id"] != key_id(public):
-        raise bad(f"has key id {_short(entry['key_id'])}, but its key's id is {key_id(public)}")
+        raise bad(f"has key id {short_repr(entry['key_id'])}, but its key's id is {key_id(public)}")
     at = entry["registered_at"]
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
-        raise bad(f"has registered_at {_short(at)}; expected unix seconds")
+        raise bad(f"has registered_at {short_repr(at)}; expected unix seconds")
     if not verify(public, registration_bytes(run, name, public), entry["signature"]):
         raise bad("has a signature that does not verify (tampered or forged)")
     return public
@@ -470,13 +427,3 @@ def _checked(kind: str, name: str) -> str:
         return protocol.check_name(kind, name)
     except ValueError as e:
         raise IdentityError(str(e)) from None
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__

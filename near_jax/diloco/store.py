@@ -60,6 +60,8 @@ import struct
 import threading
 import urllib.parse
 
+from near_jax._io import one_line
+
 MAGIC = b"NJOB"  # near_jax object
 VERSION = 1
 HEADER = struct.Struct("<4sHQ32s")  # magic, version, body length, sha256(body)
@@ -172,7 +174,7 @@ class ObjectStore:
         try:
             kv = ts.KvStore.open(spec).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError/...
-            raise StoreError(f"cannot open store {url!r}: {_one_line(e)}") from None
+            raise StoreError(f"cannot open store {url!r}: {one_line(e)}") from None
         store = cls(kv, url)
         if spec["driver"] == "file":  # links are resolved against the real root
             store._root = os.path.realpath(spec["path"])
@@ -200,7 +202,7 @@ class ObjectStore:
         try:
             keys = self._kv.list(key_range).result()
         except Exception as e:  # noqa: BLE001
-            raise StoreError(f"cannot list {prefix!r} in {self.url!r}: {_one_line(e)}") from None
+            raise StoreError(f"cannot list {prefix!r} in {self.url!r}: {one_line(e)}") from None
         # A key that is not UTF-8 cannot be one of ours; "replace" keeps list() from failing
         # on it (callers check names, so it is never read back).
         return sorted(k.decode("utf-8", "replace") for k in keys)
@@ -275,7 +277,7 @@ class ObjectStore:
         try:
             return self._kv.read(key, byte_range=byte_range).result()
         except Exception as e:  # noqa: BLE001
-            raise StoreError(f"cannot read {key!r} from {self.url!r}: {_one_line(e)}") from None
+            raise StoreError(f"cannot read {key!r} from {self.url!r}: {one_line(e)}") from None
 
     def _try_read(self, key: str, byte_range: slice):
         """A ranged read; None if the object is shorter than the range."""
@@ -321,7 +323,7 @@ class ObjectStore:
         try:
             return self._kv.write(key, data, if_equal=if_equal).result().generation
         except Exception as e:  # noqa: BLE001
-            raise StoreError(f"cannot write {key!r} to {self.url!r}: {_one_line(e)}") from None
+            raise StoreError(f"cannot write {key!r} to {self.url!r}: {one_line(e)}") from None
 
     def _check_path(self, key: str, leaf_link_ok: bool = False) -> None:
         """UnsafePath unless every existing component of `key` under a file store's root is a
@@ -355,8 +357,3 @@ def _successor(prefix: bytes) -> bytes:
     """The smallest key greater than every key starting with `prefix` (b"" = no bound)."""
     prefix = prefix.rstrip(b"\xff")
     return prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else b""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__

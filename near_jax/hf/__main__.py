@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from near_jax import cli
+from near_jax._io import one_line
 from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.hf.convert import DTYPES, HFError
 
@@ -13,7 +14,7 @@ from near_jax.hf.convert import llama_config as llama_config
 from near_jax.hf.convert import model_overrides as model_overrides
 from near_jax.hf.convert import params_from_hf as params_from_hf
 from near_jax.hf.convert import params_to_hf as params_to_hf
-from near_jax.hf.exchange import _one_line, export_run, import_hf
+from near_jax.hf.exchange import export_run, import_hf
 from near_jax.infer import loading
 from near_jax.train import checkpoint
 
@@ -66,7 +67,7 @@ def _main(argv: list[str]) -> None:
                   f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "
                   f"--config.checkpoint.init_from={written.path}")  # fmt: skip
     except (OSError, checkpoint.CheckpointError, loading.CheckpointUnreadable) as e:
-        print(f"near_jax.hf: {command} failed: {_one_line(e)}", file=sys.stderr)
+        print(f"near_jax.hf: {command} failed: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except (HFError, loading.RunError) as e:
         usage_error(str(e))

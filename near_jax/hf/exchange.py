@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from near_jax import sharding
+from near_jax._io import one_line
 from near_jax.config import ConfigError, default_config, validate
 from near_jax.data.tokenizer import load_tokenizer
 from near_jax.hf.convert import (
@@ -102,7 +103,7 @@ class SafetensorsDir(Mapping):
             with self._open(path, framework="np") as f:
                 yield f
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise HFError(f"{path}: {problem} ({_one_line(e)})") from e
+            raise HFError(f"{path}: {problem} ({one_line(e)})") from e
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._files[name]
@@ -116,10 +117,6 @@ class SafetensorsDir(Mapping):
         return len(self._files)
 
 
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def _read_json(path: str) -> dict[str, Any]:
     """A JSON object from a file, or HFError naming the file and the problem."""
     if not os.path.isfile(path):
@@ -128,7 +125,7 @@ def _read_json(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, ValueError) as e:
-        raise HFError(f"{path}: not valid JSON ({_one_line(e)})") from e
+        raise HFError(f"{path}: not valid JSON ({one_line(e)})") from e
     if not isinstance(value, dict):
         raise HFError(f"{path}: must hold a JSON object, not {type(value).__name__}")
     return value

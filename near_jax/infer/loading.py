@@ -27,6 +27,7 @@ import ml_collections
 from absl import logging
 
 from near_jax import model, sharding
+from near_jax._io import one_line
 from near_jax.config import ConfigError, default_config
 from near_jax.data.tokenizer import Tokenizer, load_tokenizer
 from near_jax.train import checkpoint, checkpoint_integrity
@@ -53,11 +54,10 @@ def _unreadable(step: int, reason: str) -> CheckpointUnreadable:
 
 
 def _one_line(e: BaseException) -> str:
-    """Our errors' messages as they are; others' first line, typed and cut (Orbax's run long)."""
-    lines = str(e).strip().splitlines()
-    if isinstance(e, (RunError, checkpoint.CheckpointError)) and lines:
-        return lines[0]
-    return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
+    """Our errors' messages uncut; others' typed and cut (Orbax's run long)."""
+    if isinstance(e, (RunError, checkpoint.CheckpointError)):
+        return one_line(e, None)
+    return one_line(e, typed=True)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,6 @@ Flax Linen modules stacked with `nn.scan`; every parameter carries logical axis 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -19,48 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from near_jax.config import ModelConfig  # the model fields; model.ModelConfig stays usable
 from near_jax.model import kernels
 from near_jax.sharding import constrain
 
 Params = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model section of the config as a hashable value (a static argument for jit)."""
-
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    mlp_dim: int
-    rope_theta: float = 500_000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    z_loss: float = 0.0
-    init_std: float = 0.02
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = True
-    attention: str = "auto"
-    attention_block_q: int = 0
-    attention_block_kv: int = 0
-    attention_window: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ModelConfig:
-        """Builds a ModelConfig from a `model` ConfigDict (or returns a ModelConfig as is)."""
-        if isinstance(cfg, ModelConfig):
-            return cfg
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in cfg.items() if k in fields}
-        if values["vocab_size"] <= 0:
-            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
-        values["head_dim"] = values["head_dim"] or values["d_model"] // values["n_heads"]
-        return cls(**values)
 
 
 def _normal(std: float, names: tuple[str, ...]):

@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from near_jax import cli
 from near_jax import workdir as workdir_lib
+from near_jax._io import one_line
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
 from near_jax.config import ConfigError
 from near_jax.train import checkpoint, distributed
@@ -49,9 +50,7 @@ def _main(argv: list[str]) -> None:
     except DivergedError as e:
         _fail(f"diverged: {e}")
     except OSError as e:  # a full disk, a filesystem gone read-only mid-run
-        _fail(
-            f"cannot write the run: {str(e).splitlines()[0]} (committed checkpoints stay readable)"
-        )
+        _fail(f"cannot write the run: {one_line(e)} (committed checkpoints stay readable)")
     if "stopped_at" in result:
         print(f"stopped at step {result['stopped_at']} (train.stop_at): checkpoint saved in "
               f"{flags.FLAGS.workdir}; run again without it to continue")  # fmt: skip

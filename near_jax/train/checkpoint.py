@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from near_jax._io import one_line
 from near_jax.train import checkpoint_integrity as integrity
 from near_jax.train.checkpoint_integrity import checked_config, is_finite
 
@@ -370,10 +371,9 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _one_line(e: BaseException, limit: int = 400) -> str:
-    """`Type: message` on one line; a long one keeps its start and its end (often the cause)."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
+def _one_line(e: BaseException) -> str:
+    """`Type: message` on one line; Orbax's long messages get 400 characters, not 300."""
+    return one_line(e, 400, typed=True)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

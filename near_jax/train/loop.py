@@ -14,6 +14,7 @@ from absl import logging
 from near_jax import config as config_lib
 from near_jax import data, model, sharding
 from near_jax import workdir as workdir_lib
+from near_jax._io import atomic_write
 from near_jax.config import ConfigError
 from near_jax.data.tokenizer import load_tokenizer
 from near_jax.train import checkpoint, inmesh, metrics, preemption
@@ -40,10 +41,7 @@ def trainer_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trai
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes the resolved config to workdir/config.json (atomically)."""
     path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 
 def check_resume_config(saved: dict, cfg: ml_collections.ConfigDict) -> None:

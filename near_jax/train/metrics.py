@@ -27,54 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import logging
 
+from near_jax.hardware import PEAK_FLOPS_BF16
+
 if TYPE_CHECKING:
     import jax
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-
-# Dense (no 2:4 sparsity) bf16 peak FLOP/s of ONE JAX device, keyed by a lowercase substring of
-# `jax.Device.device_kind`. The first matching key wins (dicts keep insertion order), so a more
-# specific key comes before any key it contains: "tpu v5 lite" before "tpu v5", "gb200" before
-# "b200", "h100 pcie" before "h100". TPU numbers are per chip from the Cloud TPU docs
-# (cloud.google.com/tpu/docs/<version>); NVIDIA numbers are the datasheet's "BF16 Tensor Core"
-# figure, which NVIDIA quotes *with sparsity*, halved to the dense rate.
-PEAK_FLOPS_BF16: dict[str, float] = {
-    # TPU v5e: device_kind "TPU v5 lite" (older runtimes: "TPU v5e"). 197 TFLOP/s per chip.
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    # TPU v5p: device_kind "TPU v5" (or "TPU v5p"); one megacore device per chip. 459 TFLOP/s.
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    # TPU v6e (Trillium): device_kind "TPU v6 lite" (or "TPU v6e"). 918 TFLOP/s per chip.
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-    # TPU v4: device_kind "TPU v4"; one megacore device per chip. 275 TFLOP/s per chip.
-    "tpu v4": 275e12,
-    # TPU7x (Ironwood): device_kind "TPU7x". 2,307 TFLOP/s per chip, but the chip's two
-    # TensorCores are two JAX devices (no megacore), so each device gets half.
-    "tpu7x": 2307e12 / 2,
-    # NVIDIA GB200 (device_kind "NVIDIA GB200"): GB200 NVL72 datasheet, 10 PFLOP/s sparse per
-    # superchip of 2 GPUs -> 2.5 PFLOP/s dense per GPU. Before "b200", which it contains.
-    "gb200": 2.5e15,
-    # NVIDIA B200 (device_kind "NVIDIA B200"): HGX B200 datasheet, 36 PFLOP/s sparse per 8 GPUs
-    # -> 4.5 sparse -> 2.25 PFLOP/s dense per GPU.
-    "b200": 2.25e15,
-    # NVIDIA H200 NVL (device_kind "NVIDIA H200 NVL"): datasheet 1,671 TFLOP/s sparse -> 835.5.
-    "h200 nvl": 835.5e12,
-    # NVIDIA H200 SXM (device_kind "NVIDIA H200"; also matches "NVIDIA GH200 480GB", whose GPU
-    # has the same rate): datasheet 1,979 TFLOP/s sparse -> 989.5 dense.
-    "h200": 989.5e12,
-    # NVIDIA H100 PCIe (device_kind "NVIDIA H100 PCIe"): datasheet 1,513 sparse -> 756.5 dense.
-    "h100 pcie": 756.5e12,
-    # NVIDIA H100 NVL (device_kind "NVIDIA H100 NVL"): datasheet 1,671 sparse -> 835.5 dense.
-    "h100 nvl": 835.5e12,
-    # NVIDIA H100 SXM (device_kind "NVIDIA H100 80GB HBM3"): datasheet 1,979 sparse -> 989.5.
-    "h100": 989.5e12,
-    # NVIDIA A100 (device_kind "NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB",
-    # "NVIDIA A100 80GB PCIe", ...): datasheet 312 TFLOP/s dense (624 sparse), SXM and PCIe.
-    "a100": 312e12,
-}
 
 # Chips with two TensorCores that JAX shows as one "megacore" device by default; a device with
 # `num_cores == 1` on them is half a chip (split mode).

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from near_jax._io import one_line
 from near_jax.diloco.codec.compress import CompressionSpec, Payload, PayloadError, decode, encode
 from near_jax.diloco.protocol.keys import FORMAT, contrib_key
 from near_jax.diloco.protocol.objects import dumps, num_elements, object_limit, sha256
@@ -124,7 +125,7 @@ def check_contribution(store: ObjectStore, run: str, base: Version, key: str, li
             if not np.isfinite(leaf).all():
                 raise PayloadError(f"non-finite values in {jax.tree_util.keystr(path)}")
     except PayloadError as e:
-        verdict.reason = f"invalid: {' '.join(str(e).split())[:300]}"
+        verdict.reason = f"invalid: {one_line(e)}"
         return verdict
     verdict.payload = payload
     return verdict

@@ -1,0 +1,118 @@
+"""What a contributor run accepts: its policy, the config hash contributors sign, allowed code.
+
+The `Policy` is fixed in the run's manifest when the run is created (`contrib.policy`): the
+robust rule, the screening thresholds, how many batches score a contribution, the
+attestation verifier, the code hashes it accepts and the config hash (`recipe_sha256`: the
+run-fixed model and data settings) every contributor signs. Code hashes allowed later (a
+new near_jax release mid-run) go into a list in the store, `RUN/allowed_code`, that counts
+only when the run's aggregator key signed it (anyone can write to the store).
+
+Both sides read these: the aggregator's validator checks contributions against them, and an
+island checks at start-up that its code and config are ones the run takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from near_jax._io import one_line
+from near_jax.contrib import attest, identity
+from near_jax.diloco import protocol, robust
+from near_jax.diloco.aggregator import manifest_fields
+from near_jax.diloco.protocol import ProtocolError
+from near_jax.diloco.store import CorruptObject, ObjectStore
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+_ALLOW_DOMAIN = b"near_jax/allowed_code/v1\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a run treats contributions; fixed in its manifest when the run is created."""
+
+    rule: robust.Rule = robust.Rule("trimmed_mean")
+    screen: bool = True
+    max_norm_ratio: float = 3.0
+    zero_norm_ratio: float = 1e-3
+    duplicate_cosine: float = 0.99
+    min_score: float = 0.0
+    score_batches: int = 2
+    attestation: str = "code_hash"
+    allowed_code: tuple[str, ...] = ()
+    config_sha256: str = ""
+
+    @classmethod
+    def from_config(cls, contrib_cfg, code_sha256: str, config_sha256: str) -> Policy:
+        """The policy of a config's `contrib` section; the creator's code hash is allowed."""
+        extra = [h.strip() for h in contrib_cfg.allowed_code.split(",") if h.strip()]
+        return cls(
+            rule=robust.Rule.from_config(contrib_cfg),
+            screen=bool(contrib_cfg.screen),
+            max_norm_ratio=float(contrib_cfg.max_norm_ratio),
+            zero_norm_ratio=float(contrib_cfg.zero_norm_ratio),
+            duplicate_cosine=float(contrib_cfg.duplicate_cosine),
+            min_score=float(contrib_cfg.min_score),
+            score_batches=int(contrib_cfg.score_batches),
+            attestation=contrib_cfg.attestation,
+            allowed_code=tuple(sorted({code_sha256, *extra})),
+            config_sha256=config_sha256,
+        )
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["rule"], out["allowed_code"] = str(self.rule), list(self.allowed_code)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Policy:
+        obj = dict(obj)
+        obj["rule"] = robust.Rule.parse(obj["rule"])
+        obj["allowed_code"] = tuple(obj["allowed_code"])
+        return cls(**obj)
+
+
+def recipe_sha256(cfg) -> str:
+    """The config hash contributors sign: the run-fixed model and data settings."""
+    return attest.config_sha256(json.loads(json.dumps(manifest_fields(cfg))))
+
+
+# -------------------------------------------------------------------------- allowed code
+
+
+def allowed_code_key(run: str) -> str:
+    """The aggregator's signed list of code hashes allowed after the run was created."""
+    return f"{run}/allowed_code"
+
+
+def extra_allowed_code(
+    store: ObjectStore, run: str, aggregator_public: str
+) -> tuple[set[str], str]:
+    """(the extra allowed code hashes, a problem or ""): only a list the run's aggregator
+    signed counts (anyone can write to the store)."""
+    try:
+        obj = protocol.read_json(store, allowed_code_key(run))
+    except (ProtocolError, CorruptObject) as e:
+        return set(), f"{allowed_code_key(run)} is unreadable ({one_line(e, 100)})"
+    if obj is None:
+        return set(), ""
+    body = {"run": obj.get("run"), "hashes": obj.get("hashes")}
+    hashes = body["hashes"]
+    if (
+        body["run"] != run
+        or not isinstance(hashes, list)
+        or not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
+        or not identity.verify(
+            aggregator_public, _ALLOW_DOMAIN + protocol.dumps(body), obj.get("signature", "")
+        )
+    ):
+        return set(), f"{allowed_code_key(run)} is not signed by the run's aggregator"
+    return set(hashes), ""
+
+
+def signed_allowed_code(aggregator: identity.Identity, run: str, hashes: list[str]) -> dict:
+    """The object stored at `allowed_code_key(run)`: the hashes, signed by the aggregator."""
+    body = {"run": run, "hashes": hashes}
+    body["signature"] = aggregator.sign(_ALLOW_DOMAIN + protocol.dumps(body))
+    return body
