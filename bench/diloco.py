@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -47,7 +49,7 @@ from near_jax.train.step import evaluate
 FORMAT_NAMES = {"4bit": "int4"}  # the "4-bit" is int4 here (fp4 also accepted)
 
 
-def base_config(steps: int, batch: int) -> config_lib.ml_collections.ConfigDict:
+def base_config(steps: int, batch: int) -> ml_collections.ConfigDict:
     cfg = config_lib.default_config()
     m = cfg.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim = 64, 2, 4, 2, 192
