@@ -46,13 +46,13 @@ def choose(loglikelihoods: Sequence[float], continuations: Sequence[str]) -> tup
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error: sample std (n - 1) / sqrt(n); NaN stderr when n < 2."""
-    values_N = np.asarray(values, np.float64)
-    n = len(values_N)
+    values_E = np.asarray(values, np.float64)
+    n = len(values_E)
     if n == 0:
         raise TaskError("no values to average")
     if n < 2:
-        return float(values_N.mean()), math.nan
-    return float(values_N.mean()), float(values_N.std(ddof=1) / math.sqrt(n))
+        return float(values_E.mean()), math.nan
+    return float(values_E.mean()), float(values_E.std(ddof=1) / math.sqrt(n))
 
 
 def aggregate(

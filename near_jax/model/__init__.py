@@ -9,6 +9,30 @@ kernels/      attention behind one door (`xla`, `pallas`, `cudnn`, `splash`, `au
 The model's schema is `near_jax.config.ModelConfig` (re-exported here). The package
 re-exports the public functions so callers write `model.init(...)`, `model.apply(...)`,
 `model.loss_fn(...)`.
+
+Tensor names carry their shape, one capital letter per axis joined by `x` (`q_BxLxHxK`,
+`logits_BxLxV`); a letter means the same axis everywhere in near_jax:
+
+  A  micro-batches of a step (gradient accumulation, `train.microbatches`)
+  B  batch: rows
+  C  choices of one multiple-choice example
+  D  d_model, the residual stream
+  E  examples of a task
+  F  MLP hidden width (`mlp_dim`)
+  G  key/value heads (`n_kv_heads`)
+  H  query heads (`n_heads`)
+  K  head dim (K2: half of it, the RoPE frequencies)
+  L  length: tokens of a row (the queries, in attention)
+  M  key/value length in attention (M == L in self-attention)
+  N  layers (`n_layers`)
+  P  prompt length (prefill)
+  Q  query heads per key/value head (H = G x Q)
+  R  replicas (in-mesh DiLoCo)
+  S  slots of the KV cache (its length)
+  T  output positions: those whose logits are computed, or the tokens generated
+  V  vocab
+  Z  fragments of the params (streaming DiLoCo)
+  1  an axis of size 1
 """
 
 from near_jax.config import ModelConfig  # the model's schema, re-exported
