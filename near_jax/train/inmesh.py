@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from near_jax import model, sharding
 from near_jax.diloco import outer
+from near_jax.diloco.codec import fake_quant
 from near_jax.diloco.codec.compress import CompressionSpec
 from near_jax.train import optim
 from near_jax.train.step import Trainer, TrainState, compile_trainer, make_update
@@ -140,8 +141,6 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
         due = jax.tree.map(lambda ids: due_Z[ids], frag_ids)
         if spec.format != "fp32" or spec.topk:
-            from near_jax.diloco.codec import fake_quant
-
             if spec.topk:
                 delta_R, new_feedback = jax.vmap(
                     lambda d, e: fake_quant.roundtrip_with_feedback(d, spec, e)
