@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, SMALL_TRAIN_FLAGS, run_module, small_config, start_module, subprocess_env
 
 from near_jax import sharding
-from near_jax.train import checkpoint, checkpoint_integrity, metrics
+from near_jax.train import checkpoint, checkpoint_integrity, checkpoint_reads, metrics
 from near_jax.train.loop import trainer_for
 from near_jax.train.step import TrainState
 
@@ -273,11 +273,11 @@ def _committed_steps_of(directory):
 def test_init_from_loads_params_only(tmp_path):
     trainer = _trainer(data=8)
     saved = _save_steps(tmp_path / "checkpoints", trainer, steps=(10,))
-    step, params = checkpoint.restore_params(f"{tmp_path}:10", trainer.abstract_state.params)
+    step, params = checkpoint_reads.restore_params(f"{tmp_path}:10", trainer.abstract_state.params)
     assert step == 10
     jax.tree.map(np.testing.assert_array_equal, params, saved.params)
     with pytest.raises(checkpoint.CheckpointError, match="step 7 not found"):
-        checkpoint.restore_params(f"{tmp_path}:7", trainer.abstract_state.params)
+        checkpoint_reads.restore_params(f"{tmp_path}:7", trainer.abstract_state.params)
 
 
 def test_data_position_merges_every_process_file(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from near_jax.train import checkpoint
+from near_jax.train import checkpoint, checkpoint_reads
 from near_jax.train import checkpoint_integrity as integrity
 
 
@@ -145,7 +145,7 @@ def test_a_saved_config_that_is_not_a_run_config_counts_as_damage(tmp_path, save
     restored = checkpoint.Checkpointer(tmp_path).restore(_abstract(_state()))
     assert restored.step == 5 and "config" in restored.skipped[0], restored.skipped
     with pytest.raises(checkpoint.CheckpointError, match="step 10: unreadable config"):
-        checkpoint.read_config(tmp_path / "10-missing", 10)  # no such dir: one line too
+        checkpoint_reads.read_config(tmp_path / "10-missing", 10)  # no such dir: one line too
 
 
 def test_an_empty_newer_step_directory_is_set_aside(tmp_path):
@@ -197,14 +197,14 @@ def test_restore_params_verifies_the_step(tmp_path):
     ckpt.save(5, {"params": _state(5)}, _Iterator(), _CFG)
     ckpt.close()
     abstract = {"params": _abstract(_state())}
-    step, params = checkpoint.restore_params(str(tmp_path), abstract["params"])
+    step, params = checkpoint_reads.restore_params(str(tmp_path), abstract["params"])
     np.testing.assert_array_equal(params["w"], _state(5)["w"])
     path = _largest_file(tmp_path / "checkpoints" / "5" / "state")
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match="step 5 is damaged .*sha256"):
-        checkpoint.restore_params(f"{tmp_path}:5", abstract["params"], what="--workdir")
+        checkpoint_reads.restore_params(f"{tmp_path}:5", abstract["params"], what="--workdir")
 
 
 def test_a_run_without_manifests_restores_unverified(tmp_path):

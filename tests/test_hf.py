@@ -17,7 +17,7 @@ from near_jax.hf import exchange
 from near_jax.hf.convert import HFError, llama_config, params_from_hf, params_to_hf
 from near_jax.hf.exchange import INDEX_FILE, SafetensorsDir, export_run, import_hf
 from near_jax.infer import loading
-from near_jax.train import checkpoint
+from near_jax.train import checkpoint, checkpoint_reads
 
 pytest.importorskip("safetensors.numpy")  # the rest of near_jax does not need it
 
@@ -185,7 +185,7 @@ def test_round_trip_import_export_is_exact_and_sharded(tmp_path, tokenizer_json)
     assert loaded.model_cfg.rope_theta == THETA and loaded.model_cfg.n_kv_heads == 2
     # config.checkpoint.init_from=RUN restores these params into a fresh run's shapes.
     abstract = loading.param_shardings(loaded.model_cfg, loaded.mesh)
-    step, params = checkpoint.restore_params(str(run), abstract)
+    step, params = checkpoint_reads.restore_params(str(run), abstract)
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, params, loaded.params)
 

@@ -7,7 +7,8 @@ import pytest
 from launch import tpu  # noqa: E402
 from near_jax import config as config_lib
 from near_jax import hardware, model
-from near_jax.plan.planner import format_ladder, load_ladder, make_plan
+from near_jax.plan.planner import load_ladder, make_plan
+from near_jax.plan.tables import format_ladder
 
 ladder = load_ladder()
 NOMINAL = {"m500m": 0.5e9, "m2b": 2e9, "m7b": 7e9, "m27b": 27e9, "m100b": 100e9,

@@ -11,7 +11,7 @@ from helpers import DAMAGE_KINDS, damage_step, save_run, small_config
 
 from near_jax import model
 from near_jax.infer import loading
-from near_jax.train import checkpoint
+from near_jax.train import checkpoint_reads
 
 TOKENIZER = os.path.join("tokenizer", "tokenizer.json")  # where an imported run keeps it
 
@@ -99,7 +99,7 @@ def test_imported_run_stores_a_relative_tokenizer_and_can_be_moved(
     moved = tmp_path / "after" / "run"
     monkeypatch.chdir(tmp_path / "after")  # TOKENIZER is not relative to here
     loaded = loading.load_run("run")  # a relative workdir too
-    assert loaded.workdir == "run" and checkpoint.is_params_only("run", 0)
+    assert loaded.workdir == "run" and checkpoint_reads.is_params_only("run", 0)
     assert loaded.cfg.data.tokenizer == str(moved / TOKENIZER)
     assert loaded.tokenizer.name == "hf:tokenizer.json"
     assert loaded.tokenizer.encode("the cat sat on the mat") == [3, 5, 6, 7, 3, 8]
@@ -125,10 +125,10 @@ def test_relative_tokenizer_is_found_in_the_run_then_in_the_current_directory(
 
 
 def test_is_params_only(imported_run, saved_run, tmp_path):
-    assert checkpoint.is_params_only(str(imported_run[0]), 0)
-    assert not checkpoint.is_params_only(str(saved_run), 5)  # a training checkpoint
-    assert not checkpoint.is_params_only(str(saved_run), 4)  # no such step
-    assert not checkpoint.is_params_only(str(tmp_path), 0)  # no checkpoints at all
+    assert checkpoint_reads.is_params_only(str(imported_run[0]), 0)
+    assert not checkpoint_reads.is_params_only(str(saved_run), 5)  # a training checkpoint
+    assert not checkpoint_reads.is_params_only(str(saved_run), 4)  # no such step
+    assert not checkpoint_reads.is_params_only(str(tmp_path), 0)  # no checkpoints at all
 
 
 def test_a_tokenizer_that_is_gone_is_a_one_line_error(tmp_path):
@@ -208,9 +208,7 @@ def test_no_readable_step_is_one_line_saying_why_each_failed(two_steps, tmp_path
     ],
 )
 def test_run_config_checks_the_shape_of_the_saved_config(saved_run, monkeypatch, saved, problem):
-    from near_jax.train import checkpoint
-
-    monkeypatch.setattr(checkpoint, "read_config", lambda directory, step: saved)
+    monkeypatch.setattr(checkpoint_reads, "read_config", lambda directory, step: saved)
     with pytest.raises(loading.CheckpointUnreadable) as e:
         loading.run_config(str(saved_run), 5)
     want = f"checkpoint step 5: unreadable ({saved_run}/checkpoints/5/config: {problem}"

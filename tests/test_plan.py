@@ -9,7 +9,9 @@ from helpers import run_module, small_config
 from near_jax import hardware
 from near_jax.config import ConfigError
 from near_jax.plan.__main__ import target
-from near_jax.plan.planner import compiled_memory, layout, load_ladder, make_plan, memory, resolve
+from near_jax.plan.compiled import compiled_memory
+from near_jax.plan.estimate import layout, memory
+from near_jax.plan.planner import load_ladder, make_plan, resolve
 
 
 def _cfg(model=None, mesh=None, remat="full", batch=16, seq=256, micro=1):

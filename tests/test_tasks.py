@@ -12,7 +12,7 @@ from helpers import small_config
 
 from near_jax import model, sharding
 from near_jax.data.tokenizer import ByteTokenizer
-from near_jax.eval import tasks
+from near_jax.eval import prompts, scoring, taskfile, tasks
 from near_jax.infer import loading
 
 TOK = ByteTokenizer()
@@ -37,7 +37,7 @@ def _line(context="c", choices=("a", "b"), answer=0, **extra) -> str:
     return json.dumps({"context": context, "choices": list(choices), "answer": answer} | extra)
 
 
-def _reference(params, request: tasks.Request) -> tuple[float, bool]:
+def _reference(params, request: prompts.Request) -> tuple[float, bool]:
     """Unpadded forward of one request; log_softmax in float64 numpy."""
     cont = TOK.encode(request.continuation)
     ids = ([TOK.bos_id] + TOK.encode(request.prompt) + cont)[-(MAX_LEN + 1) :]
@@ -73,11 +73,11 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(params):
     # Two texts per length pair: 12 requests, 2 batches (the second part padding rows);
     # the 70-byte prompts are cut to MAX_LEN; 5 distinct unpadded lengths to compile.
     requests = [
-        tasks.Request(k, 0, _random_text(rng, p), _random_text(rng, c))
+        prompts.Request(k, 0, _random_text(rng, p), _random_text(rng, c))
         for k, (p, c) in enumerate([(5, 1), (30, 12), (70, 1), (5, 12), (30, 1), (70, 12)] * 2)
     ]
     calls = []
-    got = tasks.score_requests(
+    got = scoring.score_requests(
         params, CFG, TOK, requests, max_len=MAX_LEN, batch_size=BATCH,
         progress=lambda done, total: calls.append((done, total)),
     )  # fmt: skip
@@ -93,7 +93,7 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(params):
     mesh = loading.inference_mesh(fsdp=2, tensor=2)
     shardings = sharding.logical_to_sharding(model.logical_axes(CFG), params, mesh)
     # batch_size 3 rounds up to the 4 data-parallel ways (data x fsdp): 3 batches of 4 rows.
-    on_mesh = tasks.score_requests(
+    on_mesh = scoring.score_requests(
         jax.device_put(params, shardings), CFG, TOK, requests, max_len=MAX_LEN, batch_size=3,
         mesh=mesh,
     )  # fmt: skip
@@ -104,14 +104,14 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(params):
 
 
 def test_encode_request_truncates_from_the_left_keeping_the_continuation():
-    request = tasks.Request(0, 0, "abcdefghij", " xyz")
-    ids, n = tasks.encode_request(TOK, request, max_len=6)
+    request = prompts.Request(0, 0, "abcdefghij", " xyz")
+    ids, n = scoring.encode_request(TOK, request, max_len=6)
     assert n == 4 and TOK.decode(ids) == "hij xyz"  # 7 ids: the model reads 6
-    ids, n = tasks.encode_request(TOK, request, max_len=100)
+    ids, n = scoring.encode_request(TOK, request, max_len=100)
     assert ids[0] == TOK.bos_id and TOK.decode(ids) == "abcdefghij xyz"
-    with pytest.raises(tasks.TaskError, match="continuation ' xyz' is 4 tokens"):
-        tasks.encode_request(TOK, request, max_len=3)
-    assert [tasks.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [
+    with pytest.raises(taskfile.TaskError, match="continuation ' xyz' is 4 tokens"):
+        scoring.encode_request(TOK, request, max_len=3)
+    assert [scoring.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [
         16, 16, 32, 64, 64, 100, 100
     ]  # fmt: skip
 
@@ -153,7 +153,7 @@ def _train(params, examples, steps=150):
 
 def test_trained_model_picks_the_answers_it_learned_untrained_is_near_chance(params, tmp_path):
     path = _write(tmp_path, _synthetic_task(16), "colors.jsonl")
-    examples = tasks.load_task(path)
+    examples = taskfile.load_task(path)
     trained = _train(params, examples)
 
     before = tasks.evaluate_task(params, CFG, TOK, path, max_len=MAX_LEN, batch_size=BATCH)
@@ -163,8 +163,8 @@ def test_trained_model_picks_the_answers_it_learned_untrained_is_near_chance(par
     assert after["acc"] == 1.0 and after["acc_norm"] == 1.0
     assert after["acc_stderr"] == 0.0
 
-    requests = tasks.build_requests(examples)
-    scores = tasks.score_requests(trained, CFG, TOK, requests, max_len=MAX_LEN, batch_size=BATCH)
+    requests = prompts.build_requests(examples)
+    scores = scoring.score_requests(trained, CFG, TOK, requests, max_len=MAX_LEN, batch_size=BATCH)
     # Exactly the right choices are the model's greedy continuations.
     is_answer = [r.choice == examples[r.example].answer for r in requests]
     assert [s.is_greedy for s in scores] == is_answer
@@ -185,9 +185,9 @@ def test_mean_and_stderr_match_hand_computed_values():
 
 def _aggregate(cases, name="t"):
     """Metrics for [(choices, loglikelihoods, answer), ...] under the default delimiter."""
-    examples = [tasks.Example("c", tuple(ch), ans) for ch, _, ans in cases]
-    requests = tasks.build_requests(examples)
-    scores = [tasks.Score(ll, False) for _, lls, _ in cases for ll in lls]
+    examples = [taskfile.Example("c", tuple(ch), ans) for ch, _, ans in cases]
+    requests = prompts.build_requests(examples)
+    scores = [scoring.Score(ll, False) for _, lls, _ in cases for ll in lls]
     return tasks.aggregate(examples, requests, scores, name)
 
 
@@ -218,14 +218,14 @@ def test_length_normalization_flips_the_choice():
 
 
 def _examples(n):
-    return [tasks.Example(f"c{i}", ("x", "y"), i % 2) for i in range(n)]
+    return [taskfile.Example(f"c{i}", ("x", "y"), i % 2) for i in range(n)]
 
 
 def test_fewshot_prompts_are_seeded_never_the_example_and_have_the_documented_shape():
     examples = _examples(8)
-    requests = tasks.build_requests(examples, num_fewshot=3, seed=5)
-    assert requests == tasks.build_requests(examples, num_fewshot=3, seed=5)
-    assert requests != tasks.build_requests(examples, num_fewshot=3, seed=6)
+    requests = prompts.build_requests(examples, num_fewshot=3, seed=5)
+    assert requests == prompts.build_requests(examples, num_fewshot=3, seed=5)
+    assert requests != prompts.build_requests(examples, num_fewshot=3, seed=6)
     assert len(requests) == 16
     shots_of = {f"c{j} {'xy'[j % 2]}": j for j in range(8)}
     for r in requests:
@@ -238,25 +238,29 @@ def test_fewshot_prompts_are_seeded_never_the_example_and_have_the_documented_sh
     assert [(r.example, r.choice) for r in requests[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert requests[0].prompt == requests[1].prompt
     # Every other example can be drawn, never the example itself.
-    for r in tasks.build_requests(examples, num_fewshot=7):
+    for r in prompts.build_requests(examples, num_fewshot=7):
         assert f"c{r.example} " not in r.prompt
-    with pytest.raises(tasks.TaskError, match="num_fewshot=8 is not allowed"):
-        tasks.build_requests(examples, num_fewshot=8)
-    zero = tasks.build_requests(examples, target_delimiter="", fewshot_delimiter="#")
+    with pytest.raises(taskfile.TaskError, match="num_fewshot=8 is not allowed"):
+        prompts.build_requests(examples, num_fewshot=8)
+    zero = prompts.build_requests(examples, target_delimiter="", fewshot_delimiter="#")
     assert (zero[3].prompt, zero[3].continuation) == ("c1", "y")
-    custom = tasks.build_requests(examples, num_fewshot=1, target_delimiter="=", seed=1)
+    custom = prompts.build_requests(examples, num_fewshot=1, target_delimiter="=", seed=1)
     shot, context = custom[0].prompt.split("\n\n")
     assert context == "c0" and shot[-2] == "=" and custom[0].continuation == "=x"
 
 
 def test_fewshot_from_a_separate_pool_skips_copies_of_the_example():
     examples = _examples(2)
-    pool = [examples[0], tasks.Example("p1", ("u", "v"), 1), tasks.Example("p2", ("u", "v"), 0)]
-    requests = tasks.build_requests(examples, num_fewshot=2, fewshot_pool=pool, seed=3)
+    pool = [
+        examples[0],
+        taskfile.Example("p1", ("u", "v"), 1),
+        taskfile.Example("p2", ("u", "v"), 0),
+    ]
+    requests = prompts.build_requests(examples, num_fewshot=2, fewshot_pool=pool, seed=3)
     shots = requests[0].prompt.split("\n\n")[:-1]
     assert sorted(shots) == ["p1 v", "p2 u"]  # the copy of example 0 is never drawn
-    with pytest.raises(tasks.TaskError, match="only 2 examples other than example 0"):
-        tasks.build_requests(examples, num_fewshot=3, fewshot_pool=pool)
+    with pytest.raises(taskfile.TaskError, match="only 2 examples other than example 0"):
+        prompts.build_requests(examples, num_fewshot=3, fewshot_pool=pool)
 
 
 def test_evaluate_task_with_fewshot_file_and_progress(params, tmp_path):
@@ -300,8 +304,8 @@ BAD_LINES = [
 def test_malformed_line_names_file_and_line(tmp_path, bad, message):
     # Line 2 is blank (skipped, but still counted), so the bad line is line 3.
     path = _write(tmp_path, [_line(id="ok"), "", bad, _line()])
-    with pytest.raises(tasks.TaskError, match=message) as info:
-        tasks.load_task(path)
+    with pytest.raises(taskfile.TaskError, match=message) as info:
+        taskfile.load_task(path)
     text = str(info.value)
     assert text.startswith(f"{path}:3: ") and "\n" not in text
 
@@ -309,23 +313,23 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, message):
 def test_unreadable_or_empty_task_files(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(_line().encode() + b"\n" + b'{"context": "caf\xe9"}\n')
-    with pytest.raises(tasks.TaskError, match=f"^{re.escape(str(path))}:2: not valid UTF-8"):
-        tasks.load_task(path)
+    with pytest.raises(taskfile.TaskError, match=f"^{re.escape(str(path))}:2: not valid UTF-8"):
+        taskfile.load_task(path)
     for lines in ([], ["", "  "]):
         empty = _write(tmp_path, lines, "empty.jsonl")
-        with pytest.raises(tasks.TaskError, match=f"^{re.escape(empty)}: no examples"):
-            tasks.load_task(empty)
-    with pytest.raises(tasks.TaskError, match="cannot read the task file"):
-        tasks.load_task(tmp_path / "missing.jsonl")
-    with pytest.raises(tasks.TaskError, match="no such task file; .*python_syntax"):
-        tasks.resolve_task("no_such_task")
-    loaded = tasks.load_task(_write(tmp_path, [_line(id=7, answer=1)]))
-    assert loaded == [tasks.Example("c", ("a", "b"), 1, 7)]
+        with pytest.raises(taskfile.TaskError, match=f"^{re.escape(empty)}: no examples"):
+            taskfile.load_task(empty)
+    with pytest.raises(taskfile.TaskError, match="cannot read the task file"):
+        taskfile.load_task(tmp_path / "missing.jsonl")
+    with pytest.raises(taskfile.TaskError, match="no such task file; .*python_syntax"):
+        taskfile.resolve_task("no_such_task")
+    loaded = taskfile.load_task(_write(tmp_path, [_line(id=7, answer=1)]))
+    assert loaded == [taskfile.Example("c", ("a", "b"), 1, 7)]
 
 
 def test_shipped_python_syntax_task_is_valid():
-    assert "python_syntax" in tasks.shipped_tasks()
-    examples = tasks.load_task(tasks.resolve_task("python_syntax"))
+    assert "python_syntax" in taskfile.shipped_tasks()
+    examples = taskfile.load_task(taskfile.resolve_task("python_syntax"))
     assert len(examples) >= 30
     assert len({e.id for e in examples}) == len(examples)
     for e in examples:

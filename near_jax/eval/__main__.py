@@ -10,7 +10,7 @@ from absl import flags
 from near_jax import cli
 from near_jax.cli import quiet_library_logs, usage_error
 from near_jax.config import ConfigError
-from near_jax.eval import tasks
+from near_jax.eval import taskfile
 from near_jax.eval.checkpoints import Evaluator, run_once, watch
 from near_jax.infer import loading
 
@@ -72,7 +72,7 @@ def _main(argv: list[str]) -> None:
             records = run_once(evaluator, steps, skip_unreadable=f.all)
     except loading.CheckpointUnreadable as e:  # damaged data, not a usage mistake
         _fail(" ".join(str(e).split()))
-    except (loading.RunError, tasks.TaskError, ConfigError) as e:
+    except (loading.RunError, taskfile.TaskError, ConfigError) as e:
         usage_error(" ".join(str(e).split()))
     if evaluator.skipped:
         skipped = ", ".join(map(str, evaluator.skipped))

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from near_jax.eval import heldout, tasks
+from near_jax.eval import heldout, taskfile, tasks
 from near_jax.infer import loading
 from near_jax.train import metrics
 
@@ -50,9 +50,9 @@ class Evaluator:
     ):
         self.workdir = workdir
         self.data, self.max_tokens = data, max_tokens
-        self.task_paths = [tasks.resolve_task(t) for t in task_names]
+        self.task_paths = [taskfile.resolve_task(t) for t in task_names]
         for path in self.task_paths:
-            tasks.load_task(path)  # a malformed task fails now, not after the first step
+            taskfile.load_task(path)  # a malformed task fails now, not after the first step
         self.num_fewshot, self.batch_size = num_fewshot, batch_size
         self.mesh = loading.inference_mesh(fsdp, tensor)
         self._heldout: heldout.HeldOut | None = None

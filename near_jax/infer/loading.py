@@ -30,7 +30,7 @@ from near_jax import model, sharding
 from near_jax._io import one_line
 from near_jax.config import ConfigError, default_config
 from near_jax.data.tokenizer import Tokenizer, load_tokenizer
-from near_jax.train import checkpoint, checkpoint_integrity
+from near_jax.train import checkpoint, checkpoint_integrity, checkpoint_reads
 
 
 class RunError(ValueError):
@@ -117,7 +117,7 @@ def run_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     """
     where = checkpoint.checkpoint_dir(workdir) / str(step) / checkpoint.CONFIG
     try:
-        saved = checkpoint.read_config(checkpoint.checkpoint_dir(workdir), step)
+        saved = checkpoint_reads.read_config(checkpoint.checkpoint_dir(workdir), step)
     except Exception as e:  # noqa: BLE001 - any failure to read it means "damaged"
         problem = _one_line(e.__cause__ or e)  # read_config's own line names the step again
         # Orbax's error for JSON that is not an object is cryptic: say what the file holds.
@@ -233,7 +233,7 @@ def _load_step(
     except ConfigError as e:  # the tokenizer is the run's, not the step's: no older step helps
         raise RunError(f"{workdir}: the run's tokenizer cannot be loaded: {e}") from e
     try:
-        _, params = checkpoint.restore_params(f"{path}:{step}", abstract, what="--workdir")
+        _, params = checkpoint_reads.restore_params(f"{path}:{step}", abstract, what="--workdir")
     except Exception as e:  # noqa: BLE001 - CheckpointError or whatever Orbax raises: damaged
         raise _unreadable(step, _one_line(e)) from e
     return LoadedRun(workdir, step, cfg, model_cfg, params, mesh, tokenizer)

@@ -1,5 +1,8 @@
 """Planning: what a config needs on given hardware (memory, step time, MFU), and the ladder.
 
-planner    the analytic memory and step-time model, the compiled-memory check, the tables
+estimate   the analytic model: mesh layout, exact state shards, activation memory, step time
+planner    a config's `Plan` (resolved config, memory, step-time bound, token budget), the ladder
+compiled   the check against XLA: the train step compiled ahead of time, its per-device memory
+tables     a plan as an aligned text table, the ladder as one line per rung
 __main__   `python -m near_jax.plan`: flags and main
 """

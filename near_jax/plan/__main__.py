@@ -13,14 +13,8 @@ import ml_collections
 from near_jax import cli, sharding
 from near_jax import hardware as hardware_lib
 from near_jax.config import ConfigError
-from near_jax.plan.planner import (
-    _gib,
-    compiled_memory,
-    format_ladder,
-    format_plan,
-    load_ladder,
-    make_plan,
-)
+from near_jax.plan.planner import load_ladder, make_plan
+from near_jax.plan.tables import _gib, format_ladder, format_plan
 
 _WORKER_ENV = "NEAR_JAX_PLAN_COMPILE_WORKER"
 
@@ -103,6 +97,9 @@ def one_slice(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _compile_report(cfg, acc, devices: int, as_json: bool) -> None:
     """In the child: compile one slice on simulated CPU devices and print it with the plan."""
     import json
+
+    # Lazy: compiling pulls in the train loop and grain/orbax, which planning never needs.
+    from near_jax.plan.compiled import compiled_memory
 
     dcn = cfg.mesh.dcn_data
     per_slice = devices // dcn

@@ -33,7 +33,8 @@ def define_flags() -> None:
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
     try:
-        distributed.initialize_from_flags()  # before anything touches a device
+        f = flags.FLAGS  # before anything touches a device
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     except distributed.DistributedError as e:
         usage_error(str(e))
     if len(argv) > 1:

@@ -184,7 +184,8 @@ def _device_ids(ids: Sequence[int] | None) -> list[int] | None:
 
 
 def define_flags() -> None:
-    """Defines --coordinator_address, --num_processes and --process_id (absl)."""
+    """Defines --coordinator_address, --num_processes and --process_id (absl); the program
+    passes their values to `initialize`."""
     from absl import flags
 
     flags.DEFINE_string(
@@ -198,11 +199,3 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "process_id", -1, f"This process's index; -1 = from the environment (${ENV_PROCESS_ID})."
     )
-
-
-def initialize_from_flags() -> Spec:
-    """`initialize()` with the values of the flags from `define_flags()`."""
-    from absl import flags
-
-    f = flags.FLAGS
-    return initialize(f.coordinator_address, f.num_processes, f.process_id)

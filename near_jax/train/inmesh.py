@@ -56,9 +56,9 @@ def fragment_ids(params_shapes, n_layers: int, fragments: int):
 
 
 def due_fragments(step: jax.Array, inner_steps: int, fragments: int) -> jax.Array:
-    """bool [F]: the fragments whose outer step falls after inner step `step` (1-based)."""
-    offsets_F = (jnp.arange(fragments) * inner_steps) // fragments
-    return (step % inner_steps) == offsets_F
+    """bool [Z]: the fragments whose outer step falls after inner step `step` (1-based)."""
+    offsets_Z = (jnp.arange(fragments) * inner_steps) // fragments
+    return (step % inner_steps) == offsets_Z
 
 
 def _replica_sharding(shardings, mesh):
@@ -132,14 +132,14 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         axis_names={sharding.REPLICA_AXIS},
     )  # fmt: skip
 
-    def sync(params, outer_state, replicas, feedback, due_F, keep_R):
+    def sync(params, outer_state, replicas, feedback, due_Z, keep_R):
         """The outer step for the due fragments; replicas restart from the new params.
 
         `keep_R` marks the replicas whose pseudo-gradient arrives (all, unless drop_prob);
         with none, the global params stay as they are.
         """
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
-        due = jax.tree.map(lambda ids: due_F[ids], frag_ids)
+        due = jax.tree.map(lambda ids: due_Z[ids], frag_ids)
         if spec.format != "fp32" or spec.topk:
             if spec.topk:
                 delta_R, new_feedback = jax.vmap(
@@ -176,20 +176,20 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         )
         replicas, inner, stats_R = inner_step(opt[REPLICAS], opt[INNER], state.step, batch_R)
         step = state.step + 1
-        due_F = due_fragments(step, h, n_frag)
+        due_Z = due_fragments(step, h, n_frag)
         keep_R = jnp.ones((n_rep,), bool)
         if dl.drop_prob:
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
             keep_R = jax.random.uniform(rng, (n_rep,)) >= dl.drop_prob
         params, outer_state, replicas, feedback = jax.lax.cond(
-            jnp.any(due_F),
+            jnp.any(due_Z),
             sync,
             lambda p, o, r, f, *_: (p, o, r, f),
-            state.params, opt[OUTER], replicas, opt.get(FEEDBACK), due_F, keep_R,
+            state.params, opt[OUTER], replicas, opt.get(FEEDBACK), due_Z, keep_R,
         )  # fmt: skip
         stats = {k: jnp.mean(v) for k, v in stats_R.items()}
-        stats["outer_fragments"] = jnp.sum(due_F).astype(jnp.float32)
-        stats["outer_kept"] = jnp.where(jnp.any(due_F), jnp.sum(keep_R), 0).astype(jnp.float32)
+        stats["outer_fragments"] = jnp.sum(due_Z).astype(jnp.float32)
+        stats["outer_kept"] = jnp.where(jnp.any(due_Z), jnp.sum(keep_R), 0).astype(jnp.float32)
         opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
         if spec.topk:
             opt_state[FEEDBACK] = feedback

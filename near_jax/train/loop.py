@@ -18,7 +18,7 @@ from near_jax._io import atomic_write
 from near_jax.config import ConfigError
 from near_jax.data.tokenizer import load_tokenizer
 from near_jax.train import checkpoint, inmesh, metrics, preemption
-from near_jax.train.checkpoint import is_params_only
+from near_jax.train.checkpoint_reads import is_params_only, restore_params
 from near_jax.train.step import (
     DivergedError,
     Trainer,
@@ -88,7 +88,7 @@ def start_state(
             return TrainState(**restored.state), how
     state = trainer.init(jax.random.key(cfg.seed))
     if cfg.checkpoint.init_from:
-        step, params = checkpoint.restore_params(cfg.checkpoint.init_from, abstract.params)
+        step, params = restore_params(cfg.checkpoint.init_from, abstract.params)
         return state._replace(params=params), (
             f"initialized params from {cfg.checkpoint.init_from} (step {step})"
         )

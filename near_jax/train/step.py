@@ -81,8 +81,8 @@ def check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
 def _split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     # Row r goes to micro-batch r % n, so each device keeps its own rows in every micro-batch.
     def split(x_BxL):
-        x_NxBxL = x_BxL.reshape(x_BxL.shape[0] // n, n, *x_BxL.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x_NxBxL, (None, "batch", "length"))
+        x_AxBxL = x_BxL.reshape(x_BxL.shape[0] // n, n, *x_BxL.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x_AxBxL, (None, "batch", "length"))
 
     return jax.tree.map(split, batch)
 

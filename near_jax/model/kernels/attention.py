@@ -219,11 +219,11 @@ def xla_attention(
     """Reference attention in plain XLA: logits and softmax in float32."""
     b, length, h, d = q_BxLxHxK.shape
     g = k_BxMxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
-    logits_BxGxRxLxM = jnp.einsum(
-        "blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxMxGxK, preferred_element_type=jnp.float32
+    q_BxLxGxQxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
+    logits_BxGxQxLxM = jnp.einsum(
+        "blgqk,bmgk->bgqlm", q_BxLxGxQxK, k_BxMxGxK, preferred_element_type=jnp.float32
     )
-    logits_BxGxRxLxM *= scale
+    logits_BxGxQxLxM *= scale
     m = k_BxMxGxK.shape[1]
     mask_BxLxM = jnp.ones((1, length, m), dtype=bool)
     if causal:
@@ -234,12 +234,12 @@ def xla_attention(
         )
     if segment_ids_BxL is not None:
         mask_BxLxM = mask_BxLxM & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
-    logits_BxGxRxLxM = jnp.where(
-        mask_BxLxM[:, None, None], logits_BxGxRxLxM, jnp.finfo(jnp.float32).min
+    logits_BxGxQxLxM = jnp.where(
+        mask_BxLxM[:, None, None], logits_BxGxQxLxM, jnp.finfo(jnp.float32).min
     )
-    probs_BxGxRxLxM = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxM, v_BxMxGxK)
-    return out_BxLxGxRxK.reshape(b, length, h, d)
+    probs_BxGxQxLxM = jax.nn.softmax(logits_BxGxQxLxM, axis=-1).astype(v_BxMxGxK.dtype)
+    out_BxLxGxQxK = jnp.einsum("bgqlm,bmgk->blgqk", probs_BxGxQxLxM, v_BxMxGxK)
+    return out_BxLxGxQxK.reshape(b, length, h, d)
 
 
 def cached_attention(
@@ -261,18 +261,18 @@ def cached_attention(
     b, length, h, d = q_BxLxHxK.shape
     s, g = k_cache_BxSxGxK.shape[1], k_cache_BxSxGxK.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
-    logits_BxGxRxLxS = jnp.einsum(
-        "blgrk,bsgk->bgrls", q_BxLxGxRxK, k_cache_BxSxGxK, preferred_element_type=jnp.float32
+    q_BxLxGxQxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
+    logits_BxGxQxLxS = jnp.einsum(
+        "blgqk,bsgk->bgqls", q_BxLxGxQxK, k_cache_BxSxGxK, preferred_element_type=jnp.float32
     )
-    logits_BxGxRxLxS *= scale
+    logits_BxGxQxLxS *= scale
     slots_S = jnp.arange(s)
     mask_BxLxS = slots_S[None, None, :] <= q_positions_BxL[:, :, None]
     if window:
         mask_BxLxS &= slots_S[None, None, :] > q_positions_BxL[:, :, None] - window
-    logits_BxGxRxLxS = jnp.where(
-        mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min
+    logits_BxGxQxLxS = jnp.where(
+        mask_BxLxS[:, None, None], logits_BxGxQxLxS, jnp.finfo(jnp.float32).min
     )
-    probs_BxGxRxLxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_cache_BxSxGxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_cache_BxSxGxK)
-    return out_BxLxGxRxK.reshape(b, length, h, d)
+    probs_BxGxQxLxS = jax.nn.softmax(logits_BxGxQxLxS, axis=-1).astype(v_cache_BxSxGxK.dtype)
+    out_BxLxGxQxK = jnp.einsum("bgqls,bsgk->blgqk", probs_BxGxQxLxS, v_cache_BxSxGxK)
+    return out_BxLxGxQxK.reshape(b, length, h, d)

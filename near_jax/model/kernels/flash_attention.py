@@ -189,17 +189,18 @@ def _next_pow2(x: int) -> int:
 # Model layout <-> kernel layout. TPU kernels are head-major; GPU kernels use the model's.
 
 
-def _to_kernel(x_BxLxNxK: jax.Array, cfg: _Config) -> jax.Array:
-    pad_l = cfg.forward.len_q - x_BxLxNxK.shape[1]
-    pad_k = cfg.head_dim_padded - x_BxLxNxK.shape[3]
+def _to_kernel(x_BxLxHxK: jax.Array, cfg: _Config) -> jax.Array:
+    """q (or k, v: G heads in place of H) padded, and head-major for the TPU kernels."""
+    pad_l = cfg.forward.len_q - x_BxLxHxK.shape[1]
+    pad_k = cfg.head_dim_padded - x_BxLxHxK.shape[3]
     if pad_l or pad_k:
-        x_BxLxNxK = jnp.pad(x_BxLxNxK, ((0, 0), (0, pad_l), (0, 0), (0, pad_k)))
-    return x_BxLxNxK.transpose(0, 2, 1, 3) if cfg.backend == "tpu" else x_BxLxNxK
+        x_BxLxHxK = jnp.pad(x_BxLxHxK, ((0, 0), (0, pad_l), (0, 0), (0, pad_k)))
+    return x_BxLxHxK.transpose(0, 2, 1, 3) if cfg.backend == "tpu" else x_BxLxHxK
 
 
 def _from_kernel(x: jax.Array, cfg: _Config) -> jax.Array:
-    x_BxLxNxK = x.transpose(0, 2, 1, 3) if cfg.backend == "tpu" else x
-    return x_BxLxNxK[:, : cfg.length, :, : cfg.head_dim]
+    x_BxLxHxK = x.transpose(0, 2, 1, 3) if cfg.backend == "tpu" else x
+    return x_BxLxHxK[:, : cfg.length, :, : cfg.head_dim]
 
 
 def _segments(seg_BxL: jax.Array | None, cfg: _Config) -> tuple:

@@ -31,16 +31,16 @@ from near_jax.model.kernels.flash_blocks import Tiling
 _LANES = 128
 
 
-def _row_to_col(x_1xN: jax.Array) -> jax.Array:
-    """[1, n] -> [n, 1] through a lane-aligned 2-D transpose (n is a multiple of 128)."""
-    n = x_1xN.shape[1]
-    return jnp.broadcast_to(x_1xN, (_LANES, n)).T[:, :1]
+def _row_to_col(x_1xL: jax.Array) -> jax.Array:
+    """[1, L] -> [L, 1] through a lane-aligned 2-D transpose (L is a multiple of 128)."""
+    n = x_1xL.shape[1]
+    return jnp.broadcast_to(x_1xL, (_LANES, n)).T[:, :1]
 
 
-def _col_to_row(x_Nx1: jax.Array) -> jax.Array:
-    """[n, 1] -> [1, n], the inverse of `_row_to_col`."""
-    n = x_Nx1.shape[0]
-    return jnp.broadcast_to(x_Nx1, (n, _LANES)).T[:1, :]
+def _col_to_row(x_Lx1: jax.Array) -> jax.Array:
+    """[L, 1] -> [1, L], the inverse of `_row_to_col`."""
+    n = x_Lx1.shape[0]
+    return jnp.broadcast_to(x_Lx1, (n, _LANES)).T[:1, :]
 
 
 def _vmem(block_shape, index_map) -> pl.BlockSpec:

@@ -1,0 +1,152 @@
+"""The layers of the transformer, as Flax Linen modules: RMSNorm, RoPE, attention, MLP, Block.
+
+Every layer takes a `ModelConfig` (`near_jax.config`: the model section as a hashable value).
+Each parameter is created with its logical axis names (`nn.with_logical_partitioning`), and
+activations are constrained to theirs, for `sharding.py` to map to the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from near_jax.config import ModelConfig
+from near_jax.model import kernels
+from near_jax.sharding import constrain
+
+
+def normal(std: float, names: tuple[str, ...]):
+    """A normal(std) initializer whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale, computed in float32."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale_D = self.param("scale", init, (x_BxLxD.shape[-1],), self.param_dtype)
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotating the two halves of each head (the HF Llama layout)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+    sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+    cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; the kernel comes from `near_jax.model.kernels`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+        """Without `cache`: attention within the rows. With `cache` ({"k", "v"} of [B,S,G,K]):
+        writes this call's keys/values at their positions and attends over the cache;
+        returns (out, new cache)."""
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        d, h, g, k = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        w_q = self.param("q", normal(c.init_std, ("embed", "heads", "head_dim")), (d, h, k), pdt)
+        kv_names = ("embed", "kv_heads", "head_dim")
+        w_k = self.param("k", normal(c.init_std, kv_names), (d, g, k), pdt)
+        w_v = self.param("v", normal(c.init_std, kv_names), (d, g, k), pdt)
+        w_o = self.param("o", normal(out_std, ("heads", "head_dim", "embed")), (h, k, d), pdt)
+
+        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_q.astype(dt))
+        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, w_k.astype(dt))
+        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, w_v.astype(dt))
+        q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+        k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+        v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+        q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, c.rope_theta)
+        k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, c.rope_theta)
+        if cache is not None:
+            cache = {
+                "k": _write_cache(cache["k"], k_BxLxGxK, positions_BxL),
+                "v": _write_cache(cache["v"], v_BxLxGxK, positions_BxL),
+            }
+            out_BxLxHxK = kernels.cached_attention(
+                q_BxLxHxK, cache["k"], cache["v"], positions_BxL, window=c.attention_window
+            )
+            out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
+            return constrain(out_BxLxD, ("batch", "length", "embed")), cache
+        out_BxLxHxK = kernels.attention(
+            q_BxLxHxK,
+            k_BxLxGxK,
+            v_BxLxGxK,
+            segment_ids_BxL=segment_ids_BxL,
+            causal=True,
+            impl=c.attention,
+            block_q=c.attention_block_q,
+            block_kv=c.attention_block_kv,
+            window=c.attention_window,
+        )
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
+        return constrain(out_BxLxD, ("batch", "length", "embed")), None
+
+
+def _write_cache(cache_BxSxGxK: jax.Array, new_BxLxGxK: jax.Array, positions_BxL: jax.Array):
+    """Writes each row's new entries into its cache from slot positions[b, 0] on."""
+    new_BxLxGxK = new_BxLxGxK.astype(cache_BxSxGxK.dtype)
+    write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n, p, axis=0))
+    cache_BxSxGxK = write(cache_BxSxGxK, new_BxLxGxK, positions_BxL[:, 0])
+    return constrain(cache_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
+
+
+class Mlp(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        w_gate = self.param(
+            "gate", normal(c.init_std, ("embed", "mlp")), (c.d_model, c.mlp_dim), pdt
+        )
+        w_up = self.param("up", normal(c.init_std, ("embed", "mlp")), (c.d_model, c.mlp_dim), pdt)
+        w_down = self.param("down", normal(out_std, ("mlp", "embed")), (c.mlp_dim, c.d_model), pdt)
+        gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w_gate.astype(dt))
+        up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w_up.astype(dt))
+        hidden_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+        out_BxLxD = jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
+        return constrain(out_BxLxD, ("batch", "length", "embed"))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        h = RMSNorm(c.norm_eps, dt, pdt, name="attn_norm")(x_BxLxD)
+        attn_BxLxD, cache = Attention(c, name="attn")(h, positions_BxL, segment_ids_BxL, cache)
+        x_BxLxD = x_BxLxD + attn_BxLxD
+        h = RMSNorm(c.norm_eps, dt, pdt, name="mlp_norm")(x_BxLxD)
+        x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(h)
+        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
+        return x_BxLxD, cache
