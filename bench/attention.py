@@ -104,11 +104,18 @@ def measure(impl, shape, dtype, causal, iters, warmup) -> dict[str, Any]:
 
 
 COLUMNS = [
-    ("impl", "impl", "{}"), ("batch", "B", "{}"), ("length", "L", "{}"), ("heads", "H", "{}"),
-    ("kv_heads", "G", "{}"), ("head_dim", "K", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
-    ("fwd_tflops", "fwd TFLOP/s", "{:.3f}"), ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
-    ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwd_peak_fraction", "fwd % peak", "{:.1%}"),
-]  # fmt: skip
+    ("impl", "impl", "{}"),
+    ("batch", "B", "{}"),
+    ("length", "L", "{}"),
+    ("heads", "H", "{}"),
+    ("kv_heads", "G", "{}"),
+    ("head_dim", "K", "{}"),
+    ("fwd_ms", "fwd ms", "{:.3f}"),
+    ("fwd_tflops", "fwd TFLOP/s", "{:.3f}"),
+    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
+    ("fwd_bwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"),
+    ("fwd_peak_fraction", "fwd % peak", "{:.1%}"),
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -157,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype, causal = jnp.dtype(args.dtype), bool(args.causal)
     rows = [measure(i, s, dtype, causal, iters, warmup) for s in shapes for i in impls]
     device = jax.devices()[0]
-    print(f"attention | {device.device_kind} ({jax.default_backend()}) | {args.dtype} | "
-          f"causal={causal} | jax {jax.__version__}")  # fmt: skip
+    print(
+        f"attention | {device.device_kind} ({jax.default_backend()}) | {args.dtype} | "
+        f"causal={causal} | jax {jax.__version__}"
+    )
     print(table(rows))
     print(
         json.dumps(
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 dtype=args.dtype,
                 causal=causal,
                 rows=rows,
-            )  # fmt: skip
+            )
         )
     )
     sys.stdout.flush()

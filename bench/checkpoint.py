@@ -134,8 +134,7 @@ def main(argv):
             v = r[key]
             cells.append(f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}")
         print(f"{key:<{width}}  " + "  ".join(cells))
-    print(json.dumps({"bench": "checkpoint", "device": jax.devices()[0].device_kind,
-                      "rows": rows}))  # fmt: skip
+    print(json.dumps({"bench": "checkpoint", "device": jax.devices()[0].device_kind, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -53,22 +53,37 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
     store = ObjectStore.open(str(path))
     agg_key = identity.generate()
     policy = Policy(rule=rule, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1)
-    agg = ContribAggregator(store, RUN, like, aggregator_key=agg_key, policy=policy,
-                            loss_fn=probe_loss, ledger_path=str(path / "ledger.sqlite"),
-                            spec=SPEC, lr=0.7, momentum=0.9, quorum=n,
-                            round_timeout=60.0)  # fmt: skip
+    agg = ContribAggregator(
+        store,
+        RUN,
+        like,
+        aggregator_key=agg_key,
+        policy=policy,
+        loss_fn=probe_loss,
+        ledger_path=str(path / "ledger.sqlite"),
+        spec=SPEC,
+        lr=0.7,
+        momentum=0.9,
+        quorum=n,
+        round_timeout=60.0,
+    )
     rng = np.random.default_rng(rnd_seed)
-    agg.create({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()},
-               agg.manifest_fields())  # fmt: skip
+    agg.create(
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()},
+        agg.manifest_fields(),
+    )
     base = agg.load()
     shared = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()}
     for i in range(n):
         name, key = f"c{i:03d}", identity.generate()
         identity.register(store, RUN, name, key, 0.0)
-        delta = {k: 0.01 * (shared[k] + rng.standard_normal(v.shape).astype(np.float32))
-                 for k, v in like.items()}  # fmt: skip
-        protocol.push_contribution(store, RUN, name, base, delta, SPEC,
-                                 sign=Signer(key, name, CODE, CONFIG))  # fmt: skip
+        delta = {
+            k: 0.01 * (shared[k] + rng.standard_normal(v.shape).astype(np.float32))
+            for k, v in like.items()
+        }
+        protocol.push_contribution(
+            store, RUN, name, base, delta, SPEC, sign=Signer(key, name, CODE, CONFIG)
+        )
 
     times: dict[str, float] = {}
 
@@ -107,8 +122,9 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
 def baseline_round(path: Path, like: dict, n: int, rnd_seed: int) -> float:
     """The plain diloco aggregator (mean, structural checks only) on n unsigned contributions."""
     store = ObjectStore.open(str(path))
-    agg = Aggregator(store, RUN, like, spec=SPEC, lr=0.7, momentum=0.9, quorum=n,
-                     round_timeout=60.0)  # fmt: skip
+    agg = Aggregator(
+        store, RUN, like, spec=SPEC, lr=0.7, momentum=0.9, quorum=n, round_timeout=60.0
+    )
     rng = np.random.default_rng(rnd_seed)
     agg.create({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()}, {})
     base = agg.load()
@@ -141,17 +157,26 @@ def main() -> None:
             row[f"{key}_s"] = statistics.median(s[key] for s in samples)
         row["baseline_round_s"] = statistics.median(base)
         rows.append(row)
-        print(f"N={n}: round {row['round_s']:.2f}s (baseline {row['baseline_round_s']:.2f}s)",
-              flush=True)  # fmt: skip
-    cols = [("N", "contributors", "{:d}"), ("round s", "round_s", "{:.3f}"),
-            ("mean-only round s", "baseline_round_s", "{:.3f}"),
-            ("check ms/contrib", "check_s", "{:.1f}"), ("screen s", "screen_s", "{:.3f}"),
-            ("score s", "score_s", "{:.3f}"), ("ledger s", "ledger_s", "{:.3f}"),
-            ("trimmed s", "combine_trimmed_mean_s", "{:.3f}"),
-            ("median s", "combine_median_s", "{:.3f}"),
-            ("mean s", "combine_mean_s", "{:.3f}")]  # fmt: skip
-    print(f"\ncontributor validation per round, {p / 1e6:.2f}M params, int8, medians of "
-          f"{args.repeats} (score = {len(like)}-leaf numpy probe, not a model eval)")  # fmt: skip
+        print(
+            f"N={n}: round {row['round_s']:.2f}s (baseline {row['baseline_round_s']:.2f}s)",
+            flush=True,
+        )
+    cols = [
+        ("N", "contributors", "{:d}"),
+        ("round s", "round_s", "{:.3f}"),
+        ("mean-only round s", "baseline_round_s", "{:.3f}"),
+        ("check ms/contrib", "check_s", "{:.1f}"),
+        ("screen s", "screen_s", "{:.3f}"),
+        ("score s", "score_s", "{:.3f}"),
+        ("ledger s", "ledger_s", "{:.3f}"),
+        ("trimmed s", "combine_trimmed_mean_s", "{:.3f}"),
+        ("median s", "combine_median_s", "{:.3f}"),
+        ("mean s", "combine_mean_s", "{:.3f}"),
+    ]
+    print(
+        f"\ncontributor validation per round, {p / 1e6:.2f}M params, int8, medians of "
+        f"{args.repeats} (score = {len(like)}-leaf numpy probe, not a model eval)"
+    )
     header = " | ".join(c[0] for c in cols)
     print(header + "\n" + "-" * len(header))
     for row in rows:

@@ -117,8 +117,17 @@ def main() -> None:
     batches = token_stream(base)
     rows = []
     dp_loss, dp_secs = run_row(base, replicas=0, batches=batches)
-    rows.append(dict(method="data-parallel", M=0, H=1, compression="fp32", drop=0.0,
-                     loss=dp_loss, seconds=dp_secs))  # fmt: skip
+    rows.append(
+        dict(
+            method="data-parallel",
+            M=0,
+            H=1,
+            compression="fp32",
+            drop=0.0,
+            loss=dp_loss,
+            seconds=dp_secs,
+        )
+    )
     plan = [(m, h, c, 0.0) for m in ms for h in hs for c in comps]
     if args.drop:
         plan += [(m, 50 if 50 in hs else hs[0], comps[-1], args.drop) for m in ms]
@@ -127,8 +136,9 @@ def main() -> None:
         cfg.diloco.replicas, cfg.diloco.inner_steps = m, h
         cfg.diloco.compression, cfg.diloco.drop_prob = c, drop
         loss, secs = run_row(cfg, replicas=m, batches=batches)
-        rows.append(dict(method="diloco", M=m, H=h, compression=c, drop=drop, loss=loss,
-                         seconds=secs))  # fmt: skip
+        rows.append(
+            dict(method="diloco", M=m, H=h, compression=c, drop=drop, loss=loss, seconds=secs)
+        )
         print(f"  M={m} H={h} {c} drop={drop}: loss {loss:.4f} ({secs:.0f} s)", flush=True)
 
     for r in rows:
@@ -142,14 +152,18 @@ def main() -> None:
         r["bytes_ratio"] = r["dp_bytes_same_M"] / r["bytes"]
         r["loss_ratio"] = r["loss"] / dp_loss
 
-    header = (f"{'method':14} {'M':>2} {'H':>4} {'compr':>6} {'drop':>4} {'eval loss':>9} "
-              f"{'x DP':>6} {'MB/worker':>10} {'DP/this':>8}")  # fmt: skip
+    header = (
+        f"{'method':14} {'M':>2} {'H':>4} {'compr':>6} {'drop':>4} {'eval loss':>9} "
+        f"{'x DP':>6} {'MB/worker':>10} {'DP/this':>8}"
+    )
     print(f"\n{n_params / 1e6:.2f}M params, {args.steps} inner steps, batch {args.batch}")
     print(header)
     for r in rows:
-        print(f"{r['method']:14} {r['M']:>2} {r['H']:>4} {r['compression']:>6} "
-              f"{r['drop']:>4.1f} {r['loss']:>9.4f} {r['loss_ratio']:>6.3f} "
-              f"{r['bytes'] / 1e6:>10.2f} {r['bytes_ratio']:>8.1f}")  # fmt: skip
+        print(
+            f"{r['method']:14} {r['M']:>2} {r['H']:>4} {r['compression']:>6} "
+            f"{r['drop']:>4.1f} {r['loss']:>9.4f} {r['loss_ratio']:>6.3f} "
+            f"{r['bytes'] / 1e6:>10.2f} {r['bytes_ratio']:>8.1f}"
+        )
     print(json.dumps({"bench": "diloco", "params": n_params, "steps": args.steps, "rows": rows}))
 
     import matplotlib
@@ -162,10 +176,12 @@ def main() -> None:
         marker = "*" if not r["M"] else ("x" if r["drop"] else "o")
         ax.scatter(r["bytes"], r["loss"], marker=marker, s=60 if not r["M"] else 25)
         ax.annotate(
-            "DP" if not r["M"] else f"M{r['M']} H{r['H']} {r['compression']}"
-            + (" drop" if r["drop"] else ""),
-            (r["bytes"], r["loss"]), fontsize=6,
-        )  # fmt: skip
+            "DP"
+            if not r["M"]
+            else f"M{r['M']} H{r['H']} {r['compression']}" + (" drop" if r["drop"] else ""),
+            (r["bytes"], r["loss"]),
+            fontsize=6,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("bytes per worker (sent + received)")
     ax.set_ylabel("final eval loss (nats/token)")

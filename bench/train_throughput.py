@@ -59,9 +59,11 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     compiled_bytes = None
     if mem is not None:
         compiled_bytes = (
-            mem.argument_size_in_bytes + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-        )  # fmt: skip
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
 
     for _ in range(warmup):
         state, stats = trainer.step(state, batch)

@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return subprocess.call(["sbatch", args.script])
     except FileNotFoundError:
-        print("python -m launch.slurm: error: sbatch not found (not a SLURM login node?)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "python -m launch.slurm: error: sbatch not found (not a SLURM login node?)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -90,22 +90,45 @@ def create_command(args, runtime: str) -> list[str]:
 
 
 def describe_command(args) -> list[str]:
-    return ["gcloud", "compute", "tpus", "queued-resources", "describe", args.name,
-            *_where(args), "--format=value(state.state)"]  # fmt: skip
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "describe",
+        args.name,
+        *_where(args),
+        "--format=value(state.state)",
+    ]
 
 
 def setup_commands(args, node: str) -> list[list[str]]:
     ssh = ["gcloud", "compute", "tpus", "tpu-vm"]
-    copy = ssh + ["scp", "--recurse", REPO, f"{node}:{args.repo_dir}", *_where(args),
-                  "--worker=all"]  # fmt: skip
+    copy = ssh + [
+        "scp",
+        "--recurse",
+        REPO,
+        f"{node}:{args.repo_dir}",
+        *_where(args),
+        "--worker=all",
+    ]
     install = f'cd {args.repo_dir} && python3 -m pip install -q -e ".[tpu]"'
     return [copy, ssh + ["ssh", node, *_where(args), "--worker=all", f"--command={install}"]]
 
 
 def run_command(args, node: str, train_args: list[str]) -> list[str]:
     remote = f"cd {args.repo_dir} && python3 -m {TRAIN_MODULE} {shlex.join(train_args)}"
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *_where(args), "--worker=all",
-            f"--command={remote}"]  # fmt: skip
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        node,
+        *_where(args),
+        "--worker=all",
+        f"--command={remote}",
+    ]
 
 
 def plan_commands(args, train_args: list[str]) -> list[list[str]]:

@@ -79,8 +79,12 @@ def _main(argv: list[str]) -> None:
     for i, (prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):
         text = tok.decode(new)
         if f.format == "jsonl":
-            record = {"prompt": prompt, "completion": text, "tokens": len(new),
-                      "eos": result.finished[i]}  # fmt: skip
+            record = {
+                "prompt": prompt,
+                "completion": text,
+                "tokens": len(new),
+                "eos": result.finished[i],
+            }
             print(json.dumps(record, ensure_ascii=False))
         else:
             end = " [eos]" if result.finished[i] else ""

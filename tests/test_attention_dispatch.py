@@ -41,9 +41,13 @@ def _qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32, batch=
 
 @pytest.mark.parametrize(
     "impl,dtype,match",
-    [("cudnn", jnp.bfloat16, "cudnn needs a GPU"), ("splash", jnp.bfloat16, "splash needs a TPU"),
-     ("pallas", jnp.int32, "dtype int32"), ("flash", jnp.float32, "not allowed")],
-)  # fmt: skip
+    [
+        ("cudnn", jnp.bfloat16, "cudnn needs a GPU"),
+        ("splash", jnp.bfloat16, "splash needs a TPU"),
+        ("pallas", jnp.int32, "dtype int32"),
+        ("flash", jnp.float32, "not allowed"),
+    ],
+)
 def test_an_impl_that_cannot_serve_raises_one_line_naming_it(impl, dtype, match):
     q, k, v, _ = _qkv(length=16, dtype=jnp.float32)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
@@ -113,9 +117,17 @@ def test_splash_wrapper_matches_reference_in_interpret_mode():
 
     def f(q, k, v):
         return splash.splash_attention(
-            q, k, v, seg, causal=True, scale=0.125, window=70, block_q=128, block_kv=128,
+            q,
+            k,
+            v,
+            seg,
+            causal=True,
+            scale=0.125,
+            window=70,
+            block_q=128,
+            block_kv=128,
             interpret=True,
-        )  # fmt: skip
+        )
 
     out, vjp = jax.vjp(f, q, k, v)
     got = (out, *vjp(do))
@@ -134,9 +146,12 @@ def _packed_batch(seed, batch, length, vocab=384):
     idx = np.broadcast_to(np.arange(length), (batch, length))
     positions = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
     return dict(
-        inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions.astype(np.int32),
-        segment_ids=seg, weights=np.ones((batch, length), np.float32),
-    )  # fmt: skip
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        positions=positions.astype(np.int32),
+        segment_ids=seg,
+        weights=np.ones((batch, length), np.float32),
+    )
 
 
 def _train_losses(attention_impl, steps=3):

@@ -79,9 +79,11 @@ def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
     rng = np.random.default_rng()  # a different kill time each run (logged on failure)
     kill_after = rng.uniform(0.0, 1.5)
     proc = start_module(
-        *_args(tmp_path), env=subprocess_env(devices=1), stdout=subprocess.DEVNULL,
+        *_args(tmp_path),
+        env=subprocess_env(devices=1),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     deadline = time.time() + 240
     while not _committed_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -112,8 +114,11 @@ def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
 def test_sigterm_saves_at_the_interrupted_step_and_exits_0(tmp_path):
     proc = start_module(
         *_args(tmp_path, "--config.checkpoint.every=0", "--config.train.steps=400"),
-        env=subprocess_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=subprocess_env(devices=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while len(_losses(tmp_path)) < 3 and time.time() < deadline:
         time.sleep(0.05)
@@ -327,9 +332,13 @@ print("second signal ignored", flush=True)
 
 def test_second_signal_aborts_at_once():
     proc = subprocess.run(
-        [sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, env=subprocess_env(devices=1),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", SECOND_SIGNAL],
+        cwd=REPO,
+        env=subprocess_env(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "first signal: stop requested" in proc.stdout
     assert "second signal ignored" not in proc.stdout
     assert proc.returncode == -signal.SIGTERM

@@ -31,8 +31,13 @@ W_TRUE = np.random.default_rng(7).standard_normal(DIM).astype(np.float32)
 LIKE = {"w": np.zeros(DIM, np.float32), "b": np.zeros((), np.float32)}
 CODE, CONFIG = "c" * 64, "d" * 64
 HONEST = [f"honest{i}" for i in range(6)]
-ADVERSARIES = {"zero": ("free-rider", "replayed"), "copier": "copy", "poisoner": "norm outlier",
-               "forger": "bad signature", "replayer": "replayed"}  # fmt: skip
+ADVERSARIES = {
+    "zero": ("free-rider", "replayed"),
+    "copier": "copy",
+    "poisoner": "norm outlier",
+    "forger": "bad signature",
+    "replayer": "replayed",
+}
 
 
 def batch(seed, n=64):
@@ -89,11 +94,22 @@ class World:
 
     def make_aggregator(self):
         return ContribAggregator(
-            self.store, RUN, LIKE, aggregator_key=self.agg_key, policy=self.policy,
-            loss_fn=loss, ledger_path=str(self.path / "local" / "ledger.sqlite"), spec=SPEC,
-            lr=LR, momentum=MU, quorum=1, round_timeout=30.0, poll_seconds=1.0,
-            clock=self.clock, sleep=self.clock.sleep,
-        )  # fmt: skip
+            self.store,
+            RUN,
+            LIKE,
+            aggregator_key=self.agg_key,
+            policy=self.policy,
+            loss_fn=loss,
+            ledger_path=str(self.path / "local" / "ledger.sqlite"),
+            spec=SPEC,
+            lr=LR,
+            momentum=MU,
+            quorum=1,
+            round_timeout=30.0,
+            poll_seconds=1.0,
+            clock=self.clock,
+            sleep=self.clock.sleep,
+        )
 
     def base(self):
         return protocol.pull_version(self.store, RUN, self.agg.state.version, LIKE)
@@ -137,8 +153,12 @@ def adversarial_round(world, adversaries=True):
     return stats["decision"]
 
 
-POLICY = Policy(rule=Rule("trimmed_mean", trim_fraction=0.2), allowed_code=(CODE,),
-                config_sha256=CONFIG, score_batches=1)  # fmt: skip
+POLICY = Policy(
+    rule=Rule("trimmed_mean", trim_fraction=0.2),
+    allowed_code=(CODE,),
+    config_sha256=CONFIG,
+    score_batches=1,
+)
 NAMES = HONEST + list(ADVERSARIES)
 
 
@@ -209,22 +229,31 @@ def test_robust_rules_stay_near_honest_only_while_the_plain_mean_does_not(tmp_pa
         return eval_loss(world.agg.state.params)
 
     start = eval_loss(LIKE)
-    honest = final_loss("honest", Policy(rule=Rule("mean"), allowed_code=(CODE,),
-                                         config_sha256=CONFIG, score_batches=1), False)  # fmt: skip
+    honest = final_loss(
+        "honest",
+        Policy(rule=Rule("mean"), allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1),
+        False,
+    )
     assert honest < 0.3 * start  # the run learns
     # top_g with G = the honest count: a smaller G throws honest work away (G=4: +4% here).
     for rule in (Rule("trimmed_mean", trim_fraction=0.2), Rule("median"), Rule("top_g", top_g=6)):
         policy = Policy(rule=rule, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1)
         robust = final_loss(f"robust-{rule.name}", policy, True)
         assert abs(robust - honest) <= 0.02 * honest, (str(rule), robust, honest)
-    plain = Policy(rule=Rule("mean"), screen=False, allowed_code=(CODE,), config_sha256=CONFIG,
-                   score_batches=1)  # fmt: skip
+    plain = Policy(
+        rule=Rule("mean"), screen=False, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1
+    )
     assert final_loss("plain", plain, True) > 1.5 * honest
 
 
 def test_without_screening_the_robust_rule_alone_resists_the_poisoner(tmp_path):
-    policy = Policy(rule=Rule("median"), screen=False, allowed_code=(CODE,),
-                    config_sha256=CONFIG, score_batches=1)  # fmt: skip
+    policy = Policy(
+        rule=Rule("median"),
+        screen=False,
+        allowed_code=(CODE,),
+        config_sha256=CONFIG,
+        score_batches=1,
+    )
     world = World(tmp_path, NAMES, policy)
     decision = adversarial_round(world)
     entries = {e["contributor"]: e for e in decision["contrib"]["entries"]}
@@ -257,8 +286,14 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
     key = protocol.contrib_key(RUN, r, "mallory")
     signer = Signer(world.keys["mallory"], "mallory", CODE, CONFIG)
     payload = protocol.encode(delta, SPEC)[0].to_bytes()
-    tag = {"format": 1, "run": RUN, "round": r, "island": "mallory",
-           "base_sha256": base.params_sha256, "spec": SPEC}  # fmt: skip
+    tag = {
+        "format": 1,
+        "run": RUN,
+        "round": r,
+        "island": "mallory",
+        "base_sha256": base.params_sha256,
+        "spec": SPEC,
+    }
     if attack == "unsigned":
         body = protocol.pack_contribution(tag, payload)
     elif attack == "unregistered":
@@ -334,10 +369,19 @@ def test_a_run_refuses_another_aggregator_key(tmp_path):
     world = World(tmp_path, HONEST[:1], POLICY)
     world.agg.close()
     other = ContribAggregator(
-        world.store, RUN, LIKE, aggregator_key=identity.generate(), policy=POLICY, loss_fn=loss,
-        ledger_path=str(tmp_path / "other.sqlite"), spec=SPEC, lr=LR, momentum=MU, quorum=1,
+        world.store,
+        RUN,
+        LIKE,
+        aggregator_key=identity.generate(),
+        policy=POLICY,
+        loss_fn=loss,
+        ledger_path=str(tmp_path / "other.sqlite"),
+        spec=SPEC,
+        lr=LR,
+        momentum=MU,
+        quorum=1,
         round_timeout=1.0,
-    )  # fmt: skip
+    )
     with pytest.raises(protocol.ProtocolError, match="aggregator key"):
         other.load()
 
@@ -429,10 +473,19 @@ def test_hostile_tags_and_registry_entries_never_stop_the_aggregator(tmp_path):
     world.store.put(identity.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
     world.store.put(
         protocol.contrib_key(RUN, 0, "deep"),
-        protocol.pack_contribution({**tag, "island": "deep", "contributor": "deep",
-                                  "signature": "0" * 128, "payload_sha256": "0" * 64,
-                                  "code_sha256": CODE, "config_sha256": CONFIG}, payload),
-    )  # fmt: skip
+        protocol.pack_contribution(
+            {
+                **tag,
+                "island": "deep",
+                "contributor": "deep",
+                "signature": "0" * 128,
+                "payload_sha256": "0" * 64,
+                "code_sha256": CODE,
+                "config_sha256": CONFIG,
+            },
+            payload,
+        ),
+    )
     decision = _close(world)
     entries = _entries(decision)
     assert entries["surrogate"]["reason"].startswith("malformed: the tag names")
@@ -526,10 +579,23 @@ def test_a_forged_store_ledger_is_never_adopted(tmp_path):
     forged = tmp_path / "forged.sqlite"
     with ledger.Ledger.open(str(forged), RUN) as book:
         for rnd in range(3):
-            book.append_round(rnd, [{"contributor": "honest1", "key_id": "", "payload_sha256": "",
-                                     "statement": "", "signature": "", "score": 9.0,
-                                     "accepted": True, "applied": True, "reason": "",
-                                     "reward": 1.0}])  # fmt: skip
+            book.append_round(
+                rnd,
+                [
+                    {
+                        "contributor": "honest1",
+                        "key_id": "",
+                        "payload_sha256": "",
+                        "statement": "",
+                        "signature": "",
+                        "score": 9.0,
+                        "accepted": True,
+                        "applied": True,
+                        "reason": "",
+                        "reward": 1.0,
+                    }
+                ],
+            )
     world.store.put(ledger_mirror.store_key(RUN), forged.read_bytes())
     local.unlink()  # a fresh machine: only the store and the decisions
     again = world.make_aggregator()
@@ -575,9 +641,21 @@ def test_scoring_draws_fresh_batches_per_seed_from_a_private_source(tmp_path):
     assert a != b and hidden(params, 1) == a  # a seed is one draw, reproducible
     assert public(params, 1) not in (a, b)  # another text: the public val split differs
     with pytest.raises(ValueError, match="--score_source=.*nope"):
-        validator.build(cfg, trainer, None, RUN, None, key_path=_keyfile(tmp_path),
-                        ledger_path=str(tmp_path / "l.sqlite"), score_source=str(tmp_path / "nope"),
-                        spec=SPEC, lr=LR, momentum=MU, quorum=1, round_timeout=1.0)  # fmt: skip
+        validator.build(
+            cfg,
+            trainer,
+            None,
+            RUN,
+            None,
+            key_path=_keyfile(tmp_path),
+            ledger_path=str(tmp_path / "l.sqlite"),
+            score_source=str(tmp_path / "nope"),
+            spec=SPEC,
+            lr=LR,
+            momentum=MU,
+            quorum=1,
+            round_timeout=1.0,
+        )
 
 
 def _keyfile(tmp_path):
@@ -592,8 +670,9 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     new_code = "e" * 64
     world.push("honest0", inner(base.params, "honest0", 0))
     upgraded = Signer(world.keys["honest1"], "honest1", new_code, CONFIG)
-    protocol.push_contribution(world.store, RUN, "honest1", base, inner(base.params, "h1", 0),
-                             SPEC, sign=upgraded)  # fmt: skip
+    protocol.push_contribution(
+        world.store, RUN, "honest1", base, inner(base.params, "h1", 0), SPEC, sign=upgraded
+    )
     entries = _entries(_close(world, quorum=2))
     assert entries["honest1"]["reason"].startswith("attestation: code hash eeeeeeeeeeee")
     # Anyone can write a list; only the aggregator's signed one counts.

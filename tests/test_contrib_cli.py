@@ -94,10 +94,16 @@ def test_the_adversarial_run_verifies(world, tmp_path):
     n = ROUNDS * (len(NAMES)) - 1  # no replayer in round 0: nothing to replay yet
     with ledger.Ledger.open(str(ledger_copy(world, tmp_path)), RUN) as book:
         head = book.head()
-    assert summary == {"aggregator_key_id": world.agg_key.key_id, "rounds": ROUNDS,
-                       "entries": n, "contributors": len(NAMES),
-                       "accepted": ROUNDS * len(HONEST), "rejected": n - ROUNDS * len(HONEST),
-                       "head": head, "warnings": []}  # fmt: skip
+    assert summary == {
+        "aggregator_key_id": world.agg_key.key_id,
+        "rounds": ROUNDS,
+        "entries": n,
+        "contributors": len(NAMES),
+        "accepted": ROUNDS * len(HONEST),
+        "rejected": n - ROUNDS * len(HONEST),
+        "head": head,
+        "warnings": [],
+    }
     assert audit.verify(world.store, RUN, ledger_path=str(tmp_path / "ledger.sqlite")) == (
         [],
         summary,
@@ -113,17 +119,21 @@ def test_a_tampered_ledger_copy_is_found(world, tmp_path, attack):
     elif attack == "delete":
         sql(path, f"DELETE FROM entries WHERE seq = {zero}")
     else:
-        sql(path, f"UPDATE entries SET seq = -1 WHERE seq = {zero}",
+        sql(
+            path,
+            f"UPDATE entries SET seq = -1 WHERE seq = {zero}",
             f"UPDATE entries SET seq = {zero} WHERE seq = {zero + 1}",
-            f"UPDATE entries SET seq = {zero + 1} WHERE seq = -1")  # fmt: skip
+            f"UPDATE entries SET seq = {zero + 1} WHERE seq = -1",
+        )
     before = path.read_bytes()
     problems, _ = audit.verify(world.store, RUN, ledger_path=str(path))
     assert path.read_bytes() == before  # the evidence is left as it was
     text = "\n".join(problems)
-    expected = {"edit": ["(edited)", "round 1: ledger entry", "rejected, yet rewarded 0.5"],
-                "delete": ["is missing", "round 1: the decision lists 11 contributions, the "
-                           "ledger 10"],
-                "swap": ["reordered", "round 1: ledger entry"]}[attack]  # fmt: skip
+    expected = {
+        "edit": ["(edited)", "round 1: ledger entry", "rejected, yet rewarded 0.5"],
+        "delete": ["is missing", "round 1: the decision lists 11 contributions, the ledger 10"],
+        "swap": ["reordered", "round 1: ledger entry"],
+    }[attack]
     for phrase in expected:
         assert phrase in text, (phrase, problems)
 
@@ -163,8 +173,12 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
     if forgery == "signature":  # credit a payload the contributor never signed
         changes = {"signature": identity.generate().sign(b"whatever")}
     else:  # frame an honest contributor as a poisoner (disqualifying them)
-        changes = {"accepted": False, "applied": False, "reward": 0.0,
-                   "reason": "norm outlier: 9.9x the median norm"}  # fmt: skip
+        changes = {
+            "accepted": False,
+            "applied": False,
+            "reward": 0.0,
+            "reason": "norm outlier: 9.9x the median norm",
+        }
     rehash(path, victim["seq"], **changes)
     decision = protocol.read_json(store, protocol.decision_key(RUN, 1))
     for e in decision["contrib"]["entries"]:
@@ -177,8 +191,10 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
     problems, _ = audit.verify(store, RUN)
     expected = [] if by_aggregator else [UNSIGNED]
     if forgery == "signature":
-        expected.append(f"ledger entry {victim['seq']} (round 1, 'honest1'): accepted, but its "
-                        "signature does not verify under 'honest1''s registered key")  # fmt: skip
+        expected.append(
+            f"ledger entry {victim['seq']} (round 1, 'honest1'): accepted, but its "
+            "signature does not verify under 'honest1''s registered key"
+        )
     assert sorted(problems) == sorted(expected)
 
 
@@ -299,9 +315,11 @@ def test_junk_in_the_registry_is_a_warning_unless_the_name_signed(world, tmp_pat
     store.put(identity.registry_key(RUN, "honest1"), b'{"name": "honest1"}')
     problems, summary = audit.verify(store, RUN)
     assert len(summary["warnings"]) == 2
-    assert any(p.startswith(f"registry entry {RUN}/registry/honest1 has fields name")
-               and p.endswith("yet 'honest1' signed entries in the ledger")
-               for p in problems), problems  # fmt: skip
+    assert any(
+        p.startswith(f"registry entry {RUN}/registry/honest1 has fields name")
+        and p.endswith("yet 'honest1' signed entries in the ledger")
+        for p in problems
+    ), problems
     assert any("accepted, but contributor 'honest1' is not registered" in p for p in problems)
 
 
@@ -322,8 +340,10 @@ def test_messages_name_the_given_ledger_not_a_copy(world, tmp_path):
 def test_deeply_nested_store_objects_are_problems(world, tmp_path):
     store, _ = clone(world, tmp_path)
     store.put(protocol.decision_key(RUN, 1), b"[" * 30000 + b"]" * 30000)
-    store.put(protocol.decision_key(RUN, 2), protocol.dumps({"x": [[]] * 3}).replace(
-        b"[[],[],[]]", b"[" * 900 + b"]" * 900))  # fmt: skip
+    store.put(
+        protocol.decision_key(RUN, 2),
+        protocol.dumps({"x": [[]] * 3}).replace(b"[[],[],[]]", b"[" * 900 + b"]" * 900),
+    )
     problems, _ = audit.verify(store, RUN)
     assert problems[0].startswith("round 1: the decision is unreadable: "), problems
     assert any(p.startswith("round 2: ") for p in problems), problems
@@ -422,8 +442,15 @@ def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
     _, path = clone(world, tmp_path)
     forged = ledger_copy(world, tmp_path)
     for rnd in range(ROUNDS):
-        rehash(forged, row(forged, rnd, "poisoner")["seq"], accepted=True, applied=True,
-               reason="", reward=1.0, score=9.0)  # fmt: skip
+        rehash(
+            forged,
+            row(forged, rnd, "poisoner")["seq"],
+            accepted=True,
+            applied=True,
+            reason="",
+            reward=1.0,
+            score=9.0,
+        )
     ledger_mirror.upload(ObjectStore.open(str(path)), RUN, str(forged))
     run = (f"--store={path}", f"--run={RUN}")
     board, promoted = cli_all(("leaderboard", *run), ("promote", *run, "--top=1"))
@@ -443,7 +470,7 @@ def test_cli_gives_one_line_for_absurd_store_objects(world, tmp_path):
         for p in (path, other_path)
         for command, *extra in (("verify",), ("leaderboard",), ("promote", "--top=2"))
     ]
-    verify, board, promoted, *manifest = cli_all(*calls)  # fmt: skip
+    verify, board, promoted, *manifest = cli_all(*calls)
     assert verify.returncode == 1 and "Traceback" not in verify.stdout + verify.stderr
     assert f"warning: registry entry {RUN}/registry/deep: " in verify.stdout
     assert "\nround 1: the decision is unreadable: " in verify.stdout, verify.stdout

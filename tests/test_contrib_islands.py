@@ -24,18 +24,37 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     keys = {name: tmp_path / f"{name}.key" for name in ("agg", "a", "b")}
     for path in keys.values():
         identity.save(identity.generate(), path)
-    common = [f"--store=file://{store_dir}", f"--run={RUN}", "--poll_seconds=0.1", *MODEL,
-              "--config.contrib.enabled=True", "--config.contrib.aggregation=median",
-              "--config.contrib.score_batches=4"]  # fmt: skip
-    agg_args = [*common, f"--rounds={ROUNDS}", "--quorum=2", "--round_timeout=5",
-                f"--workdir={tmp_path / 'agg'}", f"--key={keys['agg']}"]  # fmt: skip
+    common = [
+        f"--store=file://{store_dir}",
+        f"--run={RUN}",
+        "--poll_seconds=0.1",
+        *MODEL,
+        "--config.contrib.enabled=True",
+        "--config.contrib.aggregation=median",
+        "--config.contrib.score_batches=4",
+    ]
+    agg_args = [
+        *common,
+        f"--rounds={ROUNDS}",
+        "--quorum=2",
+        "--round_timeout=5",
+        f"--workdir={tmp_path / 'agg'}",
+        f"--key={keys['agg']}",
+    ]
     procs = Procs(tmp_path)
     forger = identity.generate()
     t0 = time.monotonic()
     try:
         for name in "ab":
-            procs.start(name, "island", *common, f"--island={name}", f"--key={keys[name]}",
-                        "--wait_for_run=300", f"--workdir={tmp_path / name}")  # fmt: skip
+            procs.start(
+                name,
+                "island",
+                *common,
+                f"--island={name}",
+                f"--key={keys[name]}",
+                "--wait_for_run=300",
+                f"--workdir={tmp_path / name}",
+            )
         procs.start("agg1", "aggregator", *agg_args)
         procs.wait_for("version 1", lambda: _latest(store) >= 1, 240)
         # A forger claims island a's name in the open round with another key.
@@ -88,8 +107,10 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     last = max((x for x in records if "round" in x), key=lambda x: x["round"])
     assert last["eval_loss"] < v0
     applied = sum(r["applied"] for r in honest)
-    print(f"contributor run: {time.monotonic() - t0:.1f}s, aggregator killed at {killed_at}, "
-          f"{applied}/{len(honest)} honest contributions applied")  # fmt: skip
+    print(
+        f"contributor run: {time.monotonic() - t0:.1f}s, aggregator killed at {killed_at}, "
+        f"{applied}/{len(honest)} honest contributions applied"
+    )
 
 
 def _like(store):

@@ -23,9 +23,14 @@ def _batches(n, cfg, seed=0):
         segs[:, length // 2 :] = 2  # two documents per row
         positions = np.concatenate([np.arange(length // 2)] * 2)[None].repeat(b, 0)
         out.append(
-            dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segs,
-                 positions=positions.astype(np.int32), weights=np.ones((b, length), np.float32))
-        )  # fmt: skip
+            dict(
+                inputs=tokens[:, :-1],
+                targets=tokens[:, 1:],
+                segment_ids=segs,
+                positions=positions.astype(np.int32),
+                weights=np.ones((b, length), np.float32),
+            )
+        )
     return out
 
 
@@ -36,8 +41,9 @@ def _run(cfg, batches, replicas):
     state = trainer.init(jax.random.key(cfg.seed))
     losses = []
     for b in batches:
-        state, stats = trainer.step(state, {k: jax.device_put(v, trainer.batch_sharding)
-                                            for k, v in b.items()})  # fmt: skip
+        state, stats = trainer.step(
+            state, {k: jax.device_put(v, trainer.batch_sharding) for k, v in b.items()}
+        )
         losses.append(float(stats["loss"]))
     return state, losses
 
@@ -58,8 +64,9 @@ def test_one_replica_h1_lr1_momentum0_is_plain_training():
     np.testing.assert_allclose(losses, plain, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        state.params, plain_state.params,
-    )  # fmt: skip
+        state.params,
+        plain_state.params,
+    )
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4+topk=0.25"])
@@ -98,20 +105,23 @@ def test_two_replicas_one_round_matches_an_independent_recomputation(spec):
     want = jax.tree.map(lambda t, d: t - 0.7 * (d + 0.9 * d), theta, delta)
     jax.tree.map(
         lambda got, w: np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-6),
-        state.params, want,
-    )  # fmt: skip
+        state.params,
+        want,
+    )
     if "topk" in spec:  # what was not sent waits in each replica's error feedback
         for r in range(2):
             jax.tree.map(
                 lambda got, want, r=r: np.testing.assert_allclose(got[r], want, atol=1e-7),
-                state.opt_state[inmesh.FEEDBACK], feedback[r],
-            )  # fmt: skip
+                state.opt_state[inmesh.FEEDBACK],
+                feedback[r],
+            )
     # Every replica restarted from the new global params.
     for r in range(2):
         jax.tree.map(
             lambda rep, g, r=r: np.testing.assert_array_equal(rep[r], g),
-            state.opt_state[inmesh.REPLICAS], state.params,
-        )  # fmt: skip
+            state.opt_state[inmesh.REPLICAS],
+            state.params,
+        )
 
 
 def test_replicas_do_not_communicate_between_outer_steps():
@@ -161,8 +171,9 @@ def test_dropped_contributions_leave_the_global_params_unchanged():
     # The replicas' work was lost: they restarted from the (unchanged) global params.
     jax.tree.map(
         lambda rep, g: np.testing.assert_array_equal(rep[1], g),
-        state.opt_state[inmesh.REPLICAS], state.params,
-    )  # fmt: skip
+        state.opt_state[inmesh.REPLICAS],
+        state.params,
+    )
 
 
 def test_checkpoint_resume_is_exact(tmp_path):

@@ -100,10 +100,17 @@ def test_watch_picks_up_a_checkpoint_written_after_it_started(tmp_path):
     cfg = small_config()  # train.steps = 10: watch stops once step 10 is evaluated
     save_run(tmp_path, cfg, steps=(5,))
     proc = start_module(
-        "near_jax.eval", f"--workdir={tmp_path}", "--watch", "--poll_seconds=0.5",
-        "--idle_timeout=240", "--max_tokens=500", env=subprocess_env(devices=2),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        "near_jax.eval",
+        f"--workdir={tmp_path}",
+        "--watch",
+        "--poll_seconds=0.5",
+        "--idle_timeout=240",
+        "--max_tokens=500",
+        env=subprocess_env(devices=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (tmp_path / "eval.jsonl").exists() or not _records(tmp_path):

@@ -106,9 +106,18 @@ def _run(case: Case, **kwargs):
 
     def f(q, k, v):
         return flash.flash_attention(
-            q, k, v, seg, causal=case.causal, window=case.window, backend=case.backend,
-            block_q=case.block, block_kv=case.block, poison_outputs=True, **kwargs,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            seg,
+            causal=case.causal,
+            window=case.window,
+            backend=case.backend,
+            block_q=case.block,
+            block_kv=case.block,
+            poison_outputs=True,
+            **kwargs,
+        )
 
     @jax.jit
     def fwd_bwd(q, k, v, do):
@@ -154,9 +163,14 @@ def test_poisoned_outputs_expose_elements_a_kernel_never_writes(interpret):
             o_ref[...] = jnp.ones(o_ref.shape, o_ref.dtype)
 
     [out] = pl.pallas_call(
-        kernel, grid=(2,), in_specs=in_specs, out_specs=[spec], out_shape=out_shape,
-        input_output_aliases=aliases, interpret=interpret,
-    )(*args)  # fmt: skip
+        kernel,
+        grid=(2,),
+        in_specs=in_specs,
+        out_specs=[spec],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        interpret=interpret,
+    )(*args)
     assert np.isnan(out[:128]).all() and (out[128:] == 1).all()
 
 
@@ -193,9 +207,14 @@ def _brute_force_blocks(t: Tiling):
 
 @pytest.mark.parametrize(
     "causal,window,blocks,length",
-    [(True, 0, (128, 128), 1000), (True, 300, (256, 128), 1024), (False, 200, (128, 256), 777),
-     (False, 0, (64, 64), 200), (True, 1, (128, 64), 512)],
-)  # fmt: skip
+    [
+        (True, 0, (128, 128), 1000),
+        (True, 300, (256, 128), 1024),
+        (False, 200, (128, 256), 777),
+        (False, 0, (64, 64), 200),
+        (True, 1, (128, 64), 512),
+    ],
+)
 def test_tiling_visits_exactly_the_blocks_with_visible_pairs(causal, window, blocks, length):
     bq, bk = blocks
     padded = -(-length // max(bq, bk)) * max(bq, bk)
@@ -228,9 +247,17 @@ def _lower(backend, platform, case: Case):
 
     def loss(q, k, v, seg):
         out = flash.flash_attention(
-            q, k, v, seg, causal=case.causal, window=case.window, backend=backend,
-            block_q=case.block, block_kv=case.block, interpret=False,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            seg,
+            causal=case.causal,
+            window=case.window,
+            backend=backend,
+            block_q=case.block,
+            block_kv=case.block,
+            interpret=False,
+        )
         return out.astype(jnp.float32).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -272,9 +299,15 @@ def test_block_sizes_and_inputs_are_validated():
 def test_blocks_shrink_to_short_sequences_and_padding_is_minimal():
     for backend, length in itertools.product(("tpu", "gpu"), (7, 100, 300)):
         cfg = flash._config(
-            backend=backend, length=length, head_dim=64, causal=True, window=0,
-            segments=False, block_q=0, block_kv=0,
-        )  # fmt: skip
+            backend=backend,
+            length=length,
+            head_dim=64,
+            causal=True,
+            window=0,
+            segments=False,
+            block_q=0,
+            block_kv=0,
+        )
         unit = 128 if backend == "tpu" else 16
         assert cfg.forward.len_q - length < max(unit, cfg.forward.block_q)
         assert cfg.forward.len_q % cfg.backward.block_q == 0

@@ -139,9 +139,14 @@ def test_max_new_tokens_is_bounded_by_context_and_cache_memory():
 
 def test_cli_samples_from_a_checkpoint_and_rejects_bad_input(tmp_path, saved_run):
     proc = run_module(
-        "near_jax.generate", f"--workdir={saved_run}", "--prompt=def ", "--prompt=import",
-        "--max_new_tokens=8", "--format=jsonl", env=subprocess_env(devices=2),
-    )  # fmt: skip
+        "near_jax.generate",
+        f"--workdir={saved_run}",
+        "--prompt=def ",
+        "--prompt=import",
+        "--max_new_tokens=8",
+        "--format=jsonl",
+        env=subprocess_env(devices=2),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and '"prompt": "def "' in lines[0]

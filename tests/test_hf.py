@@ -54,12 +54,22 @@ def _hf_logits(torch, hf_model, ids):
 def _hf_model(transformers, tied, vocab=300):
     """A random tiny LlamaForCausalLM (GQA, non-default theta) with norms that are not ones."""
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        rope_theta=THETA, rope_parameters={"rope_type": "default", "rope_theta": THETA},
-        tie_word_embeddings=tied, initializer_range=0.2, attn_implementation="eager",
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=THETA,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA},
+        tie_word_embeddings=tied,
+        initializer_range=0.2,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf_model = transformers.LlamaForCausalLM(config).eval()
     for name, p in hf_model.named_parameters():
         if "norm" in name:
@@ -301,8 +311,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 def test_hf_reexports_the_conversion():
     from near_jax.hf import convert as hf_convert
 
-    names = ("DTYPES", "HFError", "iter_hf_tensors", "llama_config", "model_overrides",
-             "params_from_hf", "params_to_hf")  # fmt: skip
+    names = (
+        "DTYPES",
+        "HFError",
+        "iter_hf_tensors",
+        "llama_config",
+        "model_overrides",
+        "params_from_hf",
+        "params_to_hf",
+    )
     for name in names:
         assert getattr(hf, name) is getattr(hf_convert, name), name
 

@@ -35,9 +35,19 @@ LIKE = tree(0)
 
 
 def make_aggregator(store, clock, quorum=3, timeout=10.0):
-    return Aggregator(store, RUN, LIKE, spec=SPEC, lr=LR, momentum=MU, quorum=quorum,
-                      round_timeout=timeout, poll_seconds=0.5, clock=clock,
-                      sleep=clock.sleep)  # fmt: skip
+    return Aggregator(
+        store,
+        RUN,
+        LIKE,
+        spec=SPEC,
+        lr=LR,
+        momentum=MU,
+        quorum=quorum,
+        round_timeout=timeout,
+        poll_seconds=0.5,
+        clock=clock,
+        sleep=clock.sleep,
+    )
 
 
 @pytest.fixture
@@ -67,8 +77,10 @@ def optax_rounds(params, updates):
 
 def bits_equal(a, b):
     leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return all(np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
-               for x, y in leaves)  # fmt: skip
+    return all(
+        np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+        for x, y in leaves
+    )
 
 
 # ------------------------------------------------------------------------ outer step math
@@ -161,8 +173,13 @@ def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     # Finite scales whose decoded values overflow to inf.
     payload, _ = encode(good, SPEC)
     leaves = list(payload.leaves)
-    leaves[0] = LeafPayload(leaves[0].path, leaves[0].shape, leaves[0].values,
-                            np.full_like(leaves[0].scales, 3e38), None)  # fmt: skip
+    leaves[0] = LeafPayload(
+        leaves[0].path,
+        leaves[0].shape,
+        leaves[0].values,
+        np.full_like(leaves[0].scales, 3e38),
+        None,
+    )
     tag = {"run": RUN, "round": 0, "island": "huge", "base_sha256": base.params_sha256}
     body = protocol.pack_contribution(tag, Payload(payload.spec, tuple(leaves)))
     store.put(protocol.contrib_key(RUN, 0, "huge"), body)
@@ -313,8 +330,9 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
     for key, raw in written.items():
         assert (tmp_path / key).read_bytes() == raw  # recomputed: identical bytes
     # Applied exactly once: version 1 = version 0 + one outer step; version 2 continues.
-    mean = jax.tree.map(lambda a, b, c: (a + b + c) / np.float32(3),
-                        *[decode(encode(d, SPEC)[0]) for d in deltas])  # fmt: skip
+    mean = jax.tree.map(
+        lambda a, b, c: (a + b + c) / np.float32(3), *[decode(encode(d, SPEC)[0]) for d in deltas]
+    )
     ref_params, _ = optax_rounds(tree(1), [decode(encode(mean, SPEC)[0])])
     assert bits_equal(protocol.pull_version(store, RUN, 1, LIKE).params, ref_params)
     assert fresh.load().version == 1
@@ -361,12 +379,21 @@ def test_keep_versions_collects_old_full_versions(started):
 
 # ------------------------------------------------------------------- processes on localhost
 
-MODEL = ["--config=configs/tiny.py", "--config.model.d_model=32", "--config.model.n_layers=1",
-         "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.mlp_dim=64",
-         "--config.data.seq_len=32", "--config.train.global_batch_size=4",
-         "--config.train.eval_batches=2", "--config.optim.warmup_steps=0",
-         "--config.optim.lr=1e-2", "--config.diloco.inner_steps=3",
-         "--config.diloco.compression=int8"]  # fmt: skip
+MODEL = [
+    "--config=configs/tiny.py",
+    "--config.model.d_model=32",
+    "--config.model.n_layers=1",
+    "--config.model.n_heads=2",
+    "--config.model.n_kv_heads=1",
+    "--config.model.mlp_dim=64",
+    "--config.data.seq_len=32",
+    "--config.train.global_batch_size=4",
+    "--config.train.eval_batches=2",
+    "--config.optim.warmup_steps=0",
+    "--config.optim.lr=1e-2",
+    "--config.diloco.inner_steps=3",
+    "--config.diloco.compression=int8",
+]
 ROUNDS, QUORUM, TIMEOUT = 8, 2, 5
 
 
@@ -429,12 +456,18 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
     store_dir.mkdir()
     store = ObjectStore.open(str(store_dir))
     common = [f"--store=file://{store_dir}", f"--run={RUN}", "--poll_seconds=0.1", *MODEL]
-    agg_args = [*common, f"--rounds={ROUNDS}", f"--quorum={QUORUM}",
-                f"--round_timeout={TIMEOUT}", f"--workdir={tmp_path / 'agg'}"]  # fmt: skip
+    agg_args = [
+        *common,
+        f"--rounds={ROUNDS}",
+        f"--quorum={QUORUM}",
+        f"--round_timeout={TIMEOUT}",
+        f"--workdir={tmp_path / 'agg'}",
+    ]
 
     def island(name, *extra):
-        return procs.start(name, "island", *common, f"--island={name}",
-                           f"--workdir={tmp_path / name}", *extra)  # fmt: skip
+        return procs.start(
+            name, "island", *common, f"--island={name}", f"--workdir={tmp_path / name}", *extra
+        )
 
     procs = Procs(tmp_path)
     t0 = time.monotonic()
@@ -442,8 +475,9 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
     try:
         for name in "ab":  # compile first, then wait for the run
             island(name, "--wait_for_run=300")
-        procs.wait_for("islands a, b compiled",
-                       lambda: all("waiting up to" in procs.log(n) for n in "ab"), 150)  # fmt: skip
+        procs.wait_for(
+            "islands a, b compiled", lambda: all("waiting up to" in procs.log(n) for n in "ab"), 150
+        )
         phases["compiled"] = round(time.monotonic() - t0, 1)
         procs.start("agg1", "aggregator", *agg_args)
         procs.wait_for("version 2", lambda: _latest(store) >= 2, 90)
@@ -513,17 +547,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = {
-        "workdir file": ("aggregator", [store, run, "--rounds=2", f"--workdir={afile}"],
-                         "--workdir"),
-        "island workdir file": ("island", [store, run, "--island=a", f"--workdir={afile}"],
-                                "--workdir"),
-        "missing store": ("aggregator", [f"--store={tmp_path / 'nope'}", run, "--rounds=2"],
-                          "does not exist"),
+        "workdir file": (
+            "aggregator",
+            [store, run, "--rounds=2", f"--workdir={afile}"],
+            "--workdir",
+        ),
+        "island workdir file": (
+            "island",
+            [store, run, "--island=a", f"--workdir={afile}"],
+            "--workdir",
+        ),
+        "missing store": (
+            "aggregator",
+            [f"--store={tmp_path / 'nope'}", run, "--rounds=2"],
+            "does not exist",
+        ),
         "unknown run": ("island", [store, run, "--island=a"], "unknown run"),
         "bad quorum": ("aggregator", [store, run, "--rounds=2", "--quorum=0"], "--quorum"),
         "unknown flag": ("island", [store, run, "--island=a", "--bogus=1"], "bogus"),
         "bad island": ("island", [store, run, "--island=../x"], "bad island name"),
-    }  # fmt: skip
+    }
     procs = Procs(tmp_path)
     try:
         for name, (module, args, _) in cases.items():

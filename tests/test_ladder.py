@@ -11,8 +11,15 @@ from near_jax.plan.planner import load_ladder, make_plan
 from near_jax.plan.tables import format_ladder
 
 ladder = load_ladder()
-NOMINAL = {"m500m": 0.5e9, "m2b": 2e9, "m7b": 7e9, "m27b": 27e9, "m100b": 100e9,
-           "m375b": 375e9, "m1400b": 1.4e12}  # fmt: skip
+NOMINAL = {
+    "m500m": 0.5e9,
+    "m2b": 2e9,
+    "m7b": 7e9,
+    "m27b": 27e9,
+    "m100b": 100e9,
+    "m375b": 375e9,
+    "m1400b": 1.4e12,
+}
 
 
 def test_there_are_seven_rungs_from_half_a_billion_to_1_4_trillion():

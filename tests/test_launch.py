@@ -37,8 +37,11 @@ def test_single_process_needs_nothing():
 
 
 def test_explicit_flags_or_environment():
-    env = {"NEAR_JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "NEAR_JAX_NUM_PROCESSES": "4",
-           "NEAR_JAX_PROCESS_ID": "3"}  # fmt: skip
+    env = {
+        "NEAR_JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "NEAR_JAX_NUM_PROCESSES": "4",
+        "NEAR_JAX_PROCESS_ID": "3",
+    }
     assert distributed.resolve(env) == distributed.Spec("explicit", "10.0.0.1:1234", 4, 3)
     spec = distributed.resolve({}, coordinator_address="h:1", num_processes=2, process_id=1)
     assert spec == distributed.Spec("explicit", "h:1", 2, 1)
@@ -51,9 +54,14 @@ def test_explicit_flags_or_environment():
 
 
 def _slurm(**extra):
-    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[007-009,012],cpu1",
-           "SLURM_NTASKS": "32", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
-           "SLURM_STEP_TASKS_PER_NODE": "8(x4)"}  # fmt: skip
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "gpu[007-009,012],cpu1",
+        "SLURM_NTASKS": "32",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "8(x4)",
+    }
     return {**env, **extra}
 
 
@@ -92,8 +100,14 @@ def _tpu(*argv):
 
 
 def test_tpu_dry_run_single_slice():
-    got = _tpu("--name=m7b-run", "--zone=us-east5-a", "--accelerator=v5p-128", "--",
-               "--config=configs/ladder.py:m7b", "--workdir=gs://bucket/m7b")  # fmt: skip
+    got = _tpu(
+        "--name=m7b-run",
+        "--zone=us-east5-a",
+        "--accelerator=v5p-128",
+        "--",
+        "--config=configs/ladder.py:m7b",
+        "--workdir=gs://bucket/m7b",
+    )
     want = textwrap.dedent(f"""\
         gcloud compute tpus queued-resources create m7b-run --zone=us-east5-a --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 --node-id=m7b-run
         gcloud compute tpus queued-resources describe m7b-run --zone=us-east5-a '--format=value(state.state)'
@@ -105,19 +119,32 @@ def test_tpu_dry_run_single_slice():
 
 def test_tpu_dry_run_multi_slice_spot():
     train_flags = ["--config=configs/ladder.py:m7b", "--config.mesh.fsdp=128", "--workdir=gs://b/r"]
-    got = _tpu("--name=big", "--zone=europe-west4-b", "--accelerator=v5p-256", "--slices=2",
-               "--spot", "--project=my-proj", "--skip_setup", "--", *train_flags)  # fmt: skip
+    got = _tpu(
+        "--name=big",
+        "--zone=europe-west4-b",
+        "--accelerator=v5p-256",
+        "--slices=2",
+        "--spot",
+        "--project=my-proj",
+        "--skip_setup",
+        "--",
+        *train_flags,
+    )
     where = "--zone=europe-west4-b --project=my-proj"
-    run = ("'--command=cd ~/near_jax && python3 -m launch._worker --config=configs/ladder.py:m7b "
-           "--config.mesh.fsdp=128 --workdir=gs://b/r --config.mesh.dcn_data=2'")  # fmt: skip
-    want = "\n".join([
-        f"gcloud compute tpus queued-resources create big {where} --accelerator-type=v5p-256 "
-        "--runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=big --spot",
-        f"gcloud compute tpus queued-resources describe big {where} "
-        "'--format=value(state.state)'",
-        f"gcloud compute tpus tpu-vm ssh big-0 {where} --worker=all {run}",
-        f"gcloud compute tpus tpu-vm ssh big-1 {where} --worker=all {run}",
-    ])  # fmt: skip
+    run = (
+        "'--command=cd ~/near_jax && python3 -m launch._worker --config=configs/ladder.py:m7b "
+        "--config.mesh.fsdp=128 --workdir=gs://b/r --config.mesh.dcn_data=2'"
+    )
+    want = "\n".join(
+        [
+            f"gcloud compute tpus queued-resources create big {where} --accelerator-type=v5p-256 "
+            "--runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=big --spot",
+            f"gcloud compute tpus queued-resources describe big {where} "
+            "'--format=value(state.state)'",
+            f"gcloud compute tpus tpu-vm ssh big-0 {where} --worker=all {run}",
+            f"gcloud compute tpus tpu-vm ssh big-1 {where} --worker=all {run}",
+        ]
+    )
     assert got == want
 
 
@@ -133,20 +160,25 @@ def _error(module, argv, capsys) -> str:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--accelerator=v5p-64"], "mesh (data=1, fsdp=64, tensor=1) does not fit v5p-64: "
-         "data*fsdp*tensor must equal its 32 devices per slice"),
+        (
+            ["--accelerator=v5p-64"],
+            "mesh (data=1, fsdp=64, tensor=1) does not fit v5p-64: "
+            "data*fsdp*tensor must equal its 32 devices per slice",
+        ),
         (["--accelerator=v5litepod-16"], "does not fit v5litepod-16"),
         (["--accelerator=v5p-128", "--zone=us-east5"], "--zone='us-east5' is not a zone"),
         (["--accelerator=v9-8"], "--accelerator='v9-8' is not a known TPU type"),
         (["--accelerator=tpu7x-128"], "TPU7x (Ironwood) is provisioned through GKE"),
         (["--accelerator=v5p-127"], "bad size 127"),
         (["--accelerator=v5p-128", "--name=Bad_Name"], "--name='Bad_Name'"),
-        (["--accelerator=v5p-128", "--slices=2", "--", "--config.mesh.dcn_data=3"],
-         "config.mesh.dcn_data=3 does not match 2 slice(s) of 2 x v5p-128"),
+        (
+            ["--accelerator=v5p-128", "--slices=2", "--", "--config.mesh.dcn_data=3"],
+            "config.mesh.dcn_data=3 does not match 2 slice(s) of 2 x v5p-128",
+        ),
         (["--accelerator=v5p-128", "--", "--config.model.nope=1"], "unknown config key"),
         (["--accelerator=v5p-128", "--", "--config.mesh.fsdp=x"], "expected int"),
     ],
-)  # fmt: skip
+)
 def test_tpu_errors_are_one_line(argv, message, capsys):
     mine = [a for a in argv if "config." not in a and a != "--"]
     base = {"--name": "run", "--zone": "us-east5-a"}
@@ -162,9 +194,17 @@ def test_tpu_errors_are_one_line(argv, message, capsys):
 
 
 def test_slurm_script_one_process_per_gpu(capsys):
-    argv = ["--nodes=8", "--gpus_per_node=8", "--partition=gpu", "--account=lab",
-            "--repo_dir=/shared/near_jax", "--dry_run", "--",
-            "--config=configs/ladder.py:m7b", "--workdir=/shared/runs/m7b"]  # fmt: skip
+    argv = [
+        "--nodes=8",
+        "--gpus_per_node=8",
+        "--partition=gpu",
+        "--account=lab",
+        "--repo_dir=/shared/near_jax",
+        "--dry_run",
+        "--",
+        "--config=configs/ladder.py:m7b",
+        "--workdir=/shared/runs/m7b",
+    ]
     assert slurm.main(argv) == 0
     assert capsys.readouterr().out == textwrap.dedent("""\
         #!/bin/bash
@@ -186,9 +226,19 @@ def test_slurm_script_one_process_per_gpu(capsys):
 
 
 def test_slurm_script_one_process_per_node(capsys):
-    argv = ["--nodes=2", "--per=node", "--time=2-00:00:00", "--cpus_per_task=96",
-            "--port=9999", "--repo_dir=/r", "--dry_run", "--",
-            "--config=configs/ladder.py:m2b", "--workdir=/w", "--config.name=my run"]  # fmt: skip
+    argv = [
+        "--nodes=2",
+        "--per=node",
+        "--time=2-00:00:00",
+        "--cpus_per_task=96",
+        "--port=9999",
+        "--repo_dir=/r",
+        "--dry_run",
+        "--",
+        "--config=configs/ladder.py:m2b",
+        "--workdir=/w",
+        "--config.name=my run",
+    ]
     assert slurm.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --cpus-per-task=96" in lines
@@ -271,8 +321,14 @@ def _reference_losses(train_flags: list[str], data_shards: int) -> list[tuple[fl
     cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]))
     state = trainer.init(jax.random.key(cfg.seed))
-    batches = data.make_iterator(cfg.data, split="train", seed=cfg.seed, global_batch_size=8,
-                                 process_index=0, process_count=1)  # fmt: skip
+    batches = data.make_iterator(
+        cfg.data,
+        split="train",
+        seed=cfg.seed,
+        global_batch_size=8,
+        process_index=0,
+        process_count=1,
+    )
     out = []
     for _ in range(cfg.train.steps):
         batch = jax.device_put(next(batches), trainer.batch_sharding)
@@ -297,8 +353,15 @@ def test_multi_process_training_matches_one_process(num_processes, docs, tmp_pat
     env = subprocess_env(
         XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     )
-    args = ["-n", str(num_processes), f"--devices_per_process={4 // num_processes}",
-            "--timeout_s=240", "--", *flags, f"--workdir={workdir}"]  # fmt: skip
+    args = [
+        "-n",
+        str(num_processes),
+        f"--devices_per_process={4 // num_processes}",
+        "--timeout_s=240",
+        "--",
+        *flags,
+        f"--workdir={workdir}",
+    ]
     run = run_module("launch.local", *args, env=env)
     assert run.returncode == 0, run.stdout[-3000:]
     assert f"4 devices, {num_processes} processes" in run.stdout

@@ -158,9 +158,13 @@ def test_drop_superseded():
     records = [r(10), r(20), r(30), r(40), r(40, "eval"), r(50), r(40), r(50), r(60)]
     kept = metrics.drop_superseded(records)
     assert [(k["step"], k["split"]) for k in kept] == [
-        (10, "train"), (20, "train"), (30, "train"), (40, "train"), (50, "train"),
+        (10, "train"),
+        (20, "train"),
+        (30, "train"),
+        (40, "train"),
+        (50, "train"),
         (60, "train"),
-    ]  # fmt: skip
+    ]
     assert kept[3] is records[6]  # the resumed run's step 40
     assert metrics.drop_superseded([r(10), r(10, "eval"), r(20)]) == [r(10), r(10, "eval"), r(20)]
     # The same step and split twice (a final eval at an eval step): the later one is kept.
@@ -231,8 +235,16 @@ def test_peak_table_order():
 
 
 def test_human():
-    cases = {0: "0", 950: "950", 12.34: "12.3", 21300: "21.3k", 2662.5: "2.7k",
-             999_960: "1.0M", 1.5e9: "1.5B", 3e12: "3.0T"}  # fmt: skip
+    cases = {
+        0: "0",
+        950: "950",
+        12.34: "12.3",
+        21300: "21.3k",
+        2662.5: "2.7k",
+        999_960: "1.0M",
+        1.5e9: "1.5B",
+        3e12: "3.0T",
+    }
     for x, want in cases.items():
         assert metrics.human(x) == want
 

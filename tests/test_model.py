@@ -200,9 +200,10 @@ def test_flops_per_token_counts_matmuls_and_causal_attention():
     cfg = _cfg()
     params = model.init(cfg, jax.random.key(0))
     matmul = sum(
-        x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+        x.size
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
         if path[-1].key not in ("embed", "scale")
-    )  # fmt: skip
+    )
     c = model.ModelConfig.from_config(cfg)
     for length in (1, 128, 1000):
         attn = 3 * 4 * c.n_layers * c.n_heads * c.head_dim * (length + 1) / 2

@@ -37,20 +37,30 @@ def test_weight_decay_skips_norms_and_optionally_embeddings(decay_embeddings):
     rng = np.random.default_rng(0)
     params = {
         "embed": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32),
-        "blocks": {"mlp": {"up": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)},
-                   "attn_norm": {"scale": jnp.asarray(rng.uniform(1, 2, (4,)), jnp.float32)}},
-    }  # fmt: skip
-    cfg = _optim_cfg(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5,
-                     decay_embeddings=decay_embeddings, clip_norm=0.0)  # fmt: skip
+        "blocks": {
+            "mlp": {"up": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)},
+            "attn_norm": {"scale": jnp.asarray(rng.uniform(1, 2, (4,)), jnp.float32)},
+        },
+    }
+    cfg = _optim_cfg(
+        lr=0.1,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.5,
+        decay_embeddings=decay_embeddings,
+        clip_norm=0.0,
+    )
     opt, _ = optim.make_optimizer(cfg, total_steps=10)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero_grads, opt.init(params), params)
     new = optax.apply_updates(params, updates)
     # With zero gradients only decay moves a weight: p <- p - lr * wd * p.
-    np.testing.assert_allclose(new["blocks"]["mlp"]["up"], params["blocks"]["mlp"]["up"] * 0.95,
-                               rtol=1e-6)  # fmt: skip
-    np.testing.assert_array_equal(new["blocks"]["attn_norm"]["scale"],
-                                  params["blocks"]["attn_norm"]["scale"])  # fmt: skip
+    np.testing.assert_allclose(
+        new["blocks"]["mlp"]["up"], params["blocks"]["mlp"]["up"] * 0.95, rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        new["blocks"]["attn_norm"]["scale"], params["blocks"]["attn_norm"]["scale"]
+    )
     want = params["embed"] * (0.95 if decay_embeddings else 1.0)
     np.testing.assert_allclose(new["embed"], want, rtol=1e-6)
 
@@ -59,8 +69,16 @@ def test_gradients_are_clipped_to_global_norm():
     params = {"w": jnp.ones((3,))}
     # b1 = b2 = 0 and a large eps make the update -lr * g / (|g| + eps): not scale-invariant,
     # so it shows whether g was clipped.
-    cfg = _optim_cfg(lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                     clip_norm=0.5, b1=0.0, b2=0.0, eps=10.0)  # fmt: skip
+    cfg = _optim_cfg(
+        lr=1.0,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.0,
+        clip_norm=0.5,
+        b1=0.0,
+        b2=0.0,
+        eps=10.0,
+    )
     opt, _ = optim.make_optimizer(cfg, total_steps=10)
     grads = {"w": jnp.asarray([3.0, -4.0, 0.0])}
     updates, _ = opt.update(grads, opt.init(params), params)

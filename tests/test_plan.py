@@ -30,20 +30,28 @@ def _cfg(model=None, mesh=None, remat="full", batch=16, seq=256, micro=1):
 PAIRS = {
     "full, fsdp x tensor, 1 kv head": _cfg(
         dict(d_model=256, n_heads=4, n_kv_heads=1, mlp_dim=640, vocab_size=6144, n_layers=6),
-        dict(fsdp=4, tensor=2), batch=8, seq=384,
+        dict(fsdp=4, tensor=2),
+        batch=8,
+        seq=384,
     ),
     "dots_saveable, tensor x fsdp, big vocab": _cfg(
         dict(d_model=96, n_heads=4, n_kv_heads=4, mlp_dim=384, vocab_size=16384, n_layers=2),
-        dict(tensor=4, fsdp=2), remat="dots_saveable", batch=32, seq=64,
+        dict(tensor=4, fsdp=2),
+        remat="dots_saveable",
+        batch=32,
+        seq=64,
     ),
     "full, data, 4 micro-batches": _cfg(
         dict(n_heads=8, mlp_dim=1536, vocab_size=2048, n_layers=5), batch=32, seq=192, micro=4
     ),
     "none, data x fsdp": _cfg(
         dict(d_model=192, n_heads=6, mlp_dim=768, vocab_size=3072, n_layers=3),
-        dict(data=2, fsdp=4), remat="none", batch=24, seq=128,
+        dict(data=2, fsdp=4),
+        remat="none",
+        batch=24,
+        seq=128,
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -75,8 +83,10 @@ def test_state_is_sharded_by_fsdp_and_tensor_exactly():
 
 def test_remat_and_micro_batches_trade_memory_as_expected():
     lay = {"data": 8, "fsdp": 1, "tensor": 1, "dcn_data": 1, "devices": 8}
-    acts = {r: memory(resolve(_cfg(remat=r)), lay)["activations"]
-            for r in ("full", "dots_saveable", "none")}  # fmt: skip
+    acts = {
+        r: memory(resolve(_cfg(remat=r)), lay)["activations"]
+        for r in ("full", "dots_saveable", "none")
+    }
     assert acts["full"] < acts["dots_saveable"] < acts["none"]
     one = memory(resolve(_cfg(batch=32)), lay)["activations"]
     four = memory(resolve(_cfg(batch=32, micro=4)), lay)["activations"]
@@ -111,8 +121,13 @@ def _cli(*args):
 def test_cli_json_and_one_line_errors(tmp_path):
     bad_config = tmp_path / "bad.py"
     bad_config.write_text("def get_config(:\n")
-    out = _cli("--config=configs/ladder.py:m7b", "--config.mesh.fsdp=32",
-               "--config.mesh.data=2", "--hardware=h100", "--json")  # fmt: skip
+    out = _cli(
+        "--config=configs/ladder.py:m7b",
+        "--config.mesh.fsdp=32",
+        "--config.mesh.data=2",
+        "--hardware=h100",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["mesh"] == {"data": 2, "fsdp": 32, "tensor": 1, "dcn_data": 1}

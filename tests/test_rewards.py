@@ -6,11 +6,19 @@ import io
 from near_jax.contrib import rewards
 
 
-def entry(rnd, who, *, score=None, accepted=False, applied=False, reason="", reward=0.0,
-          key_id="k"):  # fmt: skip
-    return {"round": rnd, "contributor": who, "key_id": key_id, "score": score,
-            "accepted": accepted, "applied": applied, "reason": reason,
-            "reward": reward}  # fmt: skip
+def entry(
+    rnd, who, *, score=None, accepted=False, applied=False, reason="", reward=0.0, key_id="k"
+):
+    return {
+        "round": rnd,
+        "contributor": who,
+        "key_id": key_id,
+        "score": score,
+        "accepted": accepted,
+        "applied": applied,
+        "reason": reason,
+        "reward": reward,
+    }
 
 
 ENTRIES = [

@@ -30,8 +30,13 @@ def _batch(seed=0, batch=8, length=32, vocab=384):
             positions[b, t] = 0 if segments[b, t] != segments[b, t - 1] else positions[b, t - 1] + 1
     weights = np.ones((batch, length), np.float32)
     weights[:, :-1] *= segments[:, 1:] == segments[:, :-1]
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
-                segment_ids=segments, weights=weights)  # fmt: skip
+    return dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        positions=positions,
+        segment_ids=segments,
+        weights=weights,
+    )
 
 
 MESHES = {

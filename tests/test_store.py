@@ -47,8 +47,13 @@ def test_damaged_objects_are_reported_not_returned(store, tmp_path, damage, reas
 
 
 def test_list_by_prefix_sorted_and_exact(store):
-    for key in ["r/rounds/00000001/contrib/b", "r/rounds/00000001/contrib/a",
-                "r/rounds/00000001/decision", "r/rounds/00000010/contrib/a", "r2/x"]:  # fmt: skip
+    for key in [
+        "r/rounds/00000001/contrib/b",
+        "r/rounds/00000001/contrib/a",
+        "r/rounds/00000001/decision",
+        "r/rounds/00000010/contrib/a",
+        "r2/x",
+    ]:
         store.put(key, b"1")
     assert store.list("r/rounds/00000001/contrib/") == [
         "r/rounds/00000001/contrib/a",

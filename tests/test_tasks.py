@@ -78,9 +78,14 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(params):
     ]
     calls = []
     got = scoring.score_requests(
-        params, CFG, TOK, requests, max_len=MAX_LEN, batch_size=BATCH,
+        params,
+        CFG,
+        TOK,
+        requests,
+        max_len=MAX_LEN,
+        batch_size=BATCH,
         progress=lambda done, total: calls.append((done, total)),
-    )  # fmt: skip
+    )
     want = [_reference(params, r) for r in requests]
     np.testing.assert_allclose(
         [s.loglikelihood for s in got], [w[0] for w in want], rtol=1e-6, atol=1e-4
@@ -94,9 +99,14 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(params):
     shardings = sharding.logical_to_sharding(model.logical_axes(CFG), params, mesh)
     # batch_size 3 rounds up to the 4 data-parallel ways (data x fsdp): 3 batches of 4 rows.
     on_mesh = scoring.score_requests(
-        jax.device_put(params, shardings), CFG, TOK, requests, max_len=MAX_LEN, batch_size=3,
+        jax.device_put(params, shardings),
+        CFG,
+        TOK,
+        requests,
+        max_len=MAX_LEN,
+        batch_size=3,
         mesh=mesh,
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(
         [s.loglikelihood for s in on_mesh], [w[0] for w in want], rtol=1e-6, atol=1e-4
     )
@@ -112,8 +122,14 @@ def test_encode_request_truncates_from_the_left_keeping_the_continuation():
     with pytest.raises(taskfile.TaskError, match="continuation ' xyz' is 4 tokens"):
         scoring.encode_request(TOK, request, max_len=3)
     assert [scoring.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [
-        16, 16, 32, 64, 64, 100, 100
-    ]  # fmt: skip
+        16,
+        16,
+        32,
+        64,
+        64,
+        100,
+        100,
+    ]
 
 
 def _synthetic_task(n: int) -> list[str]:
@@ -268,10 +284,16 @@ def test_evaluate_task_with_fewshot_file_and_progress(params, tmp_path):
     shots = _write(tmp_path, _synthetic_task(3), "shots.jsonl")
     calls = []
     result = tasks.evaluate_task(
-        params, CFG, TOK, path, max_len=MAX_LEN, num_fewshot=2, fewshot_path=shots,
+        params,
+        CFG,
+        TOK,
+        path,
+        max_len=MAX_LEN,
+        num_fewshot=2,
+        fewshot_path=shots,
         batch_size=BATCH,
         progress=lambda done, total: calls.append((done, total)),
-    )  # fmt: skip
+    )
     assert result["num_fewshot"] == 2 and result["n"] == 6
     assert calls[-1] == (24, 24) and [d for d, _ in calls] == [8, 16, 24]
 

@@ -165,8 +165,10 @@ def promote(f: Any) -> int:
         return 1
     run, checked, first, last, ranked = found
     chosen = rewards.promotable(ranked, f.top, f.min_rounds)
-    print(f"{_rounds_header(run, checked, first, last)}: top {f.top}, accepted in >= "
-          f"{f.min_rounds} rounds, never caught cheating")  # fmt: skip
+    print(
+        f"{_rounds_header(run, checked, first, last)}: top {f.top}, accepted in >= "
+        f"{f.min_rounds} rounds, never caught cheating"
+    )
     registry = checked.registry  # the valid entries, as audited
     out = []
     width = max((len(s.contributor) for s in chosen), default=0)
@@ -174,13 +176,24 @@ def promote(f: Any) -> int:
         public = registry.get(s.contributor, "")
         # a name freed and re-registered to another key must not promote that other key
         if public and identity.key_id(public) != s.key_id:
-            _warn(f"{s.contributor} is now registered to key id {identity.key_id(public)}, "
-                  f"not {s.key_id}; public_key left empty")  # fmt: skip
+            _warn(
+                f"{s.contributor} is now registered to key id {identity.key_id(public)}, "
+                f"not {s.key_id}; public_key left empty"
+            )
             public = ""
-        print(f"{rank:>3}  {s.contributor:<{width}}  key id {s.key_id or '-'}  "
-              f"reward {s.reward:.4f}  rounds {len(s.rounds)}")  # fmt: skip
-        out.append({"contributor": s.contributor, "key_id": s.key_id, "public_key": public,
-                    "reward": s.reward, "rounds": len(s.rounds)})  # fmt: skip
+        print(
+            f"{rank:>3}  {s.contributor:<{width}}  key id {s.key_id or '-'}  "
+            f"reward {s.reward:.4f}  rounds {len(s.rounds)}"
+        )
+        out.append(
+            {
+                "contributor": s.contributor,
+                "key_id": s.key_id,
+                "public_key": public,
+                "reward": s.reward,
+                "rounds": len(s.rounds),
+            }
+        )
     if not chosen:
         print("nobody qualifies")
     if f.out:
@@ -204,8 +217,19 @@ COMMANDS = {
     "promote": Command(promote, (*_STORE, "top"), ("window", "min_rounds", "out", "ledger")),
     "codehash": Command(codehash, ()),
 }
-_OWN_FLAGS = ("out", "force", "key", "name", "store", "run", "ledger", "window", "csv", "top",
-              "min_rounds")  # fmt: skip
+_OWN_FLAGS = (
+    "out",
+    "force",
+    "key",
+    "name",
+    "store",
+    "run",
+    "ledger",
+    "window",
+    "csv",
+    "top",
+    "min_rounds",
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -243,8 +267,10 @@ def _audited(f: Any, store: Any, run: str) -> Any:
     if checked.problems or checked.entries is None:
         problems = checked.problems or ["no readable ledger"]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        _error(f"refusing to rank run {run}: its audit fails: {problems[0]}{more} (details: "
-               f"python -m {_PROG} verify)")  # fmt: skip
+        _error(
+            f"refusing to rank run {run}: its audit fails: {problems[0]}{more} (details: "
+            f"python -m {_PROG} verify)"
+        )
         return None
     for w in checked.warnings:
         _warn(w)

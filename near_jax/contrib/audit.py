@@ -124,24 +124,33 @@ def verify(
 
 def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Audit:
     """The audit of contributor run `run` (see `verify` and the module docstring)."""
-    summary: dict[str, Any] = {"aggregator_key_id": "", "rounds": 0, "entries": 0,
-                               "contributors": 0, "accepted": 0, "rejected": 0, "head": "",
-                               "warnings": []}  # fmt: skip
+    summary: dict[str, Any] = {
+        "aggregator_key_id": "",
+        "rounds": 0,
+        "entries": 0,
+        "contributors": 0,
+        "accepted": 0,
+        "rejected": 0,
+        "head": "",
+        "warnings": [],
+    }
     out = Audit([], summary["warnings"], summary)
     problems = out.problems
     try:
         manifest = protocol.read_json(store, protocol.manifest_key(run))
     except _UNREADABLE as e:
-        problems.append(f"the run manifest {protocol.manifest_key(run)} is unreadable: "
-                        f"{one_line(e)}")  # fmt: skip
+        problems.append(
+            f"the run manifest {protocol.manifest_key(run)} is unreadable: {one_line(e)}"
+        )
         return out
     if manifest is None:
         problems.append(f"run {run!r} has no manifest {protocol.manifest_key(run)} (unknown run)")
         return out
     contrib = manifest.get("contrib")
     if not isinstance(contrib, dict):
-        problems.append(f"run {run!r} has no contrib section in its manifest (not a "
-                        "contributor run)")  # fmt: skip
+        problems.append(
+            f"run {run!r} has no contrib section in its manifest (not a contributor run)"
+        )
         return out
     try:
         aggregator_key: str | None = identity.check_public_hex(contrib.get("aggregator_key"))
@@ -246,8 +255,12 @@ def signature_problem(entry: dict[str, Any], registry: dict[str, str], run: str)
         return "its statement is not JSON"
     if not isinstance(fields, dict):
         return "its statement is not a JSON object"
-    expected = {"run": run, "round": entry.get("round"), "contributor": entry.get("contributor"),
-                "payload_sha256": entry.get("payload_sha256")}  # fmt: skip
+    expected = {
+        "run": run,
+        "round": entry.get("round"),
+        "contributor": entry.get("contributor"),
+        "payload_sha256": entry.get("payload_sha256"),
+    }
     for name, value in expected.items():
         if fields.get(name) != value:
             got, want = short_repr(fields.get(name)), short_repr(value)
@@ -261,8 +274,9 @@ def signature_problem(entry: dict[str, Any], registry: dict[str, str], run: str)
 
 
 def _signature_problems(entry: dict[str, Any], registry: dict[str, str], run: str) -> list[str]:
-    where = (f"ledger entry {entry['seq']} (round {entry['round']}, "
-             f"{short_repr(entry['contributor'])})")  # fmt: skip
+    where = (
+        f"ledger entry {entry['seq']} (round {entry['round']}, {short_repr(entry['contributor'])})"
+    )
     why = signature_problem(entry, registry, run)
     problems = []
     if entry["accepted"] or entry["key_id"]:
@@ -273,8 +287,10 @@ def _signature_problems(entry: dict[str, Any], registry: dict[str, str], run: st
         else:
             registered = identity.key_id(registry[entry["contributor"]])
             if entry["key_id"] != registered:
-                problems.append(f"{where}: key id {short_repr(entry['key_id'])}, the registered "
-                                f"key's is {registered}")  # fmt: skip
+                problems.append(
+                    f"{where}: key id {short_repr(entry['key_id'])}, the registered "
+                    f"key's is {registered}"
+                )
     reason = entry["reason"] if isinstance(entry["reason"], str) else ""
     if not entry["accepted"] and reason.startswith("bad signature") and not why:
         problems.append(f"{where}: rejected as a bad signature, but it verifies")
@@ -380,8 +396,9 @@ def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]
             problems.append(f"round {r}: the decision's entry {i} is malformed: {one_line(e)}")
             continue
         # type() too: True == 1 and 1 == 1.0, yet the chain hashes them differently
-        diff = [f for f in ledger.ENTRY_FIELDS
-                if want[f] != row[f] or type(want[f]) is not type(row[f])]  # fmt: skip
+        diff = [
+            f for f in ledger.ENTRY_FIELDS if want[f] != row[f] or type(want[f]) is not type(row[f])
+        ]
         if diff:
             f = diff[0]
             problems.append(

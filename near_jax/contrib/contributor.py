@@ -28,19 +28,29 @@ class Signer:
     signature (called with the tag and the payload bytes)."""
 
     def __init__(
-        self, ident: identity.Identity, name: str, code_sha256: str, config_sha256: str,
+        self,
+        ident: identity.Identity,
+        name: str,
+        code_sha256: str,
+        config_sha256: str,
         attestation: bytes = b"",
-    ):  # fmt: skip
+    ):
         self.ident, self.name, self.attestation = ident, name, attestation
         self.code_sha256, self.config_sha256 = code_sha256, config_sha256
 
     def __call__(self, tag: dict, payload: bytes) -> dict:
-        fields = {"run": tag["run"], "round": tag["round"], "contributor": self.name,
-                  "base_sha256": tag["base_sha256"],
-                  "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                  "code_sha256": self.code_sha256, "config_sha256": self.config_sha256}  # fmt: skip
-        out = {k: fields[k] for k in ("contributor", "payload_sha256", "code_sha256",
-                                      "config_sha256")}  # fmt: skip
+        fields = {
+            "run": tag["run"],
+            "round": tag["round"],
+            "contributor": self.name,
+            "base_sha256": tag["base_sha256"],
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "code_sha256": self.code_sha256,
+            "config_sha256": self.config_sha256,
+        }
+        out = {
+            k: fields[k] for k in ("contributor", "payload_sha256", "code_sha256", "config_sha256")
+        }
         out["signature"] = identity.sign_statement(self.ident, fields)
         if self.attestation:
             out["attestation"] = base64.b64encode(self.attestation).decode()
@@ -48,9 +58,14 @@ class Signer:
 
 
 def prepare_signer(
-    cfg, store: ObjectStore, run: str, name: str, manifest: dict, key_path: str,
+    cfg,
+    store: ObjectStore,
+    run: str,
+    name: str,
+    manifest: dict,
+    key_path: str,
     attestation_path: str = "",
-) -> Signer:  # fmt: skip
+) -> Signer:
     """The island's Signer for a contributor run (registers the key); ValueError (one line)
     when the key, its registration, the code or the config cannot take part."""
     if not key_path:

@@ -53,13 +53,19 @@ class Standing:
     def row(self) -> dict:
         """The CSV/table row."""
         mean = self.mean_score
-        return {"contributor": self.contributor, "key_id": self.key_id,
-                "reward": round(self.reward, 6), "accepted": self.accepted,
-                "applied": self.applied, "rejected": self.rejected,
-                "contributions": self.contributions, "rounds": len(self.rounds),
-                "mean_score": "" if mean is None else round(mean, 6),
-                "last_round": self.last_round,
-                "flags": ";".join(f"{k}={v}" for k, v in sorted(self.flags.items()))}  # fmt: skip
+        return {
+            "contributor": self.contributor,
+            "key_id": self.key_id,
+            "reward": round(self.reward, 6),
+            "accepted": self.accepted,
+            "applied": self.applied,
+            "rejected": self.rejected,
+            "contributions": self.contributions,
+            "rounds": len(self.rounds),
+            "mean_score": "" if mean is None else round(mean, 6),
+            "last_round": self.last_round,
+            "flags": ";".join(f"{k}={v}" for k, v in sorted(self.flags.items())),
+        }
 
 
 def window_bounds(latest: int, window: int) -> tuple[int, int]:
@@ -114,18 +120,39 @@ def to_csv(ranked: Sequence[Standing]) -> str:
 
 def table(ranked: Sequence[Standing]) -> str:
     """The standings as an aligned text table."""
-    head = ("#", "contributor", "reward", "accepted", "applied", "rejected", "rounds",
-            "mean score", "flags")  # fmt: skip
+    head = (
+        "#",
+        "contributor",
+        "reward",
+        "accepted",
+        "applied",
+        "rejected",
+        "rounds",
+        "mean score",
+        "flags",
+    )
     rows = [head]
     for i, s in enumerate(ranked, 1):
         r = s.row()
         mean = "-" if r["mean_score"] == "" else f"{r['mean_score']:.4g}"
-        rows.append((str(i), s.contributor, f"{s.reward:.4f}", str(s.accepted),
-                     str(s.applied), str(s.rejected), str(len(s.rounds)), mean,
-                     r["flags"] or "-"))  # fmt: skip
+        rows.append(
+            (
+                str(i),
+                s.contributor,
+                f"{s.reward:.4f}",
+                str(s.accepted),
+                str(s.applied),
+                str(s.rejected),
+                str(len(s.rounds)),
+                mean,
+                r["flags"] or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i == 1 or i == 8 else c.rjust(w)
-                  for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        "  ".join(
+            c.ljust(w) if i == 1 or i == 8 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
         for row in rows
-    )  # fmt: skip
+    )

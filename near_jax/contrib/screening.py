@@ -213,9 +213,11 @@ def screen_details(
             for a, b in ((j, i), (i, j)):
                 if not out[a].reason:
                     out[a].check, out[a].duplicate_of, out[a].cosine = DUPLICATE, names[b], c
-                    out[a].reason = (f"duplicate: near-duplicate of {names[b]} (cosine "
-                                     f"{c:.4f}), seen at the same time: the original is "
-                                     "unknown, neither is applied")  # fmt: skip
+                    out[a].reason = (
+                        f"duplicate: near-duplicate of {names[b]} (cosine "
+                        f"{c:.4f}), seen at the same time: the original is "
+                        "unknown, neither is applied"
+                    )
             break
     return out
 

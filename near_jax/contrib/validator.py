@@ -74,9 +74,10 @@ def _at_median_norm(deltas: list[Any]) -> list[Any]:
     median = float(np.median(finite))
     return [
         jax.tree.map(lambda d, k=median / n: d * np.float32(k), delta)
-        if math.isfinite(n) and n > median else delta
+        if math.isfinite(n) and n > median
+        else delta
         for delta, n in zip(deltas, norms, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 class ContribAggregator(Aggregator):
@@ -129,16 +130,20 @@ class ContribAggregator(Aggregator):
 
     def manifest_fields(self) -> dict:
         """What `create` records about contributions (the policy, key, round 0's seed)."""
-        return {"contrib": {"policy": self.policy.to_json(),
-                            "aggregator_key": self.key.public_hex,
-                            "seed_commitment": seed_commitment(
-                                seed_signature(self.key, self.run, 0))}}  # fmt: skip
+        return {
+            "contrib": {
+                "policy": self.policy.to_json(),
+                "aggregator_key": self.key.public_hex,
+                "seed_commitment": seed_commitment(seed_signature(self.key, self.run, 0)),
+            }
+        }
 
     def _verifier(self, extra_code: frozenset[str]) -> attest.Verifier:
         return attest.load_verifier(
-            self.policy.attestation, allowed_code=frozenset(self.policy.allowed_code) | extra_code,
+            self.policy.attestation,
+            allowed_code=frozenset(self.policy.allowed_code) | extra_code,
             config_sha256=self.policy.config_sha256,
-        )  # fmt: skip
+        )
 
     def allow_code(self, hashes: list[str]) -> list[str]:
         """Adds code hashes the run accepts from now on (a new near_jax release mid-run) to
@@ -188,11 +193,14 @@ class ContribAggregator(Aggregator):
         valid = [c for c in candidates if c.valid]
         if policy.screen and valid:
             reasons = screening.screen(
-                [c.delta for c in valid], [c.contributor for c in valid],
-                history=self._history, max_norm_ratio=policy.max_norm_ratio,
-                zero_norm_ratio=policy.zero_norm_ratio, duplicate_cosine=policy.duplicate_cosine,
+                [c.delta for c in valid],
+                [c.contributor for c in valid],
+                history=self._history,
+                max_norm_ratio=policy.max_norm_ratio,
+                zero_norm_ratio=policy.zero_norm_ratio,
+                duplicate_cosine=policy.duplicate_cosine,
                 arrival=[c.arrival for c in valid],
-            )  # fmt: skip
+            )
             for c, why in zip(valid, reasons, strict=True):
                 if why:
                     c.reason, c.payload = why, None
@@ -202,9 +210,10 @@ class ContribAggregator(Aggregator):
         base_loss, scores = None, []
         if passed:
             base_loss, scores = screening.score_contributions(
-                lambda params: self.loss_fn(params, seed), base.params,
+                lambda params: self.loss_fn(params, seed),
+                base.params,
                 _at_median_norm([c.delta for c in passed]),
-            )  # fmt: skip
+            )
             if not math.isfinite(base_loss):
                 base_loss = None  # JSON has no nan; every score is -inf, nothing is applied
         for c, score in zip(passed, scores, strict=True):
@@ -229,15 +238,24 @@ class ContribAggregator(Aggregator):
         applied = sorted((c for c in passed if c.valid), key=lambda c: c.island)
         combine = protocol.combiner({"aggregation": str(policy.rule)})
         new, update = protocol.derive(
-            base, [c.payload for c in applied], self.spec, self.lr, self.momentum, self.like,
+            base,
+            [c.payload for c in applied],
+            self.spec,
+            self.lr,
+            self.momentum,
+            self.like,
             combine,
-        )  # fmt: skip
+        )
         entries = [c.entry(r) for c in sorted(candidates, key=lambda c: c.island)]
-        extra = {"aggregation": str(policy.rule),
-                 "contrib": {"seed_signature": signature,
-                             "next_seed_commitment": seed_commitment(
-                                 seed_signature(self.key, self.run, r + 1)),
-                             "base_loss": base_loss, "entries": entries}}  # fmt: skip
+        extra = {
+            "aggregation": str(policy.rule),
+            "contrib": {
+                "seed_signature": signature,
+                "next_seed_commitment": seed_commitment(seed_signature(self.key, self.run, r + 1)),
+                "base_loss": base_loss,
+                "entries": entries,
+            },
+        }
         decision = protocol.make_decision(
             self.run, base, new, verdicts, late, reason, update, self.clock(), **extra
         )
@@ -318,9 +336,17 @@ def scoring_loss(trainer, num_batches: int, source: str = "") -> Callable[[Any, 
 
 
 def build(
-    cfg, trainer, store, run: str, manifest: dict | None, *, key_path: str, ledger_path: str,
-    score_source: str = "", **kwargs: Any,
-) -> ContribAggregator:  # fmt: skip
+    cfg,
+    trainer,
+    store,
+    run: str,
+    manifest: dict | None,
+    *,
+    key_path: str,
+    ledger_path: str,
+    score_source: str = "",
+    **kwargs: Any,
+) -> ContribAggregator:
     """The aggregator of a contributor run (the policy from the manifest once the run
     exists, else from `cfg.contrib`); ValueError (one line) for an unusable key or
     scoring source."""
@@ -344,6 +370,12 @@ def build(
         except (ConfigError, ValueError, OSError) as e:
             raise ValueError(f"--score_source={score_source}: {one_line(e)}") from None
     return ContribAggregator(
-        store, run, trainer.abstract_state.params, aggregator_key=key, policy=policy,
-        loss_fn=loss, ledger_path=ledger_path, **kwargs,
-    )  # fmt: skip
+        store,
+        run,
+        trainer.abstract_state.params,
+        aggregator_key=key,
+        policy=policy,
+        loss_fn=loss,
+        ledger_path=ledger_path,
+        **kwargs,
+    )

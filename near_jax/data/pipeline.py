@@ -235,11 +235,18 @@ def make_iterator(
     shards = range(lo // rps, -(-hi // rps))
     iters = {
         s: iter(
-            shard_dataset(data_cfg, split=split, seed=seed, rows_per_step=rps, shard=s,
-                          num_shards=num_shards, val_seed=val_seed)
+            shard_dataset(
+                data_cfg,
+                split=split,
+                seed=seed,
+                rows_per_step=rps,
+                shard=s,
+                num_shards=num_shards,
+                val_seed=val_seed,
+            )
         )
         for s in shards
-    }  # fmt: skip
+    }
     return HostIterator(iters, num_shards, lo, hi, rps)
 
 

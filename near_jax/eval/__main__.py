@@ -22,9 +22,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("all", False, "Evaluate every committed step, oldest first.")
     flags.DEFINE_bool("watch", False, "Evaluate each new checkpoint as it lands.")
     flags.DEFINE_string(
-        "data", "", "Held-out documents: a source like data.source (all its documents); "
+        "data",
+        "",
+        "Held-out documents: a source like data.source (all its documents); "
         "default the run's validation split.",
-    )  # fmt: skip
+    )
     flags.DEFINE_integer("max_tokens", 131072, "Held-out target tokens (whole documents).")
     flags.DEFINE_list("tasks", [], "Multiple-choice tasks: shipped names or JSONL paths.")
     flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per task prompt.")
@@ -37,8 +39,11 @@ def define_flags() -> None:
 def _check_flags(f) -> None:
     if not f.workdir:
         usage_error("--workdir is required: the run directory to evaluate")
-    chosen = [f"--{n}" for n, on in (("step", f.step is not None), ("all", f.all),
-                                      ("watch", f.watch)) if on]  # fmt: skip
+    chosen = [
+        f"--{n}"
+        for n, on in (("step", f.step is not None), ("all", f.all), ("watch", f.watch))
+        if on
+    ]
     if len(chosen) > 1:
         usage_error(f"choose one of --step, --all, --watch (got {' and '.join(chosen)})")
     for name in ("max_tokens", "batch_size"):
@@ -60,9 +65,15 @@ def _main(argv: list[str]) -> None:
     _check_flags(f)
     try:
         evaluator = Evaluator(
-            f.workdir, data=f.data, max_tokens=f.max_tokens, task_names=tuple(f.tasks),
-            num_fewshot=f.num_fewshot, batch_size=f.batch_size, fsdp=f.fsdp, tensor=f.tensor,
-        )  # fmt: skip
+            f.workdir,
+            data=f.data,
+            max_tokens=f.max_tokens,
+            task_names=tuple(f.tasks),
+            num_fewshot=f.num_fewshot,
+            batch_size=f.batch_size,
+            fsdp=f.fsdp,
+            tensor=f.tensor,
+        )
         if f.watch:
             if not os.path.isdir(f.workdir):
                 usage_error(f"--workdir={f.workdir!r}: no such directory")

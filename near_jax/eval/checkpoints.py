@@ -81,9 +81,15 @@ class Evaluator:
         record: dict[str, Any] = {"step": run.step, "data": held.source, **result}
         for path in self.task_paths:
             task = tasks.evaluate_task(
-                run.params, run.model_cfg, run.tokenizer, path, max_len=run.cfg.data.seq_len,
-                num_fewshot=self.num_fewshot, mesh=run.mesh, batch_size=2 * self.batch_size,
-            )  # fmt: skip
+                run.params,
+                run.model_cfg,
+                run.tokenizer,
+                path,
+                max_len=run.cfg.data.seq_len,
+                num_fewshot=self.num_fewshot,
+                mesh=run.mesh,
+                batch_size=2 * self.batch_size,
+            )
             for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"):
                 record[f"{task['task']}/{key}"] = task[key]
         record["seconds"] = time.perf_counter() - start

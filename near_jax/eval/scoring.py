@@ -109,9 +109,12 @@ def pack_rows(
         segment_ids_BxL[row, :n] = 1
         mask_BxL[row, n - n_cont : n] = True
     return dict(
-        tokens_BxL=tokens_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
-        targets_BxL=targets_BxL, mask_BxL=mask_BxL,
-    )  # fmt: skip
+        tokens_BxL=tokens_BxL,
+        positions_BxL=positions_BxL,
+        segment_ids_BxL=segment_ids_BxL,
+        targets_BxL=targets_BxL,
+        mask_BxL=mask_BxL,
+    )
 
 
 def score_requests(

@@ -112,13 +112,23 @@ def evaluate_task(
     examples = load_task(path)
     pool = None if fewshot_path is None else load_task(resolve_task(fewshot_path))
     requests = build_requests(
-        examples, num_fewshot=num_fewshot, seed=seed, fewshot_pool=pool,
-        target_delimiter=target_delimiter, fewshot_delimiter=fewshot_delimiter,
-    )  # fmt: skip
+        examples,
+        num_fewshot=num_fewshot,
+        seed=seed,
+        fewshot_pool=pool,
+        target_delimiter=target_delimiter,
+        fewshot_delimiter=fewshot_delimiter,
+    )
     scores = score_requests(
-        params, model_cfg, tokenizer, requests, max_len=max_len, batch_size=batch_size,
-        mesh=mesh, progress=progress,
-    )  # fmt: skip
+        params,
+        model_cfg,
+        tokenizer,
+        requests,
+        max_len=max_len,
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
+    )
     name = os.path.basename(path).removesuffix(".jsonl")
     result = aggregate(examples, requests, scores, name)
     return {"task": name, "n": result["n"], "num_fewshot": num_fewshot} | result

@@ -59,13 +59,17 @@ def _main(argv: list[str]) -> None:
     try:
         if command == "export":
             written = export_run(f.workdir, f.out, f.step, f.dtype, f.max_shard_size)
-            print(f"wrote {written.path}: {written.files} files, {written.params:,} params, "
-                  f"{_mb(written.bytes)} ({f.dtype})")  # fmt: skip
+            print(
+                f"wrote {written.path}: {written.files} files, {written.params:,} params, "
+                f"{_mb(written.bytes)} ({f.dtype})"
+            )
         else:
             written = import_hf(f.hf_dir, f.workdir, f.dtype)
-            print(f"wrote {written.path}: checkpoint at step 0, {written.params:,} params, "
-                  f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "
-                  f"--config.checkpoint.init_from={written.path}")  # fmt: skip
+            print(
+                f"wrote {written.path}: checkpoint at step 0, {written.params:,} params, "
+                f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "
+                f"--config.checkpoint.init_from={written.path}"
+            )
     except (OSError, checkpoint.CheckpointError, loading.CheckpointUnreadable) as e:
         print(f"near_jax.hf: {command} failed: {one_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -200,9 +200,11 @@ def write_safetensors(
     itemsize = np_dtype(dtype).itemsize
     sizes = {name: math.prod(shape) * itemsize for name, shape in hf_shapes(params, cfg).items()}
     shards = _plan_shards(sizes, max_shard_bytes)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     save_file = _safetensors().numpy.save_file
     for file_name, shard in zip(names, shards, strict=True):
         tensors = dict(iter_hf_tensors(params, cfg, dtype, names=set(shard)))
@@ -226,9 +228,10 @@ def _umask() -> int:
 
 def _dir_bytes(directory: str) -> int:
     return sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory)
+        os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(directory)
         for f in files
-    )  # fmt: skip
+    )
 
 
 def _param_count(params: Any) -> int:
@@ -284,9 +287,13 @@ def export_run(
     max_positions = int(run.cfg.data.seq_len)
     tok = run.tokenizer
     config = llama_config(
-        run.model_cfg, dtype=dtype_name, max_positions=max_positions,
-        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-    )  # fmt: skip
+        run.model_cfg,
+        dtype=dtype_name,
+        max_positions=max_positions,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
     with _atomic_dir(out, "--out") as tmp:
         files = write_safetensors(tmp, run.params, run.model_cfg, dtype, max_bytes)
         _write_json(os.path.join(tmp, "config.json"), config)

@@ -183,9 +183,14 @@ class Generator:
             out = []
             for i in range(max_new_tokens):
                 token, done, logits, cache = self._decode(
-                    self.params, cache, logits, positions, done, jax.random.fold_in(rng, i),
+                    self.params,
+                    cache,
+                    logits,
+                    positions,
+                    done,
+                    jax.random.fold_in(rng, i),
                     sampling,
-                )  # fmt: skip
+                )
                 out.append(token)
                 positions = positions + 1
                 if (i + 1) % SYNC_EVERY == 0 and bool(jnp.all(done)):
@@ -273,10 +278,14 @@ def generator_for_run(run: loading.LoadedRun) -> Generator:
     """A Generator over a loaded run, stopping at its tokenizer's EOS, bounded by its context."""
     tok = run.tokenizer
     return Generator(
-        run.params, run.model_cfg, run.mesh,
-        eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
+        run.params,
+        run.model_cfg,
+        run.mesh,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        vocab_limit=tok.vocab_size,
         max_len=context_len(run),
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- command line

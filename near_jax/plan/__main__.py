@@ -30,9 +30,11 @@ def _define_flags() -> None:
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
     flags.DEFINE_bool("ladder", False, "Summarize every rung of configs/ladder.py.")
     flags.DEFINE_bool(
-        "compile", False, "Also compile the train step on simulated CPU devices (AOT) and "
-        "compare XLA's per-device memory with the plan's."
-    )  # fmt: skip
+        "compile",
+        False,
+        "Also compile the train step on simulated CPU devices (AOT) and "
+        "compare XLA's per-device memory with the plan's.",
+    )
 
 
 def _usage_error(message: str) -> None:
@@ -108,23 +110,33 @@ def _compile_report(cfg, acc, devices: int, as_json: bool) -> None:
         raise ConfigError(f"only {len(cpu)} CPU devices are simulated, {per_slice} needed")
     xla = compiled_memory(one_slice(cfg), cpu[:per_slice])
     planned = make_plan(cfg, acc, devices, attention="xla").memory["total"]
-    result = {"devices": devices, "compiled_devices": per_slice, "xla": xla,
-              "plan_xla_attention": planned, "ratio": planned / xla["total"]}  # fmt: skip
+    result = {
+        "devices": devices,
+        "compiled_devices": per_slice,
+        "xla": xla,
+        "plan_xla_attention": planned,
+        "ratio": planned / xla["total"],
+    }
     if as_json:
         print(json.dumps(result))
         return
     note = f" (one of {dcn} slices: same per-device shapes)" if dcn > 1 else ""
-    print(f"compiled {cfg.name} for {per_slice} simulated devices{note} in "
-          f"{xla['compile_s']:.1f}s")  # fmt: skip
-    print(f"XLA per-device memory: {_gib(xla['total'])} (arguments {_gib(xla['arguments'])}, "
-          f"temporaries {_gib(xla['temporaries'])}, outputs {_gib(xla['outputs'])}, "
-          f"aliased {_gib(xla['aliased'])})")  # fmt: skip
-    print(f"planner (XLA attention, as compiled on CPU): {_gib(planned)} "
-          f"= {planned / xla['total']:.2f} x XLA")  # fmt: skip
+    print(f"compiled {cfg.name} for {per_slice} simulated devices{note} in {xla['compile_s']:.1f}s")
+    print(
+        f"XLA per-device memory: {_gib(xla['total'])} (arguments {_gib(xla['arguments'])}, "
+        f"temporaries {_gib(xla['temporaries'])}, outputs {_gib(xla['outputs'])}, "
+        f"aliased {_gib(xla['aliased'])})"
+    )
+    print(
+        f"planner (XLA attention, as compiled on CPU): {_gib(planned)} "
+        f"= {planned / xla['total']:.2f} x XLA"
+    )
     if cfg.model.dtype != "float32":
-        print(f"note: XLA's CPU backend keeps {cfg.model.dtype} activations in float32 (no "
-              f"{cfg.model.dtype} arithmetic on CPU); compare like with like by adding "
-              "--config.model.dtype=float32")  # fmt: skip
+        print(
+            f"note: XLA's CPU backend keeps {cfg.model.dtype} activations in float32 (no "
+            f"{cfg.model.dtype} arithmetic on CPU); compare like with like by adding "
+            "--config.model.dtype=float32"
+        )
 
 
 def _main(argv: list[str]) -> None:

@@ -53,16 +53,22 @@ def _main(argv: list[str]) -> None:
     except OSError as e:  # a full disk, a filesystem gone read-only mid-run
         _fail(f"cannot write the run: {one_line(e)} (committed checkpoints stay readable)")
     if "stopped_at" in result:
-        print(f"stopped at step {result['stopped_at']} (train.stop_at): checkpoint saved in "
-              f"{flags.FLAGS.workdir}; run again without it to continue")  # fmt: skip
+        print(
+            f"stopped at step {result['stopped_at']} (train.stop_at): checkpoint saved in "
+            f"{flags.FLAGS.workdir}; run again without it to continue"
+        )
         return
     if "preempted_at" in result:
-        print(f"stopped by signal: checkpoint saved at step {result['preempted_at']} "
-              f"in {flags.FLAGS.workdir}; run the same command to resume")  # fmt: skip
+        print(
+            f"stopped by signal: checkpoint saved at step {result['preempted_at']} "
+            f"in {flags.FLAGS.workdir}; run the same command to resume"
+        )
         return
     if result.get("start_step", 0) >= cfg.train.steps:
-        print(f"nothing to do: {flags.FLAGS.workdir} is already trained to step "
-              f"{result['start_step']} (raise --config.train.steps to continue)")  # fmt: skip
+        print(
+            f"nothing to do: {flags.FLAGS.workdir} is already trained to step "
+            f"{result['start_step']} (raise --config.train.steps to continue)"
+        )
         return
     summary = {k: round(v, 4) for k, v in result.items() if k in ("train_loss", "eval_loss")}
     print(f"done: {json.dumps(summary)} | workdir {flags.FLAGS.workdir}")

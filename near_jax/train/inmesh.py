@@ -104,13 +104,19 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
     )
     replica_shardings = _replica_sharding(param_shardings, mesh)
     inner_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract.opt_state[INNER], replica_shardings,
+        optimizer,
+        lambda _, s: s,
+        abstract.opt_state[INNER],
+        replica_shardings,
         transform_non_params=lambda _: repl,
-    )  # fmt: skip
+    )
     outer_shardings = optax.tree_map_params(
-        outer_opt, lambda _, s: s, abstract.opt_state[OUTER], param_shardings,
+        outer_opt,
+        lambda _, s: s,
+        abstract.opt_state[OUTER],
+        param_shardings,
         transform_non_params=lambda _: repl,
-    )  # fmt: skip
+    )
     opt_shardings = {REPLICAS: replica_shardings, INNER: inner_shardings, OUTER: outer_shardings}
     if spec.topk:
         opt_shardings[FEEDBACK] = replica_shardings
@@ -126,11 +132,15 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
     inner_step = jax.shard_map(
         local_steps,
         mesh=mesh,
-        in_specs=(P(sharding.REPLICA_AXIS), P(sharding.REPLICA_AXIS), P(),
-                  P(sharding.REPLICA_AXIS)),
+        in_specs=(
+            P(sharding.REPLICA_AXIS),
+            P(sharding.REPLICA_AXIS),
+            P(),
+            P(sharding.REPLICA_AXIS),
+        ),
         out_specs=P(sharding.REPLICA_AXIS),
         axis_names={sharding.REPLICA_AXIS},
-    )  # fmt: skip
+    )
 
     def sync(params, outer_state, replicas, feedback, due_Z, keep_R):
         """The outer step for the due fragments; replicas restart from the new params.
@@ -185,8 +195,13 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
             jnp.any(due_Z),
             sync,
             lambda p, o, r, f, *_: (p, o, r, f),
-            state.params, opt[OUTER], replicas, opt.get(FEEDBACK), due_Z, keep_R,
-        )  # fmt: skip
+            state.params,
+            opt[OUTER],
+            replicas,
+            opt.get(FEEDBACK),
+            due_Z,
+            keep_R,
+        )
         stats = {k: jnp.mean(v) for k, v in stats_R.items()}
         stats["outer_fragments"] = jnp.sum(due_Z).astype(jnp.float32)
         stats["outer_kept"] = jnp.where(jnp.any(due_Z), jnp.sum(keep_R), 0).astype(jnp.float32)

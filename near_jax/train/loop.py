@@ -75,9 +75,11 @@ def start_state(
     if ckpt.step_dirs():
         workdir = str(ckpt.directory.parent)
         if is_params_only(workdir, ckpt.step_dirs()[-1]):
-            raise ConfigError(f"--workdir={workdir} holds params only (an imported model): it "
-                              "cannot be resumed; train from it in a new --workdir with "
-                              f"--config.checkpoint.init_from={workdir}")  # fmt: skip
+            raise ConfigError(
+                f"--workdir={workdir} holds params only (an imported model): it "
+                "cannot be resumed; train from it in a new --workdir with "
+                f"--config.checkpoint.init_from={workdir}"
+            )
         try:
             restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
         except checkpoint.NoFinishedCheckpoint:  # killed before its first save finished
@@ -122,14 +124,20 @@ def _train_locked(cfg, workdir, mesh, train_iter, is_main) -> dict[str, float]:
     counts = model.param_counts(trainer.model_cfg)
     logging.info(
         "near_jax: %s | %.2fM params (%.2fM non-embedding) | mesh %s | %d devices, %d processes",
-        cfg.name or "run", counts["total"] / 1e6, counts["non_embedding"] / 1e6,
-        dict(mesh.shape), jax.device_count(), jax.process_count(),
-    )  # fmt: skip
+        cfg.name or "run",
+        counts["total"] / 1e6,
+        counts["non_embedding"] / 1e6,
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+    )
     ck = cfg.checkpoint
     ckpt = checkpoint.Checkpointer(
         checkpoint.checkpoint_dir(workdir),
-        keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
-    )  # fmt: skip
+        keep=ck.keep,
+        keep_every=ck.keep_every,
+        async_save=ck.async_save,
+    )
     try:
         state, how = start_state(trainer, ckpt, train_iter)
         logging.info("%s", how)

@@ -201,9 +201,17 @@ def compile_trainer(
         )
     abstract_state = checkpoint.abstract_like(abstract, state_shardings)
     return Trainer(
-        cfg, model_cfg, mesh, state_shardings, abstract_state, batch_sharding, schedule,
-        _in_mesh(mesh, init_jit), _in_mesh(mesh, step_jit), _in_mesh(mesh, eval_jit),
-    )  # fmt: skip
+        cfg,
+        model_cfg,
+        mesh,
+        state_shardings,
+        abstract_state,
+        batch_sharding,
+        schedule,
+        _in_mesh(mesh, init_jit),
+        _in_mesh(mesh, step_jit),
+        _in_mesh(mesh, eval_jit),
+    )
 
 
 def _in_mesh(mesh, fn):

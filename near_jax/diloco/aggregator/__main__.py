@@ -101,9 +101,11 @@ def _aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) -
         agg = _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs)
     else:
         if f.key or f.ledger or f.score_source or f.allow_code:
-            _log(f"warning: the contributor flags (--key, --ledger, --score_source, "
-                 f"--allow_code) are ignored: run {run!r} does not take contributors "
-                 "(config.contrib.enabled is fixed at its creation)")  # fmt: skip
+            _log(
+                f"warning: the contributor flags (--key, --ledger, --score_source, "
+                f"--allow_code) are ignored: run {run!r} does not take contributors "
+                "(config.contrib.enabled is fixed at its creation)"
+            )
         try:
             agg = Aggregator(store, run, trainer.abstract_state.params, log=_log, **kwargs)
         except ValueError as e:
@@ -134,23 +136,40 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
     if f.allow_code:
         hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
         if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
-            usage_error(f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
-                        "(python -m near_jax.contrib codehash)")  # fmt: skip
+            usage_error(
+                f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
+                "(python -m near_jax.contrib codehash)"
+            )
     if f.score_source and f.score_source == cfg.data.source:
-        usage_error(f"--score_source={f.score_source} is the run's training source: "
-                    "score on data the contributors do not have")  # fmt: skip
+        usage_error(
+            f"--score_source={f.score_source} is the run's training source: "
+            "score on data the contributors do not have"
+        )
     try:
-        agg = validator.build(cfg, trainer, store, run, manifest, key_path=f.key,
-                              ledger_path=ledger_path, score_source=f.score_source,
-                              log=_log, **kwargs)  # fmt: skip
+        agg = validator.build(
+            cfg,
+            trainer,
+            store,
+            run,
+            manifest,
+            key_path=f.key,
+            ledger_path=ledger_path,
+            score_source=f.score_source,
+            log=_log,
+            **kwargs,
+        )
     except ValueError as e:
         usage_error(str(e))
-    _log(f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
-         f"the store; rule {agg.policy.rule}; scoring on "
-         f"{f.score_source or 'the public val split (see --score_source)'}")  # fmt: skip
+    _log(
+        f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
+        f"the store; rule {agg.policy.rule}; scoring on "
+        f"{f.score_source or 'the public val split (see --score_source)'}"
+    )
     if f.quorum < 3:
-        _log(f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
-             "close a round; untrusted runs want a quorum of several contributors")  # fmt: skip
+        _log(
+            f"warning: --quorum={f.quorum} lets the first {f.quorum} contribution(s) "
+            "close a round; untrusted runs want a quorum of several contributors"
+        )
     return agg
 
 
@@ -159,22 +178,30 @@ def define_flags() -> None:
     for name in startup.COMMON_FLAGS:
         flags.declare_key_flag(name)  # listed by --help, as this program's own
     flags.DEFINE_string(
-        "key", None, "Contributor runs: the aggregator's ed25519 key (python -m near_jax."
-        "contrib keygen); its signatures seed each round's scoring batches."
-    )  # fmt: skip
+        "key",
+        None,
+        "Contributor runs: the aggregator's ed25519 key (python -m near_jax."
+        "contrib keygen); its signatures seed each round's scoring batches.",
+    )
     flags.DEFINE_string(
-        "ledger", None, "Contributor runs: the local ledger file (default WORKDIR/ledger."
-        "sqlite, else a temp dir); the store keeps the mirror."
-    )  # fmt: skip
+        "ledger",
+        None,
+        "Contributor runs: the local ledger file (default WORKDIR/ledger."
+        "sqlite, else a temp dir); the store keeps the mirror.",
+    )
     flags.DEFINE_string(
-        "allow_code", "", "Contributor runs: also accept contributions from these code hashes "
-        "from now on (comma-separated; a new release mid-run), in a list this key signs."
-    )  # fmt: skip
+        "allow_code",
+        "",
+        "Contributor runs: also accept contributions from these code hashes "
+        "from now on (comma-separated; a new release mid-run), in a list this key signs.",
+    )
     flags.DEFINE_string(
-        "score_source", "", "Contributor runs: score on this data source (a path/glob only "
+        "score_source",
+        "",
+        "Contributor runs: score on this data source (a path/glob only "
         "the aggregator has) instead of the run's public val split, which contributors "
-        "could train on."
-    )  # fmt: skip
+        "could train on.",
+    )
     flags.DEFINE_integer("rounds", None, "Close this many rounds, then mark the run finished.")
     flags.DEFINE_integer("quorum", 1, "Close a round once this many valid contributions arrived.")
     flags.DEFINE_float("round_timeout", 600.0, "Close a round this many seconds after it opened.")

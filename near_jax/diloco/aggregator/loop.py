@@ -36,14 +36,19 @@ def fixed_eval(
         data_cfg = cfg.data.copy_and_resolve_references()
         data_cfg.source = source
         it = data.make_iterator(
-            data_cfg, split="train", seed=val_seed or 0,
+            data_cfg,
+            split="train",
+            seed=val_seed or 0,
             global_batch_size=cfg.train.global_batch_size,
-        )  # fmt: skip
+        )
     else:
         it = data.make_iterator(
-            cfg.data, split="val", seed=cfg.seed, global_batch_size=cfg.train.global_batch_size,
+            cfg.data,
+            split="val",
+            seed=cfg.seed,
+            global_batch_size=cfg.train.global_batch_size,
             val_seed=val_seed,
-        )  # fmt: skip
+        )
     batches = [data.to_global_batch(next(it), trainer.batch_sharding) for _ in range(num_batches)]
     shardings = trainer.state_shardings.params
     dtypes = jax.tree.map(lambda a: a.dtype, trainer.abstract_state.params)

@@ -138,13 +138,17 @@ def define_flags() -> None:
     flags.DEFINE_string("island", None, "This island's id (unique in the run): [A-Za-z0-9._-].")
     flags.DEFINE_integer("rounds", 0, "Rounds to contribute to, then exit 0 (0: until finished).")
     flags.DEFINE_string(
-        "key", None, "Contributor runs: this island's ed25519 key (python -m near_jax.contrib "
-        "keygen); registered under --island on first use."
-    )  # fmt: skip
+        "key",
+        None,
+        "Contributor runs: this island's ed25519 key (python -m near_jax.contrib "
+        "keygen); registered under --island on first use.",
+    )
     flags.DEFINE_string(
-        "attestation", "", "Contributor runs: a file attached to every contribution for the "
-        "run's attestation verifier (e.g. a TEE quote)."
-    )  # fmt: skip
+        "attestation",
+        "",
+        "Contributor runs: a file attached to every contribution for the "
+        "run's attestation verifier (e.g. a TEE quote).",
+    )
     flags.DEFINE_float(
         "wait_for_run", 0.0, "Seconds to wait for the run to be created (0: fail if unknown)."
     )

@@ -133,9 +133,17 @@ def train_island(
                 note = "round closed before the push (late; not sent)"
             else:
                 written, pushed_bytes, new_ef = protocol.push_contribution(
-                    store, run, island, held, delta, spec, error_feedback, sign=signer,
-                    inner_loss=inner_loss, inner_steps=inner_steps,
-                )  # fmt: skip
+                    store,
+                    run,
+                    island,
+                    held,
+                    delta,
+                    spec,
+                    error_feedback,
+                    sign=signer,
+                    inner_loss=inner_loss,
+                    inner_steps=inner_steps,
+                )
                 note = (
                     ""
                     if written
@@ -149,8 +157,10 @@ def train_island(
                     key = protocol.contrib_key(run, r, island)
                     problem = slot_problem(store, key, signer, expect)
                     if problem:
-                        note = (f"WARNING: our slot for round {r} already holds an object and "
-                                f"{problem}: someone else wrote under our name")  # fmt: skip
+                        note = (
+                            f"WARNING: our slot for round {r} already holds an object and "
+                            f"{problem}: someone else wrote under our name"
+                        )
             # 3. wait for version r + 1, learn the outcome, follow.
             t1 = now()
             latest = waiter.until(f"version {r + 1}", lambda r=r: newer(store, run, r, island))
@@ -169,10 +179,18 @@ def train_island(
             pulled = store.bytes_read - pulled_mark
             pulled_mark = store.bytes_read
             full, full_pending = full or full_pending, False
-            stats = {"round": r, "version": held.version, "inner_loss": inner_loss,
-                     "bytes_pushed": pushed_bytes, "bytes_pulled": pulled, "full_pull": int(full),
-                     "wait_s": wait_s, "train_s": train_s, "accepted": int(accepted),
-                     "late": int(late)}  # fmt: skip
+            stats = {
+                "round": r,
+                "version": held.version,
+                "inner_loss": inner_loss,
+                "bytes_pushed": pushed_bytes,
+                "bytes_pulled": pulled,
+                "full_pull": int(full),
+                "wait_s": wait_s,
+                "train_s": train_s,
+                "accepted": int(accepted),
+                "late": int(late),
+            }
             stats.update(scored)
             if writer:
                 writer.write(r, stats, "island")

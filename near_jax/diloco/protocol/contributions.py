@@ -69,8 +69,15 @@ def push_contribution(
     restart): contributions are immutable.
     """
     payload, new_ef = encode(delta, spec, error_feedback=error_feedback)
-    tag = {"format": FORMAT, "run": run, "round": base.version, "island": island,
-           "base_sha256": base.params_sha256, "spec": str(payload.spec), **extra}  # fmt: skip
+    tag = {
+        "format": FORMAT,
+        "run": run,
+        "round": base.version,
+        "island": island,
+        "base_sha256": base.params_sha256,
+        "spec": str(payload.spec),
+        **extra,
+    }
     data = payload.to_bytes()
     if sign is not None:
         tag.update(sign(tag, data))

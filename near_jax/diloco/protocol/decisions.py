@@ -36,9 +36,14 @@ from near_jax.diloco.store import CorruptObject, ObjectStore
 
 
 def derive(
-    base: Version, payloads: list[Payload], spec: CompressionSpec | str, lr: float, mu: float,
-    like: Any, combine: Callable[[list[Any]], Any] = average,
-) -> tuple[Version, bytes | None]:  # fmt: skip
+    base: Version,
+    payloads: list[Payload],
+    spec: CompressionSpec | str,
+    lr: float,
+    mu: float,
+    like: Any,
+    combine: Callable[[list[Any]], Any] = average,
+) -> tuple[Version, bytes | None]:
     """Version base+1 and the update's stored bytes from the applied payloads (in order),
     combined by `combine` (the mean; contrib passes its robust rules).
 

@@ -90,16 +90,30 @@ def attention(
 
         def kernel(q, k, v, seg):
             return flash.flash_attention(
-                q, k, v, seg, causal=causal, sm_scale=scale, window=window,
-                block_q=block_q, block_kv=block_kv,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                seg,
+                causal=causal,
+                sm_scale=scale,
+                window=window,
+                block_q=block_q,
+                block_kv=block_kv,
+            )
     else:
 
         def kernel(q, k, v, seg):
             return splash.splash_attention(
-                q, k, v, seg, causal=causal, scale=scale, window=window,
-                block_q=block_q, block_kv=block_kv,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                seg,
+                causal=causal,
+                scale=scale,
+                window=window,
+                block_q=block_q,
+                block_kv=block_kv,
+            )
 
     return _per_shard(kernel, q, k, v, seg)
 
@@ -162,9 +176,15 @@ def _cudnn(q, k, v, segment_ids, causal, scale, window):
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn",
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=scale,
+        is_causal=causal,
+        implementation="cudnn",
         local_window_size=(window - 1, 0) if window else None,
-    )  # fmt: skip
+    )
 
 
 def _per_shard(kernel, q, k, v, seg):
@@ -197,8 +217,10 @@ def _per_shard(kernel, q, k, v, seg):
     if seg is None:
         return jax.shard_map(
             lambda q, k, v: kernel(q, k, v, None),
-            in_specs=(spec, spec, spec), out_specs=spec, check_vma=False,
-        )(q, k, v)  # fmt: skip
+            in_specs=(spec, spec, spec),
+            out_specs=spec,
+            check_vma=False,
+        )(q, k, v)
     return jax.shard_map(
         kernel,
         in_specs=(spec, spec, spec, PartitionSpec(batch, None)),

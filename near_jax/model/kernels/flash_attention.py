@@ -128,12 +128,18 @@ def flash_attention(
         raise ValueError(f"flash_attention window={window} must be >= 0")
     head_dim = q.shape[3]
     cfg = _config(
-        backend=backend, length=q.shape[1], head_dim=head_dim, causal=causal, window=window,
-        segments=segment_ids_BxL is not None, block_q=block_q, block_kv=block_kv,
+        backend=backend,
+        length=q.shape[1],
+        head_dim=head_dim,
+        causal=causal,
+        window=window,
+        segments=segment_ids_BxL is not None,
+        block_q=block_q,
+        block_kv=block_kv,
         scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
         interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
         poison=poison_outputs,
-    )  # fmt: skip
+    )
     seg = None if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
     return _flash(q, k, v, seg, cfg)
 
@@ -151,9 +157,19 @@ def _fit_block(backend: str, block: int, length: int, explicit: bool) -> int:
 
 
 def _config(
-    *, backend, length, head_dim, causal, window, segments, block_q, block_kv, scale=1.0,
-    interpret=False, poison=False,
-) -> _Config:  # fmt: skip
+    *,
+    backend,
+    length,
+    head_dim,
+    causal,
+    window,
+    segments,
+    block_q,
+    block_kv,
+    scale=1.0,
+    interpret=False,
+    poison=False,
+) -> _Config:
     (fq, fk), (bq, bk) = DEFAULT_BLOCKS[backend]
     fwd = (
         _fit_block(backend, block_q or fq, length, bool(block_q)),
@@ -167,15 +183,29 @@ def _config(
 
     def tiling(blocks):
         return Tiling(
-            block_q=blocks[0], block_kv=blocks[1], len_q=padded, len_kv=padded,
-            valid_q=length, valid_kv=length, causal=causal, window=window, segments=segments,
-        )  # fmt: skip
+            block_q=blocks[0],
+            block_kv=blocks[1],
+            len_q=padded,
+            len_kv=padded,
+            valid_q=length,
+            valid_kv=length,
+            causal=causal,
+            window=window,
+            segments=segments,
+        )
 
     head_dim_padded = head_dim if backend == "tpu" else max(_GPU_MIN, _next_pow2(head_dim))
     return _Config(
-        tiling(fwd), tiling(bwd), scale, backend, interpret, poison, length, head_dim,
+        tiling(fwd),
+        tiling(bwd),
+        scale,
+        backend,
+        interpret,
+        poison,
+        length,
+        head_dim,
         head_dim_padded,
-    )  # fmt: skip
+    )
 
 
 def _round_up(x: int, m: int) -> int:
@@ -219,9 +249,15 @@ def _run_forward(q, k, v, seg, cfg: _Config):
     segs = _segments(seg, cfg)
     kernels = flash_tpu if cfg.backend == "tpu" else flash_gpu
     o_, lse = kernels.forward(
-        q_, k_, v_, *segs, t=cfg.forward, scale=cfg.scale, interpret=cfg.interpret,
+        q_,
+        k_,
+        v_,
+        *segs,
+        t=cfg.forward,
+        scale=cfg.scale,
+        interpret=cfg.interpret,
         poison=cfg.poison,
-    )  # fmt: skip
+    )
     return _from_kernel(o_, cfg), (q_, k_, v_, segs, o_, lse)
 
 
@@ -243,9 +279,18 @@ def _flash_bwd(cfg: _Config, residuals, dout_BxLxHxK):
     else:
         kernels, delta = flash_gpu, delta.transpose(0, 2, 1)  # [B, H, L]
     dq_, dk_, dv_ = kernels.backward(
-        q_, k_, v_, *segs, lse, delta, do_, t=cfg.backward, scale=cfg.scale,
-        interpret=cfg.interpret, poison=cfg.poison,
-    )  # fmt: skip
+        q_,
+        k_,
+        v_,
+        *segs,
+        lse,
+        delta,
+        do_,
+        t=cfg.backward,
+        scale=cfg.scale,
+        interpret=cfg.interpret,
+        poison=cfg.poison,
+    )
     return _from_kernel(dq_, cfg), _from_kernel(dk_, cfg), _from_kernel(dv_, cfg), None
 
 

@@ -246,10 +246,16 @@ def _dkv_kernel(*refs, t: Tiling, scale, rep, precision):
                 k_seg,
             )
             dk, dv = fb.dkv_step(
-                q_ref[rows, r, :], k, v, do_ref[rows, r, :],
-                lse_ref[r, rows][None, :], delta_ref[r, rows][None, :],
-                keep_t, scale, precision,
-            )  # fmt: skip
+                q_ref[rows, r, :],
+                k,
+                v,
+                do_ref[rows, r, :],
+                lse_ref[r, rows][None, :],
+                delta_ref[r, rows][None, :],
+                keep_t,
+                scale,
+                precision,
+            )
             return carry[0] + dk, carry[1] + dv
 
         return lax.fori_loop(lo, hi + 1, body, carry)

@@ -138,9 +138,16 @@ def _forward_kernel(*refs, t: Tiling, scale, precision):
             ks_ref[...] if t.segments else None,
         )
         m, denom, acc = fb.forward_step(
-            q_ref[...], k_ref[...], v_ref[...], m_sc[...], l_sc[...], acc_sc[...],
-            keep, scale, precision,
-        )  # fmt: skip
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            m_sc[...],
+            l_sc[...],
+            acc_sc[...],
+            keep,
+            scale,
+            precision,
+        )
         m_sc[...], l_sc[...], acc_sc[...] = m, denom, acc
 
     @pl.when(s == pl.num_programs(3) - 1)
@@ -228,9 +235,16 @@ def _dq_kernel(*refs, t: Tiling, scale, precision):
             ks_ref[...] if t.segments else None,
         )
         acc_sc[...] += fb.dq_step(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_sc[...], delta_sc[...],
-            keep, scale, precision,
-        )  # fmt: skip
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            do_ref[...],
+            lse_sc[...],
+            delta_sc[...],
+            keep,
+            scale,
+            precision,
+        )
 
     @pl.when(s == pl.num_programs(3) - 1)
     def _finish():
@@ -308,9 +322,16 @@ def _dkv_kernel(*refs, t: Tiling, scale, precision):
             ks_ref[...] if t.segments else None,
         )
         dk, dv = fb.dkv_step(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-            keep_t, scale, precision,
-        )  # fmt: skip
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            do_ref[...],
+            lse_ref[...],
+            delta_ref[...],
+            keep_t,
+            scale,
+            precision,
+        )
         dk_sc[...] += dk
         dv_sc[...] += dv
 

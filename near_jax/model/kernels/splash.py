@@ -51,10 +51,15 @@ def _kernel(length, heads, causal, window, block_q, block_kv, interpret):
         mask = splash.FullMask(shape)
     bq, bk = _block(block_q, length), _block(block_kv, length)
     sizes = splash.BlockSizes(
-        block_q=bq, block_kv=bk, block_kv_compute=bk,
-        block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-        block_q_dq=bq, block_kv_dq=bk,
-    )  # fmt: skip
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
+    )
     return splash.make_splash_mha_single_device(
         splash.MultiHeadMask([mask] * heads), block_sizes=sizes, interpret=interpret
     )
