@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# What every launcher runs on each host: joins the job (near_jax.distributed), then trains.
+# What every launcher runs on each host: joins the job (near_jax.train.distributed), then trains.
 TRAIN_MODULE = "launch._worker"
 
 

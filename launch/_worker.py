@@ -1,7 +1,7 @@
 """One training process of a multi-process run: join the job, then run `near_jax.train`.
 
 `launch/local.py` (and the SLURM script) start `python -m launch._worker <train flags>` with
-the NEAR_JAX_* variables set; `near_jax.distributed.initialize()` reads them. Once
+the NEAR_JAX_* variables set; `near_jax.train.distributed.initialize()` reads them. Once
 `near_jax.train` initializes itself (its `--coordinator_address/...` flags), this module is a
 thin alias kept so launch commands stay the same.
 """

@@ -7,7 +7,7 @@
 `--per=gpu` (default) starts one process per GPU (`--ntasks-per-node=GPUS`, each process
 sees its GPU through SLURM_LOCALID); `--per=node` starts one process per node that drives all
 of its GPUs. The first node of the allocation (`scontrol show hostnames`) is the coordinator;
-`near_jax.distributed` reads the rest (process count and index) from srun's environment.
+`near_jax.train.distributed` reads the rest (process count and index) from srun's environment.
 
 --dry_run prints the script; otherwise it is written to --script and submitted with sbatch.
 The config is checked first: its mesh (data*fsdp*tensor) must fill nodes x GPUs, and

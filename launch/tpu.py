@@ -10,7 +10,7 @@ Steps (each one `gcloud` command; --dry_run prints them and runs nothing):
   3. copy this repository to every worker of every slice (`tpu-vm scp --worker=all`) and
      `pip install` it (skip both with --skip_setup);
   4. `tpu-vm ssh --worker=all --command=...` on every slice at once: each worker runs the
-     training process; `near_jax.distributed` finds the other workers from the TPU metadata.
+     training process; `near_jax.train.distributed` finds the other workers from the TPU metadata.
 Multi-slice runs are data-parallel across slices over the data-center network: the mesh's
 `dcn_data` must equal --slices (it is added to the train flags when missing).
 

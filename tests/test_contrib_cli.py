@@ -1,6 +1,6 @@
 """The contributor audit (`near_jax.contrib.audit`) and CLI (`python -m near_jax.contrib`), on
 a real adversarial run: honest islands, a free-rider, a poisoner, a forger, a copier and a
-replayer (tests/test_contrib.py), three rounds closed by the real aggregator."""
+replayer (tests/test_validator.py), three rounds closed by the real aggregator."""
 
 import copy
 import csv
@@ -19,7 +19,7 @@ from near_jax.contrib import audit, identity, ledger, ledger_mirror, ledger_veri
 from near_jax.contrib.rewards import Standing
 from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
-from tests.test_contrib import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
+from tests.test_validator import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 
 ROUNDS = 3
 

@@ -1,5 +1,5 @@
 """Launchers: multi-process training on localhost, Cloud TPU and SLURM commands, and the
-multi-host start-up (`near_jax.distributed`)."""
+multi-host start-up (`near_jax.train.distributed`)."""
 
 import importlib.util
 import json

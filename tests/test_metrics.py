@@ -1,4 +1,4 @@
-"""Tests of near_jax.metrics: writers, reading back, MFU, peak table, formatting, progress."""
+"""Tests of near_jax.train.metrics: writers, reading back, MFU, peak table, formatting, progress."""
 
 import glob
 import io

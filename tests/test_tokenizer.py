@@ -1,4 +1,4 @@
-"""Tests of near_jax.tokenizer: byte, SentencePiece and Hugging Face tokenizers."""
+"""Tests of near_jax.data.tokenizer: byte, SentencePiece and Hugging Face tokenizers."""
 
 import json
 import pickle
