@@ -58,11 +58,13 @@ import re
 import stat
 import struct
 import threading
+import time
 import urllib.parse
 
 from near_jax._io import one_line
 
 MAGIC = b"NJOB"  # near_jax object
+READ_ATTEMPTS = 8  # reads of an object that keeps changing before giving up (~1 s)
 VERSION = 1
 HEADER = struct.Struct("<4sHQ32s")  # magic, version, body length, sha256(body)
 _KEY_PART = re.compile(r"[A-Za-z0-9._=-]+")
@@ -228,10 +230,13 @@ class ObjectStore:
     ) -> tuple[bytes | None, bytes]:
         """(body or None, the storage generation read) for a later `put_if_generation`;
         bounded like `get`."""
-        for _ in range(3):
+        for attempt in range(READ_ATTEMPTS):
             data, generation = self._read_framed(key, max_bytes)
             if data is not False:
                 return (None if data is None else unframe(data, key)), generation
+            # Rewritten mid-read: back off so a busy writer cannot starve the reader (a loaded
+            # machine made three immediate retries fail in tests).
+            time.sleep(min(0.01 * 2**attempt, 0.25))
         raise StoreError(f"{key!r} in {self.url!r} kept changing while it was being read")
 
     def read_prefix(self, key: str, max_bytes: int) -> tuple[bytes, bool, bytes] | None:
