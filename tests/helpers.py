@@ -187,6 +187,16 @@ def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
     return x
 
 
+def params_like_tree(seed=0):
+    """A tree shaped like a model's params: nested dicts, a list, a scalar, an empty leaf."""
+    return {
+        "layers": {"attn": {"q": delta((2, 3, 67), seed)}, "norm": delta((129,), seed + 1)},
+        "embed": delta((64, 64), seed + 2),
+        "scalars": [delta((), seed + 3), delta((7,), seed + 4)],
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
 def hashed_delta(shape, seed=0, scale=1e-3, spike=1000):
     """A pseudo-gradient-like float32 tensor that depends on no random number generator (so
     that golden hashes of what the codec or outer step make of it pin those, not numpy's
