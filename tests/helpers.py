@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -380,3 +381,76 @@ def metric_records(path, split):
         except ValueError:
             continue
     return [x for x in records if x.get("split") == split]
+
+
+# ------------------------------------------------------- the data pipeline on small sources
+
+SEQ_LEN = 64  # the row length of data_cfg()
+DOC_MARK = re.compile(r"<(\d{4})>")
+
+
+def data_cfg(**overrides):
+    """config.data with rows of SEQ_LEN and no shuffle window, fields overridden."""
+    cfg = config_lib.default_config().data
+    cfg.seq_len = SEQ_LEN
+    cfg.shuffle_window = 0  # rows in stream order; tests that want the window set it
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def data_it(cfg, split="train", seed=0, batch=8, **kw):
+    """data.make_iterator on one host (process_index / process_count overridable)."""
+    from near_jax import data
+
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return data.make_iterator(cfg, split=split, seed=seed, global_batch_size=batch, **kw)
+
+
+def take(it, n):
+    """The next n items of an iterator."""
+    return [next(it) for _ in range(n)]
+
+
+def doc_text(i: int) -> str:
+    """Document i's text: its number as a marker, five times (see doc_markers)."""
+    return f"<{i:04d}>" * 5 + "\n"
+
+
+def doc_markers(batch) -> set[int]:
+    """Document numbers whose marker appears in any segment of the batch (byte tokens)."""
+    from near_jax.data.tokenizer import load_tokenizer
+
+    byte = load_tokenizer("byte")
+    found = set()
+    for row, segs in zip(batch["inputs"], batch["segment_ids"], strict=True):
+        for s in np.unique(segs[segs > 0]):
+            found.update(int(m) for m in DOC_MARK.findall(byte.decode(row[segs == s])))
+    return found
+
+
+def check_row_invariants(batch, tok, seq=SEQ_LEN, specials=True):
+    """Asserts what every packed batch holds: dtypes, next-token targets, ordered segments,
+    positions from 0 per segment, BOS/EOS at boundaries (specials), weights, padding."""
+    x, y = batch["inputs"], batch["targets"]
+    seg, pos, w = batch["segment_ids"], batch["positions"], batch["weights"]
+    for key in ("inputs", "targets", "positions", "segment_ids"):
+        assert batch[key].dtype == np.int32 and batch[key].shape[1] == seq
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the next inputs
+    for r in range(len(x)):
+        real = seg[r] > 0
+        assert np.all(seg[r][real][1:] >= seg[r][real][:-1])  # segments in order
+        assert np.all(w[r][~real] == 0) and np.all(x[r][~real] == tok.pad_id)
+        for t in range(seq):
+            if t == 0 or seg[r, t] != seg[r, t - 1]:
+                assert pos[r, t] == 0
+                if specials and t > 0 and seg[r, t] > 0:  # a document starts in the row
+                    assert x[r, t] == tok.bos_id and x[r, t - 1] == tok.eos_id
+                    assert w[r, t - 1] == 0  # no loss across the boundary
+            else:
+                assert pos[r, t] == pos[r, t - 1] + 1
+        # weight 1 exactly where the target continues the input's document
+        same = np.append(seg[r][1:] == seg[r][:-1], True) & real
+        np.testing.assert_array_equal(w[r][:-1], same[:-1].astype(np.float32))
