@@ -7,6 +7,8 @@ from near_jax.diloco import island, protocol, quarantine
 from near_jax.diloco import store as store_lib
 from near_jax.diloco.store import ObjectStore
 
+# ------------------------------------------------------------- through the aggregator
+
 
 @pytest.mark.parametrize("planted", ["unframed", "not_json", "forged"])
 def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_path, planted):
