@@ -18,3 +18,11 @@ def saved_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("saved_run")
     save_run(workdir, small_config())
     return workdir
+
+
+@pytest.fixture
+def started(tmp_path):
+    """(store, clock, aggregator) of a DiLoCo run created at version 0 (helpers.started_run)."""
+    from helpers import started_run
+
+    return started_run(tmp_path)

@@ -1,14 +1,18 @@
 """Small shared builders for tests, and the scaffolding for running the CLIs in subprocesses."""
 
 import hashlib
+import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from near_jax import config as config_lib
 
@@ -184,6 +188,16 @@ def delta(shape, seed=0, outliers=3, scale=1e-3, spike=1000):
     return x
 
 
+def params_like_tree(seed=0):
+    """A tree shaped like a model's params: nested dicts, a list, a scalar, an empty leaf."""
+    return {
+        "layers": {"attn": {"q": delta((2, 3, 67), seed)}, "norm": delta((129,), seed + 1)},
+        "embed": delta((64, 64), seed + 2),
+        "scalars": [delta((), seed + 3), delta((7,), seed + 4)],
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
 def hashed_delta(shape, seed=0, scale=1e-3, spike=1000):
     """A pseudo-gradient-like float32 tensor that depends on no random number generator (so
     that golden hashes of what the codec or outer step make of it pin those, not numpy's
@@ -213,3 +227,230 @@ def leaves_sha256(tree) -> str:
     """sha256 of a tree's float32 leaves' bytes, in tree order: a golden's fingerprint."""
     leaves = (np.asarray(x, np.float32).tobytes() for x in jax.tree.leaves(tree))
     return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+# ------------------------------------------ DiLoCo across islands: a run in-process (numpy)
+
+RUN, SPEC, LR, MU = "demo", "int8", 0.7, 0.9
+SHAPES = {"w": (4, 33), "b": (33,), "blocks": {"k": (2, 3, 5)}}
+
+
+def tree(seed, scale=1.0):
+    """A float32 tree shaped like SHAPES, standard normal × scale, from seed."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: (rng.standard_normal(s) * scale).astype(np.float32),
+        SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+LIKE = tree(0)
+
+
+def make_aggregator(store, clock, quorum=3, timeout=10.0):
+    """An Aggregator of run RUN (int8, lr 0.7, μ 0.9) over LIKE, on a FakeClock."""
+    from near_jax.diloco.aggregator import Aggregator
+
+    return Aggregator(
+        store,
+        RUN,
+        LIKE,
+        spec=SPEC,
+        lr=LR,
+        momentum=MU,
+        quorum=quorum,
+        round_timeout=timeout,
+        poll_seconds=0.5,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+
+
+def started_run(tmp_path):
+    """(store, clock, aggregator) of a run created at version 0 from tree(1), in a file store
+    at tmp_path (conftest's `started` fixture)."""
+    from near_jax.diloco.store import ObjectStore
+
+    store, clock = ObjectStore.open(str(tmp_path)), FakeClock()
+    agg = make_aggregator(store, clock)
+    assert agg.create(tree(1), {"inner_steps": 3})
+    assert not make_aggregator(store, clock).create(tree(99), {})  # idempotent: kept
+    agg.load()
+    return store, clock, agg
+
+
+def push(store, island, version, delta, **kw):
+    """Island `island` pushes delta for the round on `version` (pulled from the store)."""
+    from near_jax.diloco import protocol
+
+    base = protocol.pull_version(store, RUN, version, LIKE)
+    return protocol.push_contribution(store, RUN, island, base, delta, SPEC, **kw)
+
+
+def optax_rounds(params, updates):
+    """The reference: optax outer_step applied to each update in turn (eager, float32)."""
+    from near_jax.diloco.outer import outer_optimizer, outer_step
+
+    opt = outer_optimizer(LR, MU)
+    state = opt.init(params)
+    for update in updates:
+        params, state = outer_step(opt, params, state, update)
+    return params, state[0].trace
+
+
+def bits_equal(a, b):
+    """Whether two trees hold the same float32 bits, leaf by leaf."""
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(
+        np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+        for x, y in leaves
+    )
+
+
+# ------------------------------------------- DiLoCo across islands: processes on localhost
+
+# The tiny model the island and aggregator programs are started with in tests.
+MODEL = [
+    "--config=configs/tiny.py",
+    "--config.model.d_model=32",
+    "--config.model.n_layers=1",
+    "--config.model.n_heads=2",
+    "--config.model.n_kv_heads=1",
+    "--config.model.mlp_dim=64",
+    "--config.data.seq_len=32",
+    "--config.train.global_batch_size=4",
+    "--config.train.eval_batches=2",
+    "--config.optim.warmup_steps=0",
+    "--config.optim.lr=1e-2",
+    "--config.diloco.inner_steps=3",
+    "--config.diloco.compression=int8",
+]
+
+
+class Procs:
+    """Subprocesses on one CPU device each, sharing a persistent compilation cache."""
+
+    def __init__(self, tmp_path):
+        self.tmp, self.procs = tmp_path, {}
+        cache = tmp_path.parent / "jax_cache"  # session-wide
+        self.env = subprocess_env(devices=1, compilation_cache=cache, PYTHONPATH=REPO)
+
+    def start(self, name, module, *args):
+        with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own handle
+            self.procs[name] = start_module(
+                f"near_jax.diloco.{module}", *args, env=self.env, stdout=log, stderr=log
+            )
+        return self.procs[name]
+
+    def log(self, name):
+        return (self.tmp / f"{name}.log").read_text()
+
+    def logs(self):
+        return "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+
+    def wait_for(self, what, fn, timeout):
+        deadline = time.monotonic() + timeout
+        while not fn():
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, -9)}
+            if time.monotonic() > deadline or any(dead.values()):
+                pytest.fail(f"timed out waiting for {what} ({dead})\n{self.logs()}")
+            time.sleep(0.2)
+
+    def kill_all(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def latest_version(store):
+    """The version `latest` names in run RUN of store (-1 while there is none)."""
+    from near_jax.diloco import protocol
+
+    body = store.get(protocol.latest_key(RUN))
+    return json.loads(body)["version"] if body else -1
+
+
+def metric_records(path, split):
+    """JSONL records of `split` (a line torn by SIGKILL is skipped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [x for x in records if x.get("split") == split]
+
+
+# ------------------------------------------------------- the data pipeline on small sources
+
+SEQ_LEN = 64  # the row length of data_cfg()
+DOC_MARK = re.compile(r"<(\d{4})>")
+
+
+def data_cfg(**overrides):
+    """config.data with rows of SEQ_LEN and no shuffle window, fields overridden."""
+    cfg = config_lib.default_config().data
+    cfg.seq_len = SEQ_LEN
+    cfg.shuffle_window = 0  # rows in stream order; tests that want the window set it
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def data_it(cfg, split="train", seed=0, batch=8, **kw):
+    """data.make_iterator on one host (process_index / process_count overridable)."""
+    from near_jax import data
+
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return data.make_iterator(cfg, split=split, seed=seed, global_batch_size=batch, **kw)
+
+
+def take(it, n):
+    """The next n items of an iterator."""
+    return [next(it) for _ in range(n)]
+
+
+def doc_text(i: int) -> str:
+    """Document i's text: its number as a marker, five times (see doc_markers)."""
+    return f"<{i:04d}>" * 5 + "\n"
+
+
+def doc_markers(batch) -> set[int]:
+    """Document numbers whose marker appears in any segment of the batch (byte tokens)."""
+    from near_jax.data.tokenizer import load_tokenizer
+
+    byte = load_tokenizer("byte")
+    found = set()
+    for row, segs in zip(batch["inputs"], batch["segment_ids"], strict=True):
+        for s in np.unique(segs[segs > 0]):
+            found.update(int(m) for m in DOC_MARK.findall(byte.decode(row[segs == s])))
+    return found
+
+
+def check_row_invariants(batch, tok, seq=SEQ_LEN, specials=True):
+    """Asserts what every packed batch holds: dtypes, next-token targets, ordered segments,
+    positions from 0 per segment, BOS/EOS at boundaries (specials), weights, padding."""
+    x, y = batch["inputs"], batch["targets"]
+    seg, pos, w = batch["segment_ids"], batch["positions"], batch["weights"]
+    for key in ("inputs", "targets", "positions", "segment_ids"):
+        assert batch[key].dtype == np.int32 and batch[key].shape[1] == seq
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the next inputs
+    for r in range(len(x)):
+        real = seg[r] > 0
+        assert np.all(seg[r][real][1:] >= seg[r][real][:-1])  # segments in order
+        assert np.all(w[r][~real] == 0) and np.all(x[r][~real] == tok.pad_id)
+        for t in range(seq):
+            if t == 0 or seg[r, t] != seg[r, t - 1]:
+                assert pos[r, t] == 0
+                if specials and t > 0 and seg[r, t] > 0:  # a document starts in the row
+                    assert x[r, t] == tok.bos_id and x[r, t - 1] == tok.eos_id
+                    assert w[r, t - 1] == 0  # no loss across the boundary
+            else:
+                assert pos[r, t] == pos[r, t - 1] + 1
+        # weight 1 exactly where the target continues the input's document
+        same = np.append(seg[r][1:] == seg[r][:-1], True) & real
+        np.testing.assert_array_equal(w[r][:-1], same[:-1].astype(np.float32))

@@ -6,13 +6,13 @@ import time
 
 import jax
 import numpy as np
+from helpers import MODEL, RUN, Procs, latest_version, metric_records
 
 from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify
 from near_jax.contrib.contributor import Signer
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.store import ObjectStore
-from tests.test_islands import MODEL, RUN, Procs, _latest, _records
 
 ROUNDS = 5
 
@@ -56,18 +56,18 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
                 f"--workdir={tmp_path / name}",
             )
         procs.start("agg1", "aggregator", *agg_args)
-        procs.wait_for("version 1", lambda: _latest(store) >= 1, 240)
+        procs.wait_for("version 1", lambda: latest_version(store) >= 1, 240)
         # A forger claims island a's name in the open round with another key.
-        v = _latest(store)
+        v = latest_version(store)
         base = protocol.pull_version(store, RUN, v, _like(store))
         delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.params)
         forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
         identity.register(store, RUN, "mallory", identity.generate(), time.time())
         protocol.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
-        procs.wait_for("version 2", lambda: _latest(store) >= 2, 120)
+        procs.wait_for("version 2", lambda: latest_version(store) >= 2, 120)
         procs.procs["agg1"].send_signal(signal.SIGKILL)
         procs.procs["agg1"].wait()
-        killed_at = _latest(store)
+        killed_at = latest_version(store)
         restarted = procs.start("agg2", "aggregator", *agg_args)
         restarted.wait(timeout=180)
         for name in "ab":
@@ -101,7 +101,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     forged_rows = [r for r in rows if r["contributor"] == "mallory"]
     assert len(forged_rows) == 1 and forged_rows[0]["reason"].startswith("bad signature")
     assert protocol.verify_run(store, RUN, _like(store)) == []
-    records = _records(tmp_path / "agg" / "metrics.jsonl", "aggregator")
+    records = metric_records(tmp_path / "agg" / "metrics.jsonl", "aggregator")
     assert any("best_score" in x for x in records)
     v0 = next(x["eval_loss"] for x in records if x.get("version") == 0 and "round" not in x)
     last = max((x for x in records if "round" in x), key=lambda x: x["round"])
