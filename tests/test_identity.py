@@ -1,4 +1,4 @@
-"""Contributor identities (ed25519 keys, statements, registry) and pluggable attestation."""
+"""Contributor identities (ed25519 keys, key files, statements) and pluggable attestation."""
 
 import hashlib
 import os
@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 from near_jax.contrib import attest, identity
 from near_jax.contrib.identity import IdentityError
 from near_jax.diloco import protocol
-from near_jax.diloco.store import ObjectStore
 
 H = {c: c * 64 for c in "0123456789abcdef"}  # distinct valid sha256 hex strings
 
@@ -226,80 +225,6 @@ def test_load_errors(tmp_path, alice):
             identity.load(path)
         assert "\n" not in str(e.value), name
         assert str(path) in str(e.value), name
-
-
-# ------------------------------------------------------------------------------ registry
-
-
-@pytest.fixture
-def store(tmp_path):
-    return ObjectStore.open(str(tmp_path))
-
-
-def test_register_and_lookup(store, alice, bob):
-    assert identity.lookup(store, "demo", "alice") is None
-    assert identity.register(store, "demo", "alice", alice, now=100.0) is True
-    assert identity.register(store, "demo", "alice", alice, now=200.0) is False  # idempotent
-    with pytest.raises(IdentityError, match=f"registered to key id {alice.key_id}; choose"):
-        identity.register(store, "demo", "alice", bob, now=300.0)
-    assert identity.lookup(store, "demo", "alice") == alice.public_hex
-    assert identity.register(store, "demo", "bob", bob, now=300.0) is True
-    # Names are per run.
-    assert identity.lookup(store, "other", "alice") is None
-    assert identity.register(store, "other", "alice", bob, now=1.0) is True
-    assert identity.registry(store, "demo") == {"alice": alice.public_hex, "bob": bob.public_hex}
-    assert identity.registry_problems(store, "demo") == []
-    entry = protocol.read_json(store, "demo/registry/alice")
-    assert entry["registered_at"] == 100.0 and entry["key_id"] == alice.key_id
-
-
-def test_register_rejects_bad_names(store, alice):
-    for run, name in [("demo", "../x"), ("demo", ""), ("demo", "a/b"), ("bad run", "alice")]:
-        with pytest.raises(IdentityError, match="bad (run|contributor) name"):
-            identity.register(store, run, name, alice, now=1.0)
-    with pytest.raises(IdentityError, match="finite"):
-        identity.register(store, "demo", "alice", alice, now=float("nan"))
-    assert store.list("demo/") == []
-
-
-def test_tampered_registry_never_yields_a_key(store, alice, bob):
-    identity.register(store, "demo", "alice", alice, now=1.0)
-    identity.register(store, "demo", "bob", bob, now=1.0)
-    identity.register(store, "demo", "carol", identity.generate(), now=1.0)
-    good = protocol.read_json(store, "demo/registry/alice")
-
-    # Swap in another public key (with a consistent key id): the self-signature fails.
-    swapped = dict(good, public_key=bob.public_hex, key_id=bob.key_id)
-    store.put("demo/registry/alice", protocol.dumps(swapped))
-    with pytest.raises(IdentityError, match="demo/registry/alice.*signature that does not verify"):
-        identity.lookup(store, "demo", "alice")
-
-    # Bob's genuine entry copied under another name is mis-filed.
-    store.put("demo/registry/bob2", store.get("demo/registry/bob"))
-    with pytest.raises(IdentityError, match="filed as 'bob2'"):
-        identity.lookup(store, "demo", "bob2")
-
-    # Not JSON, wrong fields, a key id that lies.
-    store.put("demo/registry/dave", b"not json")
-    bad_id = protocol.read_json(store, "demo/registry/carol")
-    store.put("demo/registry/carol", protocol.dumps(dict(bad_id, key_id="0" * 16)))
-    store.put("demo/registry/eve", protocol.dumps({"name": "eve"}))
-    for name, match in [("dave", "not JSON"), ("carol", "key id"), ("eve", "has fields")]:
-        with pytest.raises(IdentityError, match=match):
-            identity.lookup(store, "demo", name)
-
-    assert identity.registry(store, "demo") == {"bob": bob.public_hex}
-    problems = identity.registry_problems(store, "demo")
-    assert len(problems) == 5
-    for name in ("alice", "bob2", "carol", "dave", "eve"):
-        assert (
-            sum(f"demo/registry/{name} " in p or f"demo/registry/{name}:" in p for p in problems)
-            == 1
-        ), name
-    assert all("\n" not in p for p in problems)
-    # A tampered name cannot be re-registered either: it stays unusable, not silently taken.
-    with pytest.raises(IdentityError, match="signature that does not verify"):
-        identity.register(store, "demo", "alice", bob, now=2.0)
 
 
 # ---------------------------------------------------------------------------- code hash
