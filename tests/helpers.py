@@ -213,3 +213,21 @@ def leaves_sha256(tree) -> str:
     """sha256 of a tree's float32 leaves' bytes, in tree order: a golden's fingerprint."""
     leaves = (np.asarray(x, np.float32).tobytes() for x in jax.tree.leaves(tree))
     return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+H = {c: c * 64 for c in "0123456789abcdef"}  # distinct valid sha256 hex strings
+
+
+def statement_fields(**over) -> dict:
+    """A valid contribution statement (identity.STATEMENT_FIELDS), with `over` applied."""
+    f = {
+        "run": "demo",
+        "round": 3,
+        "contributor": "alice",
+        "base_sha256": H["a"],
+        "payload_sha256": H["b"],
+        "code_sha256": H["c"],
+        "config_sha256": H["d"],
+    }
+    f.update(over)
+    return f
