@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from near_jax.contrib import identity, screening
+from near_jax.contrib import identity, registry, screening
 from near_jax.contrib.contributor import Signer
 from near_jax.contrib.policy import Policy
 from near_jax.contrib.validator import ContribAggregator
@@ -76,7 +76,7 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
     shared = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()}
     for i in range(n):
         name, key = f"c{i:03d}", identity.generate()
-        identity.register(store, RUN, name, key, 0.0)
+        registry.register(store, RUN, name, key, 0.0)
         delta = {
             k: 0.01 * (shared[k] + rng.standard_normal(v.shape).astype(np.float32))
             for k, v in like.items()

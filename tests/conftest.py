@@ -26,3 +26,22 @@ def started(tmp_path):
     from helpers import started_run
 
     return started_run(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def adversarial_run(tmp_path_factory):
+    """(world, decisions) of five adversarial rounds of tests/contrib_world.py's run."""
+    from contrib_world import NAMES, POLICY, World, adversarial_round
+
+    world = World(tmp_path_factory.mktemp("adversarial"), NAMES, POLICY)
+    decisions = [adversarial_round(world) for _ in range(5)]
+    world.agg.close()
+    return world, decisions
+
+
+@pytest.fixture
+def ledger_path(tmp_path):
+    """A ledger with rounds 0 and 1 (5 entries) of tests/ledger_rows.py."""
+    from ledger_rows import make_ledger
+
+    return make_ledger(str(tmp_path / "ledger.sqlite"))

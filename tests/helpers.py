@@ -454,3 +454,21 @@ def check_row_invariants(batch, tok, seq=SEQ_LEN, specials=True):
         # weight 1 exactly where the target continues the input's document
         same = np.append(seg[r][1:] == seg[r][:-1], True) & real
         np.testing.assert_array_equal(w[r][:-1], same[:-1].astype(np.float32))
+
+
+H = {c: c * 64 for c in "0123456789abcdef"}  # distinct valid sha256 hex strings
+
+
+def statement_fields(**over) -> dict:
+    """A valid contribution statement (identity.STATEMENT_FIELDS), with `over` applied."""
+    f = {
+        "run": "demo",
+        "round": 3,
+        "contributor": "alice",
+        "base_sha256": H["a"],
+        "payload_sha256": H["b"],
+        "code_sha256": H["c"],
+        "config_sha256": H["d"],
+    }
+    f.update(over)
+    return f

@@ -1,6 +1,6 @@
 """The contributor audit (`near_jax.contrib.audit`) and CLI (`python -m near_jax.contrib`), on
 a real adversarial run: honest islands, a free-rider, a poisoner, a forger, a copier and a
-replayer (tests/test_validator.py), three rounds closed by the real aggregator."""
+replayer (tests/contrib_world.py), three rounds closed by the real aggregator."""
 
 import copy
 import csv
@@ -13,13 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from contrib_world import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 from helpers import run_module
 
-from near_jax.contrib import audit, identity, ledger, ledger_mirror, ledger_verify, signing
+from near_jax.contrib import (
+    audit,
+    identity,
+    ledger,
+    ledger_mirror,
+    ledger_verify,
+    registry,
+    signing,
+)
 from near_jax.contrib.rewards import Standing
 from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
-from tests.test_validator import ADVERSARIES, HONEST, NAMES, POLICY, RUN, World, adversarial_round
 
 ROUNDS = 3
 
@@ -304,15 +312,15 @@ def test_the_latest_round_may_be_recorded_before_it_is_published(world, tmp_path
 
 def test_junk_in_the_registry_is_a_warning_unless_the_name_signed(world, tmp_path):
     store, _ = clone(world, tmp_path)
-    store.put(identity.registry_key(RUN, "nobody"), b'{"name": "nobody"}')
-    store.put(identity.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
+    store.put(registry.registry_key(RUN, "nobody"), b'{"name": "nobody"}')
+    store.put(registry.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
     problems, summary = audit.verify(store, RUN)
     assert problems == []
     assert len(summary["warnings"]) == 2
     assert all(w.startswith("registry entry") for w in summary["warnings"]), summary
     assert "deep" in summary["warnings"][0] and "nobody" in summary["warnings"][1]
     # a name that signed work: its key became unreadable, its signatures uncheckable
-    store.put(identity.registry_key(RUN, "honest1"), b'{"name": "honest1"}')
+    store.put(registry.registry_key(RUN, "honest1"), b'{"name": "honest1"}')
     problems, summary = audit.verify(store, RUN)
     assert len(summary["warnings"]) == 2
     assert any(
@@ -393,7 +401,7 @@ def test_cli(world, tmp_path):
         reg.stdout.strip() == f"registered newbie (key id {identity.key_id(public)}) in run {RUN}"
     )
 
-    ObjectStore.open(str(path)).put(identity.registry_key(RUN, "junk"), b"{}")
+    ObjectStore.open(str(path)).put(registry.registry_key(RUN, "junk"), b"{}")
     ok = cli("verify", store, f"--run={RUN}")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     lines = ok.stdout.splitlines()
@@ -462,7 +470,7 @@ def test_cli_gives_one_line_for_absurd_store_objects(world, tmp_path):
     deep = b"[" * 30000 + b"]" * 30000
     store, path = clone(world, tmp_path)
     store.put(protocol.decision_key(RUN, 1), deep)
-    store.put(identity.registry_key(RUN, "deep"), deep)
+    store.put(registry.registry_key(RUN, "deep"), deep)
     other, other_path = clone(world, tmp_path / "other")
     other.put(protocol.manifest_key(RUN), deep)
     calls = [

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from helpers import MODEL, RUN, Procs, latest_version, metric_records
 
-from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify
+from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, registry
 from near_jax.contrib.contributor import Signer
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, decode
@@ -62,7 +62,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
         base = protocol.pull_version(store, RUN, v, _like(store))
         delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.params)
         forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
-        identity.register(store, RUN, "mallory", identity.generate(), time.time())
+        registry.register(store, RUN, "mallory", identity.generate(), time.time())
         protocol.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
         procs.wait_for("version 2", lambda: latest_version(store) >= 2, 120)
         procs.procs["agg1"].send_signal(signal.SIGKILL)

@@ -1,6 +1,7 @@
 """Contributors: identity, policy, validation, ledger, audit, rewards.
 
-identity       ed25519 keys, signed contribution statements, the run's key registry
+identity       ed25519 keys, key files, signed contribution statements
+registry       the run's key registry: self-signed name -> public key entries in the store
 attest         code/config hashes and the pluggable attestation verifier (TEE quotes)
 policy         what a run accepts: its Policy, the config hash signed, allowed code hashes
 signing        what the aggregator's key signs: round seeds (commit, reveal), decisions
@@ -12,7 +13,8 @@ ledger_mirror  the store's copy of the ledger (RUN/ledger.sqlite): upload, downl
 recorder       the aggregator's local ledger: opened or rebuilt, recorded from decisions
 validator      the aggregator's validator role (check, decide, record) and `build`
 contributor    an island's side: its Signer, the start-up checks, its slot's owner
-audit          auditing a run from its store alone (what `verify` runs)
+audit          auditing a run from its store alone (what `verify` runs): gathers, summarizes
+audit_checks   the audit's checks: entry signatures, decisions and seeds, rewards
 rewards        standings over a window: leaderboard and promotion
 __main__       python -m near_jax.contrib: keygen, register, verify, leaderboard, promote
 

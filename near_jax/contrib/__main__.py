@@ -40,7 +40,7 @@ from absl import flags
 from near_jax import cli
 from near_jax._io import atomic_write, one_line
 from near_jax.cli import quiet_library_logs, usage_error
-from near_jax.contrib import attest, audit, identity, rewards
+from near_jax.contrib import attest, audit, identity, registry, rewards
 from near_jax.contrib.identity import IdentityError
 from near_jax.contrib.ledger import LedgerError
 from near_jax.diloco import protocol
@@ -105,7 +105,7 @@ def register(f: Any) -> int:
         usage_error(str(e))
     store, run = _open_run(f)
     try:
-        created = identity.register(store, run, f.name, ident, time.time())
+        created = registry.register(store, run, f.name, ident, time.time())
     except identity.IdentityError as e:
         usage_error(str(e))
     if created:
@@ -169,11 +169,11 @@ def promote(f: Any) -> int:
         f"{_rounds_header(run, checked, first, last)}: top {f.top}, accepted in >= "
         f"{f.min_rounds} rounds, never caught cheating"
     )
-    registry = checked.registry  # the valid entries, as audited
+    registered = checked.registry  # the valid entries, as audited
     out = []
     width = max((len(s.contributor) for s in chosen), default=0)
     for rank, s in enumerate(chosen, 1):
-        public = registry.get(s.contributor, "")
+        public = registered.get(s.contributor, "")
         # a name freed and re-registered to another key must not promote that other key
         if public and identity.key_id(public) != s.key_id:
             _warn(

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from near_jax._io import one_line
-from near_jax.contrib import attest, identity
+from near_jax.contrib import attest, identity, registry
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, PayloadError, decode
 from near_jax.diloco.protocol import Verdict, Version
@@ -203,7 +203,7 @@ class Checker:
         change: first come, first served)."""
         if name not in self._keys:
             try:
-                public = identity.lookup(self.store, self.run, name)
+                public = registry.lookup(self.store, self.run, name)
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - a tampered entry yields no key

@@ -17,7 +17,7 @@ import base64
 import hashlib
 import time
 
-from near_jax.contrib import attest, identity
+from near_jax.contrib import attest, identity, registry
 from near_jax.contrib.policy import Policy, extra_allowed_code, recipe_sha256
 from near_jax.diloco import protocol
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -103,7 +103,7 @@ def prepare_signer(
                 f"{attest.MAX_BLOB_BYTES}"
             )
     try:  # last: a start that fails on the code or config does not claim the name
-        identity.register(store, run, name, ident, time.time())
+        registry.register(store, run, name, ident, time.time())
     except identity.IdentityError as e:
         raise ValueError(str(e)) from None
     return Signer(ident, name, code, config, blob)

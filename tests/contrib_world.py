@@ -1,0 +1,169 @@
+"""Untrusted contributors, in process: an adversarial round protocol on a synthetic problem.
+
+The model is a least-squares regression (params {"w", "b"}), so every round is fast and the
+honest pseudo-gradients are real (H gradient steps on each island's own data); everything
+else — store, signatures, registry, screening, scoring, robust rules, ledger — is the real
+thing. Shared by the contributor tests (validator, checks, recorder, policy, signing, the CLI);
+the five-round `adversarial_run` fixture in conftest.py is built from it.
+"""
+
+import hashlib
+
+import jax
+import numpy as np
+from helpers import FakeClock
+
+from near_jax.contrib import identity, registry
+from near_jax.contrib.contributor import Signer
+from near_jax.contrib.policy import Policy
+from near_jax.contrib.validator import ContribAggregator
+from near_jax.diloco import protocol
+from near_jax.diloco.robust import Rule
+from near_jax.diloco.store import ObjectStore
+
+RUN, SPEC, LR, MU, H = "adv", "int8", 0.7, 0.9, 5
+DIM = 24
+W_TRUE = np.random.default_rng(7).standard_normal(DIM).astype(np.float32)
+LIKE = {"w": np.zeros(DIM, np.float32), "b": np.zeros((), np.float32)}
+CODE, CONFIG = "c" * 64, "d" * 64
+HONEST = [f"honest{i}" for i in range(6)]
+ADVERSARIES = {
+    "zero": ("free-rider", "replayed"),
+    "copier": "copy",
+    "poisoner": "norm outlier",
+    "forger": "bad signature",
+    "replayer": "replayed",
+}
+
+
+def batch(seed, n=64):
+    digest = hashlib.blake2b(repr(seed).encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    y = x @ W_TRUE + 0.5 + 0.1 * rng.standard_normal(n).astype(np.float32)
+    return x, y
+
+
+def loss(params, seed):
+    x, y = batch(("val", seed))
+    err = x @ np.asarray(params["w"]) + np.asarray(params["b"]) - y
+    return float(np.mean(err**2))
+
+
+EVAL = batch(("eval", 0), n=1024)
+
+
+def eval_loss(params):
+    x, y = EVAL
+    return float(np.mean((x @ params["w"] + params["b"] - y) ** 2))
+
+
+def inner(params, island, rnd, lr=0.02):
+    """H steps of gradient descent on the island's own batches: Δ = θ_r − θ_island."""
+    w, b = params["w"].copy(), params["b"].copy()
+    for step in range(H):
+        x, y = batch((island, rnd, step))
+        err = x @ w + b - y
+        w = w - lr * 2 * (x.T @ err) / len(y)
+        b = b - lr * 2 * np.mean(err)
+    return {"w": params["w"] - w.astype(np.float32), "b": params["b"] - np.float32(b)}
+
+
+class World:
+    """A run with registered contributors and an aggregator driven round by round."""
+
+    def __init__(self, path, names, policy, aggregator_key=None):
+        path.mkdir(parents=True, exist_ok=True)
+        self.store = ObjectStore.open(str(path))
+        self.clock, self.path, self.policy = FakeClock(), path, policy
+        self.keys = {name: identity.generate() for name in names}
+        self.agg_key = aggregator_key or identity.generate()
+        self.agg = self.make_aggregator()
+        self.agg.create(
+            {"w": np.zeros(DIM, np.float32), "b": np.zeros((), np.float32)},
+            {"inner_steps": H, **self.agg.manifest_fields()},
+        )
+        for name, key in self.keys.items():
+            assert registry.register(self.store, RUN, name, key, self.clock())
+        self.agg.load()
+        self.pushed = {}  # round -> {name: delta}
+
+    def make_aggregator(self):
+        return ContribAggregator(
+            self.store,
+            RUN,
+            LIKE,
+            aggregator_key=self.agg_key,
+            policy=self.policy,
+            loss_fn=loss,
+            ledger_path=str(self.path / "local" / "ledger.sqlite"),
+            spec=SPEC,
+            lr=LR,
+            momentum=MU,
+            quorum=1,
+            round_timeout=30.0,
+            poll_seconds=1.0,
+            clock=self.clock,
+            sleep=self.clock.sleep,
+        )
+
+    def base(self):
+        return protocol.pull_version(self.store, RUN, self.agg.state.version, LIKE)
+
+    def push(self, name, delta, key=None, base=None):
+        signer = Signer(key or self.keys[name], name, CODE, CONFIG)
+        written, _, _ = protocol.push_contribution(
+            self.store, RUN, name, base or self.base(), delta, SPEC, sign=signer
+        )
+        assert written
+        self.pushed.setdefault(self.agg.state.version, {})[name] = delta
+
+    def decoded(self, rnd, name):
+        body = self.store.get(protocol.contrib_key(RUN, rnd, name))
+        return protocol.decode(protocol.unpack_contribution(body, 10**6)[1], like=LIKE)
+
+
+def adversarial_round(world, adversaries=True):
+    """Every island pushes for the current round, then the aggregator closes it."""
+    base, r = world.base(), world.agg.state.version
+    for name in HONEST:
+        world.push(name, inner(base.params, name, r))
+    if adversaries:
+        world.push("zero", jax.tree.map(np.zeros_like, base.params))
+        world.push("poisoner", jax.tree.map(lambda d: -10 * d, inner(base.params, "p", r)))
+        world.push("forger", inner(base.params, "forger", r), key=identity.generate())
+        if r > 0:  # an earlier round's payload, re-signed for this round
+            world.push("replayer", world.decoded(r - 1, "honest3"))
+
+        def copy():  # runs once the aggregator has seen honest2's contribution
+            noise = np.random.default_rng(r).standard_normal(DIM).astype(np.float32)
+            stolen = world.decoded(r, "honest2")
+            stolen["w"] = stolen["w"] + 1e-4 * np.linalg.norm(stolen["w"]) * noise / DIM
+            world.push("copier", stolen)
+
+        world.clock.on_sleep.append(copy)
+    # Closed by the deadline (the fake clock makes it instant), after the copier's push.
+    world.agg.quorum, world.agg.round_timeout = 100, 2.0
+    stats = world.agg.run_round()
+    assert stats["reason"] == "deadline" and not world.clock.on_sleep
+    return stats["decision"]
+
+
+POLICY = Policy(
+    rule=Rule("trimmed_mean", trim_fraction=0.2),
+    allowed_code=(CODE,),
+    config_sha256=CONFIG,
+    score_batches=1,
+)
+NAMES = HONEST + list(ADVERSARIES)
+
+
+def close_round(world, quorum=100):
+    """Closes the current round by its deadline (instant on the fake clock); the decision."""
+    world.agg.quorum, world.agg.round_timeout = quorum, 2.0
+    return world.agg.run_round()["decision"]
+
+
+def by_contributor(decision):
+    """A decision's contrib entries by contributor name."""
+    return {e["contributor"]: e for e in decision["contrib"]["entries"]}

@@ -1,0 +1,181 @@
+"""The validator's checks of each contribution (`near_jax.contrib.checks`): each bad
+contribution rejected with its reason, hostile tags survived, nobody disqualified by others.
+"""
+
+import numpy as np
+import pytest
+from contrib_world import (
+    CODE,
+    CONFIG,
+    HONEST,
+    POLICY,
+    RUN,
+    SPEC,
+    World,
+    by_contributor,
+    close_round,
+    inner,
+)
+
+from near_jax.contrib import identity, ledger, registry
+from near_jax.contrib.contributor import Signer, slot_problem
+from near_jax.diloco import protocol
+
+
+@pytest.mark.parametrize(
+    "attack, reason",
+    [
+        ("unsigned", "unsigned"),
+        ("unregistered", "unregistered contributor"),
+        ("stale_object", "replayed: signed for round 0"),
+        ("wrong_base", "wrong base"),
+        ("unknown_field", "malformed: unknown tag fields 'extra'"),
+        ("truncated", "malformed"),
+        ("nan", "malformed payload: leaf 0: non-finite"),
+        ("bad_code", "attestation: code hash"),
+        ("oversized", "malformed: oversized"),
+    ],
+)
+def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, reason):
+    world = World(tmp_path, HONEST[:2] + ["mallory"], POLICY)
+    world.push("honest0", inner(world.base().params, "honest0", 0))
+    adversarial_round_zero = world.agg.run_round()["decision"]  # round 0 → version 1
+    assert adversarial_round_zero["accepted"][0]["island"] == "honest0"
+    base, r = world.base(), 1
+    delta = inner(base.params, "mallory", r)
+    key = protocol.contrib_key(RUN, r, "mallory")
+    signer = Signer(world.keys["mallory"], "mallory", CODE, CONFIG)
+    payload = protocol.encode(delta, SPEC)[0].to_bytes()
+    tag = {
+        "format": 1,
+        "run": RUN,
+        "round": r,
+        "island": "mallory",
+        "base_sha256": base.params_sha256,
+        "spec": SPEC,
+    }
+    if attack == "unsigned":
+        body = protocol.pack_contribution(tag, payload)
+    elif attack == "unregistered":
+        tag["island"] = "nobody"
+        key = protocol.contrib_key(RUN, r, "nobody")
+        body = protocol.pack_contribution(
+            {**tag, **Signer(identity.generate(), "nobody", CODE, CONFIG)(tag, payload)}, payload
+        )
+    elif attack == "stale_object":
+        body = world.store.get(protocol.contrib_key(RUN, 0, "honest0"))
+        key = protocol.contrib_key(RUN, r, "honest0")
+    elif attack == "wrong_base":
+        tag["base_sha256"] = "0" * 64
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)
+    elif attack == "unknown_field":
+        body = protocol.pack_contribution({**tag, **signer(tag, payload), "extra": 1}, payload)
+    elif attack == "truncated":
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)[:-7]
+    elif attack == "nan":
+        marker = np.float32(1234.5678)
+        bad = protocol.encode({**delta, "b": marker}, "fp32")[0].to_bytes()
+        bad = bad.replace(marker.tobytes(), np.float32(np.nan).tobytes())
+        tag["spec"] = "fp32"
+        body = protocol.pack_contribution({**tag, **signer(tag, bad)}, bad)
+    elif attack == "oversized":
+        body = protocol.pack_contribution({**tag, **signer(tag, payload)}, payload)
+        body += b"\0" * world.agg.max_body
+    else:
+        evil = Signer(world.keys["mallory"], "mallory", "e" * 64, CONFIG)
+        body = protocol.pack_contribution({**tag, **evil(tag, payload)}, payload)
+    world.store.put(key, body)
+    world.push("honest1", inner(base.params, "honest1", r))
+    world.agg.quorum = 2
+    world.agg.round_timeout = 5.0
+    read0 = world.store.bytes_read
+    decision = world.agg.run_round()["decision"]
+    if attack == "oversized":  # refused from its header: the junk body is never read
+        assert world.store.bytes_read - read0 < world.agg.max_body
+    entry = [e for e in decision["contrib"]["entries"] if e["contributor"] != "honest1"][0]
+    assert entry["reason"].startswith(reason), entry["reason"]
+    assert not entry["accepted"] and entry["reward"] == 0.0
+    assert [a["island"] for a in decision["accepted"]] == ["honest1"]
+
+
+def test_hostile_tags_and_registry_entries_never_stop_the_aggregator(tmp_path):
+    world = World(tmp_path, HONEST[:2] + ["badsig"], POLICY)
+    base = world.base()
+    world.push("honest0", inner(base.params, "honest0", 0))
+    payload = protocol.encode(inner(base.params, "x", 0), SPEC)[0].to_bytes()
+    tag = {"format": 1, "run": RUN, "round": 0, "base_sha256": base.params_sha256, "spec": SPEC}
+    hostile = {
+        "surrogate": {**tag, "island": "surrogate", "contributor": "\ud800", "signature": "x"},
+        "badsig": {
+            **tag,
+            "island": "badsig",
+            "contributor": "badsig",
+            "signature": "\udcff" * 3,
+            "code_sha256": CODE,
+            "config_sha256": CONFIG,
+        },
+        "nested": {**tag, "island": "nested", "contributor": "nested"},
+    }
+    for name, t in hostile.items():
+        body = protocol.pack_contribution(t, payload)
+        if name == "nested":  # ~30,000 nested lists inside the tag
+            raw = protocol.dumps(t)[:-1] + b',"x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+            body = len(raw).to_bytes(4, "little") + raw + payload
+        world.store.put(protocol.contrib_key(RUN, 0, name), body)
+    world.store.put(registry.registry_key(RUN, "deep"), b"[" * 30000 + b"]" * 30000)
+    world.store.put(
+        protocol.contrib_key(RUN, 0, "deep"),
+        protocol.pack_contribution(
+            {
+                **tag,
+                "island": "deep",
+                "contributor": "deep",
+                "signature": "0" * 128,
+                "payload_sha256": "0" * 64,
+                "code_sha256": CODE,
+                "config_sha256": CONFIG,
+            },
+            payload,
+        ),
+    )
+    decision = close_round(world)
+    entries = by_contributor(decision)
+    assert entries["surrogate"]["reason"].startswith("malformed: the tag names")
+    assert entries["badsig"]["reason"].startswith("bad signature: not 128")
+    assert entries["badsig"]["signature"] == ""  # never an unencodable string in the ledger
+    assert entries["nested"]["reason"].startswith("malformed")
+    assert entries["deep"]["reason"].startswith("unregistered contributor 'deep' (its registry")
+    assert [a["island"] for a in decision["accepted"]] == ["honest0"]
+    world.agg.close()
+    assert world.make_aggregator().load().version == 1  # and a restart records it again fine
+
+
+def test_nobody_can_get_a_contributor_disqualified_without_its_key(tmp_path):
+    from near_jax.contrib import rewards
+
+    world = World(tmp_path, HONEST[:3] + ["mallory"], POLICY)
+    base = world.base()
+    for name in HONEST[:3]:
+        world.push(name, inner(base.params, name, 0))
+    close_round(world)
+    base, r = world.base(), 1
+    # Mallory names honest0 in a replayed tag in its own slot, and copies honest1's own
+    # signed round-0 object into honest1's slot before honest1 pushes.
+    old = protocol.contrib_key(RUN, 0, "honest1")
+    world.store.put(protocol.contrib_key(RUN, r, "honest1"), world.store.get(old))
+    stale = protocol.pack_contribution({"run": RUN, "round": 0, "contributor": "honest0"}, b"")
+    world.store.put(protocol.contrib_key(RUN, r, "mallory"), stale)
+    for name in ("honest0", "honest2"):
+        world.push(name, inner(base.params, name, r))
+    slot = protocol.contrib_key(RUN, r, "honest1")
+    own = Signer(world.keys["honest1"], "honest1", CODE, CONFIG)
+    expect = {"run": RUN, "round": r, "base_sha256": base.params_sha256}
+    assert "not signed by this island's key" in slot_problem(world.store, slot, own, expect)
+    theirs = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
+    assert slot_problem(world.store, protocol.contrib_key(RUN, r, "honest0"), theirs, expect) == ""
+    entries = by_contributor(close_round(world))
+    assert entries["honest1"]["reason"].startswith("replayed") and not entries["honest1"]["key_id"]
+    assert entries["mallory"]["reason"].startswith("replayed")  # under the key's name
+    with ledger.Ledger.open(str(tmp_path / "local" / "ledger.sqlite"), RUN) as book:
+        ranked = rewards.standings(book.entries())
+    assert {s.contributor for s in rewards.promotable(ranked, top=3)} == set(HONEST[:3])
