@@ -18,3 +18,14 @@ def saved_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("saved_run")
     save_run(workdir, small_config())
     return workdir
+
+
+@pytest.fixture(scope="session")
+def small_params():
+    """Params of the small_config() model, initialized with key 0 (not to be modified)."""
+    import jax
+    from helpers import small_config
+
+    from near_jax import model
+
+    return model.init(model.ModelConfig.from_config(small_config().model), jax.random.key(0))

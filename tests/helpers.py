@@ -1,6 +1,7 @@
 """Small shared builders for tests, and the scaffolding for running the CLIs in subprocesses."""
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -213,3 +214,15 @@ def leaves_sha256(tree) -> str:
     """sha256 of a tree's float32 leaves' bytes, in tree order: a golden's fingerprint."""
     leaves = (np.asarray(x, np.float32).tobytes() for x in jax.tree.leaves(tree))
     return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+def write_lines(tmp_path, lines, name="task.jsonl") -> str:
+    """Writes lines (newline-terminated, UTF-8) to tmp_path/name; returns the path."""
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def task_line(context="c", choices=("a", "b"), answer=0, **extra) -> str:
+    """One line of a multiple-choice task file (extra fields as given)."""
+    return json.dumps({"context": context, "choices": list(choices), "answer": answer} | extra)
