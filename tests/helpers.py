@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from near_jax import config as config_lib
+from near_jax import model
 
 # The repository root: the working directory of every CLI a test runs (`python -m near_jax.X`
 # finds the package there, and configs/... paths are relative to it).
@@ -226,3 +228,28 @@ def write_lines(tmp_path, lines, name="task.jsonl") -> str:
 def task_line(context="c", choices=("a", "b"), answer=0, **extra) -> str:
     """One line of a multiple-choice task file (extra fields as given)."""
     return json.dumps({"context": context, "choices": list(choices), "answer": answer} | extra)
+
+
+def plan_config(model=None, mesh=None, remat="full", batch=16, seq=256, micro=1):
+    """A float32 config for the planner's tests (XLA's CPU backend keeps bf16 activations in
+    float32): model and mesh override the shape and the mesh (default data=8)."""
+    cfg = small_config()
+    shape = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=512, vocab_size=4096)
+    cfg.model.update({**shape, **(model or {}), "remat": remat})
+    cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.microbatches = seq, batch, micro
+    cfg.mesh.data = 1
+    for key, value in (mesh or {"data": 8}).items():
+        cfg.mesh[key] = value
+    return cfg
+
+
+def model_config(**overrides):
+    """The ModelConfig of small_config(**overrides)."""
+    return model.ModelConfig.from_config(small_config(**overrides).model)
+
+
+def model_inputs(rng, batch, length, vocab=384):
+    """Random tokens, positions 0..length-1 and one segment per row: the apply inputs."""
+    tokens = jax.random.randint(rng, (batch, length), 0, vocab)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    return tokens, positions, jnp.ones((batch, length), jnp.int32)
