@@ -29,3 +29,13 @@ def small_params():
     from near_jax import model
 
     return model.init(model.ModelConfig.from_config(small_config().model), jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def two_steps(tmp_path_factory):
+    """A run with checkpoints at steps 3 and 5 (copy it before damaging it)."""
+    from helpers import save_run, small_config
+
+    workdir = tmp_path_factory.mktemp("two_steps")
+    save_run(workdir, small_config(), steps=(3, 5))
+    return workdir

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,11 +113,17 @@ def small_config(**model_overrides) -> ml_collections.ConfigDict:
     return config_lib.validate(cfg)
 
 
-class _DataPosition:
-    """A stand-in data iterator for checkpoints written outside a training run."""
+class DataPosition:
+    """A stand-in data iterator with a JSON state, for checkpoints written outside a run."""
+
+    def __init__(self, position=0):
+        self.position = position
 
     def get_state(self):
-        return {"num_shards": 1, "shards": {"0": 0}}
+        return {"num_shards": 1, "shards": {"0": self.position}}
+
+    def set_state(self, state):
+        self.position = state
 
 
 def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
@@ -133,7 +140,7 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
         state = state._replace(params=params)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=0)
     for step in steps:
-        ckpt.save(step, state._replace(step=state.step + step)._asdict(), _DataPosition(), cfg)
+        ckpt.save(step, state._replace(step=state.step + step)._asdict(), DataPosition(), cfg)
     ckpt.close()
     save_config(cfg, str(workdir))
     return state
@@ -253,3 +260,37 @@ def model_inputs(rng, batch, length, vocab=384):
     tokens = jax.random.randint(rng, (batch, length), 0, vocab)
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     return tokens, positions, jnp.ones((batch, length), jnp.int32)
+
+
+def damaged_copy(source, tmp_path, step, kind) -> str:
+    """A copy of run directory source at tmp_path/run, with checkpoint `step` damaged (kind as
+    in damage_step); returns its path."""
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    damage_step(workdir, step, kind)
+    return str(workdir)
+
+
+def mesh_trainer(**mesh):
+    """The Trainer of small_config() on a mesh of the given axes (n: how many devices, 8)."""
+    from near_jax import sharding
+    from near_jax.train.loop import trainer_for
+
+    cfg = small_config()
+    for key, value in mesh.items():
+        cfg.mesh[key] = value
+    return trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
+
+
+def save_steps(directory, trainer, steps=(10, 20)):
+    """Saves trainer's initial state at each step (state.step advanced 10 per save) in
+    directory; returns the last state saved."""
+    from near_jax.train import checkpoint
+
+    ckpt = checkpoint.Checkpointer(directory, keep=0)
+    state = trainer.init(jax.random.key(0))
+    for step in steps:
+        state = state._replace(step=state.step + 10)
+        ckpt.save(step, state._asdict(), DataPosition(step), trainer.cfg)
+    ckpt.close()
+    return state
