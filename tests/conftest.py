@@ -45,3 +45,24 @@ def ledger_path(tmp_path):
     from ledger_rows import make_ledger
 
     return make_ledger(str(tmp_path / "ledger.sqlite"))
+
+
+@pytest.fixture(scope="session")
+def small_params():
+    """Params of the small_config() model, initialized with key 0 (not to be modified)."""
+    import jax
+    from helpers import small_config
+
+    from near_jax import model
+
+    return model.init(model.ModelConfig.from_config(small_config().model), jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def two_steps(tmp_path_factory):
+    """A run with checkpoints at steps 3 and 5 (copy it before damaging it)."""
+    from helpers import save_run, small_config
+
+    workdir = tmp_path_factory.mktemp("two_steps")
+    save_run(workdir, small_config(), steps=(3, 5))
+    return workdir

@@ -5,16 +5,19 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from near_jax import config as config_lib
+from near_jax import model
 
 # The repository root: the working directory of every CLI a test runs (`python -m near_jax.X`
 # finds the package there, and configs/... paths are relative to it).
@@ -113,11 +116,17 @@ def small_config(**model_overrides) -> ml_collections.ConfigDict:
     return config_lib.validate(cfg)
 
 
-class _DataPosition:
-    """A stand-in data iterator for checkpoints written outside a training run."""
+class DataPosition:
+    """A stand-in data iterator with a JSON state, for checkpoints written outside a run."""
+
+    def __init__(self, position=0):
+        self.position = position
 
     def get_state(self):
-        return {"num_shards": 1, "shards": {"0": 0}}
+        return {"num_shards": 1, "shards": {"0": self.position}}
+
+    def set_state(self, state):
+        self.position = state
 
 
 def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
@@ -134,7 +143,7 @@ def save_run(workdir, cfg: ml_collections.ConfigDict, steps=(5,), params=None):
         state = state._replace(params=params)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=0)
     for step in steps:
-        ckpt.save(step, state._replace(step=state.step + step)._asdict(), _DataPosition(), cfg)
+        ckpt.save(step, state._replace(step=state.step + step)._asdict(), DataPosition(), cfg)
     ckpt.close()
     save_config(cfg, str(workdir))
     return state
@@ -472,3 +481,74 @@ def statement_fields(**over) -> dict:
     }
     f.update(over)
     return f
+
+
+def write_lines(tmp_path, lines, name="task.jsonl") -> str:
+    """Writes lines (newline-terminated, UTF-8) to tmp_path/name; returns the path."""
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def task_line(context="c", choices=("a", "b"), answer=0, **extra) -> str:
+    """One line of a multiple-choice task file (extra fields as given)."""
+    return json.dumps({"context": context, "choices": list(choices), "answer": answer} | extra)
+
+
+def plan_config(model=None, mesh=None, remat="full", batch=16, seq=256, micro=1):
+    """A float32 config for the planner's tests (XLA's CPU backend keeps bf16 activations in
+    float32): model and mesh override the shape and the mesh (default data=8)."""
+    cfg = small_config()
+    shape = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=512, vocab_size=4096)
+    cfg.model.update({**shape, **(model or {}), "remat": remat})
+    cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.microbatches = seq, batch, micro
+    cfg.mesh.data = 1
+    for key, value in (mesh or {"data": 8}).items():
+        cfg.mesh[key] = value
+    return cfg
+
+
+def model_config(**overrides):
+    """The ModelConfig of small_config(**overrides)."""
+    return model.ModelConfig.from_config(small_config(**overrides).model)
+
+
+def model_inputs(rng, batch, length, vocab=384):
+    """Random tokens, positions 0..length-1 and one segment per row: the apply inputs."""
+    tokens = jax.random.randint(rng, (batch, length), 0, vocab)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    return tokens, positions, jnp.ones((batch, length), jnp.int32)
+
+
+def damaged_copy(source, tmp_path, step, kind) -> str:
+    """A copy of run directory source at tmp_path/run, with checkpoint `step` damaged (kind as
+    in damage_step); returns its path."""
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    damage_step(workdir, step, kind)
+    return str(workdir)
+
+
+def mesh_trainer(**mesh):
+    """The Trainer of small_config() on a mesh of the given axes (n: how many devices, 8)."""
+    from near_jax import sharding
+    from near_jax.train.loop import trainer_for
+
+    cfg = small_config()
+    for key, value in mesh.items():
+        cfg.mesh[key] = value
+    return trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
+
+
+def save_steps(directory, trainer, steps=(10, 20)):
+    """Saves trainer's initial state at each step (state.step advanced 10 per save) in
+    directory; returns the last state saved."""
+    from near_jax.train import checkpoint
+
+    ckpt = checkpoint.Checkpointer(directory, keep=0)
+    state = trainer.init(jax.random.key(0))
+    for step in steps:
+        state = state._replace(step=state.step + 10)
+        ckpt.save(step, state._asdict(), DataPosition(step), trainer.cfg)
+    ckpt.close()
+    return state

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -13,10 +12,19 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import REPO, SMALL_TRAIN_FLAGS, run_module, small_config, start_module, subprocess_env
+from helpers import (
+    SMALL_TRAIN_FLAGS,
+    DataPosition,
+    mesh_trainer,
+    run_module,
+    save_steps,
+    small_config,
+    start_module,
+    subprocess_env,
+)
 
 from near_jax import sharding
-from near_jax.train import checkpoint, checkpoint_integrity, checkpoint_reads, metrics
+from near_jax.train import checkpoint, checkpoint_integrity, metrics
 from near_jax.train.loop import trainer_for
 from near_jax.train.step import TrainState
 
@@ -135,50 +143,20 @@ def test_sigterm_saves_at_the_interrupted_step_and_exits_0(tmp_path):
 # --- in-process: resharding, corruption, async errors ----------------------------------
 
 
-class _Iterator:
-    """A stand-in data iterator with a JSON state."""
-
-    def __init__(self, position=0):
-        self.position = position
-
-    def get_state(self):
-        return {"num_shards": 1, "shards": {"0": self.position}}
-
-    def set_state(self, state):
-        self.position = state
-
-
-def _trainer(**mesh):
-    cfg = small_config()
-    for key, value in mesh.items():
-        cfg.mesh[key] = value
-    return trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: mesh.pop("n", 8)]))
-
-
-def _save_steps(directory, trainer, steps=(10, 20)):
-    ckpt = checkpoint.Checkpointer(directory, keep=0)
-    state = trainer.init(jax.random.key(0))
-    for step in steps:
-        state = state._replace(step=state.step + 10)
-        ckpt.save(step, state._asdict(), _Iterator(step), trainer.cfg)
-    ckpt.close()
-    return state
-
-
 @pytest.mark.parametrize(
     "target",
     [dict(data=2, tensor=4), dict(data=1, n=1), dict(data=1, fsdp=4, tensor=2)],
     ids=["data2xtensor4", "1 device", "fsdp4xtensor2"],
 )
 def test_restore_onto_another_mesh(tmp_path, target):
-    source = _trainer(data=1, fsdp=8)
-    saved = _save_steps(tmp_path, source, steps=(10,))
+    source = mesh_trainer(data=1, fsdp=8)
+    saved = save_steps(tmp_path, source, steps=(10,))
     n = target.pop("n", 8)
     cfg = small_config()
     for key, value in target.items():
         cfg.mesh[key] = value
     dest = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
-    it = _Iterator()
+    it = DataPosition()
     restored = checkpoint.Checkpointer(tmp_path).restore(dest.abstract_state._asdict(), it)
     assert restored.step == 10 and it.position == {"num_shards": 1, "shards": {"0": 10}}
     state = TrainState(**restored.state)
@@ -225,8 +203,8 @@ def _damage(kind, step_dir):
     ],
 )
 def test_damaged_latest_falls_back_to_previous_step(tmp_path, kind, message):
-    trainer = _trainer(data=8)
-    _save_steps(tmp_path, trainer)
+    trainer = mesh_trainer(data=8)
+    save_steps(tmp_path, trainer)
     _damage(kind, tmp_path / "20")
     restored = checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict())
     assert restored.step == 10
@@ -234,8 +212,8 @@ def test_damaged_latest_falls_back_to_previous_step(tmp_path, kind, message):
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
-    trainer = _trainer(data=8)
-    _save_steps(tmp_path, trainer)
+    trainer = mesh_trainer(data=8)
+    save_steps(tmp_path, trainer)
     for step in ("10", "20"):
         _damage("missing array file", tmp_path / step)
     with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
@@ -255,10 +233,10 @@ def test_background_save_error_is_raised(tmp_path, monkeypatch):
     ckpt = checkpoint.Checkpointer(tmp_path)
     state = {"w": jax.numpy.arange(8.0)}
     cfg = ml_collections.ConfigDict({"x": 1})
-    ckpt.save(1, state, _Iterator(), cfg)
+    ckpt.save(1, state, DataPosition(), cfg)
     ckpt.wait()
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_async_save)
-    ckpt.save(2, state, _Iterator(), cfg)  # returns at once; the write fails behind it
+    ckpt.save(2, state, DataPosition(), cfg)  # returns at once; the write fails behind it
     with pytest.raises(checkpoint.CheckpointError, match="step 2 could not be written .*disk full"):
         ckpt.close()
     assert _committed_steps_of(tmp_path) == [1]
@@ -275,19 +253,9 @@ def _committed_steps_of(directory):
     )
 
 
-def test_init_from_loads_params_only(tmp_path):
-    trainer = _trainer(data=8)
-    saved = _save_steps(tmp_path / "checkpoints", trainer, steps=(10,))
-    step, params = checkpoint_reads.restore_params(f"{tmp_path}:10", trainer.abstract_state.params)
-    assert step == 10
-    jax.tree.map(np.testing.assert_array_equal, params, saved.params)
-    with pytest.raises(checkpoint.CheckpointError, match="step 7 not found"):
-        checkpoint_reads.restore_params(f"{tmp_path}:7", trainer.abstract_state.params)
-
-
 def test_data_position_merges_every_process_file(tmp_path):
-    trainer = _trainer(data=8)
-    _save_steps(tmp_path, trainer, steps=(10,))
+    trainer = mesh_trainer(data=8)
+    save_steps(tmp_path, trainer, steps=(10,))
     data_dir = tmp_path / "10" / checkpoint.DATA
     # As if two processes had saved, each with the two shards it reads.
     (data_dir / "process_0-of-1.json").unlink()
@@ -300,7 +268,7 @@ def test_data_position_merges_every_process_file(tmp_path):
         "num_shards": 4,
         "shards": {str(s): {"pos": s} for s in range(4)},
     }
-    restored_into = _Iterator()
+    restored_into = DataPosition()
     ckpt.restore(trainer.abstract_state._asdict(), restored_into)
     assert restored_into.position == {
         "num_shards": 4,
@@ -312,33 +280,6 @@ def test_keep_last_k_and_every_m_th_step(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, keep=2, keep_every=10)
     state = {"w": jax.numpy.arange(4.0)}
     for step in range(5, 35, 5):
-        ckpt.save(step, state, _Iterator(step), ml_collections.ConfigDict({"x": 1}))
+        ckpt.save(step, state, DataPosition(step), ml_collections.ConfigDict({"x": 1}))
     ckpt.close()
     assert _committed_steps_of(tmp_path) == [10, 20, 25, 30]
-
-
-SECOND_SIGNAL = """
-import os, signal, sys, time
-from near_jax.train.preemption import StopRequest
-stop = StopRequest()
-os.kill(os.getpid(), signal.SIGTERM)
-time.sleep(0.2)
-print("first signal: stop requested" if stop.should_stop(1) else "first signal lost", flush=True)
-os.kill(os.getpid(), signal.SIGTERM)
-time.sleep(5)
-print("second signal ignored", flush=True)
-"""
-
-
-def test_second_signal_aborts_at_once():
-    proc = subprocess.run(
-        [sys.executable, "-c", SECOND_SIGNAL],
-        cwd=REPO,
-        env=subprocess_env(devices=1),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "first signal: stop requested" in proc.stdout
-    assert "second signal ignored" not in proc.stdout
-    assert proc.returncode == -signal.SIGTERM

@@ -177,7 +177,7 @@ def test_dropped_contributions_leave_the_global_params_unchanged():
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
-    from helpers import _DataPosition
+    from helpers import DataPosition
 
     from near_jax.train import checkpoint
 
@@ -195,7 +195,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
         straight.append(float(stats["loss"]))
         if i == 0:  # after one inner step, mid-round: replicas and global params differ
             ckpt = checkpoint.Checkpointer(tmp_path, keep=0)
-            ckpt.save(1, state._asdict(), _DataPosition(), cfg, wait=True)
+            ckpt.save(1, state._asdict(), DataPosition(), cfg, wait=True)
             ckpt.close()
     restored = checkpoint.Checkpointer(tmp_path).restore(trainer.abstract_state._asdict())
     resumed = TrainState(**restored.state)

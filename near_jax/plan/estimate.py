@@ -15,7 +15,7 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
                 [heads x length x length] scores count here; fused kernels (splash, pallas,
                 cudnn: the `auto` choice on TPU and GPU) keep no scores.
   The per-layer coefficients (`_LAYER_*`) were measured on XLA's CPU buffer assignment for
-  this model (tests/test_plan.py keeps the planner within 15% of it).
+  this model (tests/test_compiled.py keeps the planner within 15% of it).
 
 Step time is a bound, assuming communication overlaps compute perfectly: the largest of
 compute (model FLOPs plus remat recomputation at peak), HBM traffic, in-slice collectives

@@ -1,0 +1,84 @@
+"""The scanned transformer: init and logical axes, packed documents, remat/unrolled equivalence."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import model_config, model_inputs
+
+from near_jax import model
+
+jax.config.update("jax_default_matmul_precision", "highest")
+# Eager flax scans dispatch op by op; jit keeps these tests fast.
+apply = jax.jit(model.apply, static_argnums=4)
+
+
+def test_init_is_plain_pytree_with_logical_axes():
+    cfg = model_config()
+    params = model.init(cfg, jax.random.key(0))
+    axes = model.logical_axes(cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    assert params["blocks"]["attn"]["q"].shape == (2, 64, 4, 16)
+    assert params["blocks"]["attn"]["k"].shape == (2, 64, 2, 16)
+    assert tuple(axes["blocks"]["attn"]["q"]) == ("layers", "embed", "heads", "head_dim")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_packed_documents_do_not_see_each_other_and_positions_restart():
+    cfg = model_config()
+    params = model.init(cfg, jax.random.key(0))
+    a_len, b_len = 11, 13
+    tok_a = jax.random.randint(jax.random.key(1), (1, a_len), 0, 384)
+    tok_a2 = jax.random.randint(jax.random.key(2), (1, a_len), 0, 384)
+    tok_b = jax.random.randint(jax.random.key(3), (1, b_len), 0, 384)
+    positions = jnp.concatenate([jnp.arange(a_len), jnp.arange(b_len)])[None]
+    segments = jnp.concatenate([jnp.ones(a_len, jnp.int32), 2 * jnp.ones(b_len, jnp.int32)])[None]
+
+    packed = apply(params, jnp.concatenate([tok_a, tok_b], 1), positions, segments, cfg)
+    packed2 = apply(params, jnp.concatenate([tok_a2, tok_b], 1), positions, segments, cfg)
+    alone = apply(params, tok_b, jnp.arange(b_len)[None], jnp.ones((1, b_len), jnp.int32), cfg)
+    # Document B's logits don't depend on document A's tokens...
+    np.testing.assert_allclose(packed[:, a_len:], packed2[:, a_len:], rtol=1e-5, atol=1e-5)
+    # ...and equal B's logits on its own, since its positions restart at 0.
+    np.testing.assert_allclose(packed[:, a_len:], alone, rtol=1e-5, atol=1e-5)
+    # Document A's logits do change (the test can fail).
+    assert not np.allclose(packed[:, :a_len], packed2[:, :a_len], atol=1e-3)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_and_unrolled_layers_match_scan(remat):
+    cfg = model_config()
+    params = model.init(cfg, jax.random.key(0))
+    tokens, positions, segments = model_inputs(jax.random.key(1), 2, 16)
+    base, base_grad = jax.jit(
+        jax.value_and_grad(lambda p: apply(p, tokens, positions, segments, cfg).sum())
+    )(params)
+
+    remat_cfg = dataclasses.replace(cfg, remat=remat)
+    out, grad = jax.jit(
+        jax.value_and_grad(lambda p: apply(p, tokens, positions, segments, remat_cfg).sum())
+    )(params)
+    np.testing.assert_allclose(out, base, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, base_grad
+    )
+
+    unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+    unrolled = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(cfg.n_layers):
+        unrolled[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    got = apply(unrolled, tokens, positions, segments, unrolled_cfg)
+    want = apply(params, tokens, positions, segments, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_have_no_head():
+    cfg = model_config(tie_embeddings=True)
+    params = model.init(cfg, jax.random.key(0))
+    assert "head" not in params
+    tokens, positions, segments = model_inputs(jax.random.key(1), 1, 8)
+    assert apply(params, tokens, positions, segments, cfg).shape == (1, 8, 384)
