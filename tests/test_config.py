@@ -349,7 +349,7 @@ def test_random_model_shapes_pass_exactly_when_the_rules_hold():
         ok = (
             n_heads % n_kv_heads == 0
             and (head_dim != 0 or d_model % n_heads == 0)
-            and head_dim % 2 == 0  # the set width only: a derived odd d_model // n_heads passes
+            and (head_dim or d_model // n_heads) % 2 == 0  # set or derived: RoPE pairs
         )
         cfg = _with_all(
             model__d_model=d_model,
@@ -366,6 +366,14 @@ def test_random_model_shapes_pass_exactly_when_the_rules_hold():
                 "config.model.head_dim=",
             )
             assert _refused(cfg).startswith(refused)
+
+
+def test_a_derived_odd_head_width_is_refused():
+    # d_model // n_heads is the head width when head_dim is 0; RoPE needs it even.
+    message = _refused(_with_all(model__d_model=24, model__n_heads=8, model__n_kv_heads=8))
+    assert message.startswith("config.model.d_model=24 is not allowed: a multiple of "), message
+    assert "it gives 3" in message and "\n" not in message
+    config.validate(_with_all(model__d_model=24, model__n_heads=8, model__head_dim=4))
 
 
 # One bad value per stage, in the order validate() checks them.

@@ -107,6 +107,13 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
         )
     if m.head_dim < 0 or m.head_dim % 2:
         _fail("model.head_dim", m.head_dim, "0 or a positive even integer (RoPE pairs)")
+    if m.head_dim == 0 and (m.d_model // m.n_heads) % 2:
+        _fail(
+            "model.d_model",
+            m.d_model,
+            f"a multiple of model.n_heads={m.n_heads} giving an even head width (it gives "
+            f"{m.d_model // m.n_heads}; RoPE rotates pairs), or set model.head_dim",
+        )
     for key in ("attention_block_q", "attention_block_kv", "attention_window"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "0 (default / off) or a positive integer")
