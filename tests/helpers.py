@@ -552,3 +552,92 @@ def save_steps(directory, trainer, steps=(10, 20)):
         ckpt.save(step, state._asdict(), DataPosition(step), trainer.cfg)
     ckpt.close()
     return state
+
+
+# ------------------------------------- Hugging Face interop (test_convert.py, test_exchange.py)
+
+HF_THETA = 12345.0  # a non-default RoPE theta: a conversion that drops it changes the logits
+
+
+hf_apply = jax.jit(model.apply, static_argnums=4)  # the model config is static
+
+
+def hf_torch():
+    """torch and transformers, or a skip (the parity tests need both; the rest neither)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return torch, transformers
+
+
+def hf_ids(vocab, batch=2, length=19):
+    return np.random.default_rng(0).integers(0, vocab, (batch, length))
+
+
+def near_logits(params, cfg, ids):
+    """near_jax logits of unpacked rows: positions 0..L-1, one segment."""
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return np.asarray(hf_apply(params, ids, positions, np.ones_like(ids), cfg))
+
+
+def hf_logits(torch, hf_model, ids):
+    with torch.no_grad():
+        return hf_model(torch.tensor(ids)).logits.numpy()
+
+
+def hf_llama_model(transformers, tied, vocab=300):
+    """A random tiny LlamaForCausalLM (GQA, non-default theta) with norms that are not ones."""
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=HF_THETA,
+        rope_parameters={"rope_type": "default", "rope_theta": HF_THETA},
+        tie_word_embeddings=tied,
+        initializer_range=0.2,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    for name, p in hf_model.named_parameters():
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    return hf_model
+
+
+def random_params(cfg: ml_collections.ConfigDict, seed: int = 1):
+    """Random params of exactly model.init's tree, norm scales away from ones.
+
+    Drawn with numpy over `jax.eval_shape(model.init)`: model.init compiles afresh on every
+    call (5-10 s here), which would dominate a test file's run time.
+    """
+    shapes = jax.eval_shape(lambda: model.init(cfg.model, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        if "scale" in jax.tree_util.keystr(path):
+            return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+        return (0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# ------------------------------------------- attention kernels (test_attention.py, test_splash.py)
+
+
+def attention_qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32, batch=2, seed=0):
+    """Random q, k, v (batch, length, heads, head_dim) and sorted segment ids (batch, length)."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)
+    k, v = (
+        jnp.asarray(rng.standard_normal((batch, length, kv_heads, head_dim)), dtype)
+        for _ in range(2)
+    )
+    seg = jnp.asarray(np.sort(rng.integers(0, 4, (batch, length)), axis=1), jnp.int32)
+    return q, k, v, seg

@@ -1,7 +1,8 @@
-"""The attention dispatcher: impl selection and errors, sharded kernels, splash, the model, and
-the XLA path (GQA, sliding windows, packed segments) against a float64 reference.
+"""The attention dispatcher: impl selection and errors, sharded kernels, the model, and the
+XLA path (GQA, sliding windows, packed segments) against a float64 reference.
 
-The kernels' own numerics are in test_flash_attention.py; here the Pallas paths run through
+The kernels' own numerics are in test_flash_attention.py (the splash wrapper's in
+test_splash.py); here the Pallas paths run through
 `attention(...)` and the model as a user would (interpret mode, automatically, on CPU).
 """
 
@@ -16,28 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, small_config
+from helpers import REPO, attention_qkv, small_config
 from jax.sharding import NamedSharding, PartitionSpec
-from test_flash_attention import reference
 
 from near_jax import model, sharding
-from near_jax.model.kernels import splash
 from near_jax.model.kernels.attention import attention, xla_attention
 from near_jax.train.loop import trainer_for
 
 # The package re-exports the function `attention`, which shadows the module's name.
 dispatch = importlib.import_module("near_jax.model.kernels.attention")
-
-
-def _qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)
-    k, v = (
-        jnp.asarray(rng.standard_normal((batch, length, kv_heads, head_dim)), dtype)
-        for _ in range(2)
-    )
-    seg = jnp.asarray(np.sort(rng.integers(0, 4, (batch, length)), axis=1), jnp.int32)
-    return q, k, v, seg
 
 
 @pytest.mark.parametrize(
@@ -50,7 +38,7 @@ def _qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32, batch=
     ],
 )
 def test_an_impl_that_cannot_serve_raises_one_line_naming_it(impl, dtype, match):
-    q, k, v, _ = _qkv(length=16, dtype=jnp.float32)
+    q, k, v, _ = attention_qkv(length=16, dtype=jnp.float32)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     with pytest.raises(ValueError, match=match) as err:
         attention(q, k, v, impl=impl)
@@ -58,8 +46,8 @@ def test_an_impl_that_cannot_serve_raises_one_line_naming_it(impl, dtype, match)
 
 
 def test_auto_picks_the_platforms_preferred_impl_and_logs_fallbacks(monkeypatch, caplog):
-    q, k, _, seg = _qkv(length=256)
-    odd_q, odd_k, _, _ = _qkv(length=100)
+    q, k, _, seg = attention_qkv(length=256)
+    odd_q, odd_k, _, _ = attention_qkv(length=100)
     pick = dispatch._pick_auto
     assert pick(q, k, True, 0, seg) == "xla"  # CPU
     monkeypatch.setattr(dispatch, "_logged", set())
@@ -78,7 +66,7 @@ def test_auto_picks_the_platforms_preferred_impl_and_logs_fallbacks(monkeypatch,
 
 
 def test_auto_on_cpu_is_the_xla_reference():
-    q, k, v, seg = _qkv(length=40)
+    q, k, v, seg = attention_qkv(length=40)
     got = attention(q, k, v, segment_ids_BxL=seg, impl="auto", window=9)
     want = xla_attention(q, k, v, seg, True, 64**-0.5, window=9)
     np.testing.assert_array_equal(got, want)
@@ -88,7 +76,7 @@ def test_auto_on_cpu_is_the_xla_reference():
 def test_pallas_runs_per_shard_under_a_mesh(kv_heads, mesh_axes):
     # Batch over data x fsdp, heads over tensor; with kv_heads=1 < tensor=2 the heads stay
     # whole so every query head finds its kv head in its shard.
-    q, k, v, seg = _qkv(length=160, heads=4, kv_heads=kv_heads, batch=4)
+    q, k, v, seg = attention_qkv(length=160, heads=4, kv_heads=kv_heads, batch=4)
     cfg = small_config().mesh
     cfg.data, cfg.fsdp, cfg.tensor = mesh_axes
     mesh = sharding.make_mesh(cfg)
@@ -109,34 +97,6 @@ def test_pallas_runs_per_shard_under_a_mesh(kv_heads, mesh_axes):
     assert "shard_map" in hlo or "sdy.manual_computation" in hlo
     for got, want in ((out, out_x), (dq, dq_x), (dk, dk_x), (dv, dv_x)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_splash_wrapper_matches_reference_in_interpret_mode():
-    # The dispatcher refuses splash off-TPU; the wrapper itself runs in interpret mode.
-    q, k, v, seg = _qkv(length=256, heads=4, kv_heads=2, batch=1, seed=5)
-    do = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
-
-    def f(q, k, v):
-        return splash.splash_attention(
-            q,
-            k,
-            v,
-            seg,
-            causal=True,
-            scale=0.125,
-            window=70,
-            block_q=128,
-            block_kv=128,
-            interpret=True,
-        )
-
-    out, vjp = jax.vjp(f, q, k, v)
-    got = (out, *vjp(do))
-    want = reference(q, k, v, seg, do, True, 70, 0.125)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=name)
-    with pytest.raises(ValueError, match="multiple of 128"):
-        splash.splash_attention(q[:, :200], k[:, :200], v[:, :200], None, causal=True, scale=1.0)
 
 
 def _packed_batch(seed, batch, length, vocab=384):

@@ -1,12 +1,11 @@
-"""A config's plan: the step-time bound, the hardware table, attention per accelerator."""
-
-import pytest
+"""A config's plan: the step-time bound and attention per accelerator. (The hardware table:
+test_hardware.py.)"""
 
 from near_jax import hardware
 from near_jax.plan.planner import load_ladder, make_plan
 
 
-def test_step_time_bound_and_hardware_table():
+def test_step_time_bound_and_attention_per_accelerator():
     cfg = load_ladder().get_config("m7b")
     p = make_plan(cfg, hardware.get("v5p"), 64)
     t = p.time
@@ -17,8 +16,3 @@ def test_step_time_bound_and_hardware_table():
     # Across 8 H100 nodes FSDP traffic crosses InfiniBand: slower than in one TPU slice.
     gpu = make_plan(cfg, hardware.get("h100"), 64)
     assert gpu.time["ici_s"] > t["ici_s"] and gpu.attention == "cudnn"
-    assert hardware.get("v5p").peak_flops == 459e12
-    assert hardware.get("ironwood").hbm_bytes == 96 * 2**30  # per device: 2 per chip
-    assert hardware.get("b200").hbm_bytes == 180e9
-    with pytest.raises(ValueError, match="unknown hardware 'v9'"):
-        hardware.get("v9")
