@@ -287,3 +287,31 @@ def test_deeply_nested_store_objects_are_problems(world, tmp_path):
     assert audit.verify(store, RUN)[0][0].startswith(
         f"the run manifest {RUN}/run.json is unreadable"
     )
+
+
+# ---------------------------------------------------------- audit() and read_ledger()
+
+
+def test_audit_hands_back_the_entries_latest_and_registry(world, tmp_path):
+    result = audit.audit(world.store, RUN)
+    assert (result.problems, result.warnings) == ([], [])
+    assert result.summary == audit.verify(world.store, RUN)[1]
+    assert result.latest == ROUNDS
+    assert len(result.entries) == result.summary["entries"]
+    assert {e["contributor"] for e in result.entries} == set(NAMES)
+    assert result.registry == {name: key.public_hex for name, key in world.keys.items()}
+
+
+def test_read_ledger_reads_the_store_copy_or_a_given_file(world, tmp_path):
+    entries, problems = audit.read_ledger(world.store, RUN)
+    assert problems == [] and len(entries) == ROUNDS * len(NAMES) - 1
+    path = ledger_copy(world, tmp_path)
+    assert audit.read_ledger(world.store, RUN, str(path)) == (entries, [])
+    missing = str(tmp_path / "nope.sqlite")
+    assert audit.read_ledger(world.store, RUN, missing) == (None, [f"no ledger file at {missing}"])
+    store, _ = clone(world, tmp_path)
+    store.delete(ledger_mirror.store_key(RUN))
+    assert audit.read_ledger(store, RUN) == (
+        None,
+        [f"no ledger in the store (no {ledger_mirror.store_key(RUN)})"],
+    )
