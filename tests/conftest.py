@@ -66,3 +66,17 @@ def two_steps(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("two_steps")
     save_run(workdir, small_config(), steps=(3, 5))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """tests/contrib_world.py's adversarial run, helpers.ADVERSARIAL_ROUNDS rounds closed by
+    the real aggregator (one per module: test_audit.py, test_contrib_cli.py)."""
+    from contrib_world import NAMES, POLICY, World, adversarial_round
+    from helpers import ADVERSARIAL_ROUNDS
+
+    w = World(tmp_path_factory.mktemp("contrib_cli") / "store", NAMES, POLICY)
+    for _ in range(ADVERSARIAL_ROUNDS):
+        adversarial_round(w)
+    w.agg.close()
+    return w

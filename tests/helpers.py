@@ -641,3 +641,83 @@ def attention_qkv(length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float3
     )
     seg = jnp.asarray(np.sort(rng.integers(0, 4, (batch, length)), axis=1), jnp.int32)
     return q, k, v, seg
+
+
+# ------------------------- the contributor audit and CLI: a damageable adversarial run's store
+
+# Rounds of the module-scoped `world` fixture (conftest.py) of test_audit.py and
+# test_contrib_cli.py: tests/contrib_world.py's adversarial run, closed by the aggregator.
+ADVERSARIAL_ROUNDS = 3
+
+
+def clone(world, tmp_path) -> tuple:
+    """A copy of the run's store that a test may damage."""
+    from near_jax.diloco.store import ObjectStore
+
+    path = tmp_path / "store"
+    shutil.copytree(world.path, path, ignore=shutil.ignore_patterns("local"))
+    return ObjectStore.open(str(path)), path
+
+
+def ledger_copy(world, tmp_path) -> os.PathLike:
+    """The run's ledger as the store's mirror holds it, downloaded to tmp_path."""
+    from contrib_world import RUN
+
+    from near_jax.contrib import ledger_mirror
+
+    path = tmp_path / "ledger.sqlite"
+    assert ledger_mirror.download(world.store, RUN, str(path))
+    return path
+
+
+def sql(path: os.PathLike, *statements: str) -> None:
+    """Runs the statements on the sqlite file at `path` and commits."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    for s in statements:
+        con.execute(s)
+    con.commit()
+    con.close()
+
+
+def rehash(path: os.PathLike, seq: int, **changes) -> None:
+    """Changes entry `seq` and recomputes its hash and every later one: a forgery that
+    leaves the chain itself valid."""
+    import sqlite3
+
+    from contrib_world import RUN
+
+    from near_jax.contrib import ledger, ledger_verify
+
+    with ledger.Ledger.open(str(path), RUN) as book:
+        entries = book.entries()
+    con = sqlite3.connect(path)
+    prev = None
+    for e in entries:
+        if e["seq"] < seq:
+            prev = e["entry_hash"]
+            continue
+        fields = {f: e[f] for f in ledger.ENTRY_FIELDS}
+        if e["seq"] == seq:
+            fields.update(changes)
+        h = ledger.entry_hash(e["seq"], prev, fields)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        con.execute(
+            f"UPDATE entries SET {sets}, prev_hash = ?, entry_hash = ? WHERE seq = ?",
+            (*fields.values(), prev, h, e["seq"]),
+        )
+        prev = h
+    con.commit()
+    con.close()
+    assert ledger_verify.verify_chain(str(path), RUN) == []
+
+
+def row(path: os.PathLike, rnd: int, contributor: str) -> dict:
+    """The ledger entry of `contributor` in round `rnd`."""
+    from contrib_world import RUN
+
+    from near_jax.contrib import ledger
+
+    with ledger.Ledger.open(str(path), RUN) as book:
+        return next(e for e in book.entries(rnd, rnd) if e["contributor"] == contributor)

@@ -1,4 +1,4 @@
-"""Tests of near_jax.diloco.aggregator (the Aggregator, in-process): restarts, garbage
+"""Tests of near_jax.diloco.aggregator.core (the Aggregator, in-process): restarts, garbage
 collection, runs that cannot be created. The programs run as processes in test_islands.py."""
 
 import json
