@@ -82,7 +82,14 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
             for k, v in like.items()
         }
         protocol.push_contribution(
-            store, RUN, name, base, delta, SPEC, sign=Signer(key, name, CODE, CONFIG)
+            store,
+            RUN,
+            name,
+            base,
+            agg.plan,
+            agg.plan.split(delta),
+            SPEC,
+            sign=Signer(key, name, CODE, CONFIG),
         )
 
     times: dict[str, float] = {}
@@ -110,8 +117,10 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
     times["round"] = time.perf_counter() - t0
     assert stats["accepted"] == n, stats["decision"]["rejected"][:3]
     times["check"] /= n  # per contribution
-    bodies = [store.get(e["key"]) for e in stats["decision"]["accepted"]]
-    deltas = [protocol.decode(protocol.unpack_contribution(b, 10**9)[1], like=like) for b in bodies]
+    deltas = [
+        protocol.read_contribution(store, RUN, 0, agg.plan, e["island"])
+        for e in stats["decision"]["accepted"]
+    ]
     for name in ("trimmed_mean", "median", "mean"):
         t1 = time.perf_counter()
         robust.combine(robust.Rule(name), deltas)
@@ -130,7 +139,9 @@ def baseline_round(path: Path, like: dict, n: int, rnd_seed: int) -> float:
     base = agg.load()
     for i in range(n):
         delta = {k: 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in like.items()}
-        protocol.push_contribution(store, RUN, f"c{i:03d}", base, delta, SPEC)
+        protocol.push_contribution(
+            store, RUN, f"c{i:03d}", base, agg.plan, agg.plan.split(delta), SPEC
+        )
     t0 = time.perf_counter()
     agg.run_round()
     return time.perf_counter() - t0

@@ -108,30 +108,34 @@ class World:
         )
 
     def base(self):
-        return protocol.pull_version(self.store, RUN, self.agg.state.version, LIKE)
+        return protocol.pull_version(self.store, RUN, self.agg.state.version, self.agg.plan)
+
+    def tree(self, base):
+        """The params of a pulled version as a tree."""
+        return base.tree(self.agg.plan)
 
     def push(self, name, delta, key=None, base=None):
         signer = Signer(key or self.keys[name], name, CODE, CONFIG)
+        plan = self.agg.plan
         written, _, _ = protocol.push_contribution(
-            self.store, RUN, name, base or self.base(), delta, SPEC, sign=signer
+            self.store, RUN, name, base or self.base(), plan, plan.split(delta), SPEC, sign=signer
         )
         assert written
         self.pushed.setdefault(self.agg.state.version, {})[name] = delta
 
     def decoded(self, rnd, name):
-        body = self.store.get(protocol.contrib_key(RUN, rnd, name))
-        return protocol.decode(protocol.unpack_contribution(body, 10**6)[1], like=LIKE)
+        return protocol.read_contribution(self.store, RUN, rnd, self.agg.plan, name)
 
 
 def adversarial_round(world, adversaries=True):
     """Every island pushes for the current round, then the aggregator closes it."""
-    base, r = world.base(), world.agg.state.version
+    base, r = world.base().tree(world.agg.plan), world.agg.state.version
     for name in HONEST:
-        world.push(name, inner(base.params, name, r))
+        world.push(name, inner(base, name, r))
     if adversaries:
-        world.push("zero", jax.tree.map(np.zeros_like, base.params))
-        world.push("poisoner", jax.tree.map(lambda d: -10 * d, inner(base.params, "p", r)))
-        world.push("forger", inner(base.params, "forger", r), key=identity.generate())
+        world.push("zero", jax.tree.map(np.zeros_like, base))
+        world.push("poisoner", jax.tree.map(lambda d: -10 * d, inner(base, "p", r)))
+        world.push("forger", inner(base, "forger", r), key=identity.generate())
         if r > 0:  # an earlier round's payload, re-signed for this round
             world.push("replayer", world.decoded(r - 1, "honest3"))
 

@@ -255,6 +255,16 @@ def tree(seed, scale=1.0):
 
 
 LIKE = tree(0)
+# Small shards, so the in-process runs cut leaves and group them: b and blocks.k share
+# shard 0, w is cut into 4 slices of one row (shards 1-4).
+SHARD_BYTES = 256
+
+
+def plan():
+    """The shard plan of the in-process runs (LIKE cut at SHARD_BYTES)."""
+    from near_jax.diloco import protocol
+
+    return protocol.plan_shards(LIKE, SHARD_BYTES)
 
 
 def make_aggregator(store, clock, quorum=3, timeout=10.0):
@@ -271,6 +281,7 @@ def make_aggregator(store, clock, quorum=3, timeout=10.0):
         quorum=quorum,
         round_timeout=timeout,
         poll_seconds=0.5,
+        shard_bytes=SHARD_BYTES,
         clock=clock,
         sleep=clock.sleep,
     )
@@ -293,8 +304,24 @@ def push(store, island, version, delta, **kw):
     """Island `island` pushes delta for the round on `version` (pulled from the store)."""
     from near_jax.diloco import protocol
 
-    base = protocol.pull_version(store, RUN, version, LIKE)
-    return protocol.push_contribution(store, RUN, island, base, delta, SPEC, **kw)
+    cut = plan()
+    base = protocol.pull_version(store, RUN, version, cut)
+    return protocol.push_contribution(store, RUN, island, base, cut, cut.split(delta), SPEC, **kw)
+
+
+def reference_update(deltas):
+    """The update of a round applying `deltas` (in order), computed independently of the
+    protocol: per shard, each Δ through the codec, their fp32 mean through it again."""
+    from near_jax.diloco.codec.compress import decode, encode
+
+    cut, out = plan(), {}
+    for s in range(cut.num_shards):
+        decoded = [decode(encode(cut.split(d)[s], SPEC)[0]) for d in deltas]
+        total = decoded[0]
+        for other in decoded[1:]:
+            total = [a + b for a, b in zip(total, other, strict=True)]
+        out[s] = decode(encode([x / np.float32(len(deltas)) for x in total], SPEC)[0])
+    return cut.assemble(out)
 
 
 def optax_rounds(params, updates):
@@ -335,6 +362,19 @@ MODEL = [
     "--config.diloco.inner_steps=3",
     "--config.diloco.compression=int8",
 ]
+
+
+def model_like():
+    """The abstract params of the MODEL the island programs train (a run's `like`)."""
+    from launch import load_train_config
+    from near_jax import sharding
+    from near_jax.data.tokenizer import load_tokenizer
+    from near_jax.train.loop import trainer_for
+    from near_jax.train.step import resolve_config
+
+    cfg = load_train_config(MODEL)
+    cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    return trainer_for(cfg, sharding.make_mesh(cfg.mesh)).abstract_state.params
 
 
 class Procs:

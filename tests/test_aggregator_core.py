@@ -3,8 +3,6 @@ collection, runs that cannot be created. The programs run as processes in test_i
 
 import json
 
-import jax
-import numpy as np
 import pytest
 from helpers import (
     LIKE,
@@ -16,13 +14,14 @@ from helpers import (
     bits_equal,
     make_aggregator,
     optax_rounds,
+    plan,
     push,
+    reference_update,
     tree,
 )
 
 from near_jax.diloco import protocol
 from near_jax.diloco.aggregator import Aggregator
-from near_jax.diloco.codec.compress import decode, encode
 from near_jax.diloco.store import ObjectStore
 
 
@@ -54,10 +53,9 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
     decision_bytes = store.get(protocol.decision_key(RUN, 0))
     assert decision_bytes is not None
     assert json.loads(store.get(protocol.latest_key(RUN)))["version"] == 0
-    written = {}
-    if where == "before_latest":
-        written = {k: (tmp_path / k).read_bytes() for k in store.list(f"{RUN}/versions/00000001/")}
-        assert len(written) == 3
+    # Version 1 and the update were written before the decision, under the set's prefix.
+    written = {k: (tmp_path / k).read_bytes() for k in store.list(protocol.outs_prefix(RUN, 0))}
+    assert len(written) == 4 * plan().num_shards + 1
 
     fresh = make_aggregator(store, clock)  # a new process: all state from the store
     assert fresh.load().version == 0
@@ -67,11 +65,8 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
     for key, raw in written.items():
         assert (tmp_path / key).read_bytes() == raw  # recomputed: identical bytes
     # Applied exactly once: version 1 = version 0 + one outer step; version 2 continues.
-    mean = jax.tree.map(
-        lambda a, b, c: (a + b + c) / np.float32(3), *[decode(encode(d, SPEC)[0]) for d in deltas]
-    )
-    ref_params, _ = optax_rounds(tree(1), [decode(encode(mean, SPEC)[0])])
-    assert bits_equal(protocol.pull_version(store, RUN, 1, LIKE).params, ref_params)
+    ref_params, _ = optax_rounds(tree(1), [reference_update(deltas)])
+    assert bits_equal(protocol.pull_version(store, RUN, 1, plan()).tree(plan()), ref_params)
     assert fresh.load().version == 1
     assert fresh.run_round()["reason"] == "deadline"  # round 1: nothing was pushed
     assert protocol.verify_run(store, RUN, LIKE) == []
@@ -80,15 +75,21 @@ def test_aggregator_restart_after_commit_finishes_the_round_once(started, tmp_pa
 def test_keep_versions_collects_old_full_versions(started):
     store, _, agg = started
     agg.keep_versions, agg.quorum = 2, 1
-    held = protocol.pull_version(store, RUN, 0, LIKE)  # an island that falls behind
+    cut = plan()
+    held = protocol.pull_version(store, RUN, 0, cut)  # an island that falls behind
     for r in range(4):
         push(store, "a", r, tree(60 + r, 1e-2))
         agg.run_round()
-    versions = {k.split("/")[2] for k in store.list(f"{RUN}/versions/")}
-    assert versions == {"00000003", "00000004"}
+    kept = []
+    for v in range(5):
+        version = protocol.load_version(store, RUN, v, cut)  # manifests are kept
+        there = [store.exists(version.manifest.key(p, s)) for p in protocol.PARTS for s in range(5)]
+        assert all(there) or not any(there)  # a version's shards go together
+        kept.append(all(there))
+    assert kept == [False, False, False, True, True]
     for _ in range(4):  # updates and decisions are kept: it can still follow
-        held = protocol.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
-    assert held.hashes() == protocol.pull_version(store, RUN, 4, LIKE).hashes()
+        held = protocol.apply_update(store, RUN, cut, held, LR, MU)
+    assert held.hashes() == protocol.pull_version(store, RUN, 4, cut).hashes()
 
 
 def test_an_invalid_run_writes_nothing_to_the_store(tmp_path):

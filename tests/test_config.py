@@ -261,6 +261,7 @@ LOWEST = [
     ("diloco.replicas", 0, {}),
     ("diloco.inner_steps", 1, {}),
     ("diloco.fragments", 1, {}),
+    ("diloco.shard_bytes", 64, {}),
     ("contrib.top_g", 1, {}),
     ("contrib.score_batches", 1, {}),
 ]

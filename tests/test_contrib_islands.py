@@ -6,12 +6,11 @@ import time
 
 import jax
 import numpy as np
-from helpers import MODEL, RUN, Procs, latest_version, metric_records
+from helpers import MODEL, RUN, Procs, latest_version, metric_records, model_like
 
 from near_jax.contrib import identity, ledger, ledger_mirror, ledger_verify, registry
 from near_jax.contrib.contributor import Signer
 from near_jax.diloco import protocol
-from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.store import ObjectStore
 
 ROUNDS = 5
@@ -59,11 +58,14 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
         procs.wait_for("version 1", lambda: latest_version(store) >= 1, 240)
         # A forger claims island a's name in the open round with another key.
         v = latest_version(store)
-        base = protocol.pull_version(store, RUN, v, _like(store))
-        delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.params)
+        cut = _plan(store)
+        base = protocol.pull_version(store, RUN, v, cut)
+        delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.tree(cut))
         forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
         registry.register(store, RUN, "mallory", identity.generate(), time.time())
-        protocol.push_contribution(store, RUN, "mallory", base, delta, "int8", sign=forged)
+        protocol.push_contribution(
+            store, RUN, "mallory", base, cut, cut.split(delta), "int8", sign=forged
+        )
         procs.wait_for("version 2", lambda: latest_version(store) >= 2, 120)
         procs.procs["agg1"].send_signal(signal.SIGKILL)
         procs.procs["agg1"].wait()
@@ -100,7 +102,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     ]
     forged_rows = [r for r in rows if r["contributor"] == "mallory"]
     assert len(forged_rows) == 1 and forged_rows[0]["reason"].startswith("bad signature")
-    assert protocol.verify_run(store, RUN, _like(store)) == []
+    assert protocol.verify_run(store, RUN, model_like()) == []
     records = metric_records(tmp_path / "agg" / "metrics.jsonl", "aggregator")
     assert any("best_score" in x for x in records)
     v0 = next(x["eval_loss"] for x in records if x.get("version") == 0 and "round" not in x)
@@ -113,5 +115,5 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
     )
 
 
-def _like(store):
-    return decode(Payload.from_bytes(store.get(protocol.version_key(RUN, 0, "params"))))
+def _plan(store):
+    return protocol.run_plan(protocol.read_json(store, protocol.manifest_key(RUN)), model_like())

@@ -1,67 +1,117 @@
 """Tests of near_jax.diloco.protocol.contributions: pushing, and the verdict on each one."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import LIKE, RUN, SPEC, bits_equal, optax_rounds, push, tree
+from helpers import LIKE, RUN, SPEC, bits_equal, optax_rounds, plan, push, reference_update, tree
 
 from near_jax.diloco import protocol
 from near_jax.diloco import store as store_lib
-from near_jax.diloco.codec.compress import LeafPayload, Payload, decode, encode
+from near_jax.diloco.codec.compress import LeafPayload, Payload, encode
+
+
+def _push_pieces(store, island, base, shards, tag_island=None, raw=None):
+    """Pushes shard pieces (any shapes; `raw`: {shard: bytes} stored as they are) and a
+    manifest naming them."""
+    cut = plan()
+    entries, _, _ = protocol.push_shards(store, RUN, 0, island, cut, shards, SPEC)
+    for s, body in (raw or {}).items():
+        store.put(protocol.contrib_shard_key(RUN, 0, island, s), body)
+        entries[s] = (protocol.sha256(body), len(body))
+    tag = {"run": RUN, "round": 0, "island": tag_island or island}
+    tag["base_sha256"] = base.params_sha256
+    manifest = protocol.ContribManifest(SPEC, cut.plan_id(), tuple(entries[s] for s in range(5)))
+    body = protocol.pack_contribution(tag, manifest.to_bytes())
+    store.put(protocol.contrib_key(RUN, 0, island), body)
 
 
 def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     store, clock, agg = started
-    base = protocol.pull_version(store, RUN, 0, LIKE)
+    agg.quorum = 9
+    cut = plan()
+    base = protocol.pull_version(store, RUN, 0, cut)
     good = tree(20, 1e-2)
     push(store, "good", 0, good)
     # Wrong base: built on other params.
-    other = protocol.make_version(0, tree(5), protocol.zeros_like(LIKE))
-    protocol.push_contribution(store, RUN, "stale", other, good, SPEC)
-    # Shapes unlike the params.
-    bad_shape = {**good, "b": np.zeros(32, np.float32)}
-    protocol.push_contribution(store, RUN, "shape", base, bad_shape, SPEC)
-    # Not a payload at all.
-    store.put(protocol.contrib_key(RUN, 0, "garbage"), b"\x05\x00\x00\x00{}abc" + b"junk" * 9)
-    # Finite scales whose decoded values overflow to inf.
-    payload, _ = encode(good, SPEC)
-    leaves = list(payload.leaves)
-    leaves[0] = LeafPayload(
-        leaves[0].path,
-        leaves[0].shape,
-        leaves[0].values,
-        np.full_like(leaves[0].scales, 3e38),
-        None,
+    other = dataclasses.replace(
+        base, manifest=dataclasses.replace(base.manifest, params=("0" * 64,) * cut.num_shards)
     )
-    tag = {"run": RUN, "round": 0, "island": "huge", "base_sha256": base.params_sha256}
-    body = protocol.pack_contribution(tag, Payload(payload.spec, tuple(leaves)))
-    store.put(protocol.contrib_key(RUN, 0, "huge"), body)
+    protocol.push_contribution(store, RUN, "stale", other, cut, cut.split(good), SPEC)
+    # A shard shaped unlike the params (found while streaming).
+    bad_shape = cut.split(good)
+    bad_shape[2] = [np.zeros((3, 11), np.float32)]  # 33 values, another shape
+    _push_pieces(store, "shape", base, bad_shape)
+    # Not a manifest at all.
+    store.put(protocol.contrib_key(RUN, 0, "garbage"), b"\x05\x00\x00\x00{}abc" + b"junk" * 9)
+    # Finite scales whose decoded values overflow to inf (in shard 1).
+    shards = cut.split(good)
+    payload, _ = encode(shards[1], SPEC)
+    leaf = payload.leaves[0]
+    huge = LeafPayload(leaf.path, leaf.shape, leaf.values, np.full_like(leaf.scales, 3e38))
+    _push_pieces(store, "huge", base, shards, raw={1: Payload(payload.spec, (huge,)).to_bytes()})
     # Tag naming another island than its key.
-    store.put(protocol.contrib_key(RUN, 0, "liar"), body)
-    # A torn object (as a store without atomic writes might leave).
-    push(store, "torn", 0, good)
+    _push_pieces(store, "liar", base, cut.split(good), tag_island="someone")
+    # A torn object (as a store without atomic writes might leave), a torn shard, a shard
+    # replaced after the manifest was written, a shard missing.
+    for name in ("torn", "torn_shard", "swapped", "missing"):
+        push(store, name, 0, good)
     path = tmp_path / protocol.contrib_key(RUN, 0, "torn")
     path.write_bytes(path.read_bytes()[:100])
+    path = tmp_path / protocol.contrib_shard_key(RUN, 0, "torn_shard", 4)
+    path.write_bytes(path.read_bytes()[:100])
+    store.put(
+        protocol.contrib_shard_key(RUN, 0, "swapped", 0),
+        encode(cut.split(tree(3))[0], SPEC)[0].to_bytes(),
+    )
+    store.delete(protocol.contrib_shard_key(RUN, 0, "missing", 3))
+    # Another shard plan (a contributor with other flags).
+    other_plan = protocol.plan_shards(LIKE, 1 << 20)
+    other_base = protocol.pull_version(store, RUN, 0, cut)
+    entries, _, _ = protocol.push_shards(
+        store, RUN, 0, "plan", other_plan, other_plan.split(good), SPEC
+    )
+    protocol.push_manifest(store, RUN, "plan", other_base, other_plan, SPEC, entries)
 
+    logged = []
+    agg.log = logged.append
     stats = agg.run_round()
     decision = stats["decision"]
-    assert stats["reason"] == "deadline" and clock.t >= agg.opened_at  # quorum 3 not met
+    assert stats["reason"] == "deadline" and clock.t >= agg.opened_at  # quorum not met
     assert [e["island"] for e in decision["accepted"]] == ["good"]
     reasons = {e["island"]: e["reason"] for e in decision["rejected"]}
-    assert set(reasons) == {"stale", "shape", "garbage", "huge", "liar", "torn"}
+    assert set(reasons) == {
+        "stale",
+        "shape",
+        "garbage",
+        "huge",
+        "liar",
+        "torn",
+        "torn_shard",
+        "swapped",
+        "missing",
+        "plan",
+    }
     assert "built on base" in reasons["stale"]
-    assert "does not match" in reasons["shape"]
+    assert "shard 2" in reasons["shape"] and "does not match" in reasons["shape"]
     assert "invalid" in reasons["garbage"]
-    assert "non-finite" in reasons["huge"]
+    assert "non-finite values in shard 1" in reasons["huge"]
     assert "island" in reasons["liar"]
     assert reasons["torn"].startswith("corrupt object")
-    # Only the good contribution was applied.
-    update = decode(encode(decode(encode(good, SPEC)[0]), SPEC)[0])
-    ref_params, _ = optax_rounds(tree(1), [update])
-    assert bits_equal(protocol.pull_version(store, RUN, 1, LIKE).params, ref_params)
+    assert "shard 4" in reasons["torn_shard"] and "corrupt" in reasons["torn_shard"]
+    assert "shard 0" in reasons["swapped"] and "sha256" in reasons["swapped"]
+    assert "shard 3" in reasons["missing"] and "missing" in reasons["missing"]
+    assert "another shard plan" in reasons["plan"]
+    # Shard defects were found while streaming: each was logged, and the set decided again.
+    assert sum("rejected" in line for line in logged) == 5, logged
+    # Only the good contribution was applied; nothing of the abandoned sets is left.
+    ref_params, _ = optax_rounds(tree(1), [reference_update([good])])
+    assert bits_equal(protocol.pull_version(store, RUN, 1, cut).tree(cut), ref_params)
+    outs = {k.split("/")[4] for k in store.list(protocol.outs_prefix(RUN, 0))}
+    assert outs == {protocol.load_version(store, RUN, 1, cut).manifest.prefix.split("/")[4]}
 
 
 def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
@@ -78,7 +128,7 @@ def test_junk_and_links_are_rejected_without_being_read(started, tmp_path):
     os.symlink(outside, tmp_path / protocol.contrib_key(RUN, 0, "link"))
     read0 = store.bytes_read
     decision = agg.run_round()["decision"]
-    assert store.bytes_read - read0 < protocol.object_limit(LIKE)
+    assert store.bytes_read - read0 < protocol.contribution_limit(plan()) + (1 << 20)
     reasons = {e["island"]: e["reason"] for e in decision["rejected"]}
     assert "oversized" in reasons["junk"]
     assert (

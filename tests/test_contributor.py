@@ -3,6 +3,7 @@
 test_contrib_islands.py."""
 
 import base64
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -142,7 +143,9 @@ def test_prepare_signer_refuses_with_one_line(setup, tmp_path, case, message):
 
 def test_slot_problem(tmp_path):
     store = ObjectStore.open(str(tmp_path))
-    base = protocol.make_version(2, LIKE, protocol.zeros_like(LIKE))
+    plan = protocol.plan_shards(LIKE)
+    hashes = protocol.write_version0(store, RUN, plan, LIKE)
+    base = dataclasses.replace(protocol.load_version(store, RUN, 0, plan, hashes), version=2)
     me = Signer(identity.generate(), "eu-1", "a" * 64, "b" * 64)
     expect = {"run": RUN, "round": 2, "base_sha256": base.params_sha256}
     key = protocol.contrib_key(RUN, 2, "eu-1")
@@ -150,14 +153,14 @@ def test_slot_problem(tmp_path):
     store.put(key, b"junk")
     assert slot_problem(store, key, me, expect).startswith("it is not a contribution (")
     store.delete(key)
-    delta = {"w": np.full(6, 0.1, np.float32), "b": np.float32(0.0)}
+    delta = plan.split({"w": np.full(6, 0.1, np.float32), "b": np.float32(0.0)})
     other = Signer(identity.generate(), "eu-1", "a" * 64, "b" * 64)
-    assert protocol.push_contribution(store, RUN, "eu-1", base, delta, "fp32", sign=other)[0]
+    assert protocol.push_contribution(store, RUN, "eu-1", base, plan, delta, "fp32", sign=other)[0]
     signed_by_other = "it is not signed by this island's key for this round"
     assert slot_problem(store, key, me, expect) == signed_by_other
     mine = protocol.contrib_key(RUN, 2, "eu-2")
     me2 = Signer(me.ident, "eu-2", "a" * 64, "b" * 64)
-    assert protocol.push_contribution(store, RUN, "eu-2", base, delta, "fp32", sign=me2)[0]
+    assert protocol.push_contribution(store, RUN, "eu-2", base, plan, delta, "fp32", sign=me2)[0]
     assert slot_problem(store, mine, me2, expect) == ""
     assert slot_problem(store, mine, me2, {**expect, "round": 3}) == signed_by_other
     path = tmp_path / mine

@@ -1,14 +1,25 @@
 """Tests of near_jax.diloco.protocol.decisions: closing rounds, following them, checking runs."""
 
+import dataclasses
 import json
 
-import jax
 import numpy as np
 import pytest
-from helpers import LIKE, LR, MU, RUN, SPEC, bits_equal, optax_rounds, push, tree
+from helpers import (
+    LIKE,
+    LR,
+    MU,
+    RUN,
+    bits_equal,
+    optax_rounds,
+    plan,
+    push,
+    reference_update,
+    tree,
+)
 
 from near_jax.diloco import protocol
-from near_jax.diloco.codec.compress import decode, encode
+from near_jax.diloco.store import HEADER
 
 
 def test_round_of_three_matches_independent_recomputation(started):
@@ -21,18 +32,17 @@ def test_round_of_three_matches_independent_recomputation(started):
     assert (stats["round"], stats["version"], stats["reason"]) == (0, 1, "quorum")
     assert [e["island"] for e in stats["decision"]["accepted"]] == ["a", "b", "c"]
 
-    # Independently: decode each island's payload, average in fp32, compress the mean with
-    # the run's spec, apply optax's outer step to version 0.
-    decoded = [decode(encode(deltas[n], SPEC)[0]) for n in "abc"]
-    mean = jax.tree.map(lambda a, b, c: (a + b + c) / np.float32(3), *decoded)
-    update = decode(encode(mean, SPEC)[0])
-    ref_params, ref_momentum = optax_rounds(tree(1), [update])
-    v1 = protocol.pull_version(store, RUN, 1, LIKE, with_server_ef=True)
-    assert bits_equal(v1.params, ref_params) and bits_equal(v1.momentum, ref_momentum)
+    # Independently: per shard, decode each island's payload, average in fp32, compress the
+    # mean with the run's spec; then optax's outer step on the whole tree.
+    cut = plan()
+    ref_params, ref_momentum = optax_rounds(tree(1), [reference_update(deltas.values())])
+    v1 = protocol.pull_version(store, RUN, 1, cut)
+    assert bits_equal(v1.tree(cut), ref_params)
+    assert bits_equal(v1.tree(cut, "momentum"), ref_momentum)
     # An island following by the update alone reaches the same bits (hash-checked).
-    island_v0 = protocol.pull_version(store, RUN, 0, LIKE)
-    island_v1 = protocol.apply_update(store, RUN, island_v0, SPEC, LR, MU, LIKE)
-    assert island_v1.params_sha256 == v1.params_sha256 and bits_equal(island_v1.params, ref_params)
+    island_v0 = protocol.pull_version(store, RUN, 0, cut)
+    island_v1 = protocol.apply_update(store, RUN, cut, island_v0, LR, MU)
+    assert island_v1.hashes() == v1.hashes() and bits_equal(island_v1.tree(cut), ref_params)
     assert json.loads(store.get(protocol.latest_key(RUN)))["version"] == 1
     assert protocol.verify_run(store, RUN, LIKE) == []
 
@@ -62,8 +72,10 @@ def test_empty_round_publishes_the_same_version(started):
     store, clock, agg = started
     stats = agg.run_round()
     assert (stats["reason"], stats["accepted"], stats["version"]) == ("deadline", 0, 1)
-    v0, v1 = (protocol.pull_version(store, RUN, v, LIKE) for v in (0, 1))
-    assert v0.hashes() == v1.hashes() and store.get(protocol.update_key(RUN, 0)) is None
+    v0, v1 = (protocol.pull_version(store, RUN, v, plan()) for v in (0, 1))
+    assert v0.hashes() == v1.hashes() and v1.manifest.update is None
+    assert stats["decision"]["update_sha256"] is None
+    assert not store.list(protocol.outs_prefix(RUN, 0))  # nothing written for it
 
 
 def test_island_follows_by_updates_and_detects_mismatch(started):
@@ -72,10 +84,44 @@ def test_island_follows_by_updates_and_detects_mismatch(started):
     for r in range(3):
         push(store, "a", r, tree(40 + r, 1e-2))
         agg.run_round()
-    held = protocol.pull_version(store, RUN, 0, LIKE)
+    cut = plan()
+    held = protocol.pull_version(store, RUN, 0, cut)
     for _ in range(3):
-        held = protocol.apply_update(store, RUN, held, SPEC, LR, MU, LIKE)
-    assert held.hashes() == protocol.pull_version(store, RUN, 3, LIKE).hashes()
-    drifted = protocol.make_version(1, tree(7), protocol.pull_version(store, RUN, 1, LIKE).momentum)
+        held = protocol.apply_update(store, RUN, cut, held, LR, MU)
+    assert held.hashes() == protocol.pull_version(store, RUN, 3, cut).hashes()
+    drifted = dataclasses.replace(protocol.pull_version(store, RUN, 0, cut), version=1)
     with pytest.raises(protocol.ProtocolError, match="another base"):
-        protocol.apply_update(store, RUN, drifted, SPEC, LR, MU, LIKE)
+        protocol.apply_update(store, RUN, cut, drifted, LR, MU)
+    # A held shard that drifted (a bit flip in host memory) is caught by its hash.
+    held = protocol.pull_version(store, RUN, 1, cut)
+    held.params[3][0] = held.params[3][0] + np.float32(1e-3)
+    with pytest.raises(protocol.ProtocolError, match="shard 3 locally"):
+        protocol.apply_update(store, RUN, cut, held, LR, MU)
+
+
+def test_a_host_holding_some_shards_follows_only_those(started):
+    """A host of a multi-host island pulls and applies only its own shards."""
+    store, _, agg = started
+    agg.quorum = 1
+    push(store, "a", 0, tree(40, 1e-2))
+    agg.run_round()
+    cut = plan()
+    mine = [1, 3]
+    read0 = store.bytes_read
+    held = protocol.pull_version(store, RUN, 0, cut, shards=mine)
+    pulled = store.bytes_read - read0
+    assert sorted(held.params) == mine and sorted(held.momentum) == mine
+    read1 = store.bytes_read
+    full = protocol.pull_version(store, RUN, 0, cut)
+    full_pulled = store.bytes_read - read1
+    others = sum(
+        len(store.get(full.manifest.key(part, s))) + HEADER.size
+        for part in ("params", "momentum")
+        for s in (0, 2, 4)
+    )
+    assert full_pulled - others - pulled == 0  # exactly the other 3 shards more
+    new = protocol.apply_update(store, RUN, cut, held, LR, MU)
+    every = protocol.apply_update(store, RUN, cut, full, LR, MU)
+    assert sorted(new.params) == mine
+    for s in mine:
+        assert bits_equal(new.params[s], every.params[s])

@@ -3,7 +3,7 @@ may have damaged, and catching up by updates or by a full pull. Islands run as p
 test_islands.py."""
 
 import pytest
-from helpers import LIKE, LR, MU, RUN, SPEC, push, tree
+from helpers import LR, MU, RUN, plan, push, tree
 
 from near_jax.diloco import protocol
 from near_jax.diloco.island import follow
@@ -67,13 +67,14 @@ def test_catch_up_by_updates_when_close_else_by_a_full_pull(started):
     store, _, agg = started
     n = protocol.MAX_CHAIN + 1
     rounds(store, agg, n)
-    v0 = protocol.pull_version(store, RUN, 0, LIKE)
-    args = (LIKE, SPEC, LR, MU)
+    cut = plan()
+    v0 = protocol.pull_version(store, RUN, 0, cut)
+    args = (cut, LR, MU)
     held, pulled = follow.catch_up(store, RUN, "x", v0, n - 1, *args)
     assert not pulled and held.version == n - 1
-    assert held.hashes() == protocol.pull_version(store, RUN, n - 1, LIKE).hashes()
+    assert held.hashes() == protocol.pull_version(store, RUN, n - 1, cut).hashes()
     held, pulled = follow.catch_up(store, RUN, "x", v0, n, *args)  # MAX_CHAIN + 1 behind
-    assert pulled and held.hashes() == protocol.pull_version(store, RUN, n, LIKE).hashes()
+    assert pulled and held.hashes() == protocol.pull_version(store, RUN, n, cut).hashes()
     held, pulled = follow.catch_up(store, RUN, "x", None, 1, *args)  # nothing held
     assert pulled and held.version == 1
 
@@ -81,10 +82,12 @@ def test_catch_up_by_updates_when_close_else_by_a_full_pull(started):
 def test_catch_up_pulls_in_full_when_an_update_does_not_match(started, capsys):
     store, _, agg = started
     rounds(store, agg, 2)
-    v0 = protocol.pull_version(store, RUN, 0, LIKE)
-    store.put(protocol.update_key(RUN, 0), protocol.tree_bytes(tree(5, 1e-2)))
-    held, pulled = follow.catch_up(store, RUN, "x", v0, 2, LIKE, SPEC, LR, MU)
-    assert pulled and held.hashes() == protocol.pull_version(store, RUN, 2, LIKE).hashes()
+    cut = plan()
+    v0 = protocol.pull_version(store, RUN, 0, cut)
+    v1 = protocol.load_version(store, RUN, 1, cut)
+    store.put(v1.manifest.key("update", 2), protocol.tree_bytes(cut.split(tree(5, 1e-2))[2]))
+    held, pulled = follow.catch_up(store, RUN, "x", v0, 2, cut, LR, MU)
+    assert pulled and held.hashes() == protocol.pull_version(store, RUN, 2, cut).hashes()
     err = capsys.readouterr().err
     assert "cannot follow by updates" in err and "pulling the full version" in err
 
@@ -93,5 +96,5 @@ def test_catch_up_pulls_the_latest_when_the_target_was_collected(started):
     store, _, agg = started
     agg.keep_versions = 2
     rounds(store, agg, 4)  # versions 0..2 collected: only 3 and 4 are stored in full
-    held, pulled = follow.catch_up(store, RUN, "x", None, 1, LIKE, SPEC, LR, MU)
+    held, pulled = follow.catch_up(store, RUN, "x", None, 1, plan(), LR, MU)
     assert pulled and held.version == 4

@@ -5,10 +5,9 @@ import os
 import signal
 import time
 
-from helpers import MODEL, RUN, Procs, latest_version, metric_records
+from helpers import MODEL, RUN, Procs, latest_version, metric_records, model_like
 
 from near_jax.diloco import protocol
-from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.store import ObjectStore
 
 ROUNDS, QUORUM, TIMEOUT = 8, 2, 5
@@ -69,7 +68,7 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
 
     # The run is complete and every version is exactly version 0 + its decisions, each
     # applied once (replayed from the store; every object read is validated).
-    like = decode(Payload.from_bytes(store.get(protocol.version_key(RUN, 0, "params"))))
+    like = model_like()
     assert latest_version(store) == ROUNDS and store.exists(protocol.finished_key(RUN))
     assert protocol.verify_run(store, RUN, like) == []
     decisions = [json.loads(store.get(protocol.decision_key(RUN, r))) for r in range(ROUNDS)]

@@ -10,11 +10,15 @@ def test_key_layout():
     assert keys.manifest_key("demo") == "demo/run.json"
     assert keys.latest_key("demo") == "demo/latest"
     assert keys.finished_key("demo") == "demo/finished"
-    assert keys.version_key("demo", 12, "params") == "demo/versions/00000012/params"
+    assert keys.version0_prefix("demo") == "demo/versions/00000000/"
     assert keys.contrib_prefix("demo", 3) == "demo/rounds/00000003/contrib/"
     assert keys.contrib_key("demo", 3, "isl-1") == "demo/rounds/00000003/contrib/isl-1"
     assert keys.decision_key("demo", 0) == "demo/rounds/00000000/decision"
-    assert keys.update_key("demo", 99999999) == "demo/rounds/99999999/update"
+    assert (
+        keys.contrib_shard_key("demo", 3, "isl-1", 7) == "demo/rounds/00000003/shards/isl-1/000007"
+    )
+    assert keys.out_prefix("demo", 99999999, "ab12") == "demo/rounds/99999999/out/ab12/"
+    assert keys.outs_prefix("demo", 4) == "demo/rounds/00000004/out/"
 
 
 def test_zero_padding_sorts_rounds_and_versions_in_order():

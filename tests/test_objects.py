@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from near_jax.diloco.codec.compress import encode
+from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.protocol import objects
 from near_jax.diloco.protocol.keys import ProtocolError
-from near_jax.diloco.store import CorruptObject, ObjectStore, ObjectTooLarge
+from near_jax.diloco.store import ObjectStore, ObjectTooLarge
 
 SHAPES = {"a": (3, 5), "b": [(7,), (2, 2, 2)], "c": ()}
 
@@ -83,69 +83,16 @@ def test_tree_bytes_round_trip_is_exact_and_deterministic(seed):
     tree = random_tree(seed)
     body = objects.tree_bytes(tree)
     assert body == objects.tree_bytes(random_tree(seed))
-    back = objects.tree_from_bytes(body, like=tree, where="k")
+    back = decode(Payload.from_bytes(body), like=tree)
     assert jax.tree.structure(back) == jax.tree.structure(tree)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
 
 
-@pytest.mark.parametrize(
-    "like",
-    [
-        {"a": (3, 5), "b": [(7,), (2, 2, 3)], "c": ()},  # a shape
-        {"a": (3, 5), "b": [(7,)], "c": ()},  # a leaf fewer
-        {"a": (3, 5), "b": [(7,), (2, 2, 2)], "d": ()},  # a path
-    ],
-)
-def test_tree_from_bytes_refuses_another_structure(like):
-    body = objects.tree_bytes(random_tree(0))
-    with pytest.raises(ProtocolError) as e:
-        objects.tree_from_bytes(body, like=random_tree(1, like), where="run/versions/x")
-    assert str(e.value).startswith("run/versions/x: ") and "\n" not in str(e.value)
-
-
-def test_tree_from_bytes_refuses_other_specs_and_garbage():
-    tree = random_tree(0)
-    int8 = encode(tree, "int8")[0].to_bytes()
-    with pytest.raises(ProtocolError, match="expected fp32"):
-        objects.tree_from_bytes(int8, like=tree, where="k")
-    decoded = objects.tree_from_bytes_any(int8, like=tree, where="k")
-    assert jax.tree.structure(decoded) == jax.tree.structure(tree)
-    for garbage in (b"", b"garbage", objects.tree_bytes(tree)[:-3]):
-        with pytest.raises(ProtocolError, match="^k: "):
-            objects.tree_from_bytes(garbage, like=tree, where="k")
-        with pytest.raises(ProtocolError, match="^k: "):
-            objects.tree_from_bytes_any(garbage, like=tree, where="k")
-
-
-def test_tree_from_bytes_bounds_elements_by_like():
-    big = {"a": np.zeros((1000,), np.float32)}
-    with pytest.raises(ProtocolError, match="max_elements"):
-        objects.tree_from_bytes(objects.tree_bytes(big), like={"a": np.zeros(10)}, where="k")
-
-
-def test_sizes_and_limits():
-    tree = random_tree(0)
-    assert objects.num_elements(tree) == 15 + 7 + 8 + 1
-    assert objects.object_limit(tree) == 8 * 31 + (1 << 20)
-    assert len(objects.tree_bytes(tree)) <= objects.object_limit(tree)
-
-
-def test_get_tree_object_is_bounded_and_turns_damage_into_protocol_errors(tmp_path):
-    store = ObjectStore.open(str(tmp_path))
-    tree = random_tree(0)
-    assert objects.get_tree_object(store, "run/t", tree) is None
-    store.put("run/t", objects.tree_bytes(tree))
-    assert objects.get_tree_object(store, "run/t", tree) == objects.tree_bytes(tree)
-    store.put("run/big", b"x" * (objects.object_limit(tree) + 1))
-    with pytest.raises(ProtocolError, match="oversized"):
-        objects.get_tree_object(store, "run/big", tree)
-    path = tmp_path / "run" / "t"
-    path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(ProtocolError, match="corrupt object"):
-        objects.get_tree_object(store, "run/t", tree)
-    assert issubclass(ObjectTooLarge, CorruptObject)
+def test_num_elements():
+    assert objects.num_elements(random_tree(0)) == 15 + 7 + 8 + 1
+    assert objects.num_elements({}) == 0
 
 
 def test_zeros_like_and_as_float32():

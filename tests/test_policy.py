@@ -38,11 +38,11 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     world = World(tmp_path, HONEST[:2], POLICY)
     base = world.base()
     new_code = "e" * 64
-    world.push("honest0", inner(base.params, "honest0", 0))
+    world.push("honest0", inner(world.tree(base), "honest0", 0))
     upgraded = Signer(world.keys["honest1"], "honest1", new_code, CONFIG)
-    protocol.push_contribution(
-        world.store, RUN, "honest1", base, inner(base.params, "h1", 0), SPEC, sign=upgraded
-    )
+    plan = world.agg.plan
+    delta = plan.split(inner(world.tree(base), "h1", 0))
+    protocol.push_contribution(world.store, RUN, "honest1", base, plan, delta, SPEC, sign=upgraded)
     entries = by_contributor(close_round(world, quorum=2))
     assert entries["honest1"]["reason"].startswith("attestation: code hash eeeeeeeeeeee")
     # Anyone can write a list; only the aggregator's signed one counts.
@@ -58,8 +58,8 @@ def test_new_code_can_be_allowed_mid_run_by_the_aggregator_only(tmp_path):
     base = world.base()
     old_code = Signer(world.keys["honest0"], "honest0", CODE, CONFIG)
     for name, signer in (("honest0", old_code), ("honest1", upgraded)):
-        delta = inner(base.params, name, 1)
-        protocol.push_contribution(world.store, RUN, name, base, delta, SPEC, sign=signer)
+        delta = plan.split(inner(world.tree(base), name, 1))
+        protocol.push_contribution(world.store, RUN, name, base, plan, delta, SPEC, sign=signer)
     entries = by_contributor(close_round(world, quorum=2))
     assert entries["honest1"]["applied"] and entries["honest0"]["applied"]
 

@@ -1,5 +1,7 @@
 """Tests of near_jax.diloco.quarantine: planted objects in the aggregator's slots."""
 
+import dataclasses
+
 import pytest
 from helpers import LIKE, RUN, make_aggregator, push, tree
 
@@ -26,16 +28,12 @@ def test_a_planted_decision_is_moved_aside_and_the_round_decided(started, tmp_pa
         store.put(key, b"{not json")
     else:  # well-formed, but its result is not what replaying its contributions gives
         base = agg.state
-        fake = protocol.make_version(1, tree(7), protocol.zeros_like(LIKE))
+        fake = protocol.Derived(dataclasses.replace(base, version=1), "f" * 64)  # no step
         verdict = protocol.check_contribution(
-            store, RUN, base, protocol.contrib_key(RUN, 0, "good"), LIKE
+            store, RUN, base, agg.plan, protocol.contrib_key(RUN, 0, "good")
         )
-        store.put(
-            key,
-            protocol.dumps(
-                protocol.make_decision(RUN, base, fake, [verdict], [], "quorum", None, 1.0)
-            ),
-        )
+        decision = protocol.make_decision(RUN, base, fake, [verdict], [], "quorum", 1.0)
+        store.put(key, protocol.dumps(decision))
     assert island.newer(store, RUN, 0, "eu-1") is None  # an island waits, it does not die
     stats = agg.run_round()
     assert stats["accepted"] == 1 and not stats["replayed"]

@@ -25,7 +25,7 @@ def test_restarted_aggregator_records_a_committed_round_once(tmp_path):
     world = World(tmp_path, HONEST[:3], POLICY)
     base = world.base()
     for name in HONEST[:3]:
-        world.push(name, inner(base.params, name, 0))
+        world.push(name, inner(world.tree(base), name, 0))
     world.agg.quorum = 3
 
     def crash(*_):
@@ -53,7 +53,7 @@ def test_a_forged_store_ledger_is_never_adopted(tmp_path):
     for _ in range(2):
         base = world.base()
         for name in HONEST[:2]:
-            world.push(name, inner(base.params, name, base.version))
+            world.push(name, inner(world.tree(base), name, base.version))
         close_round(world, quorum=2)
     world.agg.close()
     local = tmp_path / "local" / "ledger.sqlite"

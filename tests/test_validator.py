@@ -37,6 +37,7 @@ from near_jax.contrib.policy import Policy
 from near_jax.contrib.signing import check_decision
 from near_jax.contrib.validator import ContribAggregator
 from near_jax.diloco import protocol
+from near_jax.diloco.codec.compress import Payload
 from near_jax.diloco.robust import Rule
 
 
@@ -68,7 +69,7 @@ def test_robust_rules_stay_near_honest_only_while_the_plain_mean_does_not(tmp_pa
         for _ in range(rounds_):
             adversarial_round(world, adversaries)
         world.agg.close()
-        return eval_loss(world.agg.state.params)
+        return eval_loss(world.agg.params())
 
     start = eval_loss(LIKE)
     honest = final_loss(
@@ -101,7 +102,7 @@ def test_without_screening_the_robust_rule_alone_resists_the_poisoner(tmp_path):
     entries = {e["contributor"]: e for e in decision["contrib"]["entries"]}
     assert entries["poisoner"]["score"] < 0 < min(entries[n]["score"] for n in HONEST)
     assert entries["zero"]["score"] == 0.0 and entries["zero"]["reward"] == 0.0
-    assert eval_loss(world.agg.state.params) < eval_loss(LIKE)
+    assert eval_loss(world.agg.params()) < eval_loss(LIKE)
 
 
 def test_a_run_refuses_another_aggregator_key(tmp_path):
@@ -168,7 +169,7 @@ def test_a_copy_seen_in_the_same_poll_credits_neither(tmp_path):
     world = World(tmp_path, HONEST[:4] + ["aaa"], POLICY)
     base = world.base()
     for name in HONEST[:4]:
-        world.push(name, inner(base.params, name, 0))
+        world.push(name, inner(world.tree(base), name, 0))
     stolen = world.decoded(0, "honest3")
     stolen["w"] = stolen["w"] * np.float32(1.0001)
     world.push("aaa", stolen)  # listed before honest3 (by name) in the same poll
@@ -183,10 +184,12 @@ def test_inflating_an_update_buys_no_reward_and_harmful_ones_are_not_applied(tmp
     world = World(tmp_path, HONEST[:4] + ["inflated", "harmful"], POLICY)
     base = world.base()
     for name in HONEST[:4]:
-        world.push(name, inner(base.params, name, 0))
-    own = inner(base.params, "inflated", 0)  # an honest direction, pushed at 2.9× its norm
+        world.push(name, inner(world.tree(base), name, 0))
+    own = inner(world.tree(base), "inflated", 0)  # an honest direction, pushed at 2.9× its norm
     world.push("inflated", jax.tree.map(lambda d: np.float32(2.9) * d, own))
-    world.push("harmful", jax.tree.map(lambda d: np.float32(-1.5) * d, inner(base.params, "z", 0)))
+    world.push(
+        "harmful", jax.tree.map(lambda d: np.float32(-1.5) * d, inner(world.tree(base), "z", 0))
+    )
     entries = by_contributor(close_round(world))
     best_honest = max(entries[n]["reward"] for n in HONEST[:4])
     assert entries["inflated"]["applied"] and entries["inflated"]["reward"] <= 1.25 * best_honest
@@ -206,7 +209,7 @@ def test_a_diverged_model_closes_the_round_without_applying_anything(tmp_path):
     world.agg.loss_fn = lambda params, seed: float("nan")
     base = world.base()
     for name in HONEST[:2]:
-        world.push(name, inner(base.params, name, 0))
+        world.push(name, inner(world.tree(base), name, 0))
     decision = close_round(world, quorum=2)
     assert decision["contrib"]["base_loss"] is None and decision["accepted"] == []
     assert all(e["reason"].startswith("harmful") for e in decision["contrib"]["entries"])
@@ -255,11 +258,25 @@ def _keyfile(tmp_path):
     return str(path)
 
 
+def published_update(world, r):
+    """Round r's published update Û_r as a tree, read from version r + 1's manifest."""
+    plan = world.agg.plan
+    v = protocol.load_version(world.store, RUN, r + 1, plan)
+    pieces = {}
+    for s, sha in enumerate(v.manifest.update):
+        body = protocol.read_shard(
+            world.store, v.manifest.key("update", s), sha, protocol.shard_limit(plan, s)
+        )
+        payload = Payload.from_bytes(body, max_elements=plan.shard_elements(s))
+        pieces[s] = protocol.decode(payload, like=plan.shard_like(s))
+    return plan.assemble(pieces)
+
+
 def test_second_review_holes_stay_closed(tmp_path):
     world = World(tmp_path / "run", HONEST[:3], POLICY)
     base = world.base()
     for name in HONEST[:3]:
-        world.push(name, inner(base.params, name, 0))
+        world.push(name, inner(world.tree(base), name, 0))
     # An object posing as a second contribution of honest0 under a nested key is ignored.
     own = world.store.get(protocol.contrib_key(RUN, 0, "honest0"))
     world.store.put(protocol.contrib_prefix(RUN, 0) + "x/honest0", own)
@@ -273,8 +290,8 @@ def test_second_review_holes_stay_closed(tmp_path):
     world.agg = world.make_aggregator()
     world.agg.load()
     base = world.base()
-    echo = world.agg._decoded(protocol.update_key(RUN, 0))
-    world.push("honest0", inner(base.params, "honest0", 1))
+    echo = published_update(world, 0)
+    world.push("honest0", inner(world.tree(base), "honest0", 1))
     world.push("honest2", echo)
     entries = by_contributor(close_round(world, quorum=2))
     assert entries["honest2"]["reason"].startswith("stale: near-duplicate of the published")
@@ -296,12 +313,14 @@ def test_second_review_holes_stay_closed(tmp_path):
 def test_a_decision_not_signed_by_the_aggregator_is_moved_aside(tmp_path):
     world = World(tmp_path, HONEST[:2], POLICY)
     for name in HONEST[:2]:
-        world.push(name, inner(world.base().params, name, 0))
+        world.push(name, inner(world.tree(world.base()), name, 0))
     base, logged = world.agg.state, []
     world.agg.log = logged.append
     other = world.make_aggregator()  # the same key: a decision it could have written...
+    other.recorder.path = str(tmp_path / "other.sqlite")
+    other.load()
     verdicts = [other.check(base, k) for k in protocol.contrib_keys(world.store, RUN, 0)]
-    forged = other.decide(base, verdicts, [], "quorum")[2]
+    forged = other.decide(base, verdicts, [], "quorum")[1]
     forged["signature"] = "0" * 128  # well-formed and replayable, but not the key's
     world.store.put(protocol.decision_key(RUN, 0), protocol.dumps(forged))
     world.agg.quorum = 2

@@ -178,6 +178,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "Simulated unreliable islands: each replica's pseudo-gradient is left out of an "
             "outer step with this probability (benchmarks; 0 = never).",
         ),
+        "shard_bytes": (
+            64 << 20,
+            "Islands: params, contributions and updates are stored as shards of at most "
+            "this many float32 bytes (large leaves cut along their FSDP axis); the aggregator "
+            "streams one shard at a time. Fixed by the run at its creation.",
+        ),
     },
     "contrib": {
         "enabled": (

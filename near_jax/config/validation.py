@@ -183,6 +183,9 @@ def _validate_mesh(cfg: ml_collections.ConfigDict) -> None:
 def _validate_diloco(cfg: ml_collections.ConfigDict) -> None:
     """diloco: counts, fragments within the layers and the inner steps (compression: last)."""
     m, dl = cfg.model, cfg.diloco
+    shard_bytes = dl.shard_bytes
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 64:
+        _fail("diloco.shard_bytes", dl.shard_bytes, "an integer >= 64")
     if dl.replicas < 0:
         _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
     if dl.inner_steps < 1:

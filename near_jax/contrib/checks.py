@@ -22,13 +22,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import numpy as np
-
 from near_jax._io import one_line
 from near_jax.contrib import attest, identity, registry
 from near_jax.diloco import protocol
-from near_jax.diloco.codec.compress import Payload, PayloadError, decode
+from near_jax.diloco.codec.compress import PayloadError
 from near_jax.diloco.protocol import Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore, ObjectTooLarge, StoreError
 
@@ -86,7 +83,8 @@ class Candidate(Verdict):
 
 
 class Checker:
-    """Checks the contributions to one run: reads at most `max_body` bytes of each, looks
+    """Checks the contributions to one run (cut by `plan`, the run's shard plan: set it once
+    the run exists): reads at most a manifest's bytes of each object, looks
     its contributor up in the run's key registry (caching keys once found), asks
     `payload_seen(sha256)` — the ledger's (round, contributor) of a payload, or None —
     whether it is a replay, and `verifier` (replaced when more code is allowed) whether
@@ -98,11 +96,11 @@ class Checker:
         run: str,
         like: Any,
         *,
-        max_body: int,
+        plan: protocol.ShardPlan,
         verifier: attest.Verifier,
         payload_seen: Callable[[str], tuple[int, str] | None],
     ):
-        self.store, self.run, self.like, self.max_body = store, run, like, max_body
+        self.store, self.run, self.like, self.plan = store, run, like, plan
         self.verifier, self.payload_seen = verifier, payload_seen
         self._keys: dict[str, str] = {}
 
@@ -118,7 +116,7 @@ class Checker:
         except Exception as e:  # noqa: BLE001 - content must never stop the aggregator
             c.reason = f"malformed: {type(e).__name__} while checking it: {one_line(e)}"
         if c.reason:
-            c.payload = c.delta = None
+            c.manifest = c.delta = c.held = None
         return c
 
     def _verify(self, base: Version, c: Candidate) -> str:
@@ -126,8 +124,8 @@ class Checker:
         only once the contributor's signature over this round's statement verifies, so
         nothing is attributed to a contributor who did not sign it."""
         r = base.version
-        try:  # read no more than max_body: an oversized object is refused unread
-            body = self.store.get(c.key, max_bytes=self.max_body)
+        try:  # an oversized object is refused unread
+            body = self.store.get(c.key, max_bytes=protocol.contribution_limit(self.plan))
         except ObjectTooLarge as e:
             return f"malformed: oversized ({e.reason})"
         except CorruptObject as e:
@@ -152,8 +150,8 @@ class Checker:
         claimed = tag.get("contributor", c.island)
         if tag.get("island") != c.island or claimed != c.island:
             return f"malformed: the tag names {claimed!r:.80}, the key {c.island!r}"
-        try:  # the structure only: a truncated or misshapen payload is named as such
-            payload = Payload.from_bytes(data, max_elements=protocol.num_elements(self.like))
+        try:  # the shard manifest only: a misshapen one is named as such
+            manifest = protocol.ContribManifest.from_bytes(data, self.plan)
         except PayloadError as e:
             return f"malformed payload: {one_line(e)}"
         if "signature" not in tag or "contributor" not in tag:
@@ -190,12 +188,12 @@ class Checker:
         refused = attest.check(self.verifier, claim, blob)
         if refused:
             return f"attestation: {one_line(refused)}"
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, per leaf
-            delta = decode(payload, like=self.like)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
-            if not np.isfinite(leaf).all():
-                return f"invalid: non-finite values in {jax.tree_util.keystr(path)}"
-        c.payload, c.delta = payload, delta
+        c.manifest = manifest  # every shard, read and checked: screening needs the whole Δ
+        try:
+            shards = protocol.read_delta(self.store, self.run, r, self.plan, c)
+        except protocol.ShardDefect as e:
+            return e.reason
+        c.held, c.delta = shards, self.plan.assemble(shards)
         return ""
 
     def _public_key(self, name: str) -> tuple[str | None, str]:

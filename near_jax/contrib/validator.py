@@ -107,12 +107,11 @@ class ContribAggregator(Aggregator):
         self.recorder = Recorder(  # logs through self.log, which a caller may replace
             store, run, ledger_path, aggregator_key.public_hex, lambda m: self.log(m)
         )
-        self.max_body = 2 * 4 * protocol.num_elements(like) + (1 << 20)  # fp32 + headroom
         self.checker = Checker(
             store,
             run,
             like,
-            max_body=self.max_body,
+            plan=self.plan,
             verifier=self._verifier(frozenset()),
             payload_seen=self.recorder.payload_seen,
         )
@@ -160,6 +159,7 @@ class ContribAggregator(Aggregator):
     def load(self) -> Version:
         """Loads the newest version, then brings the ledger up to it (see `recorder`)."""
         state = super().load()
+        self.checker.plan = self.plan  # run.json's
         manifest = protocol.read_json(self.store, protocol.manifest_key(self.run)) or {}
         theirs = manifest.get("contrib", {}).get("aggregator_key")
         if theirs != self.key.public_hex:
@@ -203,7 +203,7 @@ class ContribAggregator(Aggregator):
             )
             for c, why in zip(valid, reasons, strict=True):
                 if why:
-                    c.reason, c.payload = why, None
+                    c.reason, c.manifest = why, None
         passed = [c for c in valid if c.valid]
         signature = seed_signature(self.key, self.run, r)
         seed = seed_from_signature(signature)
@@ -211,16 +211,16 @@ class ContribAggregator(Aggregator):
         if passed:
             base_loss, scores = screening.score_contributions(
                 lambda params: self.loss_fn(params, seed),
-                base.params,
+                protocol.pull_version(self.store, self.run, r, self.plan).tree(self.plan),
                 _at_median_norm([c.delta for c in passed]),
             )
             if not math.isfinite(base_loss):
                 base_loss = None  # JSON has no nan; every score is -inf, nothing is applied
         for c, score in zip(passed, scores, strict=True):
             if not math.isfinite(score):
-                c.reason, c.payload = "harmful: the eval loss is not finite with this Δ", None
+                c.reason, c.manifest = "harmful: the eval loss is not finite with this Δ", None
             elif policy.screen and score < policy.min_score:  # it does not help: not applied
-                c.score, c.payload = float(score), None
+                c.score, c.manifest = float(score), None
                 c.reason = (
                     f"no improvement: score {score:.4g} < contrib.min_score={policy.min_score:g}"
                 )
@@ -234,18 +234,9 @@ class ContribAggregator(Aggregator):
             if i not in chosen:
                 rank, g = ranked.index(i) + 1, policy.rule.top_g
                 c.reason = f"accepted, not applied: rank {rank} by score, {policy.rule} applies {g}"
-                c.payload = None
+                c.manifest = None
         applied = sorted((c for c in passed if c.valid), key=lambda c: c.island)
-        combine = protocol.combiner({"aggregation": str(policy.rule)})
-        new, update = protocol.derive(
-            base,
-            [c.payload for c in applied],
-            self.spec,
-            self.lr,
-            self.momentum,
-            self.like,
-            combine,
-        )
+        derived = self.derive(base, applied, policy.rule)
         entries = [c.entry(r) for c in sorted(candidates, key=lambda c: c.island)]
         extra = {
             "aggregation": str(policy.rule),
@@ -257,7 +248,7 @@ class ContribAggregator(Aggregator):
             },
         }
         decision = protocol.make_decision(
-            self.run, base, new, verdicts, late, reason, update, self.clock(), **extra
+            self.run, base, derived, verdicts, late, reason, self.clock(), **extra
         )
         for entry in entries:  # an entry the ledger refuses must stop us before the commit
             ledger.normalize_entry(entry, r)
@@ -265,8 +256,8 @@ class ContribAggregator(Aggregator):
         self._history = [(f"{c.contributor}@{r}", c.delta) for c in applied]
         self._history_round = r
         for c in candidates:
-            c.delta = None  # the decoded trees are large; only the history keeps some
-        return new, update, decision
+            c.delta = c.held = None  # the decoded trees are large; only the history keeps some
+        return derived, decision
 
     def _refresh_history(self, r: int) -> None:
         """What a stale copy would copy, for screening: the previous round's applied Δ and
@@ -280,24 +271,33 @@ class ContribAggregator(Aggregator):
                 lambda: protocol.read_json(self.store, protocol.decision_key(self.run, r - 1))
             )
             for entry in (decision or {}).get("accepted", []):
-                delta = _read_quietly(lambda e=entry: self._decoded(e["key"], e["sha256"]))
+                delta = _read_quietly(
+                    lambda e=entry: self._decoded(r - 1, e["island"], e["sha256"])
+                )
                 if delta is not None:
                     self._history.append((f"{entry['island']}@{r - 1}", delta))
         label = f"the published update of round {r - 1}"
         if all(name != label for name, _ in self._history):
-            update = _read_quietly(lambda: self._decoded(protocol.update_key(self.run, r - 1)))
+            update = _read_quietly(lambda: self._update(r - 1))
             if update is not None:
                 self._history.append((label, update))
 
-    def _decoded(self, key: str, sha256: str | None = None) -> Any:
-        """The Δ or update stored at `key` (None if missing or not the recorded object)."""
-        body = self.store.get(key, max_bytes=self.max_body)
-        if body is None or (sha256 is not None and protocol.sha256(body) != sha256):
+    def _decoded(self, rnd: int, island: str, sha256: str) -> Any:
+        """The Δ `island` pushed to round `rnd` (None if missing or not the recorded object)."""
+        return protocol.read_contribution(self.store, self.run, rnd, self.plan, island, sha256)
+
+    def _update(self, rnd: int) -> Any:
+        """The published update of round `rnd` (None if that round applied nothing)."""
+        new = protocol.load_version(self.store, self.run, rnd + 1, self.plan)
+        if new.manifest.update is None:
             return None
-        limit = protocol.num_elements(self.like)
-        if key.endswith("/update"):
-            return decode(Payload.from_bytes(body, max_elements=limit), like=self.like)
-        return decode(protocol.unpack_contribution(body, limit)[1], like=self.like)
+        pieces = {}
+        for s, sha in enumerate(new.manifest.update):
+            key = new.manifest.key("update", s)
+            body = protocol.read_shard(self.store, key, sha, protocol.shard_limit(self.plan, s))
+            payload = Payload.from_bytes(body, max_elements=self.plan.shard_elements(s))
+            pieces[s] = decode(payload, like=self.plan.shard_like(s))
+        return self.plan.assemble(pieces)
 
     # ------------------------------------------------------------------------ recorded
 

@@ -119,7 +119,21 @@ def latest_problem(latest: dict) -> str:
     return ""
 
 
-def recover_latest(store: ObjectStore, run: str, like: Any, now: float) -> Version:
+def version_problem(store: ObjectStore, plan: protocol.ShardPlan, version: Version) -> str:
+    """Why a version's stored shards do not verify against its manifest ("" if they all
+    do): each is read, one at a time, and hashed."""
+    for part in protocol.PARTS:
+        for s, sha in enumerate(version.manifest.hashes(part)):
+            try:
+                protocol.read_shard(
+                    store, version.manifest.key(part, s), sha, protocol.shard_limit(plan, s)
+                )
+            except ProtocolError as e:
+                return str(e)
+    return ""
+
+
+def recover_latest(store: ObjectStore, run: str, plan: protocol.ShardPlan, now: float) -> Version:
     """Rebuilds a missing `latest`: the newest version whose objects verify against the
     decision that produced it (found by probing decisions), else version 0; moves `latest`
     to it. A committed round after it is finished by replaying its decision, as usual."""
@@ -133,8 +147,10 @@ def recover_latest(store: ObjectStore, run: str, like: Any, now: float) -> Versi
             newest += step
     for version in range(newest, -1, -1):  # decision newest-1 → version newest, ...
         try:
-            held = protocol.pull_version(store, run, version, like, with_server_ef=True)
-        except (ProtocolError, CorruptObject, KeyError, TypeError):
+            held = protocol.load_version(store, run, version, plan)
+        except (ProtocolError, CorruptObject, KeyError, TypeError, AttributeError):
+            continue
+        if version_problem(store, plan, held):
             continue
         protocol.advance_latest(store, run, held, now)
         return held

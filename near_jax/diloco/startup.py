@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 from absl import flags
 from jax.sharding import Mesh
@@ -117,3 +118,18 @@ def manifest_problem(manifest: dict, cfg) -> str | None:
                     f"{manifest.get('run')!r} uses {theirs.get(key)!r}"
                 )
     return None
+
+
+def split_axes(param_shardings) -> dict[str, int]:
+    """Per param leaf (by path), the axis its FSDP sharding cuts, where it has one: the axis
+    the run's shard plan cuts large leaves along, so a host of a multi-host island holds
+    whole slices (`protocol.shards`). A function of the config's logical axes, not of the
+    mesh's size: every party computes the same."""
+    out = {}
+    for path, named in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        for axis, entry in enumerate(named.spec):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            if "fsdp" in names:
+                out[jax.tree_util.keystr(path)] = axis
+                break
+    return out

@@ -5,6 +5,8 @@
 
 core       `Aggregator`: creates a run, closes its rounds (collect, check, decide, commit,
            publish); contributor runs fill its hooks (`near_jax.contrib.validator`)
+workers    `--shards=i/K`: the coordinator's proposals and the `ShardWorker`s that derive
+           their slice of each round's shards (bounded memory, split over machines)
 loop       the run: version 0 from the config (`create_run`), rounds until `--rounds`,
            eval on fixed batches (`fixed_eval`), metrics and log lines
 __main__   the program: flags and their checks, which Aggregator (contrib's validator for
@@ -22,10 +24,12 @@ from near_jax.diloco.aggregator.loop import (
     fixed_eval,
     outer_settings,
 )
+from near_jax.diloco.aggregator.workers import ShardWorker, parse_shards
 from near_jax.diloco.startup import manifest_fields, manifest_problem
 
 __all__ = [
     "Aggregator",
+    "ShardWorker",
     "aggregate",
     "contrib_stats",
     "create_run",
@@ -33,4 +37,5 @@ __all__ = [
     "manifest_fields",
     "manifest_problem",
     "outer_settings",
+    "parse_shards",
 ]

@@ -17,6 +17,14 @@ round it had committed is finished exactly once. The run's compression spec and 
 optimizer come from the run's manifest once the run exists (the config's `diloco` section
 is used only to create it); its model and data settings must match the manifest.
 
+Memory and workers: a round is closed one shard at a time (`config.diloco.shard_bytes`,
+fixed when the run is created), so the aggregator holds a few shards, not the model
+(`--eval_batches` > 0 reads the whole version once per round to evaluate it). With
+`--shards=i/K` the shards are split over K processes or machines running this same
+command: `--shards=0/K` is the coordinator (it decides and commits), `--shards=i/K` for
+i = 1..K-1 are workers that derive shards s with s mod K == i of each round and exit when
+the run is finished. Kill any of them at any moment and start it again.
+
 Metrics (`--workdir`/metrics.jsonl, split "aggregator", step = round): accepted, rejected,
 late, closed_by_quorum, round_s (open → close), outer_step_s (decode + average + encode +
 outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, replayed
@@ -29,6 +37,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 from absl import flags
 
@@ -38,6 +47,7 @@ from near_jax.contrib import validator
 from near_jax.diloco import protocol, startup
 from near_jax.diloco.aggregator.core import Aggregator
 from near_jax.diloco.aggregator.loop import aggregate, create_run, outer_settings
+from near_jax.diloco.aggregator.workers import ShardWorker, parse_shards
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import ObjectStore, StoreError
 from near_jax.train.loop import trainer_for
@@ -58,9 +68,16 @@ def _main(argv: list[str]) -> None:
         usage_error(f"--round_timeout={f.round_timeout} must be positive (seconds)")
     if f.keep_versions < 0:
         usage_error(f"--keep_versions={f.keep_versions} must be 0 (all) or positive")
+    try:
+        index, count = parse_shards(f.shards)
+    except ValueError as e:
+        usage_error(str(e))
     cfg, mesh, store, run, manifest = _prepare(argv)
     try:
-        code = _aggregate(cfg, mesh, store, run, manifest)
+        if index > 0:
+            code = _work(cfg, mesh, store, run, index, count)
+        else:
+            code = _aggregate(cfg, mesh, store, run, manifest, count)
     except (ProtocolError, StoreError) as e:
         print(f"near_jax.diloco.aggregator: error: {e}", file=sys.stderr)
         code = 1
@@ -82,7 +99,26 @@ def _prepare(argv: list[str]):
     return cfg, mesh, store, run, manifest
 
 
-def _aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) -> int:
+def _work(cfg, mesh, store: ObjectStore, run: str, index: int, count: int) -> int:
+    """Worker `index` of `count`: derives its shards of each round until the run ends."""
+    like = trainer_for(cfg, mesh).abstract_state.params
+    deadline = time.monotonic() + flags.FLAGS.round_timeout
+    while protocol.read_json(store, protocol.manifest_key(run)) is None:
+        if time.monotonic() > deadline:  # the coordinator creates the run
+            usage_error(f"unknown run {run!r} in {store.url}: no coordinator created it")
+        time.sleep(flags.FLAGS.poll_seconds)
+    worker = ShardWorker(
+        store, run, like, index, count, poll_seconds=flags.FLAGS.poll_seconds, log=_log
+    )
+    _log(f"worker {index}/{count} of run {run!r}: shards s mod {count} == {index}")
+    worker.serve()
+    _log(f"run {run!r} is finished; worker {index}/{count} derived {worker.done} proposals")
+    return 0
+
+
+def _aggregate(
+    cfg, mesh, store: ObjectStore, run: str, manifest: dict | None, count: int = 1
+) -> int:
     """Builds the run's Aggregator from the flags and runs it; the exit code."""
     f = flags.FLAGS
     if protocol.read_json(store, protocol.finished_key(run)) is not None:
@@ -95,6 +131,9 @@ def _aggregate(cfg, mesh, store: ObjectStore, run: str, manifest: dict | None) -
         round_timeout=f.round_timeout,
         poll_seconds=f.poll_seconds,
         keep_versions=f.keep_versions,
+        shard_bytes=cfg.diloco.shard_bytes,
+        split_axes=startup.split_axes(trainer.state_shardings.params),
+        workers=count,
     )
     contributors = "contrib" in manifest if manifest is not None else cfg.contrib.enabled
     if contributors:
@@ -210,6 +249,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer(
         "keep_versions", 0, "Keep full params of the last K versions only (0: keep all)."
+    )
+    flags.DEFINE_string(
+        "shards",
+        "0/1",
+        "i/K: split each round's shards over K processes running this command; 0/K is "
+        "the coordinator that decides, 1/K..K-1/K are workers.",
     )
 
 

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from near_jax.diloco import protocol, quarantine
+from near_jax.diloco import protocol, quarantine, robust
+from near_jax.diloco.aggregator.workers import gather, my_shards, write_proposal
 from near_jax.diloco.codec.compress import PayloadError
 from near_jax.diloco.protocol import ProtocolError, Verdict, Version
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -41,6 +42,9 @@ class Aggregator:
         round_timeout: float,
         poll_seconds: float = 0.25,
         keep_versions: int = 0,
+        shard_bytes: int = protocol.DEFAULT_SHARD_BYTES,
+        split_axes: dict[str, int] | None = None,
+        workers: int = 1,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] = lambda message: None,
@@ -54,6 +58,9 @@ class Aggregator:
         self.poll_seconds, self.keep_versions = poll_seconds, keep_versions
         self.clock, self.sleep = clock, sleep
         self.state: Version | None = None
+        # The run's shard plan: this one for a run it creates, run.json's once it exists.
+        self.plan = protocol.plan_shards(like, shard_bytes, split_axes)
+        self.workers = workers  # K of `--shards=0/K`: K − 1 ShardWorkers derive the rest
         self.opened_at = 0.0
         self._decisions: dict[int, dict] = {}
         self.poll_index = 0  # listings of the store so far (contrib: who arrived first)
@@ -74,46 +81,57 @@ class Aggregator:
             "compression": self.spec,
             "outer_lr": self.lr,
             "outer_momentum": self.momentum,
+            "shards": self.plan.describe(),
         }
         try:  # all of the manifest must be storable before its first object is written
             protocol.dumps(fixed)
         except (TypeError, ValueError) as e:
             raise ValueError(f"run {run!r} cannot be created: its manifest {e}") from None
-        if protocol.read_json(store, protocol.manifest_key(run)) is None:
-            zeros = protocol.zeros_like(params0)
-            trees = {"params": protocol.as_float32(params0), "momentum": zeros, "server_ef": zeros}
-            hashes = {}
-            for part, tree in trees.items():
-                key = protocol.version_key(run, 0, part)
-                store.put_if_absent(key, protocol.tree_bytes(tree))
-                hashes[f"{part}_sha256"] = protocol.sha256(store.get(key))
+        existing = protocol.read_json(store, protocol.manifest_key(run))
+        if existing is None:
+            hashes = protocol.write_version0(store, run, self.plan, params0)
             manifest = {**fixed, "version0": hashes, "created_at": self.clock()}
             created = store.put_if_absent(protocol.manifest_key(run), protocol.dumps(manifest))
         else:
             created = False
+        self._adopt_plan()
         if self._latest() is None:
-            quarantine.recover_latest(store, run, self.like, self.clock())
+            quarantine.recover_latest(store, run, self.plan, self.clock())
         return created
 
     def load(self) -> Version:
         """Loads the newest published version (params, momentum, error feedback); a `latest`
         this aggregator did not write is moved aside and rebuilt (`quarantine.py`)."""
+        if protocol.read_json(self.store, protocol.manifest_key(self.run)) is None:
+            raise ProtocolError(f"run {self.run!r} has no {protocol.manifest_key(self.run)}")
+        self._adopt_plan()
         latest = self._latest()
         if latest is None:
-            if protocol.read_json(self.store, protocol.manifest_key(self.run)) is None:
-                raise ProtocolError(f"run {self.run!r} has no {protocol.latest_key(self.run)}")
-            quarantine.recover_latest(self.store, self.run, self.like, self.clock())
+            quarantine.recover_latest(self.store, self.run, self.plan, self.clock())
             latest = self._latest()
         try:
-            self.state = protocol.pull_version(
-                self.store, self.run, latest["version"], self.like, with_server_ef=True
-            )
-        except ProtocolError:  # the version `latest` names does not verify: rebuild it
+            self.state = protocol.load_version(self.store, self.run, latest["version"], self.plan)
+            problem = quarantine.version_problem(self.store, self.plan, self.state)
+        except (ProtocolError, CorruptObject) as e:
+            problem = str(e)
+        if problem:  # the version `latest` names does not verify: rebuild it
+            self.log(f"warning: version {latest['version']} does not verify ({problem[:200]})")
             quarantine.move_aside(self.store, self.run, protocol.latest_key(self.run), self.clock())
-            self.state = quarantine.recover_latest(self.store, self.run, self.like, self.clock())
+            self.state = quarantine.recover_latest(self.store, self.run, self.plan, self.clock())
             latest = self._latest()
         self.opened_at = float(latest["published_at"])
         return self.state
+
+    def params(self) -> Any:
+        """The current version's params as a full float32 tree (read shard by shard; the
+        only thing that holds the whole model: evaluation, `--eval_batches`)."""
+        pulled = protocol.pull_version(self.store, self.run, self.state.version, self.plan)
+        return pulled.tree(self.plan)
+
+    def _adopt_plan(self) -> None:
+        """Takes the shard plan run.json records (it wins over this aggregator's flags)."""
+        manifest = protocol.read_json(self.store, protocol.manifest_key(self.run))
+        self.plan = protocol.run_plan(manifest, self.like)
 
     def _latest(self) -> dict | None:
         return quarantine.read_own(
@@ -152,9 +170,9 @@ class Aggregator:
             verdicts, reason = self._collect(base)
             late = self._late(r)
             t0 = now()
-            committed = new, update, decision = self.decide(base, verdicts, late, reason)
+            committed = self.decide(base, verdicts, late, reason)
             for _ in range(3):  # a failed put: a racing aggregator won, or a planted object
-                if store.put_if_absent(protocol.decision_key(run, r), protocol.dumps(decision)):
+                if store.put_if_absent(protocol.decision_key(run, r), protocol.dumps(committed[1])):
                     break
                 t0 = now()
                 if (theirs := self._committed(base)) is not None:
@@ -162,10 +180,11 @@ class Aggregator:
                     break
             else:
                 raise ProtocolError(f"{protocol.decision_key(run, r)} keeps being overwritten")
-        new, update, decision = committed
+        derived, decision = committed
+        new = derived.version
         outer_s = now() - t0
         self.recorded(decision)  # before `latest` moves: no reader sees an unrecorded round
-        self._publish(r, new, update)
+        self._publish(r, new)
         self._decisions[r] = decision
         self._collect_garbage(new.version)
         self.state, opened = new, self.opened_at
@@ -191,8 +210,8 @@ class Aggregator:
         may be): a hook, contrib also checks its signature."""
         return quarantine.decision_problem(decision, self.run, base)
 
-    def _committed(self, base: Version) -> tuple[Version, bytes | None, dict] | None:
-        """(version r + 1, update, decision) replayed from round r's committed decision; None
+    def _committed(self, base: Version) -> tuple[protocol.Derived, dict] | None:
+        """(version r + 1 and its update, decision) replayed from round r's committed decision; None
         if there is none. An object in the slot this aggregator did not write is moved
         aside (`quarantine.py`): the round is then decided (again)."""
         key = protocol.decision_key(self.run, base.version)
@@ -202,8 +221,8 @@ class Aggregator:
         if decision is None:
             return None
         try:
-            new, update = protocol.replay_decision(
-                self.store, self.run, base, decision, self.spec, self.lr, self.momentum, self.like
+            derived = protocol.replay_decision(
+                self.store, self.run, self.plan, base, decision, self.spec, self.lr, self.momentum
             )
         except (ProtocolError, PayloadError) as e:
             if self.signs_decisions:  # signed by us: a real inconsistency, not a forgery
@@ -214,36 +233,88 @@ class Aggregator:
                 f"round {base.version} again"
             )
             return None
-        return new, update, decision
+        return derived, decision
 
     def check(self, base: Version, key: str) -> Verdict:
         """Reads and validates one contribution to round base.version (a hook: contrib adds
         signatures, registration, replay and attestation checks)."""
-        return protocol.check_contribution(self.store, self.run, base, key, self.like)
+        return protocol.check_contribution(self.store, self.run, base, self.plan, key)
 
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
-    ) -> tuple[Version, bytes | None, dict]:
-        """(version r + 1, update bytes, decision) from the round's verdicts: here the mean
-        of every valid contribution (a hook: contrib screens, scores and aggregates
+    ) -> tuple[protocol.Derived, dict]:
+        """(version r + 1 and its update, decision) from the round's verdicts: here the
+        mean of every valid contribution (a hook: contrib screens, scores and aggregates
         robustly). Must be a pure function of what it records in the decision."""
-        accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
-        new, update = protocol.derive(
-            base, [v.payload for v in accepted], self.spec, self.lr, self.momentum, self.like
-        )
+        derived = self.derive(base, verdicts)
         decision = protocol.make_decision(
-            self.run, base, new, verdicts, late, reason, update, self.clock()
+            self.run, base, derived, verdicts, late, reason, self.clock()
         )
-        return new, update, decision
+        return derived, decision
+
+    def derive(
+        self, base: Version, verdicts: list[Verdict], rule: robust.Rule | None = None
+    ) -> protocol.Derived:
+        """Streams the valid verdicts' shards into version r + 1 (`protocol.derive`); a
+        contribution with a bad shard is rejected (its verdict says why) and the rest
+        derived again."""
+        while True:
+            accepted = sorted((v for v in verdicts if v.valid), key=lambda v: v.island)
+            try:
+                if self.workers > 1 and accepted:
+                    return self._derive_over_workers(base, accepted, rule)
+                return protocol.derive(
+                    self.store,
+                    self.run,
+                    self.plan,
+                    base,
+                    accepted,
+                    self.spec,
+                    self.lr,
+                    self.momentum,
+                    rule,
+                )
+            except protocol.ShardDefect as e:
+                bad = next(v for v in accepted if v.island == e.island)
+                bad.reason, bad.manifest = e.reason, None
+                self.log(f"warning: round {base.version}: {e.island}'s {e.reason}; rejected")
+
+    def _derive_over_workers(
+        self, base: Version, accepted: list[Verdict], rule: robust.Rule | None
+    ) -> protocol.Derived:
+        """Proposes the set, derives this coordinator's shards, gathers the workers'
+        (`workers.py`) and writes the manifest; ShardDefect if anyone found a bad shard."""
+        store, run, r, count = self.store, self.run, base.version, self.workers
+        proposal = write_proposal(store, run, base, accepted, None if rule is None else str(rule))
+        mine = my_shards(self.plan, 0, count)
+        prefix, results = protocol.derive_slice(
+            store, run, self.plan, base, accepted, mine, self.spec, self.lr, self.momentum, rule
+        )
+        waited = [0]
+
+        def wait(what: str) -> None:
+            if waited[0] % max(1, round(30 / self.poll_seconds)) == 0:
+                self.log(f"waiting for {what}")
+            waited[0] += 1
+            self.sleep(self.poll_seconds)
+
+        theirs, defect = gather(store, run, r, proposal, count, wait)
+        if defect is not None:
+            raise defect
+        return protocol.finish(store, self.plan, base, prefix, {**results, **theirs})
 
     def recorded(self, decision: dict) -> None:
         """Called once round `decision` is committed, before its version is published, also
         when a restart finishes it (a hook: contrib appends it to the ledger; idempotent)."""
 
-    def _publish(self, r: int, new: Version, update: bytes | None) -> None:
-        """Derived objects, then `latest` (a separate method so tests can crash here)."""
-        protocol.write_derived(self.store, self.run, r, new, update)
+    def _publish(self, r: int, new: Version) -> None:
+        """Moves `latest` (a separate method so tests can crash here), then deletes the
+        outputs of sets round r did not apply (an earlier try, a racing aggregator)."""
         protocol.advance_latest(self.store, self.run, new, self.clock())
+        keep = new.manifest.prefix
+        for key in self.store.list(protocol.outs_prefix(self.run, r)):
+            if not key.startswith(keep):
+                self.store.delete(key)
 
     def _collect(self, base: Version) -> tuple[list[Verdict], str]:
         """Reads and validates contributions until the quorum or the deadline."""
@@ -291,8 +362,19 @@ class Aggregator:
         return late
 
     def _collect_garbage(self, version: int) -> None:
-        """Deletes the full objects of version − keep_versions (updates/decisions stay)."""
+        """Deletes the shards of version − keep_versions (updates, manifests and decisions
+        stay) unless the next version shares them (a round that applied nothing)."""
         old = version - self.keep_versions
-        if self.keep_versions > 0 and old >= 0:
-            for part in ("params", "momentum", "server_ef"):
-                self.store.delete(protocol.version_key(self.run, old, part))
+        if self.keep_versions <= 0 or old < 0:
+            return
+        try:
+            older = protocol.load_version(self.store, self.run, old, self.plan)
+            newer = protocol.load_version(self.store, self.run, old + 1, self.plan)
+        except (ProtocolError, CorruptObject) as e:  # already collected, or damaged
+            self.log(f"warning: cannot collect version {old}: {e}")
+            return
+        if older.manifest_key == newer.manifest_key:
+            return
+        for part in protocol.PARTS:
+            for s in range(self.plan.num_shards):
+                self.store.delete(older.manifest.key(part, s))

@@ -110,12 +110,12 @@ def aggregate(
     )
     try:
         if created and evaluate and writer:
-            writer.write(0, {"version": 0, "eval_loss": evaluate(state.params)}, "aggregator")
+            writer.write(0, {"version": 0, "eval_loss": evaluate(agg.params())}, "aggregator")
         while agg.state.version < rounds:
             stats = agg.run_round()
             decision = stats.pop("decision")
             if evaluate:
-                stats["eval_loss"] = evaluate(agg.state.params)
+                stats["eval_loss"] = evaluate(agg.params())
             reason = stats.pop("reason")
             if "contrib" in decision:
                 stats.update(contrib_stats(decision))

@@ -72,20 +72,31 @@ def tolerant(island: str, read):
 
 
 def catch_up(
-    store, run, island, held: Version | None, target: int, like, spec, lr, mu
+    store: ObjectStore,
+    run: str,
+    island: str,
+    held: Version | None,
+    target: int,
+    plan: protocol.ShardPlan,
+    lr: float,
+    mu: float,
+    shards: list[int] | None = None,
+    cache: protocol.PullCache | None = None,
 ) -> tuple[Version, bool]:
-    """Version `target` (or newer): by applying updates if at most MAX_CHAIN behind, else (or
-    on a mismatch) by a full pull. Returns (version, whether it pulled in full)."""
+    """Version `target` (or newer) of the shards this host holds (`shards`; all by
+    default): by applying updates if at most MAX_CHAIN behind, else (or on a mismatch) by
+    a full pull, which resumes from `cache` if an earlier one stopped. Returns (version,
+    whether it pulled in full)."""
     if held is not None and target - held.version <= protocol.MAX_CHAIN:
         try:
             while held.version < target:
-                held = protocol.apply_update(store, run, held, spec, lr, mu, like)
+                held = protocol.apply_update(store, run, plan, held, lr, mu)
             return held, False
         except (ProtocolError, CorruptObject) as e:
             log(island, f"cannot follow by updates ({e}); pulling the full version")
     for attempt in range(3):
         try:
-            return protocol.pull_version(store, run, target, like), True
+            return protocol.pull_version(store, run, target, plan, shards, cache), True
         except (ProtocolError, CorruptObject):  # collected by --keep_versions meanwhile?
             if attempt == 2:
                 raise

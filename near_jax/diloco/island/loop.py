@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -82,8 +83,10 @@ def train_island(
         if make_signer is None:
             raise UsageError(f"run {run!r} takes signed contributions only")
         signer = make_signer(manifest)
+    plan = protocol.run_plan(manifest, abstract)
+    cache = protocol.PullCache(os.path.join(workdir, "pull_cache") if workdir else None)
     latest = waiter.until("the run's first version", lambda: newer(store, run, -1, island))
-    held, _ = catch_up(store, run, island, None, latest["version"], abstract, spec, lr, mu)
+    held, _ = catch_up(store, run, island, None, latest["version"], plan, lr, mu, cache=cache)
     seed = island_seed(cfg.seed, island, held.version)
     train_iter = data.make_iterator(
         cfg.data, split="train", seed=seed, global_batch_size=cfg.train.global_batch_size
@@ -109,7 +112,7 @@ def train_island(
             r = held.version
             # 1. inner steps from θ_r.
             t0 = now()
-            params = jax.tree.map(lambda x, d: np.asarray(x, d), held.params, dtypes)
+            params = jax.tree.map(lambda x, d: np.asarray(x, d), held.tree(plan), dtypes)
             state = state._replace(params=jax.device_put(params, shardings))
             losses = []
             for _ in range(inner_steps):
@@ -127,7 +130,7 @@ def train_island(
                     "stopping so that only one island pushes under it"
                 )
             # 2. push Δ = θ_r − θ_island (unless the round is already closed).
-            delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.params, local)
+            delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.tree(plan), local)
             pushed_bytes, written, new_ef = 0, False, None
             if tolerant(island, lambda r=r: store.exists(protocol.decision_key(run, r))):
                 note = "round closed before the push (late; not sent)"
@@ -137,7 +140,8 @@ def train_island(
                     run,
                     island,
                     held,
-                    delta,
+                    plan,
+                    plan.split(delta),
                     spec,
                     error_feedback,
                     sign=signer,
@@ -174,7 +178,7 @@ def train_island(
             if accepted and written:
                 error_feedback = new_ef  # else Δ was not applied: the old residual still owed
             held, full = catch_up(
-                store, run, island, held, latest["version"], abstract, spec, lr, mu
+                store, run, island, held, latest["version"], plan, lr, mu, cache=cache
             )
             pulled = store.bytes_read - pulled_mark
             pulled_mark = store.bytes_read

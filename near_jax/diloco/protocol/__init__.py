@@ -3,12 +3,15 @@
     keys           store keys (below), run and island names, FORMAT, LATE_WINDOW, MAX_CHAIN,
                    ProtocolError
     objects        canonical JSON, sha256, float32 trees stored as fp32 payloads, bounded reads
+    shards         the run's shard plan: which leaves and slices of leaves form each shard
+    manifests      version and contribution manifests (shard hashes), shard reads
     versions       the numpy outer step (outer_update, average), Version in memory and in the
-                   store, `latest` (moved forward only)
-    contributions  an island's tagged contribution (pack, split, push) and the aggregator's
-                   Verdict on one (check_contribution)
-    decisions      closing a round (derive, make_decision, write_derived), replaying it
-                   (replay_decision), following it (apply_update), checking a run (verify_run)
+                   store, resumable shard-by-shard pulls (PullCache), `latest`
+    contributions  an island's sharded contribution (push_shards, push_manifest), the
+                   aggregator's Verdict on one (check_contribution), streamed shard reads
+    streaming      closing a round shard by shard (derive, derive_slice, finish)
+    decisions      recording a round (make_decision), replaying it (replay_decision),
+                   following it (apply_update), checking a run (verify_run)
 
 Every public name is re-exported here: callers write `protocol.pull_version(...)`.
 
@@ -17,62 +20,88 @@ validated objects (`near_jax.diloco.store`). Round r starts from global version 
 the outer momentum m_r); each island trains H inner steps from θ_r and pushes Δ = θ_r −
 θ_island; the aggregator closes the round and publishes version r + 1.
 
-Keys (under `RUN/`, r and v zero-padded to 8 digits; JSON objects are UTF-8, sorted keys)
----------------------------------------------------------------------------------------
-    run.json                      manifest: spec, outer lr/momentum, H, model config, hashes
-                                  of version 0. Aggregator, put_if_absent (creates the run).
-    latest                        {"version": v, "params_sha256", "momentum_sha256",
-                                  "published_at"}: the newest complete version. Aggregator,
-                                  moved forward only (compare-and-swap), written last.
+Shards
+------
+Nothing that holds a whole model is one object. The run's shard plan (`shards.py`: leaves
+grouped, and large leaves cut along their FSDP axis, up to `diloco.shard_bytes`; recorded
+in run.json) cuts params, momentum, error feedback, contributions and updates alike, and a
+small manifest lists each shard object's sha256. The "hash" of a sharded object (what
+`latest`, decisions and tags call params_sha256, …) is the root: sha256 of the canonical
+JSON list of its shard hashes. Parties read one shard at a time, bounded by its size and
+checked against its manifest hash, so no one needs the whole model in memory to verify it.
+
+Keys (under `RUN/`; r, v 8 digits, shard s 6 digits; JSON objects are UTF-8, sorted keys)
+------------------------------------------------------------------------------------------
+    run.json                      manifest: spec, outer lr/momentum, H, model config, the
+                                  shard plan {shard_bytes, axes}, version 0's hashes and
+                                  manifest. Aggregator, put_if_absent (creates the run).
+    latest                        {"version": v, params/momentum/server_ef roots, "manifest":
+                                  key, "manifest_sha256", "published_at"}: the newest
+                                  complete version. Aggregator, moved forward only
+                                  (compare-and-swap), written last.
     finished                      {"version": N, ...}: the run is over. Aggregator.
-    versions/v/params             θ_v, full fp32 (a compress.Payload with spec fp32): joiners
-    versions/v/momentum           m_v, the outer Nesterov trace, fp32 (islands need it too)
-    versions/v/server_ef          the aggregator's error feedback of the update codec, fp32
+    versions/00000000/{params,momentum,server_ef}/s, versions/00000000/manifest
+                                  version 0 (each object first-writer-wins).
     rounds/r/contrib/ISLAND       an island's Δ for round r: u32 length | JSON tag {run,
-                                  round, island, base_sha256 = sha256 of θ_r, inner_loss, …}
-                                  | compressed payload. The island, put_if_absent (immutable).
+                                  round, island, base_sha256 = root of θ_r, inner_loss, …}
+                                  | shard manifest {spec, plan, shards: [[sha256, bytes]…]}.
+                                  The island, put_if_absent after every shard is written;
+                                  the one thing a contributor signs.
+    rounds/r/shards/ISLAND/s      shard s of that Δ: a compressed payload of the shard's
+                                  pieces. The island (a host of a multi-host island: its
+                                  own shards).
+    rounds/r/out/P/{params,momentum,server_ef,update}/s, rounds/r/out/P/manifest
+                                  version r + 1 and Û_r, written by the aggregator (or its
+                                  workers) before the decision, for proposal P = the id of
+                                  the applied set (`streaming.proposal_id`). Û_r is the
+                                  combined Δ compressed with the run's spec (with the
+                                  aggregator's error feedback) — what every party applies.
     rounds/r/decision             the COMMIT POINT of round r: which contributions were
                                   applied (key + sha256 of the object), which were rejected
                                   and why, which pushes to earlier rounds arrived late, why
-                                  the round closed (quorum / deadline), and the sha256 of
-                                  version r + 1. Aggregator, put_if_absent. Runs of
-                                  untrusted contributors add the aggregation rule (replays
-                                  combine with it), every contribution's ledger entry, the
-                                  seed reveal and the aggregator's signature
-                                  (`near_jax/contrib/validator.py`).
-    rounds/r/update               Û_r: the mean of the applied Δ in fp32, compressed with the
-                                  run's spec (with the aggregator's error feedback) and
-                                  decoded again: what every party applies. Absent when no
-                                  contribution was applied.
+                                  the round closed (quorum / deadline), the root of Û_r and
+                                  version r + 1's hashes and manifest. Aggregator,
+                                  put_if_absent. Runs of untrusted contributors add the
+                                  aggregation rule (replays combine with it), every
+                                  contribution's ledger entry, the seed reveal and the
+                                  aggregator's signature (`near_jax/contrib/validator.py`).
+                                  A round that applied nothing names version r's manifest.
 
 Who computes what (determinism)
 -------------------------------
-Version r + 1 is a pure function of version r and decision r: decode the applied
-contributions, sum them in island-id order in float32, divide by their count, encode with
-the run's spec and `server_ef` (→ Û_r and the new server_ef), then the outer step
-`outer_update` in numpy float32 — SGD with Nesterov momentum, bit-identical to
+Version r + 1 is a pure function of version r and decision r, shard by shard: decode the
+applied contributions' shard, sum them in island-id order in float32, divide by their
+count, encode with the run's spec and the shard of `server_ef` (→ Û_r's shard and the new
+server_ef), then the outer step `outer_update` in numpy float32 — SGD with Nesterov
+momentum, bit-identical to
 `outer.outer_optimizer` + `outer.outer_step` (tests check it). Numpy's elementwise float32
 add/multiply are correctly rounded IEEE operations, so every machine gets the same bits.
 A round with no applied contribution publishes version r + 1 = version r unchanged (no
 step, so momentum does not move the params).
 
-Islands keep θ_r and m_r in host memory and follow the run by pulling only Û_r each round
-(`apply_update`), then check sha256(θ_{r+1}) and sha256(m_{r+1}) against the decision; on a
-mismatch, or when more than MAX_CHAIN versions behind, or when (re)starting, they pull the
-full version (`pull_version`), checked against its recorded hashes (run.json for version 0,
-else the decision that produced it).
+Islands keep their shards of θ_r and m_r in host memory and follow the run by pulling only
+their shards of Û_r each round (`apply_update`), checking each new shard against version
+r + 1's manifest; on a mismatch, or when more than MAX_CHAIN versions behind, or when
+(re)starting, they pull their shards of the full version (`pull_version`), each checked
+against the manifest that run.json (version 0) or the decision that produced it names. A
+pull that stops resumes from the shards it already has (`PullCache`).
 
 Crash safety (aggregator)
 -------------------------
-Closing round r: validate contributions → compute version r + 1 in memory → write the
-decision (put_if_absent; commit point) → write update, versions/r+1/* → move `latest`. A
-restarted aggregator loads version `latest` = r from the store; if decision r exists it
-re-reads the recorded contributions (checking their sha256), recomputes — identical bytes,
-checked against the decision's hashes — rewrites the derived objects and moves `latest`:
-the round is applied exactly once, always to version r. Before the decision nothing is
-committed and the round simply continues. The outer momentum and error feedback live in
-versions/v/, so they survive restarts. If two aggregators race, put_if_absent makes one
-decision win and the other finishes from it.
+Closing round r: check the contribution objects → stream the shards (a contribution whose
+shard turns out missing, changed or invalid is rejected and the set decided again) →
+write every output shard, then the manifest, under rounds/r/out/P/ → write the decision
+(put_if_absent; commit point) → move `latest`. Nothing before the decision is visible: a
+killed aggregator restarts from version `latest` = r; without decision r it decides
+again (outputs of another set land under another P and are deleted once a decision
+commits); with decision r it re-reads the recorded contributions (checking their sha256),
+recomputes — identical bytes, checked against the decision's hashes — rewriting the
+outputs, and moves `latest`: the round is applied exactly once, always to version r. The
+outer momentum and error feedback are part of each version, so they survive restarts. If
+two aggregators race, put_if_absent makes one decision win and the other finishes from it.
+With `--shards=i/K`, workers write their shards' outputs and a result object listing their
+hashes (`rounds/r/out/P/worker-i-of-K`); the coordinator (i = 0) waits for all K, writes
+the manifest and commits: a killed worker's slice is simply computed again.
 
 Planted objects (slots only the aggregator writes)
 --------------------------------------------------
@@ -84,8 +113,8 @@ is moved to `quarantine/<key>.<ms>` (raw bytes kept as evidence, deleted only if
 meanwhile) with a warning naming both keys; the round is then decided again and `latest` is
 rebuilt from the newest version that verifies. Islands treat an unreadable decision or
 `latest` as "not there yet": they warn once and keep waiting. Reads of anything another
-party can write are bounded (`object_limit`, `store.MAX_OBJECT_BYTES`); file stores refuse
-links.
+party can write are bounded (shard and manifest limits, `store.MAX_OBJECT_BYTES`); file
+stores refuse links.
 
 Late, invalid and restarted islands
 -----------------------------------
@@ -99,21 +128,27 @@ the params, or non-finite is rejected with its reason in the decision.
 from near_jax.diloco.codec.compress import decode, encode
 from near_jax.diloco.protocol.contributions import (
     MAX_TAG_BYTES,
+    ShardDefect,
     Verdict,
     check_contribution,
+    contribution_limit,
     pack_contribution,
     push_contribution,
+    push_manifest,
+    push_shards,
+    read_contribution,
+    read_delta,
+    read_delta_shard,
     split_contribution,
-    unpack_contribution,
 )
 from near_jax.diloco.protocol.decisions import (
     apply_update,
     combiner,
-    derive,
     make_decision,
+    recorded_verdicts,
     replay_decision,
+    run_plan,
     verify_run,
-    write_derived,
 )
 from near_jax.diloco.protocol.keys import (
     FORMAT,
@@ -124,46 +159,73 @@ from near_jax.diloco.protocol.keys import (
     contrib_key,
     contrib_keys,
     contrib_prefix,
+    contrib_shard_key,
     decision_key,
     finished_key,
     latest_key,
     manifest_key,
-    update_key,
-    version_key,
+    out_prefix,
+    outs_prefix,
+    version0_prefix,
+)
+from near_jax.diloco.protocol.manifests import (
+    PARTS,
+    ContribManifest,
+    VersionManifest,
+    manifest_limit,
+    read_shard,
+    root,
+    shard_limit,
 )
 from near_jax.diloco.protocol.objects import (
     as_float32,
     dumps,
-    get_tree_object,
     num_elements,
-    object_limit,
     read_json,
     sha256,
     tree_bytes,
-    tree_from_bytes,
-    tree_from_bytes_any,
     zeros_like,
 )
+from near_jax.diloco.protocol.shards import (
+    DEFAULT_SHARD_BYTES,
+    ShardPlan,
+    from_record,
+    plan_shards,
+)
+from near_jax.diloco.protocol.streaming import Derived, derive, derive_slice, finish, proposal_id
 from near_jax.diloco.protocol.versions import (
+    PullCache,
+    Shards,
     Version,
     advance_latest,
     average,
-    make_version,
+    fetch_shard,
+    load_version,
     outer_update,
     pull_version,
     read_latest,
     version_hashes,
-    write_version,
+    write_manifest,
+    write_version0,
 )
 
 __all__ = [
+    "ContribManifest",
+    "DEFAULT_SHARD_BYTES",
+    "Derived",
     "FORMAT",
     "LATE_WINDOW",
     "MAX_CHAIN",
     "MAX_TAG_BYTES",
+    "PARTS",
     "ProtocolError",
+    "PullCache",
+    "ShardDefect",
+    "ShardPlan",
+    "Shards",
     "Verdict",
     "Version",
+    "VersionManifest",
     "advance_latest",
     "apply_update",
     "as_float32",
@@ -174,37 +236,52 @@ __all__ = [
     "contrib_key",
     "contrib_keys",
     "contrib_prefix",
+    "contrib_shard_key",
+    "contribution_limit",
     "decision_key",
     "decode",
     "derive",
+    "derive_slice",
     "dumps",
     "encode",
+    "fetch_shard",
+    "finish",
     "finished_key",
-    "get_tree_object",
+    "from_record",
     "latest_key",
+    "load_version",
     "make_decision",
-    "make_version",
     "manifest_key",
+    "manifest_limit",
     "num_elements",
-    "object_limit",
+    "out_prefix",
     "outer_update",
+    "outs_prefix",
     "pack_contribution",
+    "plan_shards",
+    "proposal_id",
     "pull_version",
     "push_contribution",
+    "push_manifest",
+    "push_shards",
+    "read_contribution",
+    "read_delta",
+    "read_delta_shard",
     "read_json",
     "read_latest",
+    "read_shard",
+    "recorded_verdicts",
     "replay_decision",
+    "root",
+    "run_plan",
     "sha256",
+    "shard_limit",
     "split_contribution",
     "tree_bytes",
-    "tree_from_bytes",
-    "tree_from_bytes_any",
-    "unpack_contribution",
-    "update_key",
     "verify_run",
+    "version0_prefix",
     "version_hashes",
-    "version_key",
-    "write_derived",
-    "write_version",
+    "write_manifest",
+    "write_version0",
     "zeros_like",
 ]

@@ -1,36 +1,53 @@
-"""Contributions: an island's framed, tagged pseudo-gradient, and the aggregator's verdict."""
+"""Contributions: an island's sharded, tagged pseudo-gradient, and the aggregator's verdict.
+
+The object at `contrib_key` is u32 tag length | tag JSON | shard manifest JSON
+(`manifests.ContribManifest`); its shards are at `contrib_shard_key(..., s)`. The shards are
+written first, the manifest last (put_if_absent), so a contribution exists only once it is
+complete, and a signature over (tag, manifest) covers every shard.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import jax
 import numpy as np
 
 from near_jax._io import one_line
-from near_jax.diloco.codec.compress import CompressionSpec, Payload, PayloadError, decode, encode
-from near_jax.diloco.protocol.keys import FORMAT, contrib_key
-from near_jax.diloco.protocol.objects import dumps, num_elements, object_limit, sha256
-from near_jax.diloco.protocol.versions import Version
+from near_jax.diloco.codec.compress import (
+    CompressionSpec,
+    Payload,
+    PayloadError,
+    as_spec,
+    decode,
+    encode,
+)
+from near_jax.diloco.protocol.keys import FORMAT, ProtocolError, contrib_key, contrib_shard_key
+from near_jax.diloco.protocol.manifests import (
+    ContribManifest,
+    manifest_limit,
+    read_shard,
+)
+from near_jax.diloco.protocol.objects import dumps, sha256
+from near_jax.diloco.protocol.shards import ShardPlan
+from near_jax.diloco.protocol.versions import Shards, Version
 from near_jax.diloco.store import HEADER, CorruptObject, ObjectStore
 
 _TAG_LEN = struct.Struct("<I")
 MAX_TAG_BYTES = 1 << 16
 
 
-def pack_contribution(tag: dict, payload: Payload | bytes) -> bytes:
-    """u32 tag length | tag JSON | payload bytes."""
+def pack_contribution(tag: dict, body: bytes) -> bytes:
+    """u32 tag length | tag JSON | body (the shard manifest)."""
     tag_bytes = dumps(tag)
-    data = payload if isinstance(payload, bytes) else payload.to_bytes()
-    return _TAG_LEN.pack(len(tag_bytes)) + tag_bytes + data
+    return _TAG_LEN.pack(len(tag_bytes)) + tag_bytes + body
 
 
 def split_contribution(body: bytes) -> tuple[dict, bytes]:
-    """(tag, payload bytes) of a contribution object, the payload not yet parsed."""
+    """(tag, manifest bytes) of a contribution object, the manifest not yet parsed."""
     if len(body) < _TAG_LEN.size:
         raise PayloadError("contribution shorter than its tag length")
     (n,) = _TAG_LEN.unpack_from(body)
@@ -45,10 +62,68 @@ def split_contribution(body: bytes) -> tuple[dict, bytes]:
     return tag, body[_TAG_LEN.size + n :]
 
 
-def unpack_contribution(body: bytes, max_elements: int) -> tuple[dict, Payload]:
-    """(tag, validated payload); PayloadError naming the defect."""
-    tag, data = split_contribution(body)
-    return tag, Payload.from_bytes(data, max_elements=max_elements)
+def contribution_limit(plan: ShardPlan) -> int:
+    """The most bytes a contribution object (tag and manifest) may take."""
+    return _TAG_LEN.size + MAX_TAG_BYTES + manifest_limit(plan)
+
+
+def push_shards(
+    store: ObjectStore,
+    run: str,
+    rnd: int,
+    island: str,
+    plan: ShardPlan,
+    delta: Shards,
+    spec: CompressionSpec | str,
+    error_feedback: Shards | None = None,
+) -> tuple[dict[int, tuple[str, int]], int, Shards]:
+    """Encodes and writes the given shards of Δ (a host of a multi-host island: its own);
+    returns ({shard: (sha256, bytes)}, bytes written, new error feedback of those shards)."""
+    entries, written, new_ef = {}, 0, {}
+    for s, pieces in sorted(delta.items()):
+        ef = None if error_feedback is None else error_feedback.get(s)
+        payload, new_ef[s] = encode(pieces, spec, error_feedback=ef)
+        body = payload.to_bytes()
+        written += store.put(contrib_shard_key(run, rnd, island, s), body)
+        entries[s] = (sha256(body), len(body))
+    return entries, written, new_ef
+
+
+def push_manifest(
+    store: ObjectStore,
+    run: str,
+    island: str,
+    base: Version,
+    plan: ShardPlan,
+    spec: CompressionSpec | str,
+    entries: dict[int, tuple[str, int]],
+    sign: Callable[[dict, bytes], dict] | None = None,
+    **extra: Any,
+) -> tuple[bool, int]:
+    """Writes the contribution object once every shard is in; (written, bytes). written is
+    False if the island already has a contribution for the round (immutable)."""
+    missing = sorted(set(range(plan.num_shards)) - set(entries))
+    if missing:
+        raise ValueError(f"cannot write the manifest: shards {missing[:8]} were not pushed")
+    spec_text = str(as_spec(spec))
+    manifest = ContribManifest(
+        spec_text, plan.plan_id(), tuple(entries[s] for s in sorted(entries))
+    )
+    tag = {
+        "format": FORMAT,
+        "run": run,
+        "round": base.version,
+        "island": island,
+        "base_sha256": base.params_sha256,
+        "spec": spec_text,
+        **extra,
+    }
+    data = manifest.to_bytes()
+    if sign is not None:
+        tag.update(sign(tag, data))
+    body = pack_contribution(tag, data)
+    written = store.put_if_absent(contrib_key(run, base.version, island), body)
+    return written, (len(body) + HEADER.size if written else 0)
 
 
 def push_contribution(
@@ -56,34 +131,26 @@ def push_contribution(
     run: str,
     island: str,
     base: Version,
-    delta: Any,
+    plan: ShardPlan,
+    delta: Shards,
     spec: CompressionSpec | str,
-    error_feedback: Any = None,
+    error_feedback: Shards | None = None,
     sign: Callable[[dict, bytes], dict] | None = None,
     **extra: Any,
-) -> tuple[bool, int, Any]:
-    """Encodes Δ and writes it for round base.version; (written, bytes, new error feedback).
+) -> tuple[bool, int, Shards]:
+    """Pushes every shard of Δ, then the manifest; (written, bytes, new error feedback).
 
-    `sign(tag, payload bytes)` returns more tag fields (contrib: the signature). written is
-    False if this island already has a contribution for the round (e.g. pushed before a
-    restart): contributions are immutable.
-    """
-    payload, new_ef = encode(delta, spec, error_feedback=error_feedback)
-    tag = {
-        "format": FORMAT,
-        "run": run,
-        "round": base.version,
-        "island": island,
-        "base_sha256": base.params_sha256,
-        "spec": str(payload.spec),
-        **extra,
-    }
-    data = payload.to_bytes()
-    if sign is not None:
-        tag.update(sign(tag, data))
-    body = pack_contribution(tag, data)
-    written = store.put_if_absent(contrib_key(run, base.version, island), body)
-    return written, (len(body) + HEADER.size if written else 0), new_ef
+    Nothing is written if the island's slot for the round is taken already (pushed before
+    a restart): its shards then stay as the manifest there names them."""
+    if store.exists(contrib_key(run, base.version, island)):
+        return False, 0, {}
+    entries, shard_bytes, new_ef = push_shards(
+        store, run, base.version, island, plan, delta, spec, error_feedback
+    )
+    written, manifest_bytes = push_manifest(
+        store, run, island, base, plan, spec, entries, sign, **extra
+    )
+    return written, (shard_bytes + manifest_bytes if written else 0), new_ef
 
 
 @dataclasses.dataclass
@@ -93,21 +160,87 @@ class Verdict:
     key: str
     island: str
     sha256: str = ""
-    payload: Payload | None = None
+    manifest: ContribManifest | None = None
     reason: str = ""  # why it was rejected ("" = valid)
+    tag: dict = dataclasses.field(default_factory=dict)
+    # Its shards already read, checked and decoded (contrib screens whole Δs): streaming
+    # uses these, so what is applied is exactly what was checked.
+    held: Shards | None = None
 
     @property
     def valid(self) -> bool:
-        return self.payload is not None
+        return self.manifest is not None
 
 
-def check_contribution(store: ObjectStore, run: str, base: Version, key: str, like: Any) -> Verdict:
-    """Reads and validates one contribution for round base.version (never raises on its
-    content: a defect becomes the verdict's reason)."""
+class ShardDefect(RuntimeError):  # noqa: N818 - a verdict on a contribution, not a bug
+    """A contribution shard that is missing, changed or undecodable (found while streaming)."""
+
+    def __init__(self, island: str, reason: str):
+        super().__init__(f"{island}: {reason}")
+        self.island, self.reason = island, reason
+
+
+def read_delta_shard(
+    store: ObjectStore, run: str, rnd: int, plan: ShardPlan, verdict: Verdict, s: int
+) -> list[np.ndarray]:
+    """Shard `s` of an accepted contribution, verified and decoded; ShardDefect if bad."""
+    if verdict.held is not None:
+        return verdict.held[s]
+    key = contrib_shard_key(run, rnd, verdict.island, s)
+    sha, nbytes = verdict.manifest.shards[s]
+    try:
+        body = read_shard(store, key, sha, nbytes + (1 << 10))
+        payload = Payload.from_bytes(body, max_elements=plan.shard_elements(s))
+        if str(payload.spec) != verdict.manifest.spec:
+            raise PayloadError(f"it is {payload.spec}, the manifest says {verdict.manifest.spec}")
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below
+            pieces = decode(payload, like=plan.shard_like(s))
+    except (PayloadError, ProtocolError) as e:
+        raise ShardDefect(verdict.island, f"invalid: shard {s}: {one_line(e)}") from None
+    for i, x in enumerate(pieces):
+        if not np.isfinite(x).all():
+            raise ShardDefect(verdict.island, f"invalid: non-finite values in shard {s} piece {i}")
+    return pieces
+
+
+def read_delta(
+    store: ObjectStore,
+    run: str,
+    rnd: int,
+    plan: ShardPlan,
+    verdict: Verdict,
+    shards: Iterable[int] | None = None,
+) -> Shards:
+    """The given shards (all by default) of a valid contribution; ShardDefect if one is bad."""
+    wanted = range(plan.num_shards) if shards is None else shards
+    return {s: read_delta_shard(store, run, rnd, plan, verdict, s) for s in wanted}
+
+
+def read_contribution(
+    store: ObjectStore, run: str, rnd: int, plan: ShardPlan, island: str, sha: str | None = None
+) -> Any:
+    """An island's whole Δ for round `rnd` as a float32 tree (screening, audits, tests);
+    None if there is none or (given `sha`) it is not that object. PayloadError if its
+    manifest is bad, ShardDefect if a shard is."""
+    key = contrib_key(run, rnd, island)
+    body = store.get(key, max_bytes=contribution_limit(plan))
+    if body is None or (sha is not None and sha256(body) != sha):
+        return None
+    _, data = split_contribution(body)
+    verdict = Verdict(key, island, sha256(body), ContribManifest.from_bytes(data, plan))
+    return plan.assemble(read_delta(store, run, rnd, plan, verdict))
+
+
+def check_contribution(
+    store: ObjectStore, run: str, base: Version, plan: ShardPlan, key: str
+) -> Verdict:
+    """Reads and validates one contribution object (tag and shard manifest) for round
+    base.version; its shards are checked as they are streamed (`read_delta_shard`). Never
+    raises on its content: a defect becomes the verdict's reason."""
     island = key.rsplit("/", 1)[-1]
     verdict = Verdict(key, island)
     try:
-        body = store.get(key, max_bytes=object_limit(like))
+        body = store.get(key, max_bytes=contribution_limit(plan))
     except CorruptObject as e:
         verdict.reason = f"corrupt object: {e.reason}"
         return verdict
@@ -116,7 +249,8 @@ def check_contribution(store: ObjectStore, run: str, base: Version, key: str, li
         return verdict
     verdict.sha256 = sha256(body)
     try:
-        tag, payload = unpack_contribution(body, num_elements(like))
+        tag, data = split_contribution(body)
+        verdict.tag = tag
         want = {"run": run, "round": base.version, "island": island}
         for name, value in want.items():
             if tag.get(name) != value:
@@ -126,13 +260,10 @@ def check_contribution(store: ObjectStore, run: str, base: Version, key: str, li
                 f"built on base {str(tag.get('base_sha256'))[:12]!r}, round {base.version} "
                 f"starts from {base.params_sha256[:12]!r}"
             )
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, per leaf
-            delta = decode(payload, like=like)  # tree/shape mismatch → PayloadError
-        for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
-            if not np.isfinite(leaf).all():
-                raise PayloadError(f"non-finite values in {jax.tree_util.keystr(path)}")
-    except PayloadError as e:
+        manifest = ContribManifest.from_bytes(data, plan)
+        as_spec(manifest.spec)
+    except (PayloadError, ValueError) as e:
         verdict.reason = f"invalid: {one_line(e)}"
         return verdict
-    verdict.payload = payload
+    verdict.manifest = manifest
     return verdict

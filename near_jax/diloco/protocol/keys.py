@@ -35,8 +35,9 @@ def finished_key(run: str) -> str:
     return f"{run}/finished"
 
 
-def version_key(run: str, version: int, part: str) -> str:
-    return f"{run}/versions/{version:08d}/{part}"
+def version0_prefix(run: str) -> str:
+    """Where version 0's shards and manifest are (later versions: their round's `out_prefix`)."""
+    return f"{run}/versions/{0:08d}/"
 
 
 def contrib_prefix(run: str, rnd: int) -> str:
@@ -59,5 +60,18 @@ def decision_key(run: str, rnd: int) -> str:
     return f"{run}/rounds/{rnd:08d}/decision"
 
 
-def update_key(run: str, rnd: int) -> str:
-    return f"{run}/rounds/{rnd:08d}/update"
+def contrib_shard_key(run: str, rnd: int, island: str, s: int) -> str:
+    """Shard `s` of an island's contribution (outside `contrib_prefix`: listings of the
+    round's contributions never see shards)."""
+    return f"{run}/rounds/{rnd:08d}/shards/{island}/{s:06d}"
+
+
+def out_prefix(run: str, rnd: int, proposal: str) -> str:
+    """Where round `rnd` writes version rnd + 1 and its update, for one proposal (the id of
+    the applied set): racing or restarted aggregators, and K workers, never overwrite the
+    outputs of another set."""
+    return f"{run}/rounds/{rnd:08d}/out/{proposal}/"
+
+
+def outs_prefix(run: str, rnd: int) -> str:
+    return f"{run}/rounds/{rnd:08d}/out/"

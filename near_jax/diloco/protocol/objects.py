@@ -10,9 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from near_jax.diloco.codec.compress import Payload, PayloadError, decode, encode
+from near_jax.diloco.codec.compress import encode
 from near_jax.diloco.protocol.keys import ProtocolError
-from near_jax.diloco.store import MAX_OBJECT_BYTES, CorruptObject, ObjectStore
+from near_jax.diloco.store import MAX_OBJECT_BYTES, ObjectStore
 
 
 def dumps(obj: Any) -> bytes:
@@ -43,42 +43,8 @@ def tree_bytes(tree: Any) -> bytes:
     return encode(tree, "fp32")[0].to_bytes()
 
 
-def tree_from_bytes(body: bytes, like: Any, where: str) -> Any:
-    """The float32 numpy tree stored by `tree_bytes`, checked against `like`'s structure."""
-    try:
-        payload = Payload.from_bytes(body, max_elements=num_elements(like))
-        if payload.spec.format != "fp32":
-            raise PayloadError(f"stored as {payload.spec}, expected fp32")
-        return decode(payload, like=like)
-    except PayloadError as e:
-        raise ProtocolError(f"{where}: {e}") from None
-
-
-def tree_from_bytes_any(body: bytes, like: Any, where: str) -> Any:
-    """Decodes a payload of any spec against `like` (ProtocolError on defects)."""
-    try:
-        return decode(Payload.from_bytes(body, max_elements=num_elements(like)), like=like)
-    except PayloadError as e:
-        raise ProtocolError(f"{where}: {e}") from None
-
-
 def num_elements(tree: Any) -> int:
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
-
-
-def object_limit(like: Any) -> int:
-    """The most bytes a tree object of `like`'s shape may take in the store (a version part,
-    an update, a contribution): twice its fp32 size plus 1 MiB for tags and leaf paths.
-    Reads of them are bounded by it (`ObjectStore.get(max_bytes=...)`)."""
-    return 8 * num_elements(like) + (1 << 20)
-
-
-def get_tree_object(store: ObjectStore, key: str, like: Any) -> bytes | None:
-    """The body at `key`, bounded by `object_limit(like)`; ProtocolError if it is damaged."""
-    try:
-        return store.get(key, max_bytes=object_limit(like))
-    except CorruptObject as e:
-        raise ProtocolError(str(e)) from None
 
 
 def zeros_like(tree: Any) -> Any:

@@ -1,0 +1,196 @@
+"""Closing a round shard by shard: bounded memory, and splittable over workers.
+
+For each shard s, across the applied contributions in island order: read the shard, check
+its hash, decode, combine (the mean as a running float32 sum — the same operations as
+`versions.average`, so the same bits; a robust rule stacks the n shards, O(n × shard)),
+encode the update shard with the server's error feedback, take the outer step on θ_s and
+m_s (read from the base version), and write θ_s', m_s', e_s' and Û_s under the round's
+output prefix. Peak memory is a few shards (n shards for robust rules), never the model.
+
+Outputs go to `out_prefix(run, r, proposal)`, where the proposal id hashes the applied set
+and the rule: aggregators that race, restart or decide again with another set, and the K
+workers of `--shards=i/K`, write disjoint or identical bytes, never conflicting ones. The
+manifest is written after every shard; the decision (the commit point) after the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from near_jax.diloco import robust
+from near_jax.diloco.codec.compress import CompressionSpec, decode, encode
+from near_jax.diloco.protocol.contributions import Verdict, read_delta_shard
+from near_jax.diloco.protocol.keys import out_prefix
+from near_jax.diloco.protocol.manifests import (
+    PARTS,
+    VersionManifest,
+    decode_shard,
+    read_shard,
+    root,
+    shard_limit,
+)
+from near_jax.diloco.protocol.objects import dumps, sha256, tree_bytes
+from near_jax.diloco.protocol.shards import ShardPlan
+from near_jax.diloco.protocol.versions import Version, outer_update, write_manifest
+from near_jax.diloco.store import ObjectStore
+
+OUTPUTS = (*PARTS, "update")
+
+
+def proposal_id(accepted: list[Verdict], rule: str | None) -> str:
+    """16 hex digits naming an applied set (keys and object hashes, in order) and rule."""
+    body = dumps({"accepted": [[v.key, v.sha256] for v in accepted], "aggregation": rule})
+    return sha256(body)[:16]
+
+
+def _streams(rule: robust.Rule | None) -> bool:
+    # The mean (and top_g, whose selection happened before) add up one contribution at a time.
+    return rule is None or rule.name in ("mean", "top_g")
+
+
+def base_shard(store: ObjectStore, plan: ShardPlan, base: Version, part: str, s: int) -> list:
+    """Shard `s` of a part of the base version, from memory if held, else from the store."""
+    held = getattr(base, part, None) if part != "server_ef" else None
+    if held and s in held:
+        return held[s]
+    key = base.manifest.key(part, s)
+    body = read_shard(store, key, base.manifest.hashes(part)[s], shard_limit(plan, s))
+    return decode_shard(body, plan, s, key, fp32=True)
+
+
+def derive_shard(
+    store: ObjectStore,
+    run: str,
+    plan: ShardPlan,
+    base: Version,
+    accepted: list[Verdict],
+    s: int,
+    spec: CompressionSpec | str,
+    lr: float,
+    mu: float,
+    rule: robust.Rule | None,
+    prefix: str,
+    write: bool = True,
+) -> dict[str, str]:
+    """The outputs of shard `s` (written under `prefix` when `write`); their sha256 by part.
+    ShardDefect if one of the contributions' shard is missing, changed or invalid."""
+    r = base.version
+    if _streams(rule):
+        total = None
+        for verdict in accepted:
+            pieces = read_delta_shard(store, run, r, plan, verdict, s)
+            total = (
+                pieces
+                if total is None
+                else [np.add(a, b) for a, b in zip(total, pieces, strict=True)]
+            )
+        n = np.float32(len(accepted))
+        combined = [(x / n).astype(np.float32) for x in total]
+    else:
+        stack = [read_delta_shard(store, run, r, plan, v, s) for v in accepted]
+        combined = robust.combine(rule, stack)
+        del stack
+    error_feedback = base_shard(store, plan, base, "server_ef", s)
+    payload, new_ef = encode(combined, spec, error_feedback=error_feedback)
+    update = decode(payload, like=plan.shard_like(s))
+    params = base_shard(store, plan, base, "params", s)
+    momentum = base_shard(store, plan, base, "momentum", s)
+    new_params, new_momentum = outer_update(params, momentum, update, lr, mu)
+    bodies = {
+        "params": tree_bytes(new_params),
+        "momentum": tree_bytes(new_momentum),
+        "server_ef": tree_bytes(new_ef),
+        "update": payload.to_bytes(),
+    }
+    out = {}
+    for part, body in bodies.items():
+        if write:
+            store.put(f"{prefix}{part}/{s:06d}", body)
+        out[part] = sha256(body)
+    return out
+
+
+@dataclasses.dataclass
+class Derived:
+    """A round's outputs: version r + 1 and its update's root (None: nothing applied)."""
+
+    version: Version
+    update_sha256: str | None
+
+
+def derive(
+    store: ObjectStore,
+    run: str,
+    plan: ShardPlan,
+    base: Version,
+    accepted: list[Verdict],
+    spec: CompressionSpec | str,
+    lr: float,
+    mu: float,
+    rule: robust.Rule | None = None,
+    *,
+    write: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Derived:
+    """Version base+1 from the applied contributions (in order), shard by shard; writes
+    every output and then the manifest (unless `write` is False: hashes only). No applied
+    contribution: version base+1 = base (the same manifest; nothing is written)."""
+    if not accepted:
+        same = dataclasses.replace(base, version=base.version + 1)
+        return Derived(same, None)
+    prefix = out_prefix(run, base.version, proposal_id(accepted, _rule_text(rule)))
+    results = {}
+    for done, s in enumerate(range(plan.num_shards), 1):
+        results[s] = derive_shard(
+            store, run, plan, base, accepted, s, spec, lr, mu, rule, prefix, write
+        )
+        if progress is not None:
+            progress(done, plan.num_shards)
+    return finish(store, plan, base, prefix, results, write)
+
+
+def derive_slice(
+    store: ObjectStore,
+    run: str,
+    plan: ShardPlan,
+    base: Version,
+    accepted: list[Verdict],
+    shards: Iterable[int],
+    spec: CompressionSpec | str,
+    lr: float,
+    mu: float,
+    rule: robust.Rule | None = None,
+) -> tuple[str, dict[int, dict[str, str]]]:
+    """One worker's share of a round (`--shards=i/K`): (output prefix, {shard: hashes})."""
+    prefix = out_prefix(run, base.version, proposal_id(accepted, _rule_text(rule)))
+    results = {
+        s: derive_shard(store, run, plan, base, accepted, s, spec, lr, mu, rule, prefix)
+        for s in shards
+    }
+    return prefix, results
+
+
+def finish(
+    store: ObjectStore,
+    plan: ShardPlan,
+    base: Version,
+    prefix: str,
+    results: dict[int, dict[str, str]],
+    write: bool = True,
+) -> Derived:
+    """Version base+1 from every shard's output hashes: writes (when `write`) its manifest."""
+    missing = sorted(set(range(plan.num_shards)) - set(results))
+    if missing:
+        raise ValueError(f"shards {missing[:8]} of round {base.version} have no result")
+    hashes = {part: tuple(results[s][part] for s in range(plan.num_shards)) for part in OUTPUTS}
+    manifest = VersionManifest(prefix, plan.plan_id(), **hashes)
+    key = prefix + "manifest"
+    sha = write_manifest(store, key, manifest) if write else sha256(manifest.to_bytes())
+    return Derived(Version(base.version + 1, manifest, key, sha), root(hashes["update"]))
+
+
+def _rule_text(rule: robust.Rule | None) -> str | None:
+    return None if rule is None else str(rule)
