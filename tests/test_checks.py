@@ -144,7 +144,7 @@ def test_each_bad_contribution_is_rejected_with_its_reason(tmp_path, attack, rea
     entry = [e for e in decision["contrib"]["entries"] if e["contributor"] != "honest1"][0]
     assert entry["reason"].startswith(reason), entry["reason"]
     if attack == "changed_shard":
-        assert "does not match its manifest's sha256" in entry["reason"], entry["reason"]
+        assert "does not match its recorded sha256" in entry["reason"], entry["reason"]
     if attack == "missing_shard":
         assert entry["reason"].endswith("is missing"), entry["reason"]
     assert not entry["accepted"] and entry["reward"] == 0.0
