@@ -7,10 +7,12 @@ code; a numpy upgrade or another CPU that changes one byte fails here. The outer
 agreement with optax is tested first.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
-from helpers import LIKE, LR, bits_equal, hashed_tree, leaves_sha256, tree
+from helpers import LIKE, LR, RUN, bits_equal, hashed_tree, leaves_sha256, plan, push, tree
 
 from near_jax.diloco import protocol
 from near_jax.diloco.outer import outer_optimizer, outer_step
@@ -69,3 +71,56 @@ def test_outer_update_bytes_are_pinned(mu):
 def test_average_bytes_are_pinned():
     mean = protocol.average([hashed_tree(seed) for seed in (300, 301, 302)])
     assert leaves_sha256(mean) == GOLDEN_AVERAGE
+
+
+# ------------------------------------------------------------------ shard-by-shard pulls
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_full_pull_resumes_without_rereading_finished_shards(started, tmp_path):
+    store, _, agg = started
+    agg.quorum = 1
+    push(store, "a", 0, tree(40, 1e-2))
+    agg.run_round()
+    cut = plan()
+    read, real_get = [], store.get
+
+    def get(key, max_bytes=None):
+        if "/params/" in key or "/momentum/" in key:
+            if len(read) == 5:  # the 6th shard object: the connection drops
+                raise Interrupted()
+            read.append(key)
+        return real_get(key) if max_bytes is None else real_get(key, max_bytes=max_bytes)
+
+    store.get = get
+    cache = protocol.PullCache(str(tmp_path / "cache"))
+    with pytest.raises(Interrupted):
+        protocol.pull_version(store, RUN, 1, cut, cache=cache)
+    first = list(read)
+    assert len(first) == 5 and len(os.listdir(tmp_path / "cache")) == 5
+    read.clear()
+    cache = protocol.PullCache(str(tmp_path / "cache"))  # a restarted island: from disk
+    held = protocol.pull_version(store, RUN, 1, cut, cache=cache)
+    assert not set(read) & set(first) and len(read) == 2 * cut.num_shards - 5
+    assert os.listdir(tmp_path / "cache") == []  # done: the cache is cleared
+    store.get = real_get
+    assert held.hashes() == protocol.pull_version(store, RUN, 1, cut).hashes()
+    assert bits_equal(held.tree(cut), protocol.pull_version(store, RUN, 1, cut).tree(cut))
+
+
+def test_a_damaged_cache_file_is_fetched_again(tmp_path):
+    cache = protocol.PullCache(str(tmp_path))
+    body = b"shard bytes"
+    sha = protocol.sha256(body)
+    cache.put(sha, body)
+    assert cache.get(sha) == body
+    (tmp_path / sha).write_bytes(b"shard bytez")
+    assert cache.get(sha) is None
+    memory = protocol.PullCache()
+    memory.put(sha, body)
+    assert memory.get(sha) == body and memory.get("0" * 64) is None
+    memory.clear()
+    assert memory.get(sha) is None
