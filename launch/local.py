@@ -1,13 +1,15 @@
 """Runs N training processes on this machine: a real multi-process JAX job on CPU.
 
     python -m launch.local -n 4 -- --config=configs/tiny.py --workdir=/tmp/run4
+    python -m launch.local -n 2 -- python -m near_jax.diloco.island --island=eu-1 ...
 
 Each process gets `--devices_per_process` simulated CPU devices (XLA's host device count),
 joins the job through `jax.distributed` on localhost (gloo collectives), and trains over a
 mesh spanning all processes' devices; its data pipeline reads its own share of the documents,
-and only process 0 writes metrics. Output lines are prefixed with `[i]`. The exit status is
-0 when every process succeeds; otherwise the first failure's status, and the others are
-stopped.
+and only process 0 writes metrics. After `--` come the train flags, or a whole command
+starting with `python` (run with this interpreter: e.g. a multi-host island). Output lines
+are prefixed with `[i]`. The exit status is 0 when every process succeeds; otherwise the
+first failure's status, and the others are stopped.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def run(
     for i in range(num_processes):
         env = process_env(dict(os.environ), i, num_processes, port, devices_per_process)
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *train_args],
+            command(train_args, module),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -87,6 +89,14 @@ def run(
     for pump in pumps:
         pump.join(timeout=5)
     return status
+
+
+def command(args: list[str], module: str = TRAIN_MODULE) -> list[str]:
+    """What each process runs: `python ...` as given (with this interpreter), else the
+    train worker with these flags."""
+    if args and os.path.basename(args[0]).startswith("python"):
+        return [sys.executable, *args[1:]]
+    return [sys.executable, "-m", module, *args]
 
 
 def _wait(procs: list[subprocess.Popen], timeout_s: float) -> int:

@@ -364,15 +364,16 @@ MODEL = [
 ]
 
 
-def model_like():
-    """The abstract params of the MODEL the island programs train (a run's `like`)."""
+def model_like(*flags):
+    """The abstract params of the model the island programs train with these flags (MODEL
+    by default): a run's `like`."""
     from launch import load_train_config
     from near_jax import sharding
     from near_jax.data.tokenizer import load_tokenizer
     from near_jax.train.loop import trainer_for
     from near_jax.train.step import resolve_config
 
-    cfg = load_train_config(MODEL)
+    cfg = load_train_config(list(flags or MODEL))
     cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     return trainer_for(cfg, sharding.make_mesh(cfg.mesh)).abstract_state.params
 

@@ -5,7 +5,15 @@ import os
 import signal
 import time
 
-from helpers import MODEL, RUN, Procs, latest_version, metric_records, model_like
+from helpers import (
+    MODEL,
+    RUN,
+    Procs,
+    latest_version,
+    metric_records,
+    model_like,
+    start_module,
+)
 
 from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
@@ -130,6 +138,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         "bad quorum": ("aggregator", [store, run, "--rounds=2", "--quorum=0"], "--quorum"),
         "unknown flag": ("island", [store, run, "--island=a", "--bogus=1"], "bogus"),
         "bad island": ("island", [store, run, "--island=../x"], "bad island name"),
+        "bad shards": ("aggregator", [store, run, "--rounds=2", "--shards=2/2"], "is not i/K"),
     }
     procs = Procs(tmp_path)
     try:
@@ -143,3 +152,70 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         assert os.listdir(empty) == []  # nothing was created in the store
     finally:
         procs.kill_all()
+
+
+# A multi-host island: x as 2 processes (launch.local, gloo) vs x as 1 process, same mesh.
+HOSTS_MODEL = [
+    *MODEL,
+    "--config.diloco.shard_bytes=2048",  # small shards: leaves are cut along their FSDP axis
+    "--config.data.shards=2",  # the same global batches for 1 or 2 processes
+    "--config.train.eval_batches=1",
+]
+X_MESH = ["--config.mesh.fsdp=2", "--config.mesh.data=1"]
+
+
+def _run_with_island_x(tmp_path, hosts):
+    """3 rounds of island x (`hosts` processes, 2 devices in all) and island y (1 process)
+    with an aggregator; returns (store, x's per-host metrics, x's log)."""
+    store_dir = tmp_path / "store"
+    store_dir.mkdir(parents=True)
+    common = [f"--store=file://{store_dir}", f"--run={RUN}", "--poll_seconds=0.1", *HOSTS_MODEL]
+    island = ["--wait_for_run=240"]
+    procs = Procs(tmp_path)
+    try:
+        agg = ["--rounds=3", "--quorum=2", "--round_timeout=300", "--eval_batches=0"]
+        procs.start("agg", "aggregator", *common, *agg)
+        procs.start("y", "island", *common, "--island=y", *island, f"--workdir={tmp_path / 'y'}")
+        x_args = [*common, *X_MESH, "--island=x", *island, f"--workdir={tmp_path / 'x'}"]
+        with open(tmp_path / "x.log", "w") as log:
+            if hosts == 1:
+                command = ["near_jax.diloco.island", *x_args]
+                env = {**procs.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+            else:
+                launch = ["-n", "2", "--devices_per_process=1", "--timeout_s=300", "--"]
+                command = ["launch.local", *launch, "python", "-m", "near_jax.diloco.island"]
+                command += x_args
+                env = procs.env
+            procs.procs["x"] = start_module(*command, env=env, stdout=log, stderr=log)
+        for name in ("agg", "x", "y"):
+            procs.procs[name].wait(timeout=300)
+    finally:
+        procs.kill_all()
+    assert all(p.returncode == 0 for p in procs.procs.values()), procs.logs()
+    store = ObjectStore.open(str(store_dir))
+    per_host = [metric_records(tmp_path / "x" / "metrics.jsonl", "island")]
+    if hosts == 2:
+        per_host.append(metric_records(tmp_path / "x" / "host1" / "metrics.jsonl", "island"))
+    return store, per_host, procs.log("x")
+
+
+def test_a_two_host_island_pushes_its_own_shards_and_gives_the_same_bits(tmp_path):
+    two_store, two, log = _run_with_island_x(tmp_path / "two", hosts=2)
+    one_store, (one,), _ = _run_with_island_x(tmp_path / "one", hosts=1)
+    # Both islands were applied in every round, in both runs.
+    for store in (two_store, one_store):
+        decisions = [protocol.read_json(store, protocol.decision_key(RUN, r)) for r in range(3)]
+        assert [sorted(e["island"] for e in d["accepted"]) for d in decisions] == [["x", "y"]] * 3
+    # The global params are the same bits whether x ran as one process or two.
+    assert (
+        protocol.read_latest(two_store, RUN)["params_sha256"]
+        == (protocol.read_latest(one_store, RUN)["params_sha256"])
+    )
+    assert protocol.verify_run(two_store, RUN, model_like(*HOSTS_MODEL)) == []
+    # Each host wrote only its own shards: together exactly what one process writes, and
+    # each pulled only its part of the params.
+    assert "[0] island x: joined" in log and "host 1/2" in log
+    for r in range(3):
+        pushed = [host[r]["bytes_pushed"] for host in two]
+        assert min(pushed) > 0 and sum(pushed) == one[r]["bytes_pushed"], (r, pushed, one[r])
+    assert all(host[0]["bytes_pulled"] < one[0]["bytes_pulled"] for host in two)

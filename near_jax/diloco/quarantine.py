@@ -119,11 +119,19 @@ def latest_problem(latest: dict) -> str:
     return ""
 
 
-def version_problem(store: ObjectStore, plan: protocol.ShardPlan, version: Version) -> str:
+def version_problem(
+    store: ObjectStore, plan: protocol.ShardPlan, version: Version, read: bool = True
+) -> str:
     """Why a version's stored shards do not verify against its manifest ("" if they all
-    do): each is read, one at a time, and hashed."""
+    do): each is read, one at a time, and hashed — or, with read=False, only checked to
+    exist (a restart must not read the whole model; reads check hashes as they go)."""
     for part in protocol.PARTS:
         for s, sha in enumerate(version.manifest.hashes(part)):
+            key = version.manifest.key(part, s)
+            if not read:
+                if not store.exists(key):
+                    return f"{key} is missing"
+                continue
             try:
                 protocol.read_shard(
                     store, version.manifest.key(part, s), sha, protocol.shard_limit(plan, s)

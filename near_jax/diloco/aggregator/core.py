@@ -111,7 +111,7 @@ class Aggregator:
             latest = self._latest()
         try:
             self.state = protocol.load_version(self.store, self.run, latest["version"], self.plan)
-            problem = quarantine.version_problem(self.store, self.plan, self.state)
+            problem = quarantine.version_problem(self.store, self.plan, self.state, read=False)
         except (ProtocolError, CorruptObject) as e:
             problem = str(e)
         if problem:  # the version `latest` names does not verify: rebuild it
@@ -159,7 +159,18 @@ class Aggregator:
 
     def run_round(self) -> dict[str, Any]:
         """Closes round r = the current version (or finishes a committed one); publishes
-        version r + 1 and returns the round's stats."""
+        version r + 1 and returns the round's stats. A shard of version r that no longer
+        reads back as published (damaged in the store) makes it rebuild `latest` from the
+        newest version that does, and go on from there (replays rewrite what was lost)."""
+        try:
+            return self._run_round()
+        except protocol.BaseDamaged as e:
+            self.log(f"warning: {e}; rebuilding {protocol.latest_key(self.run)}")
+            quarantine.move_aside(self.store, self.run, protocol.latest_key(self.run), self.clock())
+            self.state = quarantine.recover_latest(self.store, self.run, self.plan, self.clock())
+            return self._run_round()
+
+    def _run_round(self) -> dict[str, Any]:
         store, run, base = self.store, self.run, self.state
         r = base.version
         read0, written0 = store.bytes_read, store.bytes_written
@@ -224,6 +235,8 @@ class Aggregator:
             derived = protocol.replay_decision(
                 self.store, self.run, self.plan, base, decision, self.spec, self.lr, self.momentum
             )
+        except protocol.BaseDamaged:
+            raise  # the store lost part of version r: not the decision's fault
         except (ProtocolError, PayloadError) as e:
             if self.signs_decisions:  # signed by us: a real inconsistency, not a forgery
                 raise

@@ -19,6 +19,14 @@ momentum, checked against their hashes) and loops, each round r:
 
 It exits 0 after `--rounds` rounds (0 = no limit) or when the run is marked finished.
 
+Multi-host islands: run the same command on every host of a TPU slice or GPU cluster (or
+`python -m launch.local -n 2 -- python -m near_jax.diloco.island ...` on one machine); the
+processes join through `jax.distributed` (`--coordinator_address/--num_processes/
+--process_id` or the launcher's environment) and train one model sharded over all their
+devices. No host gathers it: each pulls, applies and pushes only its own shards
+(`near_jax.diloco.island.hosts`), host 0 writes the contribution's manifest once every
+shard is in, and speaks for the island (name claim, signatures, metrics).
+
 Data order: each island reads the train split with seed = blake2b(config seed, island id,
 version it joined at) (`island_seed`): islands see different orders, and a restarted island
 does not replay what it read before its restart. A restart starts a fresh inner optimizer.
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import flags
 
 from near_jax import cli
@@ -46,11 +55,16 @@ from near_jax.diloco.island.loop import train_island
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.startup import UsageError
 from near_jax.diloco.store import StoreError
+from near_jax.train import distributed
 
 
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
     f = flags.FLAGS
+    try:  # a multi-host island: join the other processes before anything touches a device
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    except distributed.DistributedError as e:
+        usage_error(str(e))
     if not f.island:
         usage_error("--island is required: this island's id, unique in the run")
     try:
@@ -66,12 +80,14 @@ def _main(argv: list[str]) -> None:
             f"unknown run {run!r} in {store.url}: no {protocol.manifest_key(run)} (start the "
             "aggregator first, or pass --wait_for_run=SECONDS)"
         )
-    claim = claims.Claim(store, run, island)
-    try:
-        claim.acquire()
-    except claims.NameTaken as e:
-        usage_error(str(e))
-    claim.start()
+    claim = None
+    if jax.process_index() == 0:  # host 0 speaks for the island (the others follow it)
+        claim = claims.Claim(store, run, island)
+        try:
+            claim.acquire()
+        except claims.NameTaken as e:
+            usage_error(str(e))
+        claim.start()
 
     def make_signer(manifest: dict) -> contributor.Signer:
         """The island's signer for a contributor run (registers its key); exit 2 if it
@@ -110,7 +126,8 @@ def _main(argv: list[str]) -> None:
         code = 1
     finally:
         try:
-            claim.release()
+            if claim is not None:
+                claim.release()
         except StoreError:
             pass  # it lapses after a lease
     sys.exit(code)
@@ -135,6 +152,7 @@ def define_flags() -> None:
     startup.define_common_flags()
     for name in startup.COMMON_FLAGS:
         flags.declare_key_flag(name)  # listed by --help, as this program's own
+    distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
     flags.DEFINE_string("island", None, "This island's id (unique in the run): [A-Za-z0-9._-].")
     flags.DEFINE_integer("rounds", 0, "Rounds to contribute to, then exit 0 (0: until finished).")
     flags.DEFINE_string(

@@ -24,6 +24,7 @@ import numpy as np
 from near_jax import data
 from near_jax.diloco import claims, protocol
 from near_jax.diloco.island.follow import Waiter, catch_up, kb, log, newer, now, tolerant
+from near_jax.diloco.island.hosts import Hosts
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.startup import UsageError, manifest_problem
 from near_jax.diloco.store import ObjectStore
@@ -78,49 +79,60 @@ def train_island(
         manifest = _wait_for_run(cfg, store, run, island, wait_for_run, poll_seconds)
     spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
     inner_steps = int(manifest["inner_steps"])
+    plan = protocol.run_plan(manifest, abstract)
+    hosts = Hosts(plan, trainer.state_shardings.params)
+    lead = hosts.index == 0  # reads what decides the island's path, writes the manifest
     signer = None
-    if "contrib" in manifest:  # a run of untrusted contributors: sign every contribution
+    if "contrib" in manifest and lead:  # a run of untrusted contributors: sign every push
         if make_signer is None:
             raise UsageError(f"run {run!r} takes signed contributions only")
         signer = make_signer(manifest)
-    plan = protocol.run_plan(manifest, abstract)
-    cache = protocol.PullCache(os.path.join(workdir, "pull_cache") if workdir else None)
+    cache_dir = os.path.join(workdir, "pull_cache", f"host{hosts.index}") if workdir else None
+    cache = protocol.PullCache(cache_dir)
     latest = waiter.until("the run's first version", lambda: newer(store, run, -1, island))
-    held, _ = catch_up(store, run, island, None, latest["version"], plan, lr, mu, cache=cache)
+    target = hosts.agree(latest["version"])
+    held, _ = catch_up(
+        store, run, island, None, target, plan, lr, mu, shards=hosts.held, cache=cache
+    )
     seed = island_seed(cfg.seed, island, held.version)
     train_iter = data.make_iterator(
         cfg.data, split="train", seed=seed, global_batch_size=cfg.train.global_batch_size
     )
+    where = f" | host {hosts.index}/{hosts.count}: {len(hosts.owned)} of {plan.num_shards} shards"
     log(
         island,
         f"joined run {run!r} at version {held.version} ({kb(store.bytes_read)} "
-        f"pulled) | H={inner_steps} | spec {spec} | data seed {seed}",
+        f"pulled) | H={inner_steps} | spec {spec} | data seed {seed}"
+        + (where if hosts.count > 1 else ""),
     )
 
     shardings, dtypes = trainer.state_shardings.params, jax.tree.map(lambda a: a.dtype, abstract)
-    writer = metrics.MetricsWriter(workdir) if workdir else None
+    # Host 0's metrics are the island's; the others' (what each pushed and pulled) go below.
+    where_metrics = workdir if lead or not workdir else os.path.join(workdir, f"host{hosts.index}")
+    writer = metrics.MetricsWriter(where_metrics) if workdir else None
     error_feedback, done = None, 0
     pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
     try:
         while True:
-            finished = tolerant(
-                island, lambda: protocol.read_json(store, protocol.finished_key(run))
-            )
-            if finished is not None and held.version >= finished["version"]:
-                log(island, f"run {run!r} is finished at version {finished['version']}")
+            finished = None
+            if lead:
+                finished = tolerant(
+                    island, lambda: protocol.read_json(store, protocol.finished_key(run))
+                )
+            end = hosts.agree(finished["version"] if finished is not None else -1)
+            if end >= 0 and held.version >= end:
+                log(island, f"run {run!r} is finished at version {end}")
                 return
             r = held.version
             # 1. inner steps from θ_r.
             t0 = now()
-            params = jax.tree.map(lambda x, d: np.asarray(x, d), held.tree(plan), dtypes)
-            state = state._replace(params=jax.device_put(params, shardings))
+            state = state._replace(params=hosts.device_params(held.params, shardings, dtypes))
             losses = []
             for _ in range(inner_steps):
                 batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
                 state, stats = trainer.step(state, batch)
                 losses.append(stats["loss"])
-            local = jax.device_get(state.params)
-            inner_loss = float(np.mean(jax.device_get(losses)))
+            inner_loss = float(np.mean([np.asarray(x.addressable_data(0)) for x in losses]))
             train_s = now() - t0
             if not math.isfinite(inner_loss):
                 raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
@@ -129,47 +141,37 @@ def train_island(
                     f"island {claim.lost} took over the name {island!r}; "
                     "stopping so that only one island pushes under it"
                 )
-            # 2. push Δ = θ_r − θ_island (unless the round is already closed).
-            delta = jax.tree.map(lambda g, p: g - np.asarray(p, np.float32), held.tree(plan), local)
-            pushed_bytes, written, new_ef = 0, False, None
-            if tolerant(island, lambda r=r: store.exists(protocol.decision_key(run, r))):
+            # 2. push this host's shards of Δ = θ_r − θ_island (unless the round closed).
+            hosts.gather_leaves(state.params)
+            local = hosts.pieces(state.params, hosts.owned)
+            delta = {
+                s: [g - x for g, x in zip(held.params[s], local[s], strict=True)]
+                for s in hosts.owned
+            }
+            decided = lead and tolerant(
+                island, lambda r=r: store.exists(protocol.decision_key(run, r))
+            )
+            closed = hosts.agree(bool(decided))
+            pushed_bytes, written, new_ef, note = 0, False, None, ""
+            if closed:
                 note = "round closed before the push (late; not sent)"
             else:
-                written, pushed_bytes, new_ef = protocol.push_contribution(
+                written, pushed_bytes, new_ef, note = _push(
                     store,
-                    run,
-                    island,
-                    held,
-                    plan,
-                    plan.split(delta),
+                    (run, island, held, plan, hosts),
+                    delta,
                     spec,
                     error_feedback,
-                    sign=signer,
+                    (signer, slot_problem),
                     inner_loss=inner_loss,
                     inner_steps=inner_steps,
                 )
-                note = (
-                    ""
-                    if written
-                    else (
-                        "our slot already held a contribution (pushed before a restart, or by "
-                        "another island under this name)"
-                    )
-                )
-                if not written and signer is not None and slot_problem is not None:
-                    expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
-                    key = protocol.contrib_key(run, r, island)
-                    problem = slot_problem(store, key, signer, expect)
-                    if problem:
-                        note = (
-                            f"WARNING: our slot for round {r} already holds an object and "
-                            f"{problem}: someone else wrote under our name"
-                        )
             # 3. wait for version r + 1, learn the outcome, follow.
             t1 = now()
             latest = waiter.until(f"version {r + 1}", lambda r=r: newer(store, run, r, island))
+            target = hosts.agree(latest["version"])
             wait_s = now() - t1
-            if latest["version"] <= r:  # the run finished at version r meanwhile
+            if target <= r:  # the run finished at version r meanwhile
                 log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
                 return
             key = protocol.decision_key(run, r)
@@ -178,7 +180,7 @@ def train_island(
             if accepted and written:
                 error_feedback = new_ef  # else Δ was not applied: the old residual still owed
             held, full = catch_up(
-                store, run, island, held, latest["version"], plan, lr, mu, cache=cache
+                store, run, island, held, target, plan, lr, mu, shards=hosts.held, cache=cache
             )
             pulled = store.bytes_read - pulled_mark
             pulled_mark = store.bytes_read
@@ -252,3 +254,48 @@ def _outcome(decision: dict, island: str, written: bool) -> tuple[bool, bool, st
         outcome += f" (score {mine[0]['score']:.4g}, reward {mine[0]['reward']:.3f})"
         scored = {"score": mine[0]["score"], "reward": mine[0]["reward"]}
     return accepted, late, outcome, scored
+
+
+def _push(
+    store: ObjectStore,
+    where: tuple,
+    delta: protocol.Shards,
+    spec: str,
+    error_feedback: protocol.Shards | None,
+    signing: tuple,
+    **extra,
+) -> tuple[bool, int, protocol.Shards | None, str]:
+    """Every host pushes its shards, host 0 the manifest once all are in; (written, bytes
+    this host wrote, new error feedback of its shards, a note for the log). `where` is
+    (run, island, base version, plan, hosts), `signing` (signer, slot_problem)."""
+    run, island, held, plan, hosts = where
+    signer, slot_problem = signing
+    lead, r = hosts.index == 0, held.version
+    key = protocol.contrib_key(run, r, island)
+    taken = hosts.agree(lead and store.exists(key))
+    written, manifest_bytes, note = False, 0, ""
+    entries, shard_bytes, new_ef = {}, 0, None
+    if not taken:  # else pushed before a restart: the stored shards stay as it names them
+        entries, shard_bytes, new_ef = protocol.push_shards(
+            store, run, r, island, plan, delta, spec, error_feedback
+        )
+        entries = hosts.gather_entries(entries)
+        if lead:
+            written, manifest_bytes = protocol.push_manifest(
+                store, run, island, held, plan, spec, entries, signer, **extra
+            )
+        written = bool(hosts.agree(written))
+    if not written:
+        note = (
+            "our slot already held a contribution (pushed before a restart, or by another "
+            "island under this name)"
+        )
+        if lead and signer is not None and slot_problem is not None:
+            expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
+            problem = slot_problem(store, key, signer, expect)
+            if problem:
+                note = (
+                    f"WARNING: our slot for round {r} already holds an object and "
+                    f"{problem}: someone else wrote under our name"
+                )
+    return written, (shard_bytes + manifest_bytes) if written else 0, new_ef, note

@@ -192,7 +192,14 @@ from near_jax.diloco.protocol.shards import (
     from_record,
     plan_shards,
 )
-from near_jax.diloco.protocol.streaming import Derived, derive, derive_slice, finish, proposal_id
+from near_jax.diloco.protocol.streaming import (
+    BaseDamaged,
+    Derived,
+    derive,
+    derive_slice,
+    finish,
+    proposal_id,
+)
 from near_jax.diloco.protocol.versions import (
     PullCache,
     Shards,
@@ -210,6 +217,7 @@ from near_jax.diloco.protocol.versions import (
 )
 
 __all__ = [
+    "BaseDamaged",
     "ContribManifest",
     "DEFAULT_SHARD_BYTES",
     "Derived",

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from near_jax.diloco import robust
-from near_jax.diloco.codec.compress import CompressionSpec, decode, encode
+from near_jax.diloco.codec.compress import CompressionSpec, PayloadError, decode, encode
 from near_jax.diloco.protocol.contributions import Verdict, read_delta_shard
-from near_jax.diloco.protocol.keys import out_prefix
+from near_jax.diloco.protocol.keys import ProtocolError, out_prefix
 from near_jax.diloco.protocol.manifests import (
     PARTS,
     VersionManifest,
@@ -57,8 +57,15 @@ def base_shard(store: ObjectStore, plan: ShardPlan, base: Version, part: str, s:
     if held and s in held:
         return held[s]
     key = base.manifest.key(part, s)
-    body = read_shard(store, key, base.manifest.hashes(part)[s], shard_limit(plan, s))
-    return decode_shard(body, plan, s, key, fp32=True)
+    try:
+        body = read_shard(store, key, base.manifest.hashes(part)[s], shard_limit(plan, s))
+        return decode_shard(body, plan, s, key, fp32=True)
+    except (ProtocolError, PayloadError) as e:
+        raise BaseDamaged(f"version {base.version}: {e}") from None
+
+
+class BaseDamaged(ProtocolError):
+    """A shard of the published base version does not read back as its manifest says."""
 
 
 def derive_shard(
@@ -78,38 +85,45 @@ def derive_shard(
     """The outputs of shard `s` (written under `prefix` when `write`); their sha256 by part.
     ShardDefect if one of the contributions' shard is missing, changed or invalid."""
     r = base.version
-    if _streams(rule):
+    if _streams(rule):  # in place: peak ~8 shards (encode's temporaries), whatever n is
         total = None
         for verdict in accepted:
             pieces = read_delta_shard(store, run, r, plan, verdict, s)
-            total = (
-                pieces
-                if total is None
-                else [np.add(a, b) for a, b in zip(total, pieces, strict=True)]
-            )
+            if total is None:  # held pieces belong to the verdict: never add into them
+                total = [x.copy() for x in pieces] if verdict.held is not None else pieces
+            else:
+                for a, b in zip(total, pieces, strict=True):
+                    np.add(a, b, out=a)
+            del pieces
         n = np.float32(len(accepted))
-        combined = [(x / n).astype(np.float32) for x in total]
+        combined = [np.divide(x, n, out=x) for x in total]
+        del total
     else:
         stack = [read_delta_shard(store, run, r, plan, v, s) for v in accepted]
         combined = robust.combine(rule, stack)
         del stack
-    error_feedback = base_shard(store, plan, base, "server_ef", s)
-    payload, new_ef = encode(combined, spec, error_feedback=error_feedback)
-    update = decode(payload, like=plan.shard_like(s))
-    params = base_shard(store, plan, base, "params", s)
-    momentum = base_shard(store, plan, base, "momentum", s)
-    new_params, new_momentum = outer_update(params, momentum, update, lr, mu)
-    bodies = {
-        "params": tree_bytes(new_params),
-        "momentum": tree_bytes(new_momentum),
-        "server_ef": tree_bytes(new_ef),
-        "update": payload.to_bytes(),
-    }
     out = {}
-    for part, body in bodies.items():
+
+    def emit(part: str, body: bytes) -> None:
         if write:
             store.put(f"{prefix}{part}/{s:06d}", body)
         out[part] = sha256(body)
+
+    error_feedback = base_shard(store, plan, base, "server_ef", s)
+    payload, new_ef = encode(combined, spec, error_feedback=error_feedback)
+    del combined, error_feedback
+    emit("server_ef", tree_bytes(new_ef))
+    del new_ef
+    emit("update", payload.to_bytes())
+    update = decode(payload, like=plan.shard_like(s))
+    del payload
+    params = base_shard(store, plan, base, "params", s)
+    momentum = base_shard(store, plan, base, "momentum", s)
+    new_params, new_momentum = outer_update(params, momentum, update, lr, mu)
+    del params, momentum, update
+    emit("params", tree_bytes(new_params))
+    del new_params
+    emit("momentum", tree_bytes(new_momentum))
     return out
 
 
