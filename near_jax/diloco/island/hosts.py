@@ -94,11 +94,13 @@ class Hosts:
         return _box(piece.index(len(shape)), shape)
 
     def _covers(self, host: int, leaf: int, box: Box) -> bool:
-        covered = sum(_volume(o) for b in self.boxes[leaf].get(host, ()) if (o := _overlap(b, box)))
+        overlaps = [_overlap(b, box) for b in self.boxes[leaf].get(host, ())]
+        # `is not None`: () is a scalar's whole box, not "no overlap".
+        covered = sum(_volume(o) for o in overlaps if o is not None)
         return covered == _volume(box)
 
     def _touches(self, host: int, leaf: int, box: Box) -> bool:
-        return any(_overlap(b, box) for b in self.boxes[leaf].get(host, ()))
+        return any(_overlap(b, box) is not None for b in self.boxes[leaf].get(host, ()))
 
     # ------------------------------------------------------------------ agreement
 
