@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -22,8 +23,9 @@ ROUNDS, QUORUM, TIMEOUT = 8, 2, 5
 
 
 def test_islands_and_aggregator_survive_kills(tmp_path):
-    """3 islands + aggregator: b is SIGKILLed mid-round, c joins late, the aggregator is
-    SIGKILLed mid-round and restarted; the run finishes, consistent and learning."""
+    """3 islands + an aggregator split over 2 processes (--shards=0/2, 1/2): b is SIGKILLed
+    mid-round, c joins late, the worker and then the coordinator are SIGKILLed mid-round
+    and restarted; the run finishes, consistent and learning."""
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     store = ObjectStore.open(str(store_dir))
@@ -34,7 +36,9 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
         f"--quorum={QUORUM}",
         f"--round_timeout={TIMEOUT}",
         f"--workdir={tmp_path / 'agg'}",
+        "--shards=0/2",
     ]
+    worker_args = [*common, "--shards=1/2", "--round_timeout=300"]
 
     def island(name, *extra):
         return procs.start(
@@ -52,7 +56,10 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
         )
         phases["compiled"] = round(time.monotonic() - t0, 1)
         procs.start("agg1", "aggregator", *agg_args)
+        procs.start("w1", "aggregator", *worker_args)
         procs.wait_for("version 2", lambda: latest_version(store) >= 2, 90)
+        procs.procs["w1"].send_signal(signal.SIGKILL)  # its slice of a round: redone by w2
+        procs.start("w2", "aggregator", *worker_args)
         procs.procs["b"].send_signal(signal.SIGKILL)  # mid-round: training or waiting
         b_killed_at = latest_version(store)
         phases["v2"] = round(time.monotonic() - t0, 1)
@@ -65,7 +72,7 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
         restarted = procs.start("agg2", "aggregator", *agg_args)
         restarted.wait(timeout=120)
         phases["agg2 done"] = round(time.monotonic() - t0, 1)
-        for name in "ac":
+        for name in ("a", "c", "w2"):
             procs.procs[name].wait(timeout=60)
     finally:
         procs.kill_all()
@@ -73,6 +80,9 @@ def test_islands_and_aggregator_survive_kills(tmp_path):
     assert restarted.returncode == 0, procs.logs()
     assert procs.procs["a"].returncode == 0 and procs.procs["c"].returncode == 0, procs.logs()
     assert procs.procs["b"].returncode == -signal.SIGKILL
+    assert procs.procs["w2"].returncode == 0 and "worker 1/2" in procs.log("w2"), procs.logs()
+    derived = re.search(r"derived (\d+) proposals", procs.log("w2"))
+    assert derived and int(derived.group(1)) >= 1, procs.log("w2")  # it shared the rounds
 
     # The run is complete and every version is exactly version 0 + its decisions, each
     # applied once (replayed from the store; every object read is validated).

@@ -60,7 +60,11 @@ def _log(message: str) -> None:
 def _main(argv: list[str]) -> None:
     quiet_library_logs()
     f = flags.FLAGS
-    if f.rounds is None or f.rounds < 1:
+    try:
+        index, count = parse_shards(f.shards)
+    except ValueError as e:
+        usage_error(str(e))
+    if index == 0 and (f.rounds is None or f.rounds < 1):  # a worker follows the coordinator
         usage_error("--rounds must be a positive integer")
     if f.quorum < 1:
         usage_error(f"--quorum={f.quorum} must be a positive integer")
@@ -68,10 +72,6 @@ def _main(argv: list[str]) -> None:
         usage_error(f"--round_timeout={f.round_timeout} must be positive (seconds)")
     if f.keep_versions < 0:
         usage_error(f"--keep_versions={f.keep_versions} must be 0 (all) or positive")
-    try:
-        index, count = parse_shards(f.shards)
-    except ValueError as e:
-        usage_error(str(e))
     cfg, mesh, store, run, manifest = _prepare(argv)
     try:
         if index > 0:
