@@ -5,6 +5,8 @@
 
 loop       `train_island`: join the run, then each round train, push Δ, follow (plain
            arguments; contributor runs: a signer and a slot check passed in)
+hosts      a multi-host island: which shards each host holds, pulls and pushes, and what
+           host 0 decides for all (`Hosts`)
 follow     waiting for versions, tolerant reads, catching up by updates or a full pull
 __main__   the program: flags and their checks, the island's name claim, contrib's signer,
            exit codes
