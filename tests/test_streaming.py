@@ -8,7 +8,21 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import LIKE, LR, MU, REPO, RUN, SPEC, bits_equal, plan, push, reference_update, tree
+from helpers import (
+    LIKE,
+    LR,
+    MU,
+    REPO,
+    RUN,
+    SPEC,
+    FakeClock,
+    bits_equal,
+    hashed_tree,
+    plan,
+    push,
+    reference_update,
+    tree,
+)
 
 from near_jax.diloco import protocol, robust
 from near_jax.diloco.aggregator import Aggregator
@@ -124,3 +138,46 @@ def test_aggregator_memory_stays_bounded_as_contributions_grow(tmp_path):
     model = 4 * 256 * 4096 * 4
     print(f"aggregator peak RSS: N=4 {peak4 / 1e6:.0f} MB, N=16 {peak16 / 1e6:.0f} MB")
     assert peak16 - peak4 < 12 * model / 4, (peak4, peak16)
+
+
+# The shard plan and two int4 rounds of three contributions on hashed inputs (no RNG),
+# produced on x86-64 (AMD EPYC) with numpy 2.4.6 — the same with numpy's AVX-512 kernels
+# disabled (NPY_DISABLE_CPU_FEATURES). A change to the plan, the codec, the streamed mean
+# or the outer step that moves one byte fails here.
+GOLDEN_PLAN = "49a5e85e67eb58b2dc4ae34fd5eba7990ae6f7b56dd3380443eb85ccf21ffd12"
+GOLDEN_ROUND_1 = {
+    "params_sha256": "8b5d746a13ff5677f54765f679c27f1c3d792d4101e943a3cd784fdb6d0da172",
+    "momentum_sha256": "532dd12921d86cefcb35a11d03a25319a0d3b8a78b522dadc9899851f889fc96",
+    "server_ef_sha256": "e6451889b302b17c1752e9ef842b8d7b40b2e7958c79e37598862e16d8312cc8",
+    "update_sha256": "71ef7b6893c3dc299649cbbb1ea5e95ff1bdf3ab1fc3409a942621949a23f93d",
+}
+
+
+def test_sharded_rounds_are_pinned(tmp_path):
+    like = hashed_tree(100, 1.0)
+    axes = {"['w']": 1}
+    assert protocol.plan_shards(like, 512, axes).plan_id() == GOLDEN_PLAN
+    store, clock = ObjectStore.open(str(tmp_path)), FakeClock()
+    settings = dict(spec="int4", lr=0.7, momentum=0.9, quorum=3, round_timeout=5.0)
+    agg = Aggregator(
+        store,
+        "g",
+        like,
+        **settings,
+        shard_bytes=512,
+        split_axes=axes,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    agg.create(like, {})
+    agg.load()
+    for r in range(2):
+        base = protocol.load_version(store, "g", r, agg.plan)
+        for i, name in enumerate("abc"):
+            delta = agg.plan.split(hashed_tree(200 + 10 * r + i))
+            protocol.push_contribution(store, "g", name, base, agg.plan, delta, "int4")
+        decision = agg.run_round()["decision"]
+    got = {
+        k: decision["result"][k] for k in ("params_sha256", "momentum_sha256", "server_ef_sha256")
+    }
+    assert {**got, "update_sha256": decision["update_sha256"]} == GOLDEN_ROUND_1

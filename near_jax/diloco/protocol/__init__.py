@@ -56,6 +56,10 @@ Keys (under `RUN/`; r, v 8 digits, shard s 6 digits; JSON objects are UTF-8, sor
                                   the applied set (`streaming.proposal_id`). Û_r is the
                                   combined Δ compressed with the run's spec (with the
                                   aggregator's error feedback) — what every party applies.
+    rounds/r/proposals/P          with `--shards=i/K` only: the applied set the coordinator
+                                  proposes; worker i writes rounds/r/out/P/worker-i-of-K (its
+                                  shards' hashes, or the contribution it found bad)
+                                  (`near_jax.diloco.aggregator.workers`).
     rounds/r/decision             the COMMIT POINT of round r: which contributions were
                                   applied (key + sha256 of the object), which were rejected
                                   and why, which pushes to earlier rounds arrived late, why
