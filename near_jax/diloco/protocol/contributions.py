@@ -215,9 +215,9 @@ def read_delta(
 def read_contribution(
     store: ObjectStore, run: str, rnd: int, plan: ShardPlan, island: str, sha: str | None = None
 ) -> Any:
-    """An island's whole Δ for round `rnd` as a float32 tree (screening, audits, tests);
-    None if there is none or (given `sha`) it is not that object. PayloadError if its
-    manifest is bad, ShardDefect if a shard is."""
+    """An island's whole Δ for round `rnd` as a float32 tree (tests, benchmarks: the
+    validator streams shards instead); None if there is none or (given `sha`) it is not
+    that object. PayloadError if its manifest is bad, ShardDefect if a shard is."""
     key = contrib_key(run, rnd, island)
     body = store.get(key, max_bytes=contribution_limit(plan))
     if body is None or (sha is not None and sha256(body) != sha):
