@@ -85,11 +85,11 @@ class Candidate(Verdict):
 
 class Checker:
     """Checks the contributions to one run (cut by `plan`, the run's shard plan: set it once
-    the run exists): reads at most a manifest's bytes of each object, looks
-    its contributor up in the run's key registry (caching keys once found), asks
-    `payload_seen(sha256)` — the ledger's (round, contributor) of a payload, or None —
-    whether it is a replay, and `verifier` (replaced when more code is allowed) whether
-    its attestation holds."""
+    the run exists): reads at most a manifest's bytes of each object (then its shards, one
+    at a time, each checked against the manifest and dropped), looks its contributor up
+    in the run's key registry (caching keys once found), asks `payload_seen(sha256)` —
+    the ledger's (round, contributor) of a payload, or None — whether it is a replay, and
+    `verifier` (replaced when more code is allowed) whether its attestation holds."""
 
     def __init__(
         self,
