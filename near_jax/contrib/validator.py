@@ -194,6 +194,9 @@ class ContribAggregator(Aggregator):
         gram = streamed.gram(self.store, self.run, self.plan, r, valid, history)
         signature = seed_signature(self.key, self.run, r)
         seed = seed_from_signature(signature)
+        for c in valid:
+            if not c.valid:  # a shard changed after its check, found by the Gram pass
+                self.log(f"warning: round {r}: {c.island}'s {c.reason}; rejected")
         pool = list(gram.candidates)  # valid, every shard read back as checked
         manifests = {id(c): c.manifest for c in pool}
         theta: list[Any] = []  # θ_r, read once (only if something is scored)
