@@ -5,10 +5,12 @@
 
 Each row closes one round of N signed int8 contributions of a P-parameter model through
 `ContribAggregator` on a local store, and times its phases (medians over --repeats rounds):
-  check      read + verify the signature + decode each contribution (per contribution)
-  screen     norms, pairwise cosines (O(N²)), stale/copy/outlier checks
-  score      N + 1 evaluations of a loss; here a cheap numpy stand-in (a linear probe), so
-             the column measures the host work around the model, not the model
+  check      read + verify the signature + stream and decode each shard (per contribution)
+  screen     the Gram pass (every shard read again, norms and pairwise cosines, O(N²)),
+             then the stale/copy/outlier checks
+  score      N + 1 evaluations of a loss, each moved copy built from a Δ's shards; here a
+             cheap numpy stand-in (a linear probe), so the column measures the host work
+             around the model, not the model
   combine    the robust rule: trimmed mean (20%), median, and the plain mean as baseline
   ledger     the round's ledger transaction + the store mirror
 Baseline in the same run: the plain diloco `Aggregator` (mean, no checks) on the same
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from near_jax.contrib import identity, registry, screening
+from near_jax.contrib import identity, registry, screening, streamed
 from near_jax.contrib.contributor import Signer
 from near_jax.contrib.policy import Policy
 from near_jax.contrib.validator import ContribAggregator
@@ -52,7 +54,10 @@ def probe_loss(params, seed):
 def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) -> dict:
     store = ObjectStore.open(str(path))
     agg_key = identity.generate()
-    policy = Policy(rule=rule, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1)
+    # The probe's scores are noise around 0: min_score=-1 keeps all N in every phase.
+    policy = Policy(
+        rule=rule, allowed_code=(CODE,), config_sha256=CONFIG, score_batches=1, min_score=-1.0
+    )
     agg = ContribAggregator(
         store,
         RUN,
@@ -104,15 +109,16 @@ def one_round(path: Path, like: dict, n: int, rule: robust.Rule, rnd_seed: int) 
         return wrapper
 
     agg.check = timed("check", agg.check)
-    orig_screen, orig_score = screening.screen, screening.score_contributions
-    screening.screen = timed("screen", orig_screen)
-    screening.score_contributions = timed("score", orig_score)
+    originals = streamed.gram, screening.screen_gram, screening.score_moved
+    streamed.gram = timed("screen", originals[0])
+    screening.screen_gram = timed("screen", originals[1])
+    screening.score_moved = timed("score", originals[2])
     agg.recorded = timed("ledger", agg.recorded)
     t0 = time.perf_counter()
     try:
         stats = agg.run_round()
     finally:
-        screening.screen, screening.score_contributions = orig_screen, orig_score
+        streamed.gram, screening.screen_gram, screening.score_moved = originals
         agg.close()
     times["round"] = time.perf_counter() - t0
     assert stats["accepted"] == n, stats["decision"]["rejected"][:3]

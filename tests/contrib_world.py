@@ -72,8 +72,18 @@ def inner(params, island, rnd, lr=0.02):
 class World:
     """A run with registered contributors and an aggregator driven round by round."""
 
-    def __init__(self, path, names, policy, aggregator_key=None):
+    def __init__(
+        self,
+        path,
+        names,
+        policy,
+        aggregator_key=None,
+        *,
+        shard_bytes=protocol.DEFAULT_SHARD_BYTES,
+        spec=SPEC,
+    ):
         path.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes, self.spec = shard_bytes, spec  # the run's plan and compression
         self.store = ObjectStore.open(str(path))
         self.clock, self.path, self.policy = FakeClock(), path, policy
         self.keys = {name: identity.generate() for name in names}
@@ -97,7 +107,8 @@ class World:
             policy=self.policy,
             loss_fn=loss,
             ledger_path=str(self.path / "local" / "ledger.sqlite"),
-            spec=SPEC,
+            spec=self.spec,
+            shard_bytes=self.shard_bytes,
             lr=LR,
             momentum=MU,
             quorum=1,
@@ -118,7 +129,14 @@ class World:
         signer = Signer(key or self.keys[name], name, CODE, CONFIG)
         plan = self.agg.plan
         written, _, _ = protocol.push_contribution(
-            self.store, RUN, name, base or self.base(), plan, plan.split(delta), SPEC, sign=signer
+            self.store,
+            RUN,
+            name,
+            base or self.base(),
+            plan,
+            plan.split(delta),
+            self.spec,
+            sign=signer,
         )
         assert written
         self.pushed.setdefault(self.agg.state.version, {})[name] = delta

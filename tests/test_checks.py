@@ -236,3 +236,17 @@ def test_nobody_can_get_a_contributor_disqualified_without_its_key(tmp_path):
     with ledger.Ledger.open(str(tmp_path / "local" / "ledger.sqlite"), RUN) as book:
         ranked = rewards.standings(book.entries())
     assert {s.contributor for s in rewards.promotable(ranked, top=3)} == set(HONEST[:3])
+
+
+def test_a_check_streams_the_shards_and_keeps_none_of_them(tmp_path):
+    world = World(tmp_path, HONEST[:1], POLICY, shard_bytes=64)
+    assert world.agg.plan.num_shards == 3
+    world.push("honest0", inner(world.tree(world.base()), "honest0", 0))
+    key, base = protocol.contrib_key(RUN, 0, "honest0"), world.agg.state
+    c = world.agg.check(base, key)
+    assert c.valid and c.reason == "" and c.manifest is not None
+    assert not hasattr(c, "delta") and not hasattr(c, "held")  # the manifest, not the Δ
+    # Every shard is read at check time: a bad last one is named there, with its reason.
+    world.store.delete(protocol.contrib_shard_key(RUN, 0, "honest0", 2))
+    c = world.agg.check(base, key)
+    assert not c.valid and c.reason.startswith("invalid: shard 2: ") and "missing" in c.reason

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 
 from near_jax.contrib.screening import (
+    GramAccumulator,
     cosine,
+    gram_norms,
+    median_scales,
     norms,
     reward_shares,
     score_contributions,
     screen,
     screen_details,
+    screen_gram,
 )
+from near_jax.diloco import protocol
 
 SHAPES = {"w": (16, 24), "b": (24,), "blocks": {"k": (3, 5, 7)}}
 
@@ -200,6 +205,62 @@ def test_screen_edge_cases(honest):
         screen([honest[0], {"w": honest[0]["w"]}], ["a", "b"])
     with pytest.raises(ValueError):
         screen(honest[:2], ["a", "b"], max_norm_ratio=-1.0)
+
+
+def test_the_gram_matrix_adds_up_over_shards(honest):
+    rng = np.random.default_rng(6)
+    trees = [*honest[:4], combo(1.0, honest[0], 1e-3, gaussian(rng)), combo(-10.0, honest[1])]
+    trees.append(jax.tree.map(lambda x: (1e3 * x).astype(np.float32), gaussian(rng)))
+    whole = np.array([[flat(a) @ flat(b) for b in trees] for a in trees])
+    for shard_bytes in (64, 200, 1 << 20):  # many small shards, leaves cut in slices, one
+        cut = protocol.plan_shards(trees[0], shard_bytes)
+        splits = [cut.split(t) for t in trees]
+        acc = GramAccumulator(len(trees))
+        for s in reversed(range(cut.num_shards)):  # any order: only the summation changes
+            acc.add([split[s] for split in splits])
+        assert cut.num_shards > 1 or shard_bytes == 1 << 20
+        np.testing.assert_allclose(acc.gram, whole, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(gram_norms(acc.gram), norms(trees), rtol=1e-12)
+    # A tree left out (None) stops growing; the others' entries are unaffected.
+    acc = GramAccumulator(3)
+    acc.add([[np.ones(4, np.float32)], None, [np.full(4, 2, np.float32)]])
+    acc.add([[np.ones(2, np.float32)]] * 3)
+    assert acc.gram.tolist() == [[6, 2, 10], [2, 2, 2], [10, 2, 18]]
+    with pytest.raises(ValueError, match="3 trees"):
+        acc.add([None, None])
+
+
+def test_screening_from_a_gram_matrix_equals_screening_whole_trees(honest):
+    rng = np.random.default_rng(7)
+    earlier = gaussian(rng)  # an earlier round's applied Δ, and a stale copy of it
+    past = combo(1.0, earlier, 1e-3, gaussian(rng))
+    deltas = [*honest, combo(1.0, honest[2], 1e-4, gaussian(rng)), combo(8.0, honest[3]), past]
+    deltas.append(combo(0.0, honest[0]))
+    names = [f"c{i}" for i in range(len(deltas))]
+    history = [("alice@3", earlier), ("the published update", gaussian(rng))]
+    options = {"history": history, "arrival": [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]}
+    want = screen_details(deltas, names, **options)
+    cut = protocol.plan_shards(deltas[0], 256)
+    trees = deltas + [t for _, t in history]
+    splits = [cut.split(t) for t in trees]
+    acc = GramAccumulator(len(trees))
+    for s in range(cut.num_shards):
+        acc.add([split[s] for split in splits])
+    got = screen_gram(acc.gram, names, [label for label, _ in history], arrival=options["arrival"])
+    assert [g.reason for g in got] == [w.reason for w in want]
+    assert sorted(w.check for w in want if w.reason) == ["copy", "free-rider", "outlier", "stale"]
+    for g, w in zip(got, want, strict=True):
+        assert (g.check, g.duplicate_of) == (w.check, w.duplicate_of)
+        assert g.norm == pytest.approx(w.norm, rel=1e-12)
+        assert g.cosine == pytest.approx(w.cosine, rel=1e-12)
+    with pytest.raises(ValueError, match="Gram matrix"):
+        screen_gram(acc.gram, names)
+
+
+def test_median_scales_bring_larger_norms_down_to_the_median():
+    assert median_scales([1.0, 2.0, 4.0, 0.0]) == [None, None, 0.5, None]
+    assert median_scales([3.0, math.inf, math.nan, 1.0]) == [2.0 / 3.0, None, None, None]
+    assert median_scales([0.0, math.nan]) == [None, None] and median_scales([]) == []
 
 
 def least_squares():

@@ -7,6 +7,7 @@ policy         what a run accepts: its Policy, the config hash signed, allowed c
 signing        what the aggregator's key signs: round seeds (commit, reveal), decisions
 screening      free-riders, norm outliers, copies; scoring by eval-loss improvement
 checks         the validator's checks of each contribution as it arrives (Candidate)
+streamed       the validator's shard-by-shard reads: the Gram matrix, moved params, history
 ledger         the append-only, hash-chained SQLite ledger: entries, hashes, appends
 ledger_verify  verify_chain: the problems of a ledger file, against optional anchors
 ledger_mirror  the store's copy of the ledger (RUN/ledger.sqlite): upload, download

@@ -8,8 +8,10 @@
     attestation: the run's verifier refused the signed code hash or the attestation blob
     invalid:   payload shaped unlike the params, or NaN/Inf
 
-A contribution that passes every check is a `Candidate` with its decoded Δ, for the
-validator to screen and score once the round closes.
+A contribution that passes every check is a `Candidate`: its signed shard manifest, for
+the validator to screen and score once the round closes. Its shards are streamed here one
+at a time (read, checked against the manifest, decoded, dropped: one shard in memory), and
+again while the round is decided (`streamed.py`); nothing holds the whole Δ.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class Candidate(Verdict):
     payload_sha256: str = ""
     statement: str = ""  # canonical JSON of the signed fields ("" when unsigned/unparsed)
     signature: str = ""
-    delta: Any = None  # decoded Δ, while it is a candidate
     score: float | None = None
     accepted: bool = False
     reward: float = 0.0
@@ -84,11 +85,11 @@ class Candidate(Verdict):
 
 class Checker:
     """Checks the contributions to one run (cut by `plan`, the run's shard plan: set it once
-    the run exists): reads at most a manifest's bytes of each object, looks
-    its contributor up in the run's key registry (caching keys once found), asks
-    `payload_seen(sha256)` — the ledger's (round, contributor) of a payload, or None —
-    whether it is a replay, and `verifier` (replaced when more code is allowed) whether
-    its attestation holds."""
+    the run exists): reads at most a manifest's bytes of each object (then its shards, one
+    at a time, each checked against the manifest and dropped), looks its contributor up
+    in the run's key registry (caching keys once found), asks `payload_seen(sha256)` —
+    the ledger's (round, contributor) of a payload, or None — whether it is a replay, and
+    `verifier` (replaced when more code is allowed) whether its attestation holds."""
 
     def __init__(
         self,
@@ -116,7 +117,7 @@ class Checker:
         except Exception as e:  # noqa: BLE001 - content must never stop the aggregator
             c.reason = f"malformed: {type(e).__name__} while checking it: {one_line(e)}"
         if c.reason:
-            c.manifest = c.delta = c.held = None
+            c.manifest = None
         return c
 
     def _verify(self, base: Version, c: Candidate) -> str:
@@ -188,12 +189,14 @@ class Checker:
         refused = attest.check(self.verifier, claim, blob)
         if refused:
             return f"attestation: {one_line(refused)}"
-        c.manifest = manifest  # every shard, read and checked: screening needs the whole Δ
+        c.manifest = manifest
+        # Every shard read, checked and dropped (one at a time), so a bad one is rejected
+        # now with its reason; `decide` reads them again, checked against the same hashes.
         try:
-            shards = protocol.read_delta(self.store, self.run, r, self.plan, c)
+            for s in range(self.plan.num_shards):
+                protocol.read_delta_shard(self.store, self.run, r, self.plan, c, s)
         except protocol.ShardDefect as e:
             return e.reason
-        c.held, c.delta = shards, self.plan.assemble(shards)
         return ""
 
     def _public_key(self, name: str) -> tuple[str | None, str]:

@@ -1,4 +1,4 @@
-"""Screening and scoring of contributions (decoded pseudo-gradient trees, float32 numpy).
+"""Screening and scoring of contributions (pseudo-gradients, float32 numpy; whole or in shards).
 
 Before robust aggregation (`robust.py`) the aggregator rejects contributions that are
 cheap attacks on the protocol rather than on the numbers: free riders pushing a (near) zero
@@ -9,11 +9,15 @@ improvement it alone brings to the global params, and splits rewards by score.
 Norms and dot products accumulate float32 values in float64. `screen` gets all of them
 from one Gram matrix, computed chunk by chunk with a float64 matrix product (BLAS): N
 contributions cost N²·P multiply-adds at BLAS speed instead of N²/2 Python-level dot
-products. BLAS kernels may round differently on another CPU, which is fine here: the
-screening verdicts are recorded in the round's decision and never recomputed by replays
-(only the aggregation, `robust.py`, must be bit-exact everywhere). Weird numbers never
-raise: a non-finite norm is an outlier and a non-finite cosine counts as 0. Mismatched
-inputs (lengths, tree shapes) are caller bugs and raise ValueError.
+products. The Gram matrix adds up over any split of the elements: `GramAccumulator` takes
+one shard of every tree at a time and `screen_gram` screens from the result, so the
+validator never holds a whole tree (`streamed.py`; `screen_details` is the whole-tree
+form: every leaf, then `screen_gram`); scoring likewise takes the moved params one at
+a time (`score_moved`). BLAS kernels may round differently on another CPU, which is fine
+here: the screening verdicts are recorded in the round's decision and never recomputed
+by replays (only the aggregation, `robust.py`, must be bit-exact everywhere). Weird
+numbers never raise: a non-finite norm is an outlier and a non-finite cosine counts as 0.
+Mismatched inputs (lengths, tree shapes) are caller bugs and raise ValueError.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -64,20 +68,63 @@ def _norm(a: list[np.ndarray]) -> float:
 _GRAM_BYTES = 64 << 20  # bound on one float64 block of the Gram matrix product
 
 
+class GramAccumulator:
+    """G[a, b] = <tree a, tree b> for n trees, in float64, added up one part (a shard, or
+    a leaf) at a time: dot products are sums over the elements, so the parts may come in
+    any order and only the float64 summation order differs. Memory: the n × n matrix and
+    one float64 block of at most _GRAM_BYTES (plus the caller's n parts)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.gram = np.zeros((n, n), np.float64)
+        self._chunk = max(1024, _GRAM_BYTES // (8 * max(n, 1)))
+
+    def add(self, parts: Sequence[Sequence[np.ndarray] | None]) -> None:
+        """Adds one part of every tree: parts[a] lists tree a's arrays of this part (the
+        same shapes for every tree), or is None when tree a is left out (its row and
+        column stop growing: the caller drops them)."""
+        if len(parts) != self.n:
+            raise ValueError(f"GramAccumulator: {len(parts)} parts for {self.n} trees")
+        rows = [a for a, p in enumerate(parts) if p is not None]
+        if not rows:
+            return
+        flats = [[np.asarray(x, dtype=np.float32).reshape(-1) for x in parts[a]] for a in rows]
+        for f in flats[1:]:
+            _check_like(flats[0], f, "a part")
+        every = len(rows) == self.n
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite rows stay non-finite
+            for leaf in range(len(flats[0])):
+                for start in range(0, flats[0][leaf].size, self._chunk):
+                    block = np.stack([f[leaf][start : start + self._chunk] for f in flats])
+                    block = block.astype(np.float64)
+                    if every:
+                        self.gram += block @ block.T
+                    else:
+                        self.gram[np.ix_(rows, rows)] += block @ block.T
+
+
 def _gram(flats: list[list[np.ndarray]]) -> np.ndarray:
     """G[a, b] = <flat a, flat b> for every pair, in float64, one leaf chunk at a time."""
-    n = len(flats)
-    gram = np.zeros((n, n), np.float64)
-    if n == 0:
-        return gram
-    chunk = max(1024, _GRAM_BYTES // (8 * n))
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite rows stay non-finite
-        for leaf in range(len(flats[0])):
-            for start in range(0, flats[0][leaf].size, chunk):
-                block = np.stack([f[leaf][start : start + chunk] for f in flats])
-                block = block.astype(np.float64)
-                gram += block @ block.T
-    return gram
+    acc = GramAccumulator(len(flats))
+    if flats:
+        acc.add(flats)
+    return acc.gram
+
+
+def gram_norms(gram: np.ndarray) -> list[float]:
+    """The L2 norms on a Gram matrix's diagonal (nan where it is negative or nan)."""
+    return [math.sqrt(g) if g >= 0 else math.nan for g in np.diag(gram).tolist()]
+
+
+def median_scales(norms_: Sequence[float]) -> list[float | None]:
+    """For each norm, the factor k = median / norm that brings a norm above the median of
+    the finite positive ones down to it, or None (left as it is: at most the median, not
+    finite, or no median). Scaling up a token update would reward doing nothing."""
+    finite = [n for n in norms_ if math.isfinite(n) and n > 0]
+    if not finite:
+        return [None] * len(norms_)
+    median = float(np.median(finite))
+    return [median / n if math.isfinite(n) and n > median else None for n in norms_]
 
 
 def _cos(dot: float, norm_a: float, norm_b: float) -> float:
@@ -131,14 +178,10 @@ def screen_details(
     duplicate_cosine: float = 0.99,
     arrival: Sequence[int] | None = None,
 ) -> list[Screen]:
-    """`screen` with the numbers behind each verdict (see `screen`)."""
+    """`screen` with the numbers behind each verdict (see `screen`): the Gram matrix of
+    the whole trees, leaf by leaf, then `screen_gram`."""
     if len(names) != len(deltas):
         raise ValueError(f"screen: {len(deltas)} contributions but {len(names)} names")
-    for what, value in (("max_norm_ratio", max_norm_ratio), ("zero_norm_ratio", zero_norm_ratio)):
-        if not value >= 0:
-            raise ValueError(f"screen: {what} {value!r} is not >= 0")
-    if math.isnan(duplicate_cosine):
-        raise ValueError("screen: duplicate_cosine is nan")
     flats = [_flat(d) for d in deltas]
     hist = [(label, _flat(tree)) for label, tree in history]
     for i, f in enumerate(flats[1:], 1):
@@ -146,9 +189,41 @@ def screen_details(
     for label, f in hist:
         if flats:
             _check_like(flats[0], f, f"history tree {label}")
-    n = len(flats)
     gram = _gram(flats + [f for _, f in hist])  # contributions first, then history
-    all_norms = [math.sqrt(g) if g >= 0 else math.nan for g in np.diag(gram).tolist()]
+    return screen_gram(
+        gram,
+        names,
+        [label for label, _ in hist],
+        max_norm_ratio=max_norm_ratio,
+        zero_norm_ratio=zero_norm_ratio,
+        duplicate_cosine=duplicate_cosine,
+        arrival=arrival,
+    )
+
+
+def screen_gram(
+    gram: np.ndarray,
+    names: Sequence[str],
+    history_labels: Sequence[str] = (),
+    *,
+    max_norm_ratio: float = 3.0,
+    zero_norm_ratio: float = 1e-3,
+    duplicate_cosine: float = 0.99,
+    arrival: Sequence[int] | None = None,
+) -> list[Screen]:
+    """`screen_details` from the Gram matrix of the n = len(names) contributions followed
+    by the history trees (`GramAccumulator`: it adds up over shards, so nobody needs a
+    whole tree to screen)."""
+    n, h = len(names), len(history_labels)
+    if np.shape(gram) != (n + h, n + h):
+        raise ValueError(f"screen: a {np.shape(gram)} Gram matrix for {n} + {h} trees")
+    for what, value in (("max_norm_ratio", max_norm_ratio), ("zero_norm_ratio", zero_norm_ratio)):
+        if not value >= 0:
+            raise ValueError(f"screen: {what} {value!r} is not >= 0")
+    if math.isnan(duplicate_cosine):
+        raise ValueError("screen: duplicate_cosine is nan")
+    hist = list(history_labels)
+    all_norms = gram_norms(gram)
     out = [Screen(norm=all_norms[i]) for i in range(n)]
 
     # 1-2. Norms against the round's median: the adversaries are a minority, so the median
@@ -183,8 +258,8 @@ def screen_details(
         if s.reason:
             continue
         best: tuple[str, float] | None = None
-        for h, (label, _) in enumerate(hist):
-            c = _cos(float(gram[i, n + h]), s.norm, all_norms[n + h])
+        for k, label in enumerate(hist):
+            c = _cos(float(gram[i, n + k]), s.norm, all_norms[n + k])
             if c >= duplicate_cosine and (best is None or c > best[1]):
                 best = (label, c)
         if best is not None:
@@ -253,16 +328,30 @@ def score_contributions(
     """(base, scores): base = loss_fn(params) and score_i = base − loss_fn(params − step·Δ_i),
     the eval-loss improvement of Δ_i applied alone (params − step·Δ_i in float32). A
     non-finite loss (or difference) scores -inf; a non-finite base is returned as nan."""
-    base = _loss(loss_fn(params))
+    return score_moved(loss_fn, params, (jax.tree.map(moved(step), params, d) for d in deltas))
+
+
+def moved(step: float = 1.0) -> Callable[[Any, Any], np.ndarray]:
+    """p, d ↦ p − step·d in float32: how a scored Δ moves the params (leaf or piece)."""
     scale = np.float32(step)
 
-    def moved(p: Any, d: Any) -> np.ndarray:
+    def move(p: Any, d: Any) -> np.ndarray:
         p32, d32 = np.asarray(p, dtype=np.float32), np.asarray(d, dtype=np.float32)
         return np.asarray(p32 - scale * d32, dtype=np.float32)
 
+    return move
+
+
+def score_moved(
+    loss_fn: Callable[[Any], Any], params: Any, moved_params: Iterable[Any]
+) -> tuple[float, list[float]]:
+    """`score_contributions` given each params − step·Δ_i, taken one at a time from an
+    iterable (a generator builds each from Δ_i's shards, so one moved copy is alive)."""
+    base = _loss(loss_fn(params))
     scores = []
-    for delta in deltas:
-        score = base - _loss(loss_fn(jax.tree.map(moved, params, delta)))
+    for tree in moved_params:
+        score = base - _loss(loss_fn(tree))
+        del tree
         scores.append(score if math.isfinite(score) else -math.inf)
     return base, scores
 

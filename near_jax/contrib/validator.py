@@ -25,6 +25,14 @@ recorded (after the decision, the commit point, is written; before `latest` move
     store (`recorder`). Only entries whose statement the contributor signed for this round
     carry a key id: nothing unsigned is held against a contributor's name.
 
+Memory: no whole contribution is ever held. `decide` streams the shards (`streamed`): one
+pass builds the Gram matrix of the valid contributions and the history (norms and cosines
+add up over shards), then each survivor's θ_r − k_i·Δ_i is built from its shards, scored
+and dropped: O((N + H) × shard) plus θ_r and one moved copy, for N contributions and H
+history trees. Every read checks the shard against its signed hash; a shard that changed
+after its check (found while scoring or deriving) rejects its contribution, and the round
+is selected again without it, so no entry is accepted or rewarded that was not applied.
+
 `build` makes the aggregator of a contributor run from its config or manifest (`policy`).
 """
 
@@ -39,7 +47,7 @@ import numpy as np
 
 from near_jax._io import one_line
 from near_jax.config import ConfigError
-from near_jax.contrib import attest, identity, ledger, screening
+from near_jax.contrib import attest, identity, ledger, screening, streamed
 from near_jax.contrib.checks import Candidate, Checker
 from near_jax.contrib.policy import (
     Policy,
@@ -58,25 +66,16 @@ from near_jax.contrib.signing import (
 )
 from near_jax.diloco import protocol, robust
 from near_jax.diloco.aggregator import Aggregator, fixed_eval
-from near_jax.diloco.codec.compress import Payload, decode
 from near_jax.diloco.protocol import ProtocolError, Verdict, Version
-from near_jax.diloco.store import StoreError
 
 
 def _at_median_norm(deltas: list[Any]) -> list[Any]:
-    """Each Δ larger than the round's median norm scaled down to it: a contributor cannot
-    raise its score (and reward) by inflating its update. Smaller ones are left as they
-    are (scaling up a token update would reward doing nothing)."""
-    norms = screening.norms(deltas)
-    finite = [n for n in norms if math.isfinite(n) and n > 0]
-    if not finite:
-        return deltas
-    median = float(np.median(finite))
+    """Each whole Δ larger than the round's median norm scaled down to it (the whole-tree
+    form of what `decide` does shard by shard: `screening.median_scales`)."""
+    scales = screening.median_scales(screening.norms(deltas))
     return [
-        jax.tree.map(lambda d, k=median / n: d * np.float32(k), delta)
-        if math.isfinite(n) and n > median
-        else delta
-        for delta, n in zip(deltas, norms, strict=True)
+        delta if k is None else jax.tree.map(lambda d, k=k: d * np.float32(k), delta)
+        for delta, k in zip(deltas, scales, strict=True)
     ]
 
 
@@ -115,7 +114,7 @@ class ContribAggregator(Aggregator):
             verifier=self._verifier(frozenset()),
             payload_seen=self.recorder.payload_seen,
         )
-        self._history: list[tuple[str, Any]] = []  # (contributor@round, Δ) of last round
+        self._history: list[streamed.Source] = []  # last round's applied Δs and update
         self._history_round = -1
 
     signs_decisions = True
@@ -185,34 +184,106 @@ class ContribAggregator(Aggregator):
 
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
-    ) -> tuple[Version, bytes | None, dict]:
-        """Screens, scores, selects and aggregates the round (see the module docstring)."""
+    ) -> tuple[protocol.Derived, dict]:
+        """Screens, scores, selects and aggregates the round (see the module docstring),
+        streaming the shards: their Gram matrix once, then one contribution at a time."""
         r, policy = base.version, self.policy
-        self._refresh_history(r)
+        history = self._refresh_history(base) if policy.screen else []
         candidates = [c for c in verdicts if isinstance(c, Candidate)]  # arrival order
         valid = [c for c in candidates if c.valid]
-        if policy.screen and valid:
-            reasons = screening.screen(
-                [c.delta for c in valid],
-                [c.contributor for c in valid],
-                history=self._history,
+        gram = streamed.gram(self.store, self.run, self.plan, r, valid, history)
+        signature = seed_signature(self.key, self.run, r)
+        seed = seed_from_signature(signature)
+        for c in valid:
+            if not c.valid:  # a shard changed after its check, found by the Gram pass
+                self.log(f"warning: round {r}: {c.island}'s {c.reason}; rejected")
+        pool = list(gram.candidates)  # valid, every shard read back as checked
+        manifests = {id(c): c.manifest for c in pool}
+        theta: list[Any] = []  # θ_r, read once (only if something is scored)
+        while True:
+            try:
+                base_loss, applied = self._select(base, pool, gram, seed, theta)
+                derived = self.derive(base, applied, policy.rule)
+            except protocol.ShardDefect as e:  # a shard changed after its check (scoring)
+                bad = [c for c in pool if c.island == e.island]
+                if not bad:
+                    raise  # not one of this round's contributions: a bug, not a verdict
+                for c in bad:
+                    c.reason = e.reason
+            else:  # `derive` rejected (and left out) a contribution whose shard changed
+                bad = [c for c in applied if not c.valid]
+                if not bad:
+                    break
+            # Decide again without it: scores, rewards and the selection included it.
+            gone = {id(c) for c in bad}
+            pool = [c for c in pool if id(c) not in gone]
+            for c in bad:
+                self.log(f"warning: round {r}: {c.island}'s {c.reason}; deciding again")
+                c.manifest, c.score, c.accepted, c.reward = None, None, False, 0.0
+            for c in pool:
+                c.reason, c.manifest = "", manifests[id(c)]
+                c.score, c.accepted, c.reward = None, False, 0.0
+        entries = [c.entry(r) for c in sorted(candidates, key=lambda c: c.island)]
+        extra = {
+            "aggregation": str(policy.rule),
+            "contrib": {
+                "seed_signature": signature,
+                "next_seed_commitment": seed_commitment(seed_signature(self.key, self.run, r + 1)),
+                "base_loss": base_loss,
+                "entries": entries,
+            },
+        }
+        decision = protocol.make_decision(
+            self.run, base, derived, verdicts, late, reason, self.clock(), **extra
+        )
+        for entry in entries:  # an entry the ledger refuses must stop us before the commit
+            ledger.normalize_entry(entry, r)
+        decision["signature"] = self.key.sign(decision_bytes(decision))
+        # What the next round screens against: where these Δs' shards are, not the Δs.
+        self._history = [
+            streamed.Source(
+                f"{c.contributor}@{r}", r, Verdict(c.key, c.island, c.sha256, c.manifest)
+            )
+            for c in applied
+        ]
+        self._history_round = r
+        return derived, decision
+
+    def _select(
+        self, base: Version, pool: list[Candidate], gram: streamed.Gram, seed: int, theta: list
+    ) -> tuple[float | None, list[Candidate]]:
+        """Screens `pool` (from its Gram matrix), scores the survivors one at a time, selects
+        and rewards them; (base loss, the contributions to apply, in island order).
+        ShardDefect if a shard no longer reads back as checked."""
+        r, policy = base.version, self.policy
+        sub = gram.sub(pool)
+        if policy.screen and pool:
+            details = screening.screen_gram(
+                sub,
+                [c.contributor for c in pool],
+                [h.label for h in gram.history],
                 max_norm_ratio=policy.max_norm_ratio,
                 zero_norm_ratio=policy.zero_norm_ratio,
                 duplicate_cosine=policy.duplicate_cosine,
-                arrival=[c.arrival for c in valid],
+                arrival=[c.arrival for c in pool],
             )
-            for c, why in zip(valid, reasons, strict=True):
-                if why:
-                    c.reason, c.manifest = why, None
-        passed = [c for c in valid if c.valid]
-        signature = seed_signature(self.key, self.run, r)
-        seed = seed_from_signature(signature)
+            for c, d in zip(pool, details, strict=True):
+                if d.reason:
+                    c.reason, c.manifest = d.reason, None
+        norms = screening.gram_norms(sub)
+        passed = [c for c in pool if c.valid]
         base_loss, scores = None, []
         if passed:
-            base_loss, scores = screening.score_contributions(
+            if not theta:
+                theta.append(
+                    protocol.pull_version(self.store, self.run, r, self.plan).tree(self.plan)
+                )
+            # Rescaled to the round's median norm: inflating a Δ cannot buy score or reward.
+            scales = screening.median_scales([norms[i] for i, c in enumerate(pool) if c.valid])
+            base_loss, scores = screening.score_moved(
                 lambda params: self.loss_fn(params, seed),
-                protocol.pull_version(self.store, self.run, r, self.plan).tree(self.plan),
-                _at_median_norm([c.delta for c in passed]),
+                theta[0],
+                streamed.moved_trees(self.store, self.run, self.plan, r, theta[0], passed, scales),
             )
             if not math.isfinite(base_loss):
                 base_loss = None  # JSON has no nan; every score is -inf, nothing is applied
@@ -235,69 +306,23 @@ class ContribAggregator(Aggregator):
                 rank, g = ranked.index(i) + 1, policy.rule.top_g
                 c.reason = f"accepted, not applied: rank {rank} by score, {policy.rule} applies {g}"
                 c.manifest = None
-        applied = sorted((c for c in passed if c.valid), key=lambda c: c.island)
-        derived = self.derive(base, applied, policy.rule)
-        entries = [c.entry(r) for c in sorted(candidates, key=lambda c: c.island)]
-        extra = {
-            "aggregation": str(policy.rule),
-            "contrib": {
-                "seed_signature": signature,
-                "next_seed_commitment": seed_commitment(seed_signature(self.key, self.run, r + 1)),
-                "base_loss": base_loss,
-                "entries": entries,
-            },
-        }
-        decision = protocol.make_decision(
-            self.run, base, derived, verdicts, late, reason, self.clock(), **extra
-        )
-        for entry in entries:  # an entry the ledger refuses must stop us before the commit
-            ledger.normalize_entry(entry, r)
-        decision["signature"] = self.key.sign(decision_bytes(decision))
-        self._history = [(f"{c.contributor}@{r}", c.delta) for c in applied]
-        self._history_round = r
-        for c in candidates:
-            c.delta = c.held = None  # the decoded trees are large; only the history keeps some
-        return derived, decision
+        return base_loss, sorted((c for c in passed if c.valid), key=lambda c: c.island)
 
-    def _refresh_history(self, r: int) -> None:
-        """What a stale copy would copy, for screening: the previous round's applied Δ and
-        its published update (re-pushing the update costs nothing). Read from the store
-        after a restart; an unreadable object only drops out of the history."""
+    def _refresh_history(self, base: Version) -> list[streamed.Source]:
+        """What a stale copy would copy, for screening: the previous round's applied Δs and
+        its published update (re-pushing the update costs nothing), as Sources: where
+        their shards are, read while screening. After a restart the applied set is read
+        from the previous decision; an unreadable object only drops out of the history."""
+        r = base.version
         if r == 0:
-            return
-        if self._history_round != r - 1:
-            self._history, self._history_round = [], r - 1
-            decision = _read_quietly(
-                lambda: protocol.read_json(self.store, protocol.decision_key(self.run, r - 1))
-            )
-            for entry in (decision or {}).get("accepted", []):
-                delta = _read_quietly(
-                    lambda e=entry: self._decoded(r - 1, e["island"], e["sha256"])
-                )
-                if delta is not None:
-                    self._history.append((f"{entry['island']}@{r - 1}", delta))
+            return []
+        if self._history_round != r - 1:  # after a restart: from the previous decision
+            self._history = streamed.applied_sources(self.store, self.run, self.plan, r - 1)
+            self._history_round = r - 1
         label = f"the published update of round {r - 1}"
-        if all(name != label for name, _ in self._history):
-            update = _read_quietly(lambda: self._update(r - 1))
-            if update is not None:
-                self._history.append((label, update))
-
-    def _decoded(self, rnd: int, island: str, sha256: str) -> Any:
-        """The Δ `island` pushed to round `rnd` (None if missing or not the recorded object)."""
-        return protocol.read_contribution(self.store, self.run, rnd, self.plan, island, sha256)
-
-    def _update(self, rnd: int) -> Any:
-        """The published update of round `rnd` (None if that round applied nothing)."""
-        new = protocol.load_version(self.store, self.run, rnd + 1, self.plan)
-        if new.manifest.update is None:
-            return None
-        pieces = {}
-        for s, sha in enumerate(new.manifest.update):
-            key = new.manifest.key("update", s)
-            body = protocol.read_shard(self.store, key, sha, protocol.shard_limit(self.plan, s))
-            payload = Payload.from_bytes(body, max_elements=self.plan.shard_elements(s))
-            pieces[s] = decode(payload, like=self.plan.shard_like(s))
-        return self.plan.assemble(pieces)
+        if base.manifest.update is not None and all(h.label != label for h in self._history):
+            self._history.append(streamed.Source(label, r - 1, update=base.manifest))
+        return list(self._history)
 
     # ------------------------------------------------------------------------ recorded
 
@@ -305,16 +330,6 @@ class ContribAggregator(Aggregator):
         """Appends the round to the ledger (once) and mirrors the ledger into the store."""
         self.recorder.record(decision)
         self.recorder.upload()
-
-
-def _read_quietly(read: Callable[[], Any]) -> Any:
-    """read(), or None when what it reads is damaged (never when the store is down)."""
-    try:
-        return read()
-    except StoreError:
-        raise
-    except Exception:  # noqa: BLE001 - a damaged object only drops out of the history
-        return None
 
 
 # ---------------------------------------------------------------------------------- CLI

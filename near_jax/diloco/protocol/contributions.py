@@ -163,9 +163,6 @@ class Verdict:
     manifest: ContribManifest | None = None
     reason: str = ""  # why it was rejected ("" = valid)
     tag: dict = dataclasses.field(default_factory=dict)
-    # Its shards already read, checked and decoded (contrib screens whole Δs): streaming
-    # uses these, so what is applied is exactly what was checked.
-    held: Shards | None = None
 
     @property
     def valid(self) -> bool:
@@ -183,9 +180,8 @@ class ShardDefect(RuntimeError):  # noqa: N818 - a verdict on a contribution, no
 def read_delta_shard(
     store: ObjectStore, run: str, rnd: int, plan: ShardPlan, verdict: Verdict, s: int
 ) -> list[np.ndarray]:
-    """Shard `s` of an accepted contribution, verified and decoded; ShardDefect if bad."""
-    if verdict.held is not None:
-        return verdict.held[s]
+    """Shard `s` of an accepted contribution, verified against its manifest's hash (so it
+    is exactly what was checked and signed) and decoded; ShardDefect if bad."""
     key = contrib_shard_key(run, rnd, verdict.island, s)
     sha, nbytes = verdict.manifest.shards[s]
     try:
@@ -219,9 +215,9 @@ def read_delta(
 def read_contribution(
     store: ObjectStore, run: str, rnd: int, plan: ShardPlan, island: str, sha: str | None = None
 ) -> Any:
-    """An island's whole Δ for round `rnd` as a float32 tree (screening, audits, tests);
-    None if there is none or (given `sha`) it is not that object. PayloadError if its
-    manifest is bad, ShardDefect if a shard is."""
+    """An island's whole Δ for round `rnd` as a float32 tree (tests, benchmarks: the
+    validator streams shards instead); None if there is none or (given `sha`) it is not
+    that object. PayloadError if its manifest is bad, ShardDefect if a shard is."""
     key = contrib_key(run, rnd, island)
     body = store.get(key, max_bytes=contribution_limit(plan))
     if body is None or (sha is not None and sha256(body) != sha):

@@ -89,8 +89,8 @@ def derive_shard(
         total = None
         for verdict in accepted:
             pieces = read_delta_shard(store, run, r, plan, verdict, s)
-            if total is None:  # held pieces belong to the verdict: never add into them
-                total = [x.copy() for x in pieces] if verdict.held is not None else pieces
+            if total is None:  # freshly decoded: ours to add into
+                total = pieces
             else:
                 for a, b in zip(total, pieces, strict=True):
                     np.add(a, b, out=a)
