@@ -312,3 +312,11 @@ def test_multi_process_training_matches_one_process(num_processes, docs, tmp_pat
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # ... while a one-shard stream (a single process's own default) is other batches.
     assert not np.allclose(_reference_losses(flags, 1), want, rtol=1e-4)
+
+
+def test_local_launcher_runs_a_python_command_or_the_train_worker():
+    island = ["python", "-m", "near_jax.diloco.island", "--island=a"]
+    assert local.command(island) == [sys.executable, "-m", "near_jax.diloco.island", "--island=a"]
+    assert local.command(["/usr/bin/python3.12", "x.py"]) == [sys.executable, "x.py"]
+    flags = ["--config=configs/tiny.py", "--workdir=/tmp/w"]
+    assert local.command(flags) == [sys.executable, "-m", "launch._worker", *flags]
