@@ -378,6 +378,11 @@ def model_like(*flags):
     return trainer_for(cfg, sharding.make_mesh(cfg.mesh)).abstract_state.params
 
 
+# A lighter CPU back end for the island and aggregator processes: compiles ~3x faster, and
+# every process of a test uses the same flags (their bits agree with each other).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
 class Procs:
     """Subprocesses on one CPU device each, sharing a persistent compilation cache."""
 
@@ -385,6 +390,7 @@ class Procs:
         self.tmp, self.procs = tmp_path, {}
         cache = tmp_path.parent / "jax_cache"  # session-wide
         self.env = subprocess_env(devices=1, compilation_cache=cache, PYTHONPATH=REPO)
+        self.env["XLA_FLAGS"] += f" {FAST_XLA}"
 
     def start(self, name, module, *args):
         with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own handle

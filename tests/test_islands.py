@@ -7,6 +7,7 @@ import signal
 import time
 
 from helpers import (
+    FAST_XLA,
     MODEL,
     RUN,
     Procs,
@@ -190,7 +191,8 @@ def _run_with_island_x(tmp_path, hosts):
         with open(tmp_path / "x.log", "w") as log:
             if hosts == 1:
                 command = ["near_jax.diloco.island", *x_args]
-                env = {**procs.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+                xla = f"--xla_force_host_platform_device_count=2 {FAST_XLA}"
+                env = {**procs.env, "XLA_FLAGS": xla}
             else:
                 launch = ["-n", "2", "--devices_per_process=1", "--timeout_s=300", "--"]
                 command = ["launch.local", *launch, "python", "-m", "near_jax.diloco.island"]
