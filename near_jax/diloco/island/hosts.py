@@ -88,6 +88,7 @@ class Hosts:
             if (holders and holders[0] == self.index) or (not holders and self.index == 0):
                 self.owned.append(s)
         self._gathered_leaves = sorted({p.leaf for s in self.gathered for p in plan.shards[s]})
+        self._full: dict[int, np.ndarray] = {}  # those leaves, all-gathered (`gather_leaves`)
 
     def _piece_box(self, piece) -> Box:
         shape = self.plan.shapes[piece.leaf]
@@ -157,7 +158,7 @@ class Hosts:
     def _piece(self, array: Any, piece) -> np.ndarray:
         shape = self.plan.shapes[piece.leaf]
         box = self._piece_box(piece)
-        if piece.leaf in getattr(self, "_full", {}):
+        if piece.leaf in self._full:
             return np.asarray(self._full[piece.leaf][piece.index(len(shape))], np.float32)
         out = np.empty(tuple(hi - lo for lo, hi in box), np.float32)
         for shard in array.addressable_shards:
