@@ -4,6 +4,7 @@ codec/      the pseudo-gradient codec: formats, wire payloads, the bit-exact jnp
 outer       the outer step in jax (SGD with Nesterov momentum on averaged pseudo-gradients)
 robust      aggregation rules a decision may name: mean, trimmed mean, coordinate median, top-G
 store       the object store islands exchange through (file://, gs://, s3://), bounded reads
+slowlink    a store behind a simulated slow link (bandwidth, latency): the programs' --link
 protocol/   the protocol: keys, versions, contributions, decisions, the numpy outer step
 claims      island name claims; quarantine: planted decisions and `latest` set aside
 startup     what both programs check first: common flags, config, store, run; UsageError

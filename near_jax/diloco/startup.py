@@ -4,8 +4,11 @@ The island and the aggregator (`python -m near_jax.diloco.island|aggregator`) sh
 flags defined here and the checks that turn them into (config, mesh, store, manifest). Each
 check raises `UsageError` with one line; the programs print it and exit 2.
 
-    run = check_args(argv, store=..., run=..., poll_seconds=...)
-    cfg, mesh, store, manifest = open_run(cfg, store_url, run, workdir)
+    run = check_args(argv, store=..., run=..., poll_seconds=..., link=...)
+    cfg, mesh, store, manifest = open_run(cfg, store_url, run, workdir, link=...)
+
+`--link=100Mbit,50ms` puts the store behind a simulated slow link (`slowlink.SlowLink`):
+a benchmark on a local store then shows the islands' utilization over a real network.
 
 `manifest_fields(cfg)` is what a run fixes about the model and data (recorded in its
 manifest); `manifest_problem` names the first field where a joiner's config differs.
@@ -28,6 +31,7 @@ from near_jax.config import ConfigError
 from near_jax.data.tokenizer import load_tokenizer
 from near_jax.diloco import protocol
 from near_jax.diloco.protocol import ProtocolError
+from near_jax.diloco.slowlink import SlowLink, parse_link
 from near_jax.diloco.store import ObjectStore, StoreError
 from near_jax.train.step import check_batch, resolve_config
 
@@ -36,12 +40,12 @@ class UsageError(ValueError):
     """What was asked for cannot run: a bad argument, config, store or run (one line)."""
 
 
-COMMON_FLAGS = ("config", "store", "run", "workdir", "poll_seconds")
+COMMON_FLAGS = ("config", "store", "run", "workdir", "poll_seconds", "link")
 
 
 def define_common_flags() -> None:
-    """--config, --store, --run, --workdir, --poll_seconds (shared by both programs; each
-    declares them key flags, so that its --help lists them)."""
+    """--config, --store, --run, --workdir, --poll_seconds, --link (shared by both programs;
+    each declares them key flags, so that its --help lists them)."""
     config_flags.DEFINE_config_file(
         "config", None, "Config file (configs/*.py[:arg]); override fields with --config.KEY=V."
     )
@@ -51,9 +55,22 @@ def define_common_flags() -> None:
     flags.DEFINE_string("run", None, "Run name: the store prefix of this run.")
     flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl and tb/ (optional).")
     flags.DEFINE_float("poll_seconds", 0.5, "Seconds between polls of the store.")
+    flags.DEFINE_string(
+        "link",
+        "",
+        "Benchmarks: reach the store over a simulated slow link RATE[,LATENCY], e.g. "
+        "100Mbit,50ms (bandwidth shared by the process, latency per request); empty: off.",
+    )
 
 
-def check_args(argv: list[str], *, store: str | None, run: str | None, poll_seconds: float) -> str:
+def check_args(
+    argv: list[str],
+    *,
+    store: str | None,
+    run: str | None,
+    poll_seconds: float,
+    link: str = "",
+) -> str:
     """The run's name, after checking the arguments that need no config; UsageError."""
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -66,14 +83,31 @@ def check_args(argv: list[str], *, store: str | None, run: str | None, poll_seco
         raise UsageError(str(e)) from None
     if poll_seconds <= 0:
         raise UsageError(f"--poll_seconds={poll_seconds} must be positive")
+    link_spec(link)
     return run
 
 
+def link_spec(link: str) -> tuple[float, float] | None:
+    """(bandwidth_bps, latency_s) of a --link value, None if empty; UsageError."""
+    if not link:
+        return None
+    try:
+        return parse_link(link)
+    except ValueError as e:
+        raise UsageError(f"--link: {e}") from None
+
+
 def open_run(
-    cfg: ml_collections.ConfigDict, store_url: str, run: str, workdir: str | None
-) -> tuple[ml_collections.ConfigDict, Mesh, ObjectStore, dict | None]:
+    cfg: ml_collections.ConfigDict,
+    store_url: str,
+    run: str,
+    workdir: str | None,
+    link: str = "",
+) -> tuple[ml_collections.ConfigDict, Mesh, ObjectStore | SlowLink, dict | None]:
     """(resolved config, mesh, store, the run's manifest or None if it is new); UsageError
-    for an invalid config, an unusable workdir or store, or a config the run does not take."""
+    for an invalid config, an unusable workdir or store, or a config the run does not take.
+    A `link` spec ("100Mbit,50ms", see --link) puts the store behind a SlowLink."""
+    spec = link_spec(link)
     try:
         config_lib.validate(cfg)
         cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
@@ -90,6 +124,8 @@ def open_run(
             ) from None
     try:
         store = ObjectStore.open(store_url)
+        if spec is not None:
+            store = SlowLink(store, *spec)
         manifest = protocol.read_json(store, protocol.manifest_key(run))
     except (StoreError, ProtocolError) as e:
         raise UsageError(str(e)) from None

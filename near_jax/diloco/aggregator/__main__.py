@@ -88,12 +88,14 @@ def _prepare(argv: list[str]):
     """(resolved config, mesh, store, run, manifest or None), or a one-line exit 2."""
     f = flags.FLAGS
     try:
-        run = startup.check_args(argv, store=f.store, run=f.run, poll_seconds=f.poll_seconds)
+        run = startup.check_args(
+            argv, store=f.store, run=f.run, poll_seconds=f.poll_seconds, link=f.link
+        )
     except startup.UsageError as e:
         usage_error(str(e))
     cfg = load_config_flag(f.config)
     try:
-        cfg, mesh, store, manifest = startup.open_run(cfg, f.store, run, f.workdir)
+        cfg, mesh, store, manifest = startup.open_run(cfg, f.store, run, f.workdir, f.link)
     except startup.UsageError as e:
         usage_error(str(e))
     return cfg, mesh, store, run, manifest
