@@ -1,5 +1,6 @@
 """A contributor run with real processes: signed islands, a forger, a kill -9'd aggregator."""
 
+import dataclasses
 import json
 import signal
 import time
@@ -56,15 +57,19 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
             )
         procs.start("agg1", "aggregator", *agg_args)
         procs.wait_for("version 1", lambda: latest_version(store) >= 1, 240)
-        # A forger claims island a's name in the open round with another key.
-        v = latest_version(store)
+        # A forger pushes under a registered name with another key, into the round after the
+        # open one: it is surely listed when that round opens (fast islands can close the
+        # open round first), and its signature is checked before its base.
         cut = _plan(store)
+        v = latest_version(store)
         base = protocol.pull_version(store, RUN, v, cut)
         delta = jax.tree.map(lambda x: np.full_like(x, 0.01), base.tree(cut))
         forged = Signer(forger, "mallory", "0" * 64, "0" * 64)
         registry.register(store, RUN, "mallory", identity.generate(), time.time())
+        assert v + 1 < ROUNDS  # a round that will be decided (by agg1 or, after the kill, agg2)
+        ahead = dataclasses.replace(base, version=v + 1)
         protocol.push_contribution(
-            store, RUN, "mallory", base, cut, cut.split(delta), "int8", sign=forged
+            store, RUN, "mallory", ahead, cut, cut.split(delta), "int8", sign=forged
         )
         procs.wait_for("version 2", lambda: latest_version(store) >= 2, 120)
         procs.procs["agg1"].send_signal(signal.SIGKILL)

@@ -177,7 +177,8 @@ def train_island(
             key = protocol.decision_key(run, r)
             decision = tolerant(island, lambda key=key: protocol.read_json(store, key)) or {}
             accepted, late, outcome, scored = _outcome(decision, island, written)
-            if accepted and written:
+            # Host 0's reading of the decision for all: every host's residual moves together.
+            if hosts.agree(accepted and written):
                 error_feedback = new_ef  # else Δ was not applied: the old residual still owed
             held, full = catch_up(
                 store, run, island, held, target, plan, lr, mu, shards=hosts.held, cache=cache
