@@ -244,14 +244,20 @@ RUN, SPEC, LR, MU = "demo", "int8", 0.7, 0.9
 SHAPES = {"w": (4, 33), "b": (33,), "blocks": {"k": (2, 3, 5)}}
 
 
-def tree(seed, scale=1.0):
-    """A float32 tree shaped like SHAPES, standard normal × scale, from seed."""
+def random_tree(seed, shapes, scale=1.0):
+    """A float32 tree of standard normal × scale leaves shaped like `shapes` (a tree of
+    shape tuples), from seed."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda s: (rng.standard_normal(s) * scale).astype(np.float32),
-        SHAPES,
+        shapes,
         is_leaf=lambda x: isinstance(x, tuple),
     )
+
+
+def tree(seed, scale=1.0):
+    """A float32 tree shaped like SHAPES, standard normal × scale, from seed."""
+    return random_tree(seed, SHAPES, scale)
 
 
 LIKE = tree(0)

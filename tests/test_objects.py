@@ -2,6 +2,7 @@
 
 import json
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -15,12 +16,7 @@ SHAPES = {"a": (3, 5), "b": [(7,), (2, 2, 2)], "c": ()}
 
 
 def random_tree(seed, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: rng.standard_normal(s).astype(np.float32),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+    return helpers.random_tree(seed, shapes)
 
 
 def test_dumps_is_canonical():

@@ -6,6 +6,7 @@ bit on random float32 trees over several steps; a jitted step may fuse and is he
 tolerance.
 """
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,12 +21,7 @@ SHAPES = {"emb": (7, 16), "blocks": [{"w": (16, 8), "b": (8,)}, {"w": (8, 16)}],
 
 
 def random_tree(seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: (rng.standard_normal(s) * scale).astype(np.float32),
-        SHAPES,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+    return helpers.random_tree(seed, SHAPES, scale)
 
 
 @pytest.mark.parametrize("lr,mu", [(0.7, 0.9), (0.5, 0.0), (1.3, 0.5)])

@@ -3,18 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from helpers import random_tree
 
 from near_jax.diloco.protocol import shards
-
-
-def random_tree(seed, shapes):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: rng.standard_normal(s).astype(np.float32),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-
 
 SHAPES = {"emb": (64, 16), "blocks": {"w": (3, 16, 40), "n": (3, 16)}, "s": ()}
 

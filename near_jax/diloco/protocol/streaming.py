@@ -155,14 +155,10 @@ def derive(
     if not accepted:
         same = dataclasses.replace(base, version=base.version + 1)
         return Derived(same, None)
-    prefix = out_prefix(run, base.version, proposal_id(accepted, _rule_text(rule)))
-    results = {}
-    for done, s in enumerate(range(plan.num_shards), 1):
-        results[s] = derive_shard(
-            store, run, plan, base, accepted, s, spec, lr, mu, rule, prefix, write
-        )
-        if progress is not None:
-            progress(done, plan.num_shards)
+    every = range(plan.num_shards)
+    prefix, results = derive_slice(
+        store, run, plan, base, accepted, every, spec, lr, mu, rule, write=write, progress=progress
+    )
     return finish(store, plan, base, prefix, results, write)
 
 
@@ -177,13 +173,21 @@ def derive_slice(
     lr: float,
     mu: float,
     rule: robust.Rule | None = None,
+    *,
+    write: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[str, dict[int, dict[str, str]]]:
-    """One worker's share of a round (`--shards=i/K`): (output prefix, {shard: hashes})."""
+    """The given shards of a round (all of them for `derive`; one worker's share with
+    `--shards=i/K`): (output prefix, {shard: hashes})."""
     prefix = out_prefix(run, base.version, proposal_id(accepted, _rule_text(rule)))
-    results = {
-        s: derive_shard(store, run, plan, base, accepted, s, spec, lr, mu, rule, prefix)
-        for s in shards
-    }
+    wanted = list(shards)
+    results = {}
+    for done, s in enumerate(wanted, 1):
+        results[s] = derive_shard(
+            store, run, plan, base, accepted, s, spec, lr, mu, rule, prefix, write
+        )
+        if progress is not None:
+            progress(done, len(wanted))
     return prefix, results
 
 
