@@ -66,6 +66,8 @@ def test_every_float_field_has_a_range_that_takes_its_default():
         ("model.rope_theta", -1.0, "> 0"),
         ("model.norm_eps", 0.0, "> 0"),
         ("diloco.outer_momentum", 1.0, "in [0, 1)"),
+        ("diloco.outer_lr", 0.0, "-1 (default) or a finite number > 0"),
+        ("diloco.feedback_decay", 1.5, "in (0, 1]"),
         ("diloco.drop_prob", -0.5, "in [0, 1)"),
         ("data.val_fraction", 1.0, "in (0, 1)"),
         ("contrib.max_norm_ratio", 0.5, "0 (off) or a ratio > 1"),

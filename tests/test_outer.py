@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import bits_equal
 
+from near_jax.diloco import outer
 from near_jax.diloco.outer import outer_optimizer, outer_step, pseudo_gradient
 from near_jax.diloco.protocol.objects import zeros_like
 from near_jax.diloco.protocol.versions import outer_update
@@ -100,3 +101,21 @@ def test_mask_steps_only_the_masked_params_and_momentum():
     ):
         np.testing.assert_array_equal(gp, fp if m else p)
         np.testing.assert_array_equal(gtr, ftr if m else tr)
+
+
+def test_settings_fill_each_minus_one_with_the_optimizers_default():
+    from near_jax import config as config_lib
+
+    dl = config_lib.default_config().diloco
+    assert outer.settings(dl) == outer.OuterSettings("nesterov", 0.7, 0.9, 1.0)
+    dl.outer_optimizer = "sparseloco"
+    assert outer.settings(dl) == outer.OuterSettings("sparseloco", 1.0, 0.0, 0.95)
+    dl.outer_lr, dl.feedback_decay = 0.5, 0.9
+    assert outer.settings(dl.to_dict()) == outer.OuterSettings("sparseloco", 0.5, 0.0, 0.9)
+
+
+def test_sparseloco_refuses_outer_momentum():
+    with pytest.raises(ValueError, match="no outer momentum"):
+        outer.OuterSettings("sparseloco", 1.0, 0.9, 0.95)
+    with pytest.raises(ValueError, match="unknown outer optimizer 'adam'"):
+        outer.settings({"outer_optimizer": "adam"})

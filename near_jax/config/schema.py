@@ -161,12 +161,32 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "devices and the global batch and meet only at outer steps.",
         ),
         "inner_steps": (50, "H: inner (AdamW) steps between outer steps."),
-        "outer_lr": (0.7, "Outer learning rate (SGD with Nesterov momentum)."),
-        "outer_momentum": (0.9, "Outer Nesterov momentum; 0 = plain SGD."),
+        "outer_optimizer": (
+            "nesterov",
+            "nesterov: SGD with Nesterov momentum on the averaged pseudo-gradient (DiLoCo) | "
+            "sparseloco: plain SGD, with error feedback decayed by feedback_decay in place of "
+            "outer momentum (SparseLoCo; pair it with int2 chunked top-k compression).",
+        ),
+        "outer_lr": (
+            -1.0,
+            "Outer learning rate; -1 = the outer optimizer's default (nesterov 0.7, "
+            "sparseloco 1.0).",
+        ),
+        "outer_momentum": (
+            -1.0,
+            "Outer Nesterov momentum; -1 = the default (nesterov 0.9); 0 = plain SGD. "
+            "sparseloco has none: -1 or 0.",
+        ),
+        "feedback_decay": (
+            -1.0,
+            "beta: each round the error-feedback residual is scaled by beta before the new "
+            "pseudo-gradient joins it; -1 = the default (nesterov 1 = nothing dropped, "
+            "sparseloco 0.95).",
+        ),
         "compression": (
             "fp32",
             "Pseudo-gradient compression: FORMAT[:block=N][+topk=F], FORMAT one of "
-            "fp32 | bf16 | int8 | int4 | fp4.",
+            "fp32 | bf16 | int8 | int4 | fp4 (see near_jax.diloco.codec.spec).",
         ),
         "fragments": (
             1,
@@ -238,6 +258,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.progress": ("auto", "bar", "lines"),
     "contrib.aggregation": ("mean", "trimmed_mean", "median", "top_g"),
+    "diloco.outer_optimizer": ("nesterov", "sparseloco"),
 }
 
 
@@ -261,8 +282,12 @@ FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "optim.eps": _POSITIVE,  # 0 divides 0 by 0 where a gradient entry stays 0
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.clip_norm": (lambda x: x >= 0, "a finite number >= 0 (0 = off)"),
-    "diloco.outer_lr": _POSITIVE,
-    "diloco.outer_momentum": _FRACTION_BELOW_1,
+    "diloco.outer_lr": (lambda x: x == -1 or x > 0, "-1 (default) or a finite number > 0"),
+    "diloco.outer_momentum": (
+        lambda x: x == -1 or 0 <= x < 1,
+        "-1 (default) or a finite number in [0, 1)",
+    ),
+    "diloco.feedback_decay": (lambda x: x == -1 or 0 < x <= 1, "-1 (default) or in (0, 1]"),
     "diloco.drop_prob": (lambda x: 0 <= x < 1, "a probability in [0, 1)"),
     "contrib.trim_fraction": (lambda x: 0 <= x < 0.5, "a fraction in [0, 0.5)"),
     "contrib.max_norm_ratio": (lambda x: x == 0 or x > 1, "0 (off) or a ratio > 1, finite"),

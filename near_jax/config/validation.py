@@ -190,6 +190,12 @@ def _validate_diloco(cfg: ml_collections.ConfigDict) -> None:
         _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
     if dl.inner_steps < 1:
         _fail("diloco.inner_steps", dl.inner_steps, "a positive integer")
+    if dl.outer_optimizer == "sparseloco" and dl.outer_momentum not in (-1, 0):
+        _fail(
+            "diloco.outer_momentum",
+            dl.outer_momentum,
+            "-1 or 0 with outer_optimizer=sparseloco (error feedback replaces momentum)",
+        )
     if not 1 <= dl.fragments <= min(m.n_layers, dl.inner_steps):
         _fail(
             "diloco.fragments",

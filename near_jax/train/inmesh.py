@@ -81,7 +81,8 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
     model_cfg = model.ModelConfig.from_config(cfg.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
     update = make_update(model_cfg, optimizer, schedule, cfg.train.microbatches)
-    outer_opt = outer.outer_optimizer(dl.outer_lr, dl.outer_momentum)
+    outer_settings = outer.settings(dl)
+    outer_opt = outer.outer_optimizer(outer_settings.lr, outer_settings.momentum)
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rep, *x.shape)), tree)  # noqa: E731
 
     def init_state(rng: jax.Array) -> TrainState:

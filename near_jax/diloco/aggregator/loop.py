@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from near_jax import data
-from near_jax.diloco import protocol
+from near_jax.diloco import outer, protocol
 from near_jax.diloco.aggregator.core import Aggregator
 from near_jax.diloco.startup import manifest_fields
 from near_jax.train import metrics
@@ -67,8 +67,11 @@ def fixed_eval(
 
 def outer_settings(cfg, manifest: dict | None) -> dict:
     """spec, lr, momentum of the run: its manifest's once it exists, else the config's."""
-    dl = manifest if manifest is not None else cfg.diloco.to_dict()
-    return {"spec": dl["compression"], "lr": dl["outer_lr"], "momentum": dl["outer_momentum"]}
+    if manifest is not None:
+        lr, momentum = manifest["outer_lr"], manifest["outer_momentum"]
+        return {"spec": manifest["compression"], "lr": lr, "momentum": momentum}
+    resolved = outer.settings(cfg.diloco.to_dict())
+    return {"spec": cfg.diloco.compression, "lr": resolved.lr, "momentum": resolved.momentum}
 
 
 def create_run(agg: Aggregator, trainer, cfg, *, rounds: int) -> bool:
