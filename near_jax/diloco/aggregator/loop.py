@@ -83,6 +83,10 @@ def create_run(agg: Aggregator, trainer, cfg, *, rounds: int) -> bool:
         "seed": cfg.seed,
         "rounds": rounds,
         "inner_steps": cfg.diloco.inner_steps,
+        # Islands read these two: how their error feedback decays (the lr and momentum the
+        # aggregator applies are recorded by Aggregator.create).
+        "outer_optimizer": outer.settings(cfg.diloco).optimizer,
+        "feedback_decay": outer.settings(cfg.diloco).feedback_decay,
         "quorum": agg.quorum,
         "round_timeout": agg.round_timeout,
         "num_params": protocol.num_elements(agg.like),

@@ -117,6 +117,7 @@ def _main(argv: list[str]) -> None:
             workdir=f.workdir,
             make_signer=make_signer,
             slot_problem=contributor.slot_problem,
+            overlap=f.overlap,
         )
         code = 0
     except UsageError as e:
@@ -168,6 +169,13 @@ def define_flags() -> None:
         "",
         "Contributor runs: a file attached to every contribution for the "
         "run's attestation verifier (e.g. a TEE quote).",
+    )
+    flags.DEFINE_integer(
+        "overlap",
+        None,
+        "Inner steps τ (0..H) to train while a round's push, aggregation and pull happen "
+        "(one-process islands); then restart from the new version plus those steps' "
+        "progress. Unset: wait for each round synchronously.",
     )
     flags.DEFINE_float(
         "wait_for_run", 0.0, "Seconds to wait for the run to be created (0: fail if unknown)."

@@ -12,18 +12,22 @@ cannot go on, FloatingPointError for a diverged inner loss.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from near_jax import data
 from near_jax.diloco import claims, protocol
-from near_jax.diloco.island.follow import Waiter, catch_up, kb, log, newer, now, tolerant
+from near_jax.diloco.island.exchange import Exchange
+from near_jax.diloco.island.follow import Waiter, catch_up, kb, log, newer, now
 from near_jax.diloco.island.hosts import Hosts
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.startup import UsageError, manifest_problem
@@ -57,11 +61,15 @@ def train_island(
     workdir: str | None = None,
     make_signer: Callable[[dict], Signer] | None = None,
     slot_problem: Callable[[ObjectStore, str, Signer, dict], str] | None = None,
+    overlap: int | None = None,
 ) -> None:
     """Joins the run and trains rounds until `rounds` (0: no limit) or the run's end.
 
     `manifest` None: waits up to `wait_for_run` seconds for the run to be created. Polls
     every `poll_seconds`; waits at most `wait_timeout` seconds for a version (0: forever).
+    `overlap` τ (0..H, one-process islands): after each push, train τ more inner steps while
+    the push, the aggregation and the pull happen, then restart from the new version plus
+    those τ steps' progress (a one-step-delayed outer step when τ = H); None: synchronous.
     """
     waiter = Waiter(poll_seconds, wait_timeout)
     trainer = trainer_for(cfg, mesh)
@@ -79,8 +87,18 @@ def train_island(
         manifest = _wait_for_run(cfg, store, run, island, wait_for_run, poll_seconds)
     spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
     inner_steps = int(manifest["inner_steps"])
+    if overlap is not None and not 0 <= overlap <= inner_steps:
+        raise UsageError(
+            f"--overlap={overlap} is not allowed: an integer in [0, H={inner_steps}] "
+            "(inner steps trained while a round is exchanged)"
+        )
     plan = protocol.run_plan(manifest, abstract)
     hosts = Hosts(plan, trainer.state_shardings.params)
+    if overlap is not None and hosts.count > 1:
+        # The exchange thread's broadcasts would race the train step's collectives.
+        raise UsageError(
+            f"--overlap is not allowed on a {hosts.count}-process island: one process only"
+        )
     lead = hosts.index == 0  # reads what decides the island's path, writes the manifest
     signer = None
     if "contrib" in manifest and lead:  # a run of untrusted contributors: sign every push
@@ -110,102 +128,106 @@ def train_island(
     # Host 0's metrics are the island's; the others' (what each pushed and pulled) go below.
     where_metrics = workdir if lead or not workdir else os.path.join(workdir, f"host{hosts.index}")
     writer = metrics.MetricsWriter(where_metrics) if workdir else None
-    error_feedback, done = None, 0
+    decay = float(manifest.get("feedback_decay", 1.0))  # SparseLoCo's β; 1 = nothing dropped
+    comm = Exchange(
+        store, run, island, plan, hosts, waiter, (lr, mu), cache, (signer, slot_problem)
+    )
+    state = state._replace(params=hosts.device_params(held.params, shardings, dtypes))
+    error_feedback, done, carried, late_losses = None, 0, False, []
     pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
+    end = hosts.agree(comm.finished_version() if lead else -1)
     try:
         while True:
-            finished = None
-            if lead:
-                finished = tolerant(
-                    island, lambda: protocol.read_json(store, protocol.finished_key(run))
-                )
-            end = hosts.agree(finished["version"] if finished is not None else -1)
             if end >= 0 and held.version >= end:
                 log(island, f"run {run!r} is finished at version {end}")
                 return
-            r = held.version
-            # 1. inner steps from θ_r.
-            t0 = now()
-            state = state._replace(params=hosts.device_params(held.params, shardings, dtypes))
-            losses = []
-            for _ in range(inner_steps):
-                batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
-                state, stats = trainer.step(state, batch)
-                losses.append(stats["loss"])
-            inner_loss = float(np.mean([np.asarray(x.addressable_data(0)) for x in losses]))
-            train_s = now() - t0
-            if not math.isfinite(inner_loss):
-                raise FloatingPointError(f"inner loss is {inner_loss} in round {r}")
+            r, round_start = held.version, now()
+            # 1. inner steps: H from θ_r, or H − τ after an overlapped round (the τ steps
+            # trained while the last round was exchanged count toward this one).
+            steps = inner_steps - overlap if carried else inner_steps
+            state, losses = _train(trainer, state, train_iter, steps)
+            losses = late_losses + losses
             if claim is not None and claim.lost:
                 raise ProtocolError(
                     f"island {claim.lost} took over the name {island!r}; "
                     "stopping so that only one island pushes under it"
                 )
-            # 2. push this host's shards of Δ = θ_r − θ_island (unless the round closed).
+            # 2. this host's shards of Δ = θ_r − θ_island, pushed unless the round closed;
+            # then wait for version r + 1 and follow: in the background while τ more inner
+            # steps train (--overlap=τ), else in the foreground.
             hosts.gather_leaves(state.params)
             local = hosts.pieces(state.params, hosts.owned)
             delta = {
                 s: [g - x for g, x in zip(held.params[s], local[s], strict=True)]
                 for s in hosts.owned
             }
-            decided = lead and tolerant(
-                island, lambda r=r: store.exists(protocol.decision_key(run, r))
-            )
-            closed = hosts.agree(bool(decided))
-            pushed_bytes, written, new_ef, note = 0, False, None, ""
-            if closed:
-                note = "round closed before the push (late; not sent)"
+            if error_feedback is not None and decay != 1.0:
+                error_feedback = {
+                    s: [e * np.float32(decay) for e in v] for s, v in error_feedback.items()
+                }
+            extra = {"inner_loss": _mean_loss(losses, r), "inner_steps": inner_steps}
+            exchange = functools.partial(comm.round, held, delta, spec, error_feedback, extra)
+            train_s = now() - round_start
+            if overlap is None:
+                result = exchange()
+                idle_s, late_losses = now() - round_start - train_s, []  # nothing carried
             else:
-                written, pushed_bytes, new_ef, note = _push(
-                    store,
-                    (run, island, held, plan, hosts),
-                    delta,
-                    spec,
-                    error_feedback,
-                    (signer, slot_problem),
-                    inner_loss=inner_loss,
-                    inner_steps=inner_steps,
-                )
-            # 3. wait for version r + 1, learn the outcome, follow.
-            t1 = now()
-            latest = waiter.until(f"version {r + 1}", lambda r=r: newer(store, run, r, island))
-            target = hosts.agree(latest["version"])
-            wait_s = now() - t1
-            if target <= r:  # the run finished at version r meanwhile
+                join = _in_background(exchange)
+                t_more = now()
+                state, late_losses = _train(trainer, state, train_iter, overlap)
+                t_join = now()
+                result = join()
+                idle_s, train_s = now() - t_join, train_s + (t_join - t_more)
+            if result.end_now:
                 log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
                 return
-            key = protocol.decision_key(run, r)
-            decision = tolerant(island, lambda key=key: protocol.read_json(store, key)) or {}
-            accepted, late, outcome, scored = _outcome(decision, island, written)
-            # Host 0's reading of the decision for all: every host's residual moves together.
-            if hosts.agree(accepted and written):
-                error_feedback = new_ef  # else Δ was not applied: the old residual still owed
-            held, full = catch_up(
-                store, run, island, held, target, plan, lr, mu, shards=hosts.held, cache=cache
-            )
+            if result.accepted_own:
+                error_feedback = result.error_feedback  # else Δ was not applied: still owed
+            # 3. restart from θ_{r+1}; with overlap, keep the τ steps trained since the push:
+            # θ_{r+1} − (θ_push − θ_now), exactly θ_{r+1} when τ = 0.
+            held = result.held
+            params = held.params
+            if overlap is not None:
+                hosts.gather_leaves(state.params)
+                now_pieces = hosts.pieces(state.params, hosts.owned)
+                params = {
+                    s: [
+                        g - (p.astype(np.float32) - x.astype(np.float32))
+                        for g, p, x in zip(held.params[s], local[s], now_pieces[s], strict=True)
+                    ]
+                    for s in hosts.owned
+                }
+                carried = True
+            state = state._replace(params=hosts.device_params(params, shardings, dtypes))
+            end = result.end
             pulled = store.bytes_read - pulled_mark
             pulled_mark = store.bytes_read
-            full, full_pending = full or full_pending, False
+            full, full_pending = result.full or full_pending, False
+            wall_s = now() - round_start
             stats = {
                 "round": r,
                 "version": held.version,
-                "inner_loss": inner_loss,
-                "bytes_pushed": pushed_bytes,
+                "inner_loss": extra["inner_loss"],
+                "bytes_pushed": result.pushed_bytes,
                 "bytes_pulled": pulled,
                 "full_pull": int(full),
-                "wait_s": wait_s,
+                "wait_s": result.wait_s,
                 "train_s": train_s,
-                "accepted": int(accepted),
-                "late": int(late),
+                "idle_s": idle_s,
+                "wall_s": wall_s,
+                "utilization": train_s / wall_s if wall_s > 0 else 1.0,
+                "accepted": int(result.accepted),
+                "late": int(result.late),
             }
-            stats.update(scored)
+            stats.update(result.scored)
             if writer:
                 writer.write(r, stats, "island")
             log(
                 island,
-                f"round {r} | loss {inner_loss:.4f} | pushed {kb(pushed_bytes)} | "
-                f"pulled {kb(pulled)}{' (full)' if full else ''} | train {train_s:.2f}s"
-                f" | wait {wait_s:.2f}s | {outcome}{'; ' + note if note else ''} -> "
+                f"round {r} | loss {extra['inner_loss']:.4f} | pushed "
+                f"{kb(result.pushed_bytes)} | pulled {kb(pulled)}{' (full)' if full else ''} | "
+                f"train {train_s:.2f}s | idle {idle_s:.2f}s ({stats['utilization']:.0%} busy) | "
+                f"{result.outcome}{'; ' + result.note if result.note else ''} -> "
                 f"version {held.version}",
             )
             done += 1
@@ -215,6 +237,49 @@ def train_island(
     finally:
         if writer:
             writer.close()
+
+
+def _train(trainer, state, train_iter, steps: int) -> tuple[Any, list]:
+    """`steps` inner steps; (state, the per-step loss arrays, not yet fetched)."""
+    losses = []
+    for _ in range(steps):
+        batch = data.to_global_batch(next(train_iter), trainer.batch_sharding)
+        state, stats = trainer.step(state, batch)
+        losses.append(stats["loss"])
+    jax.block_until_ready(state.params)
+    return state, losses
+
+
+def _mean_loss(losses: list, r: int) -> float:
+    """The mean inner loss of a round; FloatingPointError if it diverged."""
+    loss = float(np.mean([np.asarray(x.addressable_data(0)) for x in losses])) if losses else 0.0
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"inner loss is {loss} in round {r}")
+    return loss
+
+
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Starts fn() in a daemon thread; returns join() -> its result (or raises its error).
+    Daemon: a crash of the main loop does not wait for a round that may never close (store
+    writes are atomic, so a write cut short leaves nothing behind)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread by join()
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="island-exchange", daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return join
 
 
 def _wait_for_run(
@@ -234,69 +299,3 @@ def _wait_for_run(
     if problem:
         raise UsageError(problem)
     return manifest
-
-
-def _outcome(decision: dict, island: str, written: bool) -> tuple[bool, bool, str, dict]:
-    """(accepted, late, the log's outcome text, score and reward if scored) of this
-    island's push in a round's decision ({} while the decision is unreadable)."""
-    accepted = any(e["island"] == island for e in decision.get("accepted", []))
-    rejected = [e["reason"] for e in decision.get("rejected", []) if e["island"] == island]
-    late = not accepted and not rejected  # not in the decision: it came too late
-    outcome = "accepted" if accepted else f"rejected: {rejected[0]}" if rejected else "late"
-    if not written and (accepted or rejected):  # the verdict is on the slot's object
-        outcome = f"this push was NOT stored; the object already in our slot was {outcome}"
-    mine = [
-        e
-        for e in decision.get("contrib", {}).get("entries", [])
-        if e["contributor"] == island and e["key_id"]
-    ]  # signed by us
-    scored = {}
-    if mine and mine[0]["score"] is not None:
-        outcome += f" (score {mine[0]['score']:.4g}, reward {mine[0]['reward']:.3f})"
-        scored = {"score": mine[0]["score"], "reward": mine[0]["reward"]}
-    return accepted, late, outcome, scored
-
-
-def _push(
-    store: ObjectStore,
-    where: tuple,
-    delta: protocol.Shards,
-    spec: str,
-    error_feedback: protocol.Shards | None,
-    signing: tuple,
-    **extra,
-) -> tuple[bool, int, protocol.Shards | None, str]:
-    """Every host pushes its shards, host 0 the manifest once all are in; (written, bytes
-    this host wrote, new error feedback of its shards, a note for the log). `where` is
-    (run, island, base version, plan, hosts), `signing` (signer, slot_problem)."""
-    run, island, held, plan, hosts = where
-    signer, slot_problem = signing
-    lead, r = hosts.index == 0, held.version
-    key = protocol.contrib_key(run, r, island)
-    taken = hosts.agree(lead and store.exists(key))
-    written, manifest_bytes, note = False, 0, ""
-    entries, shard_bytes, new_ef = {}, 0, None
-    if not taken:  # else pushed before a restart: the stored shards stay as it names them
-        entries, shard_bytes, new_ef = protocol.push_shards(
-            store, run, r, island, plan, delta, spec, error_feedback
-        )
-        entries = hosts.gather_entries(entries)
-        if lead:
-            written, manifest_bytes = protocol.push_manifest(
-                store, run, island, held, plan, spec, entries, signer, **extra
-            )
-        written = bool(hosts.agree(written))
-    if not written:
-        note = (
-            "our slot already held a contribution (pushed before a restart, or by another "
-            "island under this name)"
-        )
-        if lead and signer is not None and slot_problem is not None:
-            expect = {"run": run, "round": r, "base_sha256": held.params_sha256}
-            problem = slot_problem(store, key, signer, expect)
-            if problem:
-                note = (
-                    f"WARNING: our slot for round {r} already holds an object and "
-                    f"{problem}: someone else wrote under our name"
-                )
-    return written, (shard_bytes + manifest_bytes) if written else 0, new_ef, note

@@ -151,6 +151,7 @@ from near_jax.diloco.protocol.decisions import (
     make_decision,
     recorded_verdicts,
     replay_decision,
+    run_fragment,
     run_plan,
     verify_run,
 )
@@ -285,6 +286,7 @@ __all__ = [
     "recorded_verdicts",
     "replay_decision",
     "root",
+    "run_fragment",
     "run_plan",
     "sha256",
     "shard_limit",

@@ -98,16 +98,19 @@ def push_manifest(
     spec: CompressionSpec | str,
     entries: dict[int, tuple[str, int]],
     sign: Callable[[dict, bytes], dict] | None = None,
+    shards: Iterable[int] | None = None,
     **extra: Any,
 ) -> tuple[bool, int]:
-    """Writes the contribution object once every shard is in; (written, bytes). written is
-    False if the island already has a contribution for the round (immutable)."""
-    missing = sorted(set(range(plan.num_shards)) - set(entries))
-    if missing:
-        raise ValueError(f"cannot write the manifest: shards {missing[:8]} were not pushed")
+    """Writes the contribution object once every shard the round syncs (`shards`: all by
+    default; a fragment in a fragmented run) is in; (written, bytes). written is False if
+    the island already has a contribution for the round (immutable)."""
+    wanted = set(range(plan.num_shards) if shards is None else shards)
+    if set(entries) != wanted:
+        missing = sorted(wanted ^ set(entries))
+        raise ValueError(f"cannot write the manifest: shards {missing[:8]} do not match the round")
     spec_text = str(as_spec(spec))
     manifest = ContribManifest(
-        spec_text, plan.plan_id(), tuple(entries[s] for s in sorted(entries))
+        spec_text, plan.plan_id(), tuple(entries.get(s) for s in range(plan.num_shards))
     )
     tag = {
         "format": FORMAT,
@@ -138,7 +141,8 @@ def push_contribution(
     sign: Callable[[dict, bytes], dict] | None = None,
     **extra: Any,
 ) -> tuple[bool, int, Shards]:
-    """Pushes every shard of Δ, then the manifest; (written, bytes, new error feedback).
+    """Pushes every shard of Δ (all, or the round's fragment), then the manifest;
+    (written, bytes, new error feedback).
 
     Nothing is written if the island's slot for the round is taken already (pushed before
     a restart): its shards then stay as the manifest there names them."""
@@ -148,7 +152,7 @@ def push_contribution(
         store, run, base.version, island, plan, delta, spec, error_feedback
     )
     written, manifest_bytes = push_manifest(
-        store, run, island, base, plan, spec, entries, sign, **extra
+        store, run, island, base, plan, spec, entries, sign, shards=sorted(delta), **extra
     )
     return written, (shard_bytes + manifest_bytes if written else 0), new_ef
 
@@ -183,7 +187,10 @@ def read_delta_shard(
     """Shard `s` of an accepted contribution, verified against its manifest's hash (so it
     is exactly what was checked and signed) and decoded; ShardDefect if bad."""
     key = contrib_shard_key(run, rnd, verdict.island, s)
-    sha, nbytes = verdict.manifest.shards[s]
+    entry = verdict.manifest.shards[s]
+    if entry is None:
+        raise ShardDefect(verdict.island, f"invalid: it does not carry shard {s}")
+    sha, nbytes = entry
     try:
         body = read_shard(store, key, sha, nbytes + (1 << 10))
         payload = Payload.from_bytes(body, max_elements=plan.shard_elements(s))
@@ -207,8 +214,9 @@ def read_delta(
     verdict: Verdict,
     shards: Iterable[int] | None = None,
 ) -> Shards:
-    """The given shards (all by default) of a valid contribution; ShardDefect if one is bad."""
-    wanted = range(plan.num_shards) if shards is None else shards
+    """The given shards (all it carries by default) of a valid contribution; ShardDefect if
+    one is bad."""
+    wanted = verdict.manifest.present() if shards is None else shards
     return {s: read_delta_shard(store, run, rnd, plan, verdict, s) for s in wanted}
 
 
@@ -228,11 +236,17 @@ def read_contribution(
 
 
 def check_contribution(
-    store: ObjectStore, run: str, base: Version, plan: ShardPlan, key: str
+    store: ObjectStore,
+    run: str,
+    base: Version,
+    plan: ShardPlan,
+    key: str,
+    shards: Iterable[int] | None = None,
 ) -> Verdict:
     """Reads and validates one contribution object (tag and shard manifest) for round
-    base.version; its shards are checked as they are streamed (`read_delta_shard`). Never
-    raises on its content: a defect becomes the verdict's reason."""
+    base.version, which syncs `shards` (all by default); its shards are checked as they
+    are streamed (`read_delta_shard`). Never raises on its content: a defect becomes the
+    verdict's reason."""
     island = key.rsplit("/", 1)[-1]
     verdict = Verdict(key, island)
     try:
@@ -258,6 +272,12 @@ def check_contribution(
             )
         manifest = ContribManifest.from_bytes(data, plan)
         as_spec(manifest.spec)
+        wanted = tuple(range(plan.num_shards) if shards is None else shards)
+        if manifest.present() != wanted:
+            raise PayloadError(
+                f"it carries {len(manifest.present())} shards, not the {len(wanted)} round "
+                f"{base.version} syncs (shards {wanted[0]}..{wanted[-1]})"
+            )
     except (PayloadError, ValueError) as e:
         verdict.reason = f"invalid: {one_line(e)}"
         return verdict

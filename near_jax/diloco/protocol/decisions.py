@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 from near_jax.diloco import robust
@@ -36,6 +37,17 @@ def run_plan(manifest: dict, like: Any) -> ShardPlan:
         return from_record(like, manifest["shards"])
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"the run's shard plan is unusable: {e}") from None
+
+
+def run_fragment(plan: ShardPlan, fragments: Any, r: int) -> tuple[int, ...]:
+    """The shards round r of a run with `fragments` (run.json's; 1 when absent) syncs;
+    ProtocolError if the run's record is unusable."""
+    if type(fragments) is not int:
+        raise ProtocolError(f"the run's fragments {fragments!r:.40} is not an integer")
+    try:
+        return plan.fragment(fragments, r)
+    except ValueError as e:
+        raise ProtocolError(f"the run's fragments: {e}") from None
 
 
 def combiner(decision: dict) -> robust.Rule | None:
@@ -110,16 +122,28 @@ def replay_decision(
     lr: float,
     mu: float,
     write: bool = True,
+    shards: Iterable[int] | None = None,
 ) -> Derived:
     """Recomputes version r+1 from a recorded decision (rewriting its outputs when `write`)
-    and checks it against the decision's hashes."""
+    and checks it against the decision's hashes; `shards`: the round's fragment (all by
+    default)."""
     r = base.version
     if decision.get("round") != r or decision.get("base_sha256") != base.params_sha256:
         raise ProtocolError(f"decision of round {r} does not start from version {r}")
     accepted = recorded_verdicts(store, plan, decision, r)
     try:
         derived = derive(
-            store, run, plan, base, accepted, spec, lr, mu, combiner(decision), write=write
+            store,
+            run,
+            plan,
+            base,
+            accepted,
+            spec,
+            lr,
+            mu,
+            combiner(decision),
+            write=write,
+            shards=shards,
         )
     except ShardDefect as e:
         raise ProtocolError(
@@ -156,6 +180,14 @@ def apply_update(
     if manifest.update is None:
         raise ProtocolError(f"{new.manifest_key} lists no update for round {r}")
     for s in sorted(held.params):
+        if manifest.update[s] is None:  # not in the round's fragment: carried over as it was
+            for part in ("params", "momentum"):
+                if sha256(tree_bytes(getattr(held, part)[s])) != manifest.hashes(part)[s]:
+                    raise ProtocolError(
+                        f"version {r + 1} changes shard {s}'s {part} without an update"
+                    )
+            new.params[s], new.momentum[s] = held.params[s], held.momentum[s]
+            continue
         key = manifest.key("update", s)
         body = fetch_shard(store, key, manifest.update[s], shard_limit(plan, s), cache)
         try:
@@ -183,6 +215,7 @@ def verify_run(store: ObjectStore, run: str, like: Any) -> list[str]:
     if manifest is None:
         return [f"no {manifest_key(run)}"]
     spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
+    fragments = manifest.get("fragments", 1)
     try:
         plan = run_plan(manifest, like)
         held = load_version(store, run, 0, plan)
@@ -195,7 +228,10 @@ def verify_run(store: ObjectStore, run: str, like: Any) -> list[str]:
         if decision is None:
             return problems + [f"round {r} has no decision but latest is {latest['version']}"]
         try:
-            derived = replay_decision(store, run, plan, held, decision, spec, lr, mu, write=False)
+            fragment = run_fragment(plan, fragments, r)
+            derived = replay_decision(
+                store, run, plan, held, decision, spec, lr, mu, write=False, shards=fragment
+            )
             new = derived.version
             problems += _stored_differs(store, plan, new, r)
         except (ProtocolError, CorruptObject, PayloadError) as e:
@@ -212,6 +248,8 @@ def _stored_differs(store: ObjectStore, plan: ShardPlan, new: Version, r: int) -
     parts = ("params", "momentum", "server_ef") + (("update",) if new.manifest.update else ())
     for part in parts:
         for s, want in enumerate(new.manifest.hashes(part)):
+            if want is None:  # an update that left this shard alone
+                continue
             key = new.manifest.key(part, s)
             try:
                 read_shard(store, key, want, shard_limit(plan, s))

@@ -48,27 +48,44 @@ def shard_name(s: int) -> str:
     return f"{s:06d}"
 
 
-def _hashes(raw: Any, n: int, what: str) -> tuple[str, ...]:
+_PREFIX = re.compile(r"[A-Za-z0-9._/-]{1,400}/")
+
+
+def _hashes(raw: Any, n: int, what: str, gaps: bool = False) -> tuple[str, ...]:
+    """n sha256 hex strings (`gaps`: or None, at least one not)."""
     if not isinstance(raw, list) or len(raw) != n:
         raise ProtocolError(f"{what} does not list {n} shard hashes")
-    if not all(isinstance(h, str) and _HEX.fullmatch(h) for h in raw):
+    ok = [(gaps and h is None) or (isinstance(h, str) and _HEX.fullmatch(h)) for h in raw]
+    if not all(ok) or (gaps and n and all(h is None for h in raw)):
         raise ProtocolError(f"{what} lists something that is not a sha256")
     return tuple(raw)
 
 
 @dataclasses.dataclass(frozen=True)
 class VersionManifest:
-    """Where a version's shards are (`prefix`) and their hashes, per part."""
+    """Where a version's shards are (`prefix`) and their hashes, per part.
+
+    A round of a fragmented run (`diloco.fragments` F > 1) writes only its fragment's shards;
+    the others stay where an earlier version wrote them: `origin` then names each shard's
+    prefix (None: all under `prefix`), and `update` has None for the shards it left alone.
+    """
 
     prefix: str
     plan_id: str
     params: tuple[str, ...]
     momentum: tuple[str, ...]
     server_ef: tuple[str, ...]
-    update: tuple[str, ...] | None = None
+    update: tuple[str | None, ...] | None = None
+    origin: tuple[str, ...] | None = None
 
     def key(self, part: str, s: int) -> str:
-        return f"{self.prefix}{part}/{shard_name(s)}"
+        if part == "update" or self.origin is None:
+            return f"{self.prefix}{part}/{shard_name(s)}"
+        return f"{self.origin[s]}{part}/{shard_name(s)}"
+
+    def shard_prefix(self, s: int) -> str:
+        """The prefix shard s's params, momentum and error feedback are stored under."""
+        return self.prefix if self.origin is None else self.origin[s]
 
     def hashes(self, part: str) -> tuple[str, ...]:
         return getattr(self, part)
@@ -83,6 +100,8 @@ class VersionManifest:
             **{part: list(self.hashes(part)) for part in PARTS},
             "update": None if self.update is None else list(self.update),
         }
+        if self.origin is not None:  # absent otherwise: unfragmented manifests keep their bytes
+            body["origin"] = list(self.origin)
         return dumps(body)
 
     @classmethod
@@ -99,17 +118,29 @@ class VersionManifest:
         n = plan.num_shards
         parts = {p: _hashes(obj.get(p), n, f"{where} {p}") for p in PARTS}
         update = obj.get("update")
-        update = None if update is None else _hashes(update, n, f"{where} update")
-        return cls(obj["prefix"], obj["plan"], **parts, update=update)
+        update = None if update is None else _hashes(update, n, f"{where} update", gaps=True)
+        origin = obj.get("origin")
+        if origin is not None:
+            if not isinstance(origin, list) or len(origin) != n:
+                raise ProtocolError(f"{where} origin does not list {n} prefixes")
+            if not all(isinstance(o, str) and _PREFIX.fullmatch(o) for o in origin):
+                raise ProtocolError(f"{where} origin lists something that is not a key prefix")
+            origin = tuple(origin)
+        return cls(obj["prefix"], obj["plan"], **parts, update=update, origin=origin)
 
 
 @dataclasses.dataclass(frozen=True)
 class ContribManifest:
-    """The body of a contribution object: its spec and shards (sha256, stored bytes)."""
+    """The body of a contribution object: its spec and shards (sha256, stored bytes); None
+    for a shard the round does not sync (a fragmented run pushes one fragment a round)."""
 
     spec: str
     plan_id: str
-    shards: tuple[tuple[str, int], ...]
+    shards: tuple[tuple[str, int] | None, ...]
+
+    def present(self) -> tuple[int, ...]:
+        """The shards this contribution carries."""
+        return tuple(s for s, entry in enumerate(self.shards) if entry is not None)
 
     def to_bytes(self) -> bytes:
         return dumps({"spec": self.spec, "plan": self.plan_id, "shards": list(self.shards)})
@@ -128,14 +159,19 @@ class ContribManifest:
         shards = obj["shards"]
         if not isinstance(shards, list) or len(shards) != plan.num_shards:
             raise PayloadError(f"the contribution does not list {plan.num_shards} shards")
-        out = []
+        out: list[tuple[str, int] | None] = []
         for s, entry in enumerate(shards):
+            if entry is None:
+                out.append(None)
+                continue
             ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
             if not ok or not _HEX.fullmatch(entry[0]) or type(entry[1]) is not int:
                 raise PayloadError(f"shard {s} of the contribution is not [sha256, bytes]")
             if not 0 < entry[1] <= shard_limit(plan, s):
                 raise PayloadError(f"shard {s} claims {entry[1]} bytes")
             out.append((entry[0], entry[1]))
+        if shards and all(entry is None for entry in out):
+            raise PayloadError("the contribution carries no shard")
         if not isinstance(obj["spec"], str):
             raise PayloadError("the contribution's spec is not a string")
         return cls(obj["spec"], obj["plan"], tuple(out))

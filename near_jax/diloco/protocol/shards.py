@@ -111,6 +111,19 @@ class ShardPlan:
                 leaves[piece.leaf][piece.index(len(self.shapes[piece.leaf]))] = array
         return jax.tree.unflatten(self.treedef, leaves)
 
+    def fragment(self, fragments: int, r: int) -> tuple[int, ...]:
+        """The shards round r syncs when the run streams `fragments` F fragments: the r mod F
+        -th of F contiguous, near-equal groups of shards (tree order), so each shard is
+        synced once every F rounds. F = 1: every shard, every round."""
+        if not 1 <= fragments <= self.num_shards:
+            raise ValueError(
+                f"{fragments} fragments need 1 to {self.num_shards} shards (the plan's); "
+                "lower diloco.shard_bytes or diloco.fragments"
+            )
+        f = r % fragments
+        lo, hi = f * self.num_shards // fragments, (f + 1) * self.num_shards // fragments
+        return tuple(range(lo, hi))
+
     def describe(self) -> dict:
         """What run.json records so that every party rebuilds this plan (`from_record`)."""
         return {

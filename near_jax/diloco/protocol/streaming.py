@@ -148,18 +148,20 @@ def derive(
     *,
     write: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    shards: Iterable[int] | None = None,
 ) -> Derived:
-    """Version base+1 from the applied contributions (in order), shard by shard; writes
-    every output and then the manifest (unless `write` is False: hashes only). No applied
+    """Version base+1 from the applied contributions (in order), shard by shard (`shards`:
+    the round's fragment; all by default, the others carried over from base); writes every
+    output and then the manifest (unless `write` is False: hashes only). No applied
     contribution: version base+1 = base (the same manifest; nothing is written)."""
     if not accepted:
         same = dataclasses.replace(base, version=base.version + 1)
         return Derived(same, None)
-    every = range(plan.num_shards)
+    wanted = range(plan.num_shards) if shards is None else shards
     prefix, results = derive_slice(
-        store, run, plan, base, accepted, every, spec, lr, mu, rule, write=write, progress=progress
+        store, run, plan, base, accepted, wanted, spec, lr, mu, rule, write=write, progress=progress
     )
-    return finish(store, plan, base, prefix, results, write)
+    return finish(store, plan, base, prefix, results, write, shards)
 
 
 def derive_slice(
@@ -198,13 +200,28 @@ def finish(
     prefix: str,
     results: dict[int, dict[str, str]],
     write: bool = True,
+    shards: Iterable[int] | None = None,
 ) -> Derived:
-    """Version base+1 from every shard's output hashes: writes (when `write`) its manifest."""
-    missing = sorted(set(range(plan.num_shards)) - set(results))
+    """Version base+1 from the output hashes of every shard the round derived (`shards`;
+    all by default): writes (when `write`) its manifest. Shards a fragmented round left
+    alone keep base's objects (the manifest's origin names where)."""
+    every = range(plan.num_shards)
+    wanted = set(every if shards is None else shards)
+    missing = sorted(wanted - set(results))
     if missing:
         raise ValueError(f"shards {missing[:8]} of round {base.version} have no result")
-    hashes = {part: tuple(results[s][part] for s in range(plan.num_shards)) for part in OUTPUTS}
-    manifest = VersionManifest(prefix, plan.plan_id(), **hashes)
+    if wanted == set(every):
+        hashes = {part: tuple(results[s][part] for s in every) for part in OUTPUTS}
+        manifest = VersionManifest(prefix, plan.plan_id(), **hashes)
+    else:
+        old = base.manifest
+        hashes = {
+            part: tuple(results[s][part] if s in wanted else old.hashes(part)[s] for s in every)
+            for part in PARTS
+        }
+        hashes["update"] = tuple(results[s]["update"] if s in wanted else None for s in every)
+        origin = tuple(prefix if s in wanted else old.shard_prefix(s) for s in every)
+        manifest = VersionManifest(prefix, plan.plan_id(), **hashes, origin=origin)
     key = prefix + "manifest"
     sha = write_manifest(store, key, manifest) if write else sha256(manifest.to_bytes())
     return Derived(Version(base.version + 1, manifest, key, sha), root(hashes["update"]))
