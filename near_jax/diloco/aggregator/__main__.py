@@ -136,7 +136,13 @@ def _aggregate(
         shard_bytes=cfg.diloco.shard_bytes,
         split_axes=startup.split_axes(trainer.state_shardings.params),
         workers=count,
+        fragments=cfg.diloco.fragments,
     )
+    if manifest is None and cfg.diloco.fragments > 1 and cfg.contrib.enabled:
+        usage_error(
+            f"config.diloco.fragments={cfg.diloco.fragments} is not allowed with contributors "
+            "(contrib.enabled): their screening and scoring see whole updates; use 1"
+        )
     contributors = "contrib" in manifest if manifest is not None else cfg.contrib.enabled
     if contributors:
         agg = _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs)

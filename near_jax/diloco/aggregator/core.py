@@ -45,6 +45,7 @@ class Aggregator:
         shard_bytes: int = protocol.DEFAULT_SHARD_BYTES,
         split_axes: dict[str, int] | None = None,
         workers: int = 1,
+        fragments: int = 1,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] = lambda message: None,
@@ -61,6 +62,8 @@ class Aggregator:
         # The run's shard plan: this one for a run it creates, run.json's once it exists.
         self.plan = protocol.plan_shards(like, shard_bytes, split_axes)
         self.workers = workers  # K of `--shards=0/K`: K − 1 ShardWorkers derive the rest
+        # Streaming DiLoCo: round r syncs fragment r mod F of the shards (run.json's F wins).
+        self.fragments = fragments
         self.opened_at = 0.0
         self._decisions: dict[int, dict] = {}
         self.poll_index = 0  # listings of the store so far (contrib: who arrived first)
@@ -82,7 +85,9 @@ class Aggregator:
             "outer_lr": self.lr,
             "outer_momentum": self.momentum,
             "shards": self.plan.describe(),
+            "fragments": self.fragments,
         }
+        self.plan.fragment(self.fragments, 0)  # ValueError: more fragments than shards
         try:  # all of the manifest must be storable before its first object is written
             protocol.dumps(fixed)
         except (TypeError, ValueError) as e:
@@ -129,9 +134,16 @@ class Aggregator:
         return pulled.tree(self.plan)
 
     def _adopt_plan(self) -> None:
-        """Takes the shard plan run.json records (it wins over this aggregator's flags)."""
+        """Takes the shard plan and fragments run.json records (they win over this
+        aggregator's flags)."""
         manifest = protocol.read_json(self.store, protocol.manifest_key(self.run))
         self.plan = protocol.run_plan(manifest, self.like)
+        self.fragments = manifest.get("fragments", 1)
+        protocol.run_fragment(self.plan, self.fragments, 0)  # ProtocolError if unusable
+
+    def fragment(self, r: int) -> tuple[int, ...]:
+        """The shards round r syncs (all of them unless the run streams fragments)."""
+        return self.plan.fragment(self.fragments, r)
 
     def _latest(self) -> dict | None:
         return quarantine.read_own(
@@ -233,7 +245,15 @@ class Aggregator:
             return None
         try:
             derived = protocol.replay_decision(
-                self.store, self.run, self.plan, base, decision, self.spec, self.lr, self.momentum
+                self.store,
+                self.run,
+                self.plan,
+                base,
+                decision,
+                self.spec,
+                self.lr,
+                self.momentum,
+                shards=self.fragment(base.version),
             )
         except protocol.BaseDamaged:
             raise  # the store lost part of version r: not the decision's fault
@@ -251,7 +271,8 @@ class Aggregator:
     def check(self, base: Version, key: str) -> Verdict:
         """Reads and validates one contribution to round base.version (a hook: contrib adds
         signatures, registration, replay and attestation checks)."""
-        return protocol.check_contribution(self.store, self.run, base, self.plan, key)
+        fragment = self.fragment(base.version)
+        return protocol.check_contribution(self.store, self.run, base, self.plan, key, fragment)
 
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
@@ -286,6 +307,7 @@ class Aggregator:
                     self.lr,
                     self.momentum,
                     rule,
+                    shards=self.fragment(base.version),
                 )
             except protocol.ShardDefect as e:
                 bad = next(v for v in accepted if v.island == e.island)
@@ -299,7 +321,8 @@ class Aggregator:
         (`workers.py`) and writes the manifest; ShardDefect if anyone found a bad shard."""
         store, run, r, count = self.store, self.run, base.version, self.workers
         proposal = write_proposal(store, run, base, accepted, None if rule is None else str(rule))
-        mine = my_shards(self.plan, 0, count)
+        fragment = self.fragment(r)
+        mine = my_shards(self.plan, 0, count, fragment)
         prefix, results = protocol.derive_slice(
             store, run, self.plan, base, accepted, mine, self.spec, self.lr, self.momentum, rule
         )
@@ -314,7 +337,9 @@ class Aggregator:
         theirs, defect = gather(store, run, r, proposal, count, wait)
         if defect is not None:
             raise defect
-        return protocol.finish(store, self.plan, base, prefix, {**results, **theirs})
+        return protocol.finish(
+            store, self.plan, base, prefix, {**results, **theirs}, shards=fragment
+        )
 
     def recorded(self, decision: dict) -> None:
         """Called once round `decision` is committed, before its version is published, also
@@ -390,4 +415,6 @@ class Aggregator:
             return
         for part in protocol.PARTS:
             for s in range(self.plan.num_shards):
-                self.store.delete(older.manifest.key(part, s))
+                key = older.manifest.key(part, s)
+                if key != newer.manifest.key(part, s):  # else carried over: still in use
+                    self.store.delete(key)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from near_jax.diloco import protocol, robust
@@ -50,8 +50,13 @@ def result_key(run: str, rnd: int, proposal: str, index: int, count: int) -> str
     return f"{protocol.out_prefix(run, rnd, proposal)}worker-{index}-of-{count}"
 
 
-def my_shards(plan: protocol.ShardPlan, index: int, count: int) -> list[int]:
-    return [s for s in range(plan.num_shards) if s % count == index]
+def my_shards(
+    plan: protocol.ShardPlan, index: int, count: int, fragment: Iterable[int] | None = None
+) -> list[int]:
+    """Worker `index` of `count`'s shards of a round that syncs `fragment` (all shards by
+    default): every count-th of them."""
+    shards = range(plan.num_shards) if fragment is None else fragment
+    return [s for i, s in enumerate(shards) if i % count == index]
 
 
 def write_proposal(
@@ -130,6 +135,7 @@ class ShardWorker:
         self.plan = protocol.run_plan(manifest, like)
         self.spec, self.lr = manifest["compression"], manifest["outer_lr"]
         self.momentum = manifest["outer_momentum"]
+        self.fragments = manifest.get("fragments", 1)
         self.done = 0  # proposals derived by this worker
 
     def poll_once(self) -> bool:
@@ -162,7 +168,8 @@ class ShardWorker:
         verdicts = protocol.recorded_verdicts(self.store, self.plan, body, r)
         rule = body.get("aggregation")
         parsed = None if rule is None else robust.Rule.parse(rule)
-        shards = my_shards(self.plan, self.index, self.count)
+        fragment = protocol.run_fragment(self.plan, self.fragments, r)
+        shards = my_shards(self.plan, self.index, self.count, fragment)
         try:
             _, results = protocol.derive_slice(
                 self.store,

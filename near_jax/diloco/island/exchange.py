@@ -72,9 +72,11 @@ class Exchange:
         spec: str,
         error_feedback: protocol.Shards | None,
         extra: dict,
+        fragment: tuple[int, ...] | None = None,
     ) -> RoundResult:
-        """Pushes Δ on base `held` (unless its round closed), waits for the next version,
-        reads the decision, and follows to the newest version."""
+        """Pushes Δ on base `held` (unless its round closed; `fragment`: the shards the
+        round syncs, all by default), waits for the next version, reads the decision, and
+        follows to the newest version."""
         store, run, island, hosts = self.store, self.run, self.island, self.hosts
         r = held.version
         decided = self.lead and tolerant(
@@ -91,6 +93,7 @@ class Exchange:
                 spec,
                 error_feedback,
                 self.signing,
+                fragment,
                 **extra,
             )
         t1 = now()
@@ -175,6 +178,7 @@ def _push(
     spec: str,
     error_feedback: protocol.Shards | None,
     signing: tuple,
+    fragment: tuple[int, ...] | None,
     **extra,
 ) -> tuple[bool, int, protocol.Shards | None, str]:
     """Every host pushes its shards, host 0 the manifest once all are in; (written, bytes
@@ -194,7 +198,7 @@ def _push(
         entries = hosts.gather_entries(entries)
         if lead:
             written, manifest_bytes = protocol.push_manifest(
-                store, run, island, held, plan, spec, entries, signer, **extra
+                store, run, island, held, plan, spec, entries, signer, shards=fragment, **extra
             )
         written = bool(hosts.agree(written))
     if not written:

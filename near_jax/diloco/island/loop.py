@@ -86,13 +86,16 @@ def train_island(
     if manifest is None:
         manifest = _wait_for_run(cfg, store, run, island, wait_for_run, poll_seconds)
     spec, lr, mu = manifest["compression"], manifest["outer_lr"], manifest["outer_momentum"]
-    inner_steps = int(manifest["inner_steps"])
-    if overlap is not None and not 0 <= overlap <= inner_steps:
+    inner_steps, fragments = int(manifest["inner_steps"]), manifest.get("fragments", 1)
+    shortest = inner_steps // fragments  # the inner steps of the shortest round
+    if overlap is not None and not 0 <= overlap <= shortest:
         raise UsageError(
-            f"--overlap={overlap} is not allowed: an integer in [0, H={inner_steps}] "
-            "(inner steps trained while a round is exchanged)"
+            f"--overlap={overlap} is not allowed: an integer in [0, H/F={shortest}] "
+            f"(inner steps trained while a round is exchanged; H={inner_steps}, "
+            f"F={fragments} fragments)"
         )
     plan = protocol.run_plan(manifest, abstract)
+    protocol.run_fragment(plan, fragments, 0)  # ProtocolError if the record is unusable
     hosts = Hosts(plan, trainer.state_shardings.params)
     if overlap is not None and hosts.count > 1:
         # The exchange thread's broadcasts would race the train step's collectives.
@@ -133,7 +136,8 @@ def train_island(
         store, run, island, plan, hosts, waiter, (lr, mu), cache, (signer, slot_problem)
     )
     state = state._replace(params=hosts.device_params(held.params, shardings, dtypes))
-    error_feedback, done, carried, late_losses = None, 0, False, []
+    error_feedback: protocol.Shards = {}
+    done, carried, late_losses = 0, False, []
     pulled_mark, full_pending = 0, True  # the join pull counts toward the first round
     end = hosts.agree(comm.finished_version() if lead else -1)
     try:
@@ -142,9 +146,10 @@ def train_island(
                 log(island, f"run {run!r} is finished at version {end}")
                 return
             r, round_start = held.version, now()
-            # 1. inner steps: H from θ_r, or H − τ after an overlapped round (the τ steps
-            # trained while the last round was exchanged count toward this one).
-            steps = inner_steps - overlap if carried else inner_steps
+            fragment = protocol.run_fragment(plan, fragments, r)
+            # 1. inner steps: H (H/F a round with F fragments) from θ_r, less τ after an
+            # overlapped round (the τ steps trained while it was exchanged count here).
+            steps = round_steps(inner_steps, fragments, r) - (overlap if carried else 0)
             state, losses = _train(trainer, state, train_iter, steps)
             losses = late_losses + losses
             if claim is not None and claim.lost:
@@ -160,13 +165,19 @@ def train_island(
             delta = {
                 s: [g - x for g, x in zip(held.params[s], local[s], strict=True)]
                 for s in hosts.owned
+                if s in fragment
             }
-            if error_feedback is not None and decay != 1.0:
-                error_feedback = {
-                    s: [e * np.float32(decay) for e in v] for s, v in error_feedback.items()
-                }
+            feedback = {  # what compression owes from earlier rounds, decayed by β
+                s: [e * np.float32(decay) for e in error_feedback[s]]
+                if decay != 1
+                else error_feedback[s]
+                for s in delta
+                if s in error_feedback
+            }
             extra = {"inner_loss": _mean_loss(losses, r), "inner_steps": inner_steps}
-            exchange = functools.partial(comm.round, held, delta, spec, error_feedback, extra)
+            exchange = functools.partial(
+                comm.round, held, delta, spec, feedback or None, extra, fragment
+            )
             train_s = now() - round_start
             if overlap is None:
                 result = exchange()
@@ -181,23 +192,22 @@ def train_island(
             if result.end_now:
                 log(island, f"run {run!r} finished at version {r}; round {r} was not applied")
                 return
-            if result.accepted_own:
-                error_feedback = result.error_feedback  # else Δ was not applied: still owed
-            # 3. restart from θ_{r+1}; with overlap, keep the τ steps trained since the push:
-            # θ_{r+1} − (θ_push − θ_now), exactly θ_{r+1} when τ = 0.
+            if result.accepted_own:  # else Δ was not applied: the old residual is still owed
+                error_feedback.update(result.error_feedback)
+            # 3. restart the shards the new version changed from it; with overlap, keep the
+            # τ steps trained since the push: θ_{r+1} − (θ_push − θ_now), θ_{r+1} if τ = 0.
             held = result.held
-            params = held.params
-            if overlap is not None:
+            if fragments == 1 and overlap is None:
+                params = held.params  # every shard changed; nothing trained since the push
+            else:
+                changed = set(range(plan.num_shards)) if result.full else set()
+                for earlier in range(r, min(held.version, r + fragments)):
+                    changed.update(protocol.run_fragment(plan, fragments, earlier))
                 hosts.gather_leaves(state.params)
-                now_pieces = hosts.pieces(state.params, hosts.owned)
-                params = {
-                    s: [
-                        g - (p.astype(np.float32) - x.astype(np.float32))
-                        for g, p, x in zip(held.params[s], local[s], now_pieces[s], strict=True)
-                    ]
-                    for s in hosts.owned
-                }
-                carried = True
+                current = hosts.pieces(state.params, hosts.held)
+                pushed = None if overlap is None else local
+                params = restart_params(held.params, pushed, current, changed)
+                carried = overlap is not None
             state = state._replace(params=hosts.device_params(params, shardings, dtypes))
             end = result.end
             pulled = store.bytes_read - pulled_mark
@@ -237,6 +247,35 @@ def train_island(
     finally:
         if writer:
             writer.close()
+
+
+def round_steps(inner_steps: int, fragments: int, r: int) -> int:
+    """Inner steps of round r: H, or with F fragments the r mod F-th of F near-equal parts
+    of H (fragment f's sync falls f·H // F steps into each H; they add up to H)."""
+    f = r % fragments
+    return (f + 1) * inner_steps // fragments - f * inner_steps // fragments
+
+
+def restart_params(
+    held: protocol.Shards,
+    pushed: protocol.Shards | None,
+    current: protocol.Shards,
+    changed: set[int],
+) -> protocol.Shards:
+    """The params an island trains on after a round, per shard of `current` (its params
+    now): unchanged shards go on as they are; changed ones restart from the new version
+    `held`, plus, with overlap (`pushed`: the params at the push), the progress made since
+    the push: θ_new − (θ_push − θ_now) in float32, which is θ_new bit for bit when nothing
+    was trained (θ_push − θ_now = +0)."""
+    out = {}
+    for s, now_pieces in current.items():
+        if s not in changed:
+            out[s] = now_pieces
+        elif pushed is None or s not in pushed:
+            out[s] = held[s]
+        else:
+            out[s] = [g - (p - x) for g, p, x in zip(held[s], pushed[s], now_pieces, strict=True)]
+    return out
 
 
 def _train(trainer, state, train_iter, steps: int) -> tuple[Any, list]:
