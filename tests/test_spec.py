@@ -42,7 +42,7 @@ def test_bad_spec_strings_name_the_string_and_the_grammar(text):
 
 def test_spec_fields_are_validated():
     with pytest.raises(ValueError, match="format"):
-        CompressionSpec("int2")
+        CompressionSpec("int3")
     with pytest.raises(ValueError, match="block"):
         CompressionSpec("int8", block_size=True)
     with pytest.raises(ValueError, match="topk"):
