@@ -67,9 +67,10 @@ len_c) largest |v| of each (same tie rule), chunk by chunk in index order; the v
 codes that sequence exactly as above (blocks of B kept values, which may straddle chunks).
 Each index is its 12-bit in-chunk position, two per 3 bytes: 1.5 bytes per sent value, and
 sizes follow from shapes alone (no data-dependent dtype). int2 at C = 4096, B = 128 sends
-1.781 bytes per kept value: topk=0.01 (41 per chunk) ≈ 0.0178 bytes/param, ≈ 224× below fp32;
-topk=0.03 (123 per chunk) ≈ 0.0535 bytes/param, ≈ 75×. The selection and index coding live
-in `near_jax.diloco.codec.topk`.
+1/4 + 4/128 + 3/2 = 1.781 bytes per kept value: topk=0.01 (41 per chunk) 0.0178 bytes/param,
+224× below fp32 (218× with the ~500-byte header of a 4-leaf 2²⁰-param tree); topk=0.03 (123
+per chunk) 0.0535 bytes/param, 75× (74×). Per-leaf int2+topk needs 2-byte gaps there: 172×,
+58×. The selection and index coding live in `near_jax.diloco.codec.topk`.
 
 `encode` always returns the residual r = v − decode(payload): the entries top-k did not send
 plus the quantization error of those it did. Passing it back as `error_feedback` next round
