@@ -411,6 +411,19 @@ GOLDEN_ENCODE = {
         "3401e12fd1d5cd3dcdf3d5870cb23704dc8823382657546d56e0f3aa6391017e",
         "5e39039eb8db4dfe0ed4c35bf6c2887e7b005cc310772bf626d3f2a54ca3b0d8",
     ),
+    # int2 and chunked top-k: added with the formats (same machine and numpy).
+    "int2": (
+        "dacc5cbc2b12fe53a58128d9ca28abe63d0f261b1e9ab09246d467aea693955c",
+        "1c7cb47ae04ef9c77eb6b1566124828573ae8b472b0adee5e378468f629a2377",
+    ),
+    "int2:block=32:chunk=64+topk=0.1": (
+        "39d86010f5082a40cf5deaebf88a59b90f5b49aa1481659c1a5e30fabe75a244",
+        "9124879a36bebd3fc59be25dee2fa646311a3be2a7e2808fc902cc677715b877",
+    ),
+    "int4:chunk=7+topk=0.3": (
+        "a59e32741eeaa8653a140d828f7d5dea9b500b35843f945660905c9e385cf656",
+        "d7a7cd5c0dc9b2275e21626120b808c033e76955e70bf63f34f067cfff9ce573",
+    ),
 }
 
 
