@@ -122,9 +122,9 @@ def small_tree(seed):
 TOPK = ["fp32+topk=0.5", "bf16+topk=0.01", "int8+topk=0.1", "int4:block=32+topk=0.05"]
 TOPK += ["fp4:block=7+topk=0.3", "int8"]  # dense int8: feedback is the quantization error
 # int2 dense and with top-k; chunked top-k where leaves are several chunks and a shorter last
-# one (300 = 4·64 + 44, 129 = 2·64 + 1), whole chunks only (300 = 3·100), smaller than one
-# chunk (C = 4096), and chunks of 2.
-TOPK += ["int2", "int2+topk=0.1", "int2:chunk=64+topk=0.1", "int4:chunk=100+topk=0.05"]
+# one (300 = 4·64 + 44, 129 = 2·64 + 1; B = 5, so blocks straddle chunks), whole chunks only
+# (300 = 3·100), smaller than one chunk (C = 4096), and chunks of 2.
+TOPK += ["int2", "int2+topk=0.1", "int2:block=5:chunk=64+topk=0.1", "int4:chunk=100+topk=0.05"]
 TOPK += ["int2:block=32:chunk=4096+topk=0.01", "fp32:chunk=2+topk=0.5"]
 
 
