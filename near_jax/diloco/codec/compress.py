@@ -37,14 +37,14 @@ least-error choice for fixed levels, with relative error ≤ 1/3 (reached at the
 smallest level: |x| < m/128 becomes 0 and m/128 ≤ |x| < m/64 becomes ±m/64, both within
 m/128. Error feedback (below) keeps what fp4 zeroes.
 
-int2 has four levels ±m/3, ±m, no zero: with s = m/3 (float32), q = ±3 where |x| ≥ 2s (a
-tie, |x| = 2s exactly, goes to the larger magnitude, as in fp4) and ±1 below, the sign that
-of x with ±0 → +1 (x < 0 gives −, so −0 decodes to +s, like +0); each sent value is within s
-of its level. 2s is exact, so the comparison involves no rounding and no division. The code
-byte holds c = (q + 3)/2 ∈ 0..3 per value, the first value in the lowest two bits; all four
-codes are levels. An all-zero block has s = 0 and decodes to zeros (its codes are 3, as
-|x| ≥ 2·0). Zero is not a level, so sparse inputs (top-k's unsent zeros are not coded, only
-what is sent) cost up to s each; error feedback carries it.
+int2 has four levels ±m/3, ±m and no zero. With s = m/3 (float32): |q| = 3 where |x| ≥ 2s
+(a tie, |x| = 2s exactly, goes to the larger magnitude, as in fp4), else 1; q < 0 iff x < 0,
+so +0 and −0 both give +1 (decoded +s: error s, within the bound; error feedback carries
+it). 2s is exact, so the comparison involves no rounding and no division. Each byte holds
+four codes c = (q + 3)/2 ∈ 0..3, the first value in the lowest two bits; all four codes are
+levels, so only the padding of the last byte (0) can be malformed. An all-zero block has
+s = 0 and decodes to +0s (its codes are 3: |x| ≥ 2·0). Top-k's unsent entries are not coded
+at all and decode to 0.
 
 Scales are float32 (4/B bytes per value), not float16: a per-value step m/127 of a pseudo-
 gradient (m ~ 1e-4…1e-2) lies in fp16's subnormal range (< 6.1e-5), where fp16 keeps few

@@ -17,8 +17,8 @@ Exactness
 The arithmetic is the codec's, step by step in float32: block absmax, scale = m / levels
 (correctly rounded), codes by round-half-to-even of x / scale (int8/int4), by comparing |x|
 with 2·scale (int2), or by comparing |x| / m with the fp4 midpoints (ties to the larger
-level), decoded = code · scale, residual =
-v − decoded; bf16 rounds to nearest even in integer arithmetic on the bits. Tests check
+level), decoded = code · scale, residual = v − decoded; bf16 rounds to nearest even in
+integer arithmetic on the bits. Tests check
 bit-for-bit equality (sign of zero included) with `compress` for every format, several block
 sizes, and top-k with error feedback, on CPU, with XLA's CPU code capped at AVX2 and at
 AVX-512 (`--xla_cpu_max_isa`; the code differs). Two XLA habits that would break it are avoided:
@@ -52,8 +52,8 @@ Chunked top-k (`chunk=C`) is one top_k over the [chunks, C] rows of the leaf's f
 plus one over the shorter last chunk, then per-row sorts of the k_c chosen indices; the
 gather and scatter are the same.
 
-int2 is exact as int8/int4 are: the scale m/3 is a correctly rounded division, the
-level comparison |x| ≥ s + s involves no rounding, and decoded = q·s + (s − s).
+int2 is exact as int8/int4 are: the scale m/3 is a correctly rounded division, the level
+comparison |x| ≥ s + s involves no rounding, and decoded = q·s + (s − s).
 """
 
 from __future__ import annotations

@@ -26,12 +26,12 @@ paths and shapes, and (per-leaf top-k) index dtypes alone (`fake_quant.payload_b
 
 `Payload.from_bytes` checks magic, version, sizes, shapes, dtypes, format, buffer lengths, and
 values (finite scales, canonical codes, zero padding, in-range indices strictly increasing
-within the leaf or chunk), caps the decoded size at
-`max_elements`, and raises `PayloadError` on anything else; a payload it returns decodes without
-error. (Finite but huge values are the robust aggregator's business, not the codec's.)
+within the leaf or chunk), caps the decoded size at `max_elements`, and raises `PayloadError`
+on anything else; a payload it returns decodes without error. (Finite but huge values are the
+robust aggregator's business, not the codec's.)
 
-The spec (`CompressionSpec`, format names, top-k counts) comes from `spec`; the numerics live
-in `compress`, which imports this module.
+The spec (`CompressionSpec`, format names, top-k counts) comes from `spec`, the index coding
+from `topk`; the numerics live in `compress`, which imports this module.
 """
 
 from __future__ import annotations
