@@ -12,7 +12,7 @@ from near_jax.diloco.codec import compress
 from near_jax.diloco.codec.compress import CompressionSpec, Payload, PayloadError, decode, encode
 
 SHAPES = [(), (1,), (7,), (128,), (129,), (3, 100), (2, 3, 67), (64, 64)]
-BLOCK_FORMATS = ["int8", "int4", "fp4"]
+BLOCK_FORMATS = ["int8", "int4", "fp4", "int2"]
 SLACK = 1 + 1e-5  # float32 rounding of the scale and of x/scale
 
 
@@ -63,6 +63,52 @@ def test_int_bounds_are_tight(fmt, levels):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("block", [128, 32, 1])
+def test_int2_levels_and_bound(shape, block):
+    x = delta(shape, seed=len(shape) + 20, outliers=5)
+    flat = x.reshape(-1)
+    out = roundtrip(x, f"int2:block={block}")
+    m = block_absmax(flat, block)
+    # Every decoded value is ±m/3 or ±m (up to the scale's rounding), same sign as x ...
+    ratio = np.abs(out) / (m / 3)
+    assert np.isin(np.round(ratio), [1, 3]).all() and np.allclose(ratio, np.round(ratio))
+    assert (np.sign(out) == np.sign(flat)).all()  # delta() has no zeros
+    # ... and within m/3 of it.
+    assert (np.abs(out - flat) <= m / 3 * SLACK).all()
+
+
+def test_int2_bound_is_tight():
+    # Values near 0 and near ±2m/3 are m/3 from the nearest level.
+    x = delta((4096,), seed=11, outliers=0)
+    err = np.abs(roundtrip(x, "int2") - x)
+    assert (err / (block_absmax(x, 128) / 3)).max() > 0.95
+
+
+def test_int2_rounding_ties_and_packing():
+    # m = 3, so s = 1 and the level boundaries are ±2 (ties to ±3) and 0 (±0 → +1).
+    below_2 = np.nextafter(np.float32(2), np.float32(0))
+    x = np.array([3, 2, -2, below_2, -0.0, 0.0, -1, -3, 0.5], np.float32)
+    payload, _ = encode(x, "int2")
+    np.testing.assert_array_equal(decode(payload), [3, 3, -3, 1, 1, 1, -1, -3, 1])
+    # Codes c = (q + 3)/2, four per byte, first value in the lowest bits, padding 0:
+    # [3, 3, 0, 2], [2, 2, 1, 0], [2, pad, pad, pad].
+    (leaf,) = payload.leaves
+    want = [3 | 3 << 2 | 0 << 4 | 2 << 6, 2 | 2 << 2 | 1 << 4 | 0 << 6, 2]
+    np.testing.assert_array_equal(leaf.values, want)
+    np.testing.assert_array_equal(leaf.scales, [1.0])
+
+
+def test_int2_zero_block_decodes_to_zeros():
+    x = np.zeros(300, np.float32)
+    x[:128] = delta((128,), seed=2)
+    x[200] = -0.0
+    out = roundtrip(x, "int2")
+    assert (out[128:] == 0).all() and not np.signbit(out[128:]).any()
+    payload, _ = encode(x, "int2")
+    np.testing.assert_array_equal(payload.leaves[0].scales[1:], [0, 0])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_fp4_e3m0_levels_rounding_and_bound(shape):
     x = delta(shape, seed=3)
     flat = x.reshape(-1)
@@ -104,6 +150,7 @@ def test_an_outlier_only_hurts_its_own_block(fmt):
     m = block_absmax(spiked, 128)
     assert m[0] > 300 * m[128:].max()
     bound = {"int8": m / 254, "int4": m / 14, "fp4": np.maximum(np.abs(spiked) / 3, m / 128)}
+    bound["int2"] = m / 3
     assert (err[128:] <= bound[fmt][128:] * SLACK).all()
     # ... while the outlier block's ordinary values lose far more.
     assert err[:128].mean() > 5 * err[128:].mean()
@@ -131,6 +178,46 @@ def test_topk_sends_exactly_k_largest(shape, fraction):
     np.testing.assert_array_equal(residual["x"].reshape(-1) + out, flat)
 
 
+def chunked_topk(flat, spec):
+    """Indices chunked top-k must send: per chunk a stable sort by −|x|, its k_c first."""
+    chosen = [np.zeros(0, np.int64)]
+    for start in range(0, flat.size, spec.chunk):
+        part = flat[start : start + spec.chunk]
+        k = compress.topk_count(part.size, spec.topk)
+        chosen.append(start + np.sort(np.argsort(-np.abs(part), kind="stable")[:k]))
+    return np.concatenate(chosen)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (64,), (3, 100), (4096 + 100,)])
+@pytest.mark.parametrize("spec", ["fp32:chunk=64+topk=0.1", "fp32:chunk=4096+topk=0.01"])
+def test_chunked_topk_sends_the_k_largest_of_each_chunk(shape, spec):
+    x = delta(shape, seed=8, outliers=20)  # outliers crowd some chunks, not others
+    flat = x.reshape(-1)
+    parsed = CompressionSpec.parse(spec)
+    payload, residual = encode({"x": x}, spec)
+    out = decode(Payload.from_bytes(payload.to_bytes()))["x"].reshape(-1)
+    (leaf,) = payload.leaves
+    assert leaf.index.dtype == np.uint8 and leaf.index.size == -(-3 * leaf.values.size // 2)
+    want = chunked_topk(flat, parsed)
+    np.testing.assert_array_equal(np.flatnonzero(out), want)
+    np.testing.assert_array_equal(out[want], flat[want])  # fp32: sent exactly
+    np.testing.assert_array_equal(residual["x"].reshape(-1) + out, flat)
+
+
+@pytest.mark.parametrize("spec", ["int2:chunk=64+topk=0.1", "int4:block=32:chunk=50+topk=0.2"])
+def test_chunked_topk_values_within_the_formats_bound(spec):
+    # The kept values, chunk by chunk, form blocks of B kept values (which straddle chunks).
+    parsed = CompressionSpec.parse(spec)
+    x = delta((1000,), seed=12, outliers=10)
+    out = roundtrip(x, spec)
+    sent = chunked_topk(x, parsed)
+    assert sent.size == compress.sent_count(x.size, parsed)
+    np.testing.assert_array_equal(out[np.setdiff1d(np.arange(x.size), sent)], 0)
+    m = block_absmax(x[sent], parsed.block_size)
+    levels = {"int2": 1.5, "int4": 7}[parsed.format]  # bound m/3 = (m/1.5)/2, m/14
+    assert (np.abs(out[sent] - x[sent]) <= m / levels / 2 * SLACK).all()
+
+
 def test_topk_ties_go_to_the_lowest_indices():
     x = np.array([1.0, -2.0, 2.0, 0.5, -2.0], np.float32)
     payload, _ = encode(x, "fp32+topk=0.4")  # k = 2 of three |2|s
@@ -148,7 +235,9 @@ def accumulate(spec, d, rounds, feedback):
 
 
 @pytest.mark.parametrize(
-    "spec", ["fp32+topk=0.1", "int8+topk=0.1", "int4+topk=0.05", "fp4+topk=0.1"]
+    "spec",
+    ["fp32+topk=0.1", "int8+topk=0.1", "int4+topk=0.05", "fp4+topk=0.1"]
+    + ["int2+topk=0.1", "int2:chunk=64+topk=0.1", "int4:chunk=100+topk=0.05"],
 )
 def test_error_feedback_makes_topk_converge(spec):
     d = delta((1000,), seed=9, outliers=5, spike=10)  # ×1000 outliers would dominate the norm
@@ -164,6 +253,28 @@ def test_error_feedback_makes_topk_converge(spec):
     total, _ = accumulate(spec, d, 200, feedback=False)
     no_feedback = np.linalg.norm(total - 200 * d) / np.linalg.norm(200 * d)
     assert no_feedback > 0.3 and no_feedback > 5 * rel[200]  # without it, a fixed bias
+
+
+@pytest.mark.parametrize(
+    "spec", ["int2", "int2+topk=0.05", "int2:chunk=128+topk=0.03", "int4:chunk=64+topk=0.1"]
+)
+def test_error_feedback_loses_nothing(spec):
+    # A different Δ each round (outliers included): Σ decoded + the last residual = Σ Δ.
+    shapes = {"w": (3, 100), "b": (129,), "s": ()}
+    total = {k: np.zeros(s) for k, s in shapes.items()}  # float64 sums
+    target = {k: np.zeros(s) for k, s in shapes.items()}
+    ef = None
+    for r in range(30):
+        d = {k: delta(s, seed=1000 * r + i, outliers=2) for i, (k, s) in enumerate(shapes.items())}
+        payload, ef = encode(d, spec, error_feedback=ef)
+        decoded = decode(Payload.from_bytes(payload.to_bytes()))
+        for k in shapes:
+            total[k] += decoded[k]
+            target[k] += d[k]
+    for k in shapes:
+        # Only float32 rounding of v = Δ + r (2⁻²⁴ relative; |v| ≲ 1.5 with the outliers) adds
+        # up: measured ≤ 1.9e-7 over 30 rounds. A value dropped once (~1e-3) is far outside.
+        np.testing.assert_allclose(total[k] + ef[k], target[k], rtol=0, atol=1e-6)
 
 
 def test_error_feedback_also_carries_quantization_error():
@@ -208,10 +319,11 @@ def test_decode_like_rejects_a_different_tree():
 @pytest.mark.parametrize(
     "spec,ratio",
     [("fp32", 1.0), ("bf16", 2.0), ("int8", 4 / (1 + 4 / 128)), ("int4", 4 / (0.5 + 4 / 128))]
-    + [("fp4", 4 / (0.5 + 4 / 128)), ("int8:block=32", 4 / (1 + 4 / 32))],
+    + [("fp4", 4 / (0.5 + 4 / 128)), ("int8:block=32", 4 / (1 + 4 / 32))]
+    + [("int2", 4 / (0.25 + 4 / 128))],
 )
 def test_compression_ratio_is_as_documented(spec, ratio):
-    x = delta((256, 512))
+    x = delta((512, 512))
     payload, _ = encode({"w": x}, spec)
     assert 4 * x.size / payload.nbytes == pytest.approx(ratio, rel=2e-3)
     assert compress.bytes_per_value(spec) == pytest.approx(4 / ratio)
@@ -228,6 +340,38 @@ def test_topk_payload_size():
     values_and_scales = k * compress.bytes_per_value("int8")
     assert payload.nbytes == pytest.approx(values_and_scales + leaf.index.nbytes, abs=250)
     assert 4 * x.size / payload.nbytes > 12
+
+
+def million_params():
+    """A 2²⁰-parameter tree of a few leaves; (768, 1024) is 192 chunks of 4096 exactly."""
+    return {
+        "w1": delta((768, 1024), 1),
+        "w2": delta((1000, 250), 2),
+        "b": delta((12000,), 3),
+        "norm": delta((144,), 4),
+    }
+
+
+@pytest.mark.parametrize(
+    "fraction,per_param,ratio", [(0.01, 0.01784, 218.3), (0.03, 0.05350, 74.1)]
+)
+def test_chunked_int2_bytes_per_parameter(fraction, per_param, ratio):
+    # C = 4096, B = 128: 41 resp. 123 of each 4096 sent, at 1/4 + 4/128 bytes for the int2
+    # value and scale plus 3/2 for its 12-bit position: 1.78125 bytes per sent value.
+    tree = million_params()
+    n = sum(x.size for x in tree.values())
+    assert n == 1 << 20
+    spec = f"int2:chunk=4096+topk={fraction}"
+    payload, _ = encode(tree, spec)
+    k = sum(leaf.values.size for leaf in payload.leaves)  # 4 codes per byte: ≈ k/4
+    sent = sum(compress.sent_count(x.size, CompressionSpec.parse(spec)) for x in tree.values())
+    assert k == sum(-(-compress.sent_count(x.size, payload.spec) // 4) for x in tree.values())
+    assert sent / n == pytest.approx(fraction, rel=0.01)
+    data = sum(a.nbytes for leaf in payload.leaves for _, a in leaf.buffers())
+    assert data / sent == pytest.approx(1.78125, abs=0.01)  # per-leaf rounding of bytes only
+    assert data / n == pytest.approx(per_param, rel=0.002)
+    assert payload.nbytes - data < 600  # the JSON header of four leaves
+    assert 4 * n / payload.nbytes == pytest.approx(ratio, rel=0.002)  # vs fp32's 4 bytes/param
 
 
 # -------------------------------------------------------------------------------- goldens
@@ -266,6 +410,19 @@ GOLDEN_ENCODE = {
     "fp4:block=7+topk=0.3": (
         "3401e12fd1d5cd3dcdf3d5870cb23704dc8823382657546d56e0f3aa6391017e",
         "5e39039eb8db4dfe0ed4c35bf6c2887e7b005cc310772bf626d3f2a54ca3b0d8",
+    ),
+    # int2 and chunked top-k: added with the formats (same machine and numpy).
+    "int2": (
+        "dacc5cbc2b12fe53a58128d9ca28abe63d0f261b1e9ab09246d467aea693955c",
+        "1c7cb47ae04ef9c77eb6b1566124828573ae8b472b0adee5e378468f629a2377",
+    ),
+    "int2:block=32:chunk=64+topk=0.1": (
+        "39d86010f5082a40cf5deaebf88a59b90f5b49aa1481659c1a5e30fabe75a244",
+        "9124879a36bebd3fc59be25dee2fa646311a3be2a7e2808fc902cc677715b877",
+    ),
+    "int4:chunk=7+topk=0.3": (
+        "a59e32741eeaa8653a140d828f7d5dea9b500b35843f945660905c9e385cf656",
+        "d7a7cd5c0dc9b2275e21626120b808c033e76955e70bf63f34f067cfff9ce573",
     ),
 }
 

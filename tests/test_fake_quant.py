@@ -22,6 +22,9 @@ TIES = {
     "int4": [7, 0.5, 1.5, 2.5, -0.5, -3.5, 6.5, -0.0, 0, 0, 0, 0, 0, 0, 0, 0],
     # fp4, m = 1: midpoints 3/4, 3/8, 3/16, 3/128 go up; 1/128 → 1/64; just under → 0.
     "fp4": [1, 0.75, 0.375, 0.1875, 3 / 128, 1 / 128, -0.75, 0.0078, -0.0, 0, 0, 0, 0, 0, 0, 0],
+    # int2, m = 3: scale 1, ±2 ties to ±3, just under 2 → 1, ±0 → +1.
+    "int2": [3, 2, -2, np.nextafter(np.float32(2), np.float32(0)), -0.0, 0, -1, -2.5]
+    + [0, 0, 0, 0, 0, 0, 0, 0],
 }
 
 
@@ -70,6 +73,7 @@ def jitted(spec, feedback=False, vmapped=False):
 max_index_gaps = jax.jit(fake_quant.max_index_gaps, static_argnums=1)
 
 DENSE = ["fp32", "bf16", "int8", "int8:block=7", "int4", "int4:block=32", "fp4", "fp4:block=1"]
+DENSE += ["int2", "int2:block=7", "int2:block=1"]
 
 
 @pytest.mark.parametrize("spec", DENSE)
@@ -91,7 +95,9 @@ def replica(tree, r):
     return jax.tree.map(lambda x: x[r], tree)
 
 
-@pytest.mark.parametrize("spec", ["fp4:block=7", "int8+topk=0.1"])
+@pytest.mark.parametrize(
+    "spec", ["fp4:block=7", "int8+topk=0.1", "int2:block=7", "int2:chunk=64+topk=0.1"]
+)
 def test_vmap_codes_each_replica_on_its_own(spec):
     fmt = CompressionSpec.parse(spec).format
     trees = [tree(seed=0, fmt=fmt), tree(seed=10, fmt=fmt)]
@@ -115,6 +121,11 @@ def small_tree(seed):
 
 TOPK = ["fp32+topk=0.5", "bf16+topk=0.01", "int8+topk=0.1", "int4:block=32+topk=0.05"]
 TOPK += ["fp4:block=7+topk=0.3", "int8"]  # dense int8: feedback is the quantization error
+# int2 dense and with top-k; chunked top-k where leaves are several chunks and a shorter last
+# one (300 = 4·64 + 44, 129 = 2·64 + 1; B = 5, so blocks straddle chunks), whole chunks only
+# (300 = 3·100), smaller than one chunk (C = 4096), and chunks of 2.
+TOPK += ["int2", "int2+topk=0.1", "int2:block=5:chunk=64+topk=0.1", "int4:chunk=100+topk=0.05"]
+TOPK += ["int2:block=32:chunk=4096+topk=0.01", "fp32:chunk=2+topk=0.5"]
 
 
 @pytest.mark.parametrize("spec", TOPK)
@@ -130,8 +141,8 @@ def test_feedback_matches_numpy_over_rounds(spec):
         assert_bit_equal(ef_jnp, ef_np)
 
 
-def test_feedback_under_vmap():
-    spec = "int4:block=32+topk=0.1"
+@pytest.mark.parametrize("spec", ["int4:block=32+topk=0.1", "int2:block=32:chunk=64+topk=0.1"])
+def test_feedback_under_vmap(spec):
     trees = [small_tree(1), small_tree(2)]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *trees)
     ef = jax.tree.map(np.zeros_like, stacked)
@@ -157,6 +168,26 @@ def test_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
     tied, kept = np.flatnonzero(np.abs(x) == threshold), np.flatnonzero(got)
     assert kept.size == k and 0 < np.isin(tied, kept).sum() < tied.size
     assert np.isin(tied, kept).argmin() == np.isin(tied, kept).sum()  # a prefix of the ties
+
+
+@pytest.mark.parametrize("spec", ["fp32:chunk=64+topk=0.1", "int2:block=16:chunk=50+topk=0.37"])
+def test_chunked_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
+    # Four magnitudes over 600 entries: within most chunks the k_c-th largest is tied.
+    rng = np.random.default_rng(5)
+    x = (rng.integers(1, 5, 600) * rng.choice([-1, 1], 600)).astype(np.float32)
+    got = np.asarray(jitted(spec)(x))
+    np.testing.assert_array_equal(bits(got), bits(numpy_roundtrip(x, spec)[0]))
+    parsed = CompressionSpec.parse(spec)
+    straddled = 0
+    for start in range(0, x.size, parsed.chunk):
+        part, kept = np.abs(x[start : start + parsed.chunk]), got[start : start + parsed.chunk]
+        k = compress.topk_count(part.size, parsed.topk)
+        assert np.count_nonzero(kept) == k  # no value of x is 0, nor decodes to 0 here
+        tied = np.flatnonzero(part == np.sort(part)[-k])
+        is_kept = kept[tied] != 0
+        assert is_kept.argmin() == is_kept.sum() or is_kept.all()  # a prefix of the ties
+        straddled += 0 < is_kept.sum() < tied.size
+    assert straddled >= 5
 
 
 def test_feedback_must_match_the_tree():
@@ -190,16 +221,24 @@ SIZE_TREES = {
 
 @pytest.mark.parametrize("name", sorted(SIZE_TREES))
 @pytest.mark.parametrize(
-    "spec", ["fp32", "bf16", "int8", "int4:block=32", "fp4:block=7", "fp4:block=64+topk=0.3"]
+    "spec",
+    ["fp32", "bf16", "int8", "int4:block=32", "fp4:block=7", "fp4:block=64+topk=0.3", "int2"]
+    + ["int2:block=7", "int2+topk=0.1", "int2:chunk=64+topk=0.1", "int4:chunk=4096+topk=0.01"]
+    + ["int2:chunk=3+topk=0.5"],
 )
 def test_payload_bytes_is_the_serialized_size(name, spec):
     t = SIZE_TREES[name]
     payload = encode(t, spec)[0]
     nbytes = payload.nbytes
     shapes = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, t))
-    if not CompressionSpec.parse(spec).topk:
+    assert len(payload.to_bytes()) == nbytes
+    parsed = CompressionSpec.parse(spec)
+    if not parsed.topk or parsed.chunk:  # sizes from shapes alone: exact without max_gaps
         assert fake_quant.payload_bytes(shapes, spec) == nbytes
         assert fake_quant.payload_bytes(t, spec) == nbytes  # arrays work as well
+        gaps = jax.device_get(max_index_gaps(t, spec))
+        assert all(int(g) == 0 for g in jax.tree.leaves(gaps))  # nothing for them to choose
+        assert fake_quant.payload_bytes(shapes, spec, max_gaps=gaps) == nbytes
         return
     gaps = jax.device_get(max_index_gaps(t, spec))
     assert jax.tree.leaves(gaps) == [leaf.index.max(initial=0) for leaf in payload.leaves]

@@ -14,6 +14,7 @@ from near_jax.diloco.codec.payload import MAGIC, PREFIX, VERSION, Payload, Paylo
 from near_jax.diloco.codec.spec import CompressionSpec
 
 SPECS = ["fp32", "bf16", "int8", "int4:block=32", "fp4", "int8+topk=0.1", "fp4:block=64+topk=0.3"]
+SPECS += ["int2", "int2:block=32+topk=0.1", "int2:chunk=64+topk=0.1", "int4:chunk=7+topk=0.3"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -65,8 +66,9 @@ def edit_header(change):
     return mutate
 
 
-def poke(leaf, name, value_bytes, spec="int8+topk=0.25"):
-    """Overwrites the first element of a buffer with `value_bytes`."""
+def poke(leaf, name, value_bytes, spec="int8+topk=0.25", at=0, mask=None):
+    """Overwrites a buffer's bytes from byte `at` (negative: from its end) with `value_bytes`,
+    or ORs `mask` into the byte there."""
 
     def mutate(_):
         blob = valid_blob(spec)
@@ -74,10 +76,14 @@ def poke(leaf, name, value_bytes, spec="int8+topk=0.25"):
         offset = 0
         for i, meta in enumerate(header["leaves"]):
             for buf_name, dtype, count in meta["buffers"]:
+                size = np.dtype(dtype).itemsize * count
                 if (i, buf_name) == (leaf, name):
-                    data = data[:offset] + value_bytes + data[offset + len(value_bytes) :]
+                    start = offset + (at if at >= 0 else size + at)
+                    new = value_bytes if mask is None else bytes([data[start] | mask])
+                    assert start + len(new) <= offset + size
+                    data = data[:start] + new + data[start + len(new) :]
                     return join(header, data)
-                offset += np.dtype(dtype).itemsize * count
+                offset += size
         raise AssertionError("no such buffer")
 
     return mutate
@@ -138,11 +144,85 @@ MALFORMED = {
     "int4_code_minus_8": poke(0, "values", b"\x08", spec="int4"),
     "fp4_negative_zero": poke(0, "values", b"\x80", spec="fp4"),
     "nibble_padding_not_zero": poke(1, "values", b"\x00\x00\x00\xf0", spec="int4"),
+    "int2_crumb_padding_not_zero": poke(1, "values", b"", spec="int2", at=-1, mask=0x40),
     "fp32_inf": poke(0, "values", np.float32(np.inf).tobytes(), spec="fp32"),
     "bf16_inf": poke(0, "values", b"\x80\x7f", spec="bf16"),
     "index_gap_out_of_range": poke(1, "index", b"\xff", spec="fp32+topk=0.5"),
     "index_runs_past_end": poke(0, "index", b"\xff\x00", spec="int8+topk=0.25"),
 }
+
+
+# Chunked top-k, `valid_blob(CHUNKED)`: leaf 0 (300 values) has 4 chunks of 64 sending 16 each
+# and a last chunk of 44 sending 11: 75 positions, 113 index bytes (an odd count: the last
+# 12-bit slot is padding, 4 of its bits sent); leaf 1 (7 values) is one short chunk sending 2.
+CHUNKED = "int2:chunk=64+topk=0.25"
+
+
+def word(p0, p1):
+    """Two 12-bit slots as the 3 little-endian bytes of p0 | p1 << 12."""
+    return (p0 | p1 << 12).to_bytes(3, "little")
+
+
+MALFORMED_CHUNKED = {  # name: (mutation of valid_blob(CHUNKED), what the error says)
+    "index_repeated": (poke(0, "index", word(5, 5), CHUNKED), "not strictly increasing"),
+    "index_decreasing": (poke(0, "index", word(6, 5), CHUNKED), "not strictly increasing"),
+    # slots 16 and 17 (bytes 24..26): chunk 1's first two positions, 9 then 3
+    "index_decreasing_mid_chunk": (
+        poke(0, "index", word(9, 3), CHUNKED, at=24),
+        "not strictly increasing",
+    ),
+    "index_past_chunk": (poke(0, "index", word(64, 65), CHUNKED), "out of range for a chunk"),
+    "index_4095": (poke(0, "index", word(4094, 4095), CHUNKED), "out of range for a chunk"),
+    "index_past_last_chunk": (
+        poke(1, "index", word(6, 7), CHUNKED),
+        "out of range for a last chunk of 7",
+    ),
+    "index_padding_slot": (poke(0, "index", b"", CHUNKED, at=-1, mask=0x10), "padding slot"),
+    "index_padding_high_bit": (poke(0, "index", b"", CHUNKED, at=-1, mask=0x80), "padding slot"),
+    "int2_padding_bits": (poke(1, "values", b"", CHUNKED, at=-1, mask=0x10), "padding bits"),
+    "int2_padding_top_bits": (poke(1, "values", b"", CHUNKED, at=-1, mask=0xC0), "padding bits"),
+    "index_count_longer": (set_buffer(2, 114, buffer=2), "expected"),
+    "index_count_shorter": (set_buffer(2, 112, buffer=2), "expected"),
+    "index_count_of_positions": (set_buffer(2, 75, buffer=2), "expected"),
+    "index_dtype_uint16": (set_buffer(1, "uint16", buffer=2), "expected"),
+    "values_count_wrong": (set_buffer(2, 20, buffer=0), "expected"),
+    "scales_count_wrong": (set_buffer(2, 2, buffer=1), "expected"),
+    "chunk_without_topk": (edit_header(lambda h: h.__setitem__("spec", "int2:chunk=64")), "topk"),
+    "chunk_too_big": (
+        edit_header(lambda h: h.__setitem__("spec", "int2:chunk=8192+topk=0.25")),
+        "chunk",
+    ),
+    "relabeled_per_leaf": (
+        edit_header(lambda h: h.__setitem__("spec", "int2+topk=0.25")),
+        "expected",
+    ),
+    "relabeled_dense": (edit_header(lambda h: h.__setitem__("spec", "int2")), "do not match"),
+    "truncated_index": (lambda b: b[:-1], "truncated"),
+}
+
+
+def test_chunked_malformed_cases_start_from_a_valid_payload():
+    blob = valid_blob(CHUNKED)
+    payload = Payload.from_bytes(blob)
+    assert payload.spec == CompressionSpec("int2", topk=0.25, chunk=64)
+    header, _ = split(blob)
+    assert header["leaves"][0]["buffers"] == [
+        ["values", "uint8", 19],
+        ["scales", "float32", 1],
+        ["index", "uint8", 113],
+    ]
+    assert header["leaves"][1]["buffers"][2] == ["index", "uint8", 3]
+    # The bytes poked above hold what the comments say.
+    leaf0, leaf1 = payload.leaves
+    assert leaf0.index[-1] >> 4 == 0 and leaf1.values[-1] >> 4 == 0  # padding: zeros
+    assert leaf1.index[0] | (leaf1.index[1] & 0xF) << 8 < 6  # the first position, < 6
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_CHUNKED))
+def test_chunked_malformed_payloads_raise_payload_error(name):
+    mutate, match = MALFORMED_CHUNKED[name]
+    with pytest.raises(PayloadError, match=match):
+        Payload.from_bytes(mutate(valid_blob(CHUNKED)))
 
 
 def test_malformed_cases_start_from_a_valid_payload():

@@ -19,6 +19,10 @@ from near_jax.diloco.codec.spec import CompressionSpec
         ("int8+topk=0.05:block=32", CompressionSpec("int8", 32, 0.05)),
         ("fp4+topk=1e-3", CompressionSpec("fp4", 128, 0.001)),
         ("int8+topk=0", CompressionSpec("int8")),
+        ("int2", CompressionSpec("int2")),
+        ("int2:chunk=4096+topk=0.01", CompressionSpec("int2", 128, 0.01, 4096)),
+        ("int2+topk=0.03:chunk=2", CompressionSpec("int2", 128, 0.03, 2)),
+        ("int4+chunk=64+block=32+topk=1", CompressionSpec("int4", 32, 1.0, 64)),
     ],
 )
 def test_spec_parsing(text, spec):
@@ -40,10 +44,48 @@ def test_bad_spec_strings_name_the_string_and_the_grammar(text):
     assert "fp32, bf16, int8, int4, fp4" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text,canonical",
+    [
+        ("int2+topk=0.01:chunk=4096", "int2:chunk=4096+topk=0.01"),
+        ("int4+topk=0.05+chunk=100:block=32", "int4:block=32:chunk=100+topk=0.05"),
+        ("int8:block=128+topk=0.1", "int8+topk=0.1"),
+    ],
+)
+def test_str_is_canonical(text, canonical):
+    assert str(CompressionSpec.parse(text)) == canonical
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["int2:chunk=64", "int2:chunk=64+topk=0", "int2:chunk=1+topk=0.1", "int2:chunk=0+topk=0.1"]
+    + ["int2:chunk=4097+topk=0.1", "int2:chunk=1.5+topk=0.1", "int2:chunk=-8+topk=0.1"]
+    + ["int2:chunk+topk=0.1", "int2:chunk=8:chunk=8+topk=0.1", "int2:chunk=8+topk=0.1+x=1"],
+)
+def test_bad_chunk_options_are_one_line_errors_naming_the_allowed_values(text):
+    with pytest.raises(ValueError) as info:
+        CompressionSpec.parse(text)
+    message = str(info.value)
+    assert repr(text) in message and "\n" not in message
+    assert "[2, 4096]" in message and "only with F > 0" in message  # the grammar's chunk part
+    assert "fp32, bf16, int8, int4, fp4, int2" in message
+
+
+def test_chunk_without_topk_says_why():
+    with pytest.raises(ValueError, match="chunk=64 needs topk > 0"):
+        CompressionSpec.parse("int2:chunk=64")
+
+
 def test_spec_fields_are_validated():
     with pytest.raises(ValueError, match="format"):
-        CompressionSpec("int2")
+        CompressionSpec("int3")
     with pytest.raises(ValueError, match="block"):
         CompressionSpec("int8", block_size=True)
     with pytest.raises(ValueError, match="topk"):
         CompressionSpec("int8", topk=math.inf)
+    for chunk in (True, 1, 4097, 64.0, -2):
+        with pytest.raises(ValueError, match=r"chunk .* is not an integer in \[2, 4096\]"):
+            CompressionSpec("int2", topk=0.1, chunk=chunk)
+    with pytest.raises(ValueError, match="needs topk"):
+        CompressionSpec("int2", chunk=64)
+    assert CompressionSpec("int2", topk=0.1, chunk=4096).chunk == 4096

@@ -23,6 +23,7 @@ block derived from the block's absmax m, so an outlier only coarsens its own blo
     int8    q ∈ [−127, 127], x̂ = q·(m/127)          1 + 4/B = 1.031   3.88×    ≤ m/254
     int4    q ∈ [−7, 7], x̂ = q·(m/7), 2 per byte    1/2 + 4/B = 0.531 7.53×    ≤ m/14
     fp4     E3M0 x̂ = ±m·2^(c−7), c=1..7; c=0 → 0    1/2 + 4/B = 0.531 7.53×    ≤ max(|x|/3, m/128)
+    int2    q ∈ {±1, ±3}, x̂ = q·(m/3), 4 per byte   1/4 + 4/B = 0.281 14.2×    ≤ m/3
 
 (bytes/value and ratios at B = 128; bf16's bound holds for normal numbers, |x| ≥ 2⁻¹²⁶. The
 bounds are exact up to float32 rounding of the scale, a relative 2⁻²³ of m.) Each payload
@@ -36,11 +37,21 @@ least-error choice for fixed levels, with relative error ≤ 1/3 (reached at the
 smallest level: |x| < m/128 becomes 0 and m/128 ≤ |x| < m/64 becomes ±m/64, both within
 m/128. Error feedback (below) keeps what fp4 zeroes.
 
+int2 has four levels ±m/3, ±m and no zero. With s = m/3 (float32): |q| = 3 where |x| ≥ 2s
+(a tie, |x| = 2s exactly, goes to the larger magnitude, as in fp4), else 1; q < 0 iff x < 0,
+so +0 and −0 both give +1 (decoded +s: error s, within the bound; error feedback carries
+it). 2s is exact, so the comparison involves no rounding and no division. Each byte holds
+four codes c = (q + 3)/2 ∈ 0..3, the first value in the lowest two bits; all four codes are
+levels, so only the padding of the last byte (0) can be malformed. An all-zero block has
+s = 0 and decodes to +0s (its codes are 3: |x| ≥ 2·0). Top-k's unsent entries are not coded
+at all and decode to 0.
+
 Scales are float32 (4/B bytes per value), not float16: a per-value step m/127 of a pseudo-
 gradient (m ~ 1e-4…1e-2) lies in fp16's subnormal range (< 6.1e-5), where fp16 keeps few
 significant bits, and flushes to zero below 6e-8 — small-update blocks (norm scales, late
 training) would lose their scale outright. float32 keeps the bounds above for every block and
-costs 2/B bytes per value more: int8 3.88× instead of 3.94×, int4/fp4 7.53× instead of 7.76×.
+costs 2/B bytes per value more: int8 3.88× instead of 3.94×, int4/fp4 7.53× instead of 7.76×,
+int2 14.2× instead of 15.1×.
 
 Top-k and error feedback
 ------------------------
@@ -49,6 +60,17 @@ largest |v| (ties: lower index first), v = Δ + error feedback. The k values are
 value format (blocks of B *kept* values, in index order); the indices are sorted and delta-
 coded (gap − 1) in the narrowest of uint8/16/32/64 that fits, 1–2 bytes each for p ≳ 1%.
 Unsent entries decode to 0. E.g. int8+topk=0.1 at B=128 costs ≈ 0.1·(1 + 4/128 + 1 or 2).
+
+Chunked top-k (`chunk=C`, 2 ≤ C ≤ 4096, e.g. `int2:chunk=4096+topk=0.01`) cuts the flat leaf
+into chunks of C values (the last may be shorter) and sends the k_c = clamp(round(p·len_c), 1,
+len_c) largest |v| of each (same tie rule), chunk by chunk in index order; the value format
+codes that sequence exactly as above (blocks of B kept values, which may straddle chunks).
+Each index is its 12-bit in-chunk position, two per 3 bytes: 1.5 bytes per sent value, and
+sizes follow from shapes alone (no data-dependent dtype). int2 at C = 4096, B = 128 sends
+1/4 + 4/128 + 3/2 = 1.781 bytes per kept value: topk=0.01 (41 per chunk) 0.0178 bytes/param,
+224× below fp32 (218× with the ~500-byte header of a 4-leaf 2²⁰-param tree); topk=0.03 (123
+per chunk) 0.0535 bytes/param, 75× (74×). Per-leaf int2+topk needs 2-byte gaps there: 172×,
+58×. The selection and index coding live in `near_jax.diloco.codec.topk`.
 
 `encode` always returns the residual r = v − decode(payload): the entries top-k did not send
 plus the quantization error of those it did. Passing it back as `error_feedback` next round
@@ -90,7 +112,6 @@ from near_jax.diloco.codec.payload import (
     Payload,
     PayloadError,
     buffer_layout,
-    index_dtype,
     tree_from_paths,
 )
 from near_jax.diloco.codec.spec import (
@@ -103,7 +124,17 @@ from near_jax.diloco.codec.spec import (
     CompressionSpec,
     as_spec,
     bytes_per_value,
+    sent_count,
     topk_count,
+)
+from near_jax.diloco.codec.topk import (
+    chunk_positions,
+    chunk_starts,
+    delta_decode,
+    delta_encode,
+    pack_index12,
+    select,
+    unpack_index12,
 )
 
 __all__ = [
@@ -134,7 +165,7 @@ __all__ = [
     "topk_count",
 ]
 
-_INT_LEVELS = {"int8": 127, "int4": 7}
+_INT_LEVELS = {"int8": 127, "int4": 7, "int2": 3}  # scale = absmax / levels
 # fp4 magnitudes for exponent field c = 0..7, in units of the block absmax.
 FP4_LEVELS = np.array([0.0] + [2.0**e for e in range(-6, 1)], np.float32)
 _FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2  # exact binary fractions
@@ -233,7 +264,7 @@ def _encode_leaf(
 ) -> tuple[LeafPayload, np.ndarray]:
     """(LeafPayload, flat decoded values) for a float32 array."""
     flat = v.reshape(-1)
-    index = _topk_indices(flat, topk_count(flat.size, spec.topk)) if spec.topk else None
+    index = select(flat, spec) if spec.topk else None
     sent = flat if index is None else flat[index]
     values, scales = _quantize(sent, spec)
     decoded_sent = _dequantize(values, scales, spec, sent.size)
@@ -241,38 +272,22 @@ def _encode_leaf(
         return LeafPayload(path, v.shape, values, scales), decoded_sent
     decoded = np.zeros(flat.size, np.float32)
     decoded[index] = decoded_sent
-    return LeafPayload(path, v.shape, values, scales, _delta_encode(index)), decoded
+    coded = pack_index12(chunk_positions(index, spec)) if spec.chunk else delta_encode(index)
+    return LeafPayload(path, v.shape, values, scales, coded), decoded
 
 
 def _decode_leaf(leaf: LeafPayload, spec: CompressionSpec) -> np.ndarray:
     n = math.prod(leaf.shape)
     if leaf.index is None:
         return _dequantize(leaf.values, leaf.scales, spec, n).reshape(leaf.shape)
+    k = sent_count(n, spec)
+    if spec.chunk:
+        index = chunk_starts(n, spec) + unpack_index12(leaf.index)[:k]
+    else:
+        index = delta_decode(leaf.index)
     out = np.zeros(n, np.float32)
-    out[_delta_decode(leaf.index)] = _dequantize(leaf.values, leaf.scales, spec, leaf.index.size)
+    out[index] = _dequantize(leaf.values, leaf.scales, spec, k)
     return out.reshape(leaf.shape)
-
-
-def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
-    """Sorted indices of the k largest |x|; ties at the threshold go to the lowest indices,
-    so the choice is fully determined (argpartition alone would pick arbitrarily)."""
-    if k >= x.size:
-        return np.arange(x.size)
-    mag = np.abs(x)
-    threshold = np.partition(mag, x.size - k)[x.size - k]
-    above = np.flatnonzero(mag > threshold)
-    ties = np.flatnonzero(mag == threshold)[: k - above.size]
-    return np.sort(np.concatenate([above, ties]))
-
-
-def _delta_encode(index: np.ndarray) -> np.ndarray:
-    """Sorted indices → gaps − 1 (first: the index itself) in the narrowest dtype that fits."""
-    gaps = np.diff(index, prepend=-1) - 1
-    return gaps.astype(index_dtype(int(gaps.max()) if gaps.size else 0))
-
-
-def _delta_decode(gaps: np.ndarray) -> np.ndarray:
-    return (np.cumsum(gaps.astype(np.uint64) + np.uint64(1)) - np.uint64(1)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------- formats
@@ -297,6 +312,8 @@ def _quantize(x: np.ndarray, spec: CompressionSpec) -> tuple[np.ndarray, np.ndar
         return _pack_nibbles(_fp4_codes(blocks, absmax).reshape(-1)[: x.size]), absmax
     levels = _INT_LEVELS[spec.format]
     scales = (absmax / np.float32(levels)).astype(np.float32)
+    if spec.format == "int2":
+        return _pack_crumbs(_int2_codes(blocks, scales).reshape(-1)[: x.size]), scales
     safe = np.where(scales > 0, scales, np.float32(1))  # an all-zero block codes to zeros
     q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
     q = q.reshape(-1)[: x.size]
@@ -311,6 +328,15 @@ def _fp4_codes(blocks: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     return (sign.astype(np.uint8) << 3) | c.astype(np.uint8)
 
 
+def _int2_codes(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int2 codes c = (q + 3)/2: |q| = 3 where |x| ≥ 2s (ties up; 2s is exact), else 1;
+    negative where x < 0 (so ±0 → +1)."""
+    big = np.abs(blocks) >= (scales + scales)[:, None]
+    negative = blocks < 0
+    # q = −3, −1, +1, +3 → c = 0, 1, 2, 3
+    return np.where(negative, np.where(big, 0, 1), np.where(big, 3, 2)).astype(np.uint8)
+
+
 def _dequantize(
     values: np.ndarray, scales: np.ndarray | None, spec: CompressionSpec, k: int
 ) -> np.ndarray:
@@ -322,6 +348,9 @@ def _dequantize(
     per_value = np.repeat(scales, spec.block_size)[:k]
     if spec.format == "int8":
         return values.astype(np.float32) * per_value
+    if spec.format == "int2":
+        q = _unpack_crumbs(values, k).astype(np.int8) * np.int8(2) - np.int8(3)
+        return q.astype(np.float32) * per_value
     nibbles = _unpack_nibbles(values, k)
     if spec.format == "int4":
         signed = nibbles.astype(np.int8) - np.int8(16) * (nibbles >= 8)
@@ -341,3 +370,13 @@ def _unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
     nibbles = np.empty(packed.size * 2, np.uint8)
     nibbles[0::2], nibbles[1::2] = packed & 0xF, packed >> 4
     return nibbles[:k]
+
+
+def _pack_crumbs(codes: np.ndarray) -> np.ndarray:
+    """2-bit codes (uint8 < 4) → bytes, four each, lowest bits first; the tail pads with 0."""
+    codes = np.pad(codes, (0, -codes.size % 4)).reshape(-1, 4)
+    return (codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6).astype(np.uint8)
+
+
+def _unpack_crumbs(packed: np.ndarray, k: int) -> np.ndarray:
+    return ((packed[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:k]

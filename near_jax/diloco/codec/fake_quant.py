@@ -15,9 +15,10 @@ like one island's leaf: blocks and top-k never mix replicas.
 Exactness
 ---------
 The arithmetic is the codec's, step by step in float32: block absmax, scale = m / levels
-(correctly rounded), codes by round-half-to-even of x / scale (int8/int4) or by comparing
-|x| / m with the fp4 midpoints (ties to the larger level), decoded = code · scale, residual =
-v − decoded; bf16 rounds to nearest even in integer arithmetic on the bits. Tests check
+(correctly rounded), codes by round-half-to-even of x / scale (int8/int4), by comparing |x|
+with 2·scale (int2), or by comparing |x| / m with the fp4 midpoints (ties to the larger
+level), decoded = code · scale, residual = v − decoded; bf16 rounds to nearest even in
+integer arithmetic on the bits. Tests check
 bit-for-bit equality (sign of zero included) with `compress` for every format, several block
 sizes, and top-k with error feedback, on CPU, with XLA's CPU code capped at AVX2 and at
 AVX-512 (`--xla_cpu_max_isa`; the code differs). Two XLA habits that would break it are avoided:
@@ -47,6 +48,12 @@ Top-k matches `encode` exactly, ties included: both take the k largest |v| with 
 threshold going to the lowest indices, which is the order `lax.top_k` documents ("if two
 elements are equal, the lower-index element appears first"; tested with many ties). It costs
 a top_k over each whole leaf (a sort, for large k) and a gather and scatter of k values.
+Chunked top-k (`chunk=C`) is one top_k over the [chunks, C] rows of the leaf's full chunks
+plus one over the shorter last chunk, then per-row sorts of the k_c chosen indices; the
+gather and scatter are the same.
+
+int2 is exact as int8/int4 are: the scale m/3 is a correctly rounded division, the level
+comparison |x| ≥ s + s involves no rounding, and decoded = q·s + (s − s).
 """
 
 from __future__ import annotations
@@ -59,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from near_jax.diloco.codec.compress import _BF16_MAX, _INT_LEVELS, _key_component
-from near_jax.diloco.codec.payload import PREFIX, buffer_layout, header_bytes, index_dtype
-from near_jax.diloco.codec.spec import CompressionSpec, as_spec, topk_count
+from near_jax.diloco.codec.payload import PREFIX, buffer_layout, header_bytes
+from near_jax.diloco.codec.spec import CompressionSpec, as_spec, chunk_topk_counts, sent_count
+from near_jax.diloco.codec.topk import index_dtype
 
 _BF16_MAX_BITS = _BF16_MAX.view(np.uint32)
 
@@ -86,12 +94,13 @@ def roundtrip_with_feedback(tree: Any, spec: CompressionSpec | str, ef: Any) -> 
 
 def max_index_gaps(tree: Any, spec: CompressionSpec | str, ef: Any = None) -> Any:
     """Per leaf, the largest delta-coded top-k index `encode(tree, spec, ef)` would write
-    (an int32 scalar; 0 without top-k): what sets the index dtype, for `payload_bytes`."""
+    (an int32 scalar; 0 without top-k, and 0 for chunked top-k, whose index buffer has a
+    fixed size): what sets the index dtype, for `payload_bytes`."""
     spec = as_spec(spec)
 
     def gap(v: jax.Array) -> jax.Array:
-        k = topk_count(v.size, spec.topk) if spec.topk else v.size
-        if k == v.size:  # everything sent: consecutive indices, all gaps − 1 are 0
+        k = sent_count(v.size, spec)
+        if k == v.size or spec.chunk:  # no gaps, or 12-bit positions: no dtype to choose
             return jnp.zeros((), jnp.int32)
         index = _topk_index(v.reshape(-1), k)
         return jnp.max(jnp.diff(index, prepend=-1) - 1).astype(jnp.int32)
@@ -103,7 +112,8 @@ def payload_bytes(shapes: Any, spec: CompressionSpec | str, max_gaps: Any = None
     """The exact `compress.encode(tree, spec)[0].nbytes`, from the tree's structure and shapes
     alone (`shapes`: the tree, or ShapeDtypeStructs like it, e.g. from jax.eval_shape).
 
-    Without top-k the size depends on nothing else. With top-k each leaf's index dtype is the
+    Without top-k, and with chunked top-k (12-bit positions, ⌈3k/2⌉ bytes; `max_gaps` is
+    ignored), the size depends on nothing else. With top-k each leaf's index dtype is the
     narrowest that holds its largest delta-coded index, which depends on the data: pass
     `max_gaps` (a tree like `shapes` of ints, e.g. jax.device_get(max_index_gaps(...)); one
     replica's) for the exact size; without it each leaf gets the widest dtype its gaps could
@@ -123,7 +133,10 @@ def payload_bytes(shapes: Any, spec: CompressionSpec | str, max_gaps: Any = None
         n = math.prod(shape)
         buffers = []
         for name, dtypes, count in buffer_layout(spec, n):
-            dtype = dtypes[0] if name != "index" else index_dtype(n - count if gap is None else gap)
+            if len(dtypes) == 1:
+                dtype = dtypes[0]
+            else:  # per-leaf top-k's index: the widest the gaps could need, or what they need
+                dtype = index_dtype(n - count if gap is None else gap)
             buffers.append((name, dtype, count))
             data += count * np.dtype(dtype).itemsize
         leaves.append((tuple(_key_component(k) for k in key_path), shape, buffers))
@@ -153,11 +166,11 @@ def _plus_feedback(tree: Any, ef: Any) -> Any:
 def _decode(v: jax.Array, spec: CompressionSpec) -> jax.Array:
     """What `encode` then `decode` make of one float32 leaf v."""
     n = v.size
-    k = topk_count(n, spec.topk) if spec.topk else n
+    k = sent_count(n, spec)
     if k == n:  # no top-k, everything sent (top-k keeps index order), or an empty leaf
         return _dense(v, spec)
     flat = v.reshape(-1)
-    index = _topk_index(flat, k)
+    index = _chunk_topk_index(flat, spec) if spec.chunk else _topk_index(flat, k)
     sent = _dense(flat[index], spec)  # the kept values, in index order, form the blocks
     out = (
         jnp.zeros(n, jnp.float32).at[index].set(sent, indices_are_sorted=True, unique_indices=True)
@@ -169,6 +182,22 @@ def _topk_index(flat: jax.Array, k: int) -> jax.Array:
     """Sorted indices of the k largest |x|, ties to the lowest indices: lax.top_k's documented
     order ("if two elements are equal, the lower-index element appears first")."""
     return jnp.sort(jax.lax.top_k(jnp.abs(flat), k)[1])
+
+
+def _chunk_topk_index(flat: jax.Array, spec: CompressionSpec) -> jax.Array:
+    """Sorted global indices chunked top-k sends: per chunk of spec.chunk values, the k_c
+    largest |x|, ties to the lowest indices. The full chunks are rows of one [chunks, C]
+    top_k (per-row sorts of k_c indices, no sort over the leaf); the shorter last chunk is a
+    top_k of its own."""
+    full, k_full, tail, k_tail = chunk_topk_counts(flat.size, spec.chunk, spec.topk)
+    head = full * spec.chunk
+    rows_RC = jnp.abs(flat[:head]).reshape(full, spec.chunk)
+    # int32 is enough: n ≤ 2³¹ (jnp indices are int32 without x64 anyway).
+    starts_R1 = (jnp.arange(full, dtype=jnp.int32) * spec.chunk)[:, None]
+    parts = [(jnp.sort(jax.lax.top_k(rows_RC, k_full)[1], axis=-1) + starts_R1).reshape(-1)]
+    if tail:
+        parts.append(head + _topk_index(flat[head:], k_tail))
+    return jnp.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------- formats
@@ -188,6 +217,12 @@ def _dense(x: jax.Array, spec: CompressionSpec) -> jax.Array:
         level = jax.lax.bitcast_convert_type((c + 120) << 23, jnp.float32)  # 2^(c−7)
         magnitude = jnp.where(c > 0, level * absmax, 0)  # exact: a power of two times m
         decoded = jnp.where((blocks < 0) & (c > 0), -magnitude, magnitude)  # +0, never −0
+    elif spec.format == "int2":
+        scale = _div(absmax, jnp.float32(_INT_LEVELS["int2"]))
+        # |q| = 3 where |x| ≥ 2s (exact: no rounding to disagree on), sign of x with ±0 → +.
+        magnitude = jnp.where(jnp.abs(blocks) >= scale + scale, 3.0, 1.0)
+        q = jnp.where(blocks < 0, -magnitude, magnitude)
+        decoded = q * scale + (scale - scale)  # as below: see Exactness
     else:
         levels = _INT_LEVELS[spec.format]
         scale = _div(absmax, jnp.float32(levels))

@@ -14,18 +14,24 @@ Wire format (version 1, little-endian)
                                       ["index", "uint16", k]]}, ...]}
 
 `path` holds the leaf's key path (str for dict keys and attributes, int for sequence indices).
-The buffer list must be exactly what the spec and shape imply (`buffer_layout`); the index
-dtype is the narrowest of uint8/16/32/64 that holds the largest delta-coded index. The JSON is
-compact (no spaces), so `header_bytes` gives the exact header, and the size of a payload follows
-from its spec, leaf paths and shapes, and index dtypes alone (`fake_quant.payload_bytes`).
+The buffer list must be exactly what the spec and shape imply (`buffer_layout`). Values: one
+per element (fp32 float32, bf16 uint16 bits, int8), two 4-bit codes per byte (int4, fp4; low
+nibble first), or four 2-bit codes per byte (int2; lowest bits first); unused trailing codes
+are 0. Indices (top-k only): per-leaf top-k writes k delta-coded indices in the narrowest of
+uint8/16/32/64 that holds the largest; chunked top-k (`chunk=C`) writes k in-chunk positions
+as 12-bit fields, two per little-endian 24-bit word, ⌈3k/2⌉ uint8 (an odd k ends with a
+16-bit word whose top 4 bits are 0), chunk by chunk. The JSON is compact (no spaces), so
+`header_bytes` gives the exact header, and the size of a payload follows from its spec, leaf
+paths and shapes, and (per-leaf top-k) index dtypes alone (`fake_quant.payload_bytes`).
 
 `Payload.from_bytes` checks magic, version, sizes, shapes, dtypes, format, buffer lengths, and
-values (finite scales, canonical codes, in-range indices), caps the decoded size at
-`max_elements`, and raises `PayloadError` on anything else; a payload it returns decodes without
-error. (Finite but huge values are the robust aggregator's business, not the codec's.)
+values (finite scales, canonical codes, zero padding, in-range indices strictly increasing
+within the leaf or chunk), caps the decoded size at `max_elements`, and raises `PayloadError`
+on anything else; a payload it returns decodes without error. (Finite but huge values are the
+robust aggregator's business, not the codec's.)
 
-The spec (`CompressionSpec`, format names, top-k counts) comes from `spec`; the numerics live
-in `compress`, which imports this module.
+The spec (`CompressionSpec`, format names, top-k counts) comes from `spec`, the index coding
+from `topk`; the numerics live in `compress`, which imports this module.
 """
 
 from __future__ import annotations
@@ -40,7 +46,15 @@ from typing import Any
 
 import numpy as np
 
-from near_jax.diloco.codec.spec import BLOCK_FORMATS, NIBBLE_FORMATS, CompressionSpec, topk_count
+from near_jax.diloco.codec.spec import (
+    BLOCK_FORMATS,
+    CRUMB_FORMATS,
+    NIBBLE_FORMATS,
+    CompressionSpec,
+    chunk_topk_counts,
+    sent_count,
+)
+from near_jax.diloco.codec.topk import INDEX_DTYPES, index12_bytes, unpack_index12
 
 MAGIC = b"NJPG"  # near_jax pseudo-gradient
 VERSION = 1
@@ -59,8 +73,8 @@ VALUE_DTYPE = {  # wire dtype of the values buffer, per format
     "int8": "int8",
     "int4": "uint8",
     "fp4": "uint8",
+    "int2": "uint8",
 }
-INDEX_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 _DTYPES = {n: np.dtype(n).newbyteorder("<") for n in ("float32", "int8", "uint8", *INDEX_DTYPES)}
 
 
@@ -74,7 +88,8 @@ class PayloadError(ValueError):
 @dataclasses.dataclass(frozen=True, eq=False)
 class LeafPayload:
     """One leaf, encoded. `values`: float32 (fp32), uint16 bf16 bits, int8, or uint8 holding two
-    4-bit codes (low nibble first); `scales`: float32 per block; `index`: delta-coded indices."""
+    4-bit codes (low nibble first) or four 2-bit codes (lowest bits first); `scales`: float32
+    per block; `index`: delta-coded indices, or (chunked top-k) packed 12-bit positions."""
 
     path: tuple[str | int, ...]
     shape: tuple[int, ...]
@@ -178,20 +193,16 @@ def header_bytes(
 
 def buffer_layout(spec: CompressionSpec, n: int) -> list[tuple[str, tuple[str, ...], int]]:
     """The buffers a leaf of n values must have: (name, allowed dtypes, element count)."""
-    k = topk_count(n, spec.topk) if spec.topk else n
-    count = -(-k // 2) if spec.format in NIBBLE_FORMATS else k
-    layout = [("values", (VALUE_DTYPE[spec.format],), count)]
+    k = sent_count(n, spec)
+    per_byte = 4 if spec.format in CRUMB_FORMATS else 2 if spec.format in NIBBLE_FORMATS else 1
+    layout = [("values", (VALUE_DTYPE[spec.format],), -(-k // per_byte))]
     if spec.format in BLOCK_FORMATS:
         layout.append(("scales", ("float32",), -(-k // spec.block_size)))
-    if spec.topk:
+    if spec.topk and spec.chunk:
+        layout.append(("index", ("uint8",), index12_bytes(k)))
+    elif spec.topk:
         layout.append(("index", INDEX_DTYPES, k))
     return layout
-
-
-def index_dtype(max_gap: int) -> str:
-    """The index buffer's dtype: the narrowest of INDEX_DTYPES that holds every delta-coded
-    index (gap − 1; the first index itself), i.e. `max_gap`."""
-    return next(n for n in INDEX_DTYPES if max_gap <= np.iinfo(n).max)
 
 
 # ------------------------------------------------------------------------------- validation
@@ -290,7 +301,8 @@ def _check_shape(raw: Any, where: str) -> tuple[int, ...]:
 def _check_contents(leaf: LeafPayload, spec: CompressionSpec, where: str) -> None:
     """Values decode() relies on: finite numbers, codes the encoder can emit, valid indices."""
     values, fmt = leaf.values, spec.format
-    k = leaf.index.size if leaf.index is not None else math.prod(leaf.shape)
+    n = math.prod(leaf.shape)
+    k = sent_count(n, spec)
     if fmt == "fp32" and not np.isfinite(values).all():
         raise PayloadError(f"{where}: non-finite fp32 values")
     if fmt == "bf16" and ((values & 0x7F80) == 0x7F80).any():
@@ -303,10 +315,16 @@ def _check_contents(leaf: LeafPayload, spec: CompressionSpec, where: str) -> Non
             raise PayloadError(f"{where}: {fmt} code 8 is not canonical")
         if (nibbles[k:] != 0).any():
             raise PayloadError(f"{where}: padding nibble is not 0")
+    if fmt in CRUMB_FORMATS:  # every 2-bit code is a level; only the padding can be wrong
+        crumbs = (values[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+        if (crumbs.reshape(-1)[k:] != 0).any():
+            raise PayloadError(f"{where}: padding bits of the {fmt} values are not 0")
     if leaf.scales is not None and not (np.isfinite(leaf.scales) & (leaf.scales >= 0)).all():
         raise PayloadError(f"{where}: scales must be finite and >= 0")
-    if leaf.index is not None and leaf.index.size:
-        _check_index(leaf.index, math.prod(leaf.shape), where)
+    if leaf.index is not None and spec.chunk:
+        _check_chunk_index(leaf.index, n, spec, where)
+    elif leaf.index is not None and leaf.index.size:
+        _check_index(leaf.index, n, where)
 
 
 def _check_index(gaps: np.ndarray, n: int, where: str) -> None:
@@ -317,6 +335,23 @@ def _check_index(gaps: np.ndarray, n: int, where: str) -> None:
     index = np.cumsum(gaps.astype(np.uint64) + np.uint64(1)) - np.uint64(1)
     if (index[1:] <= index[:-1]).any() or int(index[-1]) >= n:
         raise PayloadError(f"{where}: indices run past the {n} values of the leaf")
+
+
+def _check_chunk_index(packed: np.ndarray, n: int, spec: CompressionSpec, where: str) -> None:
+    """Chunked top-k: per chunk, k_c positions strictly increasing below the chunk's length;
+    the padding slot (odd counts) is 0."""
+    full, k_full, tail, k_tail = chunk_topk_counts(n, spec.chunk, spec.topk)
+    k = full * k_full + k_tail
+    slots = unpack_index12(packed)
+    if (slots[k:] != 0).any():
+        raise PayloadError(f"{where}: index padding slot is not 0")
+    head_CK = slots[: full * k_full].astype(np.int64).reshape(full, k_full)
+    tail_K = slots[full * k_full : k].astype(np.int64)
+    for positions, length, what in ((head_CK, spec.chunk, "chunk"), (tail_K, tail, "last chunk")):
+        if positions.size and (positions >= length).any():
+            raise PayloadError(f"{where}: index out of range for a {what} of {length} values")
+        if (np.diff(positions, axis=-1) <= 0).any():
+            raise PayloadError(f"{where}: indices within a {what} are not strictly increasing")
 
 
 # ------------------------------------------------------------------------------------ trees
