@@ -125,3 +125,81 @@ def test_a_host_holding_some_shards_follows_only_those(started):
     assert sorted(new.params) == mine
     for s in mine:
         assert bits_equal(new.params[s], every.params[s])
+
+
+def fragmented_run(tmp_path, keep_versions=0):
+    """(store, aggregator) of run RUN created with 2 fragments (quorum 2)."""
+    from helpers import FakeClock, make_aggregator
+
+    from near_jax.diloco.store import ObjectStore
+
+    store = ObjectStore.open(str(tmp_path))
+    agg = make_aggregator(store, FakeClock(), quorum=2)
+    agg.fragments, agg.keep_versions = 2, keep_versions
+    assert agg.create(tree(1), {"inner_steps": 4})
+    agg.load()
+    return store, agg
+
+
+def push_fragment(store, island, r, delta, shards):
+    cut = plan()
+    base = protocol.pull_version(store, RUN, r, cut)
+    return protocol.push_contribution(
+        store, RUN, island, base, cut, cut.split(delta, shards), "int8"
+    )
+
+
+def test_a_fragmented_run_syncs_one_fragment_a_round(tmp_path):
+    store, agg = fragmented_run(tmp_path)
+    cut = plan()
+    assert protocol.read_json(store, protocol.manifest_key(RUN))["fragments"] == 2
+    follower = protocol.pull_version(store, RUN, 0, cut)  # an island following by updates
+    synced = []
+    for r in range(4):
+        fragment = cut.fragment(2, r)
+        synced.append(fragment)
+        for i, name in enumerate("ab"):
+            assert push_fragment(store, name, r, tree(30 + 2 * r + i, 1e-2), fragment)[0]
+        stats = agg.run_round()
+        assert stats["accepted"] == 2 and stats["rejected"] == 0, stats["decision"]
+        old, new = (protocol.pull_version(store, RUN, v, cut) for v in (r, r + 1))
+        for s in range(cut.num_shards):  # only the fragment moved, params and momentum
+            for part in ("params", "momentum"):
+                same = all(
+                    bits_equal(a, b)
+                    for a, b in zip(getattr(old, part)[s], getattr(new, part)[s], strict=True)
+                )
+                assert same == (s not in fragment), (r, s, part)
+            assert (new.manifest.update[s] is None) == (s not in fragment)
+        follower = protocol.apply_update(store, RUN, cut, follower, LR, MU)
+        assert follower.hashes() == new.hashes()
+    # Each shard is synced exactly once every F = 2 rounds.
+    assert (
+        sorted(synced[0] + synced[1])
+        == list(range(cut.num_shards))
+        == sorted(synced[2] + synced[3])
+    )
+    assert synced[0] == synced[2] and not set(synced[0]) & set(synced[1])
+    assert protocol.verify_run(store, RUN, LIKE) == []
+    # A whole Δ, or another fragment, is not this round's contribution.
+    push_fragment(store, "c", 4, tree(9, 1e-2), None)
+    push_fragment(store, "d", 4, tree(9, 1e-2), cut.fragment(2, 5))
+    base = protocol.pull_version(store, RUN, 4, cut)
+    for island in "cd":
+        verdict = agg.check(base, protocol.contrib_key(RUN, 4, island))
+        assert not verdict.valid and "not the" in verdict.reason, verdict.reason
+
+
+def test_a_fragmented_version_keeps_what_it_carries_when_old_versions_are_collected(tmp_path):
+    store, agg = fragmented_run(tmp_path, keep_versions=1)
+    cut = plan()
+    for r in range(4):
+        for i, name in enumerate("ab"):
+            push_fragment(store, name, r, tree(50 + 2 * r + i, 1e-2), cut.fragment(2, r))
+        agg.run_round()
+    latest = protocol.load_version(store, RUN, 4, cut)
+    assert len({latest.manifest.shard_prefix(s) for s in range(cut.num_shards)}) == 2
+    pulled = protocol.pull_version(store, RUN, 4, cut)  # carried shards were not collected
+    assert pulled.hashes() == latest.hashes()
+    old = protocol.load_version(store, RUN, 2, cut)  # replaced everywhere by version 4
+    assert not any(store.exists(old.manifest.key("params", s)) for s in cut.fragment(2, 2))

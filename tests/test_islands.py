@@ -233,15 +233,16 @@ def test_a_two_host_island_pushes_its_own_shards_and_gives_the_same_bits(tmp_pat
     assert all(host[0]["bytes_pulled"] < one[0]["bytes_pulled"] for host in two)
 
 
-def _overlap_run(procs, tmp_path, name, islands, *extra, config=()):
-    """Starts an aggregator (3 rounds, quorum = len(islands)) and `islands` with `extra`
+def _overlap_run(procs, tmp_path, name, islands, *extra, config=(), rounds=3):
+    """Starts an aggregator (`rounds`, quorum = len(islands)) and `islands` with `extra`
     flags in their own store under tmp_path/name (`config` flags for all); returns the
     store."""
     store_dir = tmp_path / name / "store"
     store_dir.mkdir(parents=True)
     common = [f"--store=file://{store_dir}", f"--run={RUN}", "--poll_seconds=0.05", *MODEL]
     common += config
-    agg = ["--rounds=3", f"--quorum={len(islands)}", "--round_timeout=300", "--eval_batches=0"]
+    agg = [f"--rounds={rounds}", f"--quorum={len(islands)}", "--round_timeout=300"]
+    agg.append("--eval_batches=0")
     procs.start(f"{name}-agg", "aggregator", *common, *agg)
     for island in islands:
         where = f"--workdir={tmp_path / name / island}"
@@ -251,19 +252,25 @@ def _overlap_run(procs, tmp_path, name, islands, *extra, config=()):
 
 def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_path):
     """--overlap=0 (the exchange in a background thread, then the restart formula) gives
-    the synchronous run's contributions and params bit for bit; --overlap=H with SparseLoCo
-    (error feedback decayed, no outer momentum) finishes, learns and replays cleanly."""
+    the synchronous run's contributions and params bit for bit; an overlapped run of 2
+    fragments with SparseLoCo (2-bit chunked top-k, error feedback decayed, no outer
+    momentum) finishes, syncs each fragment in turn, learns and replays cleanly."""
     wait = "--wait_for_run=240"
     sparse = [
         "--config.diloco.outer_optimizer=sparseloco",
-        "--config.diloco.compression=int4+topk=0.2",
+        "--config.diloco.compression=int2:block=32:chunk=64+topk=0.1",
+        "--config.diloco.fragments=2",  # rounds of 1 and 2 inner steps (H = 3)
+        "--config.model.n_layers=2",
+        "--config.diloco.shard_bytes=4096",
     ]
     procs = Procs(tmp_path)
     try:
         stores = {
             "sync": _overlap_run(procs, tmp_path, "sync", ["a"], wait),
             "zero": _overlap_run(procs, tmp_path, "zero", ["a"], wait, "--overlap=0"),
-            "full": _overlap_run(procs, tmp_path, "full", "ab", wait, "--overlap=3", config=sparse),
+            "full": _overlap_run(
+                procs, tmp_path, "full", "ab", wait, "--overlap=1", config=sparse, rounds=4
+            ),
         }
         for proc in procs.procs.values():
             proc.wait(timeout=300)
@@ -281,12 +288,19 @@ def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_
     manifest = protocol.read_json(full, protocol.manifest_key(RUN))
     assert (manifest["outer_optimizer"], manifest["outer_momentum"]) == ("sparseloco", 0.0)
     assert manifest["feedback_decay"] == 0.95 and manifest["outer_lr"] == 1.0
-    assert protocol.verify_run(full, RUN, model_like(*MODEL, *sparse)) == []
-    decisions = [protocol.read_json(full, protocol.decision_key(RUN, r)) for r in range(3)]
-    assert [sorted(e["island"] for e in d["accepted"]) for d in decisions] == [["a", "b"]] * 3
-    for name in ("sync", "full"):
+    assert manifest["fragments"] == 2
+    like = model_like(*MODEL, *sparse)
+    assert protocol.verify_run(full, RUN, like) == []
+    decisions = [protocol.read_json(full, protocol.decision_key(RUN, r)) for r in range(4)]
+    assert [sorted(e["island"] for e in d["accepted"]) for d in decisions] == [["a", "b"]] * 4
+    plan = protocol.run_plan(manifest, like)
+    for r in range(4):  # each round's update touched exactly its fragment
+        v = protocol.load_version(full, RUN, r + 1, plan)
+        touched = tuple(s for s, h in enumerate(v.manifest.update) if h is not None)
+        assert touched == plan.fragment(2, r), (r, touched)
+    for name, rounds in (("sync", 3), ("full", 4)):
         records = metric_records(tmp_path / name / "a" / "metrics.jsonl", "island")
-        assert len(records) == 3
+        assert len(records) == rounds
         for x in records:  # utilization = train / wall; idle = waiting with nothing to train
             assert 0 < x["utilization"] <= 1 and x["idle_s"] >= 0, x
             assert abs(x["utilization"] - x["train_s"] / x["wall_s"]) < 1e-9, x

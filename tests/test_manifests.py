@@ -51,12 +51,44 @@ def test_version_manifest_refuses_what_does_not_fit_the_plan(edit, message):
         manifests.VersionManifest.from_bytes(b"{", plan(), "k")
 
 
+def test_a_fragmented_version_manifest_names_where_each_shard_is():
+    n = plan().num_shards
+    origin = ("run/a/",) * 2 + ("run/b/",) * (n - 2)
+    update = (H, H) + (None,) * (n - 2)
+    m = manifests.VersionManifest(
+        "run/a/", plan().plan_id(), (H,) * n, (H,) * n, (H,) * n, update, origin
+    )
+    back = manifests.VersionManifest.from_bytes(m.to_bytes(), plan(), "k")
+    assert back == m
+    assert back.key("params", 1) == "run/a/params/000001"
+    assert back.key("server_ef", 3) == "run/b/server_ef/000003"
+    assert back.key("update", 3) == "run/a/update/000003"  # an update is its round's own
+    assert b"origin" not in version_manifest().to_bytes()  # unfragmented: bytes as before
+    for field, value, message in [
+        ("origin", ["run/a/"] * (n - 1), "origin does not list"),
+        ("origin", ["../x/"] * n, "not a key prefix"),
+        ("origin", ["run/a"] * n, "not a key prefix"),
+        ("update", [None] * n, "not a sha256"),
+    ]:
+        obj = json.loads(m.to_bytes())
+        obj[field] = value
+        with pytest.raises(ProtocolError, match=message):
+            manifests.VersionManifest.from_bytes(protocol.dumps(obj), plan(), "k")
+
+
 def test_contrib_manifest_round_trip_and_checks():
     cut = plan()
     entries = tuple((H, 100 + s) for s in range(cut.num_shards))
     m = manifests.ContribManifest("int8", cut.plan_id(), entries)
     assert manifests.ContribManifest.from_bytes(m.to_bytes(), cut) == m
+    assert m.present() == tuple(range(cut.num_shards))
+    some = manifests.ContribManifest("int8", cut.plan_id(), (None, entries[1]) + (None,) * 3)
+    assert manifests.ContribManifest.from_bytes(some.to_bytes(), cut).present() == (1,)
     bad = [
+        (
+            protocol.dumps({"spec": "int8", "plan": cut.plan_id(), "shards": [None] * 5}),
+            "carries no shard",
+        ),
         (b"[1]", "not a shard manifest"),
         (protocol.dumps({"spec": "int8", "plan": "x", "shards": []}), "another shard plan"),
         (protocol.dumps({"spec": "int8", "plan": cut.plan_id(), "shards": [[H, 1]]}), "list 5"),

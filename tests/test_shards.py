@@ -89,3 +89,21 @@ def test_split_and_assemble_refuse_trees_and_pieces_that_do_not_fit():
     del pieces[2]
     with pytest.raises(ValueError, match=r"shards \[2\] are missing"):
         plan.assemble(pieces)
+
+
+@pytest.mark.parametrize("fragments", [1, 2, 3, 5])
+def test_fragments_cover_every_shard_once_per_f_rounds(fragments):
+    plan = shards.plan_shards(random_tree(0, SHAPES), 1024, {"['blocks']['w']": 1})
+    n = plan.num_shards  # 14
+    rounds = [plan.fragment(fragments, r) for r in range(2 * fragments)]
+    assert sorted(s for f in rounds[:fragments] for s in f) == list(range(n))
+    assert rounds[:fragments] == rounds[fragments:]  # the same cycle again
+    for f in rounds:  # contiguous, near-equal groups
+        assert list(f) == list(range(f[0], f[-1] + 1))
+        assert n // fragments <= len(f) <= -(-n // fragments)
+
+
+def test_more_fragments_than_shards_is_a_one_line_error():
+    plan = shards.plan_shards({"a": np.zeros(4, np.float32)}, 64)
+    with pytest.raises(ValueError, match="2 fragments need 1 to 1 shards .* lower"):
+        plan.fragment(2, 0)

@@ -185,13 +185,15 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         ),
         "compression": (
             "fp32",
-            "Pseudo-gradient compression: FORMAT[:block=N][+topk=F], FORMAT one of "
-            "fp32 | bf16 | int8 | int4 | fp4 (see near_jax.diloco.codec.spec).",
+            "Pseudo-gradient compression: FORMAT[:block=N][:chunk=C][+topk=F], FORMAT one "
+            "of fp32 | bf16 | int8 | int4 | fp4 | int2; chunk=C: top-k of each C values "
+            "(SparseLoCo: int2:chunk=4096+topk=0.01).",
         ),
         "fragments": (
             1,
-            "Streaming DiLoCo: layers split into F fragments synced at staggered steps "
-            "(peak bandwidth / F).",
+            "Streaming DiLoCo: the params split into F fragments synced at staggered steps "
+            "(peak bandwidth / F); in-mesh: layer groups; islands: groups of the run's shards, "
+            "one fragment per round, a round every H/F inner steps.",
         ),
         "drop_prob": (
             0.0,

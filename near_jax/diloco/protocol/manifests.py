@@ -48,7 +48,7 @@ def shard_name(s: int) -> str:
     return f"{s:06d}"
 
 
-_PREFIX = re.compile(r"[A-Za-z0-9._/-]{1,400}/")
+_PREFIX = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}/){1,16}")  # no '..' segment
 
 
 def _hashes(raw: Any, n: int, what: str, gaps: bool = False) -> tuple[str, ...]:
