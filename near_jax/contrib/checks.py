@@ -155,6 +155,11 @@ class Checker:
             manifest = protocol.ContribManifest.from_bytes(data, self.plan)
         except PayloadError as e:
             return f"malformed payload: {one_line(e)}"
+        if len(manifest.present()) != self.plan.num_shards:  # contributor runs: whole Δs
+            return (
+                f"malformed payload: it carries {len(manifest.present())} of the "
+                f"{self.plan.num_shards} shards"
+            )
         if "signature" not in tag or "contributor" not in tag:
             return "unsigned: no contributor signature"
         public, problem = self._public_key(c.island)

@@ -8,6 +8,14 @@ signed: the program passes `make_signer(manifest) -> sign(tag, payload bytes) ->
 and `slot_problem(store, key, signer, expect) -> str` (contrib's contributor module). The
 loop raises `UsageError` for a run it cannot join, ProtocolError / StoreError when the store
 cannot go on, FloatingPointError for a diverged inner loss.
+
+A run with F fragments has a round every H/F inner steps (`round_steps`): the island pushes
+and restarts only that round's fragment, the rest trains on. With `overlap=τ` the round's
+exchange (`exchange.Exchange.round`: push, wait, decision, pull) runs in a background thread
+while τ more inner steps train; the island then restarts the changed shards from the new
+version plus the progress made since the push (`restart_params`), so it idles only if the
+exchange takes longer than τ steps. Each round logs train_s, idle_s, wall_s and
+utilization = train_s / wall_s.
 """
 
 from __future__ import annotations

@@ -30,11 +30,25 @@ small manifest lists each shard object's sha256. The "hash" of a sharded object 
 JSON list of its shard hashes. Parties read one shard at a time, bounded by its size and
 checked against its manifest hash, so no one needs the whole model in memory to verify it.
 
+Fragments (streaming DiLoCo)
+----------------------------
+A run created with `diloco.fragments` F > 1 (fixed in run.json) syncs one fragment a round:
+round r covers the shards of fragment r mod F (`ShardPlan.fragment`: F contiguous, near-equal
+groups of shards in tree order; with scanned blocks a layer's weights span leaves, so these
+are parameter groups, not layer groups), and rounds come every H/F inner steps, so each
+shard is synced once every H steps and the peak push is 1/F of the model. A contribution's
+manifest lists only those shards (None for the others; anything else is rejected), the
+aggregator derives only them, and version r + 1's manifest carries the other shards over:
+its `origin` names, per shard, the prefix of the version that last wrote it, and its update
+lists None for the shards the round left alone. Garbage collection (`--keep_versions`)
+deletes a shard object only once no kept version names it.
+
 Keys (under `RUN/`; r, v 8 digits, shard s 6 digits; JSON objects are UTF-8, sorted keys)
 ------------------------------------------------------------------------------------------
-    run.json                      manifest: spec, outer lr/momentum, H, model config, the
-                                  shard plan {shard_bytes, axes}, version 0's hashes and
-                                  manifest. Aggregator, put_if_absent (creates the run).
+    run.json                      manifest: spec, outer optimizer (lr, momentum, error-
+                                  feedback decay), H, fragments, model config, the shard
+                                  plan {shard_bytes, axes}, version 0's hashes and manifest.
+                                  Aggregator, put_if_absent (creates the run).
     latest                        {"version": v, params/momentum/server_ef roots, "manifest":
                                   key, "manifest_sha256", "published_at"}: the newest
                                   complete version. Aggregator, moved forward only
@@ -77,7 +91,8 @@ Version r + 1 is a pure function of version r and decision r, shard by shard: de
 applied contributions' shard, sum them in island-id order in float32, divide by their
 count, encode with the run's spec and the shard of `server_ef` (→ Û_r's shard and the new
 server_ef), then the outer step `outer_update` in numpy float32 — SGD with Nesterov
-momentum, bit-identical to
+momentum (momentum 0 for SparseLoCo, whose islands decay their own error feedback instead),
+bit-identical to
 `outer.outer_optimizer` + `outer.outer_step` (tests check it). Numpy's elementwise float32
 add/multiply are correctly rounded IEEE operations, so every machine gets the same bits.
 A round with no applied contribution publishes version r + 1 = version r unchanged (no
