@@ -7,7 +7,9 @@ import pytest
 from helpers import small_config
 
 from near_jax import model, sharding
+from near_jax.config import ConfigError
 from near_jax.diloco.codec import compress
+from near_jax.diloco.codec.spec import CompressionSpec
 from near_jax.train import inmesh, optim
 from near_jax.train.loop import trainer_for
 from near_jax.train.step import TrainState, make_update
@@ -34,9 +36,11 @@ def _batches(n, cfg, seed=0):
     return out
 
 
-def _run(cfg, batches, replicas):
-    # One device per replica: the smallest mesh that has the replica axis (compiles fastest).
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:replicas], replicas=replicas)
+def _run(cfg, batches, replicas, groups=None):
+    # One device per replica group (by default one group per replica): the smallest mesh
+    # that has the replica axis (compiles fastest).
+    groups = groups or replicas
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:groups], replicas=groups)
     trainer = trainer_for(cfg, mesh)
     state = trainer.init(jax.random.key(cfg.seed))
     losses = []
@@ -162,6 +166,33 @@ def test_replica_count_must_divide_the_devices():
         sharding.make_mesh(small_config().mesh, replicas=3)
 
 
+def test_several_replicas_per_device_group_train_as_one_per_group():
+    # M = 4 replicas on 4, 2 and 1 device groups: the same trajectory over two outer steps.
+    # Batching `update` over a group's replicas (vmap) may reorder float32 reductions:
+    # measured max |Δparams| 1.2e-7 (G = 1 vs 4), 1.9e-9 (G = 2 vs 4). fp32 compression:
+    # a lossy codec would turn such an ulp into a whole quantization step now and then.
+    cfg = _cfg(replicas=4, inner_steps=2)
+    batches = _batches(4, cfg, seed=7)
+    runs = {g: _run(cfg, batches, replicas=4, groups=g) for g in (4, 2, 1)}
+    want_state, want_losses = runs[4]
+    for g in (2, 1):
+        state, losses = runs[g]
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+        for tree in ("params", "opt_state"):  # replicas, feedback: leading axis M = 4 always
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                getattr(state, tree),
+                getattr(want_state, tree),
+            )
+
+
+def test_replicas_must_be_a_multiple_of_the_device_groups():
+    cfg = _cfg(replicas=4)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:3], replicas=3)
+    with pytest.raises(ConfigError, match="diloco.replicas=4 is not allowed.*3 replica groups"):
+        trainer_for(cfg, mesh)
+
+
 def test_dropped_contributions_leave_the_global_params_unchanged():
     cfg = _cfg(replicas=2, inner_steps=1, drop_prob=0.99)  # seeded: both dropped here
     state, _ = _run(cfg, _batches(2, cfg, seed=4), replicas=2)
@@ -176,13 +207,14 @@ def test_dropped_contributions_leave_the_global_params_unchanged():
     )
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("groups", [2, 1])  # one replica per device, or both on one
+def test_checkpoint_resume_is_exact(tmp_path, groups):
     from helpers import DataPosition
 
     from near_jax.train import checkpoint
 
     cfg = _cfg(replicas=2, inner_steps=2, compression="int4")
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2], replicas=2)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:groups], replicas=groups)
     trainer = trainer_for(cfg, mesh)
     batches = [
         {k: jax.device_put(v, trainer.batch_sharding) for k, v in b.items()}
@@ -205,3 +237,70 @@ def test_checkpoint_resume_is_exact(tmp_path):
         losses.append(float(stats["loss"]))
     assert losses == straight
     jax.tree.map(np.testing.assert_array_equal, resumed, state)
+
+
+@pytest.mark.parametrize("spec", ["fp32", "int4+topk=0.25"])
+def test_sparseloco_without_decay_is_nesterov_without_momentum(spec):
+    # β = 1: the same error feedback as nesterov's (none for fp32, top-k's otherwise), and
+    # SGD with momentum 0 either way: bit for bit the same run.
+    batches = _batches(2, small_config(), seed=8)
+    common = dict(replicas=2, inner_steps=1, outer_lr=0.7, compression=spec)
+    sparse = _cfg(outer_optimizer="sparseloco", feedback_decay=1.0, **common)
+    nesterov = _cfg(outer_optimizer="nesterov", outer_momentum=0.0, **common)
+    got, _ = _run(sparse, batches, replicas=2, groups=1)
+    want, _ = _run(nesterov, batches, replicas=2, groups=1)
+    assert (inmesh.FEEDBACK in got.opt_state) == ("topk" in spec)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4+topk=0.25", "fp4:block=16+topk=0.1", "bf16"])
+def test_decayed_error_feedback_matches_the_numpy_codec(spec):
+    # Three rounds of v = Δ + β·e, decoded = codec(v), e ← v − decoded per replica, against
+    # compress.encode(Δ, spec, error_feedback=β·e) in numpy: bit for bit (sign of zero too).
+    beta, n_rep = 0.95, 2
+    parsed = CompressionSpec.parse(spec)
+    assert inmesh.has_feedback(parsed, "sparseloco")
+    assert inmesh.has_feedback(parsed, "nesterov") == bool(parsed.topk)
+    rng = np.random.default_rng(9)
+    shapes = {"a": (3, 40), "b": (7,), "c": ()}
+    step = jax.jit(lambda d, e: inmesh.compress_pseudo_gradients(d, parsed, e, beta))
+    feedback_R = {k: np.zeros((n_rep, *s), np.float32) for k, s in shapes.items()}
+    want_feedback = [{k: np.zeros(s, np.float32) for k, s in shapes.items()}] * n_rep
+    for _ in range(3):
+        delta_R = {
+            k: (rng.standard_normal((n_rep, *s)) * 10.0 ** rng.integers(-4, 0)).astype(np.float32)
+            for k, s in shapes.items()
+        }
+        decoded_R, feedback_R = jax.device_get(step(delta_R, feedback_R))
+        for r in range(n_rep):
+            scaled = {k: np.float32(beta) * e for k, e in want_feedback[r].items()}
+            payload, want_feedback[r] = compress.encode(
+                {k: d[r] for k, d in delta_R.items()}, spec, error_feedback=scaled
+            )
+            want_decoded = compress.decode(payload)
+            for k in shapes:
+                for got, want in ((decoded_R, want_decoded), (feedback_R, want_feedback[r])):
+                    np.testing.assert_array_equal(
+                        np.asarray(got[k][r]).view(np.uint32), np.asarray(want[k]).view(np.uint32)
+                    )
+        assert any(np.any(e) for e in feedback_R.values())  # lossy: something was held back
+
+
+def test_sparseloco_keeps_decayed_feedback_per_fragment():
+    # int4 without top-k: nesterov keeps no error feedback, sparseloco does; with two
+    # fragments, after step 2 only fragment 1 (the head) was sent and has a residual (step 1's
+    # learning rate is 0, warm-up: a sync there would send Δ = 0).
+    cfg = _cfg(
+        replicas=2, inner_steps=4, fragments=2, compression="int4", outer_optimizer="sparseloco"
+    )
+    state, _ = _run(cfg, _batches(2, cfg, seed=10), replicas=2, groups=1)
+    feedback = state.opt_state[inmesh.FEEDBACK]
+    assert not np.any(feedback["embed"]) and np.any(feedback["head"])
+    q = feedback["blocks"]["attn"]["q"]  # scanned layers: layer 0 is fragment 0
+    assert not np.any(q[:, 0]) and np.any(q[:, 1])
+    reps = state.opt_state[inmesh.REPLICAS]
+    for r in range(2):
+        np.testing.assert_array_equal(reps["head"][r], state.params["head"])
+    nesterov = _cfg(replicas=2, inner_steps=4, fragments=2, compression="int4")
+    mesh = sharding.make_mesh(nesterov.mesh, jax.devices()[:1], replicas=1)
+    assert inmesh.FEEDBACK not in trainer_for(nesterov, mesh).abstract_state.opt_state

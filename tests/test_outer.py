@@ -119,3 +119,15 @@ def test_sparseloco_refuses_outer_momentum():
         outer.OuterSettings("sparseloco", 1.0, 0.9, 0.95)
     with pytest.raises(ValueError, match="unknown outer optimizer 'adam'"):
         outer.settings({"outer_optimizer": "adam"})
+
+
+def test_config_refuses_sparseloco_with_outer_momentum():
+    from near_jax import config as config_lib
+    from near_jax.config import ConfigError
+
+    cfg = config_lib.default_config()
+    cfg.diloco.outer_optimizer, cfg.diloco.outer_momentum = "sparseloco", 0.9
+    with pytest.raises(ConfigError, match="diloco.outer_momentum=0.9 is not allowed"):
+        config_lib.validate(cfg)
+    cfg.diloco.outer_momentum = 0.0  # 0 (or -1) is sparseloco's only momentum
+    config_lib.validate(cfg)
