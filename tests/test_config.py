@@ -159,6 +159,18 @@ RULES = [
     (dict(mesh__dcn_data=-1), "mesh.dcn_data", -1, "a positive integer"),
     # diloco
     (dict(diloco__replicas=-4), "diloco.replicas", -4, "0 (off) or a positive integer"),
+    (
+        dict(diloco__replicas=4, diloco__replica_groups=3),
+        "diloco.replica_groups",
+        3,
+        "0 (one per replica) or a divisor of diloco.replicas=4",
+    ),
+    (
+        dict(diloco__replica_groups=2),
+        "diloco.replica_groups",
+        2,
+        "0 (one per replica) or a divisor of diloco.replicas=0",
+    ),
     (dict(diloco__inner_steps=0), "diloco.inner_steps", 0, "a positive integer"),
     (
         dict(diloco__fragments=0),
@@ -261,6 +273,7 @@ LOWEST = [
     ("checkpoint.keep_every", 0, {}),
     ("mesh.dcn_data", 1, {}),
     ("diloco.replicas", 0, {}),
+    ("diloco.replica_groups", 0, {}),
     ("diloco.inner_steps", 1, {}),
     ("diloco.fragments", 1, {}),
     ("diloco.shard_bytes", 64, {}),

@@ -45,3 +45,20 @@ def test_trainer_for_picks_in_mesh_diloco_only_when_asked(monkeypatch):
     cfg.diloco.replicas = 2
     trainer_for(cfg, mesh)
     assert calls == ["plain", "diloco"]
+
+
+@pytest.mark.parametrize("groups, expected", [(0, 4), (2, 2), (1, 1)])
+def test_replica_groups_set_the_meshs_replica_axis(monkeypatch, tmp_path, groups, expected):
+    """diloco.replica_groups G lays the M replicas over G device groups (0: one each)."""
+    seen = []
+
+    def stop(cfg, mesh):
+        seen.append(mesh.shape[sharding.REPLICA_AXIS])
+        raise KeyboardInterrupt  # the mesh is all this test needs
+
+    monkeypatch.setattr(loop, "trainer_for", stop)
+    cfg = small_config()
+    cfg.diloco.replicas, cfg.diloco.replica_groups, cfg.diloco.inner_steps = 4, groups, 2
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, str(tmp_path))
+    assert seen == [expected]

@@ -160,6 +160,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "DiLoCo replicas in this program (0 = off, plain training); they split the "
             "devices and the global batch and meet only at outer steps.",
         ),
+        "replica_groups": (
+            0,
+            "Device groups the replicas are spread over (a divisor of replicas); 0 = one "
+            "per replica. Fewer groups train several replicas per group, vmapped (e.g. 8 "
+            "replicas on one CPU device).",
+        ),
         "inner_steps": (50, "H: inner (AdamW) steps between outer steps."),
         "outer_optimizer": (
             "nesterov",

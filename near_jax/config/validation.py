@@ -188,6 +188,13 @@ def _validate_diloco(cfg: ml_collections.ConfigDict) -> None:
         _fail("diloco.shard_bytes", dl.shard_bytes, "an integer >= 64")
     if dl.replicas < 0:
         _fail("diloco.replicas", dl.replicas, "0 (off) or a positive integer")
+    groups = dl.replica_groups
+    if groups < 0 or (groups and (not dl.replicas or dl.replicas % groups)):
+        _fail(
+            "diloco.replica_groups",
+            groups,
+            f"0 (one per replica) or a divisor of diloco.replicas={dl.replicas}",
+        )
     if dl.inner_steps < 1:
         _fail("diloco.inner_steps", dl.inner_steps, "a positive integer")
     if dl.outer_optimizer == "sparseloco" and dl.outer_momentum not in (-1, 0):

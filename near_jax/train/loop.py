@@ -102,7 +102,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config_lib.validate(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_config(cfg, tokenizer.vocab_size)
-    mesh = sharding.make_mesh(cfg.mesh, replicas=max(cfg.diloco.replicas, 1))
+    groups = cfg.diloco.replica_groups or cfg.diloco.replicas
+    mesh = sharding.make_mesh(cfg.mesh, replicas=max(groups, 1))
     check_batch(cfg, mesh)
     cfg.data.shards = cfg.data.shards or _run_shards(workdir) or jax.process_count()
     # The data iterator first: a bad source fails before any model work.
