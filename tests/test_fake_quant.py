@@ -156,13 +156,19 @@ def test_feedback_under_vmap(spec):
             assert_bit_equal(replica(ef, r), efs_np[r])
 
 
-@pytest.mark.parametrize("spec", ["fp32+topk=0.1", "int8:block=16+topk=0.37"])
-def test_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
-    # Four magnitudes over 600 entries: the k-th largest is tied ~150 times.
-    rng = np.random.default_rng(3)
+def tied_roundtrip(spec, seed):
+    """(x, jnp round trip of x): four magnitudes over 600 signed entries, so top-k's
+    threshold is tied many times; the round trip is checked bit for bit against numpy."""
+    rng = np.random.default_rng(seed)
     x = (rng.integers(1, 5, 600) * rng.choice([-1, 1], 600)).astype(np.float32)
     got = np.asarray(jitted(spec)(x))
     np.testing.assert_array_equal(bits(got), bits(numpy_roundtrip(x, spec)[0]))
+    return x, got
+
+
+@pytest.mark.parametrize("spec", ["fp32+topk=0.1", "int8:block=16+topk=0.37"])
+def test_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
+    x, got = tied_roundtrip(spec, seed=3)  # the k-th largest is tied ~150 times
     k = compress.topk_count(x.size, CompressionSpec.parse(spec).topk)
     threshold = np.sort(np.abs(x))[-k]
     tied, kept = np.flatnonzero(np.abs(x) == threshold), np.flatnonzero(got)
@@ -172,11 +178,7 @@ def test_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
 
 @pytest.mark.parametrize("spec", ["fp32:chunk=64+topk=0.1", "int2:block=16:chunk=50+topk=0.37"])
 def test_chunked_topk_ties_go_to_the_lowest_indices_as_in_numpy(spec):
-    # Four magnitudes over 600 entries: within most chunks the k_c-th largest is tied.
-    rng = np.random.default_rng(5)
-    x = (rng.integers(1, 5, 600) * rng.choice([-1, 1], 600)).astype(np.float32)
-    got = np.asarray(jitted(spec)(x))
-    np.testing.assert_array_equal(bits(got), bits(numpy_roundtrip(x, spec)[0]))
+    x, got = tied_roundtrip(spec, seed=5)  # within most chunks the k_c-th largest is tied
     parsed = CompressionSpec.parse(spec)
     straddled = 0
     for start in range(0, x.size, parsed.chunk):
