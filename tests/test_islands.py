@@ -233,7 +233,7 @@ def test_a_two_host_island_pushes_its_own_shards_and_gives_the_same_bits(tmp_pat
     assert all(host[0]["bytes_pulled"] < one[0]["bytes_pulled"] for host in two)
 
 
-def _overlap_run(procs, tmp_path, name, islands, *extra, config=(), rounds=3):
+def _overlap_run(procs, tmp_path, name, islands, *extra, config=(), rounds=4):
     """Starts an aggregator (`rounds`, quorum = len(islands)) and `islands` with `extra`
     flags in their own store under tmp_path/name (`config` flags for all); returns the
     store."""
@@ -251,10 +251,11 @@ def _overlap_run(procs, tmp_path, name, islands, *extra, config=(), rounds=3):
 
 
 def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_path):
-    """--overlap=0 (the exchange in a background thread, then the restart formula) gives
-    the synchronous run's contributions and params bit for bit; an overlapped run of 2
-    fragments with SparseLoCo (2-bit chunked top-k, error feedback decayed, no outer
-    momentum) finishes, syncs each fragment in turn, learns and replays cleanly."""
+    """All three runs: 2 fragments, SparseLoCo (2-bit chunked top-k, decayed error feedback,
+    no outer momentum). --overlap=0 (the exchange in a background thread, then the restart
+    formula) gives the synchronous run's contributions and params bit for bit; an
+    overlapped run of two islands finishes, syncs each fragment in turn, learns and
+    replays cleanly."""
     wait = "--wait_for_run=240"
     sparse = [
         "--config.diloco.outer_optimizer=sparseloco",
@@ -266,11 +267,12 @@ def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_
     procs = Procs(tmp_path)
     try:
         stores = {
-            "sync": _overlap_run(procs, tmp_path, "sync", ["a"], wait),
-            "zero": _overlap_run(procs, tmp_path, "zero", ["a"], wait, "--overlap=0"),
-            "full": _overlap_run(
-                procs, tmp_path, "full", "ab", wait, "--overlap=1", config=sparse, rounds=4
+            # One model and run config for all three: one compilation, shared via the cache.
+            "sync": _overlap_run(procs, tmp_path, "sync", ["a"], wait, config=sparse),
+            "zero": _overlap_run(
+                procs, tmp_path, "zero", ["a"], wait, "--overlap=0", config=sparse
             ),
+            "full": _overlap_run(procs, tmp_path, "full", "ab", wait, "--overlap=1", config=sparse),
         }
         for proc in procs.procs.values():
             proc.wait(timeout=300)
@@ -278,7 +280,7 @@ def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_
         procs.kill_all()
     assert all(p.returncode == 0 for p in procs.procs.values()), procs.logs()
     sync, zero, full = stores["sync"], stores["zero"], stores["full"]
-    for r in range(3):
+    for r in range(4):
         key = protocol.contrib_key(RUN, r, "a")
         assert sync.get(key) == zero.get(key), f"round {r}: the contributions differ"
     assert (
@@ -298,9 +300,9 @@ def test_overlap_zero_is_synchronous_bit_for_bit_and_overlapped_runs_replay(tmp_
         v = protocol.load_version(full, RUN, r + 1, plan)
         touched = tuple(s for s, h in enumerate(v.manifest.update) if h is not None)
         assert touched == plan.fragment(2, r), (r, touched)
-    for name, rounds in (("sync", 3), ("full", 4)):
+    for name in ("sync", "full"):
         records = metric_records(tmp_path / name / "a" / "metrics.jsonl", "island")
-        assert len(records) == rounds
+        assert len(records) == 4
         for x in records:  # utilization = train / wall; idle = waiting with nothing to train
             assert 0 < x["utilization"] <= 1 and x["idle_s"] >= 0, x
             assert abs(x["utilization"] - x["train_s"] / x["wall_s"]) < 1e-9, x
