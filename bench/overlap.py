@@ -8,7 +8,8 @@ subprocesses of the real programs (`python -m near_jax.diloco.aggregator` / `.is
 behind `--link` (`near_jax.diloco.slowlink`), for R rounds. Each island logs per round
 (metrics.jsonl, split "island"): train_s, idle_s, wall_s, utilization = train_s / wall_s,
 wait_s, bytes_pushed, bytes_pulled. Round 0 (compile, join, the full pull) is skipped; a
-row is the median over islands and rounds 1..R-1.
+row is the median over islands and rounds 1..R-1 (utilization_pooled: their summed train_s
+over their summed wall_s; utilization_min: the worst of them).
 
 Modes:
   sync      the islands wait for each round (no --overlap); SparseLoCo, int2 top-1% payloads
@@ -139,6 +140,8 @@ def summarize(mode: str, records: list[dict], seconds: float, a: argparse.Namesp
     for name in FIELDS:
         row[name] = statistics.median(r[name] for r in kept) if kept else None
     row["utilization_min"] = min(r["utilization"] for r in kept) if kept else None
+    walls = sum(r["wall_s"] for r in kept)  # pooled: all kept rounds' train over their wall
+    row["utilization_pooled"] = sum(r["train_s"] for r in kept) / walls if walls else None
     # Steps trained per round: H (H−τ then τ with overlap); per second of wall and of train.
     row["steps_per_s"] = statistics.median(a.inner / r["wall_s"] for r in kept) if kept else None
     row["compute_steps_per_s"] = (
@@ -152,7 +155,8 @@ def summarize(mode: str, records: list[dict], seconds: float, a: argparse.Namesp
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["mode", "link", "payload", "overlap", "utilization", "utilization_min"]
+    cols = ["mode", "link", "payload", "overlap", "utilization", "utilization_pooled"]
+    cols += ["utilization_min"]
     cols += ["idle_s", "train_s", "wall_s", "wait_s", "bytes_pushed", "bytes_pulled"]
     cols += ["steps_per_s", "compute_steps_per_s", "samples", "mode_s"]
 
