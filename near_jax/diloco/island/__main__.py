@@ -36,7 +36,9 @@ compression spec, outer optimizer and H come from the run's manifest, not this c
 
 Metrics (`--workdir`/metrics.jsonl, split "island", step = round): inner_loss, bytes_pushed,
 bytes_pulled (full pulls when joining or behind, updates every round, small JSON objects),
-full_pull, wait_s (idle, waiting for the next version), train_s, accepted, late, version.
+full_pull, wait_s (from the push to the next version), train_s (inner steps), idle_s (not
+training, waiting for the round's exchange), wall_s, utilization (train_s / wall_s), accepted,
+late, version.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ and restarts only that round's fragment, the rest trains on. With `overlap=τ` t
 exchange (`exchange.Exchange.round`: push, wait, decision, pull) runs in a background thread
 while τ more inner steps train; the island then restarts the changed shards from the new
 version plus the progress made since the push (`restart_params`), so it idles only if the
-exchange takes longer than τ steps. Each round logs train_s, idle_s, wall_s and
+exchange takes longer than τ steps. Each round logs train_s (inner steps), idle_s (waiting
+for the exchange with nothing to train), wall_s (the rest is host work: Δ, the restart) and
 utilization = train_s / wall_s.
 """
 
@@ -158,7 +159,9 @@ def train_island(
             # 1. inner steps: H (H/F a round with F fragments) from θ_r, less τ after an
             # overlapped round (the τ steps trained while it was exchanged count here).
             steps = round_steps(inner_steps, fragments, r) - (overlap if carried else 0)
+            t_train = now()
             state, losses = _train(trainer, state, train_iter, steps)
+            train_s = now() - t_train  # inner steps only: host work (Δ, restart) is neither
             losses = late_losses + losses
             if claim is not None and claim.lost:
                 raise ProtocolError(
@@ -186,10 +189,10 @@ def train_island(
             exchange = functools.partial(
                 comm.round, held, delta, spec, feedback or None, extra, fragment
             )
-            train_s = now() - round_start
             if overlap is None:
+                t_exchange = now()
                 result = exchange()
-                idle_s, late_losses = now() - round_start - train_s, []  # nothing carried
+                idle_s, late_losses = now() - t_exchange, []  # nothing carried
             else:
                 join = _in_background(exchange)
                 t_more = now()
