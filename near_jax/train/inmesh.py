@@ -2,26 +2,45 @@
 
     --config.diloco.replicas=2 --config.diloco.inner_steps=50   # on any train command
 
-The mesh gets a leading `replica` axis (`sharding.make_mesh(..., replicas=R)`); `mesh.*`
-lays out the devices of one replica. The global batch is cut into R equal parts, one per
-replica. Every step each replica runs the ordinary train step (AdamW, micro-batches, the
-same update as `make_update`) on its own part, inside a `shard_map` whose `replica`
-axis is manual: no collective can cross replicas in an inner step. Every H steps the
-pseudo-gradients Δ_r = θ − θ_r are compressed (`diloco.compression`, simulated bit-exactly
-as islands would send them), averaged over replicas (the one collective over `replica`),
-and the outer optimizer updates the global θ (`outer.py`); every replica restarts from it.
+The mesh gets a leading `replica` axis of G device groups (`sharding.make_mesh(...,
+replicas=G)`); `mesh.*` lays out the devices of one group. `diloco.replicas` = M replicas
+(a multiple of G; the train command uses G = M) are spread over the groups, M / G each. The
+global batch is cut into M equal parts, one per replica. Every step each replica runs the
+ordinary train step (AdamW, micro-batches, the same update as `make_update`) on its own
+part, inside a `shard_map` whose `replica` axis is manual: no collective can cross groups in
+an inner step, and a group's M / G replicas are batched with `vmap` (with one replica per
+group, `update` runs unbatched, as in plain training). Batching changes nothing but float32
+reduction order, so M = 4 on 1, 2 or 4 groups train alike to ~1e-7; many replicas fit on
+few devices (M = 8 on one CPU device). Every H steps the pseudo-gradients Δ_r = θ − θ_r are
+compressed (`diloco.compression`, simulated bit-exactly as islands would send them),
+averaged over replicas (the one collective over `replica`), and the outer optimizer
+updates the global θ (`outer.py`); every replica restarts from it.
+
+Outer optimizers (`diloco.outer_optimizer`, resolved by `outer.settings`):
+
+    nesterov    SGD + Nesterov momentum; error feedback only with top-k (as islands do)
+    sparseloco  plain SGD (momentum 0); error feedback whenever compression is lossy
+
+With error feedback each replica r keeps e_r (float32, in `opt_state[FEEDBACK]`) and sends
+codec(v) with v = Δ_r + β·e_r, then e_r ← v − codec(v) (β = `diloco.feedback_decay`;
+nesterov's default is 1, and a β ≠ 1 given with nesterov's top-k feedback applies too).
+`compress_pseudo_gradients` equals `compress.encode(Δ, spec, error_feedback=β·e)` bit for
+bit. So sparseloco with β = 1 is nesterov with momentum 0, exactly.
 
 Streaming DiLoCo (`diloco.fragments` = F): the blocks are cut into F contiguous fragments
 (the embedding goes with the first, the head and final norm with the last); fragment f
 syncs at steps where step % H == f·H // F, so only 1/F of the params moves at a time.
+Only the due fragments' error feedback changes at a sync.
 
 The state is an ordinary TrainState: `params` are the global params (what eval, generate
 and export read), and `opt_state` holds the replicas' params and inner optimizer states
-(leading axis R) and the outer optimizer state. Checkpoints and exact resume work as for
-plain training.
+(leading axis M, whatever G) and the outer optimizer state. Checkpoints and exact resume
+work as for plain training.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +50,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from near_jax import model, sharding
+from near_jax.config import ConfigError
 from near_jax.diloco import outer
 from near_jax.diloco.codec import fake_quant
 from near_jax.diloco.codec.spec import CompressionSpec
@@ -61,6 +81,44 @@ def due_fragments(step: jax.Array, inner_steps: int, fragments: int) -> jax.Arra
     return (step % inner_steps) == offsets_Z
 
 
+def has_feedback(spec: CompressionSpec, optimizer: str) -> bool:
+    """Whether replicas keep error feedback: with top-k (either outer optimizer, as islands
+    do), and with sparseloco whenever the compression is lossy (anything but plain fp32)."""
+    lossy = spec.format != "fp32" or bool(spec.topk)
+    return bool(spec.topk) or (optimizer == "sparseloco" and lossy)
+
+
+def compress_pseudo_gradients(
+    delta_R: Any, spec: CompressionSpec, feedback_R: Any = None, decay: float = 1.0
+) -> tuple[Any, Any]:
+    """(decoded_R, new feedback_R): each replica's Δ (leading axis R) as islands would send it.
+
+    With error feedback (`feedback_R` not None): v = Δ + decay·e, decoded = codec(v),
+    e ← v − decoded, per replica (`compress.encode(Δ, spec, error_feedback=decay·e)`, bit for
+    bit). Without: decoded = codec(Δ) (Δ itself for plain fp32), and the feedback is None.
+    """
+    if feedback_R is None:
+        if spec.format == "fp32" and not spec.topk:
+            return delta_R, None
+        return jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R), None
+    if decay != 1.0:  # (with decay 1 nothing is multiplied: exactly the undecayed feedback)
+        feedback_R = jax.tree.map(lambda e: _scaled(e, decay), feedback_R)
+    return jax.vmap(lambda d, e: fake_quant.roundtrip_with_feedback(d, spec, e))(
+        delta_R, feedback_R
+    )
+
+
+def _scaled(e: jax.Array, decay: float) -> jax.Array:
+    """decay·e rounded once, in a form XLA cannot fuse into the next add.
+
+    Δ + decay·e would be contracted into one fused multiply-add (rounding once, where the
+    numpy codec rounds the product, then the sum). Subtracting e − e (+0 for finite e; not
+    foldable without fast-math, see fake_quant's Exactness) leaves the value and its sign
+    unchanged (−0 − +0 = −0), and the add that follows then sees a subtract, not a multiply.
+    """
+    return jnp.float32(decay) * e - (e - e)
+
+
 def _replica_sharding(shardings, mesh):
     """Shardings of arrays with a leading replica axis, from those of one replica's arrays."""
     return jax.tree.map(
@@ -69,20 +127,39 @@ def _replica_sharding(shardings, mesh):
 
 
 def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
-    """The DiLoCo Trainer (same interface as `trainer_for`)."""
+    """The DiLoCo Trainer (same interface as `trainer_for`).
+
+    `mesh` has G = mesh.shape["replica"] replica groups (`make_mesh(..., replicas=G)`);
+    `diloco.replicas` = M must be a multiple of G, and each group trains M / G replicas.
+    """
     dl = cfg.diloco
     n_rep, h, n_frag = dl.replicas, dl.inner_steps, dl.fragments
-    if mesh.shape[sharding.REPLICA_AXIS] != n_rep:
-        raise ValueError(
-            f"the mesh has {mesh.shape[sharding.REPLICA_AXIS]} replicas but "
-            f"config.diloco.replicas={n_rep} (build it with make_mesh(..., replicas=R))"
+    n_groups = mesh.shape[sharding.REPLICA_AXIS]
+    if n_rep % n_groups:
+        raise ConfigError(
+            f"config.diloco.replicas={n_rep} is not allowed: it must be a multiple of the "
+            f"mesh's {n_groups} replica groups (make_mesh(..., replicas=G))"
+        )
+    per_group = n_rep // n_groups
+    # Each replica's share of the batch must split over its group's data-parallel devices
+    # and the micro-batches (check_batch only sees the G groups, not the M replicas).
+    inner_dp = sharding.data_parallel_size(mesh) // n_groups
+    rows = n_rep * inner_dp * cfg.train.microbatches
+    if cfg.train.global_batch_size % rows:
+        raise ConfigError(
+            f"config.train.global_batch_size={cfg.train.global_batch_size} is not allowed: "
+            f"it must be a multiple of diloco.replicas {n_rep} x the data-parallel size of "
+            f"one replica group {inner_dp} x train.microbatches {cfg.train.microbatches} = {rows}"
         )
     spec = CompressionSpec.parse(dl.compression)
     model_cfg = model.ModelConfig.from_config(cfg.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
     update = make_update(model_cfg, optimizer, schedule, cfg.train.microbatches)
     outer_settings = outer.settings(dl)
+    # sparseloco's momentum is 0 (validated): its outer step is plain SGD.
     outer_opt = outer.outer_optimizer(outer_settings.lr, outer_settings.momentum)
+    use_feedback = has_feedback(spec, outer_settings.optimizer)
+    decay = outer_settings.feedback_decay
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rep, *x.shape)), tree)  # noqa: E731
 
     def init_state(rng: jax.Array) -> TrainState:
@@ -94,7 +171,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
             INNER: jax.vmap(optimizer.init)(replicas),
             OUTER: outer_opt.init(params),
         }
-        if spec.topk:  # top-k's error feedback: what each replica has not sent yet
+        if use_feedback:  # error feedback: what each replica has not sent yet
             opt_state[FEEDBACK] = jax.tree.map(lambda r: jnp.zeros(r.shape, jnp.float32), replicas)
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng))
 
@@ -119,15 +196,19 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         transform_non_params=lambda _: repl,
     )
     opt_shardings = {REPLICAS: replica_shardings, INNER: inner_shardings, OUTER: outer_shardings}
-    if spec.topk:
+    if use_feedback:
         opt_shardings[FEEDBACK] = replica_shardings
     state_shardings = TrainState(repl, param_shardings, opt_shardings, repl)
     frag_ids = fragment_ids(abstract.params, model_cfg.n_layers, n_frag)
 
-    def local_steps(params_R, inner_R, step, batch_R):
-        """One inner step of this replica (leading axis 1 inside the shard_map)."""
+    def local_steps(params_K, inner_K, step, batch_K):
+        """One inner step of this group's K = M / G replicas (leading axis K)."""
+        if per_group > 1:  # several replicas per device group: batched over them
+            return jax.vmap(update, in_axes=(0, 0, None, 0))(params_K, inner_K, step, batch_K)
+        # One replica per group: run `update` as plain training does (no batching, so the
+        # same XLA program and numerics as before groups held several replicas).
         squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-        params, inner, stats = update(squeeze(params_R), squeeze(inner_R), step, squeeze(batch_R))
+        params, inner, stats = update(squeeze(params_K), squeeze(inner_K), step, squeeze(batch_K))
         return jax.tree.map(lambda x: x[None], (params, inner, stats))
 
     inner_step = jax.shard_map(
@@ -151,16 +232,11 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         """
         delta_R = jax.vmap(outer.pseudo_gradient, in_axes=(None, 0))(params, replicas)
         due = jax.tree.map(lambda ids: due_Z[ids], frag_ids)
-        if spec.format != "fp32" or spec.topk:
-            if spec.topk:
-                delta_R, new_feedback = jax.vmap(
-                    lambda d, e: fake_quant.roundtrip_with_feedback(d, spec, e)
-                )(delta_R, feedback)
-                feedback = jax.tree.map(
-                    lambda m, n, o: jnp.where(m[None], n, o), due, new_feedback, feedback
-                )
-            else:
-                delta_R = jax.vmap(lambda d: fake_quant.roundtrip(d, spec))(delta_R)
+        delta_R, new_feedback = compress_pseudo_gradients(delta_R, spec, feedback, decay)
+        if use_feedback:  # only the due fragments were sent: the others keep their residual
+            feedback = jax.tree.map(
+                lambda m, n, o: jnp.where(m[None], n, o), due, new_feedback, feedback
+            )
         kept = jnp.sum(keep_R)
 
         def average(d_R):  # the one collective across replicas
@@ -207,7 +283,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tra
         stats["outer_fragments"] = jnp.sum(due_Z).astype(jnp.float32)
         stats["outer_kept"] = jnp.where(jnp.any(due_Z), jnp.sum(keep_R), 0).astype(jnp.float32)
         opt_state = {REPLICAS: replicas, INNER: inner, OUTER: outer_state}
-        if spec.topk:
+        if use_feedback:
             opt_state[FEEDBACK] = feedback
         return TrainState(step, params, opt_state, state.rng), stats
 
