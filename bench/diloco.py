@@ -13,8 +13,10 @@ Rows, for each M in --replicas (in that order: the first is the priority) and H 
   sparseloco     each --sparse spec (2-bit values of a chunked top-k), outer optimizer
                  `sparseloco` (plain SGD, error feedback decayed by beta), its default lr.
 Every row at the same M trains the same model from the same init on the same pre-read token
-stream for the same number of inner steps. The M replicas are vmapped inside one program on
-one device (in-mesh DiLoCo, `near_jax.train.inmesh`), so M = 8 and 16 run on a 2-core CPU.
+stream for the same number of inner steps. The M replicas live inside one program (in-mesh
+DiLoCo, `near_jax.train.inmesh`), spread over --groups simulated CPU devices with M/G of
+them vmapped on each: --groups=1 puts all M on one device (M = 8 and 16 fit a 2-core CPU),
+the default 4 is the same math (float32 reduction order aside) and 2.3x faster per step here.
 
 Bytes (P = parameter count):
   fp32/payload  per round: 4P / the exact payload size (`compress.encode(Δ, spec)[0].nbytes`,
@@ -72,6 +74,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compression", default="int4", help="DiLoCo specs at the best lr")
     ap.add_argument("--sparse", default=SPARSE, help="SparseLoCo specs ('' = none)")
     ap.add_argument("--sparse-lr", type=float, default=-1, help="-1 = sparseloco's default")
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=4,
+        help="devices the M replicas are spread over (M/G vmapped on each); 1 = all vmapped "
+        "on one device (2.3x slower per step than 4 at M=4 on the 2-core CPU)",
+    )
     ap.add_argument("--rows", default="diloco_rows.jsonl", help="the row file (JSONL)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --rows")
     ap.add_argument("--report", action="store_true", help="print the file's rows, run none")
@@ -118,7 +127,7 @@ def sweep(args, preset, setup: str, n_params: int, store: lib.RowFile) -> None:
         if m not in streams:
             streams.clear()  # one M's stream in memory at a time
             streams[m] = lib.token_stream(cfg)
-        out = lib.run_row(cfg, streams[m])
+        out = lib.run_row(cfg, streams[m], args.groups)
         delta = out.pop("delta")
         if method == "data-parallel":
             payload, total = 4 * n_params, lib.dp_bytes(n_params, m, steps)

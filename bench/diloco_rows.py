@@ -88,27 +88,24 @@ def token_stream(cfg: ml_collections.ConfigDict) -> list[dict[str, np.ndarray]]:
     return [next(it) for _ in range(cfg.train.steps)]
 
 
-def _trainer(cfg: ml_collections.ConfigDict):
-    """(trainer, layout). DiLoCo's M replicas are vmapped on one device where in-mesh DiLoCo
-    allows it (replicas a multiple of the mesh's replica axis), else one device each."""
+def _trainer(cfg: ml_collections.ConfigDict, groups: int):
+    """(trainer, layout). DiLoCo's M replicas are spread over `groups` devices (the mesh's
+    replica axis, G = min(groups, M)), M / G vmapped on each; groups=1: all on one device."""
     devices = jax.devices()
-    if not cfg.diloco.replicas:
-        return trainer_for(cfg, sharding.make_mesh(cfg.mesh, devices[:1])), "1 device"
-    try:
-        mesh = sharding.make_mesh(cfg.mesh, devices[:1], replicas=1)
-        return trainer_for(cfg, mesh), "vmap, 1 device"
-    except ValueError as e:
-        if "replicas" not in str(e):
-            raise
     m = cfg.diloco.replicas
-    mesh = sharding.make_mesh(cfg.mesh, devices[:m], replicas=m)
-    return trainer_for(cfg, mesh), f"shard_map, {m} devices"
+    if not m:
+        return trainer_for(cfg, sharding.make_mesh(cfg.mesh, devices[:1])), "1 device"
+    g = min(groups, m)
+    while m % g:
+        g -= 1
+    mesh = sharding.make_mesh(cfg.mesh, devices[:g], replicas=g)
+    return trainer_for(cfg, mesh), f"{g} dev x {m // g} vmap"
 
 
-def run_row(cfg: ml_collections.ConfigDict, batches) -> dict[str, Any]:
+def run_row(cfg: ml_collections.ConfigDict, batches, groups: int) -> dict[str, Any]:
     """Trains one row on `batches`; returns its eval loss, timings and Δ = θ_0 − θ_final."""
     config_lib.validate(cfg)
-    trainer, layout = _trainer(cfg)
+    trainer, layout = _trainer(cfg, groups)
     state = trainer.init(jax.random.key(cfg.seed))
     start_params = jax.device_get(state.params)
     start = time.perf_counter()
