@@ -95,7 +95,7 @@ def _trainer(cfg: ml_collections.ConfigDict, groups: int):
     m = cfg.diloco.replicas
     if not m:
         return trainer_for(cfg, sharding.make_mesh(cfg.mesh, devices[:1])), "1 device"
-    g = min(groups, m)
+    g = min(groups, m, len(devices))
     while m % g:
         g -= 1
     mesh = sharding.make_mesh(cfg.mesh, devices[:g], replicas=g)
