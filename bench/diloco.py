@@ -1,7 +1,8 @@
 """DiLoCo and SparseLoCo vs a tuned data-parallel baseline: eval loss against bytes sent.
 
     python3 bench/diloco.py --resume             # the full CPU sweep (hours on 2 cores)
-    python3 bench/diloco.py --steps=60 --replicas=2 --inner=10 --rows=/tmp/smoke.jsonl
+    python3 bench/diloco.py --steps=60 --replicas=2 --inner=10 --dp-lrs=4e-3 \
+        --outer-lrs=0.7 --sparse=int2:chunk=4096+topk=0.01 --rows=/tmp/smoke.jsonl  # smoke
     python3 bench/diloco.py --preset=gpu --resume  # 100M+ params, 10k steps: an accelerator
 
 Rows, for each M in --replicas (in that order: the first is the priority) and H in --inner:
@@ -204,20 +205,17 @@ def targets(rows) -> list[str]:
     """The issue's targets, checked against the rows that exist (or why they cannot be)."""
     out = ["", "targets:"]
     fp32 = lib.best(rows, method="diloco", M=4, H=30, compression="fp32")
-    sparse = next(
-        (r for r in rows if r["method"] == "sparseloco" and (r["M"], r["H"]) == (4, 30)
-         and "topk=0.01" in r["compression"]),
-        None,
-    )  # fmt: skip
-    if fp32 is None or sparse is None or sparse["eval_loss"] is None:
+    sparse = [r for r in rows if r["method"] == "sparseloco" and (r["M"], r["H"]) == (4, 30)]
+    if fp32 is None or not any("topk=0.01" in r["compression"] for r in sparse):
         out.append("  M=4 H=30 SparseLoCo 1% vs fp32 DiLoCo: rows missing, not checked")
-    else:
-        gap = sparse["eval_loss"] / fp32["eval_loss"] - 1
-        ok = sparse["bytes_ratio_vs_dp"] >= 1000 and gap <= 0.01
+    for r in sparse if fp32 else []:
+        gap = r["eval_loss"] / fp32["eval_loss"] - 1 if r["eval_loss"] else math.inf
+        ok = r["bytes_ratio_vs_dp"] >= 1000 and gap <= 0.01
         out.append(
-            f"  M=4 H=30 SparseLoCo {sparse['compression']}: {sparse['bytes_ratio_vs_dp']:.0f}x "
-            f"fewer bytes than DP (>= 1000), eval loss {100 * gap:+.2f}% vs fp32 DiLoCo "
+            f"  M=4 H=30 SparseLoCo {r['compression']}: {r['bytes_ratio_vs_dp']:.0f}x fewer "
+            f"bytes than DP (>= 1000), eval loss {100 * gap:+.2f}% vs tuned fp32 DiLoCo "
             f"(<= +1%): {'met' if ok else 'NOT met'}"
+            + ("" if "0.01" in r["compression"] else " (the target names 1%; shown for reference)")
         )
     hs = sorted({r["H"] for r in rows if r["method"] == "diloco" and r["M"] == 4})
     d = lib.best(rows, method="diloco", M=4, H=hs[-1], compression="fp32") if hs else None
