@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=3000,
         batch=1,
         eval_seqs=256,
-    ),  # fmt: skip
+    ),
     # ~132M params, for an accelerator (not run on the CPU development machine).
     "gpu": dict(
         d_model=768,
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=10_000,
         batch=16,
         eval_seqs=1024,
-    ),  # fmt: skip
+    ),
 }
 VOCAB = 384  # the byte tokenizer's 256 bytes + specials, rounded up to 128
 EVAL_BATCH = 32  # sequences per eval step, whatever M: every row sees the same val tokens
