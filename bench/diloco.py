@@ -137,14 +137,23 @@ def sweep(args, preset, setup: str, n_params: int, store: lib.RowFile) -> None:
             total = lib.diloco_bytes(n_params, payload, steps, h)
         loss = out.pop("eval_loss")
         result = dict(
-            setup=setup, method=method, M=m, H=h, compression=spec, lr=lr, inner_lr=inner_lr,
-            outer_optimizer=outer, eval_loss=loss if math.isfinite(loss) else None,
-            payload_bytes=payload, payload_ratio_vs_fp32=round(4 * n_params / payload, 2),
+            setup=setup,
+            method=method,
+            M=m,
+            H=h,
+            compression=spec,
+            lr=lr,
+            inner_lr=inner_lr,
+            outer_optimizer=outer,
+            eval_loss=loss if math.isfinite(loss) else None,
+            payload_bytes=payload,
+            payload_ratio_vs_fp32=round(4 * n_params / payload, 2),
             bytes_per_worker=total,
             bytes_ratio_vs_dp=round(lib.dp_bytes(n_params, m, steps) / total, 2),
-            steps=steps, date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            steps=steps,
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             **out,
-        )  # fmt: skip
+        )
         store.append(result)
         print(
             f"  {method} M={m} H={h} {spec} lr={lr:g}: eval loss {loss:.4f}, "
@@ -190,14 +199,29 @@ def report(args, preset, setup: str, n_params: int, store: lib.RowFile) -> None:
     for line in targets(rows):
         print(line)
     keep = (
-        "method", "M", "H", "compression", "lr", "inner_lr", "tuned", "bytes_ratio_vs_dp",
-        "payload_ratio_vs_fp32", "eval_loss", "loss_gap_vs_dp", "s_per_step", "row_s",
-    )  # fmt: skip
+        "method",
+        "M",
+        "H",
+        "compression",
+        "lr",
+        "inner_lr",
+        "tuned",
+        "bytes_ratio_vs_dp",
+        "payload_ratio_vs_fp32",
+        "eval_loss",
+        "loss_gap_vs_dp",
+        "s_per_step",
+        "row_s",
+    )
     summary = dict(
-        bench="diloco", preset=args.preset, params=n_params, steps=preset["steps"],
-        batch_per_replica=preset["batch"], seq_len=preset["seq_len"],
+        bench="diloco",
+        preset=args.preset,
+        params=n_params,
+        steps=preset["steps"],
+        batch_per_replica=preset["batch"],
+        seq_len=preset["seq_len"],
         rows=[{k: r[k] for k in keep} for r in rows],
-    )  # fmt: skip
+    )
     print(json.dumps(summary))
 
 
