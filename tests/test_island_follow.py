@@ -98,3 +98,21 @@ def test_catch_up_pulls_the_latest_when_the_target_was_collected(started):
     rounds(store, agg, 4)  # versions 0..2 collected: only 3 and 4 are stored in full
     held, pulled = follow.catch_up(store, RUN, "x", None, 1, plan(), LR, MU)
     assert pulled and held.version == 4
+
+
+def test_newer_rereads_latest_when_the_run_finished_meanwhile(started, monkeypatch):
+    """The last round publishes `latest` and then `finished` between the island's read of
+    `latest` and its check of `finished`: newer returns the final version, not the stale one."""
+    store, _, _ = started
+    real = protocol.read_latest
+    reads = []
+
+    def read_latest(store, run):
+        reads.append(1)
+        if len(reads) == 1:  # the island's first read: before the last round was published
+            return real(store, run)
+        return {**real(store, run), "version": 1}
+
+    store.put(protocol.finished_key(RUN), protocol.dumps({"version": 1}))
+    monkeypatch.setattr(protocol, "read_latest", read_latest)
+    assert follow.newer(store, RUN, 0, "a")["version"] == 1 and len(reads) == 2

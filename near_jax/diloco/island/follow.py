@@ -48,7 +48,12 @@ def newer(store: ObjectStore, run: str, version: int, island: str) -> dict | Non
         latest = None
     if latest and latest["version"] > version:
         return latest
-    return latest if tolerant(island, lambda: store.exists(protocol.finished_key(run))) else None
+    if not tolerant(island, lambda: store.exists(protocol.finished_key(run))):
+        return None
+    # `finished` is written after `latest` reaches the final version: read `latest` again, or
+    # one read just before the last round was published would look like the final version.
+    again = tolerant(island, lambda: protocol.read_latest(store, run))
+    return again if again is not None and not quarantine.latest_problem(again) else latest
 
 
 _warned: set[str] = set()
