@@ -78,6 +78,7 @@ def create_run(agg: Aggregator, trainer, cfg, *, rounds: int) -> bool:
     """Creates the run at version 0 with the params `near_jax.train` would start from
     (`cfg.seed`); True if this call created it (ValueError: its manifest is not storable)."""
     params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
+    settings = outer.settings(cfg.diloco)
     info = {
         **manifest_fields(cfg),
         "seed": cfg.seed,
@@ -85,8 +86,8 @@ def create_run(agg: Aggregator, trainer, cfg, *, rounds: int) -> bool:
         "inner_steps": cfg.diloco.inner_steps,
         # Islands read these two: how their error feedback decays (the lr and momentum the
         # aggregator applies are recorded by Aggregator.create).
-        "outer_optimizer": outer.settings(cfg.diloco).optimizer,
-        "feedback_decay": outer.settings(cfg.diloco).feedback_decay,
+        "outer_optimizer": settings.optimizer,
+        "feedback_decay": settings.feedback_decay,
         "quorum": agg.quorum,
         "round_timeout": agg.round_timeout,
         "num_params": protocol.num_elements(agg.like),
