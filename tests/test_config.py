@@ -202,6 +202,12 @@ RULES = [
     ),
     (dict(contrib__score_batches=-2), "contrib.score_batches", -2, "a positive integer"),
     (
+        dict(contrib__validate_sample=4, contrib__aggregation="top_g"),
+        "contrib.validate_sample",
+        4,
+        "0 with contrib.aggregation=top_g",
+    ),
+    (
         dict(contrib__attestation="no factory here"),
         "contrib.attestation",
         "no factory here",
@@ -279,6 +285,9 @@ LOWEST = [
     ("diloco.shard_bytes", 64, {}),
     ("contrib.top_g", 1, {}),
     ("contrib.score_batches", 1, {}),
+    ("contrib.assigned_batches", 1, {}),
+    ("contrib.validate_sample", 0, {}),
+    ("contrib.new_keys_per_round", 0, {}),
 ]
 
 

@@ -250,6 +250,39 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "Comma-separated code hashes accepted besides the aggregator's own "
             "(python -m near_jax.contrib codehash).",
         ),
+        "assigned_data": (
+            True,
+            "Each contributor trains round r on batches assigned by (run, r, its key); a "
+            "validated Δ must lower the loss on its assigned batches more than on random "
+            "train batches, or it is rejected as lazy.",
+        ),
+        "assigned_batches": (
+            1,
+            "Assigned and random train batches per validated contribution for that check.",
+        ),
+        "validate_sample": (
+            0,
+            "Validate (score, assigned-data check) K contributions a round, chosen by the "
+            "round's committed seed, plus every new or low-rated contributor; 0 = all.",
+        ),
+        "new_keys_per_round": (
+            4,
+            "Open runs (no allowlist): contributors with no accepted round yet that one round "
+            "admits, in commit order (0 = no cap).",
+        ),
+        "copy_overlap": (
+            0.4,
+            "Sparse (top-k) payloads: a Δ whose index set overlaps an earlier one's this much "
+            "is a copy (0 = off).",
+        ),
+        "centered_cosine": (
+            0.5,
+            "Cosine, after removing the round's mean update, at which a Δ counts as a copy.",
+        ),
+        "low_rating": (
+            0.0,
+            "A contributor whose rating (OpenSkill μ − 3σ) is below this is validated every round.",
+        ),
     },
 }
 TOP_LEVEL: dict[str, tuple[Any, str]] = {
@@ -302,6 +335,9 @@ FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "contrib.zero_norm_ratio": (lambda x: 0 <= x < 1, "a ratio in [0, 1)"),
     "contrib.duplicate_cosine": (lambda x: 0 < x <= 1, "a cosine in (0, 1]"),
     "contrib.min_score": (lambda x: True, "a finite number"),
+    "contrib.copy_overlap": (lambda x: 0 <= x <= 1, "an overlap in [0, 1] (0 = off)"),
+    "contrib.centered_cosine": (lambda x: 0 < x <= 1, "a cosine in (0, 1]"),
+    "contrib.low_rating": (lambda x: True, "a finite number"),
 }
 
 

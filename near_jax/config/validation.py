@@ -224,8 +224,18 @@ def _validate_contrib(cfg: ml_collections.ConfigDict) -> None:
             c.enabled,
             "only with data.shuffle=True (scoring batches must be unpredictable)",
         )
-    if c.score_batches < 1:
-        _fail("contrib.score_batches", c.score_batches, "a positive integer")
+    for name in ("score_batches", "assigned_batches"):
+        if c[name] < 1:
+            _fail(f"contrib.{name}", c[name], "a positive integer")
+    for name in ("validate_sample", "new_keys_per_round"):
+        if c[name] < 0:
+            _fail(f"contrib.{name}", c[name], "an integer >= 0 (0 = off)")
+    if c.validate_sample and c.aggregation == "top_g":
+        _fail(
+            "contrib.validate_sample",
+            c.validate_sample,
+            "0 with contrib.aggregation=top_g (it ranks every contribution by score)",
+        )
     if not isinstance(c.attestation, str) or not (
         c.attestation == "code_hash" or re.fullmatch(r"[\w.]+:\w+", c.attestation)
     ):

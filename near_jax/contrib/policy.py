@@ -42,6 +42,13 @@ class Policy:
     attestation: str = "code_hash"
     allowed_code: tuple[str, ...] = ()
     config_sha256: str = ""
+    assigned_data: bool = True
+    assigned_batches: int = 1
+    validate_sample: int = 0
+    new_keys_per_round: int = 4
+    copy_overlap: float = 0.4
+    centered_cosine: float = 0.5
+    low_rating: float = 0.0
 
     @classmethod
     def from_config(cls, contrib_cfg, code_sha256: str, config_sha256: str) -> Policy:
@@ -58,6 +65,13 @@ class Policy:
             attestation=contrib_cfg.attestation,
             allowed_code=tuple(sorted({code_sha256, *extra})),
             config_sha256=config_sha256,
+            assigned_data=bool(contrib_cfg.assigned_data),
+            assigned_batches=int(contrib_cfg.assigned_batches),
+            validate_sample=int(contrib_cfg.validate_sample),
+            new_keys_per_round=int(contrib_cfg.new_keys_per_round),
+            copy_overlap=float(contrib_cfg.copy_overlap),
+            centered_cosine=float(contrib_cfg.centered_cosine),
+            low_rating=float(contrib_cfg.low_rating),
         )
 
     def to_json(self) -> dict:
@@ -67,10 +81,22 @@ class Policy:
 
     @classmethod
     def from_json(cls, obj: dict) -> Policy:
-        obj = dict(obj)
+        """The policy a manifest records; fields a run created before them lacks are off."""
+        obj = {**_OFF_BEFORE_RECORDED, **obj}
         obj["rule"] = robust.Rule.parse(obj["rule"])
         obj["allowed_code"] = tuple(obj["allowed_code"])
         return cls(**obj)
+
+
+# What a run whose manifest predates a policy field did: nothing (its islands, for one, did
+# not train on assigned data).
+_OFF_BEFORE_RECORDED = {
+    "assigned_data": False,
+    "validate_sample": 0,
+    "new_keys_per_round": 0,
+    "copy_overlap": 0.0,
+    "centered_cosine": 1.0,
+}
 
 
 def recipe_sha256(cfg) -> str:
