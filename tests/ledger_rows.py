@@ -21,12 +21,13 @@ def entry(contributor: str, **overrides) -> dict:
         "applied": True,
         "reason": "",
         "reward": 1.0 / 3.0,
+        "detail": "",
     }
     return {**base, **overrides}
 
 
 ROUND0 = [
-    entry("alice", score=0.1 + 0.2, reward=1e-300),
+    entry("alice", score=0.1 + 0.2, reward=1e-300, detail='{"rating":[25.5,8.1],"validated":true}'),
     entry("bob", score=None, accepted=False, applied=False, reason="non-finite delta", reward=0.0),
     entry("carol", score=-0.0, reward=5e-324, applied=False, reason="outlier"),
 ]

@@ -77,6 +77,14 @@ def test_append_is_idempotent_ordered_and_validated(ledger_path):
     assert verify_chain(ledger_path, RUN) == []
 
 
+def test_an_entry_without_detail_records_it_empty(ledger_path):
+    # decisions written before format 2 have no detail: they still record
+    old = {k: v for k, v in entry("old").items() if k != "detail"}
+    with Ledger.open(ledger_path, RUN) as led:
+        assert led.append_round(7, [old])
+        assert led.entries(7, 7)[0]["detail"] == ""
+
+
 def test_malformed_entries_raise_before_writing(ledger_path):
     good = entry("zed")
     bad = [
@@ -94,6 +102,10 @@ def test_malformed_entries_raise_before_writing(ledger_path):
         {**good, "key_id": None},
         {**good, "statement": "{not json"},
         {**good, "statement": '{"b": 1, "a": 2}'},  # JSON but not canonical
+        {**good, "detail": "{not json"},
+        {**good, "detail": "[1, 2]"},  # not an object
+        {**good, "detail": '{"b": 1, "a": 2}'},  # not canonical
+        {**good, "detail": None},
         {**good, "accepted": False, "applied": True, "reason": "x"},
         ["not", "a", "dict"],
     ]
@@ -115,8 +127,8 @@ def test_malformed_entries_raise_before_writing(ledger_path):
 def test_open_checks_run_format_and_file(ledger_path, tmp_path):
     with pytest.raises(LedgerError, match="belongs to run 'demo', not 'other'"):
         Ledger.open(ledger_path, "other")
-    sqlite_exec(ledger_path, "UPDATE meta SET value = '2' WHERE key = 'format'")
-    with pytest.raises(LedgerError, match="format '2'"):
+    sqlite_exec(ledger_path, "UPDATE meta SET value = '1' WHERE key = 'format'")
+    with pytest.raises(LedgerError, match="format '1'"):
         Ledger.open(ledger_path, RUN)
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"this is not a database at all\n" * 200)

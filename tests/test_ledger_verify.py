@@ -140,7 +140,7 @@ TAMPERS = {
     ),
     "meta format": (
         lambda p: sqlite_exec(p, "UPDATE meta SET value = '7' WHERE key = 'format'"),
-        ["meta format is '7', expected '1'"],
+        ["meta format is '7', expected '2'"],
     ),
     "meta dropped": (
         lambda p: sqlite_exec(p, "DROP TABLE meta"),

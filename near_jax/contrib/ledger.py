@@ -7,18 +7,20 @@ earned. The ledger is one SQLite file, mirrored into the run's object store as
 
 Schema
 ------
-    meta(key TEXT PRIMARY KEY, value TEXT)      format = "1", run = the run's name
+    meta(key TEXT PRIMARY KEY, value TEXT)      format = "2", run = the run's name
     entries(seq INTEGER PRIMARY KEY,            1, 2, 3, ... in append order
             round, contributor, key_id, payload_sha256, statement, signature,
             score REAL NULL, accepted INTEGER, applied INTEGER, reason, reward REAL,
-            prev_hash TEXT, entry_hash TEXT)
+            detail, prev_hash TEXT, entry_hash TEXT)
     indexes on round, contributor, payload_sha256
 
 An entry's fields (`ENTRY_FIELDS`): round (int ≥ 0); contributor (non-empty str); key_id,
 payload_sha256 ("" when unknown); statement (the canonical JSON text — `rounds.dumps` — of
 the signed statement, "" if none) and signature ("" if none); score (finite float or None);
-accepted and applied (bool; applied implies accepted); reason ("" when accepted); reward
-(finite float ≥ 0).
+accepted and applied (bool; applied implies accepted); reason ("" when accepted and applied);
+reward (finite float ≥ 0); detail ("" or the canonical JSON text of an object: how the entry
+was judged — validated or not, the assigned-data check, the rating after the round, the
+reward weight; "" when left out, as in runs recorded before format 2).
 
 Hash chain
 ----------
@@ -53,7 +55,7 @@ from typing import Any
 from near_jax._io import one_line
 from near_jax.diloco.protocol import check_name, dumps, sha256
 
-FORMAT = 1
+FORMAT = 2  # 2: the detail field (a format-1 file is rebuilt from the decisions)
 ENTRY_FIELDS = (
     "round",
     "contributor",
@@ -66,8 +68,18 @@ ENTRY_FIELDS = (
     "applied",
     "reason",
     "reward",
+    "detail",
 )
-_STR_FIELDS = ("contributor", "key_id", "payload_sha256", "statement", "signature", "reason")
+_STR_FIELDS = (
+    "contributor",
+    "key_id",
+    "payload_sha256",
+    "statement",
+    "signature",
+    "reason",
+    "detail",
+)
+_OPTIONAL = {"detail": ""}  # fields a decision written before them lacks
 _COLUMNS = ", ".join(ENTRY_FIELDS)
 
 _SCHEMA = """
@@ -85,6 +97,7 @@ CREATE TABLE entries (
     applied INTEGER NOT NULL,
     reason TEXT NOT NULL,
     reward REAL NOT NULL,
+    detail TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     entry_hash TEXT NOT NULL
 );
@@ -126,10 +139,12 @@ def _number(name: str, value: Any, *, optional: bool = False) -> float | None:
 def normalize_entry(entry: dict[str, Any], rnd: int) -> dict[str, Any]:
     """The entry's fields, checked and normalized for round `rnd`; ValueError if malformed.
 
-    "round" may be left out (it is `rnd`); ints are accepted for score and reward."""
+    "round" may be left out (it is `rnd`), and "detail" (""); ints are accepted for score and
+    reward."""
     if not isinstance(entry, dict):
         raise ValueError(f"an entry must be a dict, got {type(entry).__name__}")
     unknown = sorted(set(entry) - set(ENTRY_FIELDS))
+    entry = {**_OPTIONAL, **entry}
     missing = [f for f in ENTRY_FIELDS if f not in entry and f != "round"]
     if unknown or missing:
         raise ValueError(f"entry fields: unknown {unknown}, missing {missing}")
@@ -149,6 +164,13 @@ def normalize_entry(entry: dict[str, Any], rnd: int) -> dict[str, Any]:
             raise ValueError(f"statement is not JSON: {e}") from None
         if canonical != out["statement"]:
             raise ValueError("statement is not canonical JSON (rounds.dumps)")
+    if out["detail"]:
+        try:
+            detail = json.loads(out["detail"])
+        except ValueError as e:
+            raise ValueError(f"detail is not JSON: {e}") from None
+        if not isinstance(detail, dict) or dumps(detail).decode() != out["detail"]:
+            raise ValueError("detail is not the canonical JSON text of an object")
     for name in ("accepted", "applied"):
         if not isinstance(entry[name], bool):
             raise ValueError(f"{name} must be a bool: {entry[name]!r}")
