@@ -17,6 +17,7 @@ contributor    an island's side: its Signer, the start-up checks, its slot's own
 audit          auditing a run from its store alone (what `verify` runs): gathers, summarizes
 audit_checks   the audit's checks: entry signatures, decisions and seeds, rewards
 rewards        standings over a window: leaderboard and promotion
+ratings        OpenSkill ratings over rounds, the round's reward weights, their ledger audit
 __main__       python -m near_jax.contrib: keygen, register, verify, leaderboard, promote
 
 The robust aggregation rules live in `near_jax.diloco.robust` (the protocol replays them).
