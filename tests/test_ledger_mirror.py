@@ -226,6 +226,41 @@ def test_damaged_or_forged_copies_are_refused(tmp_path, attack):
     assert sorted(os.listdir(tmp_path)) == ["copy.sqlite", "src.sqlite", "store"]
 
 
+def same_json(a: bytes, b: bytes) -> bool:
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
+
+
+def test_any_mangled_segment_is_a_one_line_ledger_error(tmp_path):
+    """Segments rewritten with random byte changes (intact framing: a store writer's work)
+    and absurd statements: always LedgerError, never another exception."""
+    store, _ = recorded(tmp_path, 3, per_round=3)
+    target = str(tmp_path / "t.sqlite")
+    rng = random.Random(11)
+    originals = {r: store.get(segment_key(RUN, r)) for r in range(3)}
+    changed = 0
+    while changed < 60:
+        r = rng.randrange(3)
+        body = bytearray(originals[r])
+        for _ in range(rng.randint(1, 3)):
+            body[rng.randrange(len(body))] = rng.choice(b'{}[]":,0123456789abcdefxyz\\ ')
+        if same_json(bytes(body), originals[r]):
+            continue  # a no-op change (the same byte, or a digit past double precision)
+        changed += 1
+        store.put(segment_key(RUN, r), bytes(body))
+        with pytest.raises(LedgerError) as err:
+            download(store, RUN, target, KEY.public_hex)
+        assert "\n" not in str(err.value)
+        store.put(segment_key(RUN, r), originals[r])
+    deep = "[" * 5000 + "]" * 5000
+    rewrite(store, 1, lambda g: g["entries"][0].update(statement=deep))
+    with pytest.raises(LedgerError, match="entry 0 is malformed"):
+        download(store, RUN, target, KEY.public_hex)
+    assert not os.path.exists(target)
+
+
 def test_an_oversized_segment_or_index_is_not_read(tmp_path, monkeypatch):
     store, _ = recorded(tmp_path, 3, per_round=4)
     target = str(tmp_path / "t.sqlite")

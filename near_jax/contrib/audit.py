@@ -24,8 +24,8 @@ entries, and checks
              that signed work became unreadable)
 
 Rounds and the race with a live run: the aggregator records round r in the ledger (and
-uploads its segment and the index) before it moves `latest` to r + 1, so `audit` reads `latest`
-first and the ledger second: every round below `latest` is then closed, must have its
+uploads its segment and the index) before it moves `latest` to r + 1, so `audit` reads
+`latest` first and the ledger second: every round below `latest` is then closed, must have its
 decision and must be in the ledger. Round `latest` itself may already be in the ledger
 (committed and recorded, not yet published — or the aggregator was killed in between):
 fine when its decision exists, is signed and matches; ledger rows of round `latest`

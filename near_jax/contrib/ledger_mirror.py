@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from near_jax._io import fsync_dir, one_line
+from near_jax._io import fsync_dir, one_line, short_repr
 from near_jax.contrib import identity, ledger
 from near_jax.contrib.ledger import LedgerError
 from near_jax.diloco import protocol
@@ -139,7 +139,7 @@ def _json(body: bytes, key: str, what: str, fields: tuple[str, ...]) -> dict[str
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise LedgerError(f"the store's ledger {what} {key} is not JSON: {one_line(e)}") from None
     if not isinstance(obj, dict) or sorted(obj) != sorted(fields):
-        got = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        got = short_repr(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         raise LedgerError(f"the store's ledger {what} {key} has fields {got}, expected {fields}")
     return obj
 
@@ -159,8 +159,8 @@ def read_index(store: ObjectStore, run: str, aggregator_public: str) -> dict[str
     index = _json(body, key, "index", _INDEX_FIELDS)
     if index["format"] != FORMAT or index["run"] != run:
         raise LedgerError(
-            f"the store's ledger index {key} is format {index['format']!r} of run "
-            f"{index['run']!r}, expected format {FORMAT} of run {run!r}"
+            f"the store's ledger index {key} is format {short_repr(index['format'])} of run "
+            f"{short_repr(index['run'])}, expected format {FORMAT} of run {run!r}"
         )
     if not (_int(index["last_round"], -1) and _int(index["entries"], 0)):
         raise LedgerError(f"the store's ledger index {key} has a bad last_round or entries count")
@@ -187,8 +187,9 @@ class _Chain:
         seg = _json(body, key, "segment", _SEGMENT_FIELDS)
         if (seg["format"], seg["run"], seg["round"]) != (FORMAT, self.run, rnd):
             raise LedgerError(
-                f"the store's ledger segment {key} says format {seg['format']!r}, run "
-                f"{seg['run']!r}, round {seg['round']!r}: expected {FORMAT}, {self.run!r}, {rnd}"
+                f"the store's ledger segment {key} says format {short_repr(seg['format'])}, "
+                f"run {short_repr(seg['run'])}, round {short_repr(seg['round'])}: expected "
+                f"{FORMAT}, {self.run!r}, {rnd}"
             )
         if not isinstance(seg["entries"], list):
             raise LedgerError(f"the store's ledger segment {key} has no entries list")
@@ -200,11 +201,11 @@ class _Chain:
                 raise LedgerError(f"{where} does not have the fields {want}")
             try:
                 fields = ledger.normalize_entry({f: e[f] for f in ledger.ENTRY_FIELDS}, rnd)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:  # a deeply nested statement
                 raise LedgerError(f"{where} is malformed: {one_line(err)}") from None
             if e["seq"] != count + 1 or e["prev_hash"] != head:
                 raise LedgerError(
-                    f"{where} breaks the chain: seq {e['seq']!r} after {count}, or its "
+                    f"{where} breaks the chain: seq {short_repr(e['seq'])} after {count}, or its "
                     "prev_hash is not the previous entry's hash (missing, reordered or "
                     "renamed entries)"
                 )
