@@ -123,7 +123,9 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
     if by_aggregator:
         sign(world, decision)
     store.put(protocol.decision_key(RUN, 1), protocol.dumps(decision))
-    ledger_mirror.upload(store, RUN, str(path))
+    # the mirror's index signed with the aggregator's own key (the strongest forger: a
+    # store writer without it is refused outright, see test_a_forged_ledger_index_...)
+    ledger_mirror.upload(store, RUN, str(path), world.agg_key)
     problems, _ = audit.verify(store, RUN)
     expected = [] if by_aggregator else [UNSIGNED]
     if forgery == "signature":
@@ -153,14 +155,34 @@ def test_an_altered_seed_reveal_is_found(world, tmp_path):
 def test_damaged_store_objects_are_problems_not_crashes(world, tmp_path):
     store, path = clone(world, tmp_path)
     (path / protocol.decision_key(RUN, 0)).write_bytes(b"not a framed object")
-    (path / ledger_mirror.store_key(RUN)).write_bytes(b"garbage")
+    (path / ledger_mirror.index_key(RUN)).write_bytes(b"garbage")
     problems, summary = audit.verify(store, RUN)
     assert any(p.startswith("round 0: the decision is unreadable") for p in problems), problems
-    assert any("ledger copy is damaged" in p for p in problems), problems
+    assert (
+        f"ledger: the store's ledger index {RUN}/ledger/index is damaged: truncated"
+        in "\n".join(problems)
+    ), problems
     assert summary["rounds"] == ROUNDS and summary["entries"] == 0
     assert audit.verify(store, "nosuchrun")[0] == [
         "run 'nosuchrun' has no manifest nosuchrun/run.json (unknown run)"
     ]
+
+
+def test_a_forged_ledger_index_or_segment_is_a_problem(world, tmp_path):
+    store, path = clone(world, tmp_path)
+    forged = ledger_copy(world, tmp_path)
+    ledger_mirror.upload(store, RUN, str(forged), identity.generate())  # not the run's key
+    problems, summary = audit.verify(store, RUN)
+    assert problems[0] == (
+        f"ledger: the store's ledger index {RUN}/ledger/index is not signed by the aggregator key"
+    )
+    assert summary["entries"] == 0
+    store, _ = clone(world, tmp_path / "again")
+    segment = ledger_mirror.segment_key(RUN, 1)
+    store.put(segment, store.get(segment).replace(b'"reward":0.0', b'"reward":0.5', 1))
+    problems, _ = audit.verify(store, RUN)
+    assert problems[0].startswith(f"ledger: the store's ledger segment {segment}, entry "), problems
+    assert problems[0].endswith("does not match its hash (edited)"), problems
 
 
 def set_latest(store: ObjectStore, version: int) -> None:
@@ -170,12 +192,15 @@ def set_latest(store: ObjectStore, version: int) -> None:
 
 
 def upload_rounds_before(world, tmp_path, store: ObjectStore, rnd: int) -> Path:
-    """Uploads the ledger as it was before round `rnd` was recorded; returns the full one."""
+    """Puts the store's ledger copy as it was before round `rnd` was recorded (no segments
+    from round `rnd` on); returns the full ledger."""
     full = ledger_copy(world, tmp_path)
     short = tmp_path / "short.sqlite"
     shutil.copyfile(full, short)
     sql(short, f"DELETE FROM entries WHERE round >= {rnd}")
-    ledger_mirror.upload(store, RUN, str(short))
+    for r in range(rnd, ROUNDS):
+        store.delete(ledger_mirror.segment_key(RUN, r))
+    ledger_mirror.upload(store, RUN, str(short), world.agg_key, last_round=rnd - 1)
     return full
 
 
@@ -194,7 +219,7 @@ def test_rounds_closing_during_the_audit_are_no_problem(
     def racing(*args, **kwargs):
         if when == "after":
             out = read_ledger(*args, **kwargs)
-        ledger_mirror.upload(store, RUN, str(full))
+        ledger_mirror.upload(store, RUN, str(full), world.agg_key)
         set_latest(store, ROUNDS)
         return out if when == "after" else read_ledger(*args, **kwargs)
 
@@ -310,8 +335,9 @@ def test_read_ledger_reads_the_store_copy_or_a_given_file(world, tmp_path):
     missing = str(tmp_path / "nope.sqlite")
     assert audit.read_ledger(world.store, RUN, missing) == (None, [f"no ledger file at {missing}"])
     store, _ = clone(world, tmp_path)
-    store.delete(ledger_mirror.store_key(RUN))
+    assert audit.read_ledger(store, RUN, None, world.agg_key.public_hex) == (entries, [])
+    store.delete(ledger_mirror.index_key(RUN))
     assert audit.read_ledger(store, RUN) == (
         None,
-        [f"no ledger in the store (no {ledger_mirror.store_key(RUN)})"],
+        [f"no ledger in the store (no {ledger_mirror.index_key(RUN)})"],
     )

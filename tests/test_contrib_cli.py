@@ -103,7 +103,8 @@ def test_cli(world, tmp_path):
 
 
 def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
-    """A store writer replaces the ledger mirror with a valid chain that pays the poisoner:
+    """The ledger mirror replaced by a valid chain that pays the poisoner, its index signed
+    by the aggregator key itself (a store writer without the key is refused at the index):
     the chain checks out, the signed decisions do not agree."""
     _, path = clone(world, tmp_path)
     forged = ledger_copy(world, tmp_path)
@@ -117,7 +118,7 @@ def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
             reward=1.0,
             score=9.0,
         )
-    ledger_mirror.upload(ObjectStore.open(str(path)), RUN, str(forged))
+    ledger_mirror.upload(ObjectStore.open(str(path)), RUN, str(forged), world.agg_key)
     run = (f"--store={path}", f"--run={RUN}")
     board, promoted = cli_all(("leaderboard", *run), ("promote", *run, "--top=1"))
     for p in (board, promoted):

@@ -87,7 +87,8 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
 
     # The store's ledger verifies and holds every decided contribution exactly once.
     path = tmp_path / "ledger.sqlite"
-    assert ledger_mirror.download(store, RUN, str(path))
+    aggregator_public = identity.load(keys["agg"]).public_hex
+    assert ledger_mirror.download(store, RUN, str(path), aggregator_public)
     assert ledger_verify.verify_chain(str(path), RUN) == []
     with ledger.Ledger.open(str(path), RUN) as book:
         rows = book.entries()

@@ -225,7 +225,7 @@ def test_verify_never_raises_on_damaged_files(ledger_path, tmp_path):
 def test_tampering_with_the_stored_ledger_is_detected(adversarial_run, tmp_path):
     world, _ = adversarial_run
     path = tmp_path / "ledger.sqlite"
-    assert ledger_mirror.download(world.store, WORLD_RUN, str(path))
+    assert ledger_mirror.download(world.store, WORLD_RUN, str(path), world.agg_key.public_hex)
     con = sqlite3.connect(path)
     con.execute("UPDATE entries SET reward = 0.5 WHERE contributor = 'zero' AND round = 2")
     con.commit()

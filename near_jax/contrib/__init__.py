@@ -10,7 +10,7 @@ checks         the validator's checks of each contribution as it arrives (Candid
 streamed       the validator's shard-by-shard reads: the Gram matrix, moved params, history
 ledger         the append-only, hash-chained SQLite ledger: entries, hashes, appends
 ledger_verify  verify_chain: the problems of a ledger file, against optional anchors
-ledger_mirror  the store's copy of the ledger (RUN/ledger.sqlite): upload, download
+ledger_mirror  the store's copy of the ledger (RUN/ledger/: round segments, signed index)
 recorder       the aggregator's local ledger: opened or rebuilt, recorded from decisions
 validator      the aggregator's validator role (check, decide, record) and `build`
 contributor    an island's side: its Signer, the start-up checks, its slot's owner

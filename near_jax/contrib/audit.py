@@ -9,7 +9,8 @@ entries, and checks
              is filed under its own round, and lists exactly the ledger's entries of that
              round, field by field: the signed decisions are the external anchor that
              exposes a truncated, rewritten or forged ledger, even one with a valid chain
-  ledger     the hash chain of the store's ledger copy (or a local file, `ledger_path`)
+  ledger     the hash chain of the store's ledger copy (segments reaching the index that
+             the aggregator key signed; `ledger_mirror`), or of a local file `ledger_path`
   signatures every entry that is accepted or carries a key id (the aggregator's word that
              the contributor signed that round's statement, which is what can disqualify)
              carries a statement naming the entry's run, round, contributor and payload,
@@ -23,8 +24,8 @@ entries, and checks
              that signed work became unreadable)
 
 Rounds and the race with a live run: the aggregator records round r in the ledger (and
-uploads the store mirror) before it moves `latest` to r + 1, so `audit` reads `latest`
-first and the ledger second: every round below `latest` is then closed, must have its
+uploads its segment and the index) before it moves `latest` to r + 1, so `audit` reads
+`latest` first and the ledger second: every round below `latest` is then closed, must have its
 decision and must be in the ledger. Round `latest` itself may already be in the ledger
 (committed and recorded, not yet published — or the aggregator was killed in between):
 fine when its decision exists, is signed and matches; ledger rows of round `latest`
@@ -66,13 +67,17 @@ class Audit:
 
 
 def read_ledger(
-    store: ObjectStore, run: str, ledger_path: str | None = None
+    store: ObjectStore,
+    run: str,
+    ledger_path: str | None = None,
+    aggregator_public: str | None = None,
 ) -> tuple[list[dict[str, Any]] | None, list[str]]:
-    """(entries, problems) of the run's ledger: the store's copy, or the local file
-    `ledger_path`. entries is None when there is nothing readable; problems holds the
-    chain's problems, one line each, naming `ledger_path` (or the store's key), never the
-    temporary copy that is read. Never modifies `ledger_path`."""
-    label = ledger_path if ledger_path is not None else ledger_mirror.store_key(run)
+    """(entries, problems) of the run's ledger: the store's copy (its index checked against
+    `aggregator_public`, None: the run manifest's key), or the local file `ledger_path`.
+    entries is None when there is nothing readable; problems holds the chain's problems,
+    one line each, naming `ledger_path` (or the store's key), never the temporary copy that
+    is read. Never modifies `ledger_path`."""
+    label = ledger_path if ledger_path is not None else ledger_mirror.index_key(run)
     with tempfile.TemporaryDirectory(prefix="near_jax-audit-") as tmp:
         copy = os.path.join(tmp, "ledger.sqlite")
 
@@ -92,8 +97,8 @@ def read_ledger(
                 return None, [f"cannot read {ledger_path}: {e.strerror or e}"]
         else:
             try:
-                if not ledger_mirror.download(store, run, copy):
-                    return None, [f"no ledger in the store (no {ledger_mirror.store_key(run)})"]
+                if not ledger_mirror.download(store, run, copy, aggregator_public):
+                    return None, [f"no ledger in the store (no {ledger_mirror.index_key(run)})"]
             except ledger.LedgerError as e:
                 return None, [named(str(e))]
         problems = [named(p) for p in ledger_verify.verify_chain(copy, run)]
@@ -158,7 +163,10 @@ def audit(store: ObjectStore, run: str, *, ledger_path: str | None = None) -> Au
     latest, why = _read_latest(store, run)
     if why:
         problems.append(why)
-    entries, ledger_problems = read_ledger(store, run, ledger_path)
+    if ledger_path is None and aggregator_key is None:  # the store's copy is unverifiable
+        entries, ledger_problems = None, []
+    else:
+        entries, ledger_problems = read_ledger(store, run, ledger_path, aggregator_key)
     problems += ledger_problems
     if entries and not why and max(_round_of(e) for e in entries) > latest:
         again, _ = _read_latest(store, run)  # the run may have moved on meanwhile, but

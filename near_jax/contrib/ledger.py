@@ -2,8 +2,9 @@
 
 Each round the aggregator closes, it records every contribution it looked at — accepted or
 rejected, applied or not — with its score, the reason for a rejection and the reward it
-earned. The ledger is one SQLite file, mirrored into the run's object store as
-`RUN/ledger.sqlite` (`ledger_mirror`); `ledger_verify.verify_chain` checks a file's chain.
+earned. The ledger is one SQLite file, mirrored into the run's object store as per-round
+segments and a signed index (`RUN/ledger/`, `ledger_mirror`); `ledger_verify.verify_chain`
+checks a file's chain.
 
 Schema
 ------
@@ -34,14 +35,14 @@ integers; NaN and ±Inf are refused: JSON cannot hash them and SQLite turns NaN 
 
 Crash safety
 ------------
-The file uses SQLite's default rollback journal (not WAL: the store copy must be the one
+The file uses SQLite's default rollback journal (not WAL: the ledger stays one
 file) with synchronous=FULL, and `append_round` writes a whole round in one transaction
 (BEGIN IMMEDIATE … COMMIT). A kill -9 at any moment therefore leaves either all or none of a
 round's entries; an interrupted transaction leaves a hot `-journal` file that the next
 read-write open rolls back. Appending is idempotent per round (a restarted aggregator
 re-appending a round it had recorded gets False), and rounds only move forward. The store
-copy is a consistent snapshot (SQLite's backup API) put as one whole object, so readers of
-the store see the old or the new ledger, never a mix.
+copy is append-only: a round's segment, then the signed index that reaches it
+(`ledger_mirror`), so readers of the store see the old or the new ledger, never a mix.
 """
 
 from __future__ import annotations

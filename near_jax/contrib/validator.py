@@ -104,7 +104,7 @@ class ContribAggregator(Aggregator):
         self.log = log
         self.key, self.policy, self.loss_fn = aggregator_key, policy, loss_fn
         self.recorder = Recorder(  # logs through self.log, which a caller may replace
-            store, run, ledger_path, aggregator_key.public_hex, lambda m: self.log(m)
+            store, run, ledger_path, aggregator_key, lambda m: self.log(m)
         )
         self.checker = Checker(
             store,

@@ -208,7 +208,7 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
     except ValueError as e:
         usage_error(str(e))
     _log(
-        f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger.sqlite in "
+        f"contributor run: ledger {ledger_path}, mirrored to {run}/ledger/ in "
         f"the store; rule {agg.policy.rule}; scoring on "
         f"{f.score_source or 'the public val split (see --score_source)'}"
     )
