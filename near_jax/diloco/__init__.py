@@ -8,6 +8,7 @@ slowlink    a store behind a simulated slow link (bandwidth, latency): the progr
 protocol/   the protocol: keys, versions, contributions, decisions, the numpy outer step
 claims      island name claims; quarantine: planted decisions and `latest` set aside
 startup     what both programs check first: common flags, config, store, run; UsageError
+assignment  assigned data: a contributor's batches of round r from (run, r, its key)
 island/     an island's loop (`python -m near_jax.diloco.island`)
 aggregator/ the Aggregator and its loop (`python -m near_jax.diloco.aggregator`)
 

@@ -30,6 +30,9 @@ shard is in, and speaks for the island (name claim, signatures, metrics).
 Data order: each island reads the train split with seed = blake2b(config seed, island id,
 version it joined at) (`island_seed`): islands see different orders, and a restarted island
 does not replay what it read before its restart. A restart starts a fresh inner optimizer.
+In a contributor run whose policy assigns data, round r trains instead on batches that
+(run, r, the public key of --key) determine (`near_jax.diloco.assignment`): every host
+loads --key to compute them.
 
 The model and data settings must match the run's (fixed by whoever created it); the
 compression spec, outer optimizer and H come from the run's manifest, not this config.
@@ -50,7 +53,7 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
-from near_jax.contrib import contributor
+from near_jax.contrib import contributor, identity
 from near_jax.diloco import claims, protocol, startup
 from near_jax.diloco.island.follow import log
 from near_jax.diloco.island.loop import train_island
@@ -77,6 +80,12 @@ def _main(argv: list[str]) -> None:
         if f[name].value < 0:
             usage_error(f"--{name}={f[name].value} must be >= 0")
     cfg, mesh, store, run, manifest = _prepare(argv)
+    assigned_key = None
+    if f.key:  # every host: an assigned-data run's batches follow from the public key
+        try:
+            assigned_key = identity.load(f.key).public_hex
+        except identity.IdentityError as e:
+            usage_error(str(e))
     if manifest is None and f.wait_for_run <= 0:
         usage_error(
             f"unknown run {run!r} in {store.url}: no {protocol.manifest_key(run)} (start the "
@@ -120,6 +129,7 @@ def _main(argv: list[str]) -> None:
             make_signer=make_signer,
             slot_problem=contributor.slot_problem,
             overlap=f.overlap,
+            assigned_key=assigned_key,
         )
         code = 0
     except UsageError as e:

@@ -5,7 +5,9 @@
 Arguments are plain values; the program (`python -m near_jax.diloco.island`) reads them
 from its flags. In a contributor run (a manifest with a `contrib` section) every push is
 signed: the program passes `make_signer(manifest) -> sign(tag, payload bytes) -> fields`
-and `slot_problem(store, key, signer, expect) -> str` (contrib's contributor module). The
+and `slot_problem(store, key, signer, expect) -> str` (contrib's contributor module); when
+its policy assigns data, `assigned_key` (the contributor's public key, on every host) picks
+each round's train batches (`near_jax.diloco.assignment`). The
 loop raises `UsageError` for a run it cannot join, ProtocolError / StoreError when the store
 cannot go on, FloatingPointError for a diverged inner loss.
 
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 
 from near_jax import data
-from near_jax.diloco import claims, protocol
+from near_jax.diloco import assignment, claims, protocol
 from near_jax.diloco.island.exchange import Exchange
 from near_jax.diloco.island.follow import Waiter, catch_up, kb, log, newer, now
 from near_jax.diloco.island.hosts import Hosts
@@ -71,6 +73,7 @@ def train_island(
     make_signer: Callable[[dict], Signer] | None = None,
     slot_problem: Callable[[ObjectStore, str, Signer, dict], str] | None = None,
     overlap: int | None = None,
+    assigned_key: str | None = None,
 ) -> None:
     """Joins the run and trains rounds until `rounds` (0: no limit) or the run's end.
 
@@ -79,6 +82,7 @@ def train_island(
     `overlap` τ (0..H, one-process islands): after each push, train τ more inner steps while
     the push, the aggregation and the pull happen, then restart from the new version plus
     those τ steps' progress (a one-step-delayed outer step when τ = H); None: synchronous.
+    `assigned_key`: the contributor's public key hex, required when the run assigns data.
     """
     waiter = Waiter(poll_seconds, wait_timeout)
     trainer = trainer_for(cfg, mesh)
@@ -117,6 +121,9 @@ def train_island(
         if make_signer is None:
             raise UsageError(f"run {run!r} takes signed contributions only")
         signer = make_signer(manifest)
+    if assignment.assigned(manifest) and not assigned_key:
+        raise UsageError(f"run {run!r} assigns data by contributor key: no key given (--key)")
+    assigned_key = assigned_key if assignment.assigned(manifest) else None  # None: not assigned
     cache_dir = os.path.join(workdir, "pull_cache", f"host{hosts.index}") if workdir else None
     cache = protocol.PullCache(cache_dir)
     latest = waiter.until("the run's first version", lambda: newer(store, run, -1, island))
@@ -125,14 +132,20 @@ def train_island(
         store, run, island, None, target, plan, lr, mu, shards=hosts.held, cache=cache
     )
     seed = island_seed(cfg.seed, island, held.version)
-    train_iter = data.make_iterator(
-        cfg.data, split="train", seed=seed, global_batch_size=cfg.train.global_batch_size
+    batch_size = cfg.train.global_batch_size
+    train_iter = None  # assigned data: each round's own, made at its start
+    if not assigned_key:
+        train_iter = data.make_iterator(
+            cfg.data, split="train", seed=seed, global_batch_size=batch_size
+        )
+    seeding = (
+        "assigned per round (seed of round r from the key)" if assigned_key else f"seed {seed}"
     )
     where = f" | host {hosts.index}/{hosts.count}: {len(hosts.owned)} of {plan.num_shards} shards"
     log(
         island,
         f"joined run {run!r} at version {held.version} ({kb(store.bytes_read)} "
-        f"pulled) | H={inner_steps} | spec {spec} | data seed {seed}"
+        f"pulled) | H={inner_steps} | spec {spec} | data: {seeding}"
         + (where if hosts.count > 1 else ""),
     )
 
@@ -157,8 +170,12 @@ def train_island(
             r, round_start = held.version, now()
             fragment = protocol.run_fragment(plan, fragments, r)
             # 1. inner steps: H (H/F a round with F fragments) from θ_r, less τ after an
-            # overlapped round (the τ steps trained while it was exchanged count here).
+            # overlapped round (the τ steps trained while it was exchanged count here, read
+            # from round r − 1's assigned batches); assigned data: round r's from index 0.
             steps = round_steps(inner_steps, fragments, r) - (overlap if carried else 0)
+            if assigned_key:
+                round_seed = assignment.assigned_seed(run, r, assigned_key)
+                train_iter = assignment.stream(cfg.data, round_seed, batch_size)
             t_train = now()
             state, losses = _train(trainer, state, train_iter, steps)
             train_s = now() - t_train  # inner steps only: host work (Δ, restart) is neither
