@@ -9,7 +9,7 @@ import contrib_world
 import pytest
 from contrib_world import HONEST, POLICY, RUN, World, by_contributor, close_round, inner
 
-from near_jax.contrib import allowlist, identity
+from near_jax.contrib import allowlist, identity, rewards
 from near_jax.contrib.allowlist import Additions, Admissions, admit, admitted
 from near_jax.contrib.validator import ContribAggregator
 from near_jax.diloco import protocol
@@ -280,8 +280,17 @@ def test_an_allowlisted_run_takes_admitted_contributors_only(tmp_path):
             e = entries[name]
             assert e["reason"] == NOT_ADMITTED.format(name, world.keys[name].key_id), e
             assert e["key_id"] == world.keys[name].key_id and not e["accepted"]
+    # Not cheating: a key that is not admitted is not held against the name.
+    standing = {x.contributor: x for x in rewards.standings(list(entries.values()))}
+    assert not standing[late].disqualified and standing[late].rejected == 1
     world.store.delete(allowlist.additions_key(RUN))
     admit(world.store, RUN, world.agg_key, manifest, {late: world.keys[late].public_hex})
     entries = round_entries()
     assert entries[late]["accepted"], entries[late]
     assert entries[HONEST[4]]["reason"].startswith("not on the run's allowlist")
+    # The signature is checked first: a forgery under any name is a bad signature.
+    for name in (HONEST[0], HONEST[4]):
+        world.push(name, inner(world.tree(world.base()), name, 9), key=identity.generate())
+    entries = by_contributor(close_round(world))
+    for name in (HONEST[0], HONEST[4]):
+        assert entries[name]["reason"].startswith("bad signature") and not entries[name]["key_id"]

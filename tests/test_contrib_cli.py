@@ -248,8 +248,8 @@ def test_promote_signs_with_the_aggregator_key_and_admit_admits(world, tmp_path)
     )
     assert again.returncode == 2 and "not run" in again.stderr
     assert fake.returncode == 2 and (
-        f"signed by key id {stranger.key_id}, but run {RUN!r}'s aggregator key is "
-        f"{world.agg_key.key_id}" in fake.stderr
+        f"signed by key id {stranger.key_id}, but the aggregator key of run {RUN!r} is key "
+        f"id {world.agg_key.key_id}" in fake.stderr
     ), fake.stderr
     assert allowlist.admitted(store, RUN, manifest) == ({}, "")
     one = ("--name=newbie", f"--public_key={newbie.public_hex}")

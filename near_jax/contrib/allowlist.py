@@ -170,8 +170,8 @@ def source_problem(store: ObjectStore, promotion: Promotion) -> str:
     theirs = contrib.get("aggregator_key") if isinstance(contrib, dict) else None
     if theirs != promotion.signer:
         return (
-            f"the promotion is signed by key id {identity.key_id(promotion.signer)}, but run "
-            f"{promotion.from_run!r}'s aggregator key is {_kid(theirs)}"
+            f"the promotion is signed by key id {identity.key_id(promotion.signer)}, but the "
+            f"aggregator key of run {promotion.from_run!r} is key id {_kid(theirs)}"
         )
     return ""
 
