@@ -97,6 +97,14 @@ def _refusal(tmp_path, rng, case):
     elif case == "added key":
         row = {"contributor": "mallory", "key_id": other.key_id, "public_key": other.public_hex}
         source = json.dumps({**doc, "contributors": [*doc["contributors"], row]}).encode()
+    elif case == "NaN":
+        source = json.dumps({**doc, "issued_at": float("nan")}).encode()
+    elif case == "nested":
+        source = (
+            json.dumps({**doc, "window": 1})
+            .encode()
+            .replace(b'"window": 1', b'"window": ' + b"[" * 900 + b"]" * 900)
+        )
     elif case == "other signer":
         expected = other.public_hex
     with pytest.raises(ValueError) as e:
@@ -119,6 +127,8 @@ def _refusal(tmp_path, rng, case):
         ("listed twice", "a contributor is listed twice"),
         ("tampered", "the signature does not verify"),
         ("added key", "the signature does not verify"),
+        ("NaN", "has values JSON does not allow"),
+        ("nested", "does not verify"),
         ("other signer", "not the expected"),
     ],
 )

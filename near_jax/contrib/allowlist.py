@@ -144,7 +144,11 @@ def read_promotion(
     except (ValueError, identity.IdentityError) as e:
         raise ValueError(f"{what}: {one_line(e, 200)}") from None
     body = {k: v for k, v in doc.items() if k != "signature"}
-    if not identity.verify(signer, _PROMOTION_DOMAIN + protocol.dumps(body), doc["signature"]):
+    try:
+        message = _PROMOTION_DOMAIN + protocol.dumps(body)
+    except (ValueError, RecursionError) as e:  # NaN, absurd nesting: never signed by us
+        raise ValueError(f"{what} has values JSON does not allow ({one_line(e, 80)})") from None
+    if not identity.verify(signer, message, doc["signature"]):
         raise ValueError(
             f"{what}: the signature does not verify under its aggregator key id "
             f"{identity.key_id(signer)} (tampered or forged)"

@@ -25,6 +25,11 @@ command: `--shards=0/K` is the coordinator (it decides and commits), `--shards=i
 i = 1..K-1 are workers that derive shards s with s mod K == i of each round and exit when
 the run is finished. Kill any of them at any moment and start it again.
 
+Contributor runs (`config.contrib.enabled`, `--key`): `--allowlist=PROMOTION` (a document
+from `python -m near_jax.contrib promote --out --key`, only when creating the run) admits
+only the promoted contributors, fixed in the manifest (more later: `near_jax.contrib
+admit`); `--allow_code` / `--revoke_code` change the code hashes accepted from now on.
+
 Metrics (`--workdir`/metrics.jsonl, split "aggregator", step = round): accepted, rejected,
 late, closed_by_quorum, round_s (open → close), outer_step_s (decode + average + encode +
 outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, replayed
