@@ -14,7 +14,7 @@ from contrib_world import ADVERSARIES, HONEST, RUN
 from helpers import ADVERSARIAL_ROUNDS as ROUNDS
 from helpers import clone, ledger_copy, rehash, row, run_module, sql
 
-from near_jax.contrib import audit, identity, ledger_mirror, registry
+from near_jax.contrib import allowlist, audit, identity, ledger_mirror, registry
 from near_jax.contrib.rewards import Standing
 from near_jax.diloco import protocol
 from near_jax.diloco.store import ObjectStore
@@ -78,11 +78,25 @@ def test_cli(world, tmp_path):
     assert f"rounds 0–{ROUNDS - 1}" in board.stderr
     assert f"warning: registry entry {RUN}/registry/junk" in board.stderr
 
-    out = tmp_path / "promoted.json"
+    out, agg_key = tmp_path / "promoted.json", tmp_path / "agg.key"
+    identity.save(world.agg_key, agg_key)
     good = ledger_copy(world, tmp_path)  # audited against the decisions, and accepted
-    promoted = cli("promote", store, f"--run={RUN}", "--top=3", f"--out={out}", f"--ledger={good}")
+    promoted = cli(
+        "promote",
+        store,
+        f"--run={RUN}",
+        "--top=3",
+        f"--out={out}",
+        f"--ledger={good}",
+        f"--key={agg_key}",
+    )
     assert promoted.returncode == 0, promoted.stderr
-    chosen = json.loads(out.read_text())
+    assert f"signed by key id {world.agg_key.key_id}" in promoted.stdout
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "near_jax/promotion" and doc["from_run"] == RUN and doc["top"] == 3
+    chosen = doc["contributors"]
+    verified = allowlist.read_promotion(out, expected_signer=world.agg_key.public_hex)
+    assert verified.keys == {c["contributor"]: c["public_key"] for c in chosen}
     assert [c["contributor"] for c in chosen] == names[:3]
     for c in chosen:
         assert c["contributor"] in HONEST and c["rounds"] == ROUNDS
@@ -99,7 +113,7 @@ def test_cli(world, tmp_path):
     assert "--run is required" in missing.stderr
     unknown = cli("audit", store, f"--run={RUN}")
     assert unknown.returncode == 2 and "unknown command 'audit'" in unknown.stderr
-    assert "keygen, register, verify, leaderboard, promote, codehash" in unknown.stderr
+    assert "keygen, register, verify, leaderboard, promote, admit, codehash" in unknown.stderr
 
 
 def test_cli_refuses_a_forged_ledger_copy_with_a_valid_chain(world, tmp_path):
@@ -179,3 +193,74 @@ def test_cli_refuses_impossible_requests_up_front(tmp_path):
         proc = cli(*args, f"--store={store}", "--run=r")
         err = proc.stderr.strip()
         assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_promote_signs_with_the_aggregator_key_and_admit_admits(world, tmp_path):
+    store, path = clone(world, tmp_path)
+    run = (f"--store={path}", f"--run={RUN}")
+    agg_key, stranger_key, out = tmp_path / "agg.key", tmp_path / "x.key", tmp_path / "p.json"
+    identity.save(world.agg_key, agg_key)
+    stranger = identity.generate()
+    identity.save(stranger, stranger_key)
+    newbie = identity.generate()
+    # An allowlisted run of the same store: the world's manifest, with an allowlist added.
+    manifest = protocol.read_json(store, protocol.manifest_key(RUN))
+    manifest["contrib"]["allowlist"] = {"from_run": "r0", "signer": "", "sha256": "", "keys": {}}
+    store.put(protocol.manifest_key(RUN), protocol.dumps(manifest))
+    no_key, wrong_key, signed, open_run, both, bad_public = cli_all(
+        ("promote", *run, "--top=2", f"--out={out}"),
+        ("promote", *run, "--top=2", f"--out={out}", f"--key={stranger_key}"),
+        ("promote", *run, "--top=2", f"--out={out}", f"--key={agg_key}"),
+        (
+            "admit",
+            f"--store={world.path}",
+            f"--run={RUN}",
+            f"--key={agg_key}",
+            "--name=n",
+            f"--public_key={newbie.public_hex}",
+        ),
+        ("admit", *run, f"--key={agg_key}", "--name=n", f"--promotion={out}"),
+        ("admit", *run, f"--key={agg_key}", "--name=n", "--public_key=abc"),
+    )
+    for p, phrase in (
+        (no_key, "needs --key=AGG_KEY"),
+        (
+            wrong_key,
+            f"is key id {stranger.key_id}, not run {RUN}'s aggregator key (key id "
+            f"{world.agg_key.key_id})",
+        ),
+        (open_run, "is open (no allowlist)"),
+        (both, "either --name=NAME --public_key=HEX or --promotion=PATH"),
+        (bad_public, "bad public key"),
+    ):
+        err = p.stderr.strip()
+        assert p.returncode == 2 and phrase in err and len(err.splitlines()) == 1, err
+    assert signed.returncode == 0, signed.stderr
+    promoted = allowlist.read_promotion(out, expected_signer=world.agg_key.public_hex)
+    assert len(promoted.keys) == 2 and set(promoted.keys) <= set(HONEST)
+    # A promotion "from" this run signed by another key: its manifest says otherwise.
+    forged = tmp_path / "forged.json"
+    rows = [{"contributor": "n2", "public_key": newbie.public_hex}]
+    doc = allowlist.sign_promotion(stranger, RUN, rows, window=0, top=1, issued_at=0)
+    forged.write_text(json.dumps(doc))
+    again, fake = cli_all(
+        ("admit", *run, f"--key={stranger_key}", "--name=n", f"--public_key={newbie.public_hex}"),
+        ("admit", *run, f"--key={agg_key}", f"--promotion={forged}"),
+    )
+    assert again.returncode == 2 and "not run" in again.stderr
+    assert fake.returncode == 2 and (
+        f"signed by key id {stranger.key_id}, but the aggregator key of run {RUN!r} is key "
+        f"id {world.agg_key.key_id}" in fake.stderr
+    ), fake.stderr
+    assert allowlist.admitted(store, RUN, manifest) == ({}, "")
+    one = ("--name=newbie", f"--public_key={newbie.public_hex}")
+    for args, seq in ((one, 1), ((f"--promotion={out}",), 2), (one, 2)):
+        p = cli("admit", *run, f"--key={agg_key}", *args)
+        assert p.returncode == 0 and f"at seq {seq}" in p.stdout, p.stdout + p.stderr
+    assert "already admitted: 1 of 1" in p.stdout
+    got, problem = allowlist.admitted(store, RUN, manifest)
+    assert problem == "" and got == {"newbie": newbie.public_hex, **promoted.keys}
+    taken = cli(
+        "admit", *run, f"--key={agg_key}", "--name=newbie", f"--public_key={stranger.public_hex}"
+    )
+    assert taken.returncode == 2 and "newbie is already admitted with key id" in taken.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import small_config
 
-from near_jax.contrib import attest, identity, registry
+from near_jax.contrib import allowlist, attest, identity, registry
 from near_jax.contrib.contributor import Signer, prepare_signer, slot_problem
 from near_jax.contrib.policy import Policy, allowed_code_key, recipe_sha256, signed_allowed_code
 from near_jax.diloco import protocol
@@ -97,6 +97,51 @@ def test_prepare_signer_accepts_code_the_aggregator_signed_later(setup):
     obj = signed_allowed_code(agg, RUN, [attest.code_sha256()])
     store.put(allowed_code_key(RUN), protocol.dumps(obj))
     assert prepare_signer(cfg, store, RUN, "eu-1", manifest, path).name == "eu-1"
+
+
+def test_prepare_signer_refuses_revoked_code(setup):
+    cfg, store, path, _ = setup
+    agg, code = identity.generate(), attest.code_sha256()
+    manifest = manifest_for(cfg)
+    manifest["contrib"]["aggregator_key"] = agg.public_hex
+    other = "9" * 64
+    obj = signed_allowed_code(agg, RUN, [other], seq=2, revoked=[code])
+    store.put(allowed_code_key(RUN), protocol.dumps(obj))
+    with pytest.raises(ValueError) as e:
+        prepare_signer(cfg, store, RUN, "eu-1", manifest, path)
+    assert f"hash {code[:12]}) was revoked in run {RUN!r}" in str(e.value)
+    assert other[:12] in str(e.value) and registry.lookup(store, RUN, "eu-1") is None
+    forged = signed_allowed_code(identity.generate(), RUN, [], seq=3)  # not the aggregator's
+    store.put(allowed_code_key(RUN), protocol.dumps(forged))
+    assert prepare_signer(cfg, store, RUN, "eu-1", manifest, path).name == "eu-1"
+
+
+def test_prepare_signer_in_an_allowlisted_run(setup):
+    cfg, store, path, key = setup
+    agg = identity.generate()
+    manifest = manifest_for(cfg)
+    others = {f"x{i}": identity.generate().public_hex for i in range(3)}
+    entry = {"from_run": "rung0", "signer": agg.public_hex, "sha256": "0" * 64, "keys": others}
+    manifest["contrib"].update(aggregator_key=agg.public_hex, allowlist=entry)
+    for keys in ({}, {"eu-1": identity.generate().public_hex}, {"eu-2": key.public_hex}):
+        store.delete(allowlist.additions_key(RUN))
+        if keys:  # admitted later, but not this name with this key
+            allowlist.admit(store, RUN, agg, manifest, keys)
+        with pytest.raises(ValueError) as e:
+            prepare_signer(cfg, store, RUN, "eu-1", manifest, path)
+        text = str(e.value)
+        assert f"eu-1 with key id {key.key_id} is not on its allowlist" in text, text
+        assert "\n" not in text and registry.lookup(store, RUN, "eu-1") is None
+    # a forged admission does not count, and the refusal names it
+    forged = allowlist.signed_additions(identity.generate(), RUN, 5, {"eu-1": key.public_hex})
+    store.put(allowlist.additions_key(RUN), protocol.dumps(forged))
+    with pytest.raises(ValueError, match="note: .*not signed by the run's aggregator"):
+        prepare_signer(cfg, store, RUN, "eu-1", manifest, path)
+    store.delete(allowlist.additions_key(RUN))
+    allowlist.admit(store, RUN, agg, manifest, {"eu-1": key.public_hex})
+    assert prepare_signer(cfg, store, RUN, "eu-1", manifest, path).name == "eu-1"
+    entry["keys"] = {"eu-3": key.public_hex}  # admitted in the manifest itself
+    assert prepare_signer(cfg, store, RUN, "eu-3", manifest, path).name == "eu-3"
 
 
 def refusal(setup, tmp_path, case):

@@ -4,6 +4,7 @@ identity       ed25519 keys, key files, signed contribution statements
 registry       the run's key registry: self-signed name -> public key entries in the store
 attest         code/config hashes and the pluggable attestation verifier (TEE quotes)
 policy         what a run accepts: its Policy, the config hash signed, allowed code hashes
+allowlist      allowlisted runs: signed promotions, admissions, who is admitted (checks, islands)
 signing        what the aggregator's key signs: round seeds (commit, reveal), decisions
 screening      free-riders, norm outliers, copies; scoring by eval-loss improvement
 checks         the validator's checks of each contribution as it arrives (Candidate)

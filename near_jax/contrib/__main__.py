@@ -11,8 +11,16 @@
     leaderboard --store=URL --run=RUN [--window=W] [--csv=PATH|-] [--ledger=PATH]
                                                    standings over the last W closed rounds
                                                    (0: all)
-    promote     --store=URL --run=RUN --top=K [--window=W] [--min_rounds=N] [--out=PATH]
-                [--ledger=PATH]                    who qualifies for the next rung (JSON --out)
+    promote     --store=URL --run=RUN --top=K [--window=W] [--min_rounds=N]
+                [--out=PATH --key=AGG_KEY] [--ledger=PATH]
+                                                   who qualifies for the next rung; --out
+                                                   writes them as a promotion document signed
+                                                   by the run's aggregator key (--key), which
+                                                   the next rung's aggregator takes as
+                                                   --allowlist
+    admit       --store=URL --run=RUN --key=AGG_KEY (--name=NAME --public_key=HEX |
+                --promotion=PATH) [--force]        admits a key (or a promotion's keys) to an
+                                                   allowlisted run, signed by its aggregator
     codehash                                       this code's hash (config.contrib.allowed_code)
 
 leaderboard and promote first run verify's whole audit (of --ledger=PATH, when given, against
@@ -40,7 +48,7 @@ from absl import flags
 from near_jax import cli
 from near_jax._io import atomic_write, one_line
 from near_jax.cli import quiet_library_logs, usage_error
-from near_jax.contrib import attest, audit, identity, registry, rewards
+from near_jax.contrib import allowlist, attest, audit, identity, registry, rewards
 from near_jax.contrib.identity import IdentityError
 from near_jax.contrib.ledger import LedgerError
 from near_jax.diloco import protocol
@@ -63,9 +71,15 @@ class Command:
 def define_flags() -> None:
     """The flags of every command (each command accepts only its own)."""
     flags.DEFINE_string("out", None, "keygen: the key file to write; promote: a JSON file.")
-    flags.DEFINE_bool("force", False, "keygen: replace an existing key file.")
-    flags.DEFINE_string("key", None, "register: the contributor's private key file.")
-    flags.DEFINE_string("name", None, "register: the contributor name to claim.")
+    flags.DEFINE_bool(
+        "force", False, "keygen: replace an existing key file; admit: replace forged additions."
+    )
+    flags.DEFINE_string(
+        "key", None, "register: the contributor's key file; promote, admit: the aggregator's."
+    )
+    flags.DEFINE_string("name", None, "register: the contributor name to claim; admit: to admit.")
+    flags.DEFINE_string("public_key", None, "admit: the public key (64 hex) to admit as --name.")
+    flags.DEFINE_string("promotion", None, "admit: a promotion document whose keys to admit.")
     flags.DEFINE_string(
         "store", None, "Object store: gs://BUCKET/PREFIX, s3://…, file:///… or a path."
     )
@@ -155,11 +169,19 @@ def leaderboard(f: Any) -> int:
 
 
 def promote(f: Any) -> int:
-    """Prints who qualifies for promotion; with --out, writes them (and their keys) as JSON."""
+    """Prints who qualifies for promotion; with --out, writes them (and their keys) as a
+    promotion document signed by the run's aggregator key."""
     if f.top is None or f.top < 1:
         usage_error(f"--top={f.top} is not allowed: must be >= 1")
     if f.min_rounds < 1:
         usage_error(f"--min_rounds={f.min_rounds} is not allowed: must be >= 1")
+    if f.out and not f.key:
+        usage_error(f"--out={f.out} needs --key=AGG_KEY: the run's aggregator key signs it")
+    if f.key and not f.out:
+        usage_error("--key applies to promote only with --out (it signs the document)")
+    if f.out:
+        _check_window(f)
+        key, _ = _aggregator(f, *_open_run(f))
     found = _ranked(f)
     if found is None:
         return 1
@@ -197,9 +219,53 @@ def promote(f: Any) -> int:
     if not chosen:
         print("nobody qualifies")
     if f.out:
-        if not _write(f.out, json.dumps(out, indent=2) + "\n"):
+        for row in out:
+            if not row["public_key"]:
+                _warn(f"{row['contributor']}'s public key is unknown; left out of {f.out}")
+        rows = [row for row in out if row["public_key"]]
+        doc = allowlist.sign_promotion(
+            key, run, rows, window=f.window, top=f.top, issued_at=time.time()
+        )
+        if not _write(f.out, json.dumps(doc, indent=2) + "\n"):
             return 1
-        print(f"wrote {f.out}")
+        print(f"wrote {f.out}: {len(rows)} contributors, signed by key id {key.key_id}")
+    return 0
+
+
+def admit(f: Any) -> int:
+    """Admits --name with --public_key (or a promotion's keys) to an allowlisted run."""
+    if bool(f.promotion) == bool(f.name or f.public_key):
+        usage_error("admit takes either --name=NAME --public_key=HEX or --promotion=PATH")
+    store, run = _open_run(f)
+    key, manifest = _aggregator(f, store, run)
+    if f.promotion:
+        try:
+            promotion = allowlist.read_promotion(f.promotion)
+        except ValueError as e:
+            usage_error(str(e))
+        problem = allowlist.source_problem(store, promotion)
+        if problem:
+            usage_error(f"--promotion={f.promotion}: {problem}")
+        keys = promotion.keys
+    else:
+        if not (f.name and f.public_key):
+            usage_error("admit --name=NAME needs --public_key=HEX (and the other way round)")
+        try:
+            keys = {
+                protocol.check_name("contributor", f.name): identity.check_public_hex(f.public_key)
+            }
+        except (ValueError, IdentityError) as e:
+            usage_error(str(e))
+    try:
+        additions, new = allowlist.admit(store, run, key, manifest, keys, force=f.force)
+    except ValueError as e:
+        usage_error(str(e))
+    for name in new:
+        print(f"admitted {name} (key id {identity.key_id(keys[name])}) to run {run}")
+    already = len(keys) - len(new)
+    if already:
+        print(f"already admitted: {already} of {len(keys)}")
+    print(f"{allowlist.additions_key(run)} is at seq {additions.seq}")
     return 0
 
 
@@ -214,7 +280,8 @@ COMMANDS = {
     "register": Command(register, ("key", "name", *_STORE)),
     "verify": Command(verify, _STORE, ("ledger",)),
     "leaderboard": Command(leaderboard, _STORE, ("window", "csv", "ledger")),
-    "promote": Command(promote, (*_STORE, "top"), ("window", "min_rounds", "out", "ledger")),
+    "promote": Command(promote, (*_STORE, "top"), ("window", "min_rounds", "out", "key", "ledger")),
+    "admit": Command(admit, ("key", *_STORE), ("name", "public_key", "promotion", "force")),
     "codehash": Command(codehash, ()),
 }
 _OWN_FLAGS = (
@@ -222,6 +289,8 @@ _OWN_FLAGS = (
     "force",
     "key",
     "name",
+    "public_key",
+    "promotion",
     "store",
     "run",
     "ledger",
@@ -257,6 +326,27 @@ def _open_run(f: Any) -> tuple[Any, str]:
     if getattr(f, "ledger", None) and not os.path.isfile(f.ledger):
         usage_error(f"--ledger={f.ledger}: no such file (leave it out to read the store's copy)")
     return store, run
+
+
+def _aggregator(f: Any, store: Any, run: str) -> tuple[identity.Identity, dict]:
+    """(the key in --key, the run's manifest) if it is the run's aggregator key (else a
+    usage error)."""
+    try:
+        key = identity.load(f.key)
+    except identity.IdentityError as e:
+        usage_error(f"--key={f.key}: {e}")
+    manifest = protocol.read_json(store, protocol.manifest_key(run))
+    theirs = manifest["contrib"].get("aggregator_key")
+    if key.public_hex != theirs:
+        try:
+            theirs_id = identity.key_id(identity.check_public_hex(theirs))
+        except IdentityError:
+            theirs_id = "? (malformed)"
+        usage_error(
+            f"--key={f.key} is key id {key.key_id}, not run {run}'s aggregator key (key id "
+            f"{theirs_id})"
+        )
+    return key, manifest
 
 
 def _audited(f: Any, store: Any, run: str) -> Any:

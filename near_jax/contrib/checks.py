@@ -4,8 +4,11 @@
     replayed:  signed for an earlier (closed) round, or a payload already in the ledger
     unsigned / unregistered contributor / bad signature (ed25519 over the statement: run,
                round, contributor, base hash, payload hash, code hash, config hash)
+    not on the run's allowlist: (allowlisted runs) the contributor's name and key are not
+               admitted (`allowlist`); checked once the signature verifies, not disqualifying
     wrong base: trained from another version than the round's
-    attestation: the run's verifier refused the signed code hash or the attestation blob
+    attestation: the signed code hash was revoked, or the run's verifier refused it or the
+               attestation blob
     invalid:   payload shaped unlike the params, or NaN/Inf
 
 A contribution that passes every check is a `Candidate`: its signed shard manifest, for
@@ -26,6 +29,7 @@ from typing import Any
 
 from near_jax._io import one_line
 from near_jax.contrib import attest, identity, registry
+from near_jax.contrib.allowlist import Admissions
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import PayloadError
 from near_jax.diloco.protocol import Verdict, Version
@@ -89,7 +93,9 @@ class Checker:
     at a time, each checked against the manifest and dropped), looks its contributor up
     in the run's key registry (caching keys once found), asks `payload_seen(sha256)` —
     the ledger's (round, contributor) of a payload, or None — whether it is a replay, and
-    `verifier` (replaced when more code is allowed) whether its attestation holds."""
+    `verifier` (replaced when more code is allowed) whether its attestation holds; a
+    code hash in `revoked` is refused first. In an allowlisted run, `admissions` says who
+    is admitted (re-read once per round)."""
 
     def __init__(
         self,
@@ -100,9 +106,11 @@ class Checker:
         plan: protocol.ShardPlan,
         verifier: attest.Verifier,
         payload_seen: Callable[[str], tuple[int, str] | None],
+        admissions: Admissions | None = None,
     ):
         self.store, self.run, self.like, self.plan = store, run, like, plan
         self.verifier, self.payload_seen = verifier, payload_seen
+        self.admissions, self.revoked = admissions, frozenset()
         self._keys: dict[str, str] = {}
 
     def check(self, base: Version, key: str, arrival: int) -> Candidate:
@@ -178,6 +186,11 @@ class Checker:
         if not identity.verify_statement(public, fields, signature):
             return f"bad signature (registered key id {identity.key_id(public)})"
         c.key_id = identity.key_id(public)  # from here on, the contributor signed this
+        if self.admissions is not None and self.admissions.at(r).get(c.island) != public:
+            return (
+                f"not on the run's allowlist: {c.island}'s key id {c.key_id} is not admitted "
+                "(python -m near_jax.contrib admit)"
+            )
         if tag["base_sha256"] != base.params_sha256:
             return (
                 f"wrong base: trained from {tag['base_sha256'][:12]}, round {r} starts "
@@ -190,6 +203,8 @@ class Checker:
             blob = base64.b64decode(tag.get("attestation", ""), validate=True)
         except (binascii.Error, TypeError, ValueError):
             return "malformed: attestation is not base64"
+        if fields["code_sha256"] in self.revoked:
+            return f"attestation: code hash {fields['code_sha256'][:12]} was revoked in this run"
         claim = attest.Claim(**fields)
         refused = attest.check(self.verifier, claim, blob)
         if refused:

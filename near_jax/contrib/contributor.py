@@ -6,8 +6,9 @@
 
 In a run whose manifest has a `contrib` section, `prepare_signer` loads the island's key,
 registers it under the island's name (first come, first served; the same key again is a
-no-op), checks that this code and config are ones the run accepts (so a mismatch fails at
-start-up, not as a rejection every round) and returns the `Signer` that
+no-op), checks that this code and config are ones the run accepts and, in an allowlisted
+run, that the name and key are admitted (so a mismatch fails at start-up, not as a
+rejection every round) and returns the `Signer` that
 `protocol.push_contribution(sign=...)` calls to sign each contribution's statement.
 """
 
@@ -17,7 +18,7 @@ import base64
 import hashlib
 import time
 
-from near_jax.contrib import attest, identity, registry
+from near_jax.contrib import allowlist, attest, identity, registry
 from near_jax.contrib.policy import Policy, extra_allowed_code, recipe_sha256
 from near_jax.diloco import protocol
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -80,8 +81,13 @@ def prepare_signer(
     policy = Policy.from_json(manifest["contrib"]["policy"])
     code, config = attest.code_sha256(), recipe_sha256(cfg)
     aggregator = manifest["contrib"]["aggregator_key"]
-    extra, problem = extra_allowed_code(store, run, aggregator)
-    allowed = set(policy.allowed_code) | extra
+    code_list, problem = extra_allowed_code(store, run, aggregator)
+    allowed = code_list.allowed(policy.allowed_code)
+    if code in code_list.revoked:
+        raise ValueError(
+            f"this near_jax code (hash {code[:12]}) was revoked in run {run!r}: install a "
+            f"version it takes ({', '.join(h[:12] for h in sorted(allowed)) or 'none'})"
+        )
     if policy.attestation == "code_hash" and code not in allowed:
         raise ValueError(
             f"this near_jax code (hash {code[:12]}) is not allowed in run {run!r}: it takes "
@@ -102,6 +108,13 @@ def prepare_signer(
                 f"--attestation={attestation_path} is {len(blob)} bytes; the limit is "
                 f"{attest.MAX_BLOB_BYTES}"
             )
+    admitted, problem = allowlist.admitted(store, run, manifest)
+    if admitted is not None and admitted.get(name) != ident.public_hex:
+        raise ValueError(
+            f"run {run!r} takes admitted contributors only: {name} with key id {ident.key_id} "
+            "is not on its allowlist (ask its aggregator: python -m near_jax.contrib admit)"
+            + (f"; note: {problem}" if problem else "")
+        )
     try:  # last: a start that fails on the code or config does not claim the name
         registry.register(store, run, name, ident, time.time())
     except identity.IdentityError as e:

@@ -4,8 +4,11 @@ The `Policy` is fixed in the run's manifest when the run is created (`contrib.po
 robust rule, the screening thresholds, how many batches score a contribution, the
 attestation verifier, the code hashes it accepts and the config hash (`recipe_sha256`: the
 run-fixed model and data settings) every contributor signs. Code hashes allowed later (a
-new near_jax release mid-run) go into a list in the store, `RUN/allowed_code`, that counts
-only when the run's aggregator key signed it (anyone can write to the store).
+new near_jax release mid-run) or revoked (a release found broken) go into a list in the
+store, `RUN/allowed_code`, that counts only when the run's aggregator key signed it (anyone
+can write to the store): {"run", "seq", "hashes", "revoked", "signature"}. The code a run
+accepts is (the manifest's ∪ hashes) − revoked; seq grows with each change, so a reader
+that saw seq N refuses an older list re-put to undo a revocation.
 
 Both sides read these: the aggregator's validator checks contributions against them, and an
 island checks at start-up that its code and config are ones the run takes.
@@ -25,7 +28,9 @@ from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
 
 _HASH = re.compile(r"[0-9a-f]{64}")
-_ALLOW_DOMAIN = b"near_jax/allowed_code/v1\n"
+_ALLOW_DOMAIN = b"near_jax/allowed_code/v1\n"  # lists written before seqs and revocation
+_ALLOW_DOMAIN_V2 = b"near_jax/allowed_code/v2\n"
+MAX_ALLOWED_CODE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,38 +112,92 @@ def recipe_sha256(cfg) -> str:
 # -------------------------------------------------------------------------- allowed code
 
 
+@dataclasses.dataclass(frozen=True)
+class CodeList:
+    """The signed `RUN/allowed_code`: code hashes allowed and revoked after the run was
+    created, and its seq (increasing with each change; 0: none published, or a list
+    written before seqs)."""
+
+    hashes: frozenset[str] = frozenset()
+    revoked: frozenset[str] = frozenset()
+    seq: int = 0
+
+    def allowed(self, manifest_code: tuple[str, ...] | frozenset[str]) -> frozenset[str]:
+        """The code a run with `manifest_code` in its manifest accepts now."""
+        return (frozenset(manifest_code) | self.hashes) - self.revoked
+
+    def allowing(self, hashes: list[str]) -> CodeList:
+        """The next list: `hashes` allowed (and no longer revoked)."""
+        new = frozenset(hashes)
+        return CodeList(self.hashes | new, self.revoked - new, self.seq + 1)
+
+    def revoking(self, hashes: list[str]) -> CodeList:
+        """The next list: `hashes` revoked (the manifest's too)."""
+        new = frozenset(hashes)
+        return CodeList(self.hashes - new, self.revoked | new, self.seq + 1)
+
+
 def allowed_code_key(run: str) -> str:
     """The aggregator's signed list of code hashes allowed after the run was created."""
     return f"{run}/allowed_code"
 
 
 def extra_allowed_code(
-    store: ObjectStore, run: str, aggregator_public: str
-) -> tuple[set[str], str]:
-    """(the extra allowed code hashes, a problem or ""): only a list the run's aggregator
-    signed counts (anyone can write to the store)."""
+    store: ObjectStore,
+    run: str,
+    aggregator_public: str,
+    *,
+    min_seq: int = 0,
+    known: CodeList | None = None,
+) -> tuple[CodeList, str]:
+    """(the code list, a problem or ""): only a list the run's aggregator signed counts
+    (anyone can write to the store), and one older than `min_seq` (re-put from before a
+    revocation) does not; on a problem the result is `known` (default: none)."""
+    key, fallback = allowed_code_key(run), known or CodeList()
     try:
-        obj = protocol.read_json(store, allowed_code_key(run))
+        obj = protocol.read_json(store, key, max_bytes=MAX_ALLOWED_CODE_BYTES)
     except (ProtocolError, CorruptObject) as e:
-        return set(), f"{allowed_code_key(run)} is unreadable ({one_line(e, 100)})"
+        return fallback, f"{key} is unreadable ({one_line(e, 100)})"
     if obj is None:
-        return set(), ""
-    body = {"run": obj.get("run"), "hashes": obj.get("hashes")}
-    hashes = body["hashes"]
+        if min_seq > 0:
+            return fallback, f"{key} vanished (seq {min_seq} was seen)"
+        return CodeList(), ""
+    if "seq" in obj:
+        body = {k: obj.get(k) for k in ("run", "seq", "hashes", "revoked")}
+        domain = _ALLOW_DOMAIN_V2
+    else:  # written before seqs and revocation: seq 0
+        body, domain = {"run": obj.get("run"), "hashes": obj.get("hashes")}, _ALLOW_DOMAIN
+    seq, lists = body.get("seq", 0), (body["hashes"], body.get("revoked", []))
     if (
         body["run"] != run
-        or not isinstance(hashes, list)
-        or not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
+        or isinstance(seq, bool)
+        or not isinstance(seq, int)
+        or not 0 <= seq < 1 << 53
+        or not all(isinstance(x, list) and all(_is_hash(h) for h in x) for x in lists)
         or not identity.verify(
-            aggregator_public, _ALLOW_DOMAIN + protocol.dumps(body), obj.get("signature", "")
+            aggregator_public, domain + protocol.dumps(body), obj.get("signature", "")
         )
     ):
-        return set(), f"{allowed_code_key(run)} is not signed by the run's aggregator"
-    return set(hashes), ""
+        return fallback, f"{key} is not signed by the run's aggregator"
+    if seq < min_seq:
+        return fallback, f"{key} has seq {seq}, older than seq {min_seq} seen: a rollback, ignored"
+    return CodeList(frozenset(lists[0]), frozenset(lists[1]), seq), ""
 
 
-def signed_allowed_code(aggregator: identity.Identity, run: str, hashes: list[str]) -> dict:
-    """The object stored at `allowed_code_key(run)`: the hashes, signed by the aggregator."""
-    body = {"run": run, "hashes": hashes}
-    body["signature"] = aggregator.sign(_ALLOW_DOMAIN + protocol.dumps(body))
+def signed_allowed_code(
+    aggregator: identity.Identity,
+    run: str,
+    hashes: list[str],
+    *,
+    seq: int = 1,
+    revoked: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """The object stored at `allowed_code_key(run)`: the hashes allowed and revoked, and
+    the list's seq, signed by the aggregator."""
+    body = {"run": run, "seq": seq, "hashes": list(hashes), "revoked": list(revoked)}
+    body["signature"] = aggregator.sign(_ALLOW_DOMAIN_V2 + protocol.dumps(body))
     return body
+
+
+def _is_hash(h: object) -> bool:
+    return isinstance(h, str) and _HASH.fullmatch(h) is not None

@@ -48,8 +48,10 @@ import numpy as np
 from near_jax._io import one_line
 from near_jax.config import ConfigError
 from near_jax.contrib import attest, identity, ledger, screening, streamed
+from near_jax.contrib.allowlist import Admissions
 from near_jax.contrib.checks import Candidate, Checker
 from near_jax.contrib.policy import (
+    CodeList,
     Policy,
     allowed_code_key,
     extra_allowed_code,
@@ -98,10 +100,11 @@ class ContribAggregator(Aggregator):
         loss_fn: Callable[[Any, int], float],
         ledger_path: str,
         log: Callable[[str], None] = lambda message: None,
+        allowlist: dict | None = None,
         **kwargs: Any,
     ):
         super().__init__(store, run, like, **kwargs)
-        self.log = log
+        self.log, self.allowlist, self.code = log, allowlist, CodeList()  # code: newest seen
         self.key, self.policy, self.loss_fn = aggregator_key, policy, loss_fn
         self.recorder = Recorder(  # logs through self.log, which a caller may replace
             store, run, ledger_path, aggregator_key, lambda m: self.log(m)
@@ -111,8 +114,11 @@ class ContribAggregator(Aggregator):
             run,
             like,
             plan=self.plan,
-            verifier=self._verifier(frozenset()),
+            verifier=self._verifier(self.code),
             payload_seen=self.recorder.payload_seen,
+            admissions=None
+            if allowlist is None
+            else Admissions(store, run, self.key.public_hex, allowlist),
         )
         self._history: list[streamed.Source] = []  # last round's applied Δs and update
         self._history_round = -1
@@ -133,25 +139,48 @@ class ContribAggregator(Aggregator):
                 "policy": self.policy.to_json(),
                 "aggregator_key": self.key.public_hex,
                 "seed_commitment": seed_commitment(seed_signature(self.key, self.run, 0)),
+                **({} if self.allowlist is None else {"allowlist": self.allowlist}),
             }
         }
 
-    def _verifier(self, extra_code: frozenset[str]) -> attest.Verifier:
+    def _verifier(self, code: CodeList) -> attest.Verifier:
         return attest.load_verifier(
             self.policy.attestation,
-            allowed_code=frozenset(self.policy.allowed_code) | extra_code,
+            allowed_code=code.allowed(self.policy.allowed_code),
             config_sha256=self.policy.config_sha256,
         )
 
     def allow_code(self, hashes: list[str]) -> list[str]:
         """Adds code hashes the run accepts from now on (a new near_jax release mid-run) to
         the signed list in the store; returns the whole extra list."""
-        extra, _ = extra_allowed_code(self.store, self.run, self.key.public_hex)
-        merged = sorted(extra | set(hashes))
-        body = signed_allowed_code(self.key, self.run, merged)
+        return sorted(self._change_code(lambda code: code.allowing(hashes)).hashes)
+
+    def revoke_code(self, hashes: list[str]) -> list[str]:
+        """Revokes code hashes (the manifest's too) from now on in the signed list;
+        returns every revoked hash."""
+        return sorted(self._change_code(lambda code: code.revoking(hashes)).revoked)
+
+    def _change_code(self, change: Callable[[CodeList], CodeList]) -> CodeList:
+        """Signs and stores the next code list (after the newest seen: never rolled back)."""
+        code = change(self._refresh_code())
+        h, r = sorted(code.hashes), sorted(code.revoked)
+        body = signed_allowed_code(self.key, self.run, h, seq=code.seq, revoked=r)
         self.store.put(allowed_code_key(self.run), protocol.dumps(body))
-        self.checker.verifier = self._verifier(frozenset(merged))
-        return merged
+        return self._use_code(code)
+
+    def _refresh_code(self) -> CodeList:
+        """Reads the signed code list; a forged, vanished or older one leaves ours in force."""
+        code, problem = extra_allowed_code(
+            self.store, self.run, self.key.public_hex, min_seq=self.code.seq, known=self.code
+        )
+        if problem:
+            self.log(f"warning: {problem}; the code list of seq {code.seq} stays in force")
+        return self._use_code(code)
+
+    def _use_code(self, code: CodeList) -> CodeList:
+        self.code, self.checker.revoked = code, code.revoked
+        self.checker.verifier = self._verifier(code)
+        return code
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -166,10 +195,7 @@ class ContribAggregator(Aggregator):
                 f"run {self.run!r} was created with aggregator key "
                 f"{str(theirs)[:16]}…, this key is {self.key.public_hex[:16]}…"
             )
-        extra, problem = extra_allowed_code(self.store, self.run, self.key.public_hex)
-        if problem:
-            self.log(f"warning: {problem}; only the manifest's code hashes are allowed")
-        self.checker.verifier = self._verifier(frozenset(extra))
+        self._refresh_code()
         self.recorder.open(state.version)
         return state
 
@@ -360,6 +386,7 @@ def build(
     key_path: str,
     ledger_path: str,
     score_source: str = "",
+    allowlist: dict | None = None,
     **kwargs: Any,
 ) -> ContribAggregator:
     """The aggregator of a contributor run (the policy from the manifest once the run
@@ -376,6 +403,7 @@ def build(
         raise ValueError(str(e)) from None
     if manifest is not None:
         policy = Policy.from_json(manifest["contrib"]["policy"])
+        allowlist = manifest["contrib"].get("allowlist")  # fixed when the run was created
     else:
         policy = Policy.from_config(cfg.contrib, attest.code_sha256(), recipe_sha256(cfg))
     loss = scoring_loss(trainer, policy.score_batches, score_source)
@@ -392,5 +420,6 @@ def build(
         policy=policy,
         loss_fn=loss,
         ledger_path=ledger_path,
+        allowlist=allowlist,
         **kwargs,
     )

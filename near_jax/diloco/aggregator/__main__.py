@@ -25,6 +25,11 @@ command: `--shards=0/K` is the coordinator (it decides and commits), `--shards=i
 i = 1..K-1 are workers that derive shards s with s mod K == i of each round and exit when
 the run is finished. Kill any of them at any moment and start it again.
 
+Contributor runs (`config.contrib.enabled`, `--key`): `--allowlist=PROMOTION` (a document
+from `python -m near_jax.contrib promote --out --key`, only when creating the run) admits
+only the promoted contributors, fixed in the manifest (more later: `near_jax.contrib
+admit`); `--allow_code` / `--revoke_code` change the code hashes accepted from now on.
+
 Metrics (`--workdir`/metrics.jsonl, split "aggregator", step = round): accepted, rejected,
 late, closed_by_quorum, round_s (open → close), outer_step_s (decode + average + encode +
 outer step), bytes_read, bytes_written (store bytes in the round), eval_loss, replayed
@@ -43,7 +48,7 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
-from near_jax.contrib import validator
+from near_jax.contrib import allowlist, identity, validator
 from near_jax.diloco import protocol, startup
 from near_jax.diloco.aggregator.core import Aggregator
 from near_jax.diloco.aggregator.loop import aggregate, create_run, outer_settings
@@ -144,14 +149,19 @@ def _aggregate(
             "(contrib.enabled): their screening and scoring see whole updates; use 1"
         )
     contributors = "contrib" in manifest if manifest is not None else cfg.contrib.enabled
+    if f.allowlist and not contributors:
+        usage_error(
+            f"--allowlist={f.allowlist} applies to contributor runs only: run {run!r} does not "
+            "take contributors (config.contrib.enabled)"
+        )
     if contributors:
         agg = _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs)
     else:
-        if f.key or f.ledger or f.score_source or f.allow_code:
+        if f.key or f.ledger or f.score_source or f.allow_code or f.revoke_code:
             _log(
                 f"warning: the contributor flags (--key, --ledger, --score_source, "
-                f"--allow_code) are ignored: run {run!r} does not take contributors "
-                "(config.contrib.enabled is fixed at its creation)"
+                f"--allow_code, --revoke_code) are ignored: run {run!r} does not take "
+                "contributors (config.contrib.enabled is fixed at its creation)"
             )
         try:
             agg = Aggregator(store, run, trainer.abstract_state.params, log=_log, **kwargs)
@@ -165,8 +175,11 @@ def _aggregate(
             usage_error(str(e))
     agg.load()
     if contributors and f.allow_code:
-        allowed = agg.allow_code([h.strip() for h in f.allow_code.split(",") if h.strip()])
+        allowed = agg.allow_code(_hashes(f.allow_code))
         _log(f"code hashes allowed besides the manifest's: {', '.join(h[:12] for h in allowed)}")
+    if contributors and f.revoke_code:
+        revoked = agg.revoke_code(_hashes(f.revoke_code))
+        _log(f"code hashes revoked: {', '.join(h[:12] for h in revoked)}")
     batches = cfg.train.eval_batches if f.eval_batches < 0 else f.eval_batches
     aggregate(
         agg, trainer, rounds=f.rounds, created=created, eval_batches=batches, workdir=f.workdir
@@ -180,13 +193,20 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
     ledger_path = f.ledger or os.path.join(
         f.workdir or tempfile.mkdtemp(prefix="near_jax-ledger-"), "ledger.sqlite"
     )
-    if f.allow_code:
-        hashes = [h.strip() for h in f.allow_code.split(",") if h.strip()]
-        if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+    for name in ("allow_code", "revoke_code"):
+        if not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in _hashes(f[name].value)):
             usage_error(
-                f"--allow_code={f.allow_code}: comma-separated sha256 hex hashes "
+                f"--{name}={f[name].value}: comma-separated sha256 hex hashes "
                 "(python -m near_jax.contrib codehash)"
             )
+    both = set(_hashes(f.allow_code)) & set(_hashes(f.revoke_code))
+    if both:
+        usage_error(f"--allow_code and --revoke_code both name {min(both)[:12]}…: choose one")
+    entry = None
+    if f.allowlist and manifest is not None:
+        _log(f"warning: --allowlist is ignored: run {run!r} exists (its manifest fixed it)")
+    elif f.allowlist:
+        entry = _allowlist(store, f.allowlist)
     if f.score_source and f.score_source == cfg.data.source:
         usage_error(
             f"--score_source={f.score_source} is the run's training source: "
@@ -202,6 +222,7 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
             key_path=f.key,
             ledger_path=ledger_path,
             score_source=f.score_source,
+            allowlist=entry,
             log=_log,
             **kwargs,
         )
@@ -218,6 +239,27 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
             "close a round; untrusted runs want a quorum of several contributors"
         )
     return agg
+
+
+def _hashes(flag: str) -> list[str]:
+    return [h.strip() for h in flag.split(",") if h.strip()]
+
+
+def _allowlist(store: ObjectStore, path: str) -> dict:
+    """The `contrib.allowlist` a new run records from promotion file `path` (a usage error
+    when it is not a promotion signed by its run's aggregator)."""
+    try:
+        promotion = allowlist.read_promotion(path)
+    except ValueError as e:
+        usage_error(f"--allowlist={path}: {e}")
+    problem = allowlist.source_problem(store, promotion)
+    if problem:
+        usage_error(f"--allowlist={path}: {problem}")
+    _log(
+        f"allowlist: {len(promotion.keys)} contributors promoted from run "
+        f"{promotion.from_run!r} (signed by key id {identity.key_id(promotion.signer)})"
+    )
+    return promotion.manifest_entry()
 
 
 def define_flags() -> None:
@@ -241,6 +283,18 @@ def define_flags() -> None:
         "",
         "Contributor runs: also accept contributions from these code hashes "
         "from now on (comma-separated; a new release mid-run), in a list this key signs.",
+    )
+    flags.DEFINE_string(
+        "revoke_code",
+        "",
+        "Contributor runs: refuse contributions from these code hashes from now on "
+        "(comma-separated; the manifest's too), in the list this key signs.",
+    )
+    flags.DEFINE_string(
+        "allowlist",
+        "",
+        "New contributor runs: admit only the contributors of this promotion document "
+        "(python -m near_jax.contrib promote --out --key), fixed in the run's manifest.",
     )
     flags.DEFINE_string(
         "score_source",
