@@ -3,8 +3,10 @@
 Before robust aggregation (`robust.py`) the aggregator rejects contributions that are
 cheap attacks on the protocol rather than on the numbers: free riders pushing a (near) zero
 update, norm outliers, replays of an earlier round's applied update, and copies of another
-contributor's update of the same round. It then scores each contribution by the eval-loss
-improvement it alone brings to the global params, and splits rewards by score.
+contributor's update of the same round (by cosine; by the cosine after removing the round's
+common update, which sees an honest Δ plus noise; by the overlap of top-k positions). It
+then scores each contribution by the eval-loss improvement it alone brings to the global
+params, and splits rewards by score.
 
 Norms and dot products accumulate float32 values in float64. `screen` gets all of them
 from one Gram matrix, computed chunk by chunk with a float64 matrix product (BLAS): N
@@ -26,7 +28,7 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,6 +37,7 @@ _CHUNK = 1 << 20  # elements per float64 chunk: bounds the temporary memory (8 M
 
 FREE_RIDER, OUTLIER, STALE, COPY = "free-rider", "outlier", "stale", "copy"
 DUPLICATE = "duplicate"  # a near-duplicate pair first seen together: the original is unknown
+_TOGETHER = ", arrived together (nothing orders them): the original is unknown, neither is applied"
 
 
 def _flat(tree: Any) -> list[np.ndarray]:
@@ -120,23 +123,51 @@ def gram_norms(gram: np.ndarray) -> list[float]:
     return [math.sqrt(g) if g >= 0 else math.nan for g in np.diag(gram).tolist()]
 
 
-def centered_gram(gram: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """<Δ_a − m, Δ_b − m> for a, b in `rows`, m = their mean, from the Gram matrix alone:
-    G_ab − r_a − r_b + s, with r_a = mean_j G_aj and s = the mean of G over `rows`."""
+def center_weights(gram: np.ndarray, rows: Sequence[int], clip: float = 1.5) -> np.ndarray:
+    """Weights w (summing to 1) of a robust center m = Σ_k w_k·Δ_k of the trees in `rows`,
+    from their Gram matrix alone: the mean with each Δ's pull clipped at `clip` × the
+    median distance to m (Huber), from the geometric median (Weiszfeld). Within the
+    honest spread it is the mean; one Δ however far moves it by about clip × that
+    distance / n. The mean itself moves by the Δ's norm / n, enough within the norm
+    limit to make two honest Δs look alike (centered cosine −0.2 became 0.8)."""
     g = np.asarray(gram, np.float64)[np.ix_(rows, rows)]
-    r = g.mean(axis=1)
-    return g - r[:, None] - r[None, :] + g.mean()
+    n, diag = len(rows), np.diag(g)
+    if n == 0:
+        return np.zeros(0)
+    w = np.full(n, 1.0 / n)
+    eps = 1e-9 * math.sqrt(max(float(np.mean(np.abs(diag))), 1e-300))
+    for step in range(150):  # 100 Weiszfeld steps (w_k ∝ 1/d_k), then 50 Huber steps
+        gw = g @ w
+        d = np.maximum(np.sqrt(np.maximum(diag - 2 * gw + w @ gw, 0.0)), eps)  # ‖Δ_k − m‖
+        if step < 100:
+            w = (1.0 / d) / np.sum(1.0 / d)
+        else:  # m += mean_k min(1, τ/d_k)·(Δ_k − m)
+            c = np.minimum(1.0, clip * float(np.median(d)) / d)
+            w = w * (1.0 - c.mean()) + c / n
+    return w
+
+
+def centered_gram(
+    gram: np.ndarray, rows: Sequence[int], weights: np.ndarray | None = None
+) -> np.ndarray:
+    """<Δ_a − m, Δ_b − m> for a, b in `rows`, m = Σ_k w_k·Δ_k (`weights` summing to 1;
+    None: the mean), from the Gram matrix alone: G_ab − r_a − r_b + wᵀGw, r = Gw."""
+    g = np.asarray(gram, np.float64)[np.ix_(rows, rows)]
+    w = np.full(len(rows), 1.0 / len(rows)) if weights is None else np.asarray(weights)
+    r = g @ w
+    return g - r[:, None] - r[None, :] + w @ r
 
 
 def overlap_ratios(indicators: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """I_ab / min(I_aa, I_bb) for a, b in `rows` (I: the indicator Gram matrix, counts of
-    positions where both are non-zero); nan where a support is empty or a count not finite."""
+    """I_ab / max(I_aa, I_bb) for a, b in `rows` (I: the indicator Gram matrix), nan where
+    a support is empty or a count not finite. Over the smaller support, a dense Δ (it
+    covers every sparse one) would overlap everyone fully and make them all its copies."""
     ind = np.asarray(indicators, np.float64)[np.ix_(rows, rows)]
     d = np.diag(ind)
-    low = np.minimum(d[:, None], d[None, :])
+    high = np.maximum(d[:, None], d[None, :])
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = ind / low
-    out[~(np.isfinite(out) & (low > 0))] = math.nan
+        out = ind / high
+    out[~(np.isfinite(out) & (high > 0) & (np.minimum(d[:, None], d[None, :]) > 0))] = math.nan
     return out
 
 
@@ -222,30 +253,20 @@ def screen_details(
     )
 
 
-class _Hit(NamedTuple):
-    how: str  # how the pair was compared, for the reason ("" for the plain cosine)
-    what: str  # the number that crossed its limit, for the reason
-    measure: str
-    similarity: float
-
-
 def _copy_test(
-    gram: np.ndarray,
-    norms_: Sequence[float],
-    rows: Sequence[int],
-    duplicate_cosine: float,
-    centered_cosine: float | None,
-    overlap: np.ndarray | None,
-    copy_overlap: float,
-) -> Callable[[int, int], _Hit | None]:
-    """Check 4's test of a pair of `rows` (the contributions checks 1-3 passed): the first
-    measure at or above its limit, or None. The centered cosine and the top-k overlap are
-    relative to the round, so they need >= 3 contributions (with 2, centered vectors are
-    exact opposites, and the only overlap is the pair's own)."""
+    gram: np.ndarray, norms_: Sequence[float], rows: Sequence[int], limits: tuple
+) -> Callable[[int, int], tuple[str, str, str, float] | None]:
+    """Check 4's test of a pair of `rows` (those checks 1-3 passed) under `limits`, screen_
+    gram's (duplicate_cosine, centered_cosine, overlap, copy_overlap): the first measure
+    at or above its limit, as (how, what: for the reason; measure, value), or None. Both
+    round-relative tests need enough of the round: the top-k overlap >= 3 rows (with 2,
+    the only overlap is the pair's own), the centered cosine >= 4 (with 3, a copy pair
+    is the majority and a robust center sits between them, so they look opposite)."""
+    duplicate_cosine, centered_cosine, overlap, copy_overlap = limits
     pos = {a: k for k, a in enumerate(rows)}
     centered = cnorms = None
-    if centered_cosine is not None and centered_cosine <= 1 and len(rows) >= 3:
-        centered = centered_gram(gram, rows)
+    if centered_cosine is not None and centered_cosine <= 1 and len(rows) >= 4:
+        centered = centered_gram(gram, rows, center_weights(gram, rows))
         cnorms = gram_norms(centered)  # a rounding-negative diagonal: nan, cosine 0
     ratios, base = None, math.nan
     if overlap is not None and copy_overlap > 0 and len(rows) >= 3:
@@ -256,21 +277,21 @@ def _copy_test(
         # overlaps of 0.6): what counts is the overlap beyond the round's typical pair.
         base = float(np.median(pairs)) if pairs.size else math.nan
 
-    def test(i: int, j: int) -> _Hit | None:
+    def test(i: int, j: int) -> tuple[str, str, str, float] | None:
         c = _cos(float(gram[i, j]), norms_[i], norms_[j])
         if c >= duplicate_cosine:
-            return _Hit("", f"cosine {c:.4f}", "cosine", c)
+            return "", f"cosine {c:.4f}", "cosine", c
         a, b = pos[i], pos[j]
         if centered is not None:
             cc = _cos(float(centered[a, b]), cnorms[a], cnorms[b])
             if cc >= centered_cosine:
-                how = " after removing the round's mean update"
-                return _Hit(how, f"centered cosine {cc:.3f}", "centered cosine", cc)
+                how = " after removing the round's common update"
+                return how, f"centered cosine {cc:.3f}", "centered cosine", cc
         if ratios is not None and base < 1:
             o = float(ratios[a, b])
             if (o - base) / (1 - base) >= copy_overlap:  # nan never is
                 what = f"top-k index overlap {o:.2f}, the round's median {base:.2f}"
-                return _Hit(" by its top-k positions", what, "top-k index overlap", o)
+                return " by its top-k positions", what, "top-k index overlap", o
         return None
 
     return test
@@ -364,33 +385,24 @@ def screen_gram(
     # of a later copy). A pair that arrived together (the same `arrival` value) has no
     # known original: both are flagged as duplicates.
     rows = [i for i, s in enumerate(out) if not s.reason]
-    test = _copy_test(
-        gram, all_norms, rows, duplicate_cosine, centered_cosine, overlap, copy_overlap
-    )
+    limits = (duplicate_cosine, centered_cosine, overlap, copy_overlap)
+    test = _copy_test(gram, all_norms, rows, limits)
     order = sorted(rows, key=lambda k: (arrival[k], k)) if arrival is not None else rows
     for at, j in enumerate(order):
-        if out[j].reason:
-            continue
-        for i in order[:at]:
+        for i in order[:at] if not out[j].reason else ():
             hit = test(i, j)
             if hit is None:
                 continue
+            how, what, measure, value = hit
             cos = _cos(float(gram[i, j]), all_norms[i], all_norms[j])
-            if arrival is None or arrival[i] < arrival[j]:
-                s = out[j]
-                s.check, s.duplicate_of, s.cosine = COPY, names[i], cos
-                s.measure, s.similarity = hit.measure, hit.similarity
-                s.reason = f"copy: near-duplicate of {names[i]}{hit.how} ({hit.what})"
-                break
-            for a, b in ((j, i), (i, j)):
-                s = out[a]
-                if not s.reason:
-                    s.check, s.duplicate_of, s.cosine = DUPLICATE, names[b], cos
-                    s.measure, s.similarity = hit.measure, hit.similarity
-                    s.reason = (
-                        f"duplicate: near-duplicate of {names[b]}{hit.how} ({hit.what}), "
-                        "seen at the same time: the original is unknown, neither is applied"
-                    )
+            together = arrival is not None and arrival[i] == arrival[j]
+            check = DUPLICATE if together else COPY
+            for a, b in ((j, i), (i, j))[: 2 if together else 1]:
+                if not out[a].reason:
+                    out[a].check, out[a].duplicate_of, out[a].cosine = check, names[b], cos
+                    out[a].measure, out[a].similarity = measure, value
+                    out[a].reason = f"{check}: near-duplicate of {names[b]}{how} ({what})"
+                    out[a].reason += _TOGETHER if together else ""
             break
     return out
 
@@ -405,14 +417,14 @@ def screen(deltas: Sequence[Any], names: Sequence[str], **options: Any) -> list[
     3. stale: cosine >= duplicate_cosine with a tree of `history` (earlier rounds' applied
        deltas, labelled "contributor@round");
     4. copy: a pair of contributions that checks 1-3 did not reject is a copy pair when
-       their cosine >= duplicate_cosine, or (with >= 3 of them) the cosine of Δ − m, m
-       their mean, >= centered_cosine (an honest Δ plus noise; honest Δs sharing a large
-       common direction stay near −1/(n−1)), or the overlap of their non-zero positions
-       (top-k supports: shared / the smaller support) is at least copy_overlap of the way
-       from the round's median pair overlap to 1. The later arrival (the given order
-       without `arrival`, e.g. commitment slots) is the copy; the earlier keeps its
-       status — unless they arrived together (the same `arrival`): then both are flagged
-       "duplicate", since nobody can tell which is the original.
+       their cosine >= duplicate_cosine, or (with >= 4 of them) the cosine of Δ − m, m
+       a robust mean of them (`center_weights`), >= centered_cosine (an honest Δ plus
+       noise; honest Δs sharing a large common direction stay near −1/(n−1)), or the
+       overlap (>= 3 of them) of their non-zero positions (shared / the larger support)
+       is at least copy_overlap of the way from the round's median pair overlap to 1.
+       The later arrival (the given order without `arrival`, e.g. commitment slots) is
+       the copy; the earlier keeps its status — unless they arrived together (the same
+       `arrival`): then both are flagged "duplicate": nobody can tell the original.
 
     The median is over every contribution with a finite norm; when it is 0 (or there is
     none) the ratio checks are skipped. duplicate_cosine > 1 disables the cosine tests of
