@@ -379,20 +379,9 @@ def test_a_far_delta_cannot_make_two_honest_ones_look_like_copies(seed):
     # The attacker pushes the round's center along -(a + b) with a Δ inside the norm
     # limit: with the mean as the center, a and b would look like copies of each other.
     rng, h = shared_round(seed, n=5)
-    shared = np.mean([flat(t) for t in h], axis=0)
-    push = -(flat(h[0]) + flat(h[1]) - 2 * shared)
-    limit = 2.9 * statistics.median(norms(h))
-    leaves = jax.tree.leaves(h[0])
-    cuts = np.cumsum([x.size for x in leaves])[:-1]
-    x = jax.tree.unflatten(
-        jax.tree.structure(h[0]),
-        [
-            p.reshape(leaf.shape).astype(np.float32)
-            for p, leaf in zip(
-                np.split(push / np.linalg.norm(push) * limit, cuts), leaves, strict=True
-            )
-        ],
-    )
+    mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *h)
+    push = jax.tree.map(lambda a, b, m: 2 * m - a - b, h[0], h[1], mean)
+    x = combo(2.9 * statistics.median(norms(h)) / norms([push])[0], push)
     deltas, names = [*h, x], [f"h{i}" for i in range(5)] + ["x"]
     gram = np.array([[flat(a) @ flat(b) for b in deltas] for a in deltas])
     g = centered_gram(gram, range(6))

@@ -100,12 +100,14 @@ def commit(
         taken.add(slot)  # lost the race for it: every slot below ours stays taken
         tried += 1
     raise CommitError(
-        f"commit: no free slot under {prefix} (tried {tried} after lost races, last "
-        f"{slot:06d}; at most {attempts} tries, slots up to {MAX_SLOT})"
+        f"commit: no free slot under {prefix}: lost {tried} races (at most {attempts}), "
+        f"reached slot {slot} (slots go up to {MAX_SLOT})"
     )
 
 
-def _parse(body: bytes, run: str, rnd: int, slot: int, keys: Mapping[str, str]) -> tuple | None:
+def _parse(
+    body: bytes, run: str, rnd: int, slot: int, keys: Mapping[str, str]
+) -> tuple[str, str] | None:
     """(contributor, payload_sha256) of a well-formed commitment filed at this slot and
     signed by the contributor's registered key; None for anything else."""
     try:
