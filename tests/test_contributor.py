@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import small_config
 
-from near_jax.contrib import allowlist, attest, identity, registry
+from near_jax.contrib import allowlist, attest, commits, identity, registry
 from near_jax.contrib.contributor import Signer, prepare_signer, slot_problem
 from near_jax.contrib.policy import Policy, allowed_code_key, recipe_sha256, signed_allowed_code
 from near_jax.diloco import protocol
@@ -66,6 +66,28 @@ def test_signer_signs_the_statement_of_a_contribution():
     assert not identity.verify_statement(key.public_hex, {**fields, "round": 4}, out["signature"])
     attested = Signer(key, "eu-1", "a" * 64, "b" * 64, attestation=b"quote")(tag, b"payload")
     assert base64.b64decode(attested["attestation"]) == b"quote"
+
+
+def test_a_signer_with_a_store_commits_first_and_signs_even_when_it_cannot(tmp_path, monkeypatch):
+    store = ObjectStore.open(str(tmp_path))
+    key = identity.generate()
+    signer = Signer(key, "eu-1", "a" * 64, "b" * 64, store=store)
+    tag = {"run": RUN, "round": 3, "base_sha256": "e" * 64, "island": "eu-1"}
+    payloads = [bytes(np.random.default_rng(i).bytes(int(10 + i))) for i in range(3)]
+    for i, payload in enumerate(payloads):
+        out = signer(tag, payload)
+        assert (signer.slot, signer.commit_problem) == (i, "")
+        assert out["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    got = commits.read_commits(store, RUN, 3, {"eu-1": key.public_hex}, 10)
+    assert got == {("eu-1", hashlib.sha256(p).hexdigest()): i for i, p in enumerate(payloads)}
+    # A round flooded past the slots: no commitment, the contribution is still signed.
+    monkeypatch.setattr(commits, "MAX_SLOT", 2)
+    out = signer(tag, b"late")
+    assert signer.slot is None and signer.commit_problem.startswith("commit: no free slot")
+    fields = {k: tag[k] for k in ("run", "round", "base_sha256")}
+    fields.update(out, contributor="eu-1")
+    fields.pop("signature")
+    assert identity.verify_statement(key.public_hex, fields, out["signature"])
 
 
 def test_prepare_signer_registers_the_key(setup):

@@ -9,6 +9,7 @@ signing        what the aggregator's key signs: round seeds (commit, reveal), de
 screening      free-riders, norm outliers, copies; scoring by eval-loss improvement
 checks         the validator's checks of each contribution as it arrives (Candidate)
 streamed       the validator's shard-by-shard reads: the Gram matrix, moved params, history
+commits        commitments: store-ordered slots that say which of two copies came first
 ledger         the append-only, hash-chained SQLite ledger: entries, hashes, appends
 ledger_verify  verify_chain: the problems of a ledger file, against optional anchors
 ledger_mirror  the store's copy of the ledger (RUN/ledger/: round segments, signed index)

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import time
 
-from near_jax.contrib import allowlist, attest, identity, registry
+from near_jax.contrib import allowlist, attest, commits, identity, registry
 from near_jax.contrib.policy import Policy, extra_allowed_code, recipe_sha256
 from near_jax.diloco import protocol
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -26,7 +26,11 @@ from near_jax.diloco.store import CorruptObject, ObjectStore
 
 class Signer:
     """Signs a contribution: returns the tag fields naming the signer and the statement's
-    signature (called with the tag and the payload bytes)."""
+    signature (called with the tag and the payload bytes). With a `store`, it first
+    commits to the payload's hash (`commits.commit`: push_contribution calls it before
+    the contribution object is written), so the round knows it came before any copy;
+    `slot` is the slot claimed, or None with `commit_problem` saying why not (a round
+    flooded with commitments: the contribution goes on without one)."""
 
     def __init__(
         self,
@@ -35,17 +39,30 @@ class Signer:
         code_sha256: str,
         config_sha256: str,
         attestation: bytes = b"",
+        store: ObjectStore | None = None,
     ):
         self.ident, self.name, self.attestation = ident, name, attestation
         self.code_sha256, self.config_sha256 = code_sha256, config_sha256
+        self.store = store
+        self.slot: int | None = None
+        self.commit_problem = ""
 
     def __call__(self, tag: dict, payload: bytes) -> dict:
+        sha = hashlib.sha256(payload).hexdigest()
+        self.slot, self.commit_problem = None, ""
+        if self.store is not None:
+            try:
+                self.slot = commits.commit(
+                    self.store, tag["run"], tag["round"], self.name, self.ident, sha
+                )
+            except commits.CommitError as e:
+                self.commit_problem = str(e)
         fields = {
             "run": tag["run"],
             "round": tag["round"],
             "contributor": self.name,
             "base_sha256": tag["base_sha256"],
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "payload_sha256": sha,
             "code_sha256": self.code_sha256,
             "config_sha256": self.config_sha256,
         }
@@ -119,7 +136,7 @@ def prepare_signer(
         registry.register(store, run, name, ident, time.time())
     except identity.IdentityError as e:
         raise ValueError(str(e)) from None
-    return Signer(ident, name, code, config, blob)
+    return Signer(ident, name, code, config, blob, store=store)
 
 
 def slot_problem(store: ObjectStore, key: str, signer: Signer, expect: dict) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from near_jax.contrib import screening
 from near_jax.diloco import protocol
 from near_jax.diloco.codec.compress import Payload, decode
+from near_jax.diloco.codec.spec import CompressionSpec, as_spec
 from near_jax.diloco.protocol import ShardPlan, Verdict, VersionManifest
 from near_jax.diloco.store import CorruptObject, ObjectStore, StoreError
 
@@ -94,18 +95,38 @@ def _quietly(read: Callable[[], Any]) -> Any:
 
 @dataclasses.dataclass
 class Gram:
-    """The Gram matrix of `candidates` then `history` (the ones whose shards read back)."""
+    """The Gram matrix of `candidates` then `history` (the ones whose shards read back),
+    and with `gram(indicators=True)` their indicator Gram matrix `overlap`: the counts of
+    positions where both decoded Δs are non-zero (`screening.screen_gram(overlap=...)`)."""
 
     matrix: np.ndarray
     candidates: list[Verdict]
     history: list[Source]
+    overlap: np.ndarray | None = None
+
+    def _rows(self, chosen: Sequence[Verdict]) -> list[int]:
+        index = {id(c): i for i, c in enumerate(self.candidates)}
+        rows = [index[id(c)] for c in chosen]
+        return rows + list(range(len(self.candidates), len(self.candidates) + len(self.history)))
 
     def sub(self, chosen: Sequence[Verdict]) -> np.ndarray:
         """The Gram matrix of `chosen` (some of the candidates, in that order) then history."""
-        index = {id(c): i for i, c in enumerate(self.candidates)}
-        rows = [index[id(c)] for c in chosen]
-        rows += range(len(self.candidates), len(self.candidates) + len(self.history))
+        rows = self._rows(chosen)
         return self.matrix[np.ix_(rows, rows)]
+
+    def sub_overlap(self, chosen: Sequence[Verdict]) -> np.ndarray | None:
+        """The indicator Gram matrix of `chosen` then history, as `sub`; None without one."""
+        if self.overlap is None:
+            return None
+        rows = self._rows(chosen)
+        return self.overlap[np.ix_(rows, rows)]
+
+
+def sparse_spec(spec: CompressionSpec | str) -> bool:
+    """Whether payloads of this compression spec send top-k positions (`+topk=F`, F > 0):
+    then their non-zero positions say who copied whom (`gram(indicators=True)`).
+    ValueError (one line) for a spec that does not parse."""
+    return as_spec(spec).topk > 0
 
 
 def gram(
@@ -115,13 +136,17 @@ def gram(
     rnd: int,
     candidates: Sequence[Verdict],
     history: Sequence[Source],
+    *,
+    indicators: bool = False,
 ) -> Gram:
     """Streams every shard of the (valid) candidates of round `rnd` and of the history once
-    into their Gram matrix. A candidate with a bad shard is rejected (the ShardDefect's
-    reason); a history tree that does not read back only drops out."""
+    into their Gram matrix (and with `indicators`, in the same pass, into the indicator
+    Gram matrix of their non-zero positions). A candidate with a bad shard is rejected
+    (the ShardDefect's reason); a history tree that does not read back only drops out."""
     trees: list[Verdict | Source] = [*candidates, *history]
     alive = [True] * len(trees)
     acc = screening.GramAccumulator(len(trees))
+    ind = screening.GramAccumulator(len(trees), indicators=True) if indicators else None
     for s in range(plan.num_shards):
         parts: list[list[np.ndarray] | None] = []
         for i, tree in enumerate(trees):
@@ -140,6 +165,8 @@ def gram(
                     tree.reason, tree.manifest, alive[i] = e.reason, None, False
             parts.append(part)
         acc.add(parts)
+        if ind is not None:
+            ind.add(parts)
         del parts
     keep = [i for i, ok in enumerate(alive) if ok]
     kept = [trees[i] for i in keep]
@@ -147,6 +174,7 @@ def gram(
         acc.gram[np.ix_(keep, keep)],
         [t for t in kept if not isinstance(t, Source)],
         [t for t in kept if isinstance(t, Source)],
+        None if ind is None else ind.gram[np.ix_(keep, keep)],
     )
 
 
