@@ -178,7 +178,9 @@ def _island(tiny, tmp_path, monkeypatch, policy, rounds=3, **kwargs) -> list[tup
     return streams
 
 
-@pytest.mark.parametrize("overlap, reads", [(None, [2, 2, 2]), (1, [3, 2, 2])])
+# With overlap τ = 1 the step trained while round r is exchanged reads round r + 1's first
+# batch (the last round's reaches into round 3's): each round's Δ holds its H batches.
+@pytest.mark.parametrize("overlap, reads", [(None, [2, 2, 2]), (1, [2, 2, 2, 1])])
 def test_an_island_trains_round_r_on_its_assigned_batches(
     tiny, tmp_path, monkeypatch, capsys, overlap, reads
 ):
@@ -186,9 +188,10 @@ def test_an_island_trains_round_r_on_its_assigned_batches(
     streams = _island(
         tiny, tmp_path, monkeypatch, {"assigned_data": True}, assigned_key=KEY_A, overlap=overlap
     )
-    assert [s for s, _ in streams] == [assignment.assigned_seed(RUN, r, KEY_A) for r in range(3)]
-    # round r's H steps (less τ after an overlapped round) from index 0 of its stream, plus
-    # the τ steps trained while round r is exchanged
+    want = [assignment.assigned_seed(RUN, r, KEY_A) for r in range(len(reads))]
+    assert [s for s, _ in streams] == want
+    # round r's H steps from index 0 of its stream: the τ trained while round r − 1 was
+    # exchanged, then H − τ
     assert [len(read) for _, read in streams] == reads
     monkeypatch.undo()  # the real streams again
     seed, read = streams[1]

@@ -32,6 +32,7 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
         "--config.contrib.enabled=True",
         "--config.contrib.aggregation=median",
         "--config.contrib.score_batches=4",
+        "--config.contrib.assigned_batches=3",  # all H = 3 of a round's assigned batches
     ]
     agg_args = [
         *common,
@@ -99,10 +100,15 @@ def test_contributor_run_survives_an_aggregator_kill(tmp_path):
         assert [r["contributor"] for r in mine] == [
             e["contributor"] for e in d["contrib"]["entries"]
         ]
-    honest = [r for r in rows if r["contributor"] in "ab"]
+    late = [r for r in rows if r["reason"].startswith("late: pushed to round ")]
+    assert all(not (r["key_id"] or r["accepted"] or r["reward"]) for r in late)
+    honest = [r for r in rows if r["contributor"] in "ab" and r not in late]
     # Honest work is signed; with few islands a noisy score can fall below min_score (0).
     assert honest and all(r["key_id"] and r["signature"] for r in honest), honest
-    assert all(r["accepted"] or r["reason"].startswith("no improvement") for r in honest)
+    # ... and, on this tiny model, an honest assigned-data check can fail (1 in 10 at B = 1)
+    why = [(r["round"], r["contributor"], r["reason"]) for r in honest]
+    assert all(r["accepted"] or r["reason"].startswith(("no improvement", "lazy")) for r in honest)
+    assert sum(r["reason"].startswith("lazy") for r in honest) <= 1, why
     assert sum(r["applied"] for r in honest) >= ROUNDS - 1, [
         (r["round"], r["reason"]) for r in honest
     ]

@@ -257,7 +257,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "train batches, or it is rejected as lazy.",
         ),
         "assigned_batches": (
-            1,
+            2,
             "Assigned and random train batches per validated contribution for that check.",
         ),
         "validate_sample": (

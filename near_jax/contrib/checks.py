@@ -219,6 +219,10 @@ class Checker:
             return e.reason
         return ""
 
+    def public_key(self, name: str) -> str | None:
+        """The registered public key of a contributor this checker has verified, else None."""
+        return self._keys.get(name)
+
     def _public_key(self, name: str) -> tuple[str | None, str]:
         """(registered public key or None, why not); cached once found (entries never
         change: first come, first served)."""

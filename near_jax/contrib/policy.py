@@ -48,7 +48,7 @@ class Policy:
     allowed_code: tuple[str, ...] = ()
     config_sha256: str = ""
     assigned_data: bool = True
-    assigned_batches: int = 1
+    assigned_batches: int = 2
     validate_sample: int = 0
     new_keys_per_round: int = 4
     copy_overlap: float = 0.4

@@ -206,3 +206,25 @@ def moved_trees(
             del pieces
         yield jax.tree.unflatten(plan.treedef, out)
         del out
+
+
+def total(
+    store: ObjectStore,
+    run: str,
+    plan: ShardPlan,
+    rnd: int,
+    params: Any,
+    verdicts: Sequence[Verdict],
+) -> Any:
+    """Σ Δ_i of the contributions (float32, a tree like `params`, built from their shards):
+    what the assigned-data check takes each one's control from, the mean of the others
+    (`judging`). Memory: one tree. ShardDefect if a shard no longer reads back as checked."""
+    leaves = jax.tree.leaves(params)
+    out = [np.zeros(np.shape(x), np.float32) for x in leaves]
+    for s, shard in enumerate(plan.shards):
+        for verdict in verdicts:
+            pieces = protocol.read_delta_shard(store, run, rnd, plan, verdict, s)
+            for piece, d in zip(shard, pieces, strict=True):
+                out[piece.leaf][piece.index(len(plan.shapes[piece.leaf]))] += d
+            del pieces
+    return jax.tree.unflatten(plan.treedef, out)

@@ -1,53 +1,57 @@
 """The aggregator's validator role: rounds of DiLoCo whose contributors don't trust each other.
 
-`ContribAggregator` is the islands' `diloco.aggregator.Aggregator` with three hooks filled:
+`ContribAggregator` is the islands' `diloco.aggregator.Aggregator` with its hooks filled:
 
 check (each contribution as it arrives; `checks` lists what a contribution must pass, and a
     failed check is a rejection with its reason)
-
+quorum_met (while collecting): only contributions that pass screening count, and an open
+    run admits at most contrib.new_keys_per_round new contributors a round (`admission`)
 decide (once the round closes)
+    admit      the new-key cap, in the order contributors committed to their payloads
+               (`commits`, `admission`)
     screen     free-riders (zero updates), norm outliers, stale copies of the previous
-               round's applied contributions, near-duplicates of an earlier arrival (the
-               order the aggregator first listed them in; one poll lists by name, so a
-               copier must land in a later poll than its original, which it has to read
-               first — poll often: `--poll_seconds`)
-    score      each survivor by the eval-loss improvement of θ_r − Δ_i (Δ_i applied alone,
-               rescaled to the round's median norm so inflating a Δ cannot buy reward)
-               on validation batches drawn from this round's seed, which nobody knows
-               before the aggregator reveals it in the decision (`signing`); with
-               screening, a Δ scoring below `contrib.min_score` is not applied
+               round's applied contributions, copies within the round (cosine, cosine
+               after removing the round's common update, top-k index overlap); the
+               original of a copy is whoever committed first (`screening`)
+    judge      validate a sample (or all): score on validation batches drawn from this
+               round's seed, which nobody knows before the decision reveals it
+               (`signing`), check the assigned data, rate, reward (`judging`, `ratings`)
     aggregate  the run's robust rule (trimmed mean, coordinate median, top-G by score or
                the plain mean) over the survivors it selects
-    reward     each accepted contribution's share of the round: score⁺ / Σ score⁺
-
 recorded (after the decision, the commit point, is written; before `latest` moves)
-    appends the round's entries to the hash-chained SQLite ledger and mirrors it into the
-    store (`recorder`). Only entries whose statement the contributor signed for this round
-    carry a key id: nothing unsigned is held against a contributor's name.
+    appends the round's entries (late pushes included) to the hash-chained SQLite ledger
+    and puts the round's segment into the store (`recorder`, `ledger_mirror`). Only
+    entries whose statement the contributor signed for this round carry a key id:
+    nothing unsigned is held against a contributor's name.
 
 Memory: no whole contribution is ever held. `decide` streams the shards (`streamed`): one
 pass builds the Gram matrix of the valid contributions and the history (norms and cosines
-add up over shards), then each survivor's θ_r − k_i·Δ_i is built from its shards, scored
-and dropped: O((N + H) × shard) plus θ_r and one moved copy, for N contributions and H
-history trees. Every read checks the shard against its signed hash; a shard that changed
-after its check (found while scoring or deriving) rejects its contribution, and the round
-is selected again without it, so no entry is accepted or rewarded that was not applied.
+add up over shards), then each validated survivor's θ_r − k_i·Δ_i is built from its shards,
+evaluated and dropped: O((N + H) × shard) plus θ_r and one moved copy, for N contributions
+and H history trees. Every read checks the shard against its signed hash; a shard that
+changed after its check (found while scoring or deriving) rejects its contribution, and the
+round is selected again without it, so no entry is accepted or rewarded that was not applied.
 
-`build` makes the aggregator of a contributor run from its config or manifest (`policy`).
-"""
+`building.build` makes one from a run's config or manifest (`policy`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from near_jax._io import one_line
-from near_jax.config import ConfigError
-from near_jax.contrib import attest, identity, ledger, screening, streamed
+from near_jax.contrib import (
+    admission,
+    attest,
+    identity,
+    judging,
+    ledger,
+    ratings,
+    screening,
+    streamed,
+)
 from near_jax.contrib.allowlist import Admissions
 from near_jax.contrib.checks import Candidate, Checker
 from near_jax.contrib.policy import (
@@ -55,7 +59,6 @@ from near_jax.contrib.policy import (
     Policy,
     allowed_code_key,
     extra_allowed_code,
-    recipe_sha256,
     signed_allowed_code,
 )
 from near_jax.contrib.recorder import Recorder
@@ -66,8 +69,8 @@ from near_jax.contrib.signing import (
     seed_from_signature,
     seed_signature,
 )
-from near_jax.diloco import protocol, robust
-from near_jax.diloco.aggregator import Aggregator, fixed_eval
+from near_jax.diloco import assignment, protocol, robust
+from near_jax.diloco.aggregator import Aggregator
 from near_jax.diloco.protocol import ProtocolError, Verdict, Version
 
 
@@ -99,13 +102,23 @@ class ContribAggregator(Aggregator):
         policy: Policy,
         loss_fn: Callable[[Any, int], float],
         ledger_path: str,
+        train_loss_fn: Callable[[Any, int, int], float] | None = None,
         log: Callable[[str], None] = lambda message: None,
         allowlist: dict | None = None,
         **kwargs: Any,
     ):
         super().__init__(store, run, like, **kwargs)
+        if policy.assigned_data and train_loss_fn is None:
+            raise ValueError(
+                "the policy checks assigned data (contrib.assigned_data): pass train_loss_fn"
+            )
         self.log, self.allowlist, self.code = log, allowlist, CodeList()  # code: newest seen
         self.key, self.policy, self.loss_fn = aggregator_key, policy, loss_fn
+        self.train_loss_fn, self.inner_steps = train_loss_fn, 1  # H: run.json's, at load
+        self.ratings: dict[str, ratings.Rating] = {}  # each contributor's, after its last round
+        self.known: set[str] = set()  # contributors accepted in some round (not new)
+        self._judged: dict[int, judging.Verdict] = {}
+        self._quorum: tuple[tuple[str, ...], int] = ((), 0)  # (valid keys, how many screened)
         self.recorder = Recorder(  # logs through self.log, which a caller may replace
             store, run, ledger_path, aggregator_key, lambda m: self.log(m)
         )
@@ -197,6 +210,10 @@ class ContribAggregator(Aggregator):
             )
         self._refresh_code()
         self.recorder.open(state.version)
+        self.inner_steps = max(1, int(manifest.get("inner_steps", 1)))
+        entries = self.recorder.book.entries()
+        self.ratings = ratings.latest(entries)
+        self.known = {e["contributor"] for e in entries if e["accepted"]}
         return state
 
     def close(self) -> None:
@@ -211,13 +228,25 @@ class ContribAggregator(Aggregator):
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
     ) -> tuple[protocol.Derived, dict]:
-        """Screens, scores, selects and aggregates the round (see the module docstring),
+        """Screens, validates, selects and aggregates the round (see the module docstring),
         streaming the shards: their Gram matrix once, then one contribution at a time."""
         r, policy = base.version, self.policy
         history = self._refresh_history(base) if policy.screen else []
-        candidates = [c for c in verdicts if isinstance(c, Candidate)]  # arrival order
+        candidates = [c for c in verdicts if isinstance(c, Candidate)]
+        arrival = self._arrivals(r, candidates)
+        cap = policy.new_keys_per_round
+        for c in self._over_cap(candidates, arrival):
+            c.reason, c.manifest = (
+                (
+                    f"deferred: round {r} already admits {cap} new contributors "
+                    "(contrib.new_keys_per_round); push again next round"
+                ),
+                None,
+            )
         valid = [c for c in candidates if c.valid]
-        gram = streamed.gram(self.store, self.run, self.plan, r, valid, history)
+        gram = streamed.gram(
+            self.store, self.run, self.plan, r, valid, history, indicators=self._sparse()
+        )
         signature = seed_signature(self.key, self.run, r)
         seed = seed_from_signature(signature)
         for c in valid:
@@ -228,7 +257,7 @@ class ContribAggregator(Aggregator):
         theta: list[Any] = []  # θ_r, read once (only if something is scored)
         while True:
             try:
-                base_loss, applied = self._select(base, pool, gram, seed, theta)
+                base_loss, applied = self._select(base, pool, gram, seed, theta, arrival)
                 derived = self.derive(base, applied, policy.rule)
             except protocol.ShardDefect as e:  # a shard changed after its check (scoring)
                 bad = [c for c in pool if c.island == e.island]
@@ -246,10 +275,12 @@ class ContribAggregator(Aggregator):
             for c in bad:
                 self.log(f"warning: round {r}: {c.island}'s {c.reason}; deciding again")
                 c.manifest, c.score, c.accepted, c.reward = None, None, False, 0.0
+                self._judged.pop(id(c), None)
             for c in pool:
                 c.reason, c.manifest = "", manifests[id(c)]
                 c.score, c.accepted, c.reward = None, False, 0.0
-        entries = [c.entry(r) for c in sorted(candidates, key=lambda c: c.island)]
+        entries = [self._entry(c, r) for c in sorted(candidates, key=lambda c: c.island)]
+        entries += [admission.late_entry(item, r) for item in late]
         extra = {
             "aggregation": str(policy.rule),
             "contrib": {
@@ -276,63 +307,144 @@ class ContribAggregator(Aggregator):
         return derived, decision
 
     def _select(
-        self, base: Version, pool: list[Candidate], gram: streamed.Gram, seed: int, theta: list
+        self,
+        base: Version,
+        pool: list[Candidate],
+        gram: streamed.Gram,
+        seed: int,
+        theta: list,
+        arrival: dict[int, int],
     ) -> tuple[float | None, list[Candidate]]:
-        """Screens `pool` (from its Gram matrix), scores the survivors one at a time, selects
-        and rewards them; (base loss, the contributions to apply, in island order).
-        ShardDefect if a shard no longer reads back as checked."""
+        """Screens `pool` (from its Gram matrix), judges the survivors (`judging`: validates
+        a sample, one contribution at a time), selects and rewards them; (base loss, the
+        contributions to apply, in island order). ShardDefect if a shard no longer reads
+        back as checked."""
         r, policy = base.version, self.policy
-        sub = gram.sub(pool)
         if policy.screen and pool:
-            details = screening.screen_gram(
-                sub,
-                [c.contributor for c in pool],
-                [h.label for h in gram.history],
-                max_norm_ratio=policy.max_norm_ratio,
-                zero_norm_ratio=policy.zero_norm_ratio,
-                duplicate_cosine=policy.duplicate_cosine,
-                arrival=[c.arrival for c in pool],
-            )
-            for c, d in zip(pool, details, strict=True):
+            for c, d in zip(pool, self._screen(pool, gram, arrival), strict=True):
                 if d.reason:
                     c.reason, c.manifest = d.reason, None
-        norms = screening.gram_norms(sub)
-        passed = [c for c in pool if c.valid]
-        base_loss, scores = None, []
-        if passed:
+        norms = screening.gram_norms(gram.sub(pool))
+        kept = [i for i, c in enumerate(pool) if c.valid]
+        passed = [pool[i] for i in kept]
+
+        def theta_r() -> Any:
             if not theta:
-                theta.append(
-                    protocol.pull_version(self.store, self.run, r, self.plan).tree(self.plan)
-                )
-            # Rescaled to the round's median norm: inflating a Δ cannot buy score or reward.
-            scales = screening.median_scales([norms[i] for i, c in enumerate(pool) if c.valid])
-            base_loss, scores = screening.score_moved(
-                lambda params: self.loss_fn(params, seed),
-                theta[0],
-                streamed.moved_trees(self.store, self.run, self.plan, r, theta[0], passed, scales),
+                pulled = protocol.pull_version(self.store, self.run, r, self.plan)
+                theta.append(pulled.tree(self.plan))
+            return theta[0]
+
+        def moved(indices: list[int], scales: list[float | None]):
+            chosen = [passed[i] for i in indices]
+            return streamed.moved_trees(
+                self.store, self.run, self.plan, r, theta_r(), chosen, scales
             )
-            if not math.isfinite(base_loss):
-                base_loss = None  # JSON has no nan; every score is -inf, nothing is applied
-        for c, score in zip(passed, scores, strict=True):
-            if not math.isfinite(score):
-                c.reason, c.manifest = "harmful: the eval loss is not finite with this Δ", None
-            elif policy.screen and score < policy.min_score:  # it does not help: not applied
-                c.score, c.manifest = float(score), None
-                c.reason = (
-                    f"no improvement: score {score:.4g} < contrib.min_score={policy.min_score:g}"
-                )
-        kept = [i for i, c in enumerate(passed) if c.valid]
-        passed, scores = [passed[i] for i in kept], [scores[i] for i in kept]
+
+        base_loss, judged = judging.judge(
+            policy,
+            judging.Evaluators(self.loss_fn, self.train_loss_fn, self.inner_steps),
+            [c.contributor for c in passed],
+            [norms[i] for i in kept],
+            seed,
+            theta_r,
+            moved,
+            self.ratings,
+            self._assigned_seeds(r, passed),
+            total=lambda: (
+                streamed.total(self.store, self.run, self.plan, r, theta_r(), passed),
+                len(passed),
+            ),
+        )
+        self._judged = {id(c): v for c, v in zip(passed, judged, strict=True)}
+        for c, v in zip(passed, judged, strict=True):
+            c.score = v.score
+            if v.failed:
+                c.reason, c.manifest = v.reason, None
+        accepted = [(c, v) for c, v in zip(passed, judged, strict=True) if not v.failed]
+        scores = [v.score for _, v in accepted]
         chosen = set(robust.select(policy.rule, scores))
-        shares = screening.reward_shares(scores, [True] * len(passed))
-        ranked = sorted(range(len(passed)), key=lambda i: (-scores[i], i))
-        for i, c in enumerate(passed):
-            c.score, c.accepted, c.reward = float(scores[i]), True, float(shares[i])
+        ranked = sorted(range(len(accepted)), key=lambda i: (-(scores[i] or 0.0), i))
+        for i, (c, v) in enumerate(accepted):
+            c.accepted, c.reward = True, v.reward
             if i not in chosen:
                 rank, g = ranked.index(i) + 1, policy.rule.top_g
                 c.reason = f"accepted, not applied: rank {rank} by score, {policy.rule} applies {g}"
                 c.manifest = None
-        return base_loss, sorted((c for c in passed if c.valid), key=lambda c: c.island)
+        return base_loss, sorted((c for c, _ in accepted if c.valid), key=lambda c: c.island)
+
+    def _screen(
+        self, pool: list[Candidate], gram: streamed.Gram, arrival: dict[int, int]
+    ) -> list[screening.Screen]:
+        """The screening verdicts of `pool` (some of gram's candidates), original by commitment."""
+        policy = self.policy
+        return screening.screen_gram(
+            gram.sub(pool),
+            [c.contributor for c in pool],
+            [h.label for h in gram.history],
+            max_norm_ratio=policy.max_norm_ratio,
+            zero_norm_ratio=policy.zero_norm_ratio,
+            duplicate_cosine=policy.duplicate_cosine,
+            arrival=[arrival[id(c)] for c in pool],
+            centered_cosine=policy.centered_cosine,
+            overlap=None if gram.overlap is None else gram.sub_overlap(pool),
+            copy_overlap=policy.copy_overlap,
+        )
+
+    def _sparse(self) -> bool:
+        """Whether contributions are top-k sparse (then index-set overlaps find copies)."""
+        return (
+            self.policy.screen and self.policy.copy_overlap > 0 and streamed.sparse_spec(self.spec)
+        )
+
+    def _arrivals(self, r: int, candidates: list[Candidate]) -> dict[int, int]:
+        return admission.arrival_order(self.store, self.run, r, candidates, self.checker)
+
+    def _over_cap(self, candidates: list[Candidate], arrival: dict[int, int]) -> list[Candidate]:
+        cap = 0 if self.allowlist is not None else self.policy.new_keys_per_round
+        return admission.over_cap(candidates, arrival, self.known, cap)
+
+    def _assigned_seeds(self, r: int, passed: list[Candidate]) -> dict[str, int]:
+        """Each contributor's round-r assignment (the stream seed its key gives)."""
+        out = {}
+        for c in passed:
+            public = self.checker.public_key(c.contributor)
+            if public:
+                out[c.contributor] = assignment.assigned_seed(self.run, r, public)
+        return out
+
+    def _entry(self, c: Candidate, r: int) -> dict:
+        return admission.entry(c, r, self._judged.get(id(c)), self.ratings.get(c.contributor))
+
+    def quorum_met(self, base: Version, verdicts: list[Verdict]) -> bool:
+        """Whether enough contributions arrived to close the round: only those that pass
+        screening count (a sybil's copies do not), and in an open run at most
+        contrib.new_keys_per_round new contributors."""
+        valid = [v for v in verdicts if isinstance(v, Candidate) and v.valid]
+        if len(valid) < self.quorum:
+            return False
+        keys = tuple(sorted(c.key for c in valid))
+        if keys != self._quorum[0]:  # screened again only when something new arrived
+            self._quorum = (keys, self._count_screened(base, valid))
+        return self._quorum[1] >= self.quorum
+
+    def _count_screened(self, base: Version, valid: list[Candidate]) -> int:
+        arrival = self._arrivals(base.version, valid)
+        over = {id(c) for c in self._over_cap(valid, arrival)}
+        admitted = [c for c in valid if id(c) not in over]
+        if not self.policy.screen or not admitted:
+            return len(admitted)
+        history = self._refresh_history(base)
+        gram = streamed.gram(
+            self.store,
+            self.run,
+            self.plan,
+            base.version,
+            admitted,
+            history,
+            indicators=self._sparse(),
+        )
+        pool = list(gram.candidates)
+        return sum(d.passed for d in self._screen(pool, gram, arrival))
 
     def _refresh_history(self, base: Version) -> list[streamed.Source]:
         """What a stale copy would copy, for screening: the previous round's applied Δs and
@@ -353,73 +465,10 @@ class ContribAggregator(Aggregator):
     # ------------------------------------------------------------------------ recorded
 
     def recorded(self, decision: dict) -> None:
-        """Appends the round to the ledger (once) and mirrors the ledger into the store."""
+        """Appends the round to the ledger (once), mirrors it into the store, and takes the
+        round's ratings and newly accepted contributors."""
         self.recorder.record(decision)
         self.recorder.upload()
-
-
-# ---------------------------------------------------------------------------------- CLI
-
-
-def scoring_loss(trainer, num_batches: int, source: str = "") -> Callable[[Any, int], float]:
-    """loss_fn(params, seed) for scoring: the trainer's eval loss on `num_batches` val
-    batches drawn from `seed` (drawn once per seed: a round scores everything on them) —
-    of the run's val split, or of a private `source` (see `fixed_eval`)."""
-    cache: dict[int, Callable[[Any], float]] = {}
-
-    def loss(params: Any, seed: int) -> float:
-        if seed not in cache:
-            cache.clear()
-            cache[seed] = fixed_eval(trainer, num_batches, val_seed=seed, source=source)
-        return cache[seed](params)
-
-    return loss
-
-
-def build(
-    cfg,
-    trainer,
-    store,
-    run: str,
-    manifest: dict | None,
-    *,
-    key_path: str,
-    ledger_path: str,
-    score_source: str = "",
-    allowlist: dict | None = None,
-    **kwargs: Any,
-) -> ContribAggregator:
-    """The aggregator of a contributor run (the policy from the manifest once the run
-    exists, else from `cfg.contrib`); ValueError (one line) for an unusable key or
-    scoring source."""
-    if not key_path:
-        raise ValueError(
-            "a contributor run needs the aggregator's key: --key=PATH (make one with "
-            "python -m near_jax.contrib keygen --out=PATH)"
-        )
-    try:
-        key = identity.load(key_path)
-    except identity.IdentityError as e:
-        raise ValueError(str(e)) from None
-    if manifest is not None:
-        policy = Policy.from_json(manifest["contrib"]["policy"])
-        allowlist = manifest["contrib"].get("allowlist")  # fixed when the run was created
-    else:
-        policy = Policy.from_config(cfg.contrib, attest.code_sha256(), recipe_sha256(cfg))
-    loss = scoring_loss(trainer, policy.score_batches, score_source)
-    if score_source:  # fail now, with the source named, not in the first round
-        try:
-            loss(jax.device_get(trainer.init(jax.random.key(0)).params), 0)
-        except (ConfigError, ValueError, OSError) as e:
-            raise ValueError(f"--score_source={score_source}: {one_line(e)}") from None
-    return ContribAggregator(
-        store,
-        run,
-        trainer.abstract_state.params,
-        aggregator_key=key,
-        policy=policy,
-        loss_fn=loss,
-        ledger_path=ledger_path,
-        allowlist=allowlist,
-        **kwargs,
-    )
+        entries = decision.get("contrib", {}).get("entries", [])
+        self.ratings.update(ratings.latest(entries))
+        self.known |= {e["contributor"] for e in entries if e["accepted"]}

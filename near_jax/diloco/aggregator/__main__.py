@@ -48,7 +48,7 @@ from absl import flags
 
 from near_jax import cli
 from near_jax.cli import load_config_flag, quiet_library_logs, usage_error
-from near_jax.contrib import allowlist, identity, validator
+from near_jax.contrib import allowlist, building, identity
 from near_jax.diloco import protocol, startup
 from near_jax.diloco.aggregator.core import Aggregator
 from near_jax.diloco.aggregator.loop import aggregate, create_run, outer_settings
@@ -213,7 +213,7 @@ def _contrib_aggregator(cfg, trainer, store, run, manifest, kwargs) -> Aggregato
             "score on data the contributors do not have"
         )
     try:
-        agg = validator.build(
+        agg = building.build(
             cfg,
             trainer,
             store,

@@ -274,6 +274,11 @@ class Aggregator:
         fragment = self.fragment(base.version)
         return protocol.check_contribution(self.store, self.run, base, self.plan, key, fragment)
 
+    def quorum_met(self, base: Version, verdicts: list[Verdict]) -> bool:
+        """Whether the round may close before its deadline: `quorum` valid contributions
+        (a hook: contrib counts only those that pass screening)."""
+        return sum(v.valid for v in verdicts) >= self.quorum
+
     def decide(
         self, base: Version, verdicts: list[Verdict], late: list[dict], reason: str
     ) -> tuple[protocol.Derived, dict]:
@@ -363,7 +368,7 @@ class Aggregator:
             for key in protocol.contrib_keys(self.store, self.run, base.version):
                 if key not in verdicts:  # insertion order = arrival order (copy detection)
                     verdicts[key] = self.check(base, key)
-            if sum(v.valid for v in verdicts.values()) >= self.quorum:
+            if self.quorum_met(base, list(verdicts.values())):
                 return list(verdicts.values()), "quorum"
             left = deadline - self.clock()
             if left <= 0:

@@ -133,7 +133,7 @@ def train_island(
     )
     seed = island_seed(cfg.seed, island, held.version)
     batch_size = cfg.train.global_batch_size
-    train_iter = None  # assigned data: each round's own, made at its start
+    train_iter, stream_round = None, -1  # assigned data: each round's own stream
     if not assigned_key:
         train_iter = data.make_iterator(
             cfg.data, split="train", seed=seed, global_batch_size=batch_size
@@ -170,12 +170,13 @@ def train_island(
             r, round_start = held.version, now()
             fragment = protocol.run_fragment(plan, fragments, r)
             # 1. inner steps: H (H/F a round with F fragments) from θ_r, less τ after an
-            # overlapped round (the τ steps trained while it was exchanged count here, read
-            # from round r − 1's assigned batches); assigned data: round r's from index 0.
+            # overlapped round (the τ steps trained while it was exchanged count here);
+            # assigned data: round r's batches from index 0 (an overlapped round r − 1
+            # already read the first τ of them: they belong to round r's Δ).
             steps = round_steps(inner_steps, fragments, r) - (overlap if carried else 0)
-            if assigned_key:
-                round_seed = assignment.assigned_seed(run, r, assigned_key)
-                train_iter = assignment.stream(cfg.data, round_seed, batch_size)
+            if assigned_key and stream_round != r:
+                train_iter = _assigned_stream(cfg, run, r, assigned_key, batch_size)
+                stream_round = r
             t_train = now()
             state, losses = _train(trainer, state, train_iter, steps)
             train_s = now() - t_train  # inner steps only: host work (Δ, restart) is neither
@@ -212,6 +213,9 @@ def train_island(
                 idle_s, late_losses = now() - t_exchange, []  # nothing carried
             else:
                 join = _in_background(exchange)
+                if assigned_key:  # the τ steps count toward round r + 1: its batches
+                    train_iter = _assigned_stream(cfg, run, r + 1, assigned_key, batch_size)
+                    stream_round = r + 1
                 t_more = now()
                 state, late_losses = _train(trainer, state, train_iter, overlap)
                 t_join = now()
@@ -275,6 +279,11 @@ def train_island(
     finally:
         if writer:
             writer.close()
+
+
+def _assigned_stream(cfg, run: str, r: int, key: str, batch_size: int):
+    """Round r's assigned train batches (`diloco.assignment`), from index 0."""
+    return assignment.stream(cfg.data, assignment.assigned_seed(run, r, key), batch_size)
 
 
 def round_steps(inner_steps: int, fragments: int, r: int) -> int:
