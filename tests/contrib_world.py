@@ -116,10 +116,12 @@ class World:
         shard_bytes=protocol.DEFAULT_SHARD_BYTES,
         spec=SPEC,
         tag="train",
+        allowlist=None,
     ):
         path.mkdir(parents=True, exist_ok=True)
         self.shard_bytes, self.spec = shard_bytes, spec  # the run's plan and compression
         self.tag = tag  # the kind of train batches: "topic" in the gauntlet
+        self.allowlist = allowlist  # the run's allowlist entry (None: an open run)
         self.store = ObjectStore.open(str(path))
         self.clock, self.path, self.policy = FakeClock(), path, policy
         self.keys = {name: key_of(name) for name in names}
@@ -143,6 +145,7 @@ class World:
             policy=self.policy,
             loss_fn=loss,
             train_loss_fn=functools.partial(train_loss, tag=self.tag),
+            allowlist=self.allowlist,
             ledger_path=str(self.path / "local" / "ledger.sqlite"),
             spec=self.spec,
             shard_bytes=self.shard_bytes,
@@ -260,6 +263,13 @@ def valtrained_delta(base, r):
     return inner(base, "valtrained", r, batches=lambda j: batch(("val", ("guess", r, j))))
 
 
+def screening_cosine(a, b):
+    """The plain cosine of two trees (what the 0.99 copy threshold is compared with)."""
+    from near_jax.contrib import screening
+
+    return screening.cosine(a, b)
+
+
 def near_copy(delta, r, noise=0.15):
     """`delta` plus Gaussian noise of `noise` × its norm (cosine with it ≈ 1/√(1+noise²))."""
     rng = np.random.default_rng(r + 1000)
@@ -298,6 +308,20 @@ def gauntlet(path, rounds, cheats=(), sybils=(), policy=GAUNTLET_POLICY, **world
         losses.append(eval_loss(world.tree(world.base())))
     world.agg.close()
     return world, decisions, losses
+
+
+def allowlist_of(names, key=None):
+    """The allowlist entry of a run created from a (signed) promotion of `names`."""
+    from near_jax.contrib import allowlist
+
+    rows = [
+        {"contributor": n, "key_id": key_of(n).key_id, "public_key": key_of(n).public_hex}
+        for n in names
+    ]
+    doc = allowlist.sign_promotion(
+        key or identity.generate(), "rung0", rows, window=0, top=len(rows), issued_at=0
+    )
+    return allowlist.read_promotion(protocol.dumps(doc)).manifest_entry()
 
 
 def rewards_by_contributor(decisions):

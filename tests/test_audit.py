@@ -133,7 +133,31 @@ def test_a_rehashed_forgery_fails_the_signatures(world, tmp_path, forgery, by_ag
             f"ledger entry {victim['seq']} (round 1, 'honest1'): accepted, but its "
             "signature does not verify under 'honest1''s registered key"
         )
+    if forgery == "framed":  # the ratings replay sees it too: its rating and weights differ
+        extra = [p for p in problems if p not in expected]
+        assert extra and all("round 1" in p for p in extra), extra
+        problems = [p for p in problems if p in expected]
     assert sorted(problems) == sorted(expected)
+
+
+def test_an_aggregator_paying_a_friend_more_than_the_ratings_give_is_found(world, tmp_path):
+    """The aggregator itself moves reward between two accepted contributors (the round still
+    pays one unit, every signature holds): the replayed ratings and shares expose it."""
+    store, _ = clone(world, tmp_path)
+    path = ledger_copy(world, tmp_path)
+    decision = protocol.read_json(store, protocol.decision_key(RUN, 1))
+    paid = sorted(
+        (e for e in decision["contrib"]["entries"] if e["accepted"]), key=lambda e: e["reward"]
+    )
+    poor, rich = paid[0], paid[-1]
+    moved = poor["reward"] + rich["reward"]
+    for e, reward in ((rich, 0.0), (poor, moved)):
+        e["reward"] = reward
+        rehash(path, row(path, 1, e["contributor"])["seq"], reward=reward)
+    store.put(protocol.decision_key(RUN, 1), protocol.dumps(sign(world, decision)))
+    ledger_mirror.upload(store, RUN, str(path), world.agg_key)
+    problems, _ = audit.verify(store, RUN)
+    assert problems and all("round 1" in p and "reward" in p for p in problems), problems
 
 
 def test_an_altered_seed_reveal_is_found(world, tmp_path):

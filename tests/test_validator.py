@@ -464,3 +464,39 @@ def test_the_validator_memory_stays_bounded_as_contributions_grow(tmp_path):
     model = 4 * 64 * 1024 * 4
     print(f"validator peak: N=4 {peak4 / 1e6:.1f} MB, N=12 {peak12 / 1e6:.1f} MB")
     assert peak12 - peak4 < model / 2, (peak4, peak12)
+
+
+@pytest.mark.parametrize("flood", ["copies", "fresh keys"])
+def test_the_quorum_counts_only_screened_contributions_within_the_new_key_cap(tmp_path, flood):
+    sybils = [f"sybil{i}" for i in range(6)]
+    # a cap below the quorum: newcomers alone can never close a round
+    policy = dataclasses.replace(POLICY, new_keys_per_round=2)
+    world = World(tmp_path, HONEST[:3] + sybils, policy)
+    base = world.tree(world.base())
+    for name in HONEST[:3]:  # rounds 0-1: the honest ones become known contributors
+        world.push(name, inner(base, name, 0))
+    close_round(world)
+    base = world.tree(world.base())
+    for name in HONEST[:3]:
+        world.push(name, inner(base, name, 1))
+    close_round(world)
+    assert world.agg.known == set(HONEST[:3])
+    base, r = world.tree(world.base()), 2
+    one = inner(base, "sybil", r)
+    for name in sybils:  # they arrive first: copies of one Δ, or 6 fresh keys
+        world.push(name, one if flood == "copies" else inner(base, name, r))
+
+    def honest_arrive():
+        for name in HONEST[:3]:
+            world.push(name, inner(base, name, r))
+
+    world.clock.on_sleep.append(honest_arrive)  # after the first poll
+    world.agg.quorum, world.agg.round_timeout = 3, 50.0
+    stats = world.agg.run_round()
+    assert stats["reason"] == "quorum" and not world.clock.on_sleep  # it waited for them
+    entries = by_contributor(stats["decision"])
+    assert all(entries[n]["accepted"] for n in HONEST[:3]), [entries[n] for n in HONEST[:3]]
+    admitted = [n for n in sybils if not entries[n]["reason"].startswith("deferred")]
+    assert len(admitted) == policy.new_keys_per_round  # the first two that committed
+    if flood == "copies":  # of those, the first committed is the original
+        assert [n for n in admitted if entries[n]["accepted"]] == admitted[:1]

@@ -18,7 +18,9 @@ entries, and checks
              as a "bad signature" that in fact verifies
   seeds      each round's revealed seed is signed by the aggregator key and matches the
              commitment published one round earlier
-  rewards    a round pays out at most one unit, and nothing to rejected entries
+  rewards    a round pays out at most one unit, and nothing to rejected entries; the
+             ratings replay round by round from the recorded performances, and each
+             round's rewards are the shares those ratings and scores give (`ratings`)
   registry   an entry that fails validation is a warning (anybody can write junk under an
              unused name), but a problem under a name that signed ledger entries (a key
              that signed work became unreadable)

@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import Any
 
 from near_jax._io import one_line, short_repr
-from near_jax.contrib import identity, ledger, signing
+from near_jax.contrib import identity, ledger, ratings, signing
 from near_jax.diloco import protocol
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import CorruptObject, ObjectStore
@@ -196,7 +196,9 @@ def _compare_round(r: int, listed: Any, rows: list[dict[str, Any]]) -> list[str]
 
 
 def reward_problems(entries: list[dict[str, Any]]) -> list[str]:
-    """Problems of the rewards: a rejected entry paid, or a round paying over one unit."""
+    """Problems of the rewards: a rejected entry paid, a round paying over one unit, or
+    ratings and rewards other than the recorded performances and scores give (replayed
+    round by round: `ratings.check_rounds`; even the aggregator cannot pay a friend more)."""
     problems = []
     totals: dict[Any, float] = defaultdict(float)
     for e in entries:
@@ -212,4 +214,4 @@ def reward_problems(entries: list[dict[str, Any]]) -> list[str]:
     for r, total in sorted(totals.items(), key=lambda kv: str(kv[0])):
         if total > 1 + REWARD_TOLERANCE:
             problems.append(f"round {r}: rewards sum to {total!r}, more than the round's one unit")
-    return problems
+    return problems + ratings.check_rounds(entries)
