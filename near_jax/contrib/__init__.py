@@ -14,13 +14,17 @@ ledger         the append-only, hash-chained SQLite ledger: entries, hashes, app
 ledger_verify  verify_chain: the problems of a ledger file, against optional anchors
 ledger_mirror  the store's copy of the ledger (RUN/ledger/: round segments, signed index)
 recorder       the aggregator's local ledger: opened or rebuilt, recorded from decisions
-validator      the aggregator's validator role (check, decide, record) and `build`
+admission      commitment order, the new-key cap, ledger entries (late pushes too)
+judging        a round's judgement: sampled validation, assigned-data check, ratings, rewards
+validator      the aggregator's validator role (check, quorum, decide, record)
+building       `build`: a contributor run's aggregator from its config or manifest
 contributor    an island's side: its Signer, the start-up checks, its slot's owner
 audit          auditing a run from its store alone (what `verify` runs): gathers, summarizes
 audit_checks   the audit's checks: entry signatures, decisions and seeds, rewards
 rewards        standings over a window: leaderboard and promotion
 ratings        OpenSkill ratings over rounds, the round's reward weights, their ledger audit
-__main__       python -m near_jax.contrib: keygen, register, verify, leaderboard, promote
+__main__       python -m near_jax.contrib: keygen, register, verify, leaderboard, promote,
+               admit, codehash
 
 The robust aggregation rules live in `near_jax.diloco.robust` (the protocol replays them).
 """
