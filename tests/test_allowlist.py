@@ -1,17 +1,23 @@
 """Allowlisted runs (`near_jax.contrib.allowlist`): signed promotions, admissions made later,
 and a run that takes admitted contributors only."""
 
-import functools
 import json
 import random
 
-import contrib_world
 import pytest
-from contrib_world import HONEST, POLICY, RUN, World, by_contributor, close_round, inner
+from contrib_world import (
+    HONEST,
+    POLICY,
+    RUN,
+    World,
+    allowlist_of,
+    by_contributor,
+    close_round,
+    inner,
+)
 
 from near_jax.contrib import allowlist, identity, rewards
 from near_jax.contrib.allowlist import Additions, Admissions, admit, admitted
-from near_jax.contrib.validator import ContribAggregator
 from near_jax.diloco import protocol
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import ObjectStore
@@ -244,19 +250,8 @@ class Allowlisted(World):
     ADMITTED = HONEST[:3]
 
     def make_aggregator(self):
-        rung0 = identity.generate()
-        promoted = [
-            {"contributor": n, "key_id": self.keys[n].key_id, "public_key": self.keys[n].public_hex}
-            for n in self.ADMITTED
-        ]
-        doc = allowlist.sign_promotion(rung0, "rung0", promoted, window=0, top=3, issued_at=0)
-        entry = allowlist.read_promotion(json.dumps(doc).encode()).manifest_entry()
-        make = functools.partial(ContribAggregator, allowlist=entry)
-        original, contrib_world.ContribAggregator = contrib_world.ContribAggregator, make
-        try:
-            return super().make_aggregator()
-        finally:
-            contrib_world.ContribAggregator = original
+        self.allowlist = allowlist_of(self.ADMITTED)
+        return super().make_aggregator()
 
 
 NOT_ADMITTED = (

@@ -64,28 +64,15 @@ def test_a_run_that_checks_assigned_data_gets_the_train_loss_of_its_assignments(
     params = jax.device_get(trainer.init(jax.random.key(0)).params)
     kwargs = dict(spec=SPEC, lr=LR, momentum=MU, quorum=1, round_timeout=1.0)
     key = _keyfile(tmp_path)
-    agg = building.build(
-        cfg,
-        trainer,
-        None,
-        RUN,
-        None,
-        key_path=key,
-        ledger_path=str(tmp_path / "l.sqlite"),
-        **kwargs,
-    )
+
+    def build(ledger):
+        return building.build(
+            cfg, trainer, None, RUN, None, key_path=key, ledger_path=str(ledger), **kwargs
+        )
+
+    agg = build(tmp_path / "l.sqlite")
     assert agg.policy.assigned_data and isinstance(agg.policy, Policy)
     want = assignment.loss_fn(trainer)(params, 7, 1)
     assert agg.train_loss_fn(params, 7, 1) == pytest.approx(want, rel=1e-6)
     cfg.contrib.assigned_data = False
-    off = building.build(
-        cfg,
-        trainer,
-        None,
-        RUN,
-        None,
-        key_path=key,
-        ledger_path=str(tmp_path / "m.sqlite"),
-        **kwargs,
-    )
-    assert off.train_loss_fn is None
+    assert build(tmp_path / "m.sqlite").train_loss_fn is None

@@ -159,21 +159,9 @@ def test_contrib_needs_shuffled_val_data():
 # ------------------------------------------------------------ found in review: each was a hole
 
 
-def test_the_original_of_a_copy_is_who_committed_first_not_who_was_listed_first(tmp_path):
-    world = World(tmp_path, HONEST[:4] + ["aaa"], POLICY)
-    base = world.base()
-    for name in HONEST[:4]:
-        world.push(name, inner(world.tree(base), name, 0))
-    stolen = world.decoded(0, "honest3")
-    stolen["w"] = stolen["w"] * np.float32(1.0001)
-    world.push("aaa", stolen)  # listed before honest3 (by name) in the same poll
-    entries = by_contributor(close_round(world))
-    assert entries["aaa"]["reason"].startswith("copy: near-duplicate of honest3")
-    assert entries["aaa"]["reward"] == 0 and not entries["aaa"]["applied"]
-    assert all(entries[n]["applied"] for n in HONEST[:4])
-
-
-def test_a_copy_pair_without_commitments_credits_neither(tmp_path):
+def _copied_round(tmp_path):
+    """Four honest contributions and aaa's copy of honest3's, listed before honest3's (by
+    name) in the same poll."""
     world = World(tmp_path, HONEST[:4] + ["aaa"], POLICY)
     base = world.base()
     for name in HONEST[:4]:
@@ -181,6 +169,19 @@ def test_a_copy_pair_without_commitments_credits_neither(tmp_path):
     stolen = world.decoded(0, "honest3")
     stolen["w"] = stolen["w"] * np.float32(1.0001)
     world.push("aaa", stolen)
+    return world
+
+
+def test_the_original_of_a_copy_is_who_committed_first_not_who_was_listed_first(tmp_path):
+    world = _copied_round(tmp_path)
+    entries = by_contributor(close_round(world))
+    assert entries["aaa"]["reason"].startswith("copy: near-duplicate of honest3")
+    assert entries["aaa"]["reward"] == 0 and not entries["aaa"]["applied"]
+    assert all(entries[n]["applied"] for n in HONEST[:4])
+
+
+def test_a_copy_pair_without_commitments_credits_neither(tmp_path):
+    world = _copied_round(tmp_path)
     for key in world.store.list(f"{RUN}/commits/"):  # as if nobody had committed
         world.store.delete(key)
     entries = by_contributor(close_round(world))

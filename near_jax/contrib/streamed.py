@@ -196,16 +196,23 @@ def moved_trees(
     move = screening.moved(step)
     for verdict, k in zip(verdicts, scales, strict=True):
         out = [np.empty(np.shape(x), np.float32) for x in leaves]
-        for s, shard in enumerate(plan.shards):
-            pieces = protocol.read_delta_shard(store, run, rnd, plan, verdict, s)
-            for piece, d in zip(shard, pieces, strict=True):
-                index = piece.index(len(plan.shapes[piece.leaf]))
+        for s in range(plan.num_shards):
+            for leaf, index, d in _placed(store, run, rnd, plan, verdict, s):
                 if k is not None:
                     d = d * np.float32(k)
-                out[piece.leaf][index] = move(np.asarray(leaves[piece.leaf])[index], d)
-            del pieces
+                out[leaf][index] = move(np.asarray(leaves[leaf])[index], d)
         yield jax.tree.unflatten(plan.treedef, out)
         del out
+
+
+def _placed(
+    store: ObjectStore, run: str, rnd: int, plan: ShardPlan, verdict: Verdict, s: int
+) -> Iterator[tuple[int, Any, np.ndarray]]:
+    """(leaf, index into it, values) of each piece of a contribution's shard `s`, checked
+    against its signed hash (ShardDefect if it no longer reads back as checked)."""
+    pieces = protocol.read_delta_shard(store, run, rnd, plan, verdict, s)
+    for piece, d in zip(plan.shards[s], pieces, strict=True):
+        yield piece.leaf, piece.index(len(plan.shapes[piece.leaf])), d
 
 
 def total(
@@ -221,10 +228,8 @@ def total(
     (`judging`). Memory: one tree. ShardDefect if a shard no longer reads back as checked."""
     leaves = jax.tree.leaves(params)
     out = [np.zeros(np.shape(x), np.float32) for x in leaves]
-    for s, shard in enumerate(plan.shards):
+    for s in range(plan.num_shards):
         for verdict in verdicts:
-            pieces = protocol.read_delta_shard(store, run, rnd, plan, verdict, s)
-            for piece, d in zip(shard, pieces, strict=True):
-                out[piece.leaf][piece.index(len(plan.shapes[piece.leaf]))] += d
-            del pieces
+            for leaf, index, d in _placed(store, run, rnd, plan, verdict, s):
+                out[leaf][index] += d
     return jax.tree.unflatten(plan.treedef, out)
