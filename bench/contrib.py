@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import statistics
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from near_jax.contrib import allowlist, identity, judging, registry, screening, streamed
+from near_jax.contrib import identity, judging, registry, screening, streamed
 from near_jax.contrib.contributor import Signer
 from near_jax.contrib.policy import Policy
 from near_jax.contrib.validator import ContribAggregator
@@ -257,46 +256,11 @@ def _contrib_world():
     return contrib_world
 
 
-def _allowlisted(cw, admitted: list[str]):
-    """A World class whose run admits only `admitted` (an allowlist from a signed promotion)."""
-
-    class Allowlisted(cw.World):
-        def make_aggregator(self):
-            rung0 = identity.generate()
-            rows = [
-                {
-                    "contributor": n,
-                    "key_id": cw.key_of(n).key_id,
-                    "public_key": cw.key_of(n).public_hex,
-                }
-                for n in admitted
-            ]
-            doc = allowlist.sign_promotion(
-                rung0, "rung0", rows, window=0, top=len(rows), issued_at=0
-            )
-            entry = allowlist.read_promotion(json.dumps(doc).encode()).manifest_entry()
-            # World builds its aggregator from the module's name: swap it for the call.
-            make = functools.partial(cw.ContribAggregator, allowlist=entry)
-            original, cw.ContribAggregator = cw.ContribAggregator, make
-            try:
-                return super().make_aggregator()
-            finally:
-                cw.ContribAggregator = original
-
-    return Allowlisted
-
-
-def _run(cw, world_cls, path: Path, rounds: int, cheats, sybils, key):
-    """gauntlet() with a World class of our own: (decisions, eval loss after each round)."""
-    names = cw.HONEST + list(cheats) + list(sybils)
-    world = world_cls(path, names, cw.GAUNTLET_POLICY, aggregator_key=key, tag="topic")
-    decisions, losses = [], []
-    try:
-        for _ in range(rounds):
-            decisions.append(cw.gauntlet_round(world, cheats, sybils))
-            losses.append(cw.eval_loss(world.tree(world.base())))
-    finally:
-        world.agg.close()
+def _run(cw, path: Path, rounds: int, cheats, sybils, key, allowlist=None):
+    """(decisions, eval loss after each round) of a gauntlet run (`allowlist`: its entry)."""
+    _, decisions, losses = cw.gauntlet(
+        path, rounds, cheats, sybils, aggregator_key=key, allowlist=allowlist
+    )
     return decisions, losses
 
 
@@ -392,8 +356,11 @@ def _cost_round(cw, path: Path, n: int, k: int, low_rating: float, key) -> dict:
     }
 
 
-def validation_cost(cw, n: int, k: int, repeats: int, low_rating: float = 0.0) -> dict:
-    """Sampled (validate_sample=k) against validating all n, medians over `repeats`."""
+def validation_cost(cw, n: int, k: int, repeats: int, low_rating: float | None = None) -> dict:
+    """Sampled (validate_sample=k) against validating all n, medians over `repeats`
+    (`low_rating` None: the policy's default)."""
+    if low_rating is None:
+        low_rating = cw.GAUNTLET_POLICY.low_rating
     sampled, full = [], []
     for rep in range(repeats):
         key = cw.key_of(f"aggregator-{rep}")  # the same seeds for both
@@ -428,12 +395,12 @@ def adversarial(args) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _, honest_losses = _run(cw, cw.World, tmp / "honest", args.rounds, (), (), key)
+        _, honest_losses = _run(cw, tmp / "honest", args.rounds, (), (), key)
         print(f"honest-only: {time.perf_counter() - t0:.1f}s", flush=True)
-        opened, open_losses = _run(cw, cw.World, tmp / "open", args.rounds, cheats, sybils, key)
+        opened, open_losses = _run(cw, tmp / "open", args.rounds, cheats, sybils, key)
         print(f"open run: {time.perf_counter() - t0:.1f}s", flush=True)
-        walled = _allowlisted(cw, cw.HONEST + list(cheats))
-        closed, closed_losses = _run(cw, walled, tmp / "allow", args.rounds, cheats, sybils, key)
+        walled = cw.allowlist_of(cw.HONEST + list(cheats))
+        closed, closed_losses = _run(cw, tmp / "allow", args.rounds, cheats, sybils, key, walled)
         print(f"allowlisted run: {time.perf_counter() - t0:.1f}s", flush=True)
     adversaries = [_tally(c, [c], opened) for c in cheats]
     adversaries.append(_tally("sybils-open", list(sybils), opened))
@@ -499,8 +466,9 @@ def adversarial(args) -> dict:
         )
     if cost_off is not None:
         print(
-            f"(low_rating={LOW_RATING_OFF:g} is not the run's default (0): it forces no "
-            "low-rated contributor into the sample, to show what the sample alone costs)"
+            f"(low_rating={LOW_RATING_OFF:g} is not the run's default "
+            f"({cost['low_rating']:g}): it forces no low-rated contributor into the sample, "
+            "to show what the sample alone costs)"
         )
     result = {
         "bench": "contrib_adversarial",

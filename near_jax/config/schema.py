@@ -280,8 +280,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "Cosine, after removing the round's mean update, at which a Δ counts as a copy.",
         ),
         "low_rating": (
-            0.0,
-            "A contributor whose rating (OpenSkill μ − 3σ) is below this is validated every round.",
+            -5.0,
+            "A contributor whose rating (OpenSkill μ − 3σ) is below this is validated every "
+            "round (newcomers start at 0; one that keeps failing is below -5 within two "
+            "rounds, honest ones drift a few points around 0).",
         ),
     },
 }

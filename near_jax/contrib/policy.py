@@ -53,7 +53,7 @@ class Policy:
     new_keys_per_round: int = 4
     copy_overlap: float = 0.4
     centered_cosine: float = 0.5
-    low_rating: float = 0.0
+    low_rating: float = -5.0
 
     @classmethod
     def from_config(cls, contrib_cfg, code_sha256: str, config_sha256: str) -> Policy:
