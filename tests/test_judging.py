@@ -20,8 +20,8 @@ from near_jax.diloco import protocol
 
 DIM, TOPIC, H = 16, 0.5, 5
 W_TRUE = np.random.default_rng(3).standard_normal(DIM).astype(np.float32)
-RATED = ratings.Rating(30.0, 2.0)  # ordinal 24: above the default low_rating of 0
-LOW = ratings.Rating(10.0, 5.0)  # ordinal -5: below it
+RATED = ratings.Rating(30.0, 2.0)  # ordinal 24: above the default low_rating of -5
+LOW = ratings.Rating(8.0, 5.0)  # ordinal -7: below the default low_rating of -5
 
 
 @functools.cache
