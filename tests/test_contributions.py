@@ -145,3 +145,25 @@ def test_jnp_params_are_accepted_like_numpy(started):
     delta = jax.tree.map(jnp.asarray, tree(50, 1e-2))
     assert push(store, "a", 0, delta)[0]
     assert agg.run_round()["accepted"] == 1
+
+
+def test_a_signed_contribution_is_signed_before_any_shard_is_visible(started):
+    # A contributor commits to its payload hash when it signs (contrib's Signer): nothing of
+    # it may be readable then, or a copier could hash the shards and commit first.
+    store = started[0]
+    seen = []
+
+    def sign(tag, payload):
+        seen.append(store.list(f"{RUN}/rounds/"))
+        return {"signed": protocol.sha256(payload)}
+
+    delta = tree(np.random.default_rng(3))
+    written, _, _ = push(store, "island-a", 0, delta, sign=sign)
+    assert written and len(seen) == 1
+    assert not [k for k in seen[0] if "island-a" in k]  # neither shards nor the object yet
+    tag, data = protocol.split_contribution(store.get(protocol.contrib_key(RUN, 0, "island-a")))
+    assert tag["signed"] == protocol.sha256(data)  # signed what was then written
+    unsigned = push(store, "island-b", 0, delta)[0]
+    assert unsigned
+    body = store.get(protocol.contrib_key(RUN, 0, "island-b"))
+    assert protocol.split_contribution(body)[1] == data  # the same shards, the same manifest

@@ -192,14 +192,29 @@ def _push(
     written, manifest_bytes, note = False, 0, ""
     entries, shard_bytes, new_ef = {}, 0, None
     if not taken:  # else pushed before a restart: the stored shards stay as it names them
+        body = None
+        if signer is not None:  # signed (and committed to) before any shard is visible
+            hashed, _, _ = protocol.push_shards(
+                store, run, r, island, plan, delta, spec, error_feedback, write=False
+            )
+            hashed = hosts.gather_entries(hashed)
+            if lead:
+                body = protocol.contribution_body(
+                    run, island, held, plan, spec, hashed, signer, shards=fragment, **extra
+                )
+            hosts.agree(1)  # nobody writes a shard before the lead has committed
         entries, shard_bytes, new_ef = protocol.push_shards(
             store, run, r, island, plan, delta, spec, error_feedback
         )
         entries = hosts.gather_entries(entries)
         if lead:
-            written, manifest_bytes = protocol.push_manifest(
-                store, run, island, held, plan, spec, entries, signer, shards=fragment, **extra
-            )
+            if body is None:
+                body = protocol.contribution_body(
+                    run, island, held, plan, spec, entries, shards=fragment, **extra
+                )
+            elif entries != hashed:
+                raise protocol.ProtocolError(f"{island}: its shards encoded differently twice")
+            written, manifest_bytes = protocol.put_contribution(store, run, island, held, body)
         written = bool(hosts.agree(written))
     if not written:
         note = (

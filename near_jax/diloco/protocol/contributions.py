@@ -76,15 +76,19 @@ def push_shards(
     delta: Shards,
     spec: CompressionSpec | str,
     error_feedback: Shards | None = None,
+    write: bool = True,
 ) -> tuple[dict[int, tuple[str, int]], int, Shards]:
     """Encodes and writes the given shards of Δ (a host of a multi-host island: its own);
-    returns ({shard: (sha256, bytes)}, bytes written, new error feedback of those shards)."""
+    returns ({shard: (sha256, bytes)}, bytes written, new error feedback of those shards).
+    write=False only encodes and hashes (what a contributor commits to before anything is
+    visible; encoding is deterministic, so the shards written later hash the same)."""
     entries, written, new_ef = {}, 0, {}
     for s, pieces in sorted(delta.items()):
         ef = None if error_feedback is None else error_feedback.get(s)
         payload, new_ef[s] = encode(pieces, spec, error_feedback=ef)
         body = payload.to_bytes()
-        written += store.put(contrib_shard_key(run, rnd, island, s), body)
+        if write:
+            written += store.put(contrib_shard_key(run, rnd, island, s), body)
         entries[s] = (sha256(body), len(body))
     return entries, written, new_ef
 
@@ -104,6 +108,32 @@ def push_manifest(
     """Writes the contribution object once every shard the round syncs (`shards`: all by
     default; a fragment in a fragmented run) is in; (written, bytes). written is False if
     the island already has a contribution for the round (immutable)."""
+    body = contribution_body(run, island, base, plan, spec, entries, sign, shards, **extra)
+    return put_contribution(store, run, island, base, body)
+
+
+def put_contribution(
+    store: ObjectStore, run: str, island: str, base: Version, body: bytes
+) -> tuple[bool, int]:
+    """Writes a contribution object (`contribution_body`) unless the island's slot for the
+    round is taken; (written, bytes)."""
+    written = store.put_if_absent(contrib_key(run, base.version, island), body)
+    return written, (len(body) + HEADER.size if written else 0)
+
+
+def contribution_body(
+    run: str,
+    island: str,
+    base: Version,
+    plan: ShardPlan,
+    spec: CompressionSpec | str,
+    entries: dict[int, tuple[str, int]],
+    sign: Callable[[dict, bytes], dict] | None = None,
+    shards: Iterable[int] | None = None,
+    **extra: Any,
+) -> bytes:
+    """The contribution object of these shard entries: its tag (signed by `sign`, which
+    sees the tag and the manifest bytes) and shard manifest."""
     wanted = set(range(plan.num_shards) if shards is None else shards)
     if set(entries) != wanted:
         missing = sorted(wanted ^ set(entries))
@@ -124,9 +154,7 @@ def push_manifest(
     data = manifest.to_bytes()
     if sign is not None:
         tag.update(sign(tag, data))
-    body = pack_contribution(tag, data)
-    written = store.put_if_absent(contrib_key(run, base.version, island), body)
-    return written, (len(body) + HEADER.size if written else 0)
+    return pack_contribution(tag, data)
 
 
 def push_contribution(
@@ -142,18 +170,32 @@ def push_contribution(
     **extra: Any,
 ) -> tuple[bool, int, Shards]:
     """Pushes every shard of Δ (all, or the round's fragment), then the manifest;
-    (written, bytes, new error feedback).
+    (written, bytes, new error feedback). With `sign`, the contribution is signed first
+    (the shards encoded and hashed, not written), so a signer that commits to the payload
+    (contrib's) does so before any of it is visible: nobody can copy it and commit first.
 
     Nothing is written if the island's slot for the round is taken already (pushed before
     a restart): its shards then stay as the manifest there names them."""
     if store.exists(contrib_key(run, base.version, island)):
         return False, 0, {}
-    entries, shard_bytes, new_ef = push_shards(
+    body = None
+    if sign is not None:  # signed (and committed to) before any of it is visible
+        entries, _, _ = push_shards(
+            store, run, base.version, island, plan, delta, spec, error_feedback, write=False
+        )
+        body = contribution_body(
+            run, island, base, plan, spec, entries, sign, shards=sorted(delta), **extra
+        )
+    written_entries, shard_bytes, new_ef = push_shards(
         store, run, base.version, island, plan, delta, spec, error_feedback
     )
-    written, manifest_bytes = push_manifest(
-        store, run, island, base, plan, spec, entries, sign, shards=sorted(delta), **extra
-    )
+    if body is None:
+        body = contribution_body(
+            run, island, base, plan, spec, written_entries, shards=sorted(delta), **extra
+        )
+    elif written_entries != entries:
+        raise ProtocolError(f"{island}: its shards encoded differently twice (not deterministic)")
+    written, manifest_bytes = put_contribution(store, run, island, base, body)
     return written, (shard_bytes + manifest_bytes if written else 0), new_ef
 
 
