@@ -242,8 +242,11 @@ def generate(args: argparse.Namespace) -> dict:
             entries, nbytes, _ = protocol.push_shards(
                 store, run, 0, island, plan, plan.split(delta), args.format
             )  # encoded once per run: the K=2 run's bytes are the sharded run's again
-            written, manifest_bytes = protocol.push_manifest(
-                store, run, island, bases[name], plan, args.format, entries, sign=signer
+            body = protocol.contribution_body(
+                run, island, bases[name], plan, args.format, entries, sign=signer
+            )
+            written, manifest_bytes = protocol.put_contribution(
+                store, run, island, bases[name], body
             )
             assert written, f"{island} already pushed to {run}: use an empty --dir"
             pushed[name] += nbytes + manifest_bytes

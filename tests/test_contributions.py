@@ -74,7 +74,8 @@ def test_invalid_contributions_are_rejected_with_reasons(started, tmp_path):
     entries, _, _ = protocol.push_shards(
         store, RUN, 0, "plan", other_plan, other_plan.split(good), SPEC
     )
-    protocol.push_manifest(store, RUN, "plan", other_base, other_plan, SPEC, entries)
+    body = protocol.contribution_body(RUN, "plan", other_base, other_plan, SPEC, entries)
+    protocol.put_contribution(store, RUN, "plan", other_base, body)
 
     logged = []
     agg.log = logged.append

@@ -27,8 +27,8 @@ from near_jax.diloco.store import CorruptObject, ObjectStore
 class Signer:
     """Signs a contribution: returns the tag fields naming the signer and the statement's
     signature (called with the tag and the payload bytes). With a `store`, it first
-    commits to the payload's hash (`commits.commit`: push_contribution calls it before
-    the contribution object is written), so the round knows it came before any copy;
+    commits to the payload's hash (`commits.commit`: push_contribution and the island's
+    exchange sign before any shard is written), so the round knows it came before any copy;
     `slot` is the slot claimed, or None with `commit_problem` saying why not (a round
     flooded with commitments: the contribution goes on without one)."""
 

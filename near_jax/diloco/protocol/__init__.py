@@ -7,7 +7,7 @@
     manifests      version and contribution manifests (shard hashes), shard reads
     versions       the numpy outer step (outer_update, average), Version in memory and in the
                    store, resumable shard-by-shard pulls (PullCache), `latest`
-    contributions  an island's sharded contribution (push_shards, push_manifest), the
+    contributions  an island's sharded contribution (push_shards, contribution_body), the
                    aggregator's Verdict on one (check_contribution), streamed shard reads
     streaming      closing a round shard by shard (derive, derive_slice, finish)
     decisions      recording a round (make_decision), replaying it (replay_decision),
@@ -154,7 +154,6 @@ from near_jax.diloco.protocol.contributions import (
     contribution_limit,
     pack_contribution,
     push_contribution,
-    push_manifest,
     push_shards,
     put_contribution,
     read_contribution,
@@ -293,7 +292,6 @@ __all__ = [
     "pull_version",
     "contribution_body",
     "push_contribution",
-    "push_manifest",
     "push_shards",
     "put_contribution",
     "read_contribution",

@@ -93,25 +93,6 @@ def push_shards(
     return entries, written, new_ef
 
 
-def push_manifest(
-    store: ObjectStore,
-    run: str,
-    island: str,
-    base: Version,
-    plan: ShardPlan,
-    spec: CompressionSpec | str,
-    entries: dict[int, tuple[str, int]],
-    sign: Callable[[dict, bytes], dict] | None = None,
-    shards: Iterable[int] | None = None,
-    **extra: Any,
-) -> tuple[bool, int]:
-    """Writes the contribution object once every shard the round syncs (`shards`: all by
-    default; a fragment in a fragmented run) is in; (written, bytes). written is False if
-    the island already has a contribution for the round (immutable)."""
-    body = contribution_body(run, island, base, plan, spec, entries, sign, shards, **extra)
-    return put_contribution(store, run, island, base, body)
-
-
 def put_contribution(
     store: ObjectStore, run: str, island: str, base: Version, body: bytes
 ) -> tuple[bool, int]:
