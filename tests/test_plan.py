@@ -36,10 +36,47 @@ def test_cli_json_and_one_line_errors(tmp_path):
         ),
         (["--bogus"], "Unknown command line flag 'bogus'"),
         ([f"--config={bad_config}"], f"syntax error in {bad_config}, line 1"),
+        (
+            ["--config=configs/ladder.py:m27b"],
+            "unknown rung 'm27b': the ladder's rungs are now m500m, m2b, m7b, m30b, m70b, "
+            "m350b, m1400b (m27b became m30b)",
+        ),
     ):
         out = _cli(*bad)
         assert out.returncode == 2, (bad, out.stderr)
         assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_a_renamed_rung_is_one_line_for_train_too(tmp_path):
+    out = run_module(
+        "near_jax.train", "--config=configs/ladder.py:m100b", f"--workdir={tmp_path}", timeout=120
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "(m100b became m70b)" in out.stderr, out.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_gpu_target_is_picked_from_the_config_and_the_ladder_shows_both():
+    out = _cli("--config=configs/ladder.py:m7b,gpu", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert (result["name"], result["hardware"], result["devices"]) == ("m7b,gpu", "h100", 64)
+    assert result["mesh"] == {"data": 8, "fsdp": 8, "tensor": 1, "dcn_data": 8}
+    out = _cli("--ladder", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    names = list(load_ladder().RUNGS)
+    assert [(r["target"], r["name"]) for r in rows] == [("tpu", n) for n in names] + [
+        ("gpu", f"{n},gpu") for n in names
+    ]
+    assert {r["hardware"] for r in rows if r["target"] == "tpu"} == {"v5p"}
+    assert {r["hardware"] for r in rows if r["target"] == "gpu"} <= {
+        "h100",
+        "h200",
+        "b200",
+        "gb200",
+    }
+    assert all(r["fits"] for r in rows)
 
 
 def test_target_hardware_and_devices_come_from_flags_rung_or_mesh():
@@ -48,6 +85,10 @@ def test_target_hardware_and_devices_come_from_flags_rung_or_mesh():
     assert (acc.name, devices) == ("v5p", 8192)
     acc, devices = target(ladder.get_config("m7b"), "ironwood", 0)
     assert (acc.name, devices) == ("tpu7x", 64)  # the mesh's devices: 32 chips
+    acc, devices = target(ladder.get_config("m1400b,gpu"), "", 0)
+    assert (acc.name, devices) == ("gb200", 8192)
+    acc, devices = target(ladder.get_config("m30b,gpu,tokens_per_param=10"), "", 0)
+    assert (acc.name, devices) == ("h200", 256)  # 32 nodes of 8
     tiny = small_config()
     tiny.mesh.data, tiny.mesh.fsdp = 2, 4
     assert target(tiny, "cpu", 0)[1] == 8

@@ -13,8 +13,8 @@ import ml_collections
 from near_jax import cli, sharding
 from near_jax import hardware as hardware_lib
 from near_jax.config import ConfigError
-from near_jax.plan.planner import load_ladder, make_plan
-from near_jax.plan.tables import _gib, format_ladder, format_plan
+from near_jax.plan.planner import Plan, load_ladder, make_plan
+from near_jax.plan.tables import _gib, format_plan, format_targets
 
 _WORKER_ENV = "NEAR_JAX_PLAN_COMPILE_WORKER"
 
@@ -23,12 +23,16 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ladder.py:m7b.")
-    flags.DEFINE_string("hardware", "", "Accelerator (near_jax.hardware); default: the rung's.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/ladder.py:m7b (or :m7b,gpu)."
+    )
+    flags.DEFINE_string(
+        "hardware", "", "Accelerator (near_jax.hardware); default: that of the rung's job."
+    )
     flags.DEFINE_integer("devices", 0, "Devices; default: the mesh's product (needed for -1).")
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for device-days of the token budget.")
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
-    flags.DEFINE_bool("ladder", False, "Summarize every rung of configs/ladder.py.")
+    flags.DEFINE_bool("ladder", False, "Summarize every rung of configs/ladder.py, TPU and GPU.")
     flags.DEFINE_bool(
         "compile",
         False,
@@ -55,10 +59,14 @@ def _loaded(value: Any) -> ml_collections.ConfigDict:
 
 
 def target(cfg, flag_hardware: str, flag_devices: int) -> tuple[hardware_lib.Accelerator, int]:
-    """The accelerator (flag, else the ladder rung's) and the device count (flag, else the
-    mesh's product: a config's mesh is the source of truth)."""
-    rung = load_ladder().RUNGS.get(cfg.name) if cfg.name else None
-    name = flag_hardware or (rung.hardware if rung else "")
+    """The accelerator (flag, else that of the ladder job `cfg.name` names: "m7b" its TPU
+    job, "m7b,gpu" its GPU job) and the device count (flag, else the mesh's product: a
+    config's mesh is the source of truth)."""
+    name = flag_hardware
+    found = load_ladder().lookup(cfg.name) if cfg.name and not name else None
+    if found:
+        rung, job = found
+        name = rung.target(job).hardware
     if not name:
         raise ConfigError(f"--hardware is required for config {cfg.name or '(unnamed)'!r}")
     acc = hardware_lib.get(name)
@@ -69,6 +77,19 @@ def target(cfg, flag_hardware: str, flag_devices: int) -> tuple[hardware_lib.Acc
             raise ConfigError("--devices is required when a mesh axis is -1")
         devices = math.prod(sizes) * cfg.mesh.dcn_data
     return acc, devices
+
+
+def ladder_plans(hardware: str = "", mfu: float = 0.4) -> list[tuple[str, Plan]]:
+    """(target, plan) of every rung's TPU job, then of every rung's GPU job; `hardware`
+    replaces each job's accelerator (same meshes) when set."""
+    ladder = load_ladder()
+    plans = []
+    for tgt in ladder.TARGETS:
+        for name, rung in ladder.RUNGS.items():
+            acc = hardware_lib.get(hardware or rung.target(tgt).hardware)
+            cfg = ladder.get_config(f"{name},{tgt}")
+            plans.append((tgt, make_plan(cfg, acc, ladder.devices(rung, tgt), mfu)))
+    return plans
 
 
 def _compile_child(argv: list[str], devices: int) -> int:
@@ -149,15 +170,11 @@ def _main(argv: list[str]) -> None:
         _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         if f.ladder:
-            ladder = load_ladder()
-            plans = []
-            for name, rung in ladder.RUNGS.items():
-                acc = hardware_lib.get(f.hardware or rung.hardware)
-                plans.append(make_plan(ladder.get_config(name), acc, ladder.devices(rung), f.mfu))
+            plans = ladder_plans(f.hardware, f.mfu)
             if f.json:
-                print(json.dumps([p.to_json() for p in plans]))
+                print(json.dumps([{"target": t, **p.to_json()} for t, p in plans]))
             else:
-                print(format_ladder(plans))
+                print(format_targets(plans))
             return
         if f.config is None:
             _usage_error("--config is required (or --ladder), e.g. --config=configs/ladder.py:m7b")

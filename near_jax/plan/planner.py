@@ -2,7 +2,8 @@
 
     python -m near_jax.plan --config=configs/ladder.py:m7b [--config.mesh.fsdp=16]
         [--hardware=v5p|v6e|h100|...] [--devices=N] [--mfu=0.4] [--json]
-    python -m near_jax.plan --ladder [--hardware=...] [--json]       # every rung of the ladder
+    python -m near_jax.plan --config=configs/ladder.py:m7b,gpu       # the rung's GPU job
+    python -m near_jax.plan --ladder [--hardware=...] [--json]       # every rung, TPU and GPU
     python -m near_jax.plan --config=... --compile                     # check against XLA
 
 The memory and step-time model is `estimate`, the check against XLA `compiled`, the tables
@@ -29,7 +30,7 @@ LADDER_FILE = os.path.join(
 
 
 def load_ladder() -> Any:
-    """The `configs/ladder.py` module (RUNGS, get_config)."""
+    """The `configs/ladder.py` module (RUNGS, TARGETS, get_config, lookup, devices)."""
     spec = importlib.util.spec_from_file_location("near_jax_ladder", LADDER_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

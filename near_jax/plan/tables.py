@@ -1,4 +1,5 @@
-"""The planner's output: a plan as an aligned text table, the ladder as one line per rung."""
+"""The planner's output: a plan as an aligned text table, the ladder as one line per rung
+(one table per target)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,11 @@ def format_ladder(plans: list[Plan]) -> str:
         f"device-days at {mfu:.0%} MFU"
     )
     return "\n".join(out)
+
+
+def format_targets(plans: list[tuple[str, Plan]]) -> str:
+    """One ladder table per target ("tpu", "gpu"), each under a heading line, in order."""
+    targets = list(dict.fromkeys(t for t, _ in plans))
+    return "\n\n".join(
+        f"{t.upper()}:\n" + format_ladder([p for pt, p in plans if pt == t]) for t in targets
+    )
