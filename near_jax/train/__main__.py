@@ -43,7 +43,8 @@ def _main(argv: list[str]) -> None:
     if not flags.FLAGS.workdir:
         usage_error("--workdir is required: the run directory for metrics and config")
     try:
-        result = train(cfg, flags.FLAGS.workdir)
+        # Orbax writes only to absolute paths: a relative --workdir would fail at the first save.
+        result = train(cfg, os.path.abspath(flags.FLAGS.workdir))
     except (ConfigError, workdir_lib.WorkdirError) as e:
         usage_error(str(e))
     except checkpoint.CheckpointError as e:

@@ -77,7 +77,7 @@ def restore_params(
     architecture (a param shape differs or is missing) is a one-line CheckpointError.
     """
     path, step = parse_init_from(spec)
-    directory = epath.Path(path)
+    directory = epath.Path(os.path.abspath(path))  # Orbax reads arrays from absolute paths only
     if (directory / CHECKPOINT_DIR).exists():
         directory = directory / CHECKPOINT_DIR
     if not directory.exists():
