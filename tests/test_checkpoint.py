@@ -283,3 +283,40 @@ def test_keep_last_k_and_every_m_th_step(tmp_path):
         ckpt.save(step, state, DataPosition(step), ml_collections.ConfigDict({"x": 1}))
     ckpt.close()
     assert _committed_steps_of(tmp_path) == [10, 20, 25, 30]
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+@pytest.mark.parametrize("params_only", [True, False])
+def test_keep_never_deletes_a_params_only_step(tmp_path, keep, params_only):
+    """A run's params-only origin (imported or grown) stays and is not counted in `keep`; a
+    full step 0 goes like any other."""
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=keep)
+    cfg = ml_collections.ConfigDict({"x": 1})
+    params = {"w": jax.numpy.arange(4.0)}
+    first = {"params": params} if params_only else {"params": params, "step": 0}
+    ckpt.save(0, first, DataPosition(), cfg)
+    for step in range(1, 5):
+        ckpt.save(step, {"params": params, "step": step}, DataPosition(step), cfg)
+    ckpt.close()
+    newest = list(range(5 - keep, 5))
+    assert _committed_steps_of(tmp_path) == ([0] if params_only else []) + newest
+    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert ckpt.params_only_steps() == ([0] if params_only else [])
+    ckpt.close()
+
+
+def test_restore_skips_a_params_only_step_without_setting_it_aside(tmp_path):
+    """restore(skip=...) walks past the origin: never tried as a TrainState, never moved."""
+    trainer = mesh_trainer(data=8)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(0, {"params": trainer.init(jax.random.key(1)).params}, DataPosition(), trainer.cfg)
+    ckpt.close()
+    save_steps(tmp_path, trainer, steps=(10,))
+    _damage("truncated array file", tmp_path / "10")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert ckpt.params_only_steps() == [0]
+    with pytest.raises(checkpoint.NoReadableCheckpoint, match="step 10: damaged") as e:
+        ckpt.restore(trainer.abstract_state._asdict(), skip=[0])
+    assert "step 0" not in str(e.value)
+    assert _committed_steps_of(tmp_path) == [0]  # 10 set aside, 0 untouched
+    assert [n.split("-")[0] for n in os.listdir(f"{tmp_path}.damaged")] == ["10"]

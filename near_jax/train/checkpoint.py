@@ -18,6 +18,11 @@ not a config) is reported with a warning, moved aside to `<checkpoints>.damaged/
 deleted), and the previous one is tried; if none can be read the run stops with a
 CheckpointError rather than silently starting afresh.
 
+A *params-only* step holds `{"params": ...}` as its state (no optimizer state, no step): the
+origin of a run made by `near_jax.hf import` or `near_jax.grow`. It is never restored as a
+TrainState (the caller passes it in `restore(skip=...)`), never set aside, and never deleted
+by retention.
+
 Reading a step without resuming it (its params alone, its config) is `checkpoint_reads`.
 """
 
@@ -28,6 +33,7 @@ import dataclasses
 import json
 import re
 import threading
+from collections.abc import Collection
 from typing import Any
 
 import grain
@@ -53,7 +59,11 @@ class CheckpointError(RuntimeError):
     """No checkpoint could be read where one was expected (the message says why)."""
 
 
-class NoFinishedCheckpoint(CheckpointError):
+class NoReadableCheckpoint(CheckpointError):
+    """`Checkpointer.restore` tried every step and none could be used (each was set aside)."""
+
+
+class NoFinishedCheckpoint(NoReadableCheckpoint):
     """Every step found was an unfinished save (none damaged): a run may start afresh."""
 
 
@@ -83,6 +93,11 @@ class Checkpointer:
     background thread after the commit); retention (`keep`, `keep_every`) runs only then,
     so it never deletes the newest good step for one that is not finished. A state with a
     NaN or Inf is refused before anything is written.
+
+    Params-only steps (a run's imported or grown origin) are neither counted in `keep` nor
+    deleted: keep=3 keeps the 3 newest full steps and the origin. A step's kind is read from
+    its state item's metadata (a few ms) once per process and cached; a step whose metadata
+    cannot be read is kept and not counted.
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class Checkpointer:
         self._finisher: threading.Thread | None = None
         self._finisher_error: BaseException | None = None
         self._last_step = -1
+        self._params_only: dict[int, bool] = {}  # step -> holds params only (see params_only)
         # Retention is ours (after the manifest), not Orbax's (after the commit).
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
@@ -141,6 +157,20 @@ class Checkpointer:
         """Steps whose save finished (committed, manifest written), oldest first."""
         return [s for s in self.step_dirs() if integrity.has_manifest(self.directory / str(s))]
 
+    def params_only(self, step: int) -> bool | None:
+        """Whether committed `step` holds params only (a run's origin); None if unreadable."""
+        if step not in self._params_only:
+            try:
+                state = self.manager.item_metadata(step)[STATE]
+            except Exception:  # noqa: BLE001 - a damaged step: restore will say why
+                return None  # not cached: a read that failed once may work later
+            self._params_only[step] = set(getattr(state, "tree", state) or ()) == {"params"}
+        return self._params_only[step]
+
+    def params_only_steps(self) -> list[int]:
+        """Committed steps that hold params only (imported or grown origins), oldest first."""
+        return [s for s in self.steps() if self.params_only(s)]
+
     def step_dirs(self) -> list[int]:
         """Every step-numbered entry of the directory (committed or not), oldest first."""
         if not self.directory.exists():
@@ -164,6 +194,7 @@ class Checkpointer:
             raise NonFiniteStateError(f"step {step}: the state has NaN or Inf values")
         self._join_finisher()
         self._last_step = step
+        self._params_only.pop(step, None)  # a step set aside may be saved again
         with self._save_errors(step):
             self.manager.check_for_errors()
             self.manager.reload()  # retention deleted steps behind Orbax's back
@@ -221,16 +252,20 @@ class Checkpointer:
             raise error
 
     def _apply_retention(self) -> None:
-        """Deletes old steps beyond the newest `keep` good ones (and `keep_every` multiples)."""
+        """Deletes old steps beyond the newest `keep` good full ones (and `keep_every`
+        multiples); params-only steps and steps of unknown kind stay."""
         if self.keep <= 0:
             return
-        good = self.good_steps()
-        if len(good) <= self.keep:
+        full = [s for s in self.good_steps() if self.params_only(s) is False]
+        if len(full) <= self.keep:
             return
-        oldest_kept = good[-self.keep]
+        oldest_kept = full[-self.keep]
         for step in self.steps():  # committed ones only: junk waits for restore to set it aside
-            if step < oldest_kept and not (self.keep_every and step % self.keep_every == 0):
+            if step >= oldest_kept or (self.keep_every and step % self.keep_every == 0):
+                continue
+            if self.params_only(step) is False:  # the run's origin is never deleted
                 (self.directory / str(step)).rmtree()
+                self._params_only.pop(step, None)
 
     def wait(self) -> None:
         """Blocks until pending saves are committed and verified; raises their errors."""
@@ -240,7 +275,12 @@ class Checkpointer:
             self.manager.check_for_errors()
 
     def restore(
-        self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None
+        self,
+        abstract_state: Any,
+        data_iter: Any | None = None,
+        step: int | None = None,
+        *,
+        skip: Collection[int] = (),
     ) -> Restored:
         """Restores the latest good step (or exactly `step`) into `abstract_state`'s shardings.
 
@@ -248,8 +288,12 @@ class Checkpointer:
         directly in those shardings, whatever mesh they were saved from. `data_iter`, when
         given, is set to the saved position. Newer steps that are incomplete or damaged are
         skipped with a warning and (unless read-only) moved aside by `integrity.quarantine`.
+        `skip`: steps the walk back never tries nor sets aside (params-only steps: they hold
+        no TrainState); an explicit `step` ignores it. When every step tried fails the error
+        is a NoReadableCheckpoint (NoFinishedCheckpoint if none was damaged).
         """
-        present = self.step_dirs()
+        skipped_steps = set(skip)
+        present = [s for s in self.step_dirs() if s not in skipped_steps]
         candidates = [step] if step is not None else list(reversed(present))
         if not candidates:
             raise CheckpointError(f"no committed checkpoint in {self.directory}")
@@ -274,6 +318,7 @@ class Checkpointer:
                     if not self.read_only:
                         problem += self._set_aside(candidate, problem)
                         set_aside.append(candidate)
+                        self._params_only.pop(candidate, None)
                     skipped.append(problem)
                     continue
                 if not verified:
@@ -287,7 +332,7 @@ class Checkpointer:
             if set_aside:
                 integrity.barrier("near_jax_checkpoint_set_aside")
                 self.manager.reload()  # forget the steps that moved, so they can be saved again
-        error = CheckpointError if damaged else NoFinishedCheckpoint
+        error = NoReadableCheckpoint if damaged else NoFinishedCheckpoint
         raise error(
             f"none of the checkpoints in {self.directory} could be read: " + "; ".join(skipped)
         )

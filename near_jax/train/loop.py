@@ -18,7 +18,7 @@ from near_jax._io import atomic_write
 from near_jax.config import ConfigError
 from near_jax.data.tokenizer import load_tokenizer
 from near_jax.train import checkpoint, inmesh, metrics, preemption
-from near_jax.train.checkpoint_reads import is_params_only, restore_params
+from near_jax.train.checkpoint_reads import restore_params
 from near_jax.train.step import (
     DivergedError,
     Trainer,
@@ -69,25 +69,41 @@ def _run_shards(workdir: str) -> int:
 def start_state(
     trainer: Trainer, ckpt: checkpoint.Checkpointer, train_iter: Any
 ) -> tuple[TrainState, str]:
-    """The state to train from: resumed, warm-started (init_from), or fresh; and a message."""
+    """The state to train from, and a message: resumed, started from the workdir's params-only
+    step (an imported or grown model), warm-started (init_from), or fresh."""
     cfg = trainer.cfg
     abstract = trainer.abstract_state
-    if ckpt.step_dirs():
-        workdir = str(ckpt.directory.parent)
-        if is_params_only(workdir, ckpt.step_dirs()[-1]):
-            raise ConfigError(
-                f"--workdir={workdir} holds params only (an imported model): it "
-                "cannot be resumed; train from it in a new --workdir with "
-                f"--config.checkpoint.init_from={workdir}"
-            )
+    workdir = str(ckpt.directory.parent)
+    origins = ckpt.params_only_steps()  # never resumed as a TrainState, never set aside
+    if any(s not in origins for s in ckpt.step_dirs()):
         try:
-            restored = ckpt.restore(abstract._asdict(), data_iter=train_iter)
-        except checkpoint.NoFinishedCheckpoint:  # killed before its first save finished
+            restored = ckpt.restore(abstract._asdict(), data_iter=train_iter, skip=origins)
+        except checkpoint.NoReadableCheckpoint as e:
+            # Killed before its first save finished, or every save since is damaged (and set
+            # aside): a run with an origin goes back to it, as to any older good step.
+            if not (origins or isinstance(e, checkpoint.NoFinishedCheckpoint)):
+                raise
+            if origins:
+                logging.warning("%s; going back to params-only step %d", e, origins[-1])
             restored = None
         if restored is not None:
             check_resume_config(restored.config, cfg)  # (checkpoint logged what it skipped)
             how = f"resumed from step {restored.step} in {ckpt.directory}"
             return TrainState(**restored.state), how
+    if origins and cfg.checkpoint.init_from:
+        raise ConfigError(
+            f"config.checkpoint.init_from={cfg.checkpoint.init_from!r} is not allowed: "
+            f"--workdir={workdir} holds the params to start from (params-only step "
+            f"{origins[-1]}); drop init_from, or use a new --workdir"
+        )
+    if origins:
+        # Read first: another architecture fails before the (slow) init. The optimizer starts
+        # fresh: a params-only step has none to resume.
+        step, params = restore_params(f"{workdir}:{origins[-1]}", abstract.params, what="--workdir")
+        state = trainer.init(jax.random.key(cfg.seed))._replace(params=params)
+        return state, (
+            f"starting from the params of step {step} in {workdir} (params only: fresh optimizer)"
+        )
     state = trainer.init(jax.random.key(cfg.seed))
     if cfg.checkpoint.init_from:
         step, params = restore_params(cfg.checkpoint.init_from, abstract.params)
