@@ -66,7 +66,7 @@ def _zero_sum_noise(
     rng: jax.Array, x: jax.Array, axis: int, src: np.ndarray, weight: np.ndarray, noise: float
 ) -> jax.Array:
     """Noise on `x` whose `weight`-weighted sum over each source unit's copies is zero."""
-    if noise <= 0:
+    if noise <= 0 or np.bincount(src[src != NEW]).max() <= 1:  # no copies: nothing to break
         return jnp.zeros_like(x)
     std = noise * jnp.sqrt(jnp.mean(jnp.square(x)))
     eta = std * jax.random.normal(rng, x.shape, x.dtype)

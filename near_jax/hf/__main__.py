@@ -67,7 +67,8 @@ def _main(argv: list[str]) -> None:
             written = import_hf(f.hf_dir, f.workdir, f.dtype)
             print(
                 f"wrote {written.path}: checkpoint at step 0, {written.params:,} params, "
-                f"{_mb(written.bytes)} ({f.dtype}); start a run from it with "
+                f"{_mb(written.bytes)} ({f.dtype}); train it in place with "
+                f"--workdir={written.path}, or start another run from it with "
                 f"--config.checkpoint.init_from={written.path}"
             )
     except (OSError, checkpoint.CheckpointError, loading.CheckpointUnreadable) as e:

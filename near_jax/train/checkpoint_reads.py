@@ -140,8 +140,9 @@ def read_config(directory: str | epath.Path, step: int) -> dict:
 def is_params_only(workdir: str, step: int) -> bool:
     """Whether checkpoint `step` of a run holds params only (no optimizer state, no step).
 
-    True for an imported run (`python -m near_jax.hf import`): it cannot be resumed, only
-    started from with `config.checkpoint.init_from`. False for a training checkpoint and for
+    True for an imported or grown run (`python -m near_jax.hf import`, `near_jax.grow`):
+    training starts from its params (fresh optimizer, step 0), in its directory or with
+    `config.checkpoint.init_from`. False for a training checkpoint and for
     one whose metadata cannot be read (restoring it then reports the problem).
     """
     try:
