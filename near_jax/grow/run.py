@@ -97,6 +97,28 @@ def _free_workdir(workdir: str) -> checkpoint.Checkpointer:
     return ckpt
 
 
+def grow_on_mesh(
+    params: Any,
+    cfg: model.ModelConfig,
+    new_cfg: model.ModelConfig,
+    mesh: jax.sharding.Mesh,
+    width: str = "clone",
+    depth: str = "stack",
+    noise: float = 0.01,
+    seed: int = 0,
+) -> Any:
+    """`grow_params` compiled with the target's shardings on `mesh` as its outputs' shardings:
+    each device computes only its own shards of the grown params."""
+    target = loading.param_shardings(new_cfg, mesh)
+    grow = jax.jit(
+        functools.partial(
+            grow_params, cfg=cfg, new_cfg=new_cfg, width=width, depth=depth, noise=noise
+        ),
+        out_shardings=jax.tree.map(lambda x: x.sharding, target),
+    )
+    return grow(params, rng=jax.random.key(seed))
+
+
 def grow_run(
     source: str,
     cfg: ml_collections.ConfigDict,
@@ -143,20 +165,9 @@ def grow_run(
     )
     try:
         ckpt = _free_workdir(workdir)
-        target = loading.param_shardings(new_model, mesh)
-        grow = jax.jit(
-            functools.partial(
-                grow_params,
-                cfg=src.model_cfg,
-                new_cfg=new_model,
-                width=width,
-                depth=depth,
-                noise=noise,
-            ),
-            out_shardings=jax.tree.map(lambda x: x.sharding, target),
-        )
-        grown = grow(src.params, rng=jax.random.key(seed))
-        del src.params  # the source's arrays are not needed past here
+        params_source = _count(src.params)
+        grown = grow_on_mesh(src.params, src.model_cfg, new_model, mesh, width, depth, noise, seed)
+        src.params = None  # the source's arrays are not needed past here
         record = {
             "from": os.path.abspath(path),
             "step": src.step,
@@ -183,9 +194,6 @@ def grow_run(
     finally:
         if lock:
             lock.release()
-    params_source = sum(
-        x.size for x in jax.tree.leaves(loading.param_shardings(src.model_cfg, mesh))
-    )
     return Grown(
         os.path.abspath(workdir),
         os.path.abspath(path),
