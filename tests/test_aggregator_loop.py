@@ -58,3 +58,33 @@ def test_aggregate_closes_rounds_until_the_end_then_finishes(started, tmp_path):
     records = metric_records(tmp_path / "work" / "metrics.jsonl", "aggregator")
     assert [r["round"] for r in records] == [0, 1, 2]
     assert [r["version"] for r in records] == [1, 2, 3]
+
+
+def test_a_run_created_with_init_from_starts_at_that_runs_params(tmp_path):
+    """The ladder's hand-off: the next rung's run starts from the grown (or trained) params."""
+    import jax
+    import numpy as np
+    from helpers import random_params, save_run, small_config
+
+    from near_jax import sharding
+    from near_jax.diloco.aggregator import Aggregator
+    from near_jax.diloco.store import ObjectStore
+    from near_jax.train.loop import trainer_for
+
+    cfg = small_config()
+    params = random_params(cfg, seed=6)
+    save_run(tmp_path / "rung", cfg, steps=(4,), params=params)
+    cfg.checkpoint.init_from = str(tmp_path / "rung")
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh))
+    store = ObjectStore.open(str(tmp_path / "store"), must_exist=False)
+    like = trainer.abstract_state.params
+    agg = Aggregator(
+        store, "next", like, spec="fp32", lr=0.7, momentum=0.9, quorum=1, round_timeout=10.0
+    )
+    assert loop.create_run(agg, trainer, cfg, rounds=2)
+    manifest = protocol.read_json(store, protocol.manifest_key("next"))
+    assert manifest["init_from"] == {"run": str(tmp_path / "rung"), "step": 4}
+    plan = protocol.run_plan(manifest, like)
+    version0 = plan.assemble(protocol.pull_version(store, "next", 0, plan).params)
+    for got, want in zip(jax.tree.leaves(version0), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(got, want)

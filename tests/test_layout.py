@@ -30,8 +30,8 @@ LAYERS = (
     "near_jax.model near_jax.data near_jax.diloco.codec near_jax.diloco.outer",
     # 2 training: state, step, optimizer, loop, checkpoints, multi-host start-up, metrics.
     "near_jax.train",
-    # 3 users of a trained run: inference, evaluation, HF interop, the planner, plots.
-    "near_jax.infer near_jax.eval near_jax.hf near_jax.plan near_jax.plot",
+    # 3 users of a trained run: inference, evaluation, HF interop, the planner, plots, growth.
+    "near_jax.infer near_jax.eval near_jax.hf near_jax.plan near_jax.plot near_jax.grow",
     # 4 low-communication training: codec, protocol, store, islands, aggregator.
     "near_jax.diloco",
     # 5 contributors: identities, screening, scoring, ledger, rewards.

@@ -3,8 +3,9 @@
     python -m near_jax.diloco.aggregator --store=gs://bucket/runs --run=demo \\
         --config=configs/tiny.py --rounds=100 --quorum=3 --round_timeout=600 [--workdir=DIR]
 
-Creates the run at version 0 (params from `config.seed`, exactly as `near_jax.train` would
-initialize them) if it is new — idempotently: a restarted or racing aggregator keeps what
+Creates the run at version 0 (params from `config.checkpoint.init_from` — a trained or grown
+run, the ladder's next rung — or else from `config.seed`, exactly as `near_jax.train` would
+start) if it is new — idempotently: a restarted or racing aggregator keeps what
 is stored. Then, for each round r: waits until `--quorum` valid contributions arrived or
 `--round_timeout` seconds passed since version r was published, validates everything it
 reads, commits the decision, publishes version r + 1 (see `near_jax.diloco.protocol` for the
@@ -55,6 +56,7 @@ from near_jax.diloco.aggregator.loop import aggregate, create_run, outer_setting
 from near_jax.diloco.aggregator.workers import ShardWorker, parse_shards
 from near_jax.diloco.protocol import ProtocolError
 from near_jax.diloco.store import ObjectStore, StoreError
+from near_jax.train.checkpoint import CheckpointError
 from near_jax.train.loop import trainer_for
 
 
@@ -171,7 +173,7 @@ def _aggregate(
     if manifest is None:
         try:
             created = create_run(agg, trainer, cfg, rounds=f.rounds)
-        except ValueError as e:
+        except (ValueError, CheckpointError) as e:  # CheckpointError: init_from unreadable
             usage_error(str(e))
     agg.load()
     if contributors and f.allow_code:

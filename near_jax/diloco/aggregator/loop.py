@@ -21,6 +21,7 @@ from near_jax.diloco import outer, protocol
 from near_jax.diloco.aggregator.core import Aggregator
 from near_jax.diloco.startup import manifest_fields
 from near_jax.train import metrics
+from near_jax.train.checkpoint_reads import restore_params
 
 
 def fixed_eval(
@@ -75,11 +76,20 @@ def outer_settings(cfg, manifest: dict | None) -> dict:
 
 
 def create_run(agg: Aggregator, trainer, cfg, *, rounds: int) -> bool:
-    """Creates the run at version 0 with the params `near_jax.train` would start from
-    (`cfg.seed`); True if this call created it (ValueError: its manifest is not storable)."""
-    params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
+    """Creates the run at version 0 with the params `near_jax.train` would start from:
+    `cfg.checkpoint.init_from`'s (a trained or grown run: the ladder's next rung) or else
+    fresh from `cfg.seed`. True if this call created it (ValueError: its manifest is not
+    storable; CheckpointError: init_from cannot be read)."""
+    started: dict[str, Any] = {}
+    if cfg.checkpoint.init_from:
+        step, params = restore_params(cfg.checkpoint.init_from, trainer.abstract_state.params)
+        params0 = jax.device_get(params)
+        started = {"init_from": {"run": cfg.checkpoint.init_from, "step": step}}
+    else:
+        params0 = jax.device_get(trainer.init(jax.random.key(cfg.seed)).params)
     settings = outer.settings(cfg.diloco)
     info = {
+        **started,
         **manifest_fields(cfg),
         "seed": cfg.seed,
         "rounds": rounds,
