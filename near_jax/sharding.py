@@ -194,3 +194,25 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
         return x
     spec = logical_to_spec(PartitionSpec(*logical), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def whole_along(x: jax.Array, axis: int, mesh: Mesh | None) -> jax.Array:
+    """`x` constrained so that `axis` is whole on every device and the other axes are split
+    over the mesh (largest first, each mesh axis on the first dim it divides).
+
+    For a gather or segment sum along `axis` inside jit (growing params): done on a layout
+    sharded along that axis, XLA would gather the whole array onto every device. None: x.
+    """
+    if mesh is None:
+        return x
+    free = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    spec: list[Any] = [None] * x.ndim
+    for dim in sorted((d for d in range(x.ndim) if d != axis), key=lambda d: -x.shape[d]):
+        kept, size = [], 1
+        for a in list(free):
+            if x.shape[dim] % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+                free.remove(a)
+        spec[dim] = None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))

@@ -1,5 +1,7 @@
 """grow_run and `python -m near_jax.grow`: a source run's checkpoint -> a new run that trains."""
 
+import dataclasses
+import functools
 import json
 import os
 import textwrap
@@ -11,7 +13,7 @@ import pytest
 from helpers import model_inputs, random_params, run_module, save_run, small_config
 
 from near_jax import model, sharding
-from near_jax.grow import GrowError
+from near_jax.grow import GrowError, grow_params
 from near_jax.grow.run import RECORD, grow_on_mesh, grow_run
 from near_jax.infer import loading
 from near_jax.train import checkpoint
@@ -191,3 +193,32 @@ def test_the_program_grows_a_run(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "preserves the function" in proc.stdout and "depth=stack" in proc.stdout
     assert loading.load_run(str(tmp_path / "new")).model_cfg.n_layers == 4
+
+
+def test_growing_needs_only_a_share_of_the_models_per_device():
+    """Compiled, not run: per-device temporaries stay a small multiple of each device's
+    share of the grown model, so growth scales with the mesh (no matrix gathered whole)."""
+    src = model.ModelConfig(1024, 512, 4, 4, 2, 128, 2048, dtype="float32")
+    new = dataclasses.replace(src, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=4, mlp_dim=4096)
+    temps = {}
+    for devices in (4, 8):
+        mesh_cfg = small_config().mesh
+        mesh_cfg.data, mesh_cfg.fsdp = 1, devices
+        mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])
+        grow = jax.jit(
+            functools.partial(grow_params, cfg=src, new_cfg=new, mesh=mesh),
+            out_shardings=jax.tree.map(lambda x: x.sharding, loading.param_shardings(new, mesh)),
+        )
+        lowered = grow.lower(loading.param_shardings(src, mesh), rng=jax.random.key(0))
+        memory = lowered.compile().memory_analysis()
+        share = (
+            sum(
+                x.size * 4
+                for x in jax.tree.leaves(jax.eval_shape(lambda: model.init(new, jax.random.key(0))))
+            )
+            / devices
+        )
+        assert memory.output_size_in_bytes == pytest.approx(share, rel=0.01)
+        temps[devices] = memory.temp_size_in_bytes
+        assert temps[devices] < 3 * share, (devices, temps[devices] / share)
+    assert temps[8] < 0.6 * temps[4]  # twice the devices, half the temporaries each

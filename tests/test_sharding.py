@@ -162,3 +162,15 @@ def test_multi_slice_mesh_puts_only_data_parallelism_across_slices():
     assert set(slices[:, 0, 0]) == {0, 1}
     with pytest.raises(ConfigError, match="dcn_data=4.*slices, which is 2"):
         sharding.device_array(_mesh_cfg(data=1, fsdp=2, dcn_data=4), devices)
+
+
+def test_whole_along_keeps_one_axis_whole_and_splits_the_others_over_the_mesh():
+    cfg = small_config().mesh
+    cfg.data, cfg.fsdp, cfg.tensor = 1, 4, 2
+    mesh = sharding.make_mesh(cfg)
+    x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
+    out = jax.jit(lambda a: sharding.whole_along(a, 0, mesh))(x)
+    # 6 is not a multiple of fsdp=4, so dim 1 takes tensor=2 and dim 2 takes fsdp=4.
+    assert out.sharding.spec == P(None, "tensor", "fsdp")
+    np.testing.assert_array_equal(out, x)
+    assert sharding.whole_along(x, 0, None) is x

@@ -112,7 +112,13 @@ def grow_on_mesh(
     target = loading.param_shardings(new_cfg, mesh)
     grow = jax.jit(
         functools.partial(
-            grow_params, cfg=cfg, new_cfg=new_cfg, width=width, depth=depth, noise=noise
+            grow_params,
+            cfg=cfg,
+            new_cfg=new_cfg,
+            width=width,
+            depth=depth,
+            noise=noise,
+            mesh=mesh,
         ),
         out_shardings=jax.tree.map(lambda x: x.sharding, target),
     )

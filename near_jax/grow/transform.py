@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from near_jax import model
+from near_jax import model, sharding
 from near_jax.config import ModelConfig
 from near_jax.grow import maps
 from near_jax.grow.maps import NEW
@@ -50,9 +51,12 @@ def with_layers(params: Params, layers: Params, cfg: ModelConfig) -> Params:
     }
 
 
-def _take(x: jax.Array, src: np.ndarray, axis: int) -> jax.Array:
-    """x gathered along `axis` by `src` (NEW rows read row 0: callers mask them)."""
-    return jnp.take(x, jnp.asarray(np.where(src == NEW, 0, src)), axis=axis)
+def _take(x: jax.Array, src: np.ndarray, axis: int, mesh: Mesh | None = None) -> jax.Array:
+    """x gathered along `axis` by `src` (NEW rows read row 0: callers mask them), on a
+    layout where `axis` is whole on each device (`sharding.whole_along`)."""
+    x = sharding.whole_along(x, axis, mesh)
+    out = jnp.take(x, jnp.asarray(np.where(src == NEW, 0, src)), axis=axis)
+    return sharding.whole_along(out, axis, mesh)
 
 
 def _along(values: np.ndarray, ndim: int, axis: int) -> jax.Array:
@@ -63,13 +67,19 @@ def _along(values: np.ndarray, ndim: int, axis: int) -> jax.Array:
 
 
 def _zero_sum_noise(
-    rng: jax.Array, x: jax.Array, axis: int, src: np.ndarray, weight: np.ndarray, noise: float
+    rng: jax.Array,
+    x: jax.Array,
+    axis: int,
+    src: np.ndarray,
+    weight: np.ndarray,
+    noise: float,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Noise on `x` whose `weight`-weighted sum over each source unit's copies is zero."""
     if noise <= 0 or np.bincount(src[src != NEW]).max() <= 1:  # no copies: nothing to break
         return jnp.zeros_like(x)
     std = noise * jnp.sqrt(jnp.mean(jnp.square(x)))
-    eta = std * jax.random.normal(rng, x.shape, x.dtype)
+    eta = sharding.whole_along(std * jax.random.normal(rng, x.shape, x.dtype), axis, mesh)
     w = _along(weight, x.ndim, axis)
     group = np.where(src == NEW, 0, src)
     n_src = int(group.max()) + 1
@@ -78,14 +88,14 @@ def _zero_sum_noise(
     sums = jnp.moveaxis(sums, 0, axis)
     norms = np.bincount(group, weights=weight * weight, minlength=n_src)
     norms = np.where(norms > 0, norms, 1.0)[group]
-    return eta - w * _take(sums, src, axis) / _along(norms, x.ndim, axis)
+    return eta - w * _take(sums, src, axis, mesh) / _along(norms, x.ndim, axis)
 
 
 class _Width:
     """Applies the width maps to one leaf at a time."""
 
-    def __init__(self, cfg: ModelConfig, new: ModelConfig, width: str, noise: float, rng):
-        self.zero, self.noise, self.rng = width == "zero", noise, rng
+    def __init__(self, cfg: ModelConfig, new: ModelConfig, width: str, noise: float, rng, mesh):
+        self.zero, self.noise, self.rng, self.mesh = width == "zero", noise, rng, mesh
         self.res = maps.residual_map(cfg.d_model, new.d_model, width)
         self.mlp = maps.unit_map(cfg.mlp_dim, new.mlp_dim)
         self.q, self.kv = maps.head_maps(cfg, new)
@@ -105,11 +115,13 @@ class _Width:
         zero: new rows, and the whole column of a unit that is not its source's first copy
         (in `zero` it is a new unit), come from the fresh matrix.
         """
-        out = x if units is None else _take(x, units.src, unit_axis)
-        out = _take(out, self.res.src, row_axis) * _along(self.res.read, x.ndim, row_axis)
+        out = x if units is None else _take(x, units.src, unit_axis, self.mesh)
+        out = _take(out, self.res.src, row_axis, self.mesh) * _along(
+            self.res.read, x.ndim, row_axis
+        )
         if not self.zero:
             return out + _zero_sum_noise(
-                self._key(), out, row_axis, self.res.src, self.res.scale, self.noise
+                self._key(), out, row_axis, self.res.src, self.res.scale, self.noise, self.mesh
             )
         fresh_here = _along(self.res.src == NEW, x.ndim, row_axis) > 0
         if units is not None and units is not self.kv:  # kv heads are always copies
@@ -118,7 +130,7 @@ class _Width:
 
     def writer(self, x: jax.Array, axis: int) -> jax.Array:
         """A matrix writing into the residual stream on `axis` (new channels: zero)."""
-        return _take(x, self.res.src, axis) * _along(self.res.scale, x.ndim, axis)
+        return _take(x, self.res.src, axis, self.mesh) * _along(self.res.scale, x.ndim, axis)
 
     def unit_outputs(self, x: jax.Array, units: maps.UnitMap, axis: int) -> jax.Array:
         """Output weights of units (o: heads, down: MLP units) on `axis`.
@@ -127,17 +139,19 @@ class _Width:
         sums to zero over the copies (they compute the same value). zero: the first copy
         gets the source's weights, new units zero.
         """
-        out = _take(x, units.src, axis)
+        out = _take(x, units.src, axis, self.mesh)
         if self.zero:
             return out * _along(units.first.astype(np.float64), x.ndim, axis)
         out = out / _along(units.copies[units.src].astype(np.float64), x.ndim, axis)
         ones = np.ones(len(units.src))
-        return out + _zero_sum_noise(self._key(), out, axis, units.src, ones, self.noise)
+        return out + _zero_sum_noise(self._key(), out, axis, units.src, ones, self.noise, self.mesh)
 
     def norm(self, scale: jax.Array) -> jax.Array:
         """An RMSNorm's scale (last axis: channels); new channels start at 1."""
         src, axis = self.res.src, scale.ndim - 1
-        out = jnp.where(_along(src == NEW, scale.ndim, axis) > 0, 1.0, _take(scale, src, axis))
+        out = jnp.where(
+            _along(src == NEW, scale.ndim, axis) > 0, 1.0, _take(scale, src, axis, self.mesh)
+        )
         return out * self.res.norm
 
     def layers(self, layers: Params, fresh: Params) -> Params:
@@ -177,8 +191,12 @@ def grow_params(
     width: str = "clone",
     depth: str = "stack",
     noise: float = 0.01,
+    mesh: Mesh | None = None,
 ) -> Params:
     """The params of `new_cfg`'s model grown from `params` of `cfg`'s (see the module doc).
+
+    `mesh` (under jit): each gather runs on a layout where its axis is whole on every
+    device and the rest is split, so no device ever holds more than its share of a matrix.
 
     Raises maps.GrowError (one line) for growth that cannot work. Parameters come out in
     `new_cfg.param_dtype`; the maths runs in float32.
@@ -191,7 +209,7 @@ def grow_params(
     # Fresh weights only where an option asks for new units (model.init costs a compile).
     fresh = _float32(model.init(narrow, width_rng)) if width == "zero" else None
 
-    grow = _Width(cfg, new, width, noise, noise_rng)
+    grow = _Width(cfg, new, width, noise, noise_rng, mesh)
     fresh_layers = layers_of(fresh, narrow) if fresh is not None else _NO_FRESH
     layers = grow.layers(layers_of(params, cfg), fresh_layers)
     top = {
@@ -202,7 +220,7 @@ def grow_params(
         top["head"] = grow.reader(params["head"], None if fresh is None else fresh["head"], 0)
 
     order = maps.layer_order(cfg.n_layers, new.n_layers, depth)
-    stacked = jax.tree.map(lambda x: _take(x, order, 0), layers)
+    stacked = jax.tree.map(lambda x: _take(x, order, 0, mesh), layers)
     if (order == NEW).any():
         identity = _identity_block(layers_of(_float32(model.init(new, depth_rng)), new))
         is_new = jnp.asarray(order == NEW)
