@@ -191,7 +191,8 @@ def test_the_program_grows_a_run(source, tmp_path):
         f"--workdir={tmp_path / 'new'}",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "preserves the function" in proc.stdout and "depth=stack" in proc.stdout
+    assert "width=clone: function preserved: yes" in proc.stdout
+    assert "depth=stack: function preserved: no" in proc.stdout
     assert loading.load_run(str(tmp_path / "new")).model_cfg.n_layers == 4
 
 

@@ -81,10 +81,10 @@ def _main(argv: list[str]) -> None:
     preserves = grown.record["preserves_function"]
     print(
         f"grew {grown.source} step {grown.source_step} ({grown.params_source:,} params) into "
-        f"{grown.workdir} ({grown.params_grown:,} params, {grown.seconds:.1f}s); "
-        f"width={f.width}: preserves the function {preserves[f.width]}; depth={f.depth}: "
-        f"{preserves[f.depth]}\n"
-        f"train it: python -m near_jax.train --config=... --workdir={f.workdir}"
+        f"{grown.workdir} ({grown.params_grown:,} params) in {grown.seconds:.1f}s\n"
+        f"  width={f.width}: function preserved: {preserves[f.width]}\n"
+        f"  depth={f.depth}: function preserved: {preserves[f.depth]}\n"
+        f"train it: python -m near_jax.train --config=<this --config> --workdir={f.workdir}"
     )
 
 

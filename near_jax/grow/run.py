@@ -59,6 +59,10 @@ class _NothingRead:
         return {"num_shards": 0, "shards": {}}
 
 
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
 def _count(params: Any) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
@@ -172,6 +176,9 @@ def grow_run(
     try:
         ckpt = _free_workdir(workdir)
         params_source = _count(src.params)
+        logging.info(
+            "grow: source read (%.1fs); growing on mesh %s", _since(start), dict(mesh.shape)
+        )
         grown = grow_on_mesh(src.params, src.model_cfg, new_model, mesh, width, depth, noise, seed)
         src.params = None  # the source's arrays are not needed past here
         record = {
@@ -189,6 +196,8 @@ def grow_run(
                 depth: maps.PRESERVES_FUNCTION[depth],
             },
         }
+        jax.block_until_ready(grown)
+        logging.info("grow: grown (%.1fs); saving step 0 to %s", _since(start), workdir)
         try:
             ckpt.save(0, {"params": grown}, _NothingRead(), cfg, wait=True)
         finally:
