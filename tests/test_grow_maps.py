@@ -109,6 +109,8 @@ def _target(**changes):
         ({"head_dim": 32}, "clone", "stack", r"model.head_dim .*grow n_heads instead"),
         ({"rope_theta": 1e6}, "zero", "stack", r"model.rope_theta .*RoPE base"),
         ({"tie_embeddings": True}, "zero", "stack", r"must stay tied \(or untied\)"),
+        ({"norm_eps": 1e-3}, "clone", "stack", r"model.norm_eps .*epsilon is part of the function"),
+        ({"attention_window": 4}, "clone", "stack", r"model.attention_window .*span"),
         ({"n_layers": 1}, "clone", "stack", r"smaller: model.n_layers is 1 in the target, 2"),
         ({"d_model": 32}, "clone", "stack", r"smaller: model.d_model is 32"),
         ({"mlp_dim": 64}, "clone", "stack", r"smaller: model.mlp_dim is 64"),
@@ -124,12 +126,14 @@ def test_growth_that_cannot_work_is_one_line(changes, width, depth, match):
     assert "\n" not in str(e.value)
 
 
-def test_clone_refuses_to_widen_tied_embeddings_but_zero_can():
-    tied = dataclasses.replace(SOURCE, tie_embeddings=True)
-    with pytest.raises(GrowError, match="use --width=zero"):
-        maps.check(tied, dataclasses.replace(tied, d_model=128), "clone", "stack")
-    maps.check(tied, dataclasses.replace(tied, d_model=128), "zero", "stack")
-    maps.check(tied, dataclasses.replace(tied, n_layers=4), "clone", "stack")  # width unchanged
+def test_what_is_preserved_says_n_a_for_a_dimension_that_does_not_grow():
+    wider = dataclasses.replace(SOURCE, mlp_dim=256)
+    assert maps.preserved(SOURCE, wider, "clone", "stack") == {
+        "clone": maps.PRESERVES_FUNCTION["clone"],
+        "stack": "n/a (unchanged)",
+    }
+    deeper = dataclasses.replace(SOURCE, n_layers=4)
+    assert maps.preserved(SOURCE, deeper, "zero", "stack")["zero"] == "n/a (unchanged)"
 
 
 def test_every_option_says_whether_it_preserves_the_function():

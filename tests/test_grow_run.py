@@ -112,11 +112,6 @@ def test_the_grown_run_trains_in_place_and_resumes(grown):
     assert again["start_step"] == 2
 
 
-def test_a_workdir_that_holds_a_run_is_refused(source, tmp_path):
-    with pytest.raises(GrowError, match=r"already holds a run \(checkpoint steps \[5\]\)"):
-        grow_run(source[0], _target(), source[0])
-
-
 def test_a_grow_killed_before_it_finished_is_set_aside_and_redone(source, tmp_path):
     workdir = tmp_path / "grown"
     unfinished = checkpoint.checkpoint_dir(workdir) / "0"
@@ -126,6 +121,8 @@ def test_a_grow_killed_before_it_finished_is_set_aside_and_redone(source, tmp_pa
     assert loading.committed_steps(result.workdir) == [0]
     aside = list((tmp_path / "grown" / "checkpoints.damaged").iterdir())
     assert [p.name.split("-")[0] for p in aside if p.is_dir()] == ["0"]
+    with pytest.raises(GrowError, match=r"already holds a run \(checkpoint steps \[0\]\)"):
+        grow_run(source[0], _target(), str(workdir))
 
 
 def test_another_tokenizer_is_refused(source, tmp_path):
@@ -135,14 +132,30 @@ def test_another_tokenizer_is_refused(source, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = _target()
     cfg.data.tokenizer = str(tmp_path / "tokenizer.json")
-    with pytest.raises(GrowError, match=r"'hf:tokenizer.json' but the source run's is 'byte'"):
+    with pytest.raises(GrowError, match=r"tokenizer.json' is not the source run's tokenizer"):
         grow_run(source[0], cfg, str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
 
 
-def test_a_source_that_is_not_a_run_names_the_from_flag(tmp_path):
+def test_a_source_that_is_not_a_run_names_the_from_flag(source, tmp_path):
     with pytest.raises(loading.RunError, match=r"^--from='.*nothing': no such directory"):
         grow_run(str(tmp_path / "nothing"), _target(), str(tmp_path / "new"))
+    spec = f"{source[0]}:7"
+    with pytest.raises(loading.RunError, match=rf"^--from={spec}: step 7 not found; .* \[5\]"):
+        grow_run(spec, _target(), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_workdir_a_run_started_in_is_refused(source, tmp_path):
+    workdir = tmp_path / "started"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")  # a train killed before its first save
+    with pytest.raises(GrowError, match=r"is not empty \(a run config.json\)"):
+        grow_run(f"{source[0]}/checkpoints", _target(), str(workdir))
+    (workdir / "config.json").unlink()
+    (workdir / "metrics.jsonl").write_text("")
+    with pytest.raises(GrowError, match=r"is not empty \(metrics.jsonl\)"):
+        grow_run(source[0], _target(), str(workdir))
 
 
 CONFIG_FILE = """

@@ -60,6 +60,7 @@ def _grown_logits(params, inputs, changes, width, depth, base=SOURCE, noise=0.05
         (WIDER, "zero", "stack"),
         ({"n_heads": 8}, "clone", "stack"),  # heads only: bigger query groups
         ({"n_kv_heads": 4}, "zero", "stack"),  # kv heads only
+        ({"n_heads": 8, "n_kv_heads": 4}, "clone", "stack"),
         (DEEPER, "clone", "identity"),
         ({**WIDER, **DEEPER}, "clone", "identity"),
         ({**WIDER, **DEEPER}, "zero", "identity"),
@@ -73,6 +74,17 @@ def test_function_preserving_growth_gives_the_source_logits(source, changes, wid
         _, got = _grown_logits(params, inputs, changes, width, depth, base=base)
     else:
         _, got = _grown_logits(params, inputs, changes, width, depth)
+    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))), rtol=0)
+
+
+@pytest.mark.parametrize("width", ["clone", "zero"])
+def test_tied_embeddings_grow_too(width):
+    tied = _cfg(tie_embeddings=True, norm_eps=1e-12)
+    params = random_params(tied, seed=5)
+    inputs = model_inputs(jax.random.key(2), 2, 24)
+    want = _logits(params, inputs, tied)
+    grown, got = _grown_logits(params, inputs, WIDER, width, "stack", base=tied)
+    assert "head" not in grown
     np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))), rtol=0)
 
 

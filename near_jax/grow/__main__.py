@@ -84,8 +84,21 @@ def _main(argv: list[str]) -> None:
         f"{grown.workdir} ({grown.params_grown:,} params) in {grown.seconds:.1f}s\n"
         f"  width={f.width}: function preserved: {preserves[f.width]}\n"
         f"  depth={f.depth}: function preserved: {preserves[f.depth]}\n"
-        f"train it: python -m near_jax.train --config=<this --config> --workdir={f.workdir}"
+        f"train it: python -m near_jax.train {' '.join(_config_args())} --workdir={f.workdir}"
     )
+
+
+def _config_args() -> list[str]:
+    """This command's --config flags (the file and every override: the grown shape)."""
+    args, keep = [], False
+    for arg in sys.argv[1:]:
+        if keep:  # the value of a "--config.X VALUE" pair
+            args.append(arg)
+            keep = False
+        elif arg.startswith("--config"):
+            args.append(arg)
+            keep = "=" not in arg
+    return args
 
 
 def _fail(message: str) -> None:

@@ -148,6 +148,8 @@ _SAME = {
     ),
     "rope_theta": "a different RoPE base changes every attention score",
     "tie_embeddings": "the embedding and the output head must stay tied (or untied)",
+    "norm_eps": "RMSNorm's epsilon is part of the function",
+    "attention_window": "the attention span is part of the function",
 }
 _NO_SMALLER = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
 
@@ -180,12 +182,19 @@ def check(cfg: ModelConfig, new: ModelConfig, width: str, depth: str) -> None:
             "the target has the source's shape: nothing to grow (start a run from it with "
             "--config.checkpoint.init_from instead)"
         )
-    if new.tie_embeddings and width == "clone" and new.d_model > cfg.d_model:
-        raise GrowError(
-            "--width=clone cannot widen tied embeddings (the table would have to be both "
-            "scaled as the embedding and rescaled as the head); use --width=zero"
-        )
     head_maps(cfg, new)  # raises if the heads have no place
+
+
+def preserved(cfg: ModelConfig, new: ModelConfig, width: str, depth: str) -> dict[str, str]:
+    """{option: whether the grown model computes the source's function}; an option whose
+    dimension does not grow is "n/a (unchanged)"."""
+    widens = any(getattr(cfg, k) != getattr(new, k) for k in _NO_SMALLER if k != "n_layers")
+    deepens = cfg.n_layers != new.n_layers
+    unchanged = "n/a (unchanged)"
+    return {
+        width: PRESERVES_FUNCTION[width] if widens else unchanged,
+        depth: PRESERVES_FUNCTION[depth] if deepens else unchanged,
+    }
 
 
 def describe(cfg: ModelConfig, new: ModelConfig) -> dict[str, Any]:

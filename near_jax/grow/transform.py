@@ -212,10 +212,12 @@ def grow_params(
     grow = _Width(cfg, new, width, noise, noise_rng, mesh)
     fresh_layers = layers_of(fresh, narrow) if fresh is not None else _NO_FRESH
     layers = grow.layers(layers_of(params, cfg), fresh_layers)
-    top = {
-        "embed": grow.writer(params["embed"], 1),
-        "final_norm": {"scale": grow.norm(params["final_norm"]["scale"])},
-    }
+    final_scale = grow.norm(params["final_norm"]["scale"])
+    if new.tie_embeddings and width == "clone":
+        # The head is the embedding (a writer, scaled as such) transposed, where a reader
+        # would be divided by d'/d: the final norm, which feeds only the head, divides.
+        final_scale = final_scale * (cfg.d_model / new.d_model)
+    top = {"embed": grow.writer(params["embed"], 1), "final_norm": {"scale": final_scale}}
     if not new.tie_embeddings:
         top["head"] = grow.reader(params["head"], None if fresh is None else fresh["head"], 0)
 
