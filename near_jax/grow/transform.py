@@ -10,8 +10,9 @@ is `maps.PRESERVES_FUNCTION`.
 Symmetry: with `clone`, copies of a unit would get identical gradients forever and the
 grown model would never be more than the source. So each reader of duplicated inputs gets
 noise that sums to zero over the copies (weighted by how the copies are scaled): the
-function is unchanged, the copies' gradients differ from the first step. `noise` is its
-standard deviation relative to the matrix's RMS.
+function is unchanged, and the copies' outputs get different gradients from the first step
+(their input rows from the second). `noise` is its standard deviation relative to the
+matrix's RMS.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def grow_params(
     """The params of `new_cfg`'s model grown from `params` of `cfg`'s (see the module doc).
 
     `mesh` (under jit): each gather runs on a layout where its axis is whole on every
-    device and the rest is split, so no device ever holds more than its share of a matrix.
+    device and the rest is split, so no device ever holds a whole matrix.
 
     Raises maps.GrowError (one line) for growth that cannot work. Parameters come out in
     `new_cfg.param_dtype`; the maths runs in float32.
