@@ -13,8 +13,10 @@ import pytest
 from helpers import model_inputs, random_params, run_module, save_run, small_config
 
 from near_jax import model, sharding
+from near_jax.eval.checkpoints import Evaluator
 from near_jax.grow import GrowError, grow_params
 from near_jax.grow.run import RECORD, grow_on_mesh, grow_run
+from near_jax.hf.exchange import export_run
 from near_jax.infer import loading
 from near_jax.train import checkpoint
 from near_jax.train.loop import train
@@ -72,6 +74,20 @@ def test_the_record_says_where_the_params_came_from(source, grown):
     assert record["preserves_function"]["identity"].startswith("yes")
     with open(os.path.join(result.workdir, "config.json")) as f:
         assert json.load(f)["model"]["d_model"] == 96
+
+
+def test_eval_and_hf_export_read_the_grown_run(source, grown, tmp_path):
+    result, _ = grown
+    losses = [
+        Evaluator(workdir, max_tokens=1024, batch_size=4).evaluate(None)["loss"]
+        for workdir in (source[0], result.workdir)
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # clone + identity keep the function
+    written = export_run(result.workdir, str(tmp_path / "hf"))
+    assert written.params == result.params_grown
+    with open(tmp_path / "hf" / "config.json") as f:
+        hf = json.load(f)
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_key_value_heads"]) == (96, 3, 3)
 
 
 def test_grown_params_land_in_the_target_shardings_and_are_the_same_on_any_mesh(source):
