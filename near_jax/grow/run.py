@@ -55,13 +55,6 @@ class Grown:
     record: dict[str, Any]
 
 
-class _NothingRead:
-    """The data position of a grown run: nothing has been read."""
-
-    def get_state(self) -> dict[str, Any]:
-        return {"num_shards": 0, "shards": {}}
-
-
 def _since(start: float) -> float:
     return time.perf_counter() - start
 
@@ -273,7 +266,7 @@ def grow_run(
         logging.info("grow: grown (%.1fs); saving step 0 to %s", _since(start), workdir)
         ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), async_save=False)
         try:
-            ckpt.save(0, {"params": grown}, _NothingRead(), cfg, wait=True)
+            ckpt.save(0, {"params": grown}, checkpoint.NothingRead(), cfg, wait=True)
         finally:
             ckpt.close()
     finally:

@@ -309,13 +309,6 @@ def export_run(
     return Written(os.path.abspath(out), len(files), _param_count(run.params), size)
 
 
-class _NoDataPosition:
-    """The data item of an imported checkpoint: no data has been read."""
-
-    def get_state(self) -> dict[str, Any]:
-        return {"num_shards": 0, "shards": {}}
-
-
 def _run_config(
     overrides: dict[str, Any], hf: dict[str, Any], dtype: str, tokenizer: str, name: str
 ) -> ml_collections.ConfigDict:
@@ -377,7 +370,7 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> Written:
         cfg.data.tokenizer = tokenizer  # relative to the run: it stays valid when moved
         ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(tmp), async_save=False)
         try:
-            ckpt.save(0, {"params": params}, _NoDataPosition(), cfg, wait=True)
+            ckpt.save(0, {"params": params}, checkpoint.NothingRead(), cfg, wait=True)
         finally:
             ckpt.close()
         _write_json(os.path.join(tmp, "config.json"), cfg.to_dict())

@@ -404,6 +404,13 @@ class Checkpointer:
         self.manager.close()
 
 
+class NothingRead:
+    """The data position of a params-only step (imported or grown): no data has been read."""
+
+    def get_state(self) -> dict[str, Any]:
+        return {"num_shards": 0, "shards": {}}
+
+
 class _IteratorSnapshot:
     """The iterator's position now: an async save may serialize it later, after more batches.
 
