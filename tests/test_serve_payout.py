@@ -193,6 +193,16 @@ def test_a_tampered_statement_fails(world):
     ]
     other = identity.generate().public_hex
     assert payout.verify_statement(stmt, signing_key=other)[0].startswith("signed by key")
+    for field, value, message in (
+        ("period", [2, 1], "period must be [start, end] with start < end"),
+        ("period", ["0", 1], "period must be [start, end] with start < end"),
+        ("usage_head", "x", "usage_head must be 64 lowercase hex characters or ''"),
+        ("ledger", None, "ledger must be {rounds: int"),
+        ("created", "yesterday", "created must be a time in seconds"),
+        ("host", "", "host must be a non-empty string"),
+    ):
+        problems = payout.verify_statement(resigned(dict(stmt, **{field: value})))
+        assert len(problems) == 1 and problems[0].startswith(message), problems
     for garbage in (None, [], {}, dict(stmt, contributors="x"), dict(stmt, revenue=True)):
         problems = payout.verify_statement(garbage)
         assert problems and all(isinstance(p, str) and "\n" not in p for p in problems)

@@ -52,7 +52,8 @@ import jax
 import numpy as np
 
 from near_jax._io import short_repr
-from near_jax.contrib import attest, identity
+from near_jax.contrib import attest
+from near_jax.contrib import identity as idlib
 from near_jax.diloco import protocol
 
 FORMAT = 1
@@ -81,13 +82,13 @@ def exchange_text(request_body: bytes, response_body: bytes) -> str:
     return f"{_sha256(request_body)}:{_sha256(response_body)}"
 
 
-def sign_exchange(signer: identity.Identity, request_body: bytes, response_body: bytes) -> dict:
+def sign_exchange(identity: idlib.Identity, request_body: bytes, response_body: bytes) -> dict:
     """The signature of a request/response pair (see the module docstring)."""
     text = exchange_text(request_body, response_body)
     return {
         "text": text,
-        "signature": signer.sign(text.encode()),
-        "signing_key": signer.public_hex,
+        "signature": identity.sign(text.encode()),
+        "signing_key": identity.public_hex,
         "algorithm": ALGORITHM,
     }
 
@@ -118,7 +119,7 @@ def verify_exchange(
         return (
             f"signed by key {short_repr(key, 24)}, not the expected {short_repr(signing_key, 24)}"
         )
-    if not identity.verify(key, text.encode(), signed.get("signature")):
+    if not idlib.verify(key, text.encode(), signed.get("signature")):
         return "the signature does not verify under its signing_key"
     return ""
 
@@ -185,6 +186,10 @@ PROVIDERS: dict[str, type] = {"none": NoneProvider}
 
 def provider(name: str) -> Provider:
     """The attestation provider called `name`; ValueError naming the allowed ones."""
+    return _named(name)
+
+
+def _named(name: str) -> Provider:
     cls = PROVIDERS.get(name) if isinstance(name, str) else None
     if cls is None:
         allowed = ", ".join(sorted(PROVIDERS))
@@ -222,8 +227,8 @@ def report_bytes(rep: dict) -> bytes:
 
 
 def report(
-    signer: identity.Identity,
-    source: Provider | str,
+    identity: idlib.Identity,
+    provider: Provider | str,
     nonce_hex: str,
     *,
     model: str,
@@ -233,13 +238,13 @@ def report(
     """The attestation report for client nonce `nonce_hex` (see the module docstring);
     ValueError on a bad nonce or an unknown provider name."""
     nonce = parse_nonce(nonce_hex)
-    prov = provider(source) if isinstance(source, str) else source
-    data = report_data(signer.public_hex, nonce)
+    prov = _named(provider) if isinstance(provider, str) else provider
+    data = report_data(identity.public_hex, nonce)
     rep: dict[str, Any] = {
         "format": FORMAT,
         "model": model,
-        "signing_key": signer.public_hex,
-        "key_id": signer.key_id,
+        "signing_key": identity.public_hex,
+        "key_id": identity.key_id,
         "nonce": nonce.hex(),
         "params_sha256": params_sha256,
         "code_sha256": code_sha256,
@@ -250,7 +255,7 @@ def report(
     }
     if not prov.attested:
         rep["warning"] = UNATTESTED_WARNING
-    rep["signature"] = signer.sign(report_bytes(rep))
+    rep["signature"] = identity.sign(report_bytes(rep))
     return rep
 
 
@@ -285,17 +290,17 @@ def verify_report(
             problems.append(f"{field} is {got[:16]}..., expected {want[:16]}...")
     key = rep.get("signing_key")
     try:
-        identity.check_public_hex(key)
-    except (identity.IdentityError, RecursionError) as e:
+        idlib.check_public_hex(key)
+    except (idlib.IdentityError, RecursionError) as e:
         return [*problems, f"signing_key: {e}"]
     data = report_data(key, nonce)
     if rep.get("report_data") != data.hex():
         problems.append("report_data is not sha256(signing_key ‖ nonce): the key is not bound")
-    if not identity.verify(key, _signed_bytes(rep), rep.get("signature")):
+    if not idlib.verify(key, _signed_bytes(rep), rep.get("signature")):
         problems.append("the report's signature does not verify under its signing_key")
     name = rep.get("provider")
     try:
-        prov = provider(name)
+        prov = _named(name)
     except ValueError as e:
         return [*problems, f"cannot check the quote: {e}"]
     if rep.get("attested") is not bool(prov.attested):

@@ -239,6 +239,7 @@ def verify_statement(
         problems.append("the statement's signature does not verify under its signing_key")
     if stmt.get("format") != FORMAT:
         problems.append(f"format is {short_repr(stmt.get('format'))}; allowed: {FORMAT}")
+    problems += _field_problems(stmt)
     try:
         _count("revenue", stmt.get("revenue"))
         _count("requests", stmt.get("requests"))
@@ -269,6 +270,42 @@ def verify_statement(
     if store is not None:
         problems += _ledger_problems(stmt, store, ledger_path)
     return problems
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _field_problems(stmt: dict[str, Any]) -> list[str]:
+    """Problems of the fields that the sums do not involve."""
+    out = []
+    for name in ("run", "host"):
+        if not isinstance(stmt.get(name), str) or not stmt[name]:
+            out.append(f"{name} must be a non-empty string, got {short_repr(stmt.get(name))}")
+    period = stmt.get("period")
+    if not (
+        isinstance(period, list)
+        and len(period) == 2
+        and all(_number(t) for t in period)
+        and period[0] < period[1]
+    ):
+        out.append(f"period must be [start, end] with start < end, got {short_repr(period)}")
+    head = stmt.get("usage_head")
+    if not isinstance(head, str) or not (head == "" or _HEX64.fullmatch(head)):
+        out.append(f"usage_head must be 64 lowercase hex characters or '', got {short_repr(head)}")
+    if not _number(stmt.get("created")):
+        out.append(f"created must be a time in seconds, got {short_repr(stmt.get('created'))}")
+    book = stmt.get("ledger")
+    if not (
+        isinstance(book, dict)
+        and all(isinstance(book.get(k), int) for k in ("rounds", "entries"))
+        and all(isinstance(book.get(k), str) for k in ("head", "aggregator_key_id"))
+    ):
+        out.append(
+            "ledger must be {rounds: int, entries: int, head: str, aggregator_key_id: str}, "
+            f"got {short_repr(book)}"
+        )
+    return out
 
 
 def _payees(contributors: Any) -> list[dict[str, Any]]:
