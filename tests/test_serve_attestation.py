@@ -63,9 +63,17 @@ def test_a_tampered_exchange_fails():
 
 @pytest.mark.parametrize(
     "garbage",
-    [None, [], "x", {}, {"algorithm": "rsa"}, {"algorithm": "ed25519", "text": 5},
-     {"algorithm": "ed25519", "text": "a:b"}, {"algorithm": "ed25519", "signature": [1]}],
-)  # fmt: skip
+    [
+        None,
+        [],
+        "x",
+        {},
+        {"algorithm": "rsa"},
+        {"algorithm": "ed25519", "text": 5},
+        {"algorithm": "ed25519", "text": "a:b"},
+        {"algorithm": "ed25519", "signature": [1]},
+    ],
+)
 def test_a_garbage_signature_is_a_reason_not_an_exception(garbage):
     assert at.verify_exchange(REQUEST, RESPONSE, garbage) != ""
     assert at.verify_exchange("text", RESPONSE, at.sign_exchange(KEY, REQUEST, RESPONSE)) != ""

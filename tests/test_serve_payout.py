@@ -89,8 +89,11 @@ def test_the_csv_has_one_row_per_payee(world):
     assert sum(int(r["amount"]) for r in rows) == stmt["revenue"]
     for r, p in zip(rows[2:], stmt["contributors"], strict=True):
         assert (r["payee"], r["key_id"], float(r["reward"]), int(r["amount"])) == (
-            p["contributor"], p["key_id"], p["reward"], p["amount"]
-        )  # fmt: skip
+            p["contributor"],
+            p["key_id"],
+            p["reward"],
+            p["amount"],
+        )
 
 
 def test_shares_of_all_or_nothing(world):
