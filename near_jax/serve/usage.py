@@ -458,7 +458,7 @@ def _verify(conn: sqlite3.Connection, head: str | None) -> list[str]:
     problems: list[str] = []
     integrity = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
     if integrity != ["ok"]:
-        problems += [f"integrity_check: {line}" for line in integrity]
+        problems += [f"integrity_check: {one_line(str(line))}" for line in integrity]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     missing = [t for t in ("meta", "usage") if t not in tables]
     if missing:
@@ -472,7 +472,9 @@ def _verify(conn: sqlite3.Connection, head: str | None) -> list[str]:
     for row in cursor:
         seq, stored_prev, stored_hash = row[0], row[-2], row[-1]
         if seq != expected_seq:
-            if seq > expected_seq:
+            if seq > expected_seq and prev_seq is None:
+                problems.append(f"rows 1..{seq - 1} are missing (seq starts at {seq})")
+            elif seq > expected_seq:
                 problems.append(
                     f"rows {expected_seq}..{seq - 1} are missing (seq jumps {prev_seq} → {seq})"
                     if seq > expected_seq + 1
