@@ -126,7 +126,8 @@ def test_record_is_idempotent_and_refuses_a_conflicting_rerecord(tmp_path):
      ("key_name", "-bad"), ("key_sha256", "A" * 64), ("model", ""), ("prompt_tokens", -1),
      ("prompt_tokens", True), ("completion_tokens", 1.0), ("completion_tokens", 1 << 41),
      ("cost", -1), ("cost", 10**16), ("finish", "done"), ("created", -1.0),
-     ("created", float("nan")), ("created", float("inf")), ("created", "1")],
+     ("created", float("nan")), ("created", float("inf")), ("created", "1"),
+     ("created", 10**400), ("created", -1)],
 )  # fmt: skip
 def test_record_refuses_bad_values_writing_nothing(tmp_path, name, value):
     path = filled(tmp_path, 2)

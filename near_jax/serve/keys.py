@@ -132,8 +132,9 @@ def add_key(
 ) -> str:
     """Adds key `name` to the keys file at `path` (creating the file if absent; replacing
     the key of that name, and so its secret, if present) and returns the new secret, which
-    is stored nowhere. The file is written atomically and readable only by its owner;
-    KeysFileError if the existing file is malformed or a value is not allowed."""
+    is stored nowhere. The file is written atomically and readable only by its owner (one
+    writer at a time: two concurrent calls may lose one key); KeysFileError if the existing
+    file is malformed or a value is not allowed. A running server reads the file at start."""
     path = os.fspath(path)
     check_key_name(name)
     if name == ANONYMOUS:

@@ -161,13 +161,13 @@ def field_problem(name: str, value: Any) -> str | None:
 def normalize(fields: dict[str, Any]) -> dict[str, Any]:
     """`fields` checked (ValueError naming the first bad field) with created as a float."""
     created = fields["created"]
-    if isinstance(created, int) and not isinstance(created, bool):
-        fields = {**fields, "created": float(created)}
+    if isinstance(created, int) and not isinstance(created, bool) and abs(created) < 2**1023:
+        fields = {**fields, "created": float(created)}  # the REAL column reads back a float
     for name in FIELDS:
         problem = field_problem(name, fields[name])
         if problem:
             raise ValueError(f"{name} {short_repr(fields[name])}: {problem}")
-    return {**fields, "created": fields["created"] + 0.0}  # -0.0 is refused above anyway
+    return {**fields, "created": fields["created"] + 0.0}  # -0.0 → 0.0, as it reads back
 
 
 # ------------------------------------------------------------------------------- ledger
