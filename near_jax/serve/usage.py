@@ -1,0 +1,514 @@
+"""The usage ledger: an append-only, hash-chained record of every request the server billed.
+
+Each finished request is one row: who made it (key name and the SHA-256 of its secret), the
+model, its prompt and completion token counts, its cost (integer micro-units, see
+`keys.request_cost`), how it finished, and when it was created. The ledger is what the
+server bills from (`period_totals`) and what enforces spend limits across restarts
+(`UsageLedger.spent`); `verify` checks a file.
+
+Schema
+------
+    meta(key TEXT PRIMARY KEY, value TEXT)      format = "1"
+    usage(seq INTEGER PRIMARY KEY,              1, 2, 3, ... in append order
+          request_id TEXT UNIQUE, key_name, key_sha256, model, prompt_tokens INTEGER,
+          completion_tokens INTEGER, cost INTEGER, finish, created REAL,
+          prev_hash TEXT, entry_hash TEXT)
+    indexes on key_sha256 and created
+
+Fields (`FIELDS`): request_id (1-200 printable characters, unique); key_name (a key name,
+`keys.check_key_name`, or "anonymous"); key_sha256 (64 lowercase hex); model (1-200
+printable characters); prompt_tokens, completion_tokens (int 0..MAX_TOKENS); cost (int
+0..MAX_COST); finish (one of FINISHES); created (finite float >= 0, Unix seconds).
+
+Hash chain
+----------
+    entry_hash = sha256(canonical JSON of {"seq": seq, "prev_hash": prev_hash, **fields})
+
+(canonical: sorted keys, no spaces, no NaN), prev_hash being the previous row's entry_hash
+and the first row's the genesis hash sha256(b"near_jax/usage/v1\\n"). created is a REAL, an
+IEEE double, so it reads back bit-identical; an int created is stored as its float.
+
+Crash safety
+------------
+The file uses SQLite's default rollback journal (not WAL: the ledger stays one file) with
+synchronous=FULL, and each record is one transaction (BEGIN IMMEDIATE ... COMMIT), so a
+kill -9 at any moment leaves a row whole or absent, never half-written. A kill inside the
+transaction may leave a hot `-journal` file; the next read-write open (`UsageLedger`)
+rolls it back, and `verify` and `period_totals`, which never modify the file, read a
+private copy rolled back with it. Recording is idempotent by request_id: a restarted server
+re-recording a request gets False.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from near_jax._io import one_line, short_repr
+from near_jax.serve.keys import ANONYMOUS, check_key_name
+
+FORMAT = 1
+FIELDS = (
+    "request_id",
+    "key_name",
+    "key_sha256",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "finish",
+    "created",
+)
+FINISHES = ("stop", "length", "cancelled", "error")  # the engine's finish reasons
+MAX_TOKENS = 1 << 40
+MAX_COST = 10**15  # micro-units in one request; sums of them stay far inside int64
+MAX_TEXT = 200  # characters of request_id and model
+GENESIS_DOMAIN = b"near_jax/usage/v1\n"
+_COLUMNS = ", ".join(FIELDS)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_PROBLEMS = 100  # a wholly rewritten ledger would otherwise give one line per row
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE usage (
+    seq INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    key_name TEXT NOT NULL,
+    key_sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost INTEGER NOT NULL,
+    finish TEXT NOT NULL,
+    created REAL NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX usage_key ON usage (key_sha256);
+CREATE INDEX usage_created ON usage (created);
+"""
+
+
+class UsageError(Exception):
+    """The usage ledger cannot be opened, recorded to or read as asked; one line."""
+
+
+def genesis_hash() -> str:
+    """The prev_hash of a ledger's first row."""
+    return hashlib.sha256(GENESIS_DOMAIN).hexdigest()
+
+
+def entry_hash(seq: int, prev_hash: str, fields: dict[str, Any]) -> str:
+    """The hash of a row: its seq, its prev_hash and its fields."""
+    body = {"seq": seq, "prev_hash": prev_hash, **fields}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _text_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "not text"
+    if not 1 <= len(value) <= MAX_TEXT or not value.isprintable():
+        return f"not 1-{MAX_TEXT} printable characters"
+    return None
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` as field `name` (None if allowed): the one check shared by
+    `record` and `verify`."""
+    if name in ("request_id", "model"):
+        return _text_problem(value)
+    if name == "key_name":
+        if value == ANONYMOUS:
+            return None
+        try:
+            check_key_name(value)
+        except ValueError:
+            return "not a key name (1-64 of [A-Za-z0-9._-], alphanumeric first)"
+        return None
+    if name == "key_sha256":
+        ok = isinstance(value, str) and _HEX64.fullmatch(value)
+        return None if ok else "not 64 lowercase hex digits"
+    if name in ("prompt_tokens", "completion_tokens", "cost"):
+        top = MAX_COST if name == "cost" else MAX_TOKENS
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            return f"not an int in 0..{top}"
+        return None
+    if name == "finish":
+        return None if value in FINISHES and isinstance(value, str) else f"not one of {FINISHES}"
+    if name == "created":
+        if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+            return "not a finite float >= 0"
+        return None
+    raise AssertionError(name)
+
+
+def normalize(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` checked (ValueError naming the first bad field) with created as a float."""
+    created = fields["created"]
+    if isinstance(created, int) and not isinstance(created, bool) and abs(created) < 2**1023:
+        fields = {**fields, "created": float(created)}  # the REAL column reads back a float
+    for name in FIELDS:
+        problem = field_problem(name, fields[name])
+        if problem:
+            raise ValueError(f"{name} {short_repr(fields[name])}: {problem}")
+    return {**fields, "created": fields["created"] + 0.0}  # -0.0 → 0.0, as it reads back
+
+
+# ------------------------------------------------------------------------------- ledger
+
+
+class UsageLedger:
+    """The usage ledger at `path`, created if absent; UsageError if the file is not a usage
+    ledger. Opening it rolls back a transaction a killed writer left. Safe to share between
+    threads; close() when done."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._spent: dict[str, int] = {}  # key_sha256 → total cost, valid at _version
+        self._version: int | None = None
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=60.0, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise UsageError(f"cannot open usage ledger {self.path}: {one_line(e)}") from None
+        try:
+            # DELETE (the default) keeps the ledger one file; a WAL setting persists in the
+            # file, so set it explicitly in case something else switched it
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")  # two openers must not both create the schema
+            try:
+                tables = {
+                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+                if not tables:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('format', ?)", (str(FORMAT),)
+                    )
+                elif not {"meta", "usage"} <= tables:
+                    raise UsageError(f"{self.path} is a SQLite database but not a usage ledger")
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                if meta.get("format") != str(FORMAT):
+                    raise UsageError(
+                        f"usage ledger {self.path} has format {meta.get('format')!r}, "
+                        f"this reader: {FORMAT}"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            conn.close()
+            raise UsageError(f"cannot open usage ledger {self.path}: {one_line(e)}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def record(
+        self,
+        request_id: str,
+        key_name: str,
+        key_sha256: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost: int,
+        finish: str,
+        created: float,
+    ) -> bool:
+        """Appends one request's usage in one transaction. False, writing nothing, if this
+        request_id is already recorded with exactly these fields; UsageError if it is
+        recorded with others, or the file cannot be written; ValueError, writing nothing,
+        for a value not allowed (see the module docstring)."""
+        fields = normalize(
+            dict(zip(FIELDS, (request_id, key_name, key_sha256, model, prompt_tokens,
+                              completion_tokens, cost, finish, created), strict=True))
+        )  # fmt: skip
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
+            try:
+                old = conn.execute(
+                    f"SELECT {_COLUMNS} FROM usage WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                if old is not None:
+                    conn.execute("ROLLBACK")
+                    differ = [f for f, v in zip(FIELDS, old, strict=True) if v != fields[f]]
+                    if differ:
+                        raise UsageError(
+                            f"request {short_repr(request_id)} is already recorded with other "
+                            f"{', '.join(differ)}"
+                        )
+                    return False
+                last = conn.execute(
+                    "SELECT seq, entry_hash FROM usage ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev = (last[0] + 1, last[1]) if last else (1, genesis_hash())
+                conn.execute(
+                    f"INSERT INTO usage (seq, {_COLUMNS}, prev_hash, entry_hash) "
+                    f"VALUES ({', '.join('?' * (len(FIELDS) + 3))})",
+                    (seq, *(fields[f] for f in FIELDS), prev, entry_hash(seq, prev, fields)),
+                )
+                conn.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")  # a failed COMMIT may have ended it already
+                if isinstance(e, sqlite3.Error):
+                    raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
+                raise
+            self._after_write(key_sha256, fields["cost"])
+        return True
+
+    def spent(self, key_sha256: str) -> int:
+        """The total cost recorded for the key with this secret hash (micro-units)."""
+        with self._lock:
+            self._refresh()
+            if key_sha256 not in self._spent:
+                row = self._conn.execute(
+                    "SELECT SUM(cost) FROM usage WHERE key_sha256 = ?", (key_sha256,)
+                ).fetchone()
+                self._spent[key_sha256] = row[0] or 0
+            return self._spent[key_sha256]
+
+    def head(self) -> str:
+        """The last row's entry_hash (the genesis hash when empty): anchors the chain."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT entry_hash FROM usage ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        return row[0] if row else genesis_hash()
+
+    def count(self) -> int:
+        """The number of rows."""
+        with self._lock:
+            return self._conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+
+    def close(self) -> None:
+        """Closes the file (every record is already committed)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> UsageLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refresh(self) -> None:
+        # data_version changes when another connection commits: drop totals it may have moved
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._spent.clear()
+            self._version = version
+
+    def _after_write(self, key_sha256: str, cost: int) -> None:
+        # our own commits leave data_version alone, so the cached totals only need our cost
+        if key_sha256 in self._spent:
+            self._spent[key_sha256] += cost
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def verify(path: str | os.PathLike[str], *, head: str | None = None) -> list[str]:
+    """Problems with the usage ledger at `path`, one line each; [] if intact. Never modifies
+    the file and never raises on a damaged one. A truncated tail leaves a valid shorter
+    chain: pass the `head` (entry_hash of the last row) recorded elsewhere to catch it.
+
+    A hot journal left by a killed writer is not a problem: the ledger is checked as the
+    next read-write open will see it, by rolling back a private copy."""
+    try:
+        problems = _read(os.fspath(path), lambda conn: _verify(conn, head))
+    except UsageError as e:
+        return [str(e)]
+    except Exception as e:  # noqa: BLE001 - a damaged file must give a problem, not a crash
+        return [f"cannot verify {os.fspath(path)}: {one_line(e, typed=True)}"]
+    if len(problems) > _MAX_PROBLEMS:
+        more = len(problems) - _MAX_PROBLEMS
+        problems = problems[:_MAX_PROBLEMS] + [f"... and {more} more problems"]
+    return problems
+
+
+def period_totals(path: str | os.PathLike[str], start: float, end: float) -> dict[str, Any]:
+    """Totals of the rows created in [start, end): requests, prompt_tokens,
+    completion_tokens, revenue (sum of cost, micro-units), first_seq and last_seq (the
+    smallest and largest seq among them) and head_hash (the entry_hash of the row at
+    last_seq); the seqs and head_hash are None when there are none. The whole file is
+    verified in the same snapshot first: UsageError (one line) if it has problems."""
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name} must be a number: {short_repr(value)}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite: {value!r}")
+    if end < start:
+        raise ValueError(f"end {end!r} is before start {start!r}")
+
+    def totals(conn: sqlite3.Connection) -> dict[str, Any]:
+        problems = _verify(conn, None)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UsageError(f"usage ledger {os.fspath(path)}: {problems[0]}{more}")
+        row = conn.execute(
+            "SELECT count(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost), "
+            "MIN(seq), MAX(seq) FROM usage WHERE created >= ? AND created < ?",
+            (float(start), float(end)),
+        ).fetchone()
+        last = row[5]
+        head_row = conn.execute("SELECT entry_hash FROM usage WHERE seq = ?", (last,)).fetchone()
+        return {
+            "requests": row[0],
+            "prompt_tokens": row[1] or 0,
+            "completion_tokens": row[2] or 0,
+            "revenue": row[3] or 0,
+            "first_seq": row[4],
+            "last_seq": last,
+            "head_hash": head_row[0] if head_row else None,
+        }
+
+    return _read(os.fspath(path), totals)
+
+
+def _read(path: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """fn(a read-only connection to the file as a read-write open would leave it), in one
+    snapshot; UsageError (one line) if the file cannot be read as a SQLite database."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no usage ledger file at {path}")
+    try:
+        for _ in range(3):
+            uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+            try:
+                with _snapshot(sqlite3.connect(uri, uri=True, isolation_level=None)) as conn:
+                    return fn(conn)
+            except sqlite3.OperationalError as e:
+                # a read-only connection cannot roll back a hot journal (SQLITE_READONLY)
+                if "readonly" not in str(e) or not os.path.exists(path + "-journal"):
+                    raise
+            done, value = _read_rolled_back_copy(path, fn)
+            if done:
+                return value
+        raise UsageError(f"cannot read {path}: its journal keeps changing")
+    except sqlite3.DatabaseError as e:
+        if "not a database" in str(e) or "file is encrypted" in str(e):
+            raise UsageError(f"not a SQLite database: {path} ({one_line(e)})") from None
+        raise UsageError(f"cannot read {path}: {one_line(e)}") from None
+
+
+def _read_rolled_back_copy(path: str, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, Any]:
+    """(True, fn(copy)) on a private copy of the file rolled back with its hot journal;
+    (False, None) if the journal changed meanwhile (someone rolled it back: read again)."""
+    journal = path + "-journal"
+    with tempfile.TemporaryDirectory(prefix="usage-verify-") as tmp:
+        copy = os.path.join(tmp, "usage.sqlite")
+        try:
+            # journal first: a rollback that starts later only makes the file more like the
+            # journal's pages, and replaying the journal again onto that is harmless
+            shutil.copyfile(journal, copy + "-journal")
+            shutil.copyfile(path, copy)
+            with open(journal, "rb") as f, open(copy + "-journal", "rb") as g:
+                if f.read() != g.read():
+                    return False, None
+        except FileNotFoundError:
+            return False, None
+        with _snapshot(sqlite3.connect(copy, isolation_level=None)) as conn:
+            return True, fn(conn)
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    # damaged text must surface as a hash mismatch, not a UnicodeDecodeError; surrogateescape
+    # keeps distinct bytes distinct, so no edit can hide behind a decoding
+    conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+    try:
+        conn.execute("BEGIN")  # one snapshot for every query fn makes
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")  # read-only: nothing to commit, just drop the lock
+    finally:
+        conn.close()
+
+
+def _verify(conn: sqlite3.Connection, head: str | None) -> list[str]:
+    problems: list[str] = []
+    integrity = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
+    if integrity != ["ok"]:
+        problems += [f"integrity_check: {one_line(str(line))}" for line in integrity]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    missing = [t for t in ("meta", "usage") if t not in tables]
+    if missing:
+        return problems + [f"the {t} table is missing" for t in missing]
+    meta = {str(k): v for k, v in conn.execute("SELECT key, value FROM meta")}
+    if meta.get("format") != str(FORMAT):
+        problems.append(f"meta format is {meta.get('format')!r}, expected '{FORMAT}'")
+    expected_seq, prev_seq, prev_hash = 1, None, genesis_hash()
+    seen: dict[Any, int] = {}
+    cursor = conn.execute(f"SELECT seq, {_COLUMNS}, prev_hash, entry_hash FROM usage ORDER BY seq")
+    for row in cursor:
+        seq, stored_prev, stored_hash = row[0], row[-2], row[-1]
+        if seq != expected_seq:
+            if seq > expected_seq and prev_seq is None:
+                problems.append(f"rows 1..{seq - 1} are missing (seq starts at {seq})")
+            elif seq > expected_seq:
+                problems.append(
+                    f"rows {expected_seq}..{seq - 1} are missing (seq jumps {prev_seq} → {seq})"
+                    if seq > expected_seq + 1
+                    else f"row {expected_seq} is missing (seq jumps {prev_seq} → {seq})"
+                )
+            else:
+                problems.append(f"row {seq}: seq out of range (expected {expected_seq})")
+        if stored_prev != prev_hash:
+            after = "the genesis hash" if prev_seq is None else f"row {prev_seq}"
+            problems.append(
+                f"row {seq}: prev_hash does not match {after} (deleted, inserted or reordered rows)"
+            )
+        fields = dict(zip(FIELDS, row[1:-2], strict=True))
+        bad = [(f, field_problem(f, fields[f])) for f in FIELDS]
+        bad = [f"{f} {short_repr(fields[f], 40)} is {p}" for f, p in bad if p]
+        if bad:
+            problems.append(f"row {seq}: {'; '.join(bad)}")
+        elif (
+            not isinstance(stored_prev, str) or entry_hash(seq, stored_prev, fields) != stored_hash
+        ):
+            problems.append(f"row {seq}: contents do not match its hash (edited)")
+        rid = fields["request_id"]
+        if rid in seen:
+            problems.append(
+                f"row {seq}: request_id {short_repr(rid, 40)} is also row {seen[rid]}'s"
+            )
+        else:
+            seen[rid] = seq
+        if isinstance(seq, int):
+            expected_seq = max(seq, expected_seq - 1) + 1
+        prev_seq, prev_hash = seq, stored_hash
+    if head is not None and prev_hash != head:
+        problems.append(
+            f"the head is {str(prev_hash)[:16]}…, expected {head[:16]}… "
+            "(truncated or rewritten tail)"
+        )
+    return problems

@@ -1,0 +1,451 @@
+"""The usage ledger (`near_jax.serve.usage`): the chain, tampering, idempotency, totals,
+threads, and kill -9 safety."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from near_jax.serve import usage
+from near_jax.serve.usage import FIELDS, UsageError, UsageLedger, period_totals, verify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def fields(i: int, **over) -> dict:
+    """Request i's usage: distinct, deterministic values in every field."""
+    out = {
+        "request_id": f"req-{i:06d}",
+        "key_name": "alice" if i % 3 else "bob",
+        "key_sha256": SHA_A if i % 3 else SHA_B,
+        "model": f"model-{i % 2}",
+        "prompt_tokens": 10 + i,
+        "completion_tokens": 2 * i,
+        "cost": 7 * i + 1,
+        "finish": usage.FINISHES[i % 4],
+        "created": 1000.0 + i / 4,
+    }
+    out.update(over)
+    return out
+
+
+def filled(tmp_path, n: int = 6) -> str:
+    path = str(tmp_path / "usage.sqlite")
+    with UsageLedger(path) as led:
+        for i in range(1, n + 1):
+            assert led.record(**fields(i)) is True
+    return path
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def sql(path: str, *statements: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for s in statements:
+            conn.execute(s)
+    finally:
+        conn.close()
+
+
+def rows(path: str) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(
+            f"SELECT seq, {', '.join(FIELDS)}, prev_hash, entry_hash FROM usage ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------ record
+
+
+def test_chain_verifies_and_matches_the_documented_hash(tmp_path):
+    path = str(tmp_path / "usage.sqlite")
+    with UsageLedger(path) as led:
+        genesis = led.head()
+        assert genesis == hashlib.sha256(b"near_jax/usage/v1\n").hexdigest()
+        assert led.count() == 0 and led.spent(SHA_A) == 0
+        for i in range(1, 7):
+            assert led.record(**fields(i))
+        head = led.head()
+        assert led.count() == 6
+    assert verify(path) == [] and verify(path, head=head) == []
+    prev = genesis
+    for seq, i in zip(range(1, 7), range(1, 7), strict=True):
+        row = rows(path)[seq - 1]
+        assert dict(zip(FIELDS, row[1:-2], strict=True)) == fields(i)
+        text = json.dumps({"seq": seq, "prev_hash": prev, **fields(i)}, sort_keys=True,
+                          separators=(",", ":"))  # fmt: skip
+        assert row[-2] == prev and row[-1] == hashlib.sha256(text.encode()).hexdigest()
+        prev = row[-1]
+    assert prev == head
+    # a truncated tail is a valid shorter chain: only the head anchor catches it
+    sql(path, "DELETE FROM usage WHERE seq = 6")
+    assert verify(path) == []
+    assert verify(path, head=head) == [
+        f"the head is {rows(path)[-1][-1][:16]}…, expected {head[:16]}… "
+        "(truncated or rewritten tail)"
+    ]
+
+
+def test_record_is_idempotent_and_refuses_a_conflicting_rerecord(tmp_path):
+    path = filled(tmp_path, 3)
+    with UsageLedger(path) as led:
+        assert led.record(**fields(2)) is False
+        assert led.record(**fields(2, created=1000 + 2 / 4)) is False  # same value, as a float
+        for name, value in [("cost", 0), ("finish", "error"), ("created", 1.0),
+                            ("key_sha256", SHA_B), ("completion_tokens", 5)]:  # fmt: skip
+            with pytest.raises(
+                UsageError, match=f"'req-000002' is already recorded with other {name}$"
+            ):
+                led.record(**fields(2, **{name: value}))
+        with pytest.raises(UsageError, match="other model, cost$"):
+            led.record(**fields(2, model="m", cost=0))
+        assert led.count() == 3
+    assert verify(path) == []
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("request_id", ""), ("request_id", "x" * 201), ("request_id", "a\nb"), ("request_id", 5),
+     ("key_name", "-bad"), ("key_sha256", "A" * 64), ("model", ""), ("prompt_tokens", -1),
+     ("prompt_tokens", True), ("completion_tokens", 1.0), ("completion_tokens", 1 << 41),
+     ("cost", -1), ("cost", 10**16), ("finish", "done"), ("created", -1.0),
+     ("created", float("nan")), ("created", float("inf")), ("created", "1"),
+     ("created", 10**400), ("created", -1)],
+)  # fmt: skip
+def test_record_refuses_bad_values_writing_nothing(tmp_path, name, value):
+    path = filled(tmp_path, 2)
+    before = digest(path)
+    with UsageLedger(path) as led, pytest.raises(ValueError, match=f"^{name} .*: not"):
+        led.record(**fields(9, **{name: value}))
+    assert digest(path) == before
+
+
+def test_spent_survives_reopen_and_sees_other_writers(tmp_path):
+    path = filled(tmp_path, 9)
+    want_a = sum(fields(i)["cost"] for i in range(1, 10) if i % 3)
+    want_b = sum(fields(i)["cost"] for i in range(1, 10) if not i % 3)
+    with UsageLedger(path) as led, UsageLedger(path) as other:
+        assert led.spent(SHA_A) == want_a and led.spent(SHA_B) == want_b
+        assert led.spent("c" * 64) == 0
+        assert led.record(**fields(10))  # alice
+        assert led.spent(SHA_A) == want_a + fields(10)["cost"]
+        assert other.record(**fields(12))  # bob, through another connection
+        assert led.spent(SHA_B) == want_b + fields(12)["cost"]
+        assert led.spent(SHA_A) == want_a + fields(10)["cost"]
+    with UsageLedger(path) as led:
+        assert led.spent(SHA_B) == want_b + fields(12)["cost"]
+
+
+def test_open_refuses_other_files(tmp_path):
+    other = str(tmp_path / "other.sqlite")
+    sql(other, "CREATE TABLE x (a)")
+    with pytest.raises(UsageError, match="is a SQLite database but not a usage ledger"):
+        UsageLedger(other)
+    path = filled(tmp_path, 1)
+    sql(path, "UPDATE meta SET value = '9' WHERE key = 'format'")
+    with pytest.raises(UsageError, match="has format '9', this reader: 1"):
+        UsageLedger(path)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UsageError, match="cannot open usage ledger .*garbage"):
+        UsageLedger(str(garbage))
+
+
+# ------------------------------------------------------------------------------ verify
+
+TAMPERED = [
+    ("UPDATE usage SET request_id = 'req-x' WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET key_name = 'carol' WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET key_sha256 = '" + "c" * 64 + "' WHERE seq = 3", ["row 3: contents"]),
+    ("UPDATE usage SET model = 'other' WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET prompt_tokens = 1 WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET completion_tokens = 0 WHERE seq = 3", ["row 3: contents"]),
+    ("UPDATE usage SET cost = 0 WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET finish = 'stop' WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET created = 0.5 WHERE seq = 3", ["row 3: contents do not match"]),
+    ("UPDATE usage SET entry_hash = '" + "0" * 64 + "' WHERE seq = 3",
+     ["row 3: contents do not match", "row 4: prev_hash does not match row 3"]),
+    ("UPDATE usage SET prev_hash = '" + "0" * 64 + "' WHERE seq = 3",
+     ["row 3: prev_hash does not match row 2", "row 3: contents"]),
+    ("UPDATE usage SET cost = -4 WHERE seq = 3", ["row 3: cost -4 is not an int in 0.."]),
+    ("UPDATE usage SET cost = 2.5 WHERE seq = 3", ["row 3: cost 2.5 is not an int"]),
+    ("UPDATE usage SET prompt_tokens = 'many' WHERE seq = 3", ["row 3: prompt_tokens 'many'"]),
+    ("UPDATE usage SET created = 'later' WHERE seq = 3", ["row 3: created 'later' is not a"]),
+    ("UPDATE usage SET finish = 'exploded' WHERE seq = 3", ["row 3: finish 'exploded' is not"]),
+    ("UPDATE usage SET key_sha256 = 'xyz' WHERE seq = 3", ["row 3: key_sha256 'xyz' is not 64"]),
+    ("UPDATE usage SET request_id = CAST('req-000003' AS BLOB) WHERE seq = 3",
+     ["row 3: request_id b'req-000003' is not text"]),
+    ("UPDATE usage SET model = CAST(X'6dff' AS TEXT) WHERE seq = 3",
+     ["row 3: model 'm\\udcff' is not 1-200 printable"]),
+    ("DELETE FROM usage WHERE seq = 3",
+     ["row 3 is missing (seq jumps 2 → 4)", "row 4: prev_hash does not match row 2"]),
+    ("DELETE FROM usage WHERE seq IN (3, 4)", ["rows 3..4 are missing (seq jumps 2 → 5)"]),
+    ("DELETE FROM usage WHERE seq = 1",
+     ["rows 1..1 are missing (seq starts at 2)", "row 2: prev_hash does not match the genesis"]),
+    ("UPDATE usage SET seq = 0 WHERE seq = 1",
+     ["row 0: seq out of range (expected 1)", "row 0: contents",
+      "row 1 is missing (seq jumps 0 → 2)"]),
+    ("UPDATE meta SET value = '2' WHERE key = 'format'", ["meta format is '2', expected '1'"]),
+    ("DROP TABLE meta", ["the meta table is missing"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("statement,expected", TAMPERED)
+def test_verify_names_each_tampering(tmp_path, statement, expected):
+    path = filled(tmp_path)
+    sql(path, statement)
+    before = digest(path)
+    problems = verify(path)
+    assert problems, statement
+    for want in expected:
+        assert any(p.startswith(want) for p in problems), (want, problems)
+    assert all("\n" not in p for p in problems)
+    assert digest(path) == before  # verify never writes
+
+
+def test_verify_catches_swapped_rows(tmp_path):
+    path = filled(tmp_path)
+    sql(path, "UPDATE usage SET seq = 100 WHERE seq = 3", "UPDATE usage SET seq = 3 WHERE seq = 4",
+        "UPDATE usage SET seq = 4 WHERE seq = 100")  # fmt: skip
+    problems = verify(path)
+    assert "row 3: prev_hash does not match row 2 (deleted, inserted or reordered rows)" in problems
+    assert "row 3: contents do not match its hash (edited)" in problems
+    assert "row 5: prev_hash does not match row 4 (deleted, inserted or reordered rows)" in problems
+    # an edit that also recomputes the row's hash still breaks the next row's link
+    os.makedirs(tmp_path / "b")
+    path2 = filled(tmp_path / "b")
+    conn = sqlite3.connect(path2, isolation_level=None)
+    prev = conn.execute("SELECT entry_hash FROM usage WHERE seq = 2").fetchone()[0]
+    forged = usage.entry_hash(3, prev, fields(3, cost=0))
+    conn.execute("UPDATE usage SET cost = 0, entry_hash = ? WHERE seq = 3", (forged,))
+    conn.close()
+    assert verify(path2) == ["row 4: prev_hash does not match row 3 (deleted, inserted or "
+                             "reordered rows)"]  # fmt: skip
+
+
+def test_verify_catches_a_duplicate_request_id_without_the_constraint(tmp_path):
+    path = filled(tmp_path)
+    sql(path, "PRAGMA writable_schema = ON",
+        "UPDATE sqlite_master SET sql = replace(sql, 'UNIQUE', '') WHERE name = 'usage'",
+        "DELETE FROM sqlite_master WHERE name LIKE 'sqlite_autoindex_usage%'",
+        "PRAGMA writable_schema = OFF", "VACUUM")  # fmt: skip
+    head = rows(path)[-1][-1]
+    again = fields(2)
+    values = (7, *again.values(), head, usage.entry_hash(7, head, again))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"INSERT INTO usage VALUES ({', '.join('?' * len(values))})", values)
+    conn.close()
+    assert verify(path) == ["row 7: request_id 'req-000002' is also row 2's"]
+
+
+def test_verify_never_raises_on_garbage(tmp_path):
+    assert verify(str(tmp_path / "nope.sqlite")) == [
+        f"no usage ledger file at {tmp_path}/nope.sqlite"
+    ]
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    [problem] = verify(str(garbage))
+    assert problem.startswith("not a SQLite database:")
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert verify(str(empty)) == ["the meta table is missing", "the usage table is missing"]
+    # a real ledger with its middle pages overwritten
+    path = filled(tmp_path, 200)
+    with open(path, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\x5a" * 4096)
+    problems = verify(path)
+    assert problems and all(isinstance(p, str) and "\n" not in p for p in problems)
+    with pytest.raises(UsageError):
+        period_totals(path, 0, 1e9)
+
+
+# ------------------------------------------------------------------------------ totals
+
+
+def test_period_totals_are_exact(tmp_path):
+    rng = random.Random(1)
+    path = str(tmp_path / "usage.sqlite")
+    recorded = []
+    with UsageLedger(path) as led:
+        for i in range(1, 301):
+            f = fields(i, created=float(rng.randrange(0, 100)) + rng.choice([0.0, 0.5]),
+                       cost=rng.randrange(10**15), prompt_tokens=rng.randrange(1 << 40),
+                       completion_tokens=rng.randrange(1 << 30))  # fmt: skip
+            led.record(**f)
+            recorded.append((i, f))
+    hashes = {r[0]: r[-1] for r in rows(path)}
+    for start, end in [(0, 100), (10, 20), (10.5, 10.5), (20, 20.5), (99.5, 1e9), (-5, 0)]:
+        inside = [(seq, f) for seq, f in recorded if start <= f["created"] < end]
+        got = period_totals(path, start, end)
+        assert got == {
+            "requests": len(inside),
+            "prompt_tokens": sum(f["prompt_tokens"] for _, f in inside),
+            "completion_tokens": sum(f["completion_tokens"] for _, f in inside),
+            "revenue": sum(f["cost"] for _, f in inside),
+            "first_seq": min((s for s, _ in inside), default=None),
+            "last_seq": max((s for s, _ in inside), default=None),
+            "head_hash": hashes[max(s for s, _ in inside)] if inside else None,
+        }, (start, end)
+    assert period_totals(path, 0, 100)["requests"] == 300
+    for bad in [(1, 0), (float("nan"), 1), (0, float("inf")), ("0", 1), (True, 1)]:
+        with pytest.raises(ValueError):
+            period_totals(path, *bad)
+    sql(path, "UPDATE usage SET cost = cost + 1 WHERE seq = 7")
+    with pytest.raises(UsageError, match="row 7: contents do not match its hash"):
+        period_totals(path, 0, 100)
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_records_from_8_threads_keep_the_chain(tmp_path):
+    path = str(tmp_path / "usage.sqlite")
+    errors = []
+    with UsageLedger(path) as led:
+
+        def work(t):
+            try:
+                for j in range(25):
+                    i = 1000 * (t + 1) + j
+                    assert led.record(**fields(i))
+                    assert led.record(**fields(i)) is False
+                    led.spent(SHA_A)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        ids = [1000 * (t + 1) + j for t in range(8) for j in range(25)]
+        assert led.count() == 200
+        assert led.spent(SHA_A) == sum(fields(i)["cost"] for i in ids if i % 3)
+        assert led.spent(SHA_B) == sum(fields(i)["cost"] for i in ids if not i % 3)
+    assert verify(path) == []
+    assert sorted(r[1] for r in rows(path)) == sorted(fields(i)["request_id"] for i in ids)
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+CHILD = r"""
+import os, signal, sqlite3, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from test_serve_usage import fields
+from near_jax.serve.usage import UsageLedger
+
+path, mode = sys.argv[1], sys.argv[2]
+if mode == "mid":
+    # small pages and a tiny cache: a record's pages spill to the file before COMMIT
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA page_size = 512")
+    conn.execute("VACUUM")
+    conn.close()
+led = UsageLedger(path)
+if mode == "mid":
+    led._conn.execute("PRAGMA cache_size = 1")
+    def trace(sql):
+        # killed inside record 5's transaction once the spill made the journal hot
+        if sql == "COMMIT" and n >= 5 and os.path.exists(path + "-journal"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    led._conn.set_trace_callback(trace)
+n = 0
+while True:
+    n += 1
+    led.record(**fields(n, request_id=f"req-{n:06d}" + "r" * 180, model="m" * 190))
+"""
+
+
+def count_rows(path: str) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not created yet, momentarily locked, or a hot journal
+        return 0
+
+
+def check_after_crash(path: str) -> int:
+    """Every row whole and in order, verify passes without writing, reopening rolls back
+    and the ledger continues; the number of rows kept."""
+    before = digest(path)
+    assert verify(path) == []
+    assert digest(path) == before  # verify did not roll the journal back in place
+    with UsageLedger(path) as led:  # a read-write open rolls back a hot journal
+        kept = rows(path)
+        assert [r[0] for r in kept] == list(range(1, len(kept) + 1))
+        for r in kept:
+            want = fields(r[0], request_id=f"req-{r[0]:06d}" + "r" * 180, model="m" * 190)
+            assert dict(zip(FIELDS, r[1:-2], strict=True)) == want
+        assert led.record(**fields(10**5))
+        assert led.spent(SHA_A) + led.spent(SHA_B) == sum(r[7] for r in rows(path))
+    assert verify(path) == []
+    return len(kept)
+
+
+def test_kill_9_while_recording_leaves_whole_rows(tmp_path):
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    started = time.time()
+    for i, delay in enumerate([0.0, rng.uniform(0.0, 0.02), rng.uniform(0.02, 0.1)]):
+        path = str(tmp_path / f"kill{i}.sqlite")
+        child = subprocess.Popen([sys.executable, "-c", CHILD, path, "loop"], cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+        try:
+            deadline = time.time() + 30
+            while count_rows(path) < 5:
+                assert child.poll() is None, f"child exited with {child.returncode}"
+                assert time.time() < deadline, "the child never recorded 5 rows"
+                time.sleep(0.01)
+            time.sleep(delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        assert child.returncode == -signal.SIGKILL
+        assert check_after_crash(path) >= 5, f"seed {seed}"
+    assert time.time() - started < 30, f"seed {seed}"
+
+
+def test_kill_9_inside_a_record_leaves_it_absent(tmp_path):
+    path = str(tmp_path / "mid.sqlite")
+    child = subprocess.run([sys.executable, "-c", CHILD, path, "mid"], cwd=REPO, timeout=60,
+                           env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+    assert child.returncode == -signal.SIGKILL
+    # killed with a hot journal: a read-only open cannot read the file until it is rolled back
+    assert os.path.getsize(path + "-journal") > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM usage").fetchone()
+        finally:
+            conn.close()
+    torn = str(tmp_path / "torn.sqlite")
+    shutil.copyfile(path, torn)
+    assert check_after_crash(path) == 4  # record 5 is absent, 1..4 whole
+    assert not os.path.exists(path + "-journal")  # the open rolled it back
+    # the kill landed mid-write: part of record 5 had reached the file, and only the
+    # rollback took it out again
+    with open(torn, "rb") as f, open(path, "rb") as g:
+        assert f.read() != g.read()
