@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from near_jax.infer.sampling import Sampling, mask_top_k, mask_top_p, sample
+from near_jax.infer.sampling import Sampling, mask_top_k, mask_top_p, sample, sample_rows
 
 
 def _logits(seed=0, b=4, v=50):
@@ -70,3 +70,66 @@ def test_top_k_sampling_never_draws_outside_the_top_k():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="is not allowed"):
         Sampling(**kwargs)
+
+
+_MIXED = [
+    Sampling(),
+    Sampling(temperature=1.0),
+    Sampling(temperature=0.7, top_k=5),
+    Sampling(temperature=1.3, top_p=0.6),
+    Sampling(temperature=2.0, top_k=10, top_p=0.8),
+    Sampling(temperature=1.0, top_k=1),
+    Sampling(temperature=0.5, top_k=50, top_p=1.0),  # k = V keeps everything
+    Sampling(temperature=3.0, top_p=0.05),
+]
+
+
+def _rows(settings):
+    return (
+        jnp.asarray([s.temperature for s in settings], jnp.float32),
+        jnp.asarray([s.top_k for s in settings], jnp.int32),
+        jnp.asarray([s.top_p for s in settings], jnp.float32),
+    )
+
+
+def test_sample_rows_draws_what_sample_draws_for_each_row_alone():
+    logits = _logits(seed=6, b=len(_MIXED))
+    keys = jax.random.split(jax.random.key(100), (50, len(_MIXED)))  # 50 draws per row
+    got = np.asarray(jax.vmap(lambda k: sample_rows(logits, k, *_rows(_MIXED)))(keys))
+
+    @jax.jit
+    def alone(keys):  # row i drawn by itself under its own Sampling
+        return jnp.stack(
+            [
+                jax.vmap(lambda k, i=i, s=s: sample(logits[i : i + 1], k, s)[0])(keys[:, i])
+                for i, s in enumerate(_MIXED)
+            ],
+            axis=1,
+        )
+
+    np.testing.assert_array_equal(got, alone(keys))
+    # Greedy rows are the argmax whatever their key; the others draw several tokens.
+    assert set(got[:, 0]) == {int(np.argmax(logits[0]))} and len(set(got[:, 1])) > 3
+
+
+def test_sample_rows_does_not_depend_on_the_other_rows():
+    logits = _logits(seed=7, b=len(_MIXED))
+    keys = jax.random.split(jax.random.key(8), len(_MIXED))
+    a = np.asarray(sample_rows(logits, keys, *_rows(_MIXED)))
+    others = [Sampling(temperature=1.9, top_k=2)] * len(_MIXED)
+    others[3] = _MIXED[3]
+    b = np.asarray(sample_rows(logits, keys, *_rows(others)))
+    assert a[3] == b[3] and not np.array_equal(a, b)
+
+
+def test_sample_rows_follows_each_rows_softmax():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]] * 2)
+    settings = [Sampling(temperature=0.7), Sampling(temperature=1.0, top_p=0.7)]
+    n = 20000
+    keys = jax.random.split(jax.random.key(9), (n, 2))
+    draws = jax.vmap(lambda k: sample_rows(logits, k, *_rows(settings)))(keys)
+    freq = [np.bincount(np.asarray(draws[:, i]), minlength=4) / n for i in range(2)]
+    np.testing.assert_allclose(freq[0], jax.nn.softmax(logits[0] / 0.7), atol=0.015)
+    # top_p 0.7 keeps the two most likely tokens (0.64 before the second), renormalized.
+    p = np.asarray(jax.nn.softmax(logits[1]))
+    np.testing.assert_allclose(freq[1], [p[0] / p[:2].sum(), p[1] / p[:2].sum(), 0, 0], atol=0.015)

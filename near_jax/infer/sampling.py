@@ -62,3 +62,45 @@ def sample(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arr
     logits_BxV = mask_top_k(logits_BxV, sampling.top_k)
     logits_BxV = mask_top_p(logits_BxV, sampling.top_p)
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(
+    logits_BxV: jax.Array,
+    keys_B: jax.Array,
+    temperature_B: jax.Array,
+    top_k_B: jax.Array,
+    top_p_B: jax.Array,
+) -> jax.Array:
+    """The next token of each row (int32 [B]), each row under its own settings and key.
+
+    The settings are arrays (traced, so one compile serves any mix of requests); a row's
+    draw is what `sample` gives that row alone with the same key and Sampling(temperature,
+    top_k, top_p): temperature 0 = greedy, top_k 0 = all, top_p 1 = all. `keys_B` is a
+    batch of typed PRNG keys, one per row, so a row's draw does not depend on the others.
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    v = logits_BxV.shape[-1]
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    # Greedy rows still go through the draw below (then are replaced): divide by 1, not 0.
+    temperature_B = temperature_B.astype(jnp.float32)
+    scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    # One descending sort serves both masks: top-k reads the k-th largest, and the top-k
+    # masked row sorted is the sorted row with the entries below the k-th set to -inf.
+    sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+    k_B = top_k_B.astype(jnp.int32)
+    kth_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.clip(k_B - 1, 0, v - 1)[:, None], axis=-1)
+    kth_Bx1 = jnp.where(((k_B > 0) & (k_B < v))[:, None], kth_Bx1, -jnp.inf)
+    scaled_BxV = jnp.where(scaled_BxV < kth_Bx1, -jnp.inf, scaled_BxV)
+    sorted_BxV = jnp.where(sorted_BxV < kth_Bx1, -jnp.inf, sorted_BxV)
+    # Top-p as in mask_top_p, with p per row; p >= 1 keeps everything (no rounding of the
+    # cumulative sum can drop a tail token).
+    p_Bx1 = top_p_B.astype(jnp.float32)[:, None]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    threshold_Bx1 = jnp.min(
+        jnp.where(before_BxV < p_Bx1, sorted_BxV, jnp.inf), axis=-1, keepdims=True
+    )
+    threshold_Bx1 = jnp.where(p_Bx1 >= 1.0, -jnp.inf, threshold_Bx1)
+    scaled_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+    drawn_B = jax.vmap(lambda key, row_V: jax.random.categorical(key, row_V))(keys_B, scaled_BxV)
+    return jnp.where(temperature_B > 0, drawn_B.astype(jnp.int32), greedy_B)

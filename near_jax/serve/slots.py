@@ -1,0 +1,170 @@
+"""The serving engine's device side: one dense KV cache of `slots` rows and two jitted steps.
+
+The cache is model.init_cache(cfg, slots, cache_len), sharded by the logical CACHE_AXES like
+Generator's: the slot axis is the batch, split over the data-parallel devices; params stay
+as they are on the mesh. Both steps have fixed shapes (slots, chunk), so serving compiles
+each once, whatever the mix of requests:
+
+- `prefill`: one chunk of one slot's prompt, [1, chunk] tokens at positions start ..
+  start + chunk - 1, written into that slot's rows of the cache. The slot's rows are cut out
+  of the cache (a dynamic slice on one device; where the slot axis is sharded, a masked sum:
+  XLA would all-gather the whole cache for a dynamic slice of a sharded axis, the sum only
+  all-reduces one slot), run through model.apply_with_cache with batch 1, and put back. It
+  returns the token sampled from the logits of the chunk's last real token (used after the
+  prompt's last chunk only).
+- `decode`: one token for every slot at its own position, sampled per row
+  (sampling.sample_rows) with the row's key fold_in(key(seed), n) for its n-th token, so a
+  seeded request draws the same tokens whatever else shares the batch.
+
+The cache is donated to both steps, so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from near_jax import model, sharding
+from near_jax.infer.sampling import sample_rows
+
+
+def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
+    """The PRNG key of each row's next token: fold_in(key(seed), n) for its n-th token."""
+    return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds_B, counts_B)
+
+
+class SlotSteps:
+    """The jitted prefill and decode steps over one dense cache of `slots` rows."""
+
+    def __init__(
+        self,
+        model_cfg: model.ModelConfig,
+        mesh: jax.sharding.Mesh,
+        *,
+        slots: int,
+        cache_len: int,
+        chunk: int,
+        vocab_limit: int,
+    ):
+        """`slots` a multiple of the mesh's data-parallel size; `cache_len` a multiple of
+        `chunk`, so a chunk written at a multiple of `chunk` never runs past the cache
+        (dynamic_update_slice would clamp the start and overwrite earlier tokens)."""
+        if slots % sharding.data_parallel_size(mesh) or cache_len % chunk:
+            raise ValueError(
+                f"slots={slots}, cache_len={cache_len}, chunk={chunk} are not allowed: slots "
+                f"must be a multiple of {sharding.data_parallel_size(mesh)} (data parallelism) "
+                "and cache_len a multiple of chunk"
+            )
+        self.model_cfg, self.mesh = model_cfg, mesh
+        self.slots, self.cache_len, self.chunk = slots, cache_len, chunk
+        self.vocab_limit = vocab_limit
+        shapes = jax.eval_shape(lambda: model.init_cache(model_cfg, slots, cache_len))
+        logical = {k: PartitionSpec(*model.CACHE_AXES) for k in shapes}
+        self.cache_shapes = shapes
+        self.cache_shardings = sharding.logical_to_sharding(logical, shapes, mesh)
+        batch_axes = sharding.batch_sharding(mesh).spec[0]
+        self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+        self.rows_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
+        self.replicated = sharding.replicated(mesh)
+        self._sharded_slots = sharding.data_parallel_size(mesh) > 1
+        self._init = jax.jit(
+            lambda: model.init_cache(model_cfg, slots, cache_len),
+            out_shardings=self.cache_shardings,
+        )
+        # Outputs laid out exactly as the cache came in: an equivalent but differently
+        # spelled sharding would be another cache key, so one more compile while serving.
+        self.prefill = jax.jit(
+            self._prefill_fn,
+            donate_argnums=1,
+            out_shardings=(self.replicated, self.cache_shardings),
+        )
+        self.decode = jax.jit(
+            self._decode_fn,
+            donate_argnums=1,
+            out_shardings=(self.row_sharding, self.cache_shardings),
+        )
+
+    def new_cache(self) -> dict[str, jax.Array]:
+        """A zeroed cache, laid out on the mesh."""
+        return self._init()
+
+    def cache_bytes_per_device(self) -> int:
+        """Bytes of the cache on one device."""
+        return sum(
+            int(np.prod(self.cache_shardings[k].shard_shape(v.shape))) * v.dtype.itemsize
+            for k, v in self.cache_shapes.items()
+        )
+
+    def _mask_vocab(self, logits_BxV: jax.Array) -> jax.Array:
+        ids_V = jnp.arange(logits_BxV.shape[-1])
+        return jnp.where(ids_V < self.vocab_limit, logits_BxV, -jnp.inf)
+
+    def _slot_rows(self, cache_NxBxSxGxK: jax.Array, slot: jax.Array) -> jax.Array:
+        if not self._sharded_slots:
+            return jax.lax.dynamic_slice_in_dim(cache_NxBxSxGxK, slot, 1, axis=1)
+        mine_B = (jnp.arange(self.slots) == slot)[None, :, None, None, None]
+        # where, not a multiply: 0 * a non-finite stale entry would not be 0.
+        return jnp.sum(jnp.where(mine_B, cache_NxBxSxGxK, 0), axis=1, keepdims=True)
+
+    def _put_rows(self, cache_NxBxSxGxK: jax.Array, rows_Nx1xSxGxK: jax.Array, slot: jax.Array):
+        if not self._sharded_slots:
+            return jax.lax.dynamic_update_slice_in_dim(cache_NxBxSxGxK, rows_Nx1xSxGxK, slot, 1)
+        mine_B = (jnp.arange(self.slots) == slot)[None, :, None, None, None]
+        return jnp.where(mine_B, rows_Nx1xSxGxK, cache_NxBxSxGxK)
+
+    def _prefill_fn(self, params, cache, tokens_C, ints_4, seed, floats_2):
+        """ints_4 = (slot, start, index of the last real token in the chunk, top_k);
+        floats_2 = (temperature, top_p). Returns (first token, cache)."""
+        slot, start, last, top_k = ints_4[0], ints_4[1], ints_4[2], ints_4[3]
+        rows = {k: self._slot_rows(v, slot) for k, v in cache.items()}
+        positions_1xC = (start + jnp.arange(self.chunk))[None]
+        logits_1x1xV, rows = model.apply_with_cache(
+            params, tokens_C[None], positions_1xC, rows, self.model_cfg, select_BxT=last[None, None]
+        )
+        cache = {k: self._put_rows(cache[k], rows[k], slot) for k in cache}
+        # The prompt's first output token is token 0 of the request's key sequence.
+        keys_1 = request_keys(seed[None], jnp.zeros(1, jnp.int32))
+        token_1 = sample_rows(
+            self._mask_vocab(logits_1x1xV[:, 0]),
+            keys_1,
+            floats_2[0][None],
+            top_k[None],
+            floats_2[1][None],
+        )
+        return token_1[0], cache
+
+    def _decode_fn(self, params, cache, ints_4xB, seeds_B, floats_2xB):
+        """ints_4xB = (input token, position, tokens drawn so far, top_k) per slot;
+        floats_2xB = (temperature, top_p). Returns (next token per slot, cache)."""
+        tokens_B, positions_B, counts_B, top_k_B = ints_4xB
+        logits_Bx1xV, cache = model.apply_with_cache(
+            params, tokens_B[:, None], positions_B[:, None], cache, self.model_cfg
+        )
+        keys_B = request_keys(seeds_B, counts_B)
+        logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
+        return sample_rows(logits_BxV, keys_B, floats_2xB[0], top_k_B, floats_2xB[1]), cache
+
+    def run_prefill(self, params, cache, tokens_C, slot, start, last, sampling, seed):
+        """One chunk of one slot (host arguments); returns (token as a device scalar, cache).
+        `sampling` = (temperature, top_k, top_p)."""
+        temperature, top_k, top_p = sampling
+        return self.prefill(
+            params,
+            cache,
+            jax.device_put(np.asarray(tokens_C, np.int32), self.replicated),
+            jax.device_put(np.asarray([slot, start, last, top_k], np.int32), self.replicated),
+            jax.device_put(np.asarray(seed, np.uint32), self.replicated),
+            jax.device_put(np.asarray([temperature, top_p], np.float32), self.replicated),
+        )
+
+    def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB):
+        """One decode step from host arrays; returns (next tokens [slots] device array, cache)."""
+        return self.decode(
+            params,
+            cache,
+            jax.device_put(np.asarray(ints_4xB, np.int32), self.rows_sharding),
+            jax.device_put(np.asarray(seeds_B, np.uint32), self.row_sharding),
+            jax.device_put(np.asarray(floats_2xB, np.float32), self.rows_sharding),
+        )
