@@ -7,7 +7,8 @@ import pytest
 
 from near_jax.serve.keys import ANONYMOUS, KeyRing, add_key, request_cost
 from near_jax.serve.metering import Meter, MeterError, OverLimit, Unauthorized
-from near_jax.serve.usage import UsageLedger, period_totals, verify
+from near_jax.serve.usage import UsageLedger
+from near_jax.serve.usage_verify import period_totals, verify
 
 PRICE_P, PRICE_C = 1_000_000, 2_000_000  # 1 and 2 micro-units a token: costs easy to follow
 
