@@ -133,8 +133,9 @@ def test_concurrent_reservations_never_overspend(setup):
                 if rng.random() < 0.2:
                     meter.release(r)
                     continue
-                cost = meter.settle(r, f"t{t}-{j}", "m", prompt, rng.randrange(max_tokens + 1),
-                                    "stop", float(t))  # fmt: skip
+                cost = meter.settle(
+                    r, f"t{t}-{j}", "m", prompt, rng.randrange(max_tokens + 1), "stop", float(t)
+                )
                 with lock:
                     settled.append(cost)
         except BaseException as e:  # noqa: BLE001 - reported below
