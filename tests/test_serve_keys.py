@@ -87,7 +87,7 @@ def test_add_key_refuses_bad_values_and_keeps_the_file(tmp_path):
         ({"name": "b", "prompt_price": -1}, "prompt_price is -1; allowed: an integer 0.."),
         ({"name": "b", "completion_price": 1.5}, "completion_price is 1.5"),
         ({"name": "b", "limit": True}, f"limit is True; allowed: an integer 0..{10**18} or null"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(KeysFileError, match=match):
             add_key(path, **kwargs)
     assert open(path).read() == before
@@ -121,33 +121,45 @@ MALFORMED = [
     ({"format": True, "keys": []}, "format is True, expected 1"),
     ({"format": 1, "keys": {}}, "keys must be a list, got dict"),
     ({"format": 1, "keys": ["x"]}, "key 0: must be a JSON object, got str"),
-    ({"format": 1, "keys": [{**key_entry(), "extra": 1}]},
-     r"key 0 \('alice'\): unknown fields \['extra'\], missing \[\]; allowed: name, sha256"),
-    ({"format": 1, "keys": [{k: v for k, v in key_entry().items() if k != "limit"}]},
-     r"key 0 \('alice'\): unknown fields \[\], missing \['limit'\]"),
+    (
+        {"format": 1, "keys": [{**key_entry(), "extra": 1}]},
+        r"key 0 \('alice'\): unknown fields \['extra'\], missing \[\]; allowed: name, sha256",
+    ),
+    (
+        {"format": 1, "keys": [{k: v for k, v in key_entry().items() if k != "limit"}]},
+        r"key 0 \('alice'\): unknown fields \[\], missing \['limit'\]",
+    ),
     ({"format": 1, "keys": [key_entry(name="")]}, "key 0 \\(''\\): name: bad key name ''"),
     ({"format": 1, "keys": [key_entry(name=3)]}, "key 0: name: bad key name 3"),
     ({"format": 1, "keys": [key_entry(name="a b")]}, "name: bad key name 'a b': 1-64 of"),
     ({"format": 1, "keys": [key_entry(name=ANONYMOUS)]}, "name 'anonymous' is reserved"),
-    ({"format": 1, "keys": [key_entry(sha256="A" * 64)]},
-     r"key 0 \('alice'\): sha256 is 'AAAA.*; allowed: 64 lowercase hex digits"),
+    (
+        {"format": 1, "keys": [key_entry(sha256="A" * 64)]},
+        r"key 0 \('alice'\): sha256 is 'AAAA.*; allowed: 64 lowercase hex digits",
+    ),
     ({"format": 1, "keys": [key_entry(sha256="a" * 63)]}, "sha256 is 'aaa.*; allowed: 64"),
     ({"format": 1, "keys": [key_entry(sha256="g" * 64)]}, "sha256 is 'ggg"),
     ({"format": 1, "keys": [key_entry(sha256=None)]}, "sha256 is None"),
-    ({"format": 1, "keys": [key_entry(prompt_price=-1)]},
-     r"key 0 \('alice'\): prompt_price is -1; allowed: an integer 0..1000000000000000$"),
+    (
+        {"format": 1, "keys": [key_entry(prompt_price=-1)]},
+        r"key 0 \('alice'\): prompt_price is -1; allowed: an integer 0..1000000000000000$",
+    ),
     ({"format": 1, "keys": [key_entry(prompt_price=1.0)]}, "prompt_price is 1.0; allowed"),
     ({"format": 1, "keys": [key_entry(prompt_price="1")]}, "prompt_price is '1'; allowed"),
     ({"format": 1, "keys": [key_entry(completion_price=False)]}, "completion_price is False"),
     ({"format": 1, "keys": [key_entry(completion_price=10**16)]}, "completion_price is 1000"),
     ({"format": 1, "keys": [key_entry(limit=-5)]}, "limit is -5; allowed: .* or null"),
     ({"format": 1, "keys": [key_entry(limit=2.5)]}, "limit is 2.5"),
-    ({"format": 1, "keys": [key_entry(), key_entry(sha256=HASH_B)]},
-     r"key 1 \('alice'\): name is also key 0's; names are unique"),
-    ({"format": 1, "keys": [key_entry(), key_entry(name="bob")]},
-     r"key 1 \('bob'\): sha256 is also key 0's"),
+    (
+        {"format": 1, "keys": [key_entry(), key_entry(sha256=HASH_B)]},
+        r"key 1 \('alice'\): name is also key 0's; names are unique",
+    ),
+    (
+        {"format": 1, "keys": [key_entry(), key_entry(name="bob")]},
+        r"key 1 \('bob'\): sha256 is also key 0's",
+    ),
     ('{"format": 1, "keys": [], "format": 1}', "field 'format' appears twice"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("content,match", MALFORMED)

@@ -7,7 +7,8 @@ import pytest
 
 from near_jax.serve.keys import ANONYMOUS, KeyRing, add_key, request_cost
 from near_jax.serve.metering import Meter, MeterError, OverLimit, Unauthorized
-from near_jax.serve.usage import UsageLedger, period_totals, verify
+from near_jax.serve.usage import UsageLedger
+from near_jax.serve.usage_verify import period_totals, verify
 
 PRICE_P, PRICE_C = 1_000_000, 2_000_000  # 1 and 2 micro-units a token: costs easy to follow
 
@@ -132,8 +133,9 @@ def test_concurrent_reservations_never_overspend(setup):
                 if rng.random() < 0.2:
                     meter.release(r)
                     continue
-                cost = meter.settle(r, f"t{t}-{j}", "m", prompt, rng.randrange(max_tokens + 1),
-                                    "stop", float(t))  # fmt: skip
+                cost = meter.settle(
+                    r, f"t{t}-{j}", "m", prompt, rng.randrange(max_tokens + 1), "stop", float(t)
+                )
                 with lock:
                     settled.append(cost)
         except BaseException as e:  # noqa: BLE001 - reported below

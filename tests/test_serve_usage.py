@@ -1,5 +1,5 @@
-"""The usage ledger (`near_jax.serve.usage`): the chain, tampering, idempotency, totals,
-threads, and kill -9 safety."""
+"""The usage ledger's writer (`near_jax.serve.usage`): the chain, idempotency, refused values,
+spend totals, threads, and kill -9 safety."""
 
 import hashlib
 import json
@@ -14,61 +14,12 @@ import threading
 import time
 
 import pytest
+from usage_rows import SHA_A, SHA_B, digest, fields, filled, rows, sql
 
-from near_jax.serve import usage
-from near_jax.serve.usage import FIELDS, UsageError, UsageLedger, period_totals, verify
+from near_jax.serve.usage import FIELDS, UsageError, UsageLedger
+from near_jax.serve.usage_verify import verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHA_A, SHA_B = "a" * 64, "b" * 64
-
-
-def fields(i: int, **over) -> dict:
-    """Request i's usage: distinct, deterministic values in every field."""
-    out = {
-        "request_id": f"req-{i:06d}",
-        "key_name": "alice" if i % 3 else "bob",
-        "key_sha256": SHA_A if i % 3 else SHA_B,
-        "model": f"model-{i % 2}",
-        "prompt_tokens": 10 + i,
-        "completion_tokens": 2 * i,
-        "cost": 7 * i + 1,
-        "finish": usage.FINISHES[i % 4],
-        "created": 1000.0 + i / 4,
-    }
-    out.update(over)
-    return out
-
-
-def filled(tmp_path, n: int = 6) -> str:
-    path = str(tmp_path / "usage.sqlite")
-    with UsageLedger(path) as led:
-        for i in range(1, n + 1):
-            assert led.record(**fields(i)) is True
-    return path
-
-
-def digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def sql(path: str, *statements: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        for s in statements:
-            conn.execute(s)
-    finally:
-        conn.close()
-
-
-def rows(path: str) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return conn.execute(
-            f"SELECT seq, {', '.join(FIELDS)}, prev_hash, entry_hash FROM usage ORDER BY seq"
-        ).fetchall()
-    finally:
-        conn.close()
 
 
 # ------------------------------------------------------------------------------ record
@@ -89,8 +40,9 @@ def test_chain_verifies_and_matches_the_documented_hash(tmp_path):
     for seq, i in zip(range(1, 7), range(1, 7), strict=True):
         row = rows(path)[seq - 1]
         assert dict(zip(FIELDS, row[1:-2], strict=True)) == fields(i)
-        text = json.dumps({"seq": seq, "prev_hash": prev, **fields(i)}, sort_keys=True,
-                          separators=(",", ":"))  # fmt: skip
+        text = json.dumps(
+            {"seq": seq, "prev_hash": prev, **fields(i)}, sort_keys=True, separators=(",", ":")
+        )
         assert row[-2] == prev and row[-1] == hashlib.sha256(text.encode()).hexdigest()
         prev = row[-1]
     assert prev == head
@@ -108,8 +60,13 @@ def test_record_is_idempotent_and_refuses_a_conflicting_rerecord(tmp_path):
     with UsageLedger(path) as led:
         assert led.record(**fields(2)) is False
         assert led.record(**fields(2, created=1000 + 2 / 4)) is False  # same value, as a float
-        for name, value in [("cost", 0), ("finish", "error"), ("created", 1.0),
-                            ("key_sha256", SHA_B), ("completion_tokens", 5)]:  # fmt: skip
+        for name, value in [
+            ("cost", 0),
+            ("finish", "error"),
+            ("created", 1.0),
+            ("key_sha256", SHA_B),
+            ("completion_tokens", 5),
+        ]:
             with pytest.raises(
                 UsageError, match=f"'req-000002' is already recorded with other {name}$"
             ):
@@ -122,13 +79,29 @@ def test_record_is_idempotent_and_refuses_a_conflicting_rerecord(tmp_path):
 
 @pytest.mark.parametrize(
     "name,value",
-    [("request_id", ""), ("request_id", "x" * 201), ("request_id", "a\nb"), ("request_id", 5),
-     ("key_name", "-bad"), ("key_sha256", "A" * 64), ("model", ""), ("prompt_tokens", -1),
-     ("prompt_tokens", True), ("completion_tokens", 1.0), ("completion_tokens", 1 << 41),
-     ("cost", -1), ("cost", 10**16), ("finish", "done"), ("created", -1.0),
-     ("created", float("nan")), ("created", float("inf")), ("created", "1"),
-     ("created", 10**400), ("created", -1)],
-)  # fmt: skip
+    [
+        ("request_id", ""),
+        ("request_id", "x" * 201),
+        ("request_id", "a\nb"),
+        ("request_id", 5),
+        ("key_name", "-bad"),
+        ("key_sha256", "A" * 64),
+        ("model", ""),
+        ("prompt_tokens", -1),
+        ("prompt_tokens", True),
+        ("completion_tokens", 1.0),
+        ("completion_tokens", 1 << 41),
+        ("cost", -1),
+        ("cost", 10**16),
+        ("finish", "done"),
+        ("created", -1.0),
+        ("created", float("nan")),
+        ("created", float("inf")),
+        ("created", "1"),
+        ("created", 10**400),
+        ("created", -1),
+    ],
+)
 def test_record_refuses_bad_values_writing_nothing(tmp_path, name, value):
     path = filled(tmp_path, 2)
     before = digest(path)
@@ -168,151 +141,6 @@ def test_open_refuses_other_files(tmp_path):
         UsageLedger(str(garbage))
 
 
-# ------------------------------------------------------------------------------ verify
-
-TAMPERED = [
-    ("UPDATE usage SET request_id = 'req-x' WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET key_name = 'carol' WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET key_sha256 = '" + "c" * 64 + "' WHERE seq = 3", ["row 3: contents"]),
-    ("UPDATE usage SET model = 'other' WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET prompt_tokens = 1 WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET completion_tokens = 0 WHERE seq = 3", ["row 3: contents"]),
-    ("UPDATE usage SET cost = 0 WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET finish = 'stop' WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET created = 0.5 WHERE seq = 3", ["row 3: contents do not match"]),
-    ("UPDATE usage SET entry_hash = '" + "0" * 64 + "' WHERE seq = 3",
-     ["row 3: contents do not match", "row 4: prev_hash does not match row 3"]),
-    ("UPDATE usage SET prev_hash = '" + "0" * 64 + "' WHERE seq = 3",
-     ["row 3: prev_hash does not match row 2", "row 3: contents"]),
-    ("UPDATE usage SET cost = -4 WHERE seq = 3", ["row 3: cost -4 is not an int in 0.."]),
-    ("UPDATE usage SET cost = 2.5 WHERE seq = 3", ["row 3: cost 2.5 is not an int"]),
-    ("UPDATE usage SET prompt_tokens = 'many' WHERE seq = 3", ["row 3: prompt_tokens 'many'"]),
-    ("UPDATE usage SET created = 'later' WHERE seq = 3", ["row 3: created 'later' is not a"]),
-    ("UPDATE usage SET finish = 'exploded' WHERE seq = 3", ["row 3: finish 'exploded' is not"]),
-    ("UPDATE usage SET key_sha256 = 'xyz' WHERE seq = 3", ["row 3: key_sha256 'xyz' is not 64"]),
-    ("UPDATE usage SET request_id = CAST('req-000003' AS BLOB) WHERE seq = 3",
-     ["row 3: request_id b'req-000003' is not text"]),
-    ("UPDATE usage SET model = CAST(X'6dff' AS TEXT) WHERE seq = 3",
-     ["row 3: model 'm\\udcff' is not 1-200 printable"]),
-    ("DELETE FROM usage WHERE seq = 3",
-     ["row 3 is missing (seq jumps 2 → 4)", "row 4: prev_hash does not match row 2"]),
-    ("DELETE FROM usage WHERE seq IN (3, 4)", ["rows 3..4 are missing (seq jumps 2 → 5)"]),
-    ("DELETE FROM usage WHERE seq = 1",
-     ["rows 1..1 are missing (seq starts at 2)", "row 2: prev_hash does not match the genesis"]),
-    ("UPDATE usage SET seq = 0 WHERE seq = 1",
-     ["row 0: seq out of range (expected 1)", "row 0: contents",
-      "row 1 is missing (seq jumps 0 → 2)"]),
-    ("UPDATE meta SET value = '2' WHERE key = 'format'", ["meta format is '2', expected '1'"]),
-    ("DROP TABLE meta", ["the meta table is missing"]),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("statement,expected", TAMPERED)
-def test_verify_names_each_tampering(tmp_path, statement, expected):
-    path = filled(tmp_path)
-    sql(path, statement)
-    before = digest(path)
-    problems = verify(path)
-    assert problems, statement
-    for want in expected:
-        assert any(p.startswith(want) for p in problems), (want, problems)
-    assert all("\n" not in p for p in problems)
-    assert digest(path) == before  # verify never writes
-
-
-def test_verify_catches_swapped_rows(tmp_path):
-    path = filled(tmp_path)
-    sql(path, "UPDATE usage SET seq = 100 WHERE seq = 3", "UPDATE usage SET seq = 3 WHERE seq = 4",
-        "UPDATE usage SET seq = 4 WHERE seq = 100")  # fmt: skip
-    problems = verify(path)
-    assert "row 3: prev_hash does not match row 2 (deleted, inserted or reordered rows)" in problems
-    assert "row 3: contents do not match its hash (edited)" in problems
-    assert "row 5: prev_hash does not match row 4 (deleted, inserted or reordered rows)" in problems
-    # an edit that also recomputes the row's hash still breaks the next row's link
-    os.makedirs(tmp_path / "b")
-    path2 = filled(tmp_path / "b")
-    conn = sqlite3.connect(path2, isolation_level=None)
-    prev = conn.execute("SELECT entry_hash FROM usage WHERE seq = 2").fetchone()[0]
-    forged = usage.entry_hash(3, prev, fields(3, cost=0))
-    conn.execute("UPDATE usage SET cost = 0, entry_hash = ? WHERE seq = 3", (forged,))
-    conn.close()
-    assert verify(path2) == ["row 4: prev_hash does not match row 3 (deleted, inserted or "
-                             "reordered rows)"]  # fmt: skip
-
-
-def test_verify_catches_a_duplicate_request_id_without_the_constraint(tmp_path):
-    path = filled(tmp_path)
-    sql(path, "PRAGMA writable_schema = ON",
-        "UPDATE sqlite_master SET sql = replace(sql, 'UNIQUE', '') WHERE name = 'usage'",
-        "DELETE FROM sqlite_master WHERE name LIKE 'sqlite_autoindex_usage%'",
-        "PRAGMA writable_schema = OFF", "VACUUM")  # fmt: skip
-    head = rows(path)[-1][-1]
-    again = fields(2)
-    values = (7, *again.values(), head, usage.entry_hash(7, head, again))
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(f"INSERT INTO usage VALUES ({', '.join('?' * len(values))})", values)
-    conn.close()
-    assert verify(path) == ["row 7: request_id 'req-000002' is also row 2's"]
-
-
-def test_verify_never_raises_on_garbage(tmp_path):
-    assert verify(str(tmp_path / "nope.sqlite")) == [
-        f"no usage ledger file at {tmp_path}/nope.sqlite"
-    ]
-    garbage = tmp_path / "garbage"
-    garbage.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
-    [problem] = verify(str(garbage))
-    assert problem.startswith("not a SQLite database:")
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    assert verify(str(empty)) == ["the meta table is missing", "the usage table is missing"]
-    # a real ledger with its middle pages overwritten
-    path = filled(tmp_path, 200)
-    with open(path, "r+b") as f:
-        f.seek(4096 * 2)
-        f.write(b"\x5a" * 4096)
-    problems = verify(path)
-    assert problems and all(isinstance(p, str) and "\n" not in p for p in problems)
-    with pytest.raises(UsageError):
-        period_totals(path, 0, 1e9)
-
-
-# ------------------------------------------------------------------------------ totals
-
-
-def test_period_totals_are_exact(tmp_path):
-    rng = random.Random(1)
-    path = str(tmp_path / "usage.sqlite")
-    recorded = []
-    with UsageLedger(path) as led:
-        for i in range(1, 301):
-            f = fields(i, created=float(rng.randrange(0, 100)) + rng.choice([0.0, 0.5]),
-                       cost=rng.randrange(10**15), prompt_tokens=rng.randrange(1 << 40),
-                       completion_tokens=rng.randrange(1 << 30))  # fmt: skip
-            led.record(**f)
-            recorded.append((i, f))
-    hashes = {r[0]: r[-1] for r in rows(path)}
-    for start, end in [(0, 100), (10, 20), (10.5, 10.5), (20, 20.5), (99.5, 1e9), (-5, 0)]:
-        inside = [(seq, f) for seq, f in recorded if start <= f["created"] < end]
-        got = period_totals(path, start, end)
-        assert got == {
-            "requests": len(inside),
-            "prompt_tokens": sum(f["prompt_tokens"] for _, f in inside),
-            "completion_tokens": sum(f["completion_tokens"] for _, f in inside),
-            "revenue": sum(f["cost"] for _, f in inside),
-            "first_seq": min((s for s, _ in inside), default=None),
-            "last_seq": max((s for s, _ in inside), default=None),
-            "head_hash": hashes[max(s for s, _ in inside)] if inside else None,
-        }, (start, end)
-    assert period_totals(path, 0, 100)["requests"] == 300
-    for bad in [(1, 0), (float("nan"), 1), (0, float("inf")), ("0", 1), (True, 1)]:
-        with pytest.raises(ValueError):
-            period_totals(path, *bad)
-    sql(path, "UPDATE usage SET cost = cost + 1 WHERE seq = 7")
-    with pytest.raises(UsageError, match="row 7: contents do not match its hash"):
-        period_totals(path, 0, 100)
-
-
 # ----------------------------------------------------------------------------- threads
 
 
@@ -350,7 +178,7 @@ def test_records_from_8_threads_keep_the_chain(tmp_path):
 CHILD = r"""
 import os, signal, sqlite3, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-from test_serve_usage import fields
+from usage_rows import fields
 from near_jax.serve.usage import UsageLedger
 
 path, mode = sys.argv[1], sys.argv[2]
@@ -411,8 +239,11 @@ def test_kill_9_while_recording_leaves_whole_rows(tmp_path):
     started = time.time()
     for i, delay in enumerate([0.0, rng.uniform(0.0, 0.02), rng.uniform(0.02, 0.1)]):
         path = str(tmp_path / f"kill{i}.sqlite")
-        child = subprocess.Popen([sys.executable, "-c", CHILD, path, "loop"], cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, path, "loop"],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": REPO},
+        )
         try:
             deadline = time.time() + 30
             while count_rows(path) < 5:
@@ -430,8 +261,12 @@ def test_kill_9_while_recording_leaves_whole_rows(tmp_path):
 
 def test_kill_9_inside_a_record_leaves_it_absent(tmp_path):
     path = str(tmp_path / "mid.sqlite")
-    child = subprocess.run([sys.executable, "-c", CHILD, path, "mid"], cwd=REPO, timeout=60,
-                           env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, path, "mid"],
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert child.returncode == -signal.SIGKILL
     # killed with a hot journal: a read-only open cannot read the file until it is rolled back
     assert os.path.getsize(path + "-journal") > 0
