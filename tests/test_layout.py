@@ -36,7 +36,9 @@ LAYERS = (
     "near_jax.diloco",
     # 5 contributors: identities, screening, scoring, ledger, rewards.
     "near_jax.contrib",
-    # 6 programs: every module whose last component is `__main__`, plus these. Programs may
+    # 6 serving: the API, continuous batching, metering, signed replies, attestation, payouts.
+    "near_jax.serve",
+    # 7 programs: every module whose last component is `__main__`, plus these. Programs may
     # import any layer; nothing may import a program.
     "near_jax.generate near_jax.plot",
 )

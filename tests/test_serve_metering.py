@@ -55,6 +55,12 @@ def test_open_keyring_accepts_anyone_for_free(tmp_path):
         assert meter.settle(r, "r1", "m", 10**6, 5, "stop", 1.0) == 0
         assert ledger.spent(key.sha256) == 0 and ledger.count() == 1  # still recorded
         assert meter.remaining(key) is None
+        # Several free requests in flight at once: each hold of 0 comes and goes.
+        holds = [meter.reserve(key, 3, 4) for _ in range(3)]
+        for i, hold in enumerate(holds):
+            meter.settle(hold, f"f{i}", "m", 3, 4, "stop", 1.0)
+        meter.release(holds[0])
+        assert meter.held(key) == 0 and ledger.count() == 4
 
 
 def test_reserve_holds_the_worst_case_and_refuses_past_the_limit(setup):

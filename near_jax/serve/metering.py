@@ -142,11 +142,12 @@ class Meter:
             if self._open.pop(reservation.id, None) is None:
                 return
             sha = reservation.key.sha256
-            left = self._held[sha] - reservation.worst
+            # .get: holds of 0 (a free key) leave no entry behind
+            left = self._held.get(sha, 0) - reservation.worst
             if left:
                 self._held[sha] = left
             else:
-                del self._held[sha]
+                self._held.pop(sha, None)
 
     def held(self, key: ApiKey) -> int:
         """Micro-units held for `key` by requests in flight."""
