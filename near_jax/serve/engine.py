@@ -89,6 +89,7 @@ class Ticket:
         self._emit, self._wake = emit, wake
         self.queued_at = time.time()
         self.started_at: float | None = None  # admitted to a slot
+        self.slot: int | None = None  # the slot it was given (kept after it leaves)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.finish: str | None = None
@@ -362,7 +363,7 @@ class Engine:
             self._tickets[slot] = ticket
             self._state[slot], self._next_start[slot] = _PREFILL, 0
             self._prefilling.append(slot)
-            ticket.started_at = time.time()
+            ticket.started_at, ticket.slot = time.time(), slot
 
     def _iteration(self) -> None:
         for slot in np.flatnonzero(self._state != _FREE):
