@@ -261,17 +261,13 @@ def test_a_failure_ends_every_request_with_error(setup, engine):
     if engine.mesh.shape["data"] != 1:
         pytest.skip("the failure path is mesh-independent")
     eng = _engine(setup, engine.mesh, slots=2)
-    calls = []
 
-    class Failing:  # the compiled steps of `engine`, but decode fails after warmup's
+    class Failing:  # the compiled steps of `engine` (warmup included), but decode fails
         def __getattr__(self, name):
             return getattr(engine.device, name)
 
         def run_decode(self, *args):
-            calls.append(1)
-            if len(calls) > 1:
-                raise RuntimeError("device lost\nand a second line")
-            return engine.device.run_decode(*args)
+            raise RuntimeError("device lost\nand a second line")
 
     eng.device = Failing()
     collectors = [Collector() for _ in range(4)]  # two get slots, two wait
@@ -280,7 +276,9 @@ def test_a_failure_ends_every_request_with_error(setup, engine):
     eng.start()
     results = [c.wait() for c in collectors]
     assert all(finish == "error" and len(tokens) <= 1 for tokens, finish in results)
+    eng.shutdown()  # the thread has ended already; this joins it
     stats = eng.stats()
     assert stats["error"] == "RuntimeError: device lost" and not stats["running"]
+    assert stats["finished"]["error"] == 4
     with pytest.raises(EngineError, match="device lost"):
         eng.submit(Request((1,), 1), Collector())
