@@ -2,8 +2,10 @@
 reuse (one device and a data x tensor mesh), seeded sampling independent of the batch, EOS,
 max_tokens, cancel, the queue bound, request checks, and the failure path."""
 
+import dataclasses
 import functools
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,9 @@ import pytest
 from helpers import small_config
 
 from near_jax import model, sharding
+from near_jax.infer import loading
 from near_jax.infer.generator import Generator
-from near_jax.serve.engine import Engine, EngineError, QueueFull, Request
+from near_jax.serve.engine import Engine, EngineError, QueueFull, Request, engine_for_run
 
 VOCAB_LIMIT = 300  # a tokenizer smaller than the (padded) embedding
 MAX_LEN = 32  # small_config's data.seq_len
@@ -282,3 +285,16 @@ def test_a_failure_ends_every_request_with_error(setup, engine):
     assert stats["finished"]["error"] == 4
     with pytest.raises(EngineError, match="device lost"):
         eng.submit(Request((1,), 1), Collector())
+
+
+def test_engine_for_run_takes_the_runs_tokenizer_and_context(setup):
+    cfg, params = setup
+    tokenizer = types.SimpleNamespace(eos_id=2, pad_id=0, vocab_size=VOCAB_LIMIT)
+    run = loading.LoadedRun("", 5, small_config(), cfg, params, _mesh(), tokenizer)
+    eng = engine_for_run(run, slots=3, prefill_chunk=CHUNK)
+    assert (eng.eos_id, eng.pad_id, eng.vocab_limit) == (2, 0, VOCAB_LIMIT)
+    assert (eng.max_len, eng.slots, eng.cache_len) == (MAX_LEN, 3, MAX_LEN)
+    # Sliding-window attention has no context bound but memory: data.seq_len by default.
+    windowed = dataclasses.replace(run, model_cfg=dataclasses.replace(cfg, attention_window=6))
+    assert engine_for_run(windowed, max_len=20, prefill_chunk=CHUNK).cache_len == 24
+    assert engine_for_run(windowed, prefill_chunk=CHUNK).max_len == MAX_LEN
