@@ -51,7 +51,10 @@ from near_jax.infer import generator, loading
 from near_jax.infer.sampling import Sampling
 from near_jax.serve.slots import SlotSteps
 
-# emit(tokens, finish): ([token], None) per new token, then ([], finish) exactly once.
+# emit(tokens, finish), called from the engine thread: ([token], None) per new token, then
+# ([], finish) exactly once, finish in FINISHES: "stop" (EOS drawn, not emitted), "length"
+# (max_tokens reached), "cancelled" (Ticket.cancel or shutdown), "error" (the engine failed).
+# It must be cheap (the batch waits for it); what it raises is logged and ignored.
 Emit = Callable[[list[int], "str | None"], None]
 FINISHES = ("stop", "length", "cancelled", "error")
 _FREE, _PREFILL, _DECODE = 0, 1, 2
@@ -89,6 +92,7 @@ class Ticket:
         self._emit, self._wake = emit, wake
         self.queued_at = time.time()
         self.started_at: float | None = None  # admitted to a slot
+        self.slot: int | None = None  # the slot it was given (kept after it leaves)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.finish: str | None = None
@@ -147,6 +151,7 @@ class Engine:
         self.prefill_chunk, self.prefill_per_step = prefill_chunk, prefill_per_step
         self.slots = _round_up(slots, sharding.data_parallel_size(mesh))
         self.cache_len = _round_up(max_len, prefill_chunk)
+        # Raises ValueError where the cache does not fit the devices' free memory.
         self.device = SlotSteps(
             model_cfg,
             mesh,
@@ -155,14 +160,7 @@ class Engine:
             chunk=prefill_chunk,
             vocab_limit=self.vocab_limit,
         )
-        need = self.device.cache_bytes_per_device()
-        budget = int(generator.CACHE_MEMORY_FRACTION * generator.free_device_memory(mesh))
-        if need > budget:
-            raise ValueError(
-                f"slots={self.slots} x max_len={max_len} is not allowed: the KV cache needs "
-                f"{need / 2**30:.2f} GiB per device, over the {budget / 2**30:.2f} GiB allowed "
-                f"({generator.CACHE_MEMORY_FRACTION:.0%} of the free memory)"
-            )
+        self.cache_bytes_per_device = self.device.cache_bytes_per_device()
         self._cache: dict[str, jax.Array] | None = None
 
         # Per-slot host state (engine thread only).
@@ -254,19 +252,7 @@ class Engine:
         with jax.set_mesh(self.mesh):
             if self._cache is None:
                 self._cache = self.device.new_cache()
-            # Garbage written to free slots only (see the module docstring).
-            tokens_C = np.full(self.prefill_chunk, self.pad_id)
-            token, self._cache = self.device.run_prefill(
-                self.params, self._cache, tokens_C, 0, 0, 0, (0.0, 0, 1.0), 0
-            )
-            np.asarray(token)
-            n = self.slots
-            ints_4xB = np.stack([np.full(n, self.pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
-            floats_2xB = np.stack([np.zeros(n), np.ones(n)])
-            tokens_B, self._cache = self.device.run_decode(
-                self.params, self._cache, ints_4xB, np.zeros(n), floats_2xB
-            )
-            np.asarray(tokens_B)
+            self._cache = self.device.warmup(self.params, self._cache, self.pad_id)
 
     def start(self) -> None:
         """Warms up, then starts the engine thread (once)."""
@@ -306,7 +292,7 @@ class Engine:
                 cache_len=self.cache_len,
                 max_len=self.max_len,
                 prefill_chunk=self.prefill_chunk,
-                cache_bytes_per_device=self.device.cache_bytes_per_device(),
+                cache_bytes_per_device=self.cache_bytes_per_device,
                 running=self._thread is not None and self._thread.is_alive(),
                 error=self.error,
             )
@@ -362,7 +348,7 @@ class Engine:
             self._tickets[slot] = ticket
             self._state[slot], self._next_start[slot] = _PREFILL, 0
             self._prefilling.append(slot)
-            ticket.started_at = time.time()
+            ticket.started_at, ticket.slot = time.time(), slot
 
     def _iteration(self) -> None:
         for slot in np.flatnonzero(self._state != _FREE):

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from near_jax import model, sharding
+from near_jax.infer import generator
 from near_jax.infer.sampling import sample_rows
 
 
@@ -64,6 +65,14 @@ class SlotSteps:
         logical = {k: PartitionSpec(*model.CACHE_AXES) for k in shapes}
         self.cache_shapes = shapes
         self.cache_shardings = sharding.logical_to_sharding(logical, shapes, mesh)
+        need = self.cache_bytes_per_device()
+        budget = int(generator.CACHE_MEMORY_FRACTION * generator.free_device_memory(mesh))
+        if need > budget:
+            raise ValueError(
+                f"slots={slots} x cache_len={cache_len} is not allowed: the KV cache needs "
+                f"{need / 2**30:.2f} GiB per device, over the {budget / 2**30:.2f} GiB allowed "
+                f"({generator.CACHE_MEMORY_FRACTION:.0%} of the free memory)"
+            )
         batch_axes = sharding.batch_sharding(mesh).spec[0]
         self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
         self.rows_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
@@ -168,3 +177,16 @@ class SlotSteps:
             jax.device_put(np.asarray(seeds_B, np.uint32), self.row_sharding),
             jax.device_put(np.asarray(floats_2xB, np.float32), self.rows_sharding),
         )
+
+    def warmup(self, params, cache, pad_id: int) -> dict[str, jax.Array]:
+        """Compiles (by running) both steps on idle inputs; returns the cache. They write
+        garbage at position 0 of slot 0 (prefill) and of every slot (decode): harmless only
+        while no slot holds a request (see engine.py)."""
+        tokens_C = np.full(self.chunk, pad_id)
+        token, cache = self.run_prefill(params, cache, tokens_C, 0, 0, 0, (0.0, 0, 1.0), 0)
+        n = self.slots
+        ints_4xB = np.stack([np.full(n, pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
+        floats_2xB = np.stack([np.zeros(n), np.ones(n)])
+        tokens_B, cache = self.run_decode(params, cache, ints_4xB, np.zeros(n), floats_2xB)
+        jax.block_until_ready((token, tokens_B))
+        return cache
