@@ -315,3 +315,45 @@ def test_the_usage_ledger_holds_every_answered_request_and_verifies(served):
     assert usage_verify.verify(served["ledger_path"]) == []
     totals = usage_verify.period_totals(served["ledger_path"], 0, time.time() + 1)
     assert totals["requests"] >= 40 and totals["revenue"] > 0
+
+
+def test_a_client_that_leaves_mid_stream_is_billed_for_what_was_made(served):
+    import http.client
+
+    before = usage_verify.period_totals(served["ledger_path"], 0, time.time() + 1)["requests"]
+    conn = http.client.HTTPConnection(served["base"].removeprefix("http://"), timeout=30)
+    body = json.dumps({"prompt": "x", "max_tokens": 90, "stream": True})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {served['secret']}"},
+    )
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+    conn.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        totals = usage_verify.period_totals(served["ledger_path"], 0, time.time() + 1)
+        if totals["requests"] > before and served["engine"].stats()["active_slots"] == 0:
+            break
+        time.sleep(0.05)
+    assert totals["requests"] == before + 1  # recorded once, as cancelled
+    # ... because the stream was cut before its end (status 499 in the metrics).
+    assert 'status="499"} 1.0' in _get(served, "/metrics")[1].decode()
+    assert served["engine"].stats()["active_slots"] == 0  # its slot is free again
+    assert usage_verify.verify(served["ledger_path"]) == []
+
+
+def test_an_oversized_body_is_refused_and_a_failed_engine_is_unhealthy(served, monkeypatch):
+    from near_jax.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 64)
+    code, _, reply = _post(served, "/v1/completions", json.dumps({"prompt": "x" * 100}).encode())
+    assert code == 413 and "over 64 bytes" in json.loads(reply)["error"]["message"]
+    monkeypatch.undo()
+    stats = served["engine"].stats
+    monkeypatch.setattr(served["engine"], "stats", lambda: {**stats(), "error": "boom"})
+    code, health = _get(served, "/health")
+    assert code == 503 and json.loads(health)["error"] == "boom"
