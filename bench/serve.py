@@ -109,7 +109,9 @@ class _Served:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-        config = uvicorn.Config(serve_app.Server(service).app(), log_level="warning")
+        # log_config=None: keep the process's logging as it is (uvicorn would point it at the
+        # stderr of the moment, which a test harness closes later).
+        config = uvicorn.Config(serve_app.Server(service).app(), log_config=None)
         self.uv = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]})
         self.thread.start()

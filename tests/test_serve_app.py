@@ -63,7 +63,7 @@ def served(tmp_path_factory):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(server.app(), log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(server.app(), log_config=None))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not uv.started:
