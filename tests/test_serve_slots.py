@@ -1,5 +1,6 @@
 """The engine's device steps: per-request keys, a chunked prefill that writes its own slot
-only (also where the slot axis is sharded and other slots hold non-finite garbage)."""
+only (also where the slot axis is sharded and other slots hold non-finite garbage), decode
+buckets that run and write the first rows only."""
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,30 @@ def test_chunked_prefill_writes_its_slot_as_a_whole_prefill_would(small_params, 
         np.testing.assert_array_equal(np.asarray(cache[k][:, 0]), kept[k])
         np.testing.assert_allclose(cache[k][:, 1, :13], whole[k][:, 0, :13], atol=2e-5, rtol=1e-4)
     assert int(token) == int(jnp.argmax(logits[0, -1, :300]))
+
+
+def test_a_decode_bucket_runs_the_first_rows_as_the_full_step_does(small_params):
+    cfg = model.ModelConfig.from_config(small_config().model)
+    mcfg = small_config().mesh
+    mcfg.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(mcfg, jax.devices()[:1])
+    steps = SlotSteps(cfg, mesh, slots=3, cache_len=16, chunk=8, vocab_limit=300)
+    assert steps.buckets == (1, 2, 3) and [steps.bucket(n) for n in (1, 2, 3)] == [1, 2, 3]
+    ints_4xB = np.array([[5, 7, 9], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    floats_2xB = np.array([[0.0] * 3, [1.0] * 3])
+    with jax.set_mesh(mesh):
+        full, cache = steps.run_decode(
+            small_params, steps.new_cache(), ints_4xB, np.zeros(3), floats_2xB
+        )
+        full = {k: np.asarray(v) for k, v in cache.items()}, np.asarray(full)
+        cache = jax.device_put(
+            {k: v.at[:, 2].set(jnp.nan) for k, v in steps.new_cache().items()},
+            steps.cache_shardings,
+        )  # the row the bucket leaves alone holds garbage: neither read nor changed
+        tokens, cache = steps.run_decode(
+            small_params, cache, ints_4xB[:, :2], np.zeros(2), floats_2xB[:, :2]
+        )
+    np.testing.assert_array_equal(np.asarray(tokens), full[1][:2])
+    for k, v in cache.items():
+        np.testing.assert_allclose(np.asarray(v[:, :2]), full[0][k][:, :2], atol=1e-6)
+        assert np.isnan(np.asarray(v[:, 2])).all()
