@@ -155,11 +155,13 @@ class SlotSteps:
         )
         return token_1[0], cache
 
-    def _decode_fn(self, params, cache, ints_4xB, seeds_B, floats_2xB):
-        """ints_4xB = (input token, position, tokens drawn so far, top_k) per slot of the
-        first B (a bucket); floats_2xB = (temperature, top_p). Returns (next token per slot,
-        cache)."""
-        tokens_B, positions_B, counts_B, top_k_B = ints_4xB
+    def _decode_fn(self, params, cache, ints_7xB):
+        """ints_7xB = (input token, position, tokens drawn so far, top_k, seed, temperature,
+        top_p) per slot of the first B (a bucket), seed, temperature and top_p as the bits of
+        their uint32 and float32 (one transfer). Returns (next token per slot, cache)."""
+        tokens_B, positions_B, counts_B, top_k_B = ints_7xB[:4]
+        seeds_B = jax.lax.bitcast_convert_type(ints_7xB[4], jnp.uint32)
+        floats_2xB = jax.lax.bitcast_convert_type(ints_7xB[5:], jnp.float32)
         b = tokens_B.shape[0]
         rows = cache if b == self.slots else {k: v[:, :b] for k, v in cache.items()}
         logits_Bx1xV, rows = model.apply_with_cache(
@@ -191,13 +193,11 @@ class SlotSteps:
     def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB):
         """One decode step from host arrays over the first B slots (B a bucket: the arrays'
         last axis); returns (next tokens [B] device array, cache)."""
-        return self.decode(
-            params,
-            cache,
-            jax.device_put(np.asarray(ints_4xB, np.int32), self.rows_sharding),
-            jax.device_put(np.asarray(seeds_B, np.uint32), self.row_sharding),
-            jax.device_put(np.asarray(floats_2xB, np.float32), self.rows_sharding),
-        )
+        ints_7xB = np.empty((7, np.shape(ints_4xB)[1]), np.int32)
+        ints_7xB[:4] = ints_4xB
+        ints_7xB[4] = np.asarray(seeds_B, np.uint32).view(np.int32)
+        ints_7xB[5:] = np.asarray(floats_2xB, np.float32).view(np.int32)
+        return self.decode(params, cache, jax.device_put(ints_7xB, self.rows_sharding))
 
     def warmup(self, params, cache, pad_id: int) -> dict[str, jax.Array]:
         """Compiles (by running) prefill and every decode bucket on idle inputs; returns the
