@@ -6,13 +6,12 @@ loops:
 1. cancelled requests leave (their slot is free at once; queued ones are dropped);
 2. waiting requests are admitted to free slots, oldest first, each to the lowest free slot
    (so busy slots stay packed at the bottom);
-3. prompts are prefilled in chunks of `prefill_chunk` tokens, one slot's chunk per call,
-   oldest prompt first, within a token budget per iteration as vLLM's chunked prefill:
-   `step_tokens` less one token per decoding row, each chunk counting `prefill_chunk`
-   tokens, but at least `prefill_per_step` chunks. So a burst of requests is prefilled
-   several chunks an iteration while the decode batch is small, and rows already decoding
-   wait at most about step_tokens tokens of prefill between their tokens. After a prompt's
-   last chunk the slot samples its first token and joins the decode batch;
+3. prompts are prefilled in chunks of `prefill_chunk` tokens (one slot's chunk a call,
+   oldest first) within a token budget per iteration, as vLLM's chunked prefill:
+   `step_tokens` less one per decoding row, `prefill_chunk` a chunk, but at least
+   `prefill_per_step` chunks. So a burst is prefilled many chunks an iteration while the
+   batch is small, and decoding rows wait for about step_tokens tokens of prefill at most.
+   After a prompt's last chunk the slot samples its first token and joins the batch;
 4. one decode step over the first b slots, b the smallest decode bucket (slots.py: powers
    of two, and `slots`) holding every decoding row, draws their next tokens; the tokens
    come back to the host in one transfer ([b] ints); a row that draws EOS (not emitted:
@@ -53,18 +52,15 @@ from absl import logging
 
 from near_jax import model, sharding
 from near_jax.infer import generator, loading
-from near_jax.serve.requests import (  # noqa: F401 - the engine's API, importable from here
-    FINISHES,
-    Emit,
-    EngineError,
-    QueueFull,
-    Request,
-    Ticket,
-    check_request,
-)
+from near_jax.serve import requests
+
+# The request types are the engine's API too: importable from here.
+from near_jax.serve.requests import FINISHES, Emit, EngineError, QueueFull, Request, Ticket
 from near_jax.serve.slots import SlotSteps
 
 _FREE, _PREFILL, _DECODE = 0, 1, 2
+_COUNTS = "steps decode_rows prefill_chunks prompt_tokens tokens_out requests_submitted"
+_COUNTERS = (*_COUNTS.split(), "requests_rejected", "decode_seconds", "prefill_seconds")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -150,24 +146,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.error: str | None = None
-        self._counters = dict(
-            steps=0,
-            decode_rows=0,
-            prefill_chunks=0,
-            prompt_tokens=0,
-            tokens_out=0,
-            requests_submitted=0,
-            requests_rejected=0,
-            decode_seconds=0.0,
-            prefill_seconds=0.0,
-        )
+        self._counters = {k: 0.0 if k.endswith("seconds") else 0 for k in _COUNTERS}
         self._finished = dict.fromkeys(FINISHES, 0)
 
     # ------------------------------------------------------------------------- public API
 
     def check(self, request: Request) -> None:
         """Raises ValueError (one line) for a request this engine cannot serve."""
-        check_request(request, vocab_limit=self.vocab_limit, max_len=self.max_len)
+        requests.check_request(request, vocab_limit=self.vocab_limit, max_len=self.max_len)
 
     def submit(self, request: Request, emit: Emit, request_id: str | None = None) -> Ticket:
         """Checks and queues a request; `emit` is called from the engine thread (see the
@@ -250,13 +236,8 @@ class Engine:
             self._cancel_pending = True
             self._wakeup.notify()
 
-    def _has_work(self) -> bool:
-        free = bool(np.any(self._state == _FREE))
-        return (
-            self._cancel_pending
-            or bool(np.any(self._state != _FREE))
-            or (free and bool(self._queue))
-        )
+    def _has_work(self) -> bool:  # (with no busy slot, every slot is free)
+        return self._cancel_pending or bool(self._queue) or bool(np.any(self._state != _FREE))
 
     def _run(self) -> None:
         try:
@@ -272,7 +253,7 @@ class Engine:
                         self._admit()
                     for ticket in dropped:
                         self._end(ticket, "cancelled")
-                    self._iteration()
+                    self._iteration(cancels)
                     self._flush()
         except Exception as e:  # noqa: BLE001 - every request must hear of the failure
             logging.exception("serving engine failed")
@@ -302,10 +283,10 @@ class Engine:
             self._count[slot], self._top_k[slot], self._seed[slot] = 0, r.top_k, r.seed
             self._temperature[slot], self._top_p[slot] = r.temperature, r.top_p
 
-    def _iteration(self) -> None:
-        for slot in np.flatnonzero(self._state != _FREE):
-            ticket = self._tickets[slot]
-            if ticket is not None and ticket.cancelled:
+    def _iteration(self, cancels: bool) -> None:
+        # Ticket.cancel marks the ticket before it sets _cancel_pending: none are missed.
+        for slot in np.flatnonzero(self._state != _FREE) if cancels else ():
+            if self._tickets[slot].cancelled:
                 self._free(int(slot), "cancelled")
         budget = self.step_tokens - int(np.sum(self._state == _DECODE))
         chunks = 0
@@ -323,16 +304,10 @@ class Engine:
         piece = prompt[start : start + c]
         tokens_C = np.full(c, self.pad_id, np.int32)
         tokens_C[: len(piece)] = piece
+        sampling, seed = (request.temperature, request.top_k, request.top_p), request.seed
         began = time.perf_counter()
         token, self._cache = self.device.run_prefill(
-            self.params,
-            self._cache,
-            tokens_C,
-            slot,
-            start,
-            len(piece) - 1,
-            (request.temperature, request.top_k, request.top_p),
-            request.seed,
+            self.params, self._cache, tokens_C, slot, start, len(piece) - 1, sampling, seed
         )
         last = start + c >= len(prompt)
         token = int(token) if last else None  # waits for the device on the last chunk only
@@ -428,12 +403,5 @@ def engine_for_run(run: loading.LoadedRun, **kw: Any) -> Engine:
     run's context (data.seq_len; for sliding-window attention, also data.seq_len)."""
     tok = run.tokenizer
     kw.setdefault("max_len", generator.context_len(run) or int(run.cfg.data.seq_len))
-    return Engine(
-        run.params,
-        run.model_cfg,
-        run.mesh,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        vocab_limit=tok.vocab_size,
-        **kw,
-    )
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size, **kw)
+    return Engine(run.params, run.model_cfg, run.mesh, **kw)
