@@ -162,7 +162,7 @@ def test_greedy_equals_generator_with_concurrent_requests_and_reused_slots(
     assert after["tokens_out"] - before["tokens_out"] == sum(MAX_TOKENS)
     assert after["finished"]["length"] - before["finished"]["length"] == len(requests)
     # Fixed shapes: warmup compiled the only programs serving runs (a decode per bucket).
-    buckets = (1, 2) if engine.mesh.shape["data"] == 1 else (4,)  # sharded slots: one
+    buckets = (1, 2) if engine.mesh.shape["data"] == 1 else (2, 4)  # multiples of data=2
     assert engine.device.buckets == buckets
     assert engine.device.prefill._cache_size() == 1
     assert engine.device.decode._cache_size() == len(buckets)
@@ -247,8 +247,8 @@ def test_engine_settings_are_checked(setup):
 
 
 def _twin(setup, engine, **kw):
-    """A fresh engine over `engine`'s compiled steps (one device, 2 slots): no compiling."""
-    eng = _engine(setup, engine.mesh, slots=2, **kw)
+    """A fresh engine over `engine`'s compiled steps: no compiling."""
+    eng = _engine(setup, engine.mesh, slots=engine.slots, **kw)
     eng.device = engine.device
     return eng
 
@@ -271,16 +271,17 @@ def test_a_burst_is_prefilled_within_the_token_budget(setup, engine, step_tokens
 
 
 def test_decode_runs_the_smallest_bucket_holding_the_busy_slots(setup, engine):
-    if engine.mesh.shape["data"] != 1:
-        pytest.skip("sharded slots have one bucket")
     eng = _twin(setup, engine)
     eng.start()
-    _serve(eng, [Request(_prompts([4])[0], 6)], threads=1)  # alone: slot 0, bucket 1
-    one = eng.stats()
-    assert one["decode_rows"] == one["steps"] == 5
-    _serve(eng, [Request(p, 6) for p in _prompts([4, 7])], threads=1)  # slots 0 and 1
-    two = eng.stats()
+    tickets = {}
+    _serve(eng, [Request(_prompts([4])[0], 6)], threads=1, tickets=tickets)
+    one = eng.stats()  # alone: the first slot of the order, the smallest bucket
+    assert tickets[0][0].slot == eng.device.order[0] == 0
+    assert one["decode_rows"] == one["steps"] * eng.device.buckets[0] == 5 * eng.slots // 2
+    _serve(eng, [Request(p, 6) for p in _prompts([4, 7])], threads=1, tickets=tickets)
+    two = eng.stats()  # the first two slots of the order (one per device where data=2)
     eng.shutdown()
+    assert {tickets[0][0].slot, tickets[1][0].slot} == set(eng.device.order[:2].tolist())
     assert two["decode_rows"] - one["decode_rows"] == 2 * (two["steps"] - one["steps"])
     assert engine.device.decode._cache_size() == 2  # warmup compiled both buckets
 

@@ -4,23 +4,23 @@ The engine owns `slots` rows of one KV cache (serve/slots.py) and a background t
 loops:
 
 1. cancelled requests leave (their slot is free at once; queued ones are dropped);
-2. waiting requests are admitted to free slots, oldest first, each to the lowest free slot
-   (so busy slots stay packed at the bottom);
+2. waiting requests are admitted to free slots, oldest first, each to the first free slot
+   in SlotSteps.order (so busy slots stay packed at the start of the order);
 3. prompts are prefilled in chunks of `prefill_chunk` tokens (one slot's chunk a call,
    oldest first) within a token budget per iteration, as vLLM's chunked prefill:
    `step_tokens` less one per decoding row, `prefill_chunk` a chunk, but at least
    `prefill_per_step` chunks. So a burst is prefilled many chunks an iteration while the
    batch is small, and decoding rows wait for about step_tokens tokens of prefill at most.
    After a prompt's last chunk the slot samples its first token and joins the batch;
-4. one decode step over the first b slots, b the smallest decode bucket (slots.py: powers
-   of two, and `slots`) holding every decoding row, draws their next tokens; the tokens
+4. one decode step over the first b slots of the order, b the smallest decode bucket
+   (slots.py: powers of two, and `slots`) holding every decoding row, draws their tokens; they
    come back to the host in one transfer ([b] ints); a row that draws EOS (not emitted:
    finish "stop") or reaches max_tokens ("length") leaves, and its slot takes the next
    waiting request at the next iteration;
 5. after the prefills and after the decode step, the counters are added under the lock
    (once), then the tokens and finishes are emitted (so stats() counts all a client heard).
 
-The decode step runs every slot below b, also free or still prefilling ones: those compute
+The decode step runs all b slots of its bucket, also free or still prefilling ones: those compute
 garbage that is dropped, and their cache write must be harmless. A free slot writes at
 position 0, which the next request's first chunk overwrites before anything reads it; a slot
 between prefill chunks writes at its next chunk's start, which that chunk overwrites. (A row
@@ -270,11 +270,11 @@ class Engine:
         return dropped
 
     def _admit(self) -> None:
-        for slot in np.flatnonzero(self._state == _FREE):
+        order = self.device.order
+        for slot in order[self._state[order] == _FREE].tolist():
             if not self._queue:
                 break
             ticket = self._queue.popleft()
-            slot = int(slot)
             self._tickets[slot] = ticket
             self._state[slot], self._next_start[slot] = _PREFILL, 0
             self._prefilling.append(slot)
@@ -321,24 +321,26 @@ class Engine:
         self._accept(slot, token)
 
     def _decode_step(self) -> None:
-        b = self.device.bucket(int(np.flatnonzero(self._state == _DECODE)[-1]) + 1)
-        decoding_B = self._state[:b] == _DECODE
+        last = np.flatnonzero(self._state[self.device.order] == _DECODE)[-1]
+        b = self.device.bucket(int(last) + 1)
+        slots_B = self.device.bucket_slots[b]
+        decoding_B = self._state[slots_B] == _DECODE
         ints_4xB = np.empty((4, b), np.int32)
-        ints_4xB[0] = np.where(decoding_B, self._token[:b], self.pad_id)
+        ints_4xB[0] = np.where(decoding_B, self._token[slots_B], self.pad_id)
         # Not decoding: a position the slot's next prefill chunk overwrites.
-        ints_4xB[1] = np.where(decoding_B, self._position[:b], self._next_start[:b])
-        ints_4xB[2], ints_4xB[3] = self._count[:b], self._top_k[:b]
-        floats_2xB = np.stack([self._temperature[:b], self._top_p[:b]])
+        ints_4xB[1] = np.where(decoding_B, self._position[slots_B], self._next_start[slots_B])
+        ints_4xB[2], ints_4xB[3] = self._count[slots_B], self._top_k[slots_B]
+        floats_2xB = np.stack([self._temperature[slots_B], self._top_p[slots_B]])
         began = time.perf_counter()
         tokens_B, self._cache = self.device.run_decode(
-            self.params, self._cache, ints_4xB, self._seed[:b], floats_2xB
+            self.params, self._cache, ints_4xB, self._seed[slots_B], floats_2xB
         )
         tokens_B = np.asarray(tokens_B).tolist()  # the step's one device-to-host transfer
         self._delta.update(steps=1, decode_rows=b)
         self._delta["decode_seconds"] += time.perf_counter() - began
-        self._position[:b] += decoding_B
-        for slot in np.flatnonzero(decoding_B).tolist():
-            self._accept(slot, tokens_B[slot])
+        self._position[slots_B] += decoding_B
+        for i in np.flatnonzero(decoding_B).tolist():
+            self._accept(int(slots_B[i]), tokens_B[i])
 
     def _accept(self, slot: int, token: int) -> None:
         """The slot's next token: emitted, or the end of its request."""

@@ -15,11 +15,12 @@ compiles each shape once (warmup), whatever the mix of requests:
 - `decode`: one token for each of the first b slots at its own position, sampled per row
   (sampling.sample_rows) with the row's key fold_in(key(seed), n) for its n-th token, so a
   seeded request draws the same tokens whatever else shares the batch. b is a bucket
-  (`buckets`: the powers of two below `slots`, and `slots`): the step cuts rows [0, b) out
-  of the cache (a static slice), runs them and writes them back at row 0, so its cost
-  follows the busy rows (the engine keeps them low), not `slots`; rows >= b are untouched.
-  Where the slot axis is sharded (data parallelism), the only bucket is `slots`: the first
-  b rows live on the first devices, and running them split over all would move them.
+  (`buckets`: dp times the powers of two below `slots`, and `slots`, dp the data-parallel
+  size). The step cuts the first b/dp rows of every device's block of slots out of the
+  cache (`bucket_slots`; a static slice of [dp, slots/dp], so no row moves between
+  devices), runs them and writes them back in place, so its cost follows the busy rows,
+  not `slots`; the other rows are untouched. The engine hands out slots in `order` (device
+  j % dp, its (j // dp)-th row), so the first b slots of the order are bucket b's.
 
 The cache is donated to both steps, so it is updated in place.
 """
@@ -82,9 +83,12 @@ class SlotSteps:
         self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
         self.rows_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
         self.replicated = sharding.replicated(mesh)
-        self._sharded_slots = sharding.data_parallel_size(mesh) > 1
-        powers = [] if self._sharded_slots else [1 << i for i in range(slots.bit_length())]
-        self.buckets = tuple(sorted({b for b in powers if b < slots} | {slots}))
+        dp = self._dp = sharding.data_parallel_size(mesh)
+        self._sharded_slots = dp > 1
+        self.buckets = (*(dp << i for i in range(slots.bit_length()) if dp << i < slots), slots)
+        blocks_DxR = np.arange(slots).reshape(dp, slots // dp)
+        self.order = blocks_DxR.T.reshape(-1)  # slot j: device j % dp, its (j // dp)-th row
+        self.bucket_slots = {b: blocks_DxR[:, : b // dp].reshape(-1) for b in self.buckets}
         self._init = jax.jit(
             lambda: model.init_cache(model_cfg, slots, cache_len),
             out_shardings=self.cache_shardings,
@@ -157,13 +161,24 @@ class SlotSteps:
 
     def _decode_fn(self, params, cache, ints_7xB):
         """ints_7xB = (input token, position, tokens drawn so far, top_k, seed, temperature,
-        top_p) per slot of the first B (a bucket), seed, temperature and top_p as the bits of
+        top_p) per slot of bucket_slots[B] (B a bucket), seed, temperature and top_p as the bits of
         their uint32 and float32 (one transfer). Returns (next token per slot, cache)."""
         tokens_B, positions_B, counts_B, top_k_B = ints_7xB[:4]
         seeds_B = jax.lax.bitcast_convert_type(ints_7xB[4], jnp.uint32)
         floats_2xB = jax.lax.bitcast_convert_type(ints_7xB[5:], jnp.float32)
-        b = tokens_B.shape[0]
-        rows = cache if b == self.slots else {k: v[:, :b] for k, v in cache.items()}
+        b, dp = tokens_B.shape[0], self._dp
+
+        def blocks(v_NxSx___, rows_per_device):  # [N, dp, rows per device, ...]
+            n, _, *rest = v_NxSx___.shape
+            return v_NxSx___.reshape(n, dp, rows_per_device, *rest)
+
+        rows = cache
+        if b < self.slots:  # bucket_slots: a static slice of every device's block
+            per = self.slots // dp
+            rows = {
+                k: blocks(v, per)[:, :, : b // dp].reshape(v.shape[0], b, *v.shape[2:])
+                for k, v in cache.items()
+            }
         logits_Bx1xV, rows = model.apply_with_cache(
             params, tokens_B[:, None], positions_B[:, None], rows, self.model_cfg
         )
@@ -171,7 +186,10 @@ class SlotSteps:
             cache = rows
         else:  # in place: the cache is donated
             cache = {
-                k: jax.lax.dynamic_update_slice_in_dim(v, rows[k], 0, 1) for k, v in cache.items()
+                k: jax.lax.dynamic_update_slice_in_dim(
+                    blocks(v, per), blocks(rows[k], b // dp), 0, 2
+                ).reshape(v.shape)
+                for k, v in cache.items()
             }
         keys_B = request_keys(seeds_B, counts_B)
         logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
@@ -191,8 +209,8 @@ class SlotSteps:
         )
 
     def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB):
-        """One decode step from host arrays over the first B slots (B a bucket: the arrays'
-        last axis); returns (next tokens [B] device array, cache)."""
+        """One decode step from host arrays over the B slots bucket_slots[B] (B a bucket: the
+        arrays' last axis, in that order); returns (next tokens [B] device array, cache)."""
         ints_7xB = np.empty((7, np.shape(ints_4xB)[1]), np.int32)
         ints_7xB[:4] = ints_4xB
         ints_7xB[4] = np.asarray(seeds_B, np.uint32).view(np.int32)
