@@ -176,7 +176,8 @@ class Engine:
         return ticket
 
     def warmup(self) -> None:
-        """Allocates the cache and compiles both steps (the only shapes serving uses).
+        """Allocates the cache and compiles prefill and every decode bucket (the only shapes
+        serving uses; nothing compiles later).
         Called by start(); runs in the calling thread, so call it before start() or not at
         all."""
         if self._thread is not None:
@@ -206,8 +207,9 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for metrics: queue_depth, active_slots (prefilling +
-        decoding), prefilling, decoding, slots, steps (decode steps), prefill_chunks,
-        prompt_tokens (prefilled), tokens_out (emitted), requests_submitted,
+        decoding), prefilling, decoding, slots, steps (decode steps), decode_rows (slots
+        the steps ran: a bucket each), prefill_chunks, prompt_tokens (prefilled),
+        tokens_out (emitted), requests_submitted,
         requests_rejected (QueueFull), finished {finish: count}, decode_seconds and
         prefill_seconds (device time, cumulative), cache_len, max_len, prefill_chunk,
         cache_bytes_per_device, running, error (None or the failure, one line)."""
