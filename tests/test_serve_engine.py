@@ -1,6 +1,7 @@
 """The serving engine: greedy output equals Generator's under concurrent submission with slot
-reuse (one device and a data x tensor mesh), seeded sampling independent of the batch, EOS,
-max_tokens, cancel, the queue bound, request checks, and the failure path."""
+reuse (one device and a data x tensor mesh), decode buckets that follow the busy slots,
+prefill by token budget, seeded sampling independent of the batch, EOS, max_tokens, cancel,
+the queue bound, and the failure path. (Request checks: test_serve_requests.py.)"""
 
 import dataclasses
 import functools
@@ -160,8 +161,11 @@ def test_greedy_equals_generator_with_concurrent_requests_and_reused_slots(
     )
     assert after["tokens_out"] - before["tokens_out"] == sum(MAX_TOKENS)
     assert after["finished"]["length"] - before["finished"]["length"] == len(requests)
-    # Fixed shapes: warmup compiled the only two programs serving runs.
-    assert engine.device.prefill._cache_size() == 1 and engine.device.decode._cache_size() == 1
+    # Fixed shapes: warmup compiled the only programs serving runs (a decode per bucket).
+    buckets = (1, 2) if engine.mesh.shape["data"] == 1 else (2, 4)  # multiples of data=2
+    assert engine.device.buckets == buckets
+    assert engine.device.prefill._cache_size() == 1
+    assert engine.device.decode._cache_size() == len(buckets)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
@@ -232,32 +236,54 @@ def test_a_full_queue_refuses_and_shutdown_cancels_the_waiting(setup):
         eng.submit(Request((1, 2), 3), Collector())
 
 
-@pytest.mark.parametrize(
-    "fields,message",
-    [
-        (dict(prompt=()), r"^an empty prompt is not allowed"),
-        (dict(prompt=(1, 300)), r"^prompt token 300 at index 1 is not allowed: .*\[0, 300\)$"),
-        (dict(max_tokens=0), r"^max_tokens=0 is not allowed: must be >= 1$"),
-        (dict(prompt=(1,) * 32), r"^a prompt of 32 tokens is not allowed: .* context is 32 "),
-        (dict(prompt=(1,) * 5, max_tokens=28), r"^max_tokens=28 is not allowed: at most 27 "),
-        (dict(temperature=-1.0), r"^temperature=-1.0 is not allowed"),
-        (dict(top_k=-1), r"^top_k=-1 is not allowed"),
-        (dict(top_p=0.0), r"^top_p=0.0 is not allowed"),
-        (dict(seed=-1), r"^seed=-1 is not allowed: must be in \[0, 2\*\*32\)$"),
-    ],
-)
-def test_bad_requests_are_refused_in_one_line(setup, fields, message):
-    eng = _engine(setup, _mesh())
-    request = Request(**{**dict(prompt=(1, 2), max_tokens=4), **fields})
-    with pytest.raises(ValueError, match=message) as err:
-        eng.submit(request, Collector())
-    assert "\n" not in str(err.value) and eng.stats()["queue_depth"] == 0
-
-
 def test_engine_settings_are_checked(setup):
     with pytest.raises(ValueError, match=r"^slots=0 is not allowed: must be >= 1$"):
         _engine(setup, _mesh(), slots=0)
     assert _engine(setup, _mesh(), max_len=30).cache_len == 32  # whole chunks
+    eng = _engine(setup, _mesh())
+    with pytest.raises(ValueError, match=r"^prompt token 300 at index 1 is not allowed"):
+        eng.submit(Request((1, 300), 4), Collector())  # the checks of test_serve_requests.py
+    assert eng.stats()["queue_depth"] == 0
+
+
+def _twin(setup, engine, **kw):
+    """A fresh engine over `engine`'s compiled steps: no compiling."""
+    eng = _engine(setup, engine.mesh, slots=engine.slots, **kw)
+    eng.device = engine.device
+    return eng
+
+
+@pytest.mark.parametrize("step_tokens,steps", [(1, 4), (2 * CHUNK, 3)])
+def test_a_burst_is_prefilled_within_the_token_budget(setup, engine, step_tokens, steps):
+    if engine.mesh.shape["data"] != 1:
+        pytest.skip("host-side scheduling: mesh-independent")
+    eng = _twin(setup, engine, step_tokens=step_tokens)
+    collectors = [Collector(), Collector()]
+    for c, p in zip(collectors, _prompts([5, 6]), strict=True):
+        eng.submit(Request(p, 4), c)  # both wait for the first iteration
+    eng.start()
+    assert [c.wait()[1] for c in collectors] == ["length"] * 2
+    stats = eng.stats()
+    eng.shutdown()
+    # Budget 1: one chunk an iteration, so the second prompt waits for one decode step
+    # (4 steps); budget 2 chunks: both in the first iteration, then 3 steps of both.
+    assert (stats["steps"], stats["prefill_chunks"], stats["tokens_out"]) == (steps, 2, 8)
+
+
+def test_decode_runs_the_smallest_bucket_holding_the_busy_slots(setup, engine):
+    eng = _twin(setup, engine)
+    eng.start()
+    tickets = {}
+    _serve(eng, [Request(_prompts([4])[0], 6)], threads=1, tickets=tickets)
+    one = eng.stats()  # alone: the first slot of the order, the smallest bucket
+    assert tickets[0][0].slot == eng.device.order[0] == 0
+    assert one["decode_rows"] == one["steps"] * eng.device.buckets[0] == 5 * eng.slots // 2
+    _serve(eng, [Request(p, 6) for p in _prompts([4, 7])], threads=1, tickets=tickets)
+    two = eng.stats()  # the first two slots of the order (one per device where data=2)
+    eng.shutdown()
+    assert {tickets[0][0].slot, tickets[1][0].slot} == set(eng.device.order[:2].tolist())
+    assert two["decode_rows"] - one["decode_rows"] == 2 * (two["steps"] - one["steps"])
+    assert engine.device.decode._cache_size() == 2  # warmup compiled both buckets
 
 
 def test_a_failure_ends_every_request_with_error(setup, engine):

@@ -1,5 +1,6 @@
 """The engine's device steps: per-request keys, a chunked prefill that writes its own slot
-only (also where the slot axis is sharded and other slots hold non-finite garbage)."""
+only (also where the slot axis is sharded and other slots hold non-finite garbage), decode
+buckets that run and write the first rows only."""
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,42 @@ def test_chunked_prefill_writes_its_slot_as_a_whole_prefill_would(small_params, 
         np.testing.assert_array_equal(np.asarray(cache[k][:, 0]), kept[k])
         np.testing.assert_allclose(cache[k][:, 1, :13], whole[k][:, 0, :13], atol=2e-5, rtol=1e-4)
     assert int(token) == int(jnp.argmax(logits[0, -1, :300]))
+
+
+@pytest.mark.parametrize("data", [1, 2], ids=["one-device", "sharded-slots"])
+def test_a_decode_bucket_runs_its_slots_as_the_full_step_does(small_params, data):
+    cfg = model.ModelConfig.from_config(small_config().model)
+    mcfg = small_config().mesh
+    mcfg.update(dict(data=data, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(mcfg, jax.devices()[:data])
+    n = 3 * data
+    steps = SlotSteps(cfg, mesh, slots=n, cache_len=16, chunk=8, vocab_limit=300)
+    assert steps.buckets == ((1, 2, 3) if data == 1 else (2, 4, 6))
+    # The order takes one row of every device in turn; a bucket is the order's first slots.
+    assert steps.order.tolist() == ([0, 1, 2] if data == 1 else [0, 3, 1, 4, 2, 5])
+    b = steps.buckets[1]
+    mine = steps.bucket_slots[b]
+    assert sorted(mine.tolist()) == sorted(steps.order[:b].tolist())
+    assert [steps.bucket(r) for r in (1, b, b + 1)] == list(steps.buckets)
+    others = np.setdiff1d(np.arange(n), mine)
+    ints_4xN = np.stack([5 + 2 * np.arange(n), np.arange(n), np.zeros(n), np.zeros(n)])
+    floats_2xN = np.stack([np.zeros(n), np.ones(n)])
+    with jax.set_mesh(mesh):
+        tokens, cache = steps.run_decode(
+            small_params, steps.new_cache(), ints_4xN, np.zeros(n), floats_2xN
+        )
+        full = np.asarray(tokens), {k: np.asarray(v) for k, v in cache.items()}
+        # The rows the bucket leaves alone hold garbage: neither read nor changed.
+        nan = {k: v.at[:, others].set(jnp.nan) for k, v in steps.new_cache().items()}
+        cache = jax.device_put(nan, steps.cache_shardings)
+        tokens, cache = steps.run_decode(
+            small_params, cache, ints_4xN[:, mine], np.zeros(b), floats_2xN[:, mine]
+        )
+        hlo = steps.decode.lower(small_params, cache, jnp.zeros((7, b), jnp.int32))
+        hlo = hlo.compile().as_text()
+    np.testing.assert_array_equal(np.asarray(tokens), full[0][mine])
+    for k, v in cache.items():
+        np.testing.assert_allclose(np.asarray(v[:, mine]), full[1][k][:, mine], atol=1e-6)
+        assert np.isnan(np.asarray(v[:, others])).all()
+    # Each device runs its own rows: nothing moves the cache between devices.
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))

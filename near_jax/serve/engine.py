@@ -4,21 +4,27 @@ The engine owns `slots` rows of one KV cache (serve/slots.py) and a background t
 loops:
 
 1. cancelled requests leave (their slot is free at once; queued ones are dropped);
-2. waiting requests are admitted to free slots, oldest first;
-3. prompts are prefilled in chunks of `prefill_chunk` tokens, one slot's chunk per call, at
-   most `prefill_per_step` chunks per iteration (so rows already decoding are not starved
-   by a long prompt); after a prompt's last chunk the slot samples its first token and
-   joins the decode batch;
-4. one decode step over all slots draws the next token of every decoding row; the tokens
-   come back to the host in one transfer ([slots] ints) and are emitted; a row that draws
-   EOS (not emitted: finish "stop") or reaches max_tokens ("length") leaves, and its slot
-   takes the next waiting request at the next iteration.
+2. waiting requests are admitted to free slots, oldest first, each to the first free slot
+   in SlotSteps.order (so busy slots stay packed at the start of the order);
+3. prompts are prefilled in chunks of `prefill_chunk` tokens (one slot's chunk a call,
+   oldest first) within a token budget per iteration, as vLLM's chunked prefill:
+   `step_tokens` less one per decoding row, `prefill_chunk` a chunk, but at least
+   `prefill_per_step` chunks. So a burst is prefilled many chunks an iteration while the
+   batch is small, and decoding rows wait for about step_tokens tokens of prefill at most.
+   After a prompt's last chunk the slot samples its first token and joins the batch;
+4. one decode step over the first b slots of the order, b the smallest decode bucket
+   (slots.py: powers of two, and `slots`) holding every decoding row, draws their tokens; they
+   come back to the host in one transfer ([b] ints); a row that draws EOS (not emitted:
+   finish "stop") or reaches max_tokens ("length") leaves, and its slot takes the next
+   waiting request at the next iteration;
+5. after the prefills and after the decode step, the counters are added under the lock
+   (once), then the tokens and finishes are emitted (so stats() counts all a client heard).
 
-The decode step runs every slot, also free or still prefilling ones: those compute garbage
-that is dropped, and their cache write must be harmless. A free slot writes at position 0,
-which the next request's first chunk overwrites before anything reads it; a slot between
-prefill chunks writes at its next chunk's start, which that chunk overwrites. (A row only
-attends to positions <= its own, all written by its own request.)
+The decode step runs all b slots of its bucket, also free or still prefilling ones: those compute
+garbage that is dropped, and their cache write must be harmless. A free slot writes at
+position 0, which the next request's first chunk overwrites before anything reads it; a slot
+between prefill chunks writes at its next chunk's start, which that chunk overwrites. (A row
+only attends to positions <= its own, all written by its own request.)
 
 Dense slots, not pages: every slot holds max_len positions whatever its request needs, so
 memory bounds `slots`, not the tokens actually in flight. A paged KV cache (blocks handed
@@ -34,12 +40,10 @@ refuses new requests.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,66 +52,15 @@ from absl import logging
 
 from near_jax import model, sharding
 from near_jax.infer import generator, loading
-from near_jax.infer.sampling import Sampling
+from near_jax.serve import requests
+
+# The request types are the engine's API too: importable from here.
+from near_jax.serve.requests import FINISHES, Emit, EngineError, QueueFull, Request, Ticket
 from near_jax.serve.slots import SlotSteps
 
-# emit(tokens, finish), called from the engine thread: ([token], None) per new token, then
-# ([], finish) exactly once, finish in FINISHES: "stop" (EOS drawn, not emitted), "length"
-# (max_tokens reached), "cancelled" (Ticket.cancel or shutdown), "error" (the engine failed).
-# It must be cheap (the batch waits for it); what it raises is logged and ignored.
-Emit = Callable[[list[int], "str | None"], None]
-FINISHES = ("stop", "length", "cancelled", "error")
 _FREE, _PREFILL, _DECODE = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One completion: prompt token ids (BOS included), how many tokens, how to sample."""
-
-    prompt: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = all tokens
-    top_p: float = 1.0  # 1 = all tokens
-    seed: int = 0  # the n-th token's key is fold_in(key(seed), n)
-
-    def __post_init__(self):
-        object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
-
-
-class QueueFull(Exception):
-    """The waiting queue holds max_queue requests already (an API answers 429)."""
-
-
-class EngineError(RuntimeError):
-    """The engine failed or was shut down: it takes no more requests."""
-
-
-class Ticket:
-    """A submitted request: cancel() from any thread; wall-clock times (time.time()) for
-    metrics, None until they happen."""
-
-    def __init__(self, request: Request, emit: Emit, request_id: str, wake: Callable[[], None]):
-        self.request, self.request_id = request, request_id
-        self._emit, self._wake = emit, wake
-        self.queued_at = time.time()
-        self.started_at: float | None = None  # admitted to a slot
-        self.slot: int | None = None  # the slot it was given (kept after it leaves)
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.finish: str | None = None
-        self.completion_tokens = 0  # tokens emitted (EOS not counted)
-        self.cancelled = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.request.prompt)
-
-    def cancel(self) -> None:
-        """Asks the engine to stop this request; it emits ([], "cancelled") at its next
-        iteration (nothing if the request has finished already)."""
-        self.cancelled = True
-        self._wake()
+_COUNTS = "steps decode_rows prefill_chunks prompt_tokens tokens_out requests_submitted"
+_COUNTERS = (*_COUNTS.split(), "requests_rejected", "decode_seconds", "prefill_seconds")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -131,16 +84,19 @@ class Engine:
         prefill_chunk: int = 64,
         max_queue: int = 256,
         prefill_per_step: int = 1,
+        step_tokens: int = 512,
     ):
         """`max_len`: prompt plus output tokens at most (the model's context); `slots` is
         rounded up to a multiple of the data-parallel size; the cache holds max_len rounded
-        up to a multiple of `prefill_chunk` positions per slot."""
+        up to a multiple of `prefill_chunk` positions per slot; `step_tokens` and
+        `prefill_per_step` bound the prefill chunks of one iteration (module docstring)."""
         for name, value, least in [
             ("max_len", max_len, 2),
             ("slots", slots, 1),
             ("prefill_chunk", prefill_chunk, 1),
             ("max_queue", max_queue, 0),
             ("prefill_per_step", prefill_per_step, 1),
+            ("step_tokens", step_tokens, 1),
         ]:
             if value < least:
                 raise ValueError(f"{name}={value} is not allowed: must be >= {least}")
@@ -149,6 +105,7 @@ class Engine:
         self.vocab_limit = vocab_limit or model_cfg.vocab_size
         self.max_len, self.max_queue = max_len, max_queue
         self.prefill_chunk, self.prefill_per_step = prefill_chunk, prefill_per_step
+        self.step_tokens = step_tokens
         self.slots = _round_up(slots, sharding.data_parallel_size(mesh))
         self.cache_len = _round_up(max_len, prefill_chunk)
         # Raises ValueError where the cache does not fit the devices' free memory.
@@ -170,6 +127,14 @@ class Engine:
         self._next_start = np.zeros(n, np.int64)  # next prefill chunk's first position
         self._position = np.zeros(n, np.int64)  # position of the token fed next (decoding)
         self._token = np.full(n, pad_id, np.int64)  # token fed next (decoding)
+        self._count = np.zeros(n, np.int64)  # tokens drawn so far (the next key's index)
+        self._top_k = np.zeros(n, np.int64)  # the request's sampling, by slot
+        self._seed = np.zeros(n, np.uint32)
+        self._temperature = np.zeros(n, np.float32)
+        self._top_p = np.ones(n, np.float32)
+        # This iteration's counter increments and emits, flushed at its end (_flush).
+        self._delta: collections.Counter[str] = collections.Counter()
+        self._events: list[tuple[Ticket, list[int], str | None]] = []
         self._prefilling: collections.deque[int] = collections.deque()  # admission order
 
         # Shared with submitting threads, under the lock.
@@ -181,47 +146,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.error: str | None = None
-        self._counters = dict(
-            steps=0,
-            prefill_chunks=0,
-            prompt_tokens=0,
-            tokens_out=0,
-            requests_submitted=0,
-            requests_rejected=0,
-            decode_seconds=0.0,
-            prefill_seconds=0.0,
-        )
+        self._counters = {k: 0.0 if k.endswith("seconds") else 0 for k in _COUNTERS}
         self._finished = dict.fromkeys(FINISHES, 0)
 
     # ------------------------------------------------------------------------- public API
 
     def check(self, request: Request) -> None:
         """Raises ValueError (one line) for a request this engine cannot serve."""
-        prompt, m = request.prompt, request.max_tokens
-        if not prompt:
-            raise ValueError("an empty prompt is not allowed: it needs at least one token (BOS)")
-        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.vocab_limit), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt token {prompt[bad]} at index {bad} is not allowed: ids must be in "
-                f"[0, {self.vocab_limit})"
-            )
-        if m < 1:
-            raise ValueError(f"max_tokens={m} is not allowed: must be >= 1")
-        if len(prompt) >= self.max_len:
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens is not allowed: the model's context is "
-                f"{self.max_len} tokens, prompt and output together (at most "
-                f"{self.max_len - 1} prompt tokens)"
-            )
-        if len(prompt) + m > self.max_len:
-            raise ValueError(
-                f"max_tokens={m} is not allowed: at most {self.max_len - len(prompt)} (the "
-                f"model's context of {self.max_len} tokens less the prompt's {len(prompt)})"
-            )
-        Sampling(request.temperature, request.top_k, request.top_p)  # its one-line errors
-        if not 0 <= request.seed < 2**32:
-            raise ValueError(f"seed={request.seed} is not allowed: must be in [0, 2**32)")
+        requests.check_request(request, vocab_limit=self.vocab_limit, max_len=self.max_len)
 
     def submit(self, request: Request, emit: Emit, request_id: str | None = None) -> Ticket:
         """Checks and queues a request; `emit` is called from the engine thread (see the
@@ -244,7 +176,8 @@ class Engine:
         return ticket
 
     def warmup(self) -> None:
-        """Allocates the cache and compiles both steps (the only shapes serving uses).
+        """Allocates the cache and compiles prefill and every decode bucket (the only shapes
+        serving uses; nothing compiles later).
         Called by start(); runs in the calling thread, so call it before start() or not at
         all."""
         if self._thread is not None:
@@ -274,8 +207,9 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for metrics: queue_depth, active_slots (prefilling +
-        decoding), prefilling, decoding, slots, steps (decode steps), prefill_chunks,
-        prompt_tokens (prefilled), tokens_out (emitted), requests_submitted,
+        decoding), prefilling, decoding, slots, steps (decode steps), decode_rows (slots
+        the steps ran: a bucket each), prefill_chunks, prompt_tokens (prefilled),
+        tokens_out (emitted), requests_submitted,
         requests_rejected (QueueFull), finished {finish: count}, decode_seconds and
         prefill_seconds (device time, cumulative), cache_len, max_len, prefill_chunk,
         cache_bytes_per_device, running, error (None or the failure, one line)."""
@@ -304,13 +238,8 @@ class Engine:
             self._cancel_pending = True
             self._wakeup.notify()
 
-    def _has_work(self) -> bool:
-        free = bool(np.any(self._state == _FREE))
-        return (
-            self._cancel_pending
-            or bool(np.any(self._state != _FREE))
-            or (free and bool(self._queue))
-        )
+    def _has_work(self) -> bool:  # (with no busy slot, every slot is free)
+        return self._cancel_pending or bool(self._queue) or bool(np.any(self._state != _FREE))
 
     def _run(self) -> None:
         try:
@@ -326,12 +255,15 @@ class Engine:
                         self._admit()
                     for ticket in dropped:
                         self._end(ticket, "cancelled")
-                    self._iteration()
+                    self._iteration(cancels)
+                    self._flush()
         except Exception as e:  # noqa: BLE001 - every request must hear of the failure
             logging.exception("serving engine failed")
             with self._lock:
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0]
             self._drop_all("error")
+        finally:
+            self._flush()
 
     def _take_cancelled_queued(self) -> list[Ticket]:
         dropped = [t for t in self._queue if t.cancelled]
@@ -340,25 +272,30 @@ class Engine:
         return dropped
 
     def _admit(self) -> None:
-        for slot in np.flatnonzero(self._state == _FREE):
+        order = self.device.order
+        for slot in order[self._state[order] == _FREE].tolist():
             if not self._queue:
                 break
             ticket = self._queue.popleft()
-            slot = int(slot)
             self._tickets[slot] = ticket
             self._state[slot], self._next_start[slot] = _PREFILL, 0
             self._prefilling.append(slot)
             ticket.started_at, ticket.slot = time.time(), slot
+            r = ticket.request
+            self._count[slot], self._top_k[slot], self._seed[slot] = 0, r.top_k, r.seed
+            self._temperature[slot], self._top_p[slot] = r.temperature, r.top_p
 
-    def _iteration(self) -> None:
-        for slot in np.flatnonzero(self._state != _FREE):
-            ticket = self._tickets[slot]
-            if ticket is not None and ticket.cancelled:
+    def _iteration(self, cancels: bool) -> None:
+        # Ticket.cancel marks the ticket before it sets _cancel_pending: none are missed.
+        for slot in np.flatnonzero(self._state != _FREE) if cancels else ():
+            if self._tickets[slot].cancelled:
                 self._free(int(slot), "cancelled")
-        for _ in range(self.prefill_per_step):
-            if not self._prefilling:
-                break
+        budget = self.step_tokens - int(np.sum(self._state == _DECODE))
+        chunks = 0
+        while self._prefilling and (chunks < self.prefill_per_step or budget >= self.prefill_chunk):
             self._prefill_chunk(self._prefilling[0])
+            chunks, budget = chunks + 1, budget - self.prefill_chunk
+        self._flush()  # first tokens out before the decode step
         if np.any(self._state == _DECODE):
             self._decode_step()
 
@@ -369,23 +306,15 @@ class Engine:
         piece = prompt[start : start + c]
         tokens_C = np.full(c, self.pad_id, np.int32)
         tokens_C[: len(piece)] = piece
+        sampling, seed = (request.temperature, request.top_k, request.top_p), request.seed
         began = time.perf_counter()
         token, self._cache = self.device.run_prefill(
-            self.params,
-            self._cache,
-            tokens_C,
-            slot,
-            start,
-            len(piece) - 1,
-            (request.temperature, request.top_k, request.top_p),
-            request.seed,
+            self.params, self._cache, tokens_C, slot, start, len(piece) - 1, sampling, seed
         )
         last = start + c >= len(prompt)
         token = int(token) if last else None  # waits for the device on the last chunk only
-        with self._lock:
-            self._counters["prefill_chunks"] += 1
-            self._counters["prompt_tokens"] += len(piece)
-            self._counters["prefill_seconds"] += time.perf_counter() - began
+        self._delta.update(prefill_chunks=1, prompt_tokens=len(piece))
+        self._delta["prefill_seconds"] += time.perf_counter() - began
         if not last:
             self._next_start[slot] = start + c
             return
@@ -394,33 +323,26 @@ class Engine:
         self._accept(slot, token)
 
     def _decode_step(self) -> None:
-        decoding = self._state == _DECODE
-        counts = np.array([t.completion_tokens if t else 0 for t in self._tickets])
-        ints_4xB = np.stack(
-            [
-                np.where(decoding, self._token, self.pad_id),
-                # Not decoding: a position the slot's next prefill chunk overwrites.
-                np.where(decoding, self._position, self._next_start),
-                counts,
-                [t.request.top_k if t else 0 for t in self._tickets],
-            ]
-        )
-        seeds_B = [t.request.seed if t else 0 for t in self._tickets]
-        floats_2xB = [
-            [t.request.temperature if t else 0.0 for t in self._tickets],
-            [t.request.top_p if t else 1.0 for t in self._tickets],
-        ]
+        last = np.flatnonzero(self._state[self.device.order] == _DECODE)[-1]
+        b = self.device.bucket(int(last) + 1)
+        slots_B = self.device.bucket_slots[b]
+        decoding_B = self._state[slots_B] == _DECODE
+        ints_4xB = np.empty((4, b), np.int32)
+        ints_4xB[0] = np.where(decoding_B, self._token[slots_B], self.pad_id)
+        # Not decoding: a position the slot's next prefill chunk overwrites.
+        ints_4xB[1] = np.where(decoding_B, self._position[slots_B], self._next_start[slots_B])
+        ints_4xB[2], ints_4xB[3] = self._count[slots_B], self._top_k[slots_B]
+        floats_2xB = np.stack([self._temperature[slots_B], self._top_p[slots_B]])
         began = time.perf_counter()
         tokens_B, self._cache = self.device.run_decode(
-            self.params, self._cache, ints_4xB, seeds_B, floats_2xB
+            self.params, self._cache, ints_4xB, self._seed[slots_B], floats_2xB
         )
-        tokens_B = np.asarray(tokens_B)  # the step's one device-to-host transfer
-        with self._lock:
-            self._counters["steps"] += 1
-            self._counters["decode_seconds"] += time.perf_counter() - began
-        for slot in np.flatnonzero(decoding):
-            self._position[slot] += 1
-            self._accept(int(slot), int(tokens_B[slot]))
+        tokens_B = np.asarray(tokens_B).tolist()  # the step's one device-to-host transfer
+        self._delta.update(steps=1, decode_rows=b)
+        self._delta["decode_seconds"] += time.perf_counter() - began
+        self._position[slots_B] += decoding_B
+        for i in np.flatnonzero(decoding_B).tolist():
+            self._accept(int(slots_B[i]), tokens_B[i])
 
     def _accept(self, slot: int, token: int) -> None:
         """The slot's next token: emitted, or the end of its request."""
@@ -431,9 +353,9 @@ class Engine:
         if ticket.first_token_at is None:
             ticket.first_token_at = time.time()
         ticket.completion_tokens += 1
-        with self._lock:
-            self._counters["tokens_out"] += 1
-        self._call(ticket, [token], None)
+        self._count[slot] += 1
+        self._delta["tokens_out"] += 1
+        self._events.append((ticket, [token], None))
         if ticket.completion_tokens >= ticket.request.max_tokens:
             self._free(slot, "length")
             return
@@ -449,15 +371,25 @@ class Engine:
 
     def _end(self, ticket: Ticket, finish: str) -> None:
         ticket.finish, ticket.finished_at = finish, time.time()
-        with self._lock:
-            self._finished[finish] += 1
-        self._call(ticket, [], finish)
+        self._delta["finished_" + finish] += 1
+        self._events.append((ticket, [], finish))
 
-    def _call(self, ticket: Ticket, tokens: list[int], finish: str | None) -> None:
-        try:
-            ticket._emit(tokens, finish)
-        except Exception:  # noqa: BLE001 - a client's callback must not stop the engine
-            logging.exception("emit of request %s raised; ignored", ticket.request_id)
+    def _flush(self) -> None:
+        """Adds the counted increments under the lock (once), then calls the emits."""
+        delta, self._delta = self._delta, collections.Counter()
+        events, self._events = self._events, []
+        if delta:
+            with self._lock:
+                for key, value in delta.items():
+                    if key.startswith("finished_"):
+                        self._finished[key.removeprefix("finished_")] += value
+                    else:
+                        self._counters[key] += value
+        for ticket, tokens, finish in events:
+            try:
+                ticket._emit(tokens, finish)
+            except Exception:  # noqa: BLE001 - a client's callback must not stop the engine
+                logging.exception("emit of request %s raised; ignored", ticket.request_id)
 
     def _drop_all(self, finish: str) -> None:
         """Ends every in-flight and queued request with `finish` (the thread has stopped)."""
@@ -467,6 +399,7 @@ class Engine:
             queued, self._queue = list(self._queue), collections.deque()
         for ticket in queued:
             self._end(ticket, finish)
+        self._flush()
 
 
 def engine_for_run(run: loading.LoadedRun, **kw: Any) -> Engine:
@@ -474,12 +407,5 @@ def engine_for_run(run: loading.LoadedRun, **kw: Any) -> Engine:
     run's context (data.seq_len; for sliding-window attention, also data.seq_len)."""
     tok = run.tokenizer
     kw.setdefault("max_len", generator.context_len(run) or int(run.cfg.data.seq_len))
-    return Engine(
-        run.params,
-        run.model_cfg,
-        run.mesh,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        vocab_limit=tok.vocab_size,
-        **kw,
-    )
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size, **kw)
+    return Engine(run.params, run.model_cfg, run.mesh, **kw)

@@ -2,8 +2,8 @@
 
 The cache is model.init_cache(cfg, slots, cache_len), sharded by the logical CACHE_AXES like
 Generator's: the slot axis is the batch, split over the data-parallel devices; params stay
-as they are on the mesh. Both steps have fixed shapes (slots, chunk), so serving compiles
-each once, whatever the mix of requests:
+as they are on the mesh. The steps have fixed shapes (chunk; a decode bucket), so serving
+compiles each shape once (warmup), whatever the mix of requests:
 
 - `prefill`: one chunk of one slot's prompt, [1, chunk] tokens at positions start ..
   start + chunk - 1, written into that slot's rows of the cache. The slot's rows are cut out
@@ -12,9 +12,15 @@ each once, whatever the mix of requests:
   all-reduces one slot), run through model.apply_with_cache with batch 1, and put back. It
   returns the token sampled from the logits of the chunk's last real token (used after the
   prompt's last chunk only).
-- `decode`: one token for every slot at its own position, sampled per row
+- `decode`: one token for each of the first b slots at its own position, sampled per row
   (sampling.sample_rows) with the row's key fold_in(key(seed), n) for its n-th token, so a
-  seeded request draws the same tokens whatever else shares the batch.
+  seeded request draws the same tokens whatever else shares the batch. b is a bucket
+  (`buckets`: dp times the powers of two below `slots`, and `slots`, dp the data-parallel
+  size). The step cuts the first b/dp rows of every device's block of slots out of the
+  cache (`bucket_slots`; a static slice of [dp, slots/dp], so no row moves between
+  devices), runs them and writes them back in place, so its cost follows the busy rows,
+  not `slots`; the other rows are untouched. The engine hands out slots in `order` (device
+  j % dp, its (j // dp)-th row), so the first b slots of the order are bucket b's.
 
 The cache is donated to both steps, so it is updated in place.
 """
@@ -77,7 +83,12 @@ class SlotSteps:
         self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
         self.rows_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
         self.replicated = sharding.replicated(mesh)
-        self._sharded_slots = sharding.data_parallel_size(mesh) > 1
+        dp = self._dp = sharding.data_parallel_size(mesh)
+        self._sharded_slots = dp > 1
+        self.buckets = (*(dp << i for i in range(slots.bit_length()) if dp << i < slots), slots)
+        blocks_DxR = np.arange(slots).reshape(dp, slots // dp)
+        self.order = blocks_DxR.T.reshape(-1)  # slot j: device j % dp, its (j // dp)-th row
+        self.bucket_slots = {b: blocks_DxR[:, : b // dp].reshape(-1) for b in self.buckets}
         self._init = jax.jit(
             lambda: model.init_cache(model_cfg, slots, cache_len),
             out_shardings=self.cache_shardings,
@@ -94,6 +105,10 @@ class SlotSteps:
             donate_argnums=1,
             out_shardings=(self.row_sharding, self.cache_shardings),
         )
+
+    def bucket(self, rows: int) -> int:
+        """The smallest decode bucket of at least `rows` slots."""
+        return next(b for b in self.buckets if b >= rows)
 
     def new_cache(self) -> dict[str, jax.Array]:
         """A zeroed cache, laid out on the mesh."""
@@ -144,13 +159,38 @@ class SlotSteps:
         )
         return token_1[0], cache
 
-    def _decode_fn(self, params, cache, ints_4xB, seeds_B, floats_2xB):
-        """ints_4xB = (input token, position, tokens drawn so far, top_k) per slot;
-        floats_2xB = (temperature, top_p). Returns (next token per slot, cache)."""
-        tokens_B, positions_B, counts_B, top_k_B = ints_4xB
-        logits_Bx1xV, cache = model.apply_with_cache(
-            params, tokens_B[:, None], positions_B[:, None], cache, self.model_cfg
+    def _decode_fn(self, params, cache, ints_7xB):
+        """ints_7xB = (input token, position, tokens drawn so far, top_k, seed, temperature,
+        top_p) per slot of bucket_slots[B] (B a bucket), seed, temperature and top_p as the bits of
+        their uint32 and float32 (one transfer). Returns (next token per slot, cache)."""
+        tokens_B, positions_B, counts_B, top_k_B = ints_7xB[:4]
+        seeds_B = jax.lax.bitcast_convert_type(ints_7xB[4], jnp.uint32)
+        floats_2xB = jax.lax.bitcast_convert_type(ints_7xB[5:], jnp.float32)
+        b, dp = tokens_B.shape[0], self._dp
+
+        def blocks(v_NxSx___, rows_per_device):  # [N, dp, rows per device, ...]
+            n, _, *rest = v_NxSx___.shape
+            return v_NxSx___.reshape(n, dp, rows_per_device, *rest)
+
+        rows = cache
+        if b < self.slots:  # bucket_slots: a static slice of every device's block
+            per = self.slots // dp
+            rows = {
+                k: blocks(v, per)[:, :, : b // dp].reshape(v.shape[0], b, *v.shape[2:])
+                for k, v in cache.items()
+            }
+        logits_Bx1xV, rows = model.apply_with_cache(
+            params, tokens_B[:, None], positions_B[:, None], rows, self.model_cfg
         )
+        if b == self.slots:
+            cache = rows
+        else:  # in place: the cache is donated
+            cache = {
+                k: jax.lax.dynamic_update_slice_in_dim(
+                    blocks(v, per), blocks(rows[k], b // dp), 0, 2
+                ).reshape(v.shape)
+                for k, v in cache.items()
+            }
         keys_B = request_keys(seeds_B, counts_B)
         logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
         return sample_rows(logits_BxV, keys_B, floats_2xB[0], top_k_B, floats_2xB[1]), cache
@@ -169,24 +209,23 @@ class SlotSteps:
         )
 
     def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB):
-        """One decode step from host arrays; returns (next tokens [slots] device array, cache)."""
-        return self.decode(
-            params,
-            cache,
-            jax.device_put(np.asarray(ints_4xB, np.int32), self.rows_sharding),
-            jax.device_put(np.asarray(seeds_B, np.uint32), self.row_sharding),
-            jax.device_put(np.asarray(floats_2xB, np.float32), self.rows_sharding),
-        )
+        """One decode step from host arrays over the B slots bucket_slots[B] (B a bucket: the
+        arrays' last axis, in that order); returns (next tokens [B] device array, cache)."""
+        ints_7xB = np.empty((7, np.shape(ints_4xB)[1]), np.int32)
+        ints_7xB[:4] = ints_4xB
+        ints_7xB[4] = np.asarray(seeds_B, np.uint32).view(np.int32)
+        ints_7xB[5:] = np.asarray(floats_2xB, np.float32).view(np.int32)
+        return self.decode(params, cache, jax.device_put(ints_7xB, self.rows_sharding))
 
     def warmup(self, params, cache, pad_id: int) -> dict[str, jax.Array]:
-        """Compiles (by running) both steps on idle inputs; returns the cache. They write
-        garbage at position 0 of slot 0 (prefill) and of every slot (decode): harmless only
-        while no slot holds a request (see engine.py)."""
+        """Compiles (by running) prefill and every decode bucket on idle inputs; returns the
+        cache. They write garbage at position 0 of slot 0 (prefill) and of every slot
+        (decode): harmless only while no slot holds a request (see engine.py)."""
         tokens_C = np.full(self.chunk, pad_id)
         token, cache = self.run_prefill(params, cache, tokens_C, 0, 0, 0, (0.0, 0, 1.0), 0)
-        n = self.slots
-        ints_4xB = np.stack([np.full(n, pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
-        floats_2xB = np.stack([np.zeros(n), np.ones(n)])
-        tokens_B, cache = self.run_decode(params, cache, ints_4xB, np.zeros(n), floats_2xB)
-        jax.block_until_ready((token, tokens_B))
+        for n in self.buckets:
+            ints_4xB = np.stack([np.full(n, pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
+            floats_2xB = np.stack([np.zeros(n), np.ones(n)])
+            token, cache = self.run_decode(params, cache, ints_4xB, np.zeros(n), floats_2xB)
+        jax.block_until_ready((token, cache))
         return cache
