@@ -2,7 +2,8 @@
 
     (serve)  --workdir=RUN [--step=N] [--host=127.0.0.1] [--port=8000] [--keys=keys.json]
              [--state_dir=near_jax_serve] [--slots=16] [--prefill_chunk=64] [--max_queue=256]
-             [--fsdp=1] [--tensor=1] [--model_name=NAME] [--attestation=none]
+             [--step_tokens=512] [--fsdp=1] [--tensor=1] [--model_name=NAME]
+             [--attestation=none]
                                      the OpenAI-compatible server (the default command)
     keys     --keys=keys.json --name=NAME [--prompt_price=P] [--completion_price=C]
              [--limit=L]             adds an API key and prints its secret, once
@@ -76,6 +77,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("slots", 16, "serve: sequences decoded together.", lower_bound=1)
     flags.DEFINE_integer("prefill_chunk", 64, "serve: prompt tokens per prefill call.")
     flags.DEFINE_integer("max_queue", 256, "serve: waiting requests before 429.", lower_bound=1)
+    flags.DEFINE_integer(
+        "step_tokens", 512, "serve: tokens per engine step (decoding rows + prefill chunks)."
+    )
     flags.DEFINE_string("model_name", None, "serve: the model id; default the run's name.")
     flags.DEFINE_string("attestation", "none", "serve: attestation provider.")
     flags.DEFINE_string("name", None, "keys: the key's name.")
@@ -137,7 +141,16 @@ def serve(f: flags.FlagValues) -> None:
     except identity.IdentityError as e:
         _fail(f"{key_path}: {e}")
     ledger = usage.UsageLedger(os.path.join(state, "usage.sqlite"))
-    eng = engine_for_run(run, slots=f.slots, prefill_chunk=f.prefill_chunk, max_queue=f.max_queue)
+    try:
+        eng = engine_for_run(
+            run,
+            slots=f.slots,
+            prefill_chunk=f.prefill_chunk,
+            max_queue=f.max_queue,
+            step_tokens=f.step_tokens,
+        )
+    except ValueError as e:  # a setting below its minimum, or a cache that does not fit
+        usage_error(str(e))
     model_name = f.model_name or os.path.basename(os.path.normpath(f.workdir))
     print(f"{_PROG}: compiling {model_name} (step {run.step}, {f.slots} slots)", file=sys.stderr)
     eng.warmup()
