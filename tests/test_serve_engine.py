@@ -253,10 +253,10 @@ def _twin(setup, engine, **kw):
     return eng
 
 
+# Host-side scheduling does not depend on the mesh: the one-device engine only.
+@pytest.mark.parametrize("engine", ["one-device"], indirect=True)
 @pytest.mark.parametrize("step_tokens,steps", [(1, 4), (2 * CHUNK, 3)])
 def test_a_burst_is_prefilled_within_the_token_budget(setup, engine, step_tokens, steps):
-    if engine.mesh.shape["data"] != 1:
-        pytest.skip("host-side scheduling: mesh-independent")
     eng = _twin(setup, engine, step_tokens=step_tokens)
     collectors = [Collector(), Collector()]
     for c, p in zip(collectors, _prompts([5, 6]), strict=True):
@@ -286,9 +286,8 @@ def test_decode_runs_the_smallest_bucket_holding_the_busy_slots(setup, engine):
     assert engine.device.decode._cache_size() == 2  # warmup compiled both buckets
 
 
+@pytest.mark.parametrize("engine", ["one-device"], indirect=True)  # mesh-independent
 def test_a_failure_ends_every_request_with_error(setup, engine):
-    if engine.mesh.shape["data"] != 1:
-        pytest.skip("the failure path is mesh-independent")
     eng = _engine(setup, engine.mesh, slots=2)
 
     class Failing:  # the compiled steps of `engine` (warmup included), but decode fails
