@@ -132,14 +132,25 @@ def write_cache(
     with a donated cache XLA updates it in place (a per-row dynamic_update_slice, vmapped,
     became a scatter over transposed copies of the whole cache).
     """
-    n, b, s = cache_NxBxSxGxK.shape[:3]
-    slots_BxL = cache_slots(positions_BxL, s)
-    rows_BxL = jnp.broadcast_to(jnp.arange(b, dtype=slots_BxL.dtype)[:, None], slots_BxL.shape)
-    cache_NxBxSxGxK = cache_NxBxSxGxK.at[:, rows_BxL, slots_BxL].set(
+    slots_BxL = cache_slots(positions_BxL, cache_NxBxSxGxK.shape[2])
+    # Row b's L updates go to slots slots[b] of row b: the batch is a batching dim of the
+    # scatter (not an index), which XLA keeps local where the batch is sharded (explicit row
+    # indices get all-gathered, and a vmap moves the batch to the front: transposes).
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(0, 3, 4),  # N, G, K of the updates [N, B, L, G, K]
+        inserted_window_dims=(2,),  # S: one slot per update
+        scatter_dims_to_operand_dims=(2,),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
+    )
+    cache_NxBxSxGxK = jax.lax.scatter(
+        cache_NxBxSxGxK,
+        slots_BxL[:, :, None],
         new_NxBxLxGxK.astype(cache_NxBxSxGxK.dtype),
+        dims,
         indices_are_sorted=True,
         unique_indices=True,
-        mode="promise_in_bounds",  # cache_slots clamps
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,  # cache_slots clamps
     )
     return constrain(cache_NxBxSxGxK, ("layers", "batch", "length", "kv_heads", "head_dim"))
 
