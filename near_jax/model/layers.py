@@ -158,21 +158,19 @@ def write_cache(
 def _with_new_entries(cache_NxBxSxGxK, layer, new_BxLxGxK, positions_BxL) -> jax.Array:
     """Layer `layer` of the cache as `write_cache` will leave it: [B, S, G, K].
 
-    A select, not a write: elementwise, XLA fuses it (and the layer's slice) into the
-    attention that reads it, so the cache is neither copied nor updated inside the stack.
+    Decode (L = 1): a select, elementwise, which XLA fuses with the layer's slice into one
+    pass; the stacked cache itself is neither copied nor updated inside the stack. Chunks:
+    the same scatter as `write_cache`, on the layer's slice (a select would need a gather).
     """
     s, length = cache_NxBxSxGxK.shape[2], new_BxLxGxK.shape[1]
+    if length > 1:
+        layer_1xBxSxGxK = jax.lax.dynamic_slice_in_dim(cache_NxBxSxGxK, layer, 1, axis=0)
+        return write_cache(layer_1xBxSxGxK, new_BxLxGxK[None], positions_BxL)[0]
     cache_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)
-    new_BxLxGxK = new_BxLxGxK.astype(cache_BxSxGxK.dtype)
-    start_B = cache_slots(positions_BxL, s)[:, 0]
-    offset_BxS = jnp.arange(s)[None, :] - start_B[:, None]  # slot - start: index into new
-    if length == 1:  # decode: a broadcast, no gather
-        new_BxSxGxK = new_BxLxGxK
-    else:
-        index_BxS = jnp.clip(offset_BxS, 0, length - 1)
-        new_BxSxGxK = jnp.take_along_axis(new_BxLxGxK, index_BxS[:, :, None, None], axis=1)
-    is_new_BxS = (offset_BxS >= 0) & (offset_BxS < length)
-    out_BxSxGxK = jnp.where(is_new_BxS[:, :, None, None], new_BxSxGxK, cache_BxSxGxK)
+    is_new_BxS = jnp.arange(s)[None, :] == cache_slots(positions_BxL, s)
+    out_BxSxGxK = jnp.where(
+        is_new_BxS[:, :, None, None], new_BxLxGxK.astype(cache_BxSxGxK.dtype), cache_BxSxGxK
+    )
     return constrain(out_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
 
 
