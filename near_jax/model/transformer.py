@@ -57,10 +57,10 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none" and cache is None:
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-        # With a cache, each block reads the whole stacked cache and returns its new entries;
-        # one scatter after the stack writes them all (in place when the cache is donated).
-        # Scanned, the cache is a loop constant: carried or scanned over, XLA copies it into
-        # and out of the loop.
+        # With a cache, each block reads the whole stacked cache (with its layer index) and
+        # returns only its new entries; one scatter after the stack writes them all, in place
+        # when the cache is donated. Scanned, the cache is thus a loop constant: scanned over
+        # (or carried), XLA copied the whole stacked cache into and out of the loop.
         if c.scan_layers:
             stack = nn.scan(
                 block,
@@ -167,7 +167,8 @@ def apply_with_cache(
     (positions must be consecutive within a row) and attend to every slot <= their position,
     so rows of a batch can be at different lengths. Prefill: the (right-padded) prompts at
     positions 0..L-1; decode: one token per row at its own position. Positions must stay
-    below the cache length (slots are not checked inside jit).
+    below the cache length (slots are not checked inside jit; a row's write past the end is
+    clamped to its last L slots, see `layers.cache_slots`).
     """
     segment_ids_BxL = jnp.ones_like(tokens_BxL)  # unused by cached attention
     return _module(cfg).apply(
