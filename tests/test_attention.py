@@ -241,3 +241,30 @@ def test_gqa_with_equal_heads_is_multi_head_attention():
         got = attention(q, k, v, causal=True, impl="xla")
     want = _reference_attention(q, k, v, None, True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("window", [0, 4])
+def test_cached_attention_matches_reference(length, window):
+    # Decode (one query: multiply-reduces) and chunks (einsums) over a cache with ragged
+    # rows; slots past each query's position hold garbage that must be masked.
+    rng = np.random.default_rng(length + window)
+    b, s, h, g, d = 3, 16, 4, 2, 8
+    q = rng.standard_normal((b, length, h, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, s, g, d)).astype(np.float32) for _ in range(2))
+    start_B = np.array([0, 6, s - length])
+    positions = (start_B[:, None] + np.arange(length)).astype(np.int32)
+    with jax.default_matmul_precision("highest"):
+        got = dispatch.cached_attention(q, k, v, positions, window=window)
+    want = np.zeros_like(q)
+    for bi in range(b):
+        for li in range(length):
+            p = positions[bi, li]
+            visible = (np.arange(s) <= p) & ((np.arange(s) > p - window) if window else True)
+            for hi in range(h):
+                logits = np.where(
+                    visible, k[bi, :, hi // (h // g)] @ q[bi, li, hi] / d**0.5, -np.inf
+                )
+                e = np.exp(logits - logits.max())
+                want[bi, li, hi] = (e / e.sum()) @ v[bi, :, hi // (h // g)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -57,10 +57,15 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
-        """Without `cache`: attention within the rows. With `cache` ({"k", "v"} of [B,S,G,K]):
-        writes this call's keys/values at their positions and attends over the cache;
-        returns (out, new cache)."""
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, layer=None):
+        """Without `cache`: attention within the rows; returns (out, None).
+
+        With `cache` (the whole stacked cache, {"k", "v"} of [N,B,S,G,K]) and this block's
+        `layer` index: attends over layer `layer` of the cache as it will be once this call's
+        keys/values are written (`write_cache`), and returns (out, {"k", "v"} of [B,L,G,K]):
+        the new entries, which the caller writes for all layers at once after the stack. The
+        cache is only read here, so a scanned stack never copies it in or out of its loop.
+        """
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         d, h, g, k = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
@@ -80,15 +85,15 @@ class Attention(nn.Module):
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, c.rope_theta)
         k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, c.rope_theta)
         if cache is not None:
-            cache = {
-                "k": _write_cache(cache["k"], k_BxLxGxK, positions_BxL),
-                "v": _write_cache(cache["v"], v_BxLxGxK, positions_BxL),
-            }
+            new = {"k": k_BxLxGxK, "v": v_BxLxGxK}
+            k_BxSxGxK, v_BxSxGxK = (
+                _with_new_entries(cache[n], layer, new[n], positions_BxL) for n in ("k", "v")
+            )
             out_BxLxHxK = kernels.cached_attention(
-                q_BxLxHxK, cache["k"], cache["v"], positions_BxL, window=c.attention_window
+                q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, positions_BxL, window=c.attention_window
             )
             out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_o.astype(dt))
-            return constrain(out_BxLxD, ("batch", "length", "embed")), cache
+            return constrain(out_BxLxD, ("batch", "length", "embed")), new
         out_BxLxHxK = kernels.attention(
             q_BxLxHxK,
             k_BxLxGxK,
@@ -104,12 +109,69 @@ class Attention(nn.Module):
         return constrain(out_BxLxD, ("batch", "length", "embed")), None
 
 
-def _write_cache(cache_BxSxGxK: jax.Array, new_BxLxGxK: jax.Array, positions_BxL: jax.Array):
-    """Writes each row's new entries into its cache from slot positions[b, 0] on."""
-    new_BxLxGxK = new_BxLxGxK.astype(cache_BxSxGxK.dtype)
-    write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n, p, axis=0))
-    cache_BxSxGxK = write(cache_BxSxGxK, new_BxLxGxK, positions_BxL[:, 0])
-    return constrain(cache_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
+def cache_slots(positions_BxL: jax.Array, cache_len: int) -> jax.Array:
+    """The cache slots [B, L] a call's entries go to: positions[b, 0] + 0 .. L-1 per row.
+
+    As `jax.lax.dynamic_update_slice` did before, a start past the end is clamped so that
+    the L entries fit (start = min(positions[b, 0], cache_len - L)): entries are never
+    dropped or wrapped, but a row written past the end overwrites its last L slots under
+    the wrong positions. Callers keep positions below the cache length
+    (`near_jax.serve.slots` sizes the cache as a multiple of its chunk).
+    """
+    length = positions_BxL.shape[1]
+    start_B = jnp.clip(positions_BxL[:, 0], 0, cache_len - length)
+    return start_B[:, None] + jnp.arange(length, dtype=start_B.dtype)
+
+
+def write_cache(
+    cache_NxBxSxGxK: jax.Array, new_NxBxLxGxK: jax.Array, positions_BxL: jax.Array
+) -> jax.Array:
+    """Writes every layer's new entries into the stacked cache at `cache_slots`.
+
+    One scatter in the cache's own layout that touches only the B*L new entries per layer:
+    with a donated cache XLA updates it in place (a per-row dynamic_update_slice, vmapped,
+    became a scatter over transposed copies of the whole cache).
+    """
+    slots_BxL = cache_slots(positions_BxL, cache_NxBxSxGxK.shape[2])
+    # Row b's L updates go to slots slots[b] of row b: the batch is a batching dim of the
+    # scatter (not an index), which XLA keeps local where the batch is sharded (explicit row
+    # indices get all-gathered, and a vmap moves the batch to the front: transposes).
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(0, 3, 4),  # N, G, K of the updates [N, B, L, G, K]
+        inserted_window_dims=(2,),  # S: one slot per update
+        scatter_dims_to_operand_dims=(2,),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
+    )
+    cache_NxBxSxGxK = jax.lax.scatter(
+        cache_NxBxSxGxK,
+        slots_BxL[:, :, None],
+        new_NxBxLxGxK.astype(cache_NxBxSxGxK.dtype),
+        dims,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,  # cache_slots clamps
+    )
+    return constrain(cache_NxBxSxGxK, ("layers", "batch", "length", "kv_heads", "head_dim"))
+
+
+def _with_new_entries(cache_NxBxSxGxK, layer, new_BxLxGxK, positions_BxL) -> jax.Array:
+    """Layer `layer` of the cache as `write_cache` will leave it: [B, S, G, K].
+
+    Decode (L = 1): a select, elementwise, which XLA fuses with the layer's slice into one
+    pass; the stacked cache itself is neither copied nor updated inside the stack. Chunks:
+    the same scatter as `write_cache`, on the layer's slice (a select would need a gather).
+    """
+    s, length = cache_NxBxSxGxK.shape[2], new_BxLxGxK.shape[1]
+    if length > 1:
+        layer_1xBxSxGxK = jax.lax.dynamic_slice_in_dim(cache_NxBxSxGxK, layer, 1, axis=0)
+        return write_cache(layer_1xBxSxGxK, new_BxLxGxK[None], positions_BxL)[0]
+    cache_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)
+    is_new_BxS = jnp.arange(s)[None, :] == cache_slots(positions_BxL, s)
+    out_BxSxGxK = jnp.where(
+        is_new_BxS[:, :, None, None], new_BxLxGxK.astype(cache_BxSxGxK.dtype), cache_BxSxGxK
+    )
+    return constrain(out_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
 
 
 class Mlp(nn.Module):
@@ -140,13 +202,15 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, layer=None):
+        """(x, None), or with the stacked `cache` and this block's `layer` (x, new entries)."""
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.norm_eps, dt, pdt, name="attn_norm")(x_BxLxD)
-        attn_BxLxD, cache = Attention(c, name="attn")(h, positions_BxL, segment_ids_BxL, cache)
+        attn = Attention(c, name="attn")
+        attn_BxLxD, new = attn(h, positions_BxL, segment_ids_BxL, cache, layer)
         x_BxLxD = x_BxLxD + attn_BxLxD
         h = RMSNorm(c.norm_eps, dt, pdt, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(h)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
-        return x_BxLxD, cache
+        return x_BxLxD, new

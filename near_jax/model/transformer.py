@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from near_jax.config import ModelConfig
-from near_jax.model.layers import Block, RMSNorm, normal
+from near_jax.model.layers import Block, RMSNorm, normal, write_cache
 from near_jax.sharding import constrain
 
 Params = Any
@@ -57,30 +57,32 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none" and cache is None:
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        # With a cache, each block reads the whole stacked cache (with its layer index) and
+        # returns only its new entries; one scatter after the stack writes them all, in place
+        # when the cache is donated. Scanned, the cache is thus a loop constant: scanned over
+        # (or carried), XLA copied the whole stacked cache into and out of the loop.
         if c.scan_layers:
-            # The cache, stacked on a leading layer axis, is scanned over like the params.
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast) + ((0,) if cache is not None else ()),
+                in_axes=(nn.broadcast, nn.broadcast)
+                + ((nn.broadcast, 0) if cache is not None else ()),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            extra = (cache,) if cache is not None else ()
-            x_BxLxD, cache = stack(c, name="blocks")(
-                x_BxLxD, positions_BxL, segment_ids_BxL, *extra
-            )
+            extra = (cache, jnp.arange(c.n_layers)) if cache is not None else ()
+            x_BxLxD, new = stack(c, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL, *extra)
         else:
             layers = []
             for i in range(c.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda x, i=i: x[i], cache)
-                x_BxLxD, layer_cache = block(c, name=f"block_{i}")(
-                    x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache
+                x_BxLxD, layer_new = block(c, name=f"block_{i}")(
+                    x_BxLxD, positions_BxL, segment_ids_BxL, cache, None if cache is None else i
                 )
-                layers.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+                layers.append(layer_new)
+            new = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        if cache is not None:
+            cache = {n: write_cache(cache[n], new[n], positions_BxL) for n in ("k", "v")}
 
         if select_BxT is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, select_BxT[:, :, None], axis=1)
@@ -165,7 +167,8 @@ def apply_with_cache(
     (positions must be consecutive within a row) and attend to every slot <= their position,
     so rows of a batch can be at different lengths. Prefill: the (right-padded) prompts at
     positions 0..L-1; decode: one token per row at its own position. Positions must stay
-    below the cache length (slots are not checked inside jit).
+    below the cache length (slots are not checked inside jit; a row's write past the end is
+    clamped to its last L slots, see `layers.cache_slots`).
     """
     segment_ids_BxL = jnp.ones_like(tokens_BxL)  # unused by cached attention
     return _module(cfg).apply(

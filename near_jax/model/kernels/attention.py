@@ -284,17 +284,39 @@ def cached_attention(
     s, g = k_cache_BxSxGxK.shape[1], k_cache_BxSxGxK.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale
     q_BxLxGxQxK = q_BxLxHxK.reshape(b, length, g, h // g, d)
-    logits_BxGxQxLxS = jnp.einsum(
-        "blgqk,bsgk->bgqls", q_BxLxGxQxK, k_cache_BxSxGxK, preferred_element_type=jnp.float32
-    )
-    logits_BxGxQxLxS *= scale
     slots_S = jnp.arange(s)
     mask_BxLxS = slots_S[None, None, :] <= q_positions_BxL[:, :, None]
     if window:
         mask_BxLxS &= slots_S[None, None, :] > q_positions_BxL[:, :, None] - window
+    if length == 1:
+        return _decode_attention(q_BxLxGxQxK, k_cache_BxSxGxK, v_cache_BxSxGxK, mask_BxLxS, scale)
+    logits_BxGxQxLxS = jnp.einsum(
+        "blgqk,bsgk->bgqls", q_BxLxGxQxK, k_cache_BxSxGxK, preferred_element_type=jnp.float32
+    )
+    logits_BxGxQxLxS *= scale
     logits_BxGxQxLxS = jnp.where(
         mask_BxLxS[:, None, None], logits_BxGxQxLxS, jnp.finfo(jnp.float32).min
     )
     probs_BxGxQxLxS = jax.nn.softmax(logits_BxGxQxLxS, axis=-1).astype(v_cache_BxSxGxK.dtype)
     out_BxLxGxQxK = jnp.einsum("bgqls,bsgk->blgqk", probs_BxGxQxLxS, v_cache_BxSxGxK)
     return out_BxLxGxQxK.reshape(b, length, h, d)
+
+
+def _decode_attention(q_Bx1xGxQxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xS, scale):
+    """One query per row as multiply-reduces in the cache's [B,S,G,K] layout.
+
+    With one query a dot is a matrix-vector product: as einsums XLA transposes the cache
+    for them, while elementwise products and reductions read it where it lies and fuse
+    whatever produced it (the layer's slice, the new entries). Products in float32, as the
+    dots' preferred_element_type; probabilities rounded to v's dtype as in the einsum path.
+    """
+    b, _, g, q, d = q_Bx1xGxQxK.shape
+    f32 = jnp.float32
+    q_Bx1xGxQxK = q_Bx1xGxQxK.astype(f32)
+    k_BxSxGx1xK = k_BxSxGxK[:, :, :, None, :].astype(f32)
+    logits_BxSxGxQ = jnp.sum(q_Bx1xGxQxK * k_BxSxGx1xK, axis=-1) * scale
+    logits_BxSxGxQ = jnp.where(mask_Bx1xS[:, 0, :, None, None], logits_BxSxGxQ, jnp.finfo(f32).min)
+    probs_BxSxGxQ = jax.nn.softmax(logits_BxSxGxQ, axis=1).astype(v_BxSxGxK.dtype)
+    v_BxSxGx1xK = v_BxSxGxK[:, :, :, None, :].astype(f32)
+    out_BxGxQxK = jnp.sum(probs_BxSxGxQ[..., None].astype(f32) * v_BxSxGx1xK, axis=1)
+    return out_BxGxQxK.astype(v_BxSxGxK.dtype).reshape(b, 1, g * q, d)
