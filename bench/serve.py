@@ -4,12 +4,14 @@
     python3 bench/serve.py --preset=gpu           # the 0.5B rung's shape, bf16 (an accelerator)
     python3 bench/serve.py --requests=64 --max_tokens=64 --concurrency=1,8,32
 
-Random weights, the byte tokenizer, greedy decoding. The server (`near_jax.serve.app` with the
-continuous-batching engine, --slots slots) runs in this process on a local port; N client
-threads send the same --requests completions (prompts of --prompt_len bytes, max_tokens
---max_tokens), each client one request at a time, over HTTP with the real JSON bodies,
-metering and signatures. The baseline serves the same requests one after another with
-`Generator.generate` (no HTTP): what near_jax offered before the server.
+Random weights, the byte tokenizer, greedy decoding, EOS ignored (every request makes exactly
+--max_tokens tokens, in the server and in the baseline). The server (`near_jax.serve.app`
+with the continuous-batching engine, --slots slots) runs in this process on a local port;
+N client threads, in a separate process (bench/serve_client.py, as real clients are), send
+the same --requests completions (prompts of --prompt_len bytes), each client one request at
+a time, over HTTP with the real JSON bodies, metering and signatures. The baseline serves
+the same requests one after another with `Generator.generate` (no HTTP): what near_jax
+offered before the server.
 
 Reported per row (medians over --repeats runs of the row):
   output tok/s   completion tokens of all requests / wall time from the first send to the
@@ -23,16 +25,15 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import importlib.util
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import jax
@@ -49,6 +50,10 @@ from near_jax.serve import attestation, engine, keys, metering, usage
 from near_jax.train.step import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
+# Random weights draw the byte tokenizer's EOS early and at random, so requests would end
+# after a few tokens: EOS is an ordinary token here, in both the server and the baseline (as
+# vLLM's benchmarks' ignore_eos), and every request makes exactly --max_tokens tokens.
+NO_EOS = -1
 
 
 def _config_module(name: str):
@@ -84,7 +89,7 @@ class _Served:
             params,
             mcfg,
             mesh,
-            eos_id=tok.eos_id,
+            eos_id=NO_EOS,
             pad_id=tok.pad_id,
             vocab_limit=tok.vocab_size,
             max_len=context,
@@ -118,17 +123,24 @@ class _Served:
         while not self.uv.started:
             time.sleep(0.05)
 
-    def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, float]:
-        """(text, completion tokens, seconds) of one request."""
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        request = urllib.request.Request(
-            self.url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
+    def load(self, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
+        """(results, wall seconds) of `prompts` sent by `concurrency` clients in another
+        process (bench/serve_client.py): [text, completion tokens, seconds] per prompt."""
         start = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=600) as r:
-            reply = json.loads(r.read())
-        seconds = time.perf_counter() - start
-        return reply["choices"][0]["text"], reply["usage"]["completion_tokens"], seconds
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "serve_client.py"),
+                self.url,
+                str(concurrency),
+                str(max_tokens),
+            ],
+            input=json.dumps(prompts),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(proc.stdout), time.perf_counter() - start
 
     def close(self) -> None:
         self.uv.should_exit = True
@@ -172,7 +184,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         params,
         mcfg,
         mesh,
-        eos_id=tok.eos_id,
+        eos_id=NO_EOS,
         pad_id=tok.pad_id,
         vocab_limit=tok.vocab_size,
         max_len=context,
@@ -197,16 +209,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         served = _Served(params, mcfg, mesh, tok, context, args.slots, args.prefill_chunk, tmp)
         try:
-            served.complete(prompts[0], args.max_tokens)  # the first request's one-time costs
+            served.load(prompts[:1], 1, args.max_tokens)  # the first request's one-time costs
             for c in args.concurrency:
                 measured = []
                 for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    with concurrent.futures.ThreadPoolExecutor(c) as pool:
-                        results = list(
-                            pool.map(lambda p: served.complete(p, args.max_tokens), prompts)
-                        )
-                    wall = time.perf_counter() - start
+                    # The wall time includes the client process's start (~0.05 s, python
+                    # without jax): a small handicap for the server, never for the baseline.
+                    results, wall = served.load(prompts, c, args.max_tokens)
                     mismatches = sum(r[0] != e for r, e in zip(results, expected, strict=True))
                     row = _row(
                         f"server, {c} clients",
