@@ -99,3 +99,21 @@ def test_a_decode_bucket_runs_its_slots_as_the_full_step_does(small_params, data
         assert np.isnan(np.asarray(v[:, others])).all()
     # Each device runs its own rows: nothing moves the cache between devices.
     assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
+
+
+def test_a_small_bucket_updates_the_donated_cache_in_place():
+    cfg = model.ModelConfig.from_config(small_config().model)
+    params = model.init(cfg, jax.random.key(0))
+    mcfg = small_config().mesh
+    mcfg.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(mcfg, jax.devices()[:1])
+    steps = SlotSteps(cfg, mesh, slots=8, cache_len=32, chunk=8, vocab_limit=300)
+    ints = jax.device_put(np.zeros((7, 1), np.int32), steps.rows_sharding)
+    with jax.set_mesh(mesh):
+        hlo = steps.decode.lower(params, steps.new_cache(), ints).compile().as_text()
+    # Bucket 1 of 8 slots (one busy request): no copy of the whole cache. Writing a one-row
+    # slice back made XLA copy it into and out of the step (4 whole-cache copies a step);
+    # the model now writes the bucket's rows in place.
+    shape = f"f32[{cfg.n_layers},8,32,{cfg.n_kv_heads},{cfg.head_dim}]"
+    copies = [line for line in hlo.splitlines() if f"= {shape}" in line and " copy(" in line]
+    assert copies == []

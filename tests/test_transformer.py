@@ -128,3 +128,23 @@ def test_a_decode_step_updates_the_donated_cache_in_place():
     assert ops <= {"parameter", "get-tuple-element", "bitcast", "fusion", "scatter"}, ops
     fusions = [line.split()[0] for line in lines if " fusion(" in line]
     assert len(fusions) == 2 and all("scatter" in name for name in fusions), fusions
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_a_batch_uses_the_first_rows_of_a_larger_cache_and_leaves_the_rest(length):
+    cfg = model_config()
+    params = model.init(cfg, jax.random.key(0))
+    tokens, positions, _ = model_inputs(jax.random.key(1), 2, 8)
+    step = jax.jit(model.apply_with_cache, static_argnums=4)
+    # Reference: a cache of exactly the batch's 2 rows, prefilled with 5 tokens.
+    small = model.init_cache(cfg, 2, 16)
+    _, small = step(params, tokens[:, :5], positions[:, :5], small, cfg)
+    # The same 2 rows as the first of 4, whose other rows hold NaN: never read or written.
+    big = {k: jnp.concatenate([v, jnp.full_like(v, jnp.nan)], axis=1) for k, v in small.items()}
+    new = tokens[:, 5 : 5 + length], positions[:, 5 : 5 + length]
+    want, small = step(params, *new, small, cfg)
+    got, big = step(params, *new, big, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for k in ("k", "v"):
+        np.testing.assert_array_equal(big[k][:, :2], small[k])
+        assert bool(jnp.all(jnp.isnan(big[k][:, 2:])))

@@ -60,7 +60,8 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, layer=None):
         """Without `cache`: attention within the rows; returns (out, None).
 
-        With `cache` (the whole stacked cache, {"k", "v"} of [N,B,S,G,K]) and this block's
+        With `cache` (the whole stacked cache, {"k", "v"} of [N,B,S,G,K]; it may hold more
+        rows than the batch, whose rows are then its first B) and this block's
         `layer` index: attends over layer `layer` of the cache as it will be once this call's
         keys/values are written (`write_cache`), and returns (out, {"k", "v"} of [B,L,G,K]):
         the new entries, which the caller writes for all layers at once after the stack. The
@@ -133,19 +134,30 @@ def write_cache(
     became a scatter over transposed copies of the whole cache).
     """
     slots_BxL = cache_slots(positions_BxL, cache_NxBxSxGxK.shape[2])
-    # Row b's L updates go to slots slots[b] of row b: the batch is a batching dim of the
-    # scatter (not an index), which XLA keeps local where the batch is sharded (explicit row
-    # indices get all-gathered, and a vmap moves the batch to the front: transposes).
-    dims = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(0, 3, 4),  # N, G, K of the updates [N, B, L, G, K]
-        inserted_window_dims=(2,),  # S: one slot per update
-        scatter_dims_to_operand_dims=(2,),
-        operand_batching_dims=(1,),
-        scatter_indices_batching_dims=(0,),
-    )
+    b, length = slots_BxL.shape
+    if cache_NxBxSxGxK.shape[1] == b:
+        # Row b's L updates go to slots slots[b] of row b: the batch is a batching dim of the
+        # scatter (not an index), which XLA keeps local where the batch is sharded (explicit
+        # row indices get all-gathered, and a vmap moves the batch to the front: transposes).
+        dims = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(0, 3, 4),  # N, G, K of the updates [N, B, L, G, K]
+            inserted_window_dims=(2,),  # S: one slot per update
+            scatter_dims_to_operand_dims=(2,),
+            operand_batching_dims=(1,),
+            scatter_indices_batching_dims=(0,),
+        )
+        indices = slots_BxL[:, :, None]
+    else:  # the batch is the cache's first B rows (an unsharded batch axis): explicit rows
+        dims = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(0, 3, 4),
+            inserted_window_dims=(1, 2),  # one row and one slot per update
+            scatter_dims_to_operand_dims=(1, 2),
+        )
+        rows_BxL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+        indices = jnp.stack([rows_BxL, slots_BxL], axis=-1)
     cache_NxBxSxGxK = jax.lax.scatter(
         cache_NxBxSxGxK,
-        slots_BxL[:, :, None],
+        indices,
         new_NxBxLxGxK.astype(cache_NxBxSxGxK.dtype),
         dims,
         indices_are_sorted=True,
@@ -162,11 +174,13 @@ def _with_new_entries(cache_NxBxSxGxK, layer, new_BxLxGxK, positions_BxL) -> jax
     pass; the stacked cache itself is neither copied nor updated inside the stack. Chunks:
     the same scatter as `write_cache`, on the layer's slice (a select would need a gather).
     """
-    s, length = cache_NxBxSxGxK.shape[2], new_BxLxGxK.shape[1]
+    b, length = new_BxLxGxK.shape[:2]
+    s = cache_NxBxSxGxK.shape[2]
     if length > 1:
         layer_1xBxSxGxK = jax.lax.dynamic_slice_in_dim(cache_NxBxSxGxK, layer, 1, axis=0)
-        return write_cache(layer_1xBxSxGxK, new_BxLxGxK[None], positions_BxL)[0]
-    cache_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)
+        return write_cache(layer_1xBxSxGxK[:, :b], new_BxLxGxK[None], positions_BxL)[0]
+    # [:b]: the batch is the cache's first B rows (all of them, but for a serving bucket).
+    cache_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)[:b]
     is_new_BxS = jnp.arange(s)[None, :] == cache_slots(positions_BxL, s)
     out_BxSxGxK = jnp.where(
         is_new_BxS[:, :, None, None], new_BxLxGxK.astype(cache_BxSxGxK.dtype), cache_BxSxGxK

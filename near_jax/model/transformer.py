@@ -169,6 +169,10 @@ def apply_with_cache(
     positions 0..L-1; decode: one token per row at its own position. Positions must stay
     below the cache length (slots are not checked inside jit; a row's write past the end is
     clamped to its last L slots, see `layers.cache_slots`).
+
+    The cache may hold more rows than the batch: the batch is then its first B rows, and the
+    other rows are neither read nor written (a serving engine decoding only its busy slots;
+    the cache's batch axis must not be sharded then).
     """
     segment_ids_BxL = jnp.ones_like(tokens_BxL)  # unused by cached attention
     return _module(cfg).apply(

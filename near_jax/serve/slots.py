@@ -172,25 +172,28 @@ class SlotSteps:
             n, _, *rest = v_NxSx___.shape
             return v_NxSx___.reshape(n, dp, rows_per_device, *rest)
 
-        rows = cache
-        if b < self.slots:  # bucket_slots: a static slice of every device's block
+        if b < self.slots and dp > 1:  # bucket_slots: a static slice of every device's block
             per = self.slots // dp
             rows = {
                 k: blocks(v, per)[:, :, : b // dp].reshape(v.shape[0], b, *v.shape[2:])
                 for k, v in cache.items()
             }
-        logits_Bx1xV, rows = model.apply_with_cache(
-            params, tokens_B[:, None], positions_B[:, None], rows, self.model_cfg
-        )
-        if b == self.slots:
-            cache = rows
-        else:  # in place: the cache is donated
+            logits_Bx1xV, rows = model.apply_with_cache(
+                params, tokens_B[:, None], positions_B[:, None], rows, self.model_cfg
+            )
             cache = {
                 k: jax.lax.dynamic_update_slice_in_dim(
                     blocks(v, per), blocks(rows[k], b // dp), 0, 2
                 ).reshape(v.shape)
                 for k, v in cache.items()
             }
+        else:
+            # Slots not split over devices: the bucket is the cache's first b rows, which the
+            # model reads and writes in place (a slice written back made XLA copy the whole
+            # cache twice a step).
+            logits_Bx1xV, cache = model.apply_with_cache(
+                params, tokens_B[:, None], positions_B[:, None], cache, self.model_cfg
+            )
         keys_B = request_keys(seeds_B, counts_B)
         logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
         return sample_rows(logits_BxV, keys_B, floats_2xB[0], top_k_B, floats_2xB[1]), cache
