@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import sqlite3
 from collections.abc import Callable
 
 ONE_LINE_LIMIT = 300  # characters: an error fits a log line or a terminal line or two
@@ -145,3 +147,55 @@ def _link_no_clobber(tmp: str, path: str) -> None:
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
         os.replace(tmp, path)
+
+
+def open_record_db(
+    path: str, schema: str, meta: dict[str, str], what: str, error: type[Exception]
+) -> sqlite3.Connection:
+    """Opens (creating it if absent) a one-file SQLite database of an append-only record.
+
+    The settings every near_jax ledger uses: the rollback journal (the file stays one file;
+    a WAL setting persists in a file, so it is set explicitly), synchronous=FULL (a commit is
+    on disk when it returns), explicit transactions (isolation_level None), shareable between
+    threads under the caller's lock. A file without tables gets `schema` and the `meta`
+    rows (table meta(key, value)), inside BEGIN IMMEDIATE so two openers never both create
+    them; an existing one must have the schema's tables and exactly these meta values.
+    Anything else raises `error`, one line naming `what` and `path`.
+    """
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise error(f"cannot open {what} {path}: {one_line(e)}") from None
+    needed = set(re.findall(r"CREATE TABLE (\w+)", schema))
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            query = "SELECT name FROM sqlite_master WHERE type='table'"
+            tables = {r[0] for r in conn.execute(query)}
+            if not tables:
+                for statement in schema.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+            elif not needed <= tables:
+                raise error(f"{path} is a SQLite database but not a {what}")
+            found = dict(conn.execute("SELECT key, value FROM meta"))
+            for key, want in meta.items():
+                if found.get(key) == want:
+                    continue
+                if key == "format":
+                    raise error(f"{what} {path} has format {found.get(key)!r}, this reader: {want}")
+                raise error(f"{what} {path} belongs to {key} {found.get(key)!r}, not {want!r}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as e:
+        conn.close()
+        raise error(f"cannot open {what} {path}: {one_line(e)}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -3,13 +3,14 @@
 import ast
 import errno
 import os
+import sqlite3
 import stat
 import sys
 
 import pytest
 
 from near_jax import _io
-from near_jax._io import atomic_write, fsync_dir, one_line, short_repr
+from near_jax._io import atomic_write, fsync_dir, one_line, open_record_db, short_repr
 
 
 def _mode(path) -> int:
@@ -271,3 +272,33 @@ def test_io_imports_only_the_standard_library():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_open_record_db_creates_checks_and_refuses_in_one_line(tmp_path):
+    class Bad(Exception):
+        pass
+
+    schema = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);\nCREATE TABLE rows (x INT);"
+    path = str(tmp_path / "r.sqlite")
+    conn = open_record_db(path, schema, {"format": "1", "run": "a"}, "record", Bad)
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.execute("INSERT INTO rows VALUES (7)")
+    conn.close()
+    conn = open_record_db(path, schema, {"format": "1", "run": "a"}, "record", Bad)  # reopens
+    assert conn.execute("SELECT x FROM rows").fetchall() == [(7,)]
+    conn.close()
+    for meta, message in [
+        ({"format": "2", "run": "a"}, "has format '1', this reader: 2"),
+        ({"format": "1", "run": "b"}, "belongs to run 'a', not 'b'"),
+    ]:
+        with pytest.raises(Bad, match=message):
+            open_record_db(path, schema, meta, "record", Bad)
+    other = str(tmp_path / "other.sqlite")
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE t (x INT)")
+    with pytest.raises(Bad, match="is a SQLite database but not a record"):
+        open_record_db(other, schema, {"format": "1"}, "record", Bad)
+    (tmp_path / "garbage").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(Bad, match=r"^cannot open record .*garbage: "):
+        open_record_db(str(tmp_path / "garbage"), schema, {"format": "1"}, "record", Bad)

@@ -53,7 +53,7 @@ import sqlite3
 import threading
 from typing import Any
 
-from near_jax._io import one_line
+from near_jax._io import one_line, open_record_db
 from near_jax.diloco.protocol import check_name, dumps, sha256
 
 FORMAT = 2  # 2: the detail field (a format-1 file is rebuilt from the decisions)
@@ -228,51 +228,8 @@ class Ledger:
         """Opens (creating it if absent) the ledger at `path` for `run`; LedgerError if the
         file is not a ledger, has another format, or belongs to another run."""
         check_name("run", run)
-        try:
-            conn = sqlite3.connect(
-                path, isolation_level=None, timeout=60.0, check_same_thread=False
-            )
-        except sqlite3.Error as e:
-            raise LedgerError(f"cannot open ledger {path}: {e}") from None
-        try:
-            # DELETE (the default) keeps the ledger one file; a WAL setting persists in the
-            # file, so set it explicitly in case something else switched it
-            conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")  # two openers must not both create the schema
-            try:
-                tables = {
-                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                }
-                if not tables:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [("format", str(FORMAT)), ("run", run)],
-                    )
-                elif not {"meta", "entries"} <= tables:
-                    raise LedgerError(f"{path} is a SQLite database but not a ledger")
-                meta = dict(conn.execute("SELECT key, value FROM meta"))
-                if meta.get("format") != str(FORMAT):
-                    raise LedgerError(
-                        f"ledger {path} has format {meta.get('format')!r}, this reader: {FORMAT}"
-                    )
-                if meta.get("run") != run:
-                    raise LedgerError(
-                        f"ledger {path} belongs to run {meta.get('run')!r}, not {run!r}"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            conn.close()
-            raise LedgerError(f"cannot open ledger {path}: {one_line(e)}") from None
-        except BaseException:
-            conn.close()
-            raise
+        meta = {"format": str(FORMAT), "run": run}
+        conn = open_record_db(path, _SCHEMA, meta, "ledger", LedgerError)
         return cls(conn, path, run)
 
     def append_round(self, round: int, entries: list[dict[str, Any]]) -> bool:

@@ -53,7 +53,7 @@ import sqlite3
 import threading
 from typing import Any
 
-from near_jax._io import one_line, short_repr
+from near_jax._io import one_line, open_record_db, short_repr
 from near_jax.serve.keys import ANONYMOUS, check_key_name
 
 FORMAT = 1
@@ -179,47 +179,8 @@ class UsageLedger:
         self._lock = threading.Lock()
         self._spent: dict[str, int] = {}  # key_sha256 → total cost, valid at _version
         self._version: int | None = None
-        try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=60.0, check_same_thread=False
-            )
-        except sqlite3.Error as e:
-            raise UsageError(f"cannot open usage ledger {self.path}: {one_line(e)}") from None
-        try:
-            # DELETE (the default) keeps the ledger one file; a WAL setting persists in the
-            # file, so set it explicitly in case something else switched it
-            conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")  # two openers must not both create the schema
-            try:
-                tables = {
-                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                }
-                if not tables:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO meta (key, value) VALUES ('format', ?)", (str(FORMAT),)
-                    )
-                elif not {"meta", "usage"} <= tables:
-                    raise UsageError(f"{self.path} is a SQLite database but not a usage ledger")
-                meta = dict(conn.execute("SELECT key, value FROM meta"))
-                if meta.get("format") != str(FORMAT):
-                    raise UsageError(
-                        f"usage ledger {self.path} has format {meta.get('format')!r}, "
-                        f"this reader: {FORMAT}"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            conn.close()
-            raise UsageError(f"cannot open usage ledger {self.path}: {one_line(e)}") from None
-        except BaseException:
-            conn.close()
-            raise
+        meta = {"format": str(FORMAT)}
+        conn = open_record_db(self.path, _SCHEMA, meta, "usage ledger", UsageError)
         self._conn = conn
 
     def record(
