@@ -133,3 +133,21 @@ def test_sample_rows_follows_each_rows_softmax():
     # top_p 0.7 keeps the two most likely tokens (0.64 before the second), renormalized.
     p = np.asarray(jax.nn.softmax(logits[1]))
     np.testing.assert_allclose(freq[1], [p[0] / p[:2].sum(), p[1] / p[:2].sum(), 0, 0], atol=0.015)
+
+
+def test_sample_rows_draw_is_the_same_whichever_branch_the_batch_takes():
+    # A temperature-only row: in a batch with a top-k row (the sort), with only plain rows
+    # (no sort), and its greedy neighbour in an all-greedy batch (argmax alone).
+    logits = _logits(seed=10, b=3)
+    draw = jax.jit(sample_rows)
+    for seed in range(20):
+        keys = jax.random.split(jax.random.key(seed), 3)
+        masked = [Sampling(temperature=1.5), Sampling(), Sampling(temperature=1.0, top_k=3)]
+        plain = [Sampling(temperature=1.5), Sampling(), Sampling(temperature=1.0)]
+        a = np.asarray(draw(logits, keys, *_rows(masked)))
+        b = np.asarray(draw(logits, keys, *_rows(plain)))
+        assert a[0] == b[0] and a[1] == b[1] == int(np.argmax(logits[1]))
+        alone = sample(logits[:1], keys[0], Sampling(temperature=1.5))[0]
+        assert a[0] == int(alone)
+        greedy = np.asarray(draw(logits, keys, *_rows([Sampling()] * 3)))
+        np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
