@@ -161,11 +161,12 @@ def test_greedy_equals_generator_with_concurrent_requests_and_reused_slots(
     )
     assert after["tokens_out"] - before["tokens_out"] == sum(MAX_TOKENS)
     assert after["finished"]["length"] - before["finished"]["length"] == len(requests)
-    # Fixed shapes: warmup compiled the only programs serving runs (a decode per bucket).
+    # Fixed shapes: warmup compiled the only programs serving runs (a decode per bucket and
+    # attention span).
     buckets = (1, 2) if engine.mesh.shape["data"] == 1 else (2, 4)  # multiples of data=2
-    assert engine.device.buckets == buckets
+    assert engine.device.buckets == buckets and len(engine.device.spans) > 1
     assert engine.device.prefill._cache_size() == 1
-    assert engine.device.decode._cache_size() == len(buckets)
+    assert engine.device.decode._cache_size() == len(buckets) * len(engine.device.spans)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
@@ -283,7 +284,8 @@ def test_decode_runs_the_smallest_bucket_holding_the_busy_slots(setup, engine):
     eng.shutdown()
     assert {tickets[0][0].slot, tickets[1][0].slot} == set(eng.device.order[:2].tolist())
     assert two["decode_rows"] - one["decode_rows"] == 2 * (two["steps"] - one["steps"])
-    assert engine.device.decode._cache_size() == 2  # warmup compiled both buckets
+    # Warmup compiled both buckets at every span.
+    assert engine.device.decode._cache_size() == 2 * len(engine.device.spans)
 
 
 @pytest.mark.parametrize("engine", ["one-device"], indirect=True)  # mesh-independent

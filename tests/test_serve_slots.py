@@ -1,6 +1,6 @@
 """The engine's device steps: per-request keys, a chunked prefill that writes its own slot
 only (also where the slot axis is sharded and other slots hold non-finite garbage), decode
-buckets that run and write the first rows only."""
+buckets that run and write the first rows only, attending over a span of the cache."""
 
 import jax
 import jax.numpy as jnp
@@ -80,28 +80,34 @@ def test_a_decode_bucket_runs_its_slots_as_the_full_step_does(small_params, data
     others = np.setdiff1d(np.arange(n), mine)
     ints_4xN = np.stack([5 + 2 * np.arange(n), np.arange(n), np.zeros(n), np.zeros(n)])
     floats_2xN = np.stack([np.zeros(n), np.ones(n)])
+    assert steps.spans == (2, 4, 8, 16) and steps.span(4) == 4 and steps.span(5) == 8
+    span = steps.span(int(ints_4xN[1, mine].max()) + 1)  # past every position of the bucket
     with jax.set_mesh(mesh):
         tokens, cache = steps.run_decode(
-            small_params, steps.new_cache(), ints_4xN, np.zeros(n), floats_2xN
+            small_params, steps.new_cache(), ints_4xN, np.zeros(n), floats_2xN, 16
         )
         full = np.asarray(tokens), {k: np.asarray(v) for k, v in cache.items()}
-        # The rows the bucket leaves alone hold garbage: neither read nor changed.
+        # The rows the bucket leaves alone, and its rows past the span, hold garbage:
+        # neither read nor changed.
         nan = {k: v.at[:, others].set(jnp.nan) for k, v in steps.new_cache().items()}
+        nan = {k: v.at[:, mine, span:].set(jnp.nan) for k, v in nan.items()}
         cache = jax.device_put(nan, steps.cache_shardings)
         tokens, cache = steps.run_decode(
-            small_params, cache, ints_4xN[:, mine], np.zeros(b), floats_2xN[:, mine]
+            small_params, cache, ints_4xN[:, mine], np.zeros(b), floats_2xN[:, mine], span
         )
-        hlo = steps.decode.lower(small_params, cache, jnp.zeros((7, b), jnp.int32))
+        hlo = steps.decode.lower(small_params, cache, jnp.zeros((7, b), jnp.int32), span=span)
         hlo = hlo.compile().as_text()
     np.testing.assert_array_equal(np.asarray(tokens), full[0][mine])
     for k, v in cache.items():
-        np.testing.assert_allclose(np.asarray(v[:, mine]), full[1][k][:, mine], atol=1e-6)
-        assert np.isnan(np.asarray(v[:, others])).all()
+        got = np.asarray(v[:, mine])
+        np.testing.assert_allclose(got[:, :, :span], full[1][k][:, mine, :span], atol=1e-6)
+        assert np.isnan(got[:, :, span:]).all() and np.isnan(np.asarray(v[:, others])).all()
     # Each device runs its own rows: nothing moves the cache between devices.
     assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
 
 
-def test_a_small_bucket_updates_the_donated_cache_in_place():
+@pytest.mark.parametrize("span", [0, 8])
+def test_a_small_bucket_updates_the_donated_cache_in_place(span):
     cfg = model.ModelConfig.from_config(small_config().model)
     params = model.init(cfg, jax.random.key(0))
     mcfg = small_config().mesh
@@ -110,10 +116,11 @@ def test_a_small_bucket_updates_the_donated_cache_in_place():
     steps = SlotSteps(cfg, mesh, slots=8, cache_len=32, chunk=8, vocab_limit=300)
     ints = jax.device_put(np.zeros((7, 1), np.int32), steps.rows_sharding)
     with jax.set_mesh(mesh):
-        hlo = steps.decode.lower(params, steps.new_cache(), ints).compile().as_text()
+        hlo = steps.decode.lower(params, steps.new_cache(), ints, span=span)
+        hlo = hlo.compile().as_text()
     # Bucket 1 of 8 slots (one busy request): no copy of the whole cache. Writing a one-row
     # slice back made XLA copy it into and out of the step (4 whole-cache copies a step);
-    # the model now writes the bucket's rows in place.
+    # the model now writes the bucket's rows in place. So with a span (a slice it reads).
     shape = f"f32[{cfg.n_layers},8,32,{cfg.n_kv_heads},{cfg.head_dim}]"
     copies = [line for line in hlo.splitlines() if f"= {shape}" in line and " copy(" in line]
     assert copies == []

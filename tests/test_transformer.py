@@ -148,3 +148,23 @@ def test_a_batch_uses_the_first_rows_of_a_larger_cache_and_leaves_the_rest(lengt
     for k in ("k", "v"):
         np.testing.assert_array_equal(big[k][:, :2], small[k])
         assert bool(jnp.all(jnp.isnan(big[k][:, 2:])))
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_attend_len_reads_only_the_start_of_the_cache_and_writes_in_place(length):
+    cfg = model_config()
+    params = model.init(cfg, jax.random.key(0))
+    tokens, positions, _ = model_inputs(jax.random.key(1), 2, 8)
+    step = jax.jit(model.apply_with_cache, static_argnums=(4, 6))
+    ref = model.init_cache(cfg, 2, 32)
+    _, ref = step(params, tokens[:, :5], positions[:, :5], ref, cfg)
+    # The same cache with NaN from position 8 on: attend_len=8 must never read there.
+    poisoned = {k: v.at[:, :, 8:].set(jnp.nan) for k, v in ref.items()}
+    new = tokens[:, 5 : 5 + length], positions[:, 5 : 5 + length]
+    want, ref = step(params, *new, ref, cfg)
+    got, poisoned = step(params, *new, poisoned, cfg, None, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for k in ("k", "v"):
+        # Close, not equal: a shorter softmax sums in another order (later layers' K/V).
+        np.testing.assert_allclose(poisoned[k][:, :, :8], ref[k][:, :, :8], rtol=1e-6, atol=1e-6)
+        assert bool(jnp.all(jnp.isnan(poisoned[k][:, :, 8:])))

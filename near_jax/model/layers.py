@@ -55,6 +55,7 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; the kernel comes from `near_jax.model.kernels`."""
 
     cfg: ModelConfig
+    attend_len: int = 0  # with a cache: its first positions the queries read (0 = all)
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, layer=None):
@@ -88,7 +89,8 @@ class Attention(nn.Module):
         if cache is not None:
             new = {"k": k_BxLxGxK, "v": v_BxLxGxK}
             k_BxSxGxK, v_BxSxGxK = (
-                _with_new_entries(cache[n], layer, new[n], positions_BxL) for n in ("k", "v")
+                _with_new_entries(cache[n], layer, new[n], positions_BxL, self.attend_len)
+                for n in ("k", "v")
             )
             out_BxLxHxK = kernels.cached_attention(
                 q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, positions_BxL, window=c.attention_window
@@ -167,20 +169,25 @@ def write_cache(
     return constrain(cache_NxBxSxGxK, ("layers", "batch", "length", "kv_heads", "head_dim"))
 
 
-def _with_new_entries(cache_NxBxSxGxK, layer, new_BxLxGxK, positions_BxL) -> jax.Array:
-    """Layer `layer` of the cache as `write_cache` will leave it: [B, S, G, K].
+def _with_new_entries(
+    cache_NxBxSxGxK, layer, new_BxLxGxK, positions_BxL, attend_len: int = 0
+) -> jax.Array:
+    """Layer `layer` of the cache as `write_cache` will leave it: [B, S, G, K], S the
+    cache's first `attend_len` positions (0 = all; every position must lie below it).
 
     Decode (L = 1): a select, elementwise, which XLA fuses with the layer's slice into one
     pass; the stacked cache itself is neither copied nor updated inside the stack. Chunks:
     the same scatter as `write_cache`, on the layer's slice (a select would need a gather).
     """
     b, length = new_BxLxGxK.shape[:2]
-    s = cache_NxBxSxGxK.shape[2]
+    s = attend_len or cache_NxBxSxGxK.shape[2]
     if length > 1:
         layer_1xBxSxGxK = jax.lax.dynamic_slice_in_dim(cache_NxBxSxGxK, layer, 1, axis=0)
-        return write_cache(layer_1xBxSxGxK[:, :b], new_BxLxGxK[None], positions_BxL)[0]
-    # [:b]: the batch is the cache's first B rows (all of them, but for a serving bucket).
-    cache_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)[:b]
+        return write_cache(layer_1xBxSxGxK[:, :b, :s], new_BxLxGxK[None], positions_BxL)[0]
+    # [:b]: the batch is the cache's first B rows (all of them, but for a serving bucket);
+    # [:, :s]: a short sequence reads only the start of a long cache.
+    layer_BxSxGxK = jax.lax.dynamic_index_in_dim(cache_NxBxSxGxK, layer, 0, keepdims=False)
+    cache_BxSxGxK = layer_BxSxGxK[:b, :s]
     is_new_BxS = jnp.arange(s)[None, :] == cache_slots(positions_BxL, s)
     out_BxSxGxK = jnp.where(
         is_new_BxS[:, :, None, None], new_BxLxGxK.astype(cache_BxSxGxK.dtype), cache_BxSxGxK
@@ -214,6 +221,7 @@ class Block(nn.Module):
     """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     cfg: ModelConfig
+    attend_len: int = 0  # as Attention's
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, layer=None):
@@ -221,7 +229,7 @@ class Block(nn.Module):
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.norm_eps, dt, pdt, name="attn_norm")(x_BxLxD)
-        attn = Attention(c, name="attn")
+        attn = Attention(c, self.attend_len, name="attn")
         attn_BxLxD, new = attn(h, positions_BxL, segment_ids_BxL, cache, layer)
         x_BxLxD = x_BxLxD + attn_BxLxD
         h = RMSNorm(c.norm_eps, dt, pdt, name="mlp_norm")(x_BxLxD)

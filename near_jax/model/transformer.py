@@ -37,11 +37,20 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, select_BxT=None):
+    def __call__(
+        self,
+        tokens_BxL,
+        positions_BxL,
+        segment_ids_BxL,
+        cache=None,
+        select_BxT=None,
+        attend_len: int = 0,
+    ):
         """Logits [B, L, V]; with `cache` (stacked per layer) returns (logits, new cache).
 
         `select_BxT`, if given, picks the positions whose logits are computed ([B, T, V]),
         so a prefill pays for the output head on one position per row, not all L.
+        `attend_len` (static): attention reads only the cache's first positions.
         """
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -72,11 +81,13 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             extra = (cache, jnp.arange(c.n_layers)) if cache is not None else ()
-            x_BxLxD, new = stack(c, name="blocks")(x_BxLxD, positions_BxL, segment_ids_BxL, *extra)
+            x_BxLxD, new = stack(c, attend_len, name="blocks")(
+                x_BxLxD, positions_BxL, segment_ids_BxL, *extra
+            )
         else:
             layers = []
             for i in range(c.n_layers):
-                x_BxLxD, layer_new = block(c, name=f"block_{i}")(
+                x_BxLxD, layer_new = block(c, attend_len, name=f"block_{i}")(
                     x_BxLxD, positions_BxL, segment_ids_BxL, cache, None if cache is None else i
                 )
                 layers.append(layer_new)
@@ -160,6 +171,7 @@ def apply_with_cache(
     cache: dict[str, jax.Array],
     cfg: Any,
     select_BxT: jax.Array | None = None,
+    attend_len: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One generation step: logits of new tokens given the cache, and the updated cache.
 
@@ -173,8 +185,18 @@ def apply_with_cache(
     The cache may hold more rows than the batch: the batch is then its first B rows, and the
     other rows are neither read nor written (a serving engine decoding only its busy slots;
     the cache's batch axis must not be sharded then).
+
+    `attend_len` (static; 0 = the whole cache): attention reads only the cache's first
+    `attend_len` positions, so a step's cost follows the sequences' lengths, not the
+    cache's. Every position + L must then be at most `attend_len` (not checked in jit).
     """
     segment_ids_BxL = jnp.ones_like(tokens_BxL)  # unused by cached attention
     return _module(cfg).apply(
-        {"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, cache, select_BxT
+        {"params": params},
+        tokens_BxL,
+        positions_BxL,
+        segment_ids_BxL,
+        cache,
+        select_BxT,
+        attend_len,
     )

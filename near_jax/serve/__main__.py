@@ -2,7 +2,8 @@
 
     (serve)  --workdir=RUN [--step=N] [--host=127.0.0.1] [--port=8000] [--keys=keys.json]
              [--state_dir=near_jax_serve] [--slots=16] [--prefill_chunk=64] [--max_queue=256]
-             [--step_tokens=512] [--fsdp=1] [--tensor=1] [--model_name=NAME]
+             [--step_tokens=512] [--length_buckets=4] [--fsdp=1] [--tensor=1]
+             [--model_name=NAME]
              [--attestation=none]
                                      the OpenAI-compatible server (the default command)
     keys     --keys=keys.json --name=NAME [--prompt_price=P] [--completion_price=C]
@@ -47,7 +48,8 @@ from near_jax.serve.engine import engine_for_run
 
 _PROG = "near_jax.serve"
 _SERVE = (
-    "workdir step host port keys state_dir slots prefill_chunk max_queue model_name attestation"
+    "workdir step host port keys state_dir slots prefill_chunk max_queue step_tokens "
+    "length_buckets model_name attestation"
 )
 FLAGS_OF = {
     "serve": (*_SERVE.split(), "fsdp", "tensor"),
@@ -79,6 +81,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_queue", 256, "serve: waiting requests before 429.", lower_bound=1)
     flags.DEFINE_integer(
         "step_tokens", 512, "serve: tokens per engine step (decoding rows + prefill chunks)."
+    )
+    flags.DEFINE_integer(
+        "length_buckets",
+        4,
+        "serve: attention spans (the context halved up to N-1 times); each is one more "
+        "compile of every decode bucket at start-up, and a decode step reads the smallest "
+        "span its sequences fit.",
     )
     flags.DEFINE_string("model_name", None, "serve: the model id; default the run's name.")
     flags.DEFINE_string("attestation", "none", "serve: attestation provider.")
@@ -148,6 +157,7 @@ def serve(f: flags.FlagValues) -> None:
             prefill_chunk=f.prefill_chunk,
             max_queue=f.max_queue,
             step_tokens=f.step_tokens,
+            length_buckets=f.length_buckets,
         )
     except ValueError as e:  # a setting below its minimum, or a cache that does not fit
         usage_error(str(e))

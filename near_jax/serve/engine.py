@@ -13,7 +13,8 @@ loops:
    batch is small, and decoding rows wait for about step_tokens tokens of prefill at most.
    After a prompt's last chunk the slot samples its first token and joins the batch;
 4. one decode step over the first b slots of the order, b the smallest decode bucket
-   (slots.py: powers of two, and `slots`) holding every decoding row, draws their tokens; they
+   (slots.py: powers of two, and `slots`) holding every decoding row, attending over the
+   smallest span (slots.py) past every decoding row's position, draws their tokens; they
    come back to the host in one transfer ([b] ints); a row that draws EOS (not emitted:
    finish "stop") or reaches max_tokens ("length") leaves, and its slot takes the next
    waiting request at the next iteration;
@@ -85,11 +86,13 @@ class Engine:
         max_queue: int = 256,
         prefill_per_step: int = 1,
         step_tokens: int = 512,
+        length_buckets: int = 4,
     ):
         """`max_len`: prompt plus output tokens at most (the model's context); `slots` is
         rounded up to a multiple of the data-parallel size; the cache holds max_len rounded
         up to a multiple of `prefill_chunk` positions per slot; `step_tokens` and
-        `prefill_per_step` bound the prefill chunks of one iteration (module docstring)."""
+        `prefill_per_step` bound the prefill chunks of one iteration (module docstring);
+        `length_buckets` attention spans (slots.py) are compiled for every decode bucket."""
         for name, value, least in [
             ("max_len", max_len, 2),
             ("slots", slots, 1),
@@ -97,6 +100,7 @@ class Engine:
             ("max_queue", max_queue, 0),
             ("prefill_per_step", prefill_per_step, 1),
             ("step_tokens", step_tokens, 1),
+            ("length_buckets", length_buckets, 1),
         ]:
             if value < least:
                 raise ValueError(f"{name}={value} is not allowed: must be >= {least}")
@@ -116,6 +120,7 @@ class Engine:
             cache_len=self.cache_len,
             chunk=prefill_chunk,
             vocab_limit=self.vocab_limit,
+            length_buckets=length_buckets,
         )
         self.cache_bytes_per_device = self.device.cache_bytes_per_device()
         self._cache: dict[str, jax.Array] | None = None
@@ -333,9 +338,10 @@ class Engine:
         ints_4xB[1] = np.where(decoding_B, self._position[slots_B], self._next_start[slots_B])
         ints_4xB[2], ints_4xB[3] = self._count[slots_B], self._top_k[slots_B]
         floats_2xB = np.stack([self._temperature[slots_B], self._top_p[slots_B]])
+        span = self.device.span(int(np.max(ints_4xB[1], where=decoding_B, initial=0)) + 1)
         began = time.perf_counter()
         tokens_B, self._cache = self.device.run_decode(
-            self.params, self._cache, ints_4xB, self._seed[slots_B], floats_2xB
+            self.params, self._cache, ints_4xB, self._seed[slots_B], floats_2xB, span
         )
         tokens_B = np.asarray(tokens_B).tolist()  # the step's one device-to-host transfer
         self._delta.update(steps=1, decode_rows=b)

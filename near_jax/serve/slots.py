@@ -21,11 +21,16 @@ compiles each shape once (warmup), whatever the mix of requests:
   devices), runs them and writes them back in place, so its cost follows the busy rows,
   not `slots`; the other rows are untouched. The engine hands out slots in `order` (device
   j % dp, its (j // dp)-th row), so the first b slots of the order are bucket b's.
+  Attention reads only the cache's first `span` positions (a static argument: `spans` are
+  cache_len halved up to `length_buckets` - 1 times), the smallest span past every busy
+  row's position, so its cost follows the sequences' lengths too, not cache_len.
 
 The cache is donated to both steps, so it is updated in place.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +59,15 @@ class SlotSteps:
         cache_len: int,
         chunk: int,
         vocab_limit: int,
+        length_buckets: int = 4,
     ):
         """`slots` a multiple of the mesh's data-parallel size; `cache_len` a multiple of
         `chunk`, so a chunk written at a multiple of `chunk` never runs past the cache
-        (dynamic_update_slice would clamp the start and overwrite earlier tokens)."""
+        (dynamic_update_slice would clamp the start and overwrite earlier tokens);
+        `length_buckets` >= 1 the number of attention spans (each one more compile of every
+        decode bucket)."""
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets={length_buckets} is not allowed: must be >= 1")
         if slots % sharding.data_parallel_size(mesh) or cache_len % chunk:
             raise ValueError(
                 f"slots={slots}, cache_len={cache_len}, chunk={chunk} are not allowed: slots "
@@ -89,6 +99,8 @@ class SlotSteps:
         blocks_DxR = np.arange(slots).reshape(dp, slots // dp)
         self.order = blocks_DxR.T.reshape(-1)  # slot j: device j % dp, its (j // dp)-th row
         self.bucket_slots = {b: blocks_DxR[:, : b // dp].reshape(-1) for b in self.buckets}
+        halves = (cache_len >> i for i in range(length_buckets))
+        self.spans = tuple(sorted({n for n in halves if n > 0}))
         self._init = jax.jit(
             lambda: model.init_cache(model_cfg, slots, cache_len),
             out_shardings=self.cache_shardings,
@@ -103,12 +115,17 @@ class SlotSteps:
         self.decode = jax.jit(
             self._decode_fn,
             donate_argnums=1,
+            static_argnames="span",
             out_shardings=(self.row_sharding, self.cache_shardings),
         )
 
     def bucket(self, rows: int) -> int:
         """The smallest decode bucket of at least `rows` slots."""
         return next(b for b in self.buckets if b >= rows)
+
+    def span(self, length: int) -> int:
+        """The smallest attention span of at least `length` positions."""
+        return next(n for n in self.spans if n >= length)
 
     def new_cache(self) -> dict[str, jax.Array]:
         """A zeroed cache, laid out on the mesh."""
@@ -159,10 +176,13 @@ class SlotSteps:
         )
         return token_1[0], cache
 
-    def _decode_fn(self, params, cache, ints_7xB):
+    def _decode_fn(self, params, cache, ints_7xB, span: int = 0):
         """ints_7xB = (input token, position, tokens drawn so far, top_k, seed, temperature,
         top_p) per slot of bucket_slots[B] (B a bucket), seed, temperature and top_p as the bits of
-        their uint32 and float32 (one transfer). Returns (next token per slot, cache)."""
+        their uint32 and float32 (one transfer); `span`: attention reads the cache's first
+        `span` positions (0 = all; every decoding row's position is below it). Returns (next
+        token per slot, cache)."""
+        attend_len = 0 if span >= self.cache_len else span
         tokens_B, positions_B, counts_B, top_k_B = ints_7xB[:4]
         seeds_B = jax.lax.bitcast_convert_type(ints_7xB[4], jnp.uint32)
         floats_2xB = jax.lax.bitcast_convert_type(ints_7xB[5:], jnp.float32)
@@ -179,7 +199,12 @@ class SlotSteps:
                 for k, v in cache.items()
             }
             logits_Bx1xV, rows = model.apply_with_cache(
-                params, tokens_B[:, None], positions_B[:, None], rows, self.model_cfg
+                params,
+                tokens_B[:, None],
+                positions_B[:, None],
+                rows,
+                self.model_cfg,
+                attend_len=attend_len,
             )
             cache = {
                 k: jax.lax.dynamic_update_slice_in_dim(
@@ -192,7 +217,12 @@ class SlotSteps:
             # model reads and writes in place (a slice written back made XLA copy the whole
             # cache twice a step).
             logits_Bx1xV, cache = model.apply_with_cache(
-                params, tokens_B[:, None], positions_B[:, None], cache, self.model_cfg
+                params,
+                tokens_B[:, None],
+                positions_B[:, None],
+                cache,
+                self.model_cfg,
+                attend_len=attend_len,
             )
         keys_B = request_keys(seeds_B, counts_B)
         logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
@@ -211,24 +241,27 @@ class SlotSteps:
             jax.device_put(np.asarray([temperature, top_p], np.float32), self.replicated),
         )
 
-    def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB):
+    def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB, span: int):
         """One decode step from host arrays over the B slots bucket_slots[B] (B a bucket: the
-        arrays' last axis, in that order); returns (next tokens [B] device array, cache)."""
+        arrays' last axis, in that order) attending over `span` (one of `spans`) positions;
+        returns (next tokens [B] device array, cache)."""
         ints_7xB = np.empty((7, np.shape(ints_4xB)[1]), np.int32)
         ints_7xB[:4] = ints_4xB
         ints_7xB[4] = np.asarray(seeds_B, np.uint32).view(np.int32)
         ints_7xB[5:] = np.asarray(floats_2xB, np.float32).view(np.int32)
-        return self.decode(params, cache, jax.device_put(ints_7xB, self.rows_sharding))
+        ints_7xB = jax.device_put(ints_7xB, self.rows_sharding)
+        return self.decode(params, cache, ints_7xB, span=span)
 
     def warmup(self, params, cache, pad_id: int) -> dict[str, jax.Array]:
-        """Compiles (by running) prefill and every decode bucket on idle inputs; returns the
-        cache. They write garbage at position 0 of slot 0 (prefill) and of every slot
+        """Compiles (by running) prefill and every decode bucket and span on idle inputs;
+        returns the cache. They write garbage at position 0 of slot 0 (prefill) and of every slot
         (decode): harmless only while no slot holds a request (see engine.py)."""
         tokens_C = np.full(self.chunk, pad_id)
         token, cache = self.run_prefill(params, cache, tokens_C, 0, 0, 0, (0.0, 0, 1.0), 0)
-        for n in self.buckets:
+        for n, span in itertools.product(self.buckets, self.spans):
             ints_4xB = np.stack([np.full(n, pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
             floats_2xB = np.stack([np.zeros(n), np.ones(n)])
-            token, cache = self.run_decode(params, cache, ints_4xB, np.zeros(n), floats_2xB)
+            args = (ints_4xB, np.zeros(n), floats_2xB, span)
+            token, cache = self.run_decode(params, cache, *args)
         jax.block_until_ready((token, cache))
         return cache
