@@ -47,11 +47,11 @@ def test_chunked_prefill_writes_its_slot_as_a_whole_prefill_would(small_params, 
         kept = {k: np.asarray(v[:, 0]) for k, v in cache.items()}
         for start in (0, 8):
             piece = prompt[start : start + 8]
-            tokens = np.zeros(8, np.int32)
-            tokens[: len(piece)] = piece
-            token, cache = steps.run_prefill(
-                small_params, cache, tokens, 1, start, len(piece) - 1, (0.0, 0, 1.0), 0
-            )
+            tokens = np.zeros((1, 8), np.int32)
+            tokens[0, : len(piece)] = piece
+            ints = np.array([[1], [start], [len(piece) - 1], [0]])
+            floats = np.array([[0.0], [1.0]])
+            token, cache = steps.run_prefill(small_params, cache, tokens, ints, np.zeros(1), floats)
         whole = model.init_cache(cfg, 1, 32)
         logits, whole = model.apply_with_cache(
             small_params, jnp.asarray(prompt)[None], jnp.arange(13)[None], whole, cfg
@@ -59,7 +59,53 @@ def test_chunked_prefill_writes_its_slot_as_a_whole_prefill_would(small_params, 
     for k in ("k", "v"):
         np.testing.assert_array_equal(np.asarray(cache[k][:, 0]), kept[k])
         np.testing.assert_allclose(cache[k][:, 1, :13], whole[k][:, 0, :13], atol=2e-5, rtol=1e-4)
-    assert int(token) == int(jnp.argmax(logits[0, -1, :300]))
+    assert int(token[0]) == int(jnp.argmax(logits[0, -1, :300]))
+
+
+def test_one_prefill_call_runs_several_slots_chunks_as_separate_calls_would(small_params):
+    # Slots 4, 1 and 6 of 8 (a bucket of 4 rows, one of them padding) take their first
+    # chunks in one call, then slot 1 its second (5 tokens: a chunk of 8), then slot 3 its
+    # whole prompt of 3 (a chunk of 4).
+    cfg = model.ModelConfig.from_config(small_config().model)
+    mcfg = small_config().mesh
+    mcfg.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(mcfg, jax.devices()[:1])
+    steps = SlotSteps(cfg, mesh, slots=8, cache_len=32, chunk=8, vocab_limit=300, prefill_rows=4)
+    assert steps.prefill_buckets == (1, 2, 4) and steps.prefill_lengths == (2, 4, 8)
+    rng = np.random.default_rng(1)
+    prompts = {n: rng.integers(0, 300, length) for n, length in [(4, 5), (1, 13), (6, 8), (3, 3)]}
+    calls = [[(4, 0), (1, 0), (6, 0)], [(1, 8)], [(3, 0)]]
+    with jax.set_mesh(mesh):
+        # The other slots hold NaN: neither read nor changed.
+        nan = {k: v.at[:, [0, 2, 5, 7]].set(jnp.nan) for k, v in steps.new_cache().items()}
+        cache = jax.device_put(nan, steps.cache_shardings)
+        first = {}
+        for call in calls:
+            tokens = np.zeros((len(call), 8), np.int32)
+            ints = np.zeros((4, len(call)), np.int32)
+            for i, (slot, start) in enumerate(call):
+                piece = prompts[slot][start : start + 8]
+                tokens[i, : len(piece)] = piece
+                ints[:, i] = (slot, start, len(piece) - 1, 0)
+            floats = np.stack([np.zeros(len(call)), np.ones(len(call))])
+            out, cache = steps.run_prefill(
+                small_params, cache, tokens, ints, np.zeros(len(call)), floats
+            )
+            assert out.shape == (steps.bucket_of_prefill(len(call)),)
+            first.update({slot: int(out[i]) for i, (slot, _) in enumerate(call)})
+        for slot, prompt in prompts.items():
+            whole = model.init_cache(cfg, 1, 32)
+            logits, whole = model.apply_with_cache(
+                small_params, jnp.asarray(prompt)[None], jnp.arange(len(prompt))[None], whole, cfg
+            )
+            n = len(prompt)
+            for k in ("k", "v"):
+                got = np.asarray(cache[k][:, slot, :n])
+                np.testing.assert_allclose(got, whole[k][:, 0, :n], atol=2e-5, rtol=1e-4)
+            assert first[slot] == int(jnp.argmax(logits[0, -1, :300]))
+    for k in ("k", "v"):
+        assert np.isnan(np.asarray(cache[k][:, [0, 2, 5, 7]])).all()
+    assert steps.prefill._cache_size() == 3  # [4, 8], [1, 8] and [1, 4]
 
 
 @pytest.mark.parametrize("data", [1, 2], ids=["one-device", "sharded-slots"])
@@ -124,3 +170,20 @@ def test_a_small_bucket_updates_the_donated_cache_in_place(span):
     shape = f"f32[{cfg.n_layers},8,32,{cfg.n_kv_heads},{cfg.head_dim}]"
     copies = [line for line in hlo.splitlines() if f"= {shape}" in line and " copy(" in line]
     assert copies == []
+
+
+def test_a_prefill_of_several_slots_updates_the_donated_cache_in_place(small_params):
+    cfg = model.ModelConfig.from_config(small_config().model)
+    mcfg = small_config().mesh
+    mcfg.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(mcfg, jax.devices()[:1])
+    steps = SlotSteps(cfg, mesh, slots=8, cache_len=32, chunk=8, vocab_limit=300, prefill_rows=4)
+    tokens, ints = np.zeros((4, 8), np.int32), np.zeros((7, 4), np.int32)
+    with jax.set_mesh(mesh):
+        hlo = steps.prefill.lower(small_params, steps.new_cache(), tokens, ints)
+        hlo = hlo.compile().as_text()
+    # The 4 slots' rows are gathered and scattered back: no copy of the whole cache.
+    shape = f"f32[{cfg.n_layers},8,32,{cfg.n_kv_heads},{cfg.head_dim}]"
+    lines = [line for line in hlo.splitlines() if f"= {shape}" in line]
+    assert any("scatter" in line for line in lines)
+    assert not any(" copy(" in line or " transpose(" in line for line in lines)

@@ -6,8 +6,9 @@ loops:
 1. cancelled requests leave (their slot is free at once; queued ones are dropped);
 2. waiting requests are admitted to free slots, oldest first, each to the first free slot
    in SlotSteps.order (so busy slots stay packed at the start of the order);
-3. prompts are prefilled in chunks of `prefill_chunk` tokens (one slot's chunk a call,
-   oldest first) within a token budget per iteration, as vLLM's chunked prefill:
+3. prompts are prefilled in chunks of `prefill_chunk` tokens (the next chunk of each of
+   the oldest prompts in one call, as many as the budget allows, up to step_tokens /
+   prefill_chunk) within a token budget per iteration, as vLLM's chunked prefill:
    `step_tokens` less one per decoding row, `prefill_chunk` a chunk, but at least
    `prefill_per_step` chunks. So a burst is prefilled many chunks an iteration while the
    batch is small, and decoding rows wait for about step_tokens tokens of prefill at most.
@@ -60,7 +61,9 @@ from near_jax.serve.requests import FINISHES, Emit, EngineError, QueueFull, Requ
 from near_jax.serve.slots import SlotSteps
 
 _FREE, _PREFILL, _DECODE = 0, 1, 2
-_COUNTS = "steps decode_rows prefill_chunks prompt_tokens tokens_out requests_submitted"
+_COUNTS = (
+    "steps decode_rows prefill_chunks prefill_calls prompt_tokens tokens_out requests_submitted"
+)
 _COUNTERS = (*_COUNTS.split(), "requests_rejected", "decode_seconds", "prefill_seconds")
 
 
@@ -121,6 +124,7 @@ class Engine:
             chunk=prefill_chunk,
             vocab_limit=self.vocab_limit,
             length_buckets=length_buckets,
+            prefill_rows=max(1, step_tokens // prefill_chunk),
         )
         self.cache_bytes_per_device = self.device.cache_bytes_per_device()
         self._cache: dict[str, jax.Array] | None = None
@@ -213,7 +217,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for metrics: queue_depth, active_slots (prefilling +
         decoding), prefilling, decoding, slots, steps (decode steps), decode_rows (slots
-        the steps ran: a bucket each), prefill_chunks, prompt_tokens (prefilled),
+        the steps ran: a bucket each), prefill_chunks, prefill_calls (a call runs several
+        slots' chunks), prompt_tokens (prefilled),
         tokens_out (emitted), requests_submitted,
         requests_rejected (QueueFull), finished {finish: count}, decode_seconds and
         prefill_seconds (device time, cumulative), cache_len, max_len, prefill_chunk,
@@ -296,36 +301,53 @@ class Engine:
             if self._tickets[slot].cancelled:
                 self._free(int(slot), "cancelled")
         budget = self.step_tokens - int(np.sum(self._state == _DECODE))
-        chunks = 0
-        while self._prefilling and (chunks < self.prefill_per_step or budget >= self.prefill_chunk):
-            self._prefill_chunk(self._prefilling[0])
-            chunks, budget = chunks + 1, budget - self.prefill_chunk
+        chunks, c = 0, self.prefill_chunk
+        while self._prefilling and (chunks < self.prefill_per_step or budget >= c):
+            # The oldest prompts' next chunks, one per slot, in one call.
+            room = max(budget // c, self.prefill_per_step - chunks, 1)
+            batch = list(itertools.islice(self._prefilling, min(room, self.device.prefill_rows)))
+            self._prefill_chunks(batch)
+            chunks, budget = chunks + len(batch), budget - len(batch) * c
         self._flush()  # first tokens out before the decode step
         if np.any(self._state == _DECODE):
             self._decode_step()
 
-    def _prefill_chunk(self, slot: int) -> None:
-        ticket = self._tickets[slot]
-        request = ticket.request
-        prompt, start, c = request.prompt, int(self._next_start[slot]), self.prefill_chunk
-        piece = prompt[start : start + c]
-        tokens_C = np.full(c, self.pad_id, np.int32)
-        tokens_C[: len(piece)] = piece
-        sampling, seed = (request.temperature, request.top_k, request.top_p), request.seed
+    def _prefill_chunks(self, slots: list[int]) -> None:
+        """The next chunk of each slot's prompt, in one call; a slot whose prompt ends with
+        its chunk takes its first token and joins the decode batch."""
+        c = self.prefill_chunk
+        tokens_PxC = np.full((len(slots), c), self.pad_id, np.int32)
+        ints_4xP = np.empty((4, len(slots)), np.int32)
+        floats_2xP = np.empty((2, len(slots)), np.float32)
+        seeds_P = np.empty(len(slots), np.uint32)
+        ends = []  # (row, slot) whose prompt ends with this chunk
+        for i, slot in enumerate(slots):
+            request = self._tickets[slot].request
+            start = int(self._next_start[slot])
+            piece = request.prompt[start : start + c]
+            tokens_PxC[i, : len(piece)] = piece
+            ints_4xP[:, i] = (slot, start, len(piece) - 1, request.top_k)
+            floats_2xP[:, i] = (request.temperature, request.top_p)
+            seeds_P[i] = request.seed
+            self._delta["prompt_tokens"] += len(piece)
+            if start + c >= len(request.prompt):
+                ends.append((i, slot))
+            else:
+                self._next_start[slot] = start + c
         began = time.perf_counter()
-        token, self._cache = self.device.run_prefill(
-            self.params, self._cache, tokens_C, slot, start, len(piece) - 1, sampling, seed
+        tokens_P, self._cache = self.device.run_prefill(
+            self.params, self._cache, tokens_PxC, ints_4xP, seeds_P, floats_2xP
         )
-        last = start + c >= len(prompt)
-        token = int(token) if last else None  # waits for the device on the last chunk only
-        self._delta.update(prefill_chunks=1, prompt_tokens=len(piece))
+        # Waits for the device only where a prompt ended (its first token is needed now).
+        tokens_P = np.asarray(tokens_P).tolist() if ends else []
+        self._delta["prefill_chunks"] += len(slots)
+        self._delta["prefill_calls"] += 1
         self._delta["prefill_seconds"] += time.perf_counter() - began
-        if not last:
-            self._next_start[slot] = start + c
-            return
-        self._prefilling.popleft()
-        self._state[slot], self._position[slot] = _DECODE, len(prompt)
-        self._accept(slot, token)
+        for i, slot in ends:
+            self._prefilling.remove(slot)
+            self._state[slot] = _DECODE
+            self._position[slot] = len(self._tickets[slot].request.prompt)
+            self._accept(slot, tokens_P[i])
 
     def _decode_step(self) -> None:
         last = np.flatnonzero(self._state[self.device.order] == _DECODE)[-1]

@@ -2,16 +2,21 @@
 
 The cache is model.init_cache(cfg, slots, cache_len), sharded by the logical CACHE_AXES like
 Generator's: the slot axis is the batch, split over the data-parallel devices; params stay
-as they are on the mesh. The steps have fixed shapes (chunk; a decode bucket), so serving
-compiles each shape once (warmup), whatever the mix of requests:
+as they are on the mesh. The steps have fixed shapes (a prefill bucket; a decode bucket and
+span), so serving compiles each shape once (warmup), whatever the mix of requests:
 
-- `prefill`: one chunk of one slot's prompt, [1, chunk] tokens at positions start ..
-  start + chunk - 1, written into that slot's rows of the cache. The slot's rows are cut out
-  of the cache (a dynamic slice on one device; where the slot axis is sharded, a masked sum:
-  XLA would all-gather the whole cache for a dynamic slice of a sharded axis, the sum only
-  all-reduces one slot), run through model.apply_with_cache with batch 1, and put back. It
-  returns the token sampled from the logits of the chunk's last real token (used after the
-  prompt's last chunk only).
+- `prefill`: one chunk of each of P slots' prompts, [P, chunk] tokens, row p at positions
+  start_p .. start_p + chunk - 1, written into its slot's rows of the cache. P is a
+  `prefill_buckets` size (powers of two up to `prefill_rows`), and a call whose chunks are
+  all short (a prompt's last) runs a shorter chunk (`prefill_lengths`: chunk, chunk/2,
+  chunk/4), so short prompts are not padded to a whole chunk; rows past the real ones name
+  slot `slots` (out of range): they read some slot's rows and their writes are dropped. The
+  slots' rows are gathered out of the cache, run through model.apply_with_cache with batch
+  P, and scattered back. Where the slot axis is sharded, P is 1 and the slot's rows are a
+  masked sum (XLA would all-gather the whole cache for a gather on a sharded axis; the sum
+  only all-reduces one slot). It returns each row's token sampled from the logits of its
+  chunk's last real token (used after a prompt's last chunk only). One call for a burst
+  of short prompts, not one each: their matmuls share the weights' reads.
 - `decode`: one token for each of the first b slots at its own position, sampled per row
   (sampling.sample_rows) with the row's key fold_in(key(seed), n) for its n-th token, so a
   seeded request draws the same tokens whatever else shares the batch. b is a bucket
@@ -30,6 +35,7 @@ The cache is donated to both steps, so it is updated in place.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -60,14 +66,17 @@ class SlotSteps:
         chunk: int,
         vocab_limit: int,
         length_buckets: int = 4,
+        prefill_rows: int = 16,
     ):
         """`slots` a multiple of the mesh's data-parallel size; `cache_len` a multiple of
         `chunk`, so a chunk written at a multiple of `chunk` never runs past the cache
         (dynamic_update_slice would clamp the start and overwrite earlier tokens);
         `length_buckets` >= 1 the number of attention spans (each one more compile of every
-        decode bucket)."""
-        if length_buckets < 1:
-            raise ValueError(f"length_buckets={length_buckets} is not allowed: must be >= 1")
+        decode bucket); `prefill_rows` >= 1 the most prompt chunks one prefill call runs (1
+        where the slot axis is sharded)."""
+        for name, value in (("length_buckets", length_buckets), ("prefill_rows", prefill_rows)):
+            if value < 1:
+                raise ValueError(f"{name}={value} is not allowed: must be >= 1")
         if slots % sharding.data_parallel_size(mesh) or cache_len % chunk:
             raise ValueError(
                 f"slots={slots}, cache_len={cache_len}, chunk={chunk} are not allowed: slots "
@@ -101,6 +110,13 @@ class SlotSteps:
         self.bucket_slots = {b: blocks_DxR[:, : b // dp].reshape(-1) for b in self.buckets}
         halves = (cache_len >> i for i in range(length_buckets))
         self.spans = tuple(sorted({n for n in halves if n > 0}))
+        # A chunk of C < chunk tokens is only ever a prompt's last: it starts at a multiple
+        # of chunk, so it never runs past the cache either.
+        self.prefill_lengths = tuple(
+            sorted({chunk >> i for i in range(3) if chunk % (1 << i) == 0})
+        )
+        most = 1 if self._sharded_slots else min(prefill_rows, slots)
+        self.prefill_buckets = (*(1 << i for i in range(most.bit_length()) if 1 << i < most), most)
         self._init = jax.jit(
             lambda: model.init_cache(model_cfg, slots, cache_len),
             out_shardings=self.cache_shardings,
@@ -122,6 +138,19 @@ class SlotSteps:
     def bucket(self, rows: int) -> int:
         """The smallest decode bucket of at least `rows` slots."""
         return next(b for b in self.buckets if b >= rows)
+
+    def bucket_of_prefill(self, rows: int) -> int:
+        """The smallest prefill bucket of at least `rows` chunks."""
+        return next(b for b in self.prefill_buckets if b >= rows)
+
+    def prefill_length(self, tokens: int) -> int:
+        """The smallest prefill chunk length of at least `tokens` tokens."""
+        return next(c for c in self.prefill_lengths if c >= tokens)
+
+    @property
+    def prefill_rows(self) -> int:
+        """The most prompt chunks one prefill call runs."""
+        return self.prefill_buckets[-1]
 
     def span(self, length: int) -> int:
         """The smallest attention span of at least `length` positions."""
@@ -155,26 +184,29 @@ class SlotSteps:
         mine_B = (jnp.arange(self.slots) == slot)[None, :, None, None, None]
         return jnp.where(mine_B, rows_Nx1xSxGxK, cache_NxBxSxGxK)
 
-    def _prefill_fn(self, params, cache, tokens_C, ints_4, seed, floats_2):
-        """ints_4 = (slot, start, index of the last real token in the chunk, top_k);
-        floats_2 = (temperature, top_p). Returns (first token, cache)."""
-        slot, start, last, top_k = ints_4[0], ints_4[1], ints_4[2], ints_4[3]
-        rows = {k: self._slot_rows(v, slot) for k, v in cache.items()}
-        positions_1xC = (start + jnp.arange(self.chunk))[None]
-        logits_1x1xV, rows = model.apply_with_cache(
-            params, tokens_C[None], positions_1xC, rows, self.model_cfg, select_BxT=last[None, None]
+    def _prefill_fn(self, params, cache, tokens_PxC, ints_7xP):
+        """ints_7xP = (slot, start, index of the last real token in the chunk, top_k, seed,
+        temperature, top_p) per row, the last three as the bits of their uint32 and float32.
+        Returns (first token per row, cache)."""
+        slots_P, starts_P, last_P, top_k_P = ints_7xP[:4]
+        seeds_P = jax.lax.bitcast_convert_type(ints_7xP[4], jnp.uint32)
+        floats_2xP = jax.lax.bitcast_convert_type(ints_7xP[5:], jnp.float32)
+        if self._sharded_slots:  # one row (prefill_buckets)
+            rows = {k: self._slot_rows(v, slots_P[0]) for k, v in cache.items()}
+        else:  # a padding row's slot is out of range: clipped to read, dropped to write
+            rows = {k: jnp.take(v, slots_P, axis=1, mode="clip") for k, v in cache.items()}
+        positions_PxC = starts_P[:, None] + jnp.arange(tokens_PxC.shape[1])
+        logits_Px1xV, rows = model.apply_with_cache(
+            params, tokens_PxC, positions_PxC, rows, self.model_cfg, select_BxT=last_P[:, None]
         )
-        cache = {k: self._put_rows(cache[k], rows[k], slot) for k in cache}
+        if self._sharded_slots:
+            cache = {k: self._put_rows(cache[k], rows[k], slots_P[0]) for k in cache}
+        else:
+            cache = {k: cache[k].at[:, slots_P].set(rows[k], mode="drop") for k in cache}
         # The prompt's first output token is token 0 of the request's key sequence.
-        keys_1 = request_keys(seed[None], jnp.zeros(1, jnp.int32))
-        token_1 = sample_rows(
-            self._mask_vocab(logits_1x1xV[:, 0]),
-            keys_1,
-            floats_2[0][None],
-            top_k[None],
-            floats_2[1][None],
-        )
-        return token_1[0], cache
+        keys_P = request_keys(seeds_P, jnp.zeros_like(starts_P))
+        logits_PxV = self._mask_vocab(logits_Px1xV[:, 0])
+        return sample_rows(logits_PxV, keys_P, floats_2xP[0], top_k_P, floats_2xP[1]), cache
 
     def _decode_fn(self, params, cache, ints_7xB, span: int = 0):
         """ints_7xB = (input token, position, tokens drawn so far, top_k, seed, temperature,
@@ -228,18 +260,24 @@ class SlotSteps:
         logits_BxV = self._mask_vocab(logits_Bx1xV[:, 0])
         return sample_rows(logits_BxV, keys_B, floats_2xB[0], top_k_B, floats_2xB[1]), cache
 
-    def run_prefill(self, params, cache, tokens_C, slot, start, last, sampling, seed):
-        """One chunk of one slot (host arguments); returns (token as a device scalar, cache).
-        `sampling` = (temperature, top_k, top_p)."""
-        temperature, top_k, top_p = sampling
-        return self.prefill(
-            params,
-            cache,
-            jax.device_put(np.asarray(tokens_C, np.int32), self.replicated),
-            jax.device_put(np.asarray([slot, start, last, top_k], np.int32), self.replicated),
-            jax.device_put(np.asarray(seed, np.uint32), self.replicated),
-            jax.device_put(np.asarray([temperature, top_p], np.float32), self.replicated),
-        )
+    def run_prefill(self, params, cache, tokens_PxC, ints_4xP, seeds_P, floats_2xP):
+        """One chunk of each of P <= prefill_rows slots from host arrays: tokens_PxC (C <=
+        chunk), ints_4xP = (slot, start, index of the chunk's last real token, top_k),
+        floats_2xP = (temperature, top_p). The call runs the smallest prefill length past
+        every row's last real token. Returns (first token per row as a device array
+        [bucket], cache); rows past P are padding."""
+        n = len(tokens_PxC)
+        p = self.bucket_of_prefill(n)
+        c = self.prefill_length(int(np.max(ints_4xP[2])) + 1)
+        tokens = np.zeros((p, c), np.int32)
+        tokens[:n] = np.asarray(tokens_PxC)[:, :c]
+        ints_7xP = np.zeros((7, p), np.int32)
+        ints_7xP[0, n:] = self.slots  # padding rows: out of range, their writes dropped
+        ints_7xP[:4, :n] = ints_4xP
+        ints_7xP[4, :n] = np.asarray(seeds_P, np.uint32).view(np.int32)
+        ints_7xP[5:, :n] = np.asarray(floats_2xP, np.float32).view(np.int32)
+        put = functools.partial(jax.device_put, device=self.replicated)
+        return self.prefill(params, cache, put(tokens), put(ints_7xP))
 
     def run_decode(self, params, cache, ints_4xB, seeds_B, floats_2xB, span: int):
         """One decode step from host arrays over the B slots bucket_slots[B] (B a bucket: the
@@ -253,11 +291,18 @@ class SlotSteps:
         return self.decode(params, cache, ints_7xB, span=span)
 
     def warmup(self, params, cache, pad_id: int) -> dict[str, jax.Array]:
-        """Compiles (by running) prefill and every decode bucket and span on idle inputs;
-        returns the cache. They write garbage at position 0 of slot 0 (prefill) and of every slot
-        (decode): harmless only while no slot holds a request (see engine.py)."""
-        tokens_C = np.full(self.chunk, pad_id)
-        token, cache = self.run_prefill(params, cache, tokens_C, 0, 0, 0, (0.0, 0, 1.0), 0)
+        """Compiles (by running) every prefill bucket and every decode bucket and span on
+        idle inputs; returns the cache. They write garbage at position 0 .. chunk - 1 of the
+        first slots (prefill) and at position 0 of every slot (decode): harmless only while
+        no slot holds a request (see engine.py)."""
+        for p, c in itertools.product(self.prefill_buckets, self.prefill_lengths):
+            tokens_PxC = np.full((p, c), pad_id)
+            ints_4xP = np.zeros((4, p), np.int32)
+            ints_4xP[0], ints_4xP[2] = np.arange(p), c - 1
+            floats_2xP = np.stack([np.zeros(p), np.ones(p)])
+            token, cache = self.run_prefill(
+                params, cache, tokens_PxC, ints_4xP, np.zeros(p), floats_2xP
+            )
         for n, span in itertools.product(self.buckets, self.spans):
             ints_4xB = np.stack([np.full(n, pad_id), np.zeros(n), np.zeros(n), np.zeros(n)])
             floats_2xB = np.stack([np.zeros(n), np.ones(n)])
