@@ -7,7 +7,7 @@ import pytest
 
 from near_jax.serve.keys import ANONYMOUS, KeyRing, add_key, request_cost
 from near_jax.serve.metering import Meter, MeterError, OverLimit, Unauthorized
-from near_jax.serve.usage import UsageLedger
+from near_jax.serve.usage import UsageError, UsageLedger
 from near_jax.serve.usage_verify import period_totals, verify
 
 PRICE_P, PRICE_C = 1_000_000, 2_000_000  # 1 and 2 micro-units a token: costs easy to follow
@@ -115,6 +115,30 @@ def test_a_failed_settle_keeps_the_hold_until_released(setup):
     assert meter.held(alice) == 50
     meter.release(r)
     assert meter.held(alice) == 0
+
+
+def test_settle_later_drops_the_hold_once_committed(setup):
+    meter, secrets, path = setup
+    alice = meter.authorize(secrets["alice"])
+    r1, r2 = meter.reserve(alice, 10, 20), meter.reserve(alice, 5, 5)
+    with pytest.raises(ValueError, match="does not fit the reservation"):
+        meter.settle_later(r1, "req-1", "m", 10, 21, "length", 1.0)
+    with meter.ledger._lock:  # the commit cannot happen yet: both holds stay
+        later = [
+            meter.settle_later(r1, "req-1", "m", 10, 20, "length", 1.0),
+            meter.settle_later(r2, "req-2", "m", 5, 3, "stop", 2.0),
+        ]
+        assert meter.held(alice) == 65 and not any(f.done() for f in later)
+    assert [f.result(timeout=30) for f in later] == [50, 11]
+    assert meter.held(alice) == 0 and meter.ledger.spent(alice.sha256) == 61
+    assert meter.remaining(alice) == 1000 - 61
+    # a conflicting re-record fails its future and keeps the hold
+    r3 = meter.reserve(alice, 10, 20)
+    failed = meter.settle_later(r3, "req-1", "m", 10, 19, "length", 1.0)
+    with pytest.raises(UsageError, match="already recorded with other"):
+        failed.result(timeout=30)
+    assert meter.held(alice) == 50
+    assert verify(path) == []
 
 
 def test_concurrent_reservations_never_overspend(setup):

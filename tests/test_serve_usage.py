@@ -173,6 +173,72 @@ def test_records_from_8_threads_keep_the_chain(tmp_path):
     assert sorted(r[1] for r in rows(path)) == sorted(fields(i)["request_id"] for i in ids)
 
 
+# ------------------------------------------------------------------------------ submit
+
+
+def test_submit_commits_waiting_records_together(tmp_path):
+    path = str(tmp_path / "usage.sqlite")
+    commits = []
+    with UsageLedger(path) as led:
+        led._conn.set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)
+        with led._lock:  # the writer blocks on its first record; 39 more queue behind it
+            futures = [led.submit(**fields(i)) for i in range(1, 41)]
+            time.sleep(0.1)
+            assert not any(f.done() for f in futures)
+        assert [f.result(timeout=30) for f in futures] == [True] * 40
+        assert len(commits) <= 2  # 40 rows, at most 2 transactions
+        assert led.count() == 40
+        assert led.spent(SHA_A) == sum(fields(i)["cost"] for i in range(1, 41) if i % 3)
+    assert verify(path) == []
+    assert [r[1] for r in rows(path)] == [fields(i)["request_id"] for i in range(1, 41)]
+
+
+def test_submit_resolves_each_row_of_a_group_on_its_own(tmp_path):
+    path = filled(tmp_path, 2)
+    with UsageLedger(path) as led:
+        with led._lock:  # one group: a rerecord, a conflict, two new rows
+            same = led.submit(**fields(1))
+            conflict = led.submit(**fields(2, cost=999))
+            new = [led.submit(**fields(i)) for i in (3, 4)]
+            twice = led.submit(**fields(3))
+        assert same.result(timeout=30) is False
+        with pytest.raises(UsageError, match="req-000002.*already recorded with other cost"):
+            conflict.result(timeout=30)
+        assert [f.result(timeout=30) for f in new] == [True, True]
+        assert twice.result(timeout=30) is False
+        with pytest.raises(ValueError, match="prompt_tokens -1"):
+            led.submit(**fields(5, prompt_tokens=-1))  # at once, queueing nothing
+    assert verify(path) == []
+    assert [r[1] for r in rows(path)] == [fields(i)["request_id"] for i in (1, 2, 3, 4)]
+
+
+def test_close_commits_what_was_submitted_and_then_refuses(tmp_path):
+    path = str(tmp_path / "usage.sqlite")
+    led = UsageLedger(path)
+    futures = [led.submit(**fields(i)) for i in range(1, 21)]
+    led.close()
+    assert all(f.result(timeout=0) is True for f in futures)
+    with pytest.raises(UsageError, match="closed"):
+        led.submit(**fields(21))
+    assert verify(path) == [] and len(rows(path)) == 20
+
+
+def test_a_failed_group_fails_every_future_and_the_writer_goes_on(tmp_path):
+    path = str(tmp_path / "usage.sqlite")
+    with UsageLedger(path) as led:
+        blocker = sqlite3.connect(path, isolation_level=None, timeout=0)
+        led._conn.execute("PRAGMA busy_timeout = 0")
+        blocker.execute("BEGIN EXCLUSIVE")  # another process holds the file
+        failed = [led.submit(**fields(i)) for i in (1, 2)]
+        for f in failed:
+            with pytest.raises(UsageError, match="cannot record to .*locked"):
+                f.result(timeout=30)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert led.submit(**fields(1)).result(timeout=30) is True
+    assert verify(path) == [] and len(rows(path)) == 1
+
+
 # ----------------------------------------------------------------------------- kill -9
 
 CHILD = r"""
@@ -196,10 +262,16 @@ if mode == "mid":
         if sql == "COMMIT" and n >= 5 and os.path.exists(path + "-journal"):
             os.kill(os.getpid(), signal.SIGKILL)
     led._conn.set_trace_callback(trace)
+def row(n):
+    return fields(n, request_id=f"req-{n:06d}" + "r" * 180, model="m" * 190)
 n = 0
+while mode == "group":  # group commits of 8 rows on the writer thread
+    for future in [led.submit(**row(n + k)) for k in range(1, 9)]:
+        assert future.result() is True
+    n += 8
 while True:
     n += 1
-    led.record(**fields(n, request_id=f"req-{n:06d}" + "r" * 180, model="m" * 190))
+    led.record(**row(n))
 """
 
 
@@ -232,7 +304,8 @@ def check_after_crash(path: str) -> int:
     return len(kept)
 
 
-def test_kill_9_while_recording_leaves_whole_rows(tmp_path):
+@pytest.mark.parametrize("mode", ["loop", "group"])
+def test_kill_9_while_recording_leaves_whole_rows(tmp_path, mode):
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -240,7 +313,7 @@ def test_kill_9_while_recording_leaves_whole_rows(tmp_path):
     for i, delay in enumerate([0.0, rng.uniform(0.0, 0.02), rng.uniform(0.02, 0.1)]):
         path = str(tmp_path / f"kill{i}.sqlite")
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, path, "loop"],
+            [sys.executable, "-c", CHILD, path, mode],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": REPO},
         )

@@ -194,20 +194,31 @@ class Server:
         return sequences, reservation
 
     def _settle(self, x: _Exchange) -> dict[str, int]:
-        """Records the request's usage (once) and returns its `usage` object."""
+        """Records the request's usage (once) and returns its `usage` object (waiting on
+        the disk in this thread: for the rare ends, a failure or a cancel)."""
+        self.s.meter.settle(*self._usage(x))
+        return self._observe(x)
+
+    async def _settled(self, x: _Exchange) -> dict[str, int]:
+        """_settle without blocking the event loop: the record joins the ledger's group
+        commit, and the response waits until it is committed."""
+        await asyncio.wrap_future(self.s.meter.settle_later(*self._usage(x)))
+        return self._observe(x)
+
+    def _usage(self, x: _Exchange) -> tuple:
+        """meter.settle's arguments for the exchange."""
         sequences = x.sequences
         prompt_tokens = sum(s.prompt_tokens for s in sequences)
         completion_tokens = sum(s.generated for s in sequences)
         finish = _request_finish([s.finish for s in sequences])
-        self.s.meter.settle(
-            x.reservation,
-            x.response_id,
-            self.s.model,
-            prompt_tokens,
-            completion_tokens,
-            finish,
-            x.created,
-        )
+        used = (prompt_tokens, completion_tokens, finish, x.created)
+        return (x.reservation, x.response_id, self.s.model, *used)
+
+    def _observe(self, x: _Exchange) -> dict[str, int]:
+        """Records the sequences' token timings; the request's `usage` object."""
+        sequences = x.sequences
+        prompt_tokens = sum(s.prompt_tokens for s in sequences)
+        completion_tokens = sum(s.generated for s in sequences)
         for s in sequences:
             if s.first_token_at is not None:
                 per_token = None
@@ -278,7 +289,7 @@ class Server:
             if isinstance(e, EngineFailed):
                 return self._error(HttpError(503, str(e), "server_error"), endpoint)
             raise
-        used = self._settle(x)
+        used = await self._settled(x)
         finishes = [s.finish or "stop" for s in sequences]
         if endpoint == "chat":
             reply = wire.chat_completion(
@@ -332,7 +343,7 @@ class Server:
                     else:
                         end = wire.completion_chunk(response_id, model, stamp, i, "", fin)
                     yield out(wire.sse(end))
-            used = self._settle(x)
+            used = await self._settled(x)
             obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
             yield out(wire.sse(wire.usage_chunk(response_id, model, stamp, obj, used)))
             yield out(wire.SSE_DONE)

@@ -13,9 +13,11 @@ Exceptions carry the HTTP status the API answers with: Unauthorized 401, OverLim
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import threading
+from typing import Any
 
 from near_jax._io import short_repr
 from near_jax.serve.keys import ApiKey, KeyRing, request_cost
@@ -109,6 +111,57 @@ class Meter:
         cost (micro-units). Idempotent: settling the same request again records nothing and
         returns the same cost. ValueError, recording nothing, if the usage exceeds what was
         reserved; on any exception the hold stays (release it)."""
+        fields, cost = self._usage(
+            reservation, request_id, model, prompt_tokens, completion_tokens, finish, created
+        )
+        # recorded before the hold drops: a concurrent reserve may count this request twice
+        # (refusing early) but never not at all
+        self.ledger.record(**fields)
+        self.release(reservation)
+        return cost
+
+    def settle_later(
+        self,
+        reservation: Reservation,
+        request_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish: str,
+        created: float,
+    ) -> concurrent.futures.Future[int]:
+        """`settle` with the record committed on the ledger's writer thread together with
+        other requests' (`UsageLedger.submit`): the future resolves to the cost once the row
+        is committed and the hold dropped, or to the error (the hold stays). ValueError at
+        once, recording nothing, as settle."""
+        fields, cost = self._usage(
+            reservation, request_id, model, prompt_tokens, completion_tokens, finish, created
+        )
+        settled: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def done(recorded: concurrent.futures.Future[bool]) -> None:
+            error = recorded.exception()
+            if error is not None:
+                settled.set_exception(error)
+                return
+            self.release(reservation)
+            settled.set_result(cost)
+
+        self.ledger.submit(**fields).add_done_callback(done)
+        return settled
+
+    def _usage(
+        self,
+        reservation: Reservation,
+        request_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish: str,
+        created: float,
+    ) -> tuple[dict[str, Any], int]:
+        """(the ledger row's fields, the cost) of a request's usage; ValueError if it does
+        not fit the reservation."""
         if prompt_tokens != reservation.prompt_tokens or not (
             isinstance(completion_tokens, int) and completion_tokens <= reservation.max_tokens
         ):
@@ -119,21 +172,18 @@ class Meter:
             )
         key = reservation.key
         cost = request_cost(prompt_tokens, completion_tokens, key)
-        # recorded before the hold drops: a concurrent reserve may count this request twice
-        # (refusing early) but never not at all
-        self.ledger.record(
-            request_id,
-            key.name,
-            key.sha256,
-            model,
-            prompt_tokens,
-            completion_tokens,
-            cost,
-            finish,
-            created,
+        fields = dict(
+            request_id=request_id,
+            key_name=key.name,
+            key_sha256=key.sha256,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost=cost,
+            finish=finish,
+            created=created,
         )
-        self.release(reservation)
-        return cost
+        return fields, cost
 
     def release(self, reservation: Reservation) -> None:
         """Drops the hold without recording anything (a request refused before any token

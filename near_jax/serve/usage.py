@@ -33,7 +33,8 @@ IEEE double, so it reads back bit-identical; an int created is stored as its flo
 Crash safety
 ------------
 The file uses SQLite's default rollback journal (not WAL: the ledger stays one file) with
-synchronous=FULL, and each record is one transaction (BEGIN IMMEDIATE ... COMMIT), so a
+synchronous=FULL, and each record is one transaction (BEGIN IMMEDIATE ... COMMIT), or with
+`submit` each group of records that arrived while the previous group was committing, so a
 kill -9 at any moment leaves a row whole or absent, never half-written. A kill inside the
 transaction may leave a hot `-journal` file; the next read-write open (`UsageLedger`)
 rolls it back, and the readers in `usage_verify`, which never modify the file, read a
@@ -43,6 +44,7 @@ re-recording a request gets False.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -182,6 +184,12 @@ class UsageLedger:
         meta = {"format": str(FORMAT)}
         conn = open_record_db(self.path, _SCHEMA, meta, "usage ledger", UsageError)
         self._conn = conn
+        # submit()'s queue and writer thread (started by the first submit)
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Condition(self._pending_lock)
+        self._pending: list[tuple[dict[str, Any], concurrent.futures.Future[bool]]] = []
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
     def record(
         self,
@@ -199,55 +207,119 @@ class UsageLedger:
         request_id is already recorded with exactly these fields; UsageError if it is
         recorded with others, or the file cannot be written; ValueError, writing nothing,
         for a value not allowed (see the module docstring)."""
-        values = (
-            request_id,
-            key_name,
-            key_sha256,
-            model,
-            prompt_tokens,
-            completion_tokens,
-            cost,
-            finish,
-            created,
+        fields = normalize(
+            dict(
+                zip(
+                    FIELDS,
+                    (
+                        request_id,
+                        key_name,
+                        key_sha256,
+                        model,
+                        prompt_tokens,
+                        completion_tokens,
+                        cost,
+                        finish,
+                        created,
+                    ),
+                    strict=True,
+                )
+            )
         )
-        fields = normalize(dict(zip(FIELDS, values, strict=True)))
         with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
-            try:
+            (outcome,) = self._append([fields])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit(self, **fields: Any) -> concurrent.futures.Future[bool]:
+        """`record(**fields)` on the ledger's writer thread, which commits every record
+        submitted meanwhile in one transaction (a group commit: one sync for many rows, and
+        the caller's thread never waits on the disk). The future resolves as record would
+        return or raise, once the row is committed; ValueError at once for a bad value."""
+        fields = normalize({name: fields[name] for name in FIELDS})
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        with self._pending_lock:
+            if self._closed:
+                raise UsageError(f"the usage ledger {self.path} is closed")
+            self._pending.append((fields, future))
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_pending, name="near_jax-usage", daemon=True
+                )
+                self._writer.start()
+            self._wake.notify()
+        return future
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._pending_lock:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closed and drained
+                batch, self._pending = self._pending, []
+            with self._lock:
+                try:
+                    outcomes = self._append([fields for fields, _ in batch])
+                except BaseException as e:  # every waiter learns of it, and the thread lives on
+                    outcomes = [e] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _append(self, rows: list[dict[str, Any]]) -> list[bool | UsageError]:
+        """Appends normalized rows in one transaction (the caller holds _lock): per row True
+        (written), False (already recorded alike) or the UsageError of a conflicting one.
+        Raises UsageError, writing nothing, if the file cannot be written."""
+        conn, outcomes = self._conn, []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
+        try:
+            last = conn.execute(
+                "SELECT seq, entry_hash FROM usage ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            seq, prev = last if last else (0, genesis_hash())
+            written = []
+            for fields in rows:
+                request_id = fields["request_id"]
                 old = conn.execute(
                     f"SELECT {_COLUMNS} FROM usage WHERE request_id = ?", (request_id,)
                 ).fetchone()
                 if old is not None:
-                    conn.execute("ROLLBACK")
                     differ = [f for f, v in zip(FIELDS, old, strict=True) if v != fields[f]]
-                    if differ:
-                        raise UsageError(
+                    outcomes.append(
+                        UsageError(
                             f"request {short_repr(request_id)} is already recorded with other "
                             f"{', '.join(differ)}"
                         )
-                    return False
-                last = conn.execute(
-                    "SELECT seq, entry_hash FROM usage ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-                seq, prev = (last[0] + 1, last[1]) if last else (1, genesis_hash())
+                        if differ
+                        else False
+                    )
+                    continue
+                seq, digest = seq + 1, entry_hash(seq + 1, prev, fields)
                 conn.execute(
                     f"INSERT INTO usage (seq, {_COLUMNS}, prev_hash, entry_hash) "
                     f"VALUES ({', '.join('?' * (len(FIELDS) + 3))})",
-                    (seq, *(fields[f] for f in FIELDS), prev, entry_hash(seq, prev, fields)),
+                    (seq, *(fields[f] for f in FIELDS), prev, digest),
                 )
-                conn.execute("COMMIT")
-            except BaseException as e:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")  # a failed COMMIT may have ended it already
-                if isinstance(e, sqlite3.Error):
-                    raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
-                raise
-            self._after_write(key_sha256, fields["cost"])
-        return True
+                prev = digest
+                written.append(fields)
+                outcomes.append(True)
+            conn.execute("COMMIT")
+        except BaseException as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")  # a failed COMMIT may have ended it already
+            if isinstance(e, sqlite3.Error):
+                raise UsageError(f"cannot record to {self.path}: {one_line(e)}") from None
+            raise
+        for fields in written:
+            self._after_write(fields["key_sha256"], fields["cost"])
+        return outcomes
 
     def spent(self, key_sha256: str) -> int:
         """The total cost recorded for the key with this secret hash (micro-units)."""
@@ -274,7 +346,13 @@ class UsageLedger:
             return self._conn.execute("SELECT count(*) FROM usage").fetchone()[0]
 
     def close(self) -> None:
-        """Closes the file (every record is already committed)."""
+        """Commits what was submitted, then closes the file."""
+        with self._pending_lock:
+            self._closed = True
+            self._wake.notify()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
         with self._lock:
             self._conn.close()
 
