@@ -4,9 +4,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 from helpers import REPO
@@ -141,3 +143,24 @@ def test_unknown_part_is_a_usage_error(capsys):
         _run_module().main(["--dry-run", "--parts=tests,bogus"])
     assert exc.value.code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def _names(path: pathlib.Path) -> set[str]:
+    lines = path.read_text().splitlines()
+    return {_normal(line) for line in lines if line.strip() and not line.startswith("#")}
+
+
+def _normal(requirement: str) -> str:
+    """A requirement's distribution name, normalized ("ml_collections>=1.0" -> ml-collections)."""
+    return re.split(r"[\[<>=!~; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_wheels_and_the_image_cover_every_dependency():
+    here = pathlib.Path(REPO) / "bench" / "accelerator"
+    project = tomllib.loads((pathlib.Path(REPO) / "pyproject.toml").read_text())["project"]
+    needed = {_normal(r) for r in project["dependencies"]}
+    image, wheels = _names(here / "device_packages.txt"), _names(here / "wheels.txt")
+    assert len(image) > 100 and {"jax", "flax", "numpy"} <= image
+    assert not needed - image - wheels, "add them to bench/accelerator/wheels.txt"
+    # Only what the image lacks travels; protobuf is the one fallback (grain's minimum).
+    assert wheels & image == {"protobuf"}
