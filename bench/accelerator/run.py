@@ -10,7 +10,7 @@ failure or timeout never stops the next; the GPU budgets add up to under 8 minut
              L 2048-8192, GQA 4:1, causal, unpacked and 4 packed documents per row
   train      bench/train_throughput.py at the 0.5B rung's shape (m500m, batch 8 x 4096) on
              one device, once per remat choice: tokens/s, MFU, memory
-  serve      bench/serve.py --preset=gpu, a short row set
+  serve      bench/serve.py --preset=gpu: 32 requests, 1 and 32 clients
   diloco     bench/diloco.py --preset=gpu: its shortest rows (M=2, H=25, 50 steps)
 Each writes DIR/<part>.json (status, seconds, the bench's JSON or its rows so far, the log's
 tail); DIR/run.txt gathers the environment and every part's table; DIR/run.json the
@@ -117,7 +117,7 @@ def parts_for(dry_run: bool, tmp: Path) -> dict[str, Part]:
         serve += ["--requests=4", "--max_tokens=4", "--prompt_len=8", "--context=32"]
         serve += ["--concurrency=1,2", "--slots=2", "--prefill_chunk=8"]
     else:
-        serve += ["--preset=gpu", "--requests=64", "--max_tokens=48", "--concurrency=1,32"]
+        serve += ["--preset=gpu", "--requests=32", "--max_tokens=48", "--concurrency=1,32"]
     diloco = [py, "bench/diloco.py", f"--rows={tmp / 'diloco.jsonl'}", "--dp-lrs=2e-3"]
     diloco += ["--outer-lrs=0.7", "--replicas=2", "--sparse=", "--compression=int4"]
     if dry_run:
