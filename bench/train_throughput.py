@@ -87,6 +87,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
         "device": jax.devices()[0].device_kind,
         "devices": n_dev,
         "mesh": dict(mesh.shape),
+        "remat": cfg.model.remat,
+        "attention": cfg.model.attention,
         "params_m": model.param_counts(trainer.model_cfg)["total"] / 1e6,
         "batch_tokens": tokens,
         "compile_s": compile_s,

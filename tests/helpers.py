@@ -18,6 +18,7 @@ import pytest
 
 from near_jax import config as config_lib
 from near_jax import model
+from near_jax.plan.compiled import fast_cpu_xla_flags
 
 # The repository root: the working directory of every CLI a test runs (`python -m near_jax.X`
 # finds the package there, and configs/... paths are relative to it).
@@ -384,9 +385,11 @@ def model_like(*flags):
     return trainer_for(cfg, sharding.make_mesh(cfg.mesh)).abstract_state.params
 
 
-# A lighter CPU back end for the island and aggregator processes: compiles ~3x faster, and
-# every process of a test uses the same flags (their bits agree with each other).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+def fast_xla() -> str:
+    """XLA_FLAGS of a lighter CPU back end for the island and aggregator processes: compiles
+    ~3x faster, and every process of a test uses the same flags (their bits agree with each
+    other). Only the flags this jaxlib knows: an unknown one in XLA_FLAGS aborts a process."""
+    return fast_cpu_xla_flags()
 
 
 class Procs:
@@ -396,7 +399,7 @@ class Procs:
         self.tmp, self.procs = tmp_path, {}
         cache = tmp_path.parent / "jax_cache"  # session-wide
         self.env = subprocess_env(devices=1, compilation_cache=cache, PYTHONPATH=REPO)
-        self.env["XLA_FLAGS"] += f" {FAST_XLA}"
+        self.env["XLA_FLAGS"] += f" {fast_xla()}"
 
     def start(self, name, module, *args):
         with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own handle

@@ -176,6 +176,36 @@ def test_benchmark_quick_run_prints_a_table_and_one_json_line(capsys):
     assert lines[1].split()[:2] == ["impl", "B"]
 
 
+def _bench_module():
+    path = pathlib.Path(REPO) / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_packed_segments_rows_go_to_the_rows_file_as_measured(capsys, tmp_path):
+    bench = _bench_module()
+    rows_out = tmp_path / "rows.jsonl"
+    argv = ["--quick", "--shapes=1,128,4,1,64", "--segments=0,4", f"--rows_out={rows_out}"]
+    bench.main(argv + ["--impls=xla"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["segments"] for row in result["rows"]] == [0, 4]
+    written = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    assert written == result["rows"]
+    assert all(row["fwd_bwd_ms"] > 0 for row in written)
+    ids = bench.packed_segments(2, 8, 4)
+    assert ids.shape == (2, 8) and ids[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert bench.packed_segments(2, 8, 0) is None
+
+
+def test_benchmark_bad_segments_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench_module().main(["--quick", "--segments=-1"])
+    assert exc.value.code == 2
+    assert "segments" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The XLA path against a float64 reference: GQA, sliding windows, packed segments
 

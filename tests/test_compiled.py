@@ -1,9 +1,11 @@
 """The check against XLA: the analytic memory model agrees with the compiled train step's."""
 
 import jax
+import numpy as np
 import pytest
 from helpers import plan_config
 
+from near_jax.plan import compiled
 from near_jax.plan.compiled import compiled_memory
 from near_jax.plan.estimate import layout, memory
 from near_jax.plan.planner import resolve
@@ -47,3 +49,14 @@ def test_planner_memory_agrees_with_xla_within_15_percent(name):
     # The donated train state is exact: params + AdamW mu and nu are XLA's arguments.
     state = planned["params"] + planned["optimizer"] + planned["batch"]
     assert abs(state / xla["arguments"] - 1) < 0.01
+
+
+def test_fast_cpu_options_are_the_ones_this_xla_knows():
+    options = compiled.fast_cpu_compile_options()
+    assert options["xla_backend_optimization_level"] == 0  # every XLA has it
+    assert options.items() <= compiled.FAST_CPU_OPTIONS.items()
+    x = jax.device_put(np.ones(3, np.float32), jax.devices("cpu")[0])
+    fn = jax.jit(lambda a: a * 2).lower(x).compile(compiler_options=options)
+    np.testing.assert_array_equal(fn(x), [2, 2, 2])
+    flags = compiled.fast_cpu_xla_flags().split()
+    assert "--xla_backend_optimization_level=0" in flags and len(flags) == len(options)

@@ -214,7 +214,15 @@ def _lower(backend, platform, case: Case):
         return out.astype(jnp.float32).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return grad.trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
+    if backend != "gpu":
+        return grad.trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
+    # Triton lowering reads the GPU's compute capability: name the target (newer jax has
+    # no default without a GPU).
+    target = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=target)
+    ):
+        return grad.trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
 
 
 LOWERING_CASES = [

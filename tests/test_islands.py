@@ -7,10 +7,10 @@ import signal
 import time
 
 from helpers import (
-    FAST_XLA,
     MODEL,
     RUN,
     Procs,
+    fast_xla,
     latest_version,
     metric_records,
     model_like,
@@ -191,7 +191,7 @@ def _run_with_island_x(tmp_path, hosts):
         with open(tmp_path / "x.log", "w") as log:
             if hosts == 1:
                 command = ["near_jax.diloco.island", *x_args]
-                xla = f"--xla_force_host_platform_device_count=2 {FAST_XLA}"
+                xla = f"--xla_force_host_platform_device_count=2 {fast_xla()}"
                 env = {**procs.env, "XLA_FLAGS": xla}
             else:
                 launch = ["-n", "2", "--devices_per_process=1", "--timeout_s=300", "--"]

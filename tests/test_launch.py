@@ -12,7 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, run_module, subprocess_env
+from helpers import REPO, fast_xla, run_module, subprocess_env
 
 sys.path.insert(0, REPO)  # the launch/ package lives at the repository root
 from launch import local, slurm, tpu  # noqa: E402
@@ -286,9 +286,7 @@ def test_multi_process_training_matches_one_process(num_processes, docs, tmp_pat
     workdir = tmp_path / "run"
     # Workers: 4 devices in all, split over the processes. A lighter CPU back end compiles
     # ~3x faster (launch.local replaces the device count and keeps these flags).
-    env = subprocess_env(
-        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-    )
+    env = subprocess_env(XLA_FLAGS=fast_xla())
     args = [
         "-n",
         str(num_processes),
