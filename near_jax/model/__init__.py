@@ -3,6 +3,7 @@
 layers        RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP, Block
 transformer   the scanned Transformer: init, logical axes, apply (with and without a KV cache)
 loss          weighted next-token cross-entropy (+ z-loss)
+xent          the fused, chunked head + cross-entropy (`model.loss_chunk`): no [B, L, V] logits
 counts        parameter counts and training FLOPs per token
 kernels/      attention behind one door (`xla`, `pallas`, `cudnn`, `splash`, `auto`)
 
@@ -45,6 +46,7 @@ from near_jax.model.transformer import (
     Params,
     apply,
     apply_with_cache,
+    hidden,
     init,
     init_cache,
     logical_axes,
@@ -58,6 +60,7 @@ __all__ = [
     "apply",
     "apply_with_cache",
     "flops_per_token",
+    "hidden",
     "init",
     "init_cache",
     "logical_axes",
