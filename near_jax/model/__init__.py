@@ -51,6 +51,7 @@ from near_jax.model.transformer import (
     init_cache,
     logical_axes,
 )
+from near_jax.model.xent import chunked_scores, fused_xent, head_weights
 
 __all__ = [
     "CACHE_AXES",
@@ -59,7 +60,10 @@ __all__ = [
     "Params",
     "apply",
     "apply_with_cache",
+    "chunked_scores",
     "flops_per_token",
+    "fused_xent",
+    "head_weights",
     "hidden",
     "init",
     "init_cache",

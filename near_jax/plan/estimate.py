@@ -9,7 +9,10 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
                 none: everything);
     + the larger of two phases of the backward pass:
     head        the float32 logits and their gradient (2 x T x vocab/tensor), plus under FSDP
-                the gathered float32 gradients of the embedding and the output head;
+                the gathered float32 gradients of the embedding and the output head; with the
+                fused loss (`model.loss_chunk`) the logits of one chunk (~2.5 x rows x chunk x
+                vocab/tensor: logits, softmax, gradient) and the float32 head gradient it
+                accumulates chunk by chunk (one gathered chunk's product + the fsdp-sharded sum);
     layer       one layer's recomputation and backward working set, plus under FSDP that
                 layer's gathered weights and gradients. With XLA attention the float32
                 [heads x length x length] scores count here; fused kernels (splash, pallas,
@@ -46,6 +49,7 @@ FEATURE_COUNT = 5  # inputs, targets, positions, segment_ids, weights: 4 bytes p
 _LAYER_WORK = {"attn": 4.6, "mlp": 8.3, "scores": 2.0}
 _LAYER_ALL = {"attn": 2.4, "mlp": 6.5, "scores": 2.0}
 _HEAD_HIDDEN = 4  # float32 [T, d_model] tensors live around the head (final norm, grads)
+_FUSED_LOGITS = 2.5  # [rows, chunk, vocab] float32 buffers the fused loss keeps (logits, grad)
 _FUSED_ATTENTION = ("splash", "pallas", "cudnn")
 
 
@@ -179,7 +183,12 @@ def memory(
     }[m.remat]
     residuals = m.n_layers * saved
     fsdp = lay["fsdp"] > 1
-    head = tokens * 4 * (2 * w.vocab + _HEAD_HIDDEN * w.d_model)
+    logits = 2 * tokens * w.vocab * 4  # the float32 logits and their gradient
+    if m.get("loss_chunk", 0):  # fused head + loss (model/xent.py): one chunk's logits at a time
+        logits = _FUSED_LOGITS * rows_micro * min(m.loss_chunk, seq) * w.vocab * 4
+        # the float32 head gradient: one chunk's (gathered) product + the fsdp-sharded sum
+        logits += 4 * w.d_model * w.vocab * (1 + 1 / lay["fsdp"])
+    head = logits + tokens * 4 * _HEAD_HIDDEN * w.d_model
     if fsdp:  # gathered float32 gradients of the embedding and the head
         head += 4 * (shards["eh_gathered"] - shards["eh_shard"])
     work = layer(_LAYER_WORK) - (saved if m.remat == "none" else 0.0)
