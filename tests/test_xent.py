@@ -36,7 +36,8 @@ def _combined(fn, z_coef):
     return lambda h, w_head, t, w: (lambda xz: 0.7 * xz[0] + z_coef * xz[1])(fn(h, w_head, t, w))
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 24, 100])  # 5 and 16 don't divide L = 24
+# Tokens per chunk over 3 rows: 1, 5, 7, 24 and 24 (clamped) positions; 5 and 7 don't divide L.
+@pytest.mark.parametrize("chunk", [3, 15, 21, 72, 1000])
 def test_fused_equals_unfused_loss_and_grads(chunk):
     args = _inputs(3, 24, 16, 389)  # a prime vocab
     fused = jax.jit(lambda *a: fused_xent(*a, chunk, jnp.float32))
@@ -78,7 +79,7 @@ def test_bfloat16_compute_matches_unfused_bfloat16_head():
 def test_chunked_scores_match_full_logits():
     h, head, t, _ = _inputs(2, 21, 16, 257, seed=2)
     t = t.at[0, :5].set(jnp.argmax(jnp.einsum("bld,dv->blv", h, head), -1)[0, :5])
-    log_z, target, hit = jax.jit(chunked_scores, static_argnums=(3, 4))(h, head, t, 8, jnp.float32)
+    log_z, target, hit = jax.jit(chunked_scores, static_argnums=(3, 4))(h, head, t, 16, jnp.float32)
     logits = jnp.einsum("bld,dv->blv", h, head)
     np.testing.assert_allclose(log_z, jax.nn.logsumexp(logits, -1), rtol=1e-5)
     np.testing.assert_allclose(target, jnp.take_along_axis(logits, t[..., None], -1)[..., 0])
@@ -104,7 +105,7 @@ def _loss_and_grads(params, batch, cfg):
 @pytest.mark.parametrize("tie", [False, True])
 def test_loss_fn_fused_equals_unfused(tie):
     base = model_config(z_loss=1e-2, tie_embeddings=tie)
-    fused_cfg = model_config(z_loss=1e-2, tie_embeddings=tie, loss_chunk=7)
+    fused_cfg = model_config(z_loss=1e-2, tie_embeddings=tie, loss_chunk=20)  # 5 positions
     params, batch = model.init(base, jax.random.key(0)), _batch(base)
     (loss0, aux0), g0 = _loss_and_grads(params, batch, base)
     (loss1, aux1), g1 = _loss_and_grads(params, batch, fused_cfg)
@@ -118,7 +119,7 @@ def test_loss_fn_fused_equals_unfused(tie):
 @pytest.mark.parametrize("vocab", [384, 386])  # 386: tensor=4 doesn't divide it (replicated)
 def test_tensor_sharded_mesh_equals_one_device(vocab):
     base = model_config(z_loss=1e-3, vocab_size=vocab)
-    fused_cfg = model_config(z_loss=1e-3, vocab_size=vocab, loss_chunk=10)
+    fused_cfg = model_config(z_loss=1e-3, vocab_size=vocab, loss_chunk=10)  # 2 rows x 5
     params, batch = model.init(base, jax.random.key(0)), _batch(base)
     (want, _), want_g = _loss_and_grads(params, batch, base)
     cfg = small_config()
@@ -160,3 +161,15 @@ def test_fused_train_step_holds_no_full_logits():
     assert not full_logits.search(fused.as_text())
     logits_bytes = 2048 * 32768 * 4
     assert temp1 < temp0 / 3 and temp1 < logits_bytes
+
+
+def test_a_chunk_counts_tokens_per_device():
+    from near_jax.model.xent import positions_per_chunk
+
+    assert positions_per_chunk(4, 100, 40) == 10  # off a mesh: all 4 rows are local
+    assert positions_per_chunk(4, 100, 1000) == 100 and positions_per_chunk(4, 100, 2) == 1
+    cfg = small_config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    with jax.set_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:8])):
+        assert positions_per_chunk(8, 100, 40) == 20  # 8 rows over data x fsdp: 2 each
+        assert positions_per_chunk(6, 100, 40) == 13  # fsdp doesn't divide 6: 3 rows each

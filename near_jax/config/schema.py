@@ -58,7 +58,7 @@ class ModelConfig:
         0.0, "Coefficient of the z-loss (log(Z)^2) that keeps logits small; 0 = off."
     )
     loss_chunk: int = _field(
-        0, "Sequence positions per chunk of the fused head + loss (no [B,L,V] logits); 0 = off."
+        0, "Tokens per device per chunk of the fused head + loss (no [B,L,V] logits); 0 = off."
     )
     init_std: float = _field(
         0.02, "Standard deviation of the normal initializer of weight matrices."

@@ -3,9 +3,14 @@
 `fused_xent(hidden, head, targets, weights, chunk)` returns the weighted sums of the
 next-token cross-entropy and of log(Z)^2 (the z-loss) exactly as the unfused path computes
 them from `apply`'s logits, but it runs the head matmul, log-sum-exp and target logit one
-chunk of `chunk` sequence positions at a time (a scan), and its custom VJP recomputes each
-chunk's logits to produce d_hidden and d_head. Peak memory holds [B, chunk, V] logits, never
-[B, L, V]; a length that `chunk` doesn't divide is padded with zero-weight positions.
+chunk of sequence positions at a time (a scan), and its custom VJP recomputes each chunk's
+logits to produce d_hidden and d_head (accumulated in float32). A chunk is `chunk` tokens
+on each device: `chunk // rows` positions of each of the device's rows (at least one), so
+peak memory holds [rows, chunk / rows, V] logits whatever the batch, never [B, L, V]; a
+length the positions don't divide is padded with zero-weight positions.
+
+Under FSDP each chunk's head gradient is reduce-scattered into the sharded accumulator, so
+fewer, larger chunks trade memory for fewer collectives.
 
 `chunked_scores` is the forward-only twin for scoring: per position log(Z), the target's
 logit and whether the target is the argmax.
@@ -17,11 +22,14 @@ chunk logits carry the same logical-axis constraint, so XLA reduces log-sum-exp 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from near_jax import sharding
 from near_jax.sharding import constrain
 
 Params = Any
@@ -30,6 +38,18 @@ Params = Any
 def head_weights(params: Params, tie_embeddings: bool) -> jax.Array:
     """The output head [D, V] in the parameters' dtype (the embedding, transposed, if tied)."""
     return params["embed"].T if tie_embeddings else params["head"]
+
+
+def positions_per_chunk(rows: int, length: int, chunk: int) -> int:
+    """Sequence positions per chunk: `chunk` tokens over this device's share of `rows`.
+
+    The device's rows are the batch split by the mesh's `batch` axes (none off a mesh).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        axes = sharding.logical_to_spec(PartitionSpec("batch"), (rows,), mesh)[0] or ()
+        rows //= math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return min(length, max(1, chunk // rows))
 
 
 def _chunks(x_BxL: jax.Array, chunk: int, fill: Any = 0) -> jax.Array:
@@ -63,7 +83,7 @@ def _target_logit(logits_BxCxV: jax.Array, t_BxC: jax.Array) -> jax.Array:
 
 def _forward(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk, dtype):
     """(xent sum, log(Z)^2 sum) and the per-position log(Z) [B, L] the backward needs."""
-    chunk = min(chunk, hidden_BxLxD.shape[1])
+    chunk = positions_per_chunk(*hidden_BxLxD.shape[:2], chunk)
     w_NxBxC = _chunks(weights_BxL.astype(jnp.float32), chunk)
 
     def body(carry, xs):
@@ -93,6 +113,8 @@ def fused_xent(
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted cross-entropy, sum of weighted log(Z)^2), both float32 scalars.
 
+    `chunk`: tokens per device per chunk (see the module docstring).
+
     `hidden_BxLxD` is the final-normed residual stream, `head_DxV` the output head (any
     dtype; cast to the compute `dtype` for the matmul, as the unfused head does). Gradients
     flow to hidden and head; targets and weights get none.
@@ -109,7 +131,7 @@ def _fused_bwd(chunk, dtype, res, g):
     hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, log_z_BxL = res
     g_xent, g_z = g
     length = hidden_BxLxD.shape[1]
-    chunk = min(chunk, length)
+    chunk = positions_per_chunk(*hidden_BxLxD.shape[:2], chunk)
     head_dt_DxV = head_DxV.astype(dtype)
 
     def body(d_head_DxV, xs):
@@ -167,7 +189,7 @@ def chunked_scores(
     The forward-only counterpart of `fused_xent` for scoring (no gradients).
     """
     length = hidden_BxLxD.shape[1]
-    chunk = min(chunk, length)
+    chunk = positions_per_chunk(*hidden_BxLxD.shape[:2], chunk)
 
     def body(_, xs):
         h_BxCxD, t_BxC = xs

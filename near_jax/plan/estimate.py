@@ -10,8 +10,8 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
     + the larger of two phases of the backward pass:
     head        the float32 logits and their gradient (2 x T x vocab/tensor), plus under FSDP
                 the gathered float32 gradients of the embedding and the output head; with the
-                fused loss (`model.loss_chunk`) the logits of one chunk (~2.5 x rows x chunk x
-                vocab/tensor: logits, softmax, gradient) and the float32 head gradient it
+                fused loss (`model.loss_chunk`) the logits of one chunk (~2.5 x loss_chunk
+                tokens x vocab/tensor: logits, softmax, gradient) and the float32 head gradient it
                 accumulates chunk by chunk (one gathered chunk's product + the fsdp-sharded sum);
     layer       one layer's recomputation and backward working set, plus under FSDP that
                 layer's gathered weights and gradients. With XLA attention the float32
@@ -185,7 +185,8 @@ def memory(
     fsdp = lay["fsdp"] > 1
     logits = 2 * tokens * w.vocab * 4  # the float32 logits and their gradient
     if m.get("loss_chunk", 0):  # fused head + loss (model/xent.py): one chunk's logits at a time
-        logits = _FUSED_LOGITS * rows_micro * min(m.loss_chunk, seq) * w.vocab * 4
+        positions = min(seq, max(1, m.loss_chunk // rows_micro))  # as xent.positions_per_chunk
+        logits = _FUSED_LOGITS * rows_micro * positions * w.vocab * 4
         # the float32 head gradient: one chunk's (gathered) product + the fsdp-sharded sum
         logits += 4 * w.d_model * w.vocab * (1 + 1 / lay["fsdp"])
     head = logits + tokens * 4 * _HEAD_HIDDEN * w.d_model
