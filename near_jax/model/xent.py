@@ -75,10 +75,12 @@ def _logits(h_BxCxD: jax.Array, head_DxV: jax.Array, dtype: Any) -> jax.Array:
     return constrain(logits_BxCxV, ("batch", "length", "vocab"))
 
 
-def _target_logit(logits_BxCxV: jax.Array, t_BxC: jax.Array) -> jax.Array:
-    # A compare-and-sum, not a gather: it stays local to each vocab shard plus one reduce.
-    vocab_V = jnp.arange(logits_BxCxV.shape[-1], dtype=t_BxC.dtype)
-    return jnp.where(vocab_V == t_BxC[..., None], logits_BxCxV, 0.0).sum(-1)
+def _target_logit(h_BxCxD: jax.Array, head_DxV: jax.Array, t_BxC: jax.Array, dtype) -> jax.Array:
+    """The targets' logits from their head columns (a [B, C, D] gather, like the embedding
+    lookup): picked out of the [B, C, V] logits instead, XLA's CPU back end wrote a second
+    [B, C, V] buffer (the select) before reducing it."""
+    w_BxCxD = jnp.take(head_DxV.T, t_BxC, axis=0).astype(dtype)
+    return jnp.einsum("bcd,bcd->bc", h_BxCxD, w_BxCxD, preferred_element_type=jnp.float32)
 
 
 def _forward(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk, dtype):
@@ -90,7 +92,7 @@ def _forward(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk, dtype):
         h_BxCxD, t_BxC, w_BxC = xs
         logits_BxCxV = _logits(h_BxCxD, head_DxV, dtype)
         log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        nll_BxC = log_z_BxC - _target_logit(logits_BxCxV, t_BxC)
+        nll_BxC = log_z_BxC - _target_logit(h_BxCxD, head_DxV, t_BxC, dtype)
         xent, z = carry
         xent = xent + (nll_BxC * w_BxC).sum()
         z = z + (jnp.square(log_z_BxC) * w_BxC).sum()
@@ -196,7 +198,7 @@ def chunked_scores(
         logits_BxCxV = _logits(h_BxCxD, head_DxV, dtype)
         log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         hit_BxC = jnp.argmax(logits_BxCxV, axis=-1) == t_BxC
-        return None, (log_z_BxC, _target_logit(logits_BxCxV, t_BxC), hit_BxC)
+        return None, (log_z_BxC, _target_logit(h_BxCxD, head_DxV, t_BxC, dtype), hit_BxC)
 
     xs = (_chunks(hidden_BxLxD, chunk), _chunks(targets_BxL, chunk))
     _, outs = jax.lax.scan(body, None, xs)
