@@ -52,6 +52,15 @@ def positions_per_chunk(rows: int, length: int, chunk: int) -> int:
     return min(length, max(1, chunk // rows))
 
 
+def _zeros(shape: tuple[int, ...], *like: jax.Array) -> jax.Array:
+    """float32 zeros that vary over the manual mesh axes any of `like` varies over: inside
+    shard_map (in-mesh DiLoCo) a scan's initial carry must have its updates' type."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    for x in like:
+        zeros = zeros + jnp.zeros_like(x, jnp.float32, shape=())
+    return zeros
+
+
 def _chunks(x_BxL: jax.Array, chunk: int, fill: Any = 0) -> jax.Array:
     """[B, L, ...] -> [n, B, chunk, ...], padding L up to a multiple of `chunk` with `fill`."""
     b, length = x_BxL.shape[:2]
@@ -98,7 +107,7 @@ def _forward(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk, dtype):
         z = z + (jnp.square(log_z_BxC) * w_BxC).sum()
         return (xent, z), log_z_BxC
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = _zeros((), hidden_BxLxD, head_DxV, targets_BxL, weights_BxL)
     xs = (_chunks(hidden_BxLxD, chunk), _chunks(targets_BxL, chunk), w_NxBxC)
     (xent, z), log_z_NxBxC = jax.lax.scan(body, (zero, zero), xs)
     return (xent, z), _unchunk(log_z_NxBxC, hidden_BxLxD.shape[1])
@@ -164,7 +173,8 @@ def _fused_bwd(chunk, dtype, res, g):
         _chunks(weights_BxL.astype(jnp.float32), chunk),
         _chunks(log_z_BxL, chunk),
     )
-    d_head_DxV = constrain(jnp.zeros(head_DxV.shape, jnp.float32), ("embed", "vocab"))
+    like = (hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, g_xent, g_z)
+    d_head_DxV = constrain(_zeros(head_DxV.shape, *like), ("embed", "vocab"))
     d_head_DxV, d_h_NxBxCxD = jax.lax.scan(body, d_head_DxV, xs)
     b, n = hidden_BxLxD.shape[0], d_h_NxBxCxD.shape[0]
     d_h_BxLxD = jnp.moveaxis(d_h_NxBxCxD, 0, 1).reshape(b, n * chunk, -1)[:, :length]
