@@ -2,7 +2,8 @@
 
 from helpers import plan_config
 
-from near_jax.plan.estimate import batch_rows, layout, memory
+from near_jax import hardware
+from near_jax.plan.estimate import batch_rows, layout, memory, step_time
 from near_jax.plan.planner import load_ladder, resolve
 
 
@@ -48,3 +49,17 @@ def test_the_fused_loss_saves_the_m500m_rung_its_logits():
     assert full["total"] - fused["total"] > logits_bytes
     assert fused["head_phase"] < full["head_phase"] / 2
     print(f"m500m seq 8192: {full['total'] / 2**30:.2f} -> {fused['total'] / 2**30:.2f} GiB")
+
+
+def test_the_fused_loss_costs_a_second_logits_matmul_and_per_chunk_reduce_scatters():
+    acc = hardware.get("v5p")
+    cfg = resolve(plan_config(dict(vocab_size=32768, loss_chunk=512), dict(fsdp=8), seq=512))
+    lay = layout(cfg, 8)
+    fused = step_time(cfg, lay, acc, memory(cfg, lay))
+    cfg.model.loss_chunk = 0
+    full = step_time(cfg, lay, acc, memory(cfg, lay))
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    extra = fused["hardware_flops"] - full["hardware_flops"]
+    assert extra == 2 * cfg.model.d_model * 32768 * tokens
+    assert fused["model_flops"] == full["model_flops"]
+    assert fused["ici_s"] > full["ici_s"]  # 2 rows x 256 positions: one more reduce-scatter

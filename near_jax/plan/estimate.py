@@ -21,8 +21,9 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
   this model (tests/test_compiled.py keeps the planner within 15% of it).
 
 Step time is a bound, assuming communication overlaps compute perfectly: the largest of
-compute (model FLOPs plus remat recomputation at peak), HBM traffic, in-slice collectives
-(FSDP all-gathers and reduce-scatters, data-parallel all-reduce and tensor-parallel
+compute (model FLOPs plus remat recomputation, and the fused loss's second logits matmul, at
+peak), HBM traffic, in-slice collectives (FSDP all-gathers and reduce-scatters, one more of
+the output head's gradient per fused-loss chunk; data-parallel all-reduce and tensor-parallel
 activation all-reduces, one after another, as ideal rings at the chip's full ICI bandwidth;
 an axis spanning more devices than one ICI/NVLink domain gets the DCN bandwidth) and the
 cross-slice gradient all-reduce over DCN. MFU bound = model-FLOPs time / step-time bound.
@@ -230,6 +231,8 @@ def step_time(
         "dots_saveable": m.n_layers * attn_fwd,
         "none": 0.0,
     }[m.remat]
+    if m.get("loss_chunk", 0):  # the fused loss computes the logits again in the backward
+        recompute_per_token += 2 * m.d_model * m.vocab_size
     hw_flops = model_flops + recompute_per_token * tokens_step
     peak = acc.peak_flops
     out = {"model_flops": model_flops, "hardware_flops": hw_flops}
@@ -275,6 +278,11 @@ def _network_time(cfg, lay, acc, gathered_params, shard, p_bytes, a_bytes) -> tu
         return acc.ici_bw if span <= acc.domain_devices else acc.dcn_bw
 
     per_micro_fsdp = gathered_params * ring(fsdp) * (passes * p_bytes + 4)
+    if m.get("loss_chunk", 0):  # the fused loss reduce-scatters the head gradient per chunk
+        positions = min(cfg.data.seq_len, max(1, m.loss_chunk // rows_micro))
+        chunks = -(-cfg.data.seq_len // positions)
+        head = m.d_model * widths(cfg, lay).vocab
+        per_micro_fsdp += (chunks - 1) * head * ring(fsdp) * 4
     t_fsdp = mb * per_micro_fsdp / bw(fsdp * tp)
     t_data = 2 * shard * 4 * ring(data) / bw(data * fsdp * tp)
     acts = m.n_layers * tokens * m.d_model * a_bytes * 2 * passes  # 2 all-reduces per pass
