@@ -1,14 +1,20 @@
 """Train-step throughput: median step time, tokens/s, memory and MFU for a config and mesh.
 
     python3 bench/train_throughput.py --config=configs/tiny.py [--config.mesh.fsdp=-1 ...]
-        [--steps=10] [--warmup=2]
+        [--steps=10] [--warmup=2] [--compare=loss_chunk=0,loss_chunk=1024]
 
 Batches are random tokens already on the devices, so the number is the train step alone
 (the input pipeline is measured separately). Prints a table and one JSON line.
+
+`--compare` times several variants of the config in the same run, one after another:
+comma-separated, each `key=value` (a model field, or `section.key`), several overrides of
+one variant joined with `+`. The table then has a row per variant and the JSON line a
+`variants` list and each variant's speed relative to the first.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
@@ -67,7 +73,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         state, stats = trainer.step(state, batch)
-    jax.block_until_ready(stats)
+    jax.block_until_ready(state)  # not `stats`: with --warmup=0 no step has run yet
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -99,9 +105,75 @@ def measure(cfg, steps: int, warmup: int) -> dict:
         "tflops_per_s_per_device": flops * tps / n_dev / 1e12,
         "mfu": metrics.mfu(flops, tps, n_dev, peak),
         "compiled_bytes_per_device": compiled_bytes,
+        "temp_bytes_per_device": None if mem is None else mem.temp_size_in_bytes,
         "peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
         "loss": float(stats["loss"]),
     }
+
+
+def parse_compare(spec: str) -> list[dict[str, str]]:
+    """`a=1,a=2+b=x` -> [{"model.a": "1"}, {"model.a": "2", "model.b": "x"}]; ValueError."""
+    variants = []
+    for variant in filter(None, spec.split(",")):
+        overrides = {}
+        for item in variant.split("+"):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--compare: {item!r} is not key=value")
+            overrides[key if "." in key else f"model.{key}"] = value
+        variants.append(overrides)
+    return variants
+
+
+def with_overrides(cfg, overrides: dict[str, str]):
+    """A copy of `cfg` with `section.key` set to each value, cast to the field's type."""
+    cfg = copy.deepcopy(cfg)
+    for key, text in overrides.items():
+        section, field = key.split(".", 1)
+        if section not in cfg or field not in cfg[section]:
+            raise ConfigError(f"--compare: config.{key} is not a config field")
+        kind = type(cfg[section][field])
+        value = text.lower() in ("1", "true") if kind is bool else kind(text)
+        cfg[section][field] = value
+    return cfg
+
+
+def compare(cfg, variants: list[dict[str, str]], steps: int, warmup: int) -> list[dict]:
+    """`measure` for each variant of `cfg`, in order, in this process."""
+    results = []
+    for overrides in variants:
+        name = "+".join(f"{k.removeprefix('model.')}={v}" for k, v in overrides.items())
+        result = {"variant": name, **measure(with_overrides(cfg, overrides), steps, warmup)}
+        result["speedup"] = result["tokens_per_s"] / (results or [result])[0]["tokens_per_s"]
+        results.append(result)
+    return results
+
+
+def _gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.3f}"
+
+
+def compare_table(results: list[dict]) -> str:
+    """One row per variant: step time, tokens/s, speedup, temporaries, compiled, peak, loss."""
+    head = ("variant", "step_s", "tokens/s", "speedup", "temp_GiB", "compiled_GiB", "peak_GiB")
+    rows = [(*head, "loss")]
+    for r in results:
+        rows.append(
+            (
+                r["variant"],
+                f"{r['step_s_median']:.3f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['speedup']:.2f}x",
+                _gib(r["temp_bytes_per_device"]),
+                _gib(r["compiled_bytes_per_device"]),
+                _gib(r["peak_bytes_in_use"]),
+                f"{r['loss']:.4f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head) + 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
 
 
 def _fmt(value) -> str:
@@ -117,10 +189,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = cli.load_config_flag(flags.FLAGS.config)
+    steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup
     try:
-        result = measure(cfg, flags.FLAGS.steps, flags.FLAGS.warmup)
-    except ConfigError as e:
+        if flags.FLAGS.compare:
+            results = compare(cfg, parse_compare(flags.FLAGS.compare), steps, warmup)
+        else:
+            result = measure(cfg, steps, warmup)
+    except (ConfigError, ValueError) as e:
         cli.usage_error(str(e))
+    if flags.FLAGS.compare:
+        print(compare_table(results))
+        print(json.dumps({"bench": "train_throughput", "variants": results}))
+        sys.stdout.flush()
+        return
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in result.items()))
     print(json.dumps({"bench": "train_throughput", **result}))
@@ -131,4 +212,9 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_string(
+        "compare",
+        "",
+        "Variants timed in one run: key=value[+key=value],... (e.g. loss_chunk=0,loss_chunk=1024).",
+    )
     app.run(main, flags_parser=cli.parse_flags)

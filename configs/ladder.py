@@ -13,7 +13,9 @@ for `tpu` and `RUNG,gpu` for `gpu`, so `lookup(cfg.name)` finds the job again.
 Every rung uses a Llama-3-sized vocabulary (128,256 tokens: set
 --config.data.tokenizer=/path/to/tokenizer.json of a Llama-3-style tokenizer; the byte
 tokenizer also runs, using 259 of the rows), untied embeddings, grouped-query attention with
-128-wide heads, SwiGLU, RoPE theta 500k, bf16 compute with float32 parameters and AdamW state.
+128-wide heads, SwiGLU, RoPE theta 500k, bf16 compute with float32 parameters and AdamW state,
+and the fused head + loss (`model.loss_chunk`: 1024 tokens per device at a time, never
+[B, L, V]).
 
 The rungs are sized so each can be grown from the one below it (`python -m near_jax.grow`:
 wider and deeper, function-preserving): the head width is 128 on every rung, and no width,
@@ -246,6 +248,7 @@ def get_config(arg: str = "m500m"):
     m.rope_theta = 500_000.0
     m.dtype, m.param_dtype = "bfloat16", "float32"
     m.remat = rung.remat
+    m.loss_chunk = 1024  # fused head + loss: 1024 tokens' logits per device at a time
     cfg.data.seq_len = rung.seq_len
     cfg.train.global_batch_size = rung.batch
     cfg.train.microbatches = job.microbatches

@@ -27,6 +27,18 @@ PAIRS = {
     "full, data, 4 micro-batches": plan_config(
         dict(n_heads=8, mlp_dim=1536, vocab_size=2048, n_layers=5), batch=32, seq=192, micro=4
     ),
+    "fused loss, dots_saveable, tensor x fsdp, big vocab": plan_config(
+        dict(d_model=96, n_heads=4, mlp_dim=384, vocab_size=16384, n_layers=2, loss_chunk=16),
+        dict(tensor=4, fsdp=2),
+        remat="dots_saveable",
+        batch=32,
+        seq=64,
+    ),
+    "fused loss, full, data, 32k vocab": plan_config(
+        dict(d_model=128, mlp_dim=384, vocab_size=32768, n_layers=2, loss_chunk=64),
+        batch=8,
+        seq=512,
+    ),
     "none, data x fsdp": plan_config(
         dict(d_model=192, n_heads=6, mlp_dim=768, vocab_size=3072, n_layers=3),
         dict(data=2, fsdp=4),

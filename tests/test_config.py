@@ -119,6 +119,7 @@ RULES = [
     (dict(model__attention_block_q=-128), "model.attention_block_q", -128, "0 (default / off)"),
     (dict(model__attention_block_kv=-16), "model.attention_block_kv", -16, "0 (default / off)"),
     (dict(model__attention_window=-5), "model.attention_window", -5, "0 (default / off)"),
+    (dict(model__loss_chunk=-1), "model.loss_chunk", -1, "0 (default / off)"),
     # data
     (dict(data__seq_len=-256), "data.seq_len", -256, "a positive integer"),
     (dict(data__seq_len=0), "data.seq_len", 0, "a positive integer"),
@@ -262,6 +263,7 @@ LOWEST = [
     ("model.attention_block_q", 0, {}),
     ("model.attention_block_kv", 0, {}),
     ("model.attention_window", 0, {}),
+    ("model.loss_chunk", 0, {}),
     ("data.seq_len", 1, {}),
     ("data.shuffle_window", 0, {}),
     ("data.shards", 0, {}),

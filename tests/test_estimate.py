@@ -2,8 +2,9 @@
 
 from helpers import plan_config
 
-from near_jax.plan.estimate import layout, memory
-from near_jax.plan.planner import resolve
+from near_jax import hardware
+from near_jax.plan.estimate import batch_rows, layout, memory, step_time
+from near_jax.plan.planner import load_ladder, resolve
 
 
 def test_state_is_sharded_by_fsdp_and_tensor_exactly():
@@ -32,3 +33,33 @@ def test_remat_and_micro_batches_trade_memory_as_expected():
     # Fused attention (TPU splash, GPU cuDNN) keeps no [length x length] scores.
     cfg = resolve(plan_config(remat="none", seq=1024, batch=8))
     assert memory(cfg, lay, "splash")["total"] < memory(cfg, lay, "xla")["total"]
+
+
+def test_the_fused_loss_saves_the_m500m_rung_its_logits():
+    ladder = load_ladder()
+    cfg = resolve(ladder.get_config("m500m"))
+    assert cfg.model.loss_chunk == 1024
+    cfg.data.seq_len = 8192  # the yardstick: 0.5B at seq 8192
+    lay = layout(cfg, 4)
+    fused = memory(cfg, lay, "splash")
+    cfg.model.loss_chunk = 0
+    full = memory(cfg, lay, "splash")
+    tokens = batch_rows(cfg, lay)[1] * cfg.data.seq_len
+    logits_bytes = tokens * cfg.model.vocab_size * 4  # float32 [T, V] per device
+    assert full["total"] - fused["total"] > logits_bytes
+    assert fused["head_phase"] < full["head_phase"] / 2
+    print(f"m500m seq 8192: {full['total'] / 2**30:.2f} -> {fused['total'] / 2**30:.2f} GiB")
+
+
+def test_the_fused_loss_costs_a_second_logits_matmul_and_per_chunk_reduce_scatters():
+    acc = hardware.get("v5p")
+    cfg = resolve(plan_config(dict(vocab_size=32768, loss_chunk=512), dict(fsdp=8), seq=512))
+    lay = layout(cfg, 8)
+    fused = step_time(cfg, lay, acc, memory(cfg, lay))
+    cfg.model.loss_chunk = 0
+    full = step_time(cfg, lay, acc, memory(cfg, lay))
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    extra = fused["hardware_flops"] - full["hardware_flops"]
+    assert extra == 2 * cfg.model.d_model * 32768 * tokens
+    assert fused["model_flops"] == full["model_flops"]
+    assert fused["ici_s"] > full["ici_s"]  # 2 rows x 256 positions: one more reduce-scatter

@@ -304,3 +304,20 @@ def test_sparseloco_keeps_decayed_feedback_per_fragment():
     nesterov = _cfg(replicas=2, inner_steps=4, fragments=2, compression="int4")
     mesh = sharding.make_mesh(nesterov.mesh, jax.devices()[:1], replicas=1)
     assert inmesh.FEEDBACK not in trainer_for(nesterov, mesh).abstract_state.opt_state
+
+
+def test_replicas_train_the_same_with_the_fused_loss():
+    # The fused loss's scans run inside the replicas' shard_map (carries vary by replica).
+    batches = _batches(2, small_config())
+    runs = []
+    for chunk in (0, 64):
+        cfg = _cfg(replicas=2, inner_steps=2, outer_lr=0.7, outer_momentum=0.9)
+        cfg.model.loss_chunk, cfg.model.z_loss = chunk, 1e-3
+        runs.append(_run(cfg, batches, replicas=2))
+    (state0, losses0), (state1, losses1) = runs
+    np.testing.assert_allclose(losses1, losses0, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        state1.params,
+        state0.params,
+    )

@@ -84,6 +84,7 @@ def test_each_job_fills_its_hardware_and_splits_the_model_and_batch_evenly(name,
     for dim in (rung.n_heads, rung.n_kv_heads, rung.mlp_dim, cfg.model.vocab_size):
         assert dim % cfg.mesh.tensor == 0, (dim, cfg.mesh.tensor)
     assert cfg.model.remat in ("full", "dots_saveable", "none")
+    assert cfg.model.loss_chunk == 1024  # the fused loss: no [B, L, V] logits
 
 
 def test_the_ladder_config_names_the_target_and_the_token_budget():

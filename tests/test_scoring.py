@@ -1,5 +1,7 @@
 """Log-likelihood scoring: padded, bucketed batches agree with an unpadded forward, on a mesh."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -87,6 +89,29 @@ def test_loglikelihood_matches_unpadded_reference_with_and_without_mesh(small_pa
         [s.loglikelihood for s in on_mesh], [w[0] for w in want], rtol=1e-6, atol=1e-4
     )
     assert [s.is_greedy for s in on_mesh] == [w[1] for w in want]
+
+
+def test_chunked_head_scores_like_the_full_logits_on_and_off_a_mesh(small_params):
+    # model.loss_chunk: 40 tokens = 5 positions of 8 rows at a time (dividing no bucket).
+    params = small_params | {"head": small_params["head"] * 20.0}
+    rng = np.random.default_rng(1)
+    requests = [
+        prompts.Request(k, 0, _random_text(rng, p), _random_text(rng, c))
+        for k, (p, c) in enumerate([(5, 1), (30, 12), (70, 1), (5, 12)])
+    ]
+    fused_cfg = dataclasses.replace(CFG, loss_chunk=40)
+    want = [_reference(params, r) for r in requests]
+    mesh = loading.inference_mesh(fsdp=2, tensor=2)
+    shardings = sharding.logical_to_sharding(model.logical_axes(CFG), params, mesh)
+    for p, m in ((params, None), (jax.device_put(params, shardings), mesh)):
+        got = scoring.score_requests(
+            p, fused_cfg, TOK, requests, max_len=MAX_LEN, batch_size=BATCH, mesh=m
+        )
+        np.testing.assert_allclose(
+            [s.loglikelihood for s in got], [w[0] for w in want], rtol=1e-6, atol=1e-4
+        )
+        assert [s.is_greedy for s in got] == [w[1] for w in want]
+    assert any(w[1] for w in want) or np.std([w[0] for w in want]) > 5
 
 
 def test_encode_request_truncates_from_the_left_keeping_the_continuation():

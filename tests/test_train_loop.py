@@ -25,6 +25,9 @@ def test_save_config_writes_the_config_a_resume_accepts(tmp_path):
     check_resume_config(saved, cfg)  # the same config resumes
     cfg.train.steps += 1  # train and optimizer settings may change on resume
     check_resume_config(saved, cfg)
+    cfg.model.loss_chunk = 1024  # so may the fused loss, even for a run saved before it existed
+    del saved["model"]["loss_chunk"]
+    check_resume_config(saved, cfg)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,9 @@ class ModelConfig:
     z_loss: float = _field(
         0.0, "Coefficient of the z-loss (log(Z)^2) that keeps logits small; 0 = off."
     )
+    loss_chunk: int = _field(
+        0, "Tokens per device per chunk of the fused head + loss (no [B,L,V] logits); 0 = off."
+    )
     init_std: float = _field(
         0.02, "Standard deviation of the normal initializer of weight matrices."
     )

@@ -114,7 +114,7 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
             f"a multiple of model.n_heads={m.n_heads} giving an even head width (it gives "
             f"{m.d_model // m.n_heads}; RoPE rotates pairs), or set model.head_dim",
         )
-    for key in ("attention_block_q", "attention_block_kv", "attention_window"):
+    for key in ("attention_block_q", "attention_block_kv", "attention_window", "loss_chunk"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "0 (default / off) or a positive integer")
 

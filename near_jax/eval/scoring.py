@@ -77,13 +77,20 @@ def score_rows(
     cfg: model.ModelConfig,
 ) -> tuple[jax.Array, jax.Array]:
     """Per row: the summed log p(target) over masked positions, and whether all are argmax."""
-    logits_BxLxV = model.apply(params, tokens_BxL, positions_BxL, segment_ids_BxL, cfg)
-    # logit[target] - logsumexp avoids materializing a second [B, L, V] log_softmax.
-    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    args = (params, tokens_BxL, positions_BxL, segment_ids_BxL, cfg)
+    if cfg.loss_chunk:  # the head chunk by chunk: no [B, L, V] logits (model.xent)
+        head_DxV = model.head_weights(params, cfg.tie_embeddings)
+        log_z_BxL, target_logit_BxL, hit_BxL = model.chunked_scores(
+            model.hidden(*args), head_DxV, targets_BxL, cfg.loss_chunk, cfg.dtype
+        )
+    else:
+        logits_BxLxV = model.apply(*args)
+        # logit[target] - logsumexp avoids materializing a second [B, L, V] log_softmax.
+        log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+        target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], -1)[..., 0]
+        hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
     # where, not multiply: a padding position's logits may be anything, NaN included.
     logprob_B = jnp.where(mask_BxL, target_logit_BxL - log_z_BxL, 0.0).sum(axis=-1)
-    hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
     greedy_B = jnp.all(hit_BxL | ~mask_BxL, axis=-1)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # replicated, so every process can read the results

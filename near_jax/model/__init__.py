@@ -3,6 +3,7 @@
 layers        RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP, Block
 transformer   the scanned Transformer: init, logical axes, apply (with and without a KV cache)
 loss          weighted next-token cross-entropy (+ z-loss)
+xent          the fused, chunked head + cross-entropy (`model.loss_chunk`): no [B, L, V] logits
 counts        parameter counts and training FLOPs per token
 kernels/      attention behind one door (`xla`, `pallas`, `cudnn`, `splash`, `auto`)
 
@@ -45,10 +46,12 @@ from near_jax.model.transformer import (
     Params,
     apply,
     apply_with_cache,
+    hidden,
     init,
     init_cache,
     logical_axes,
 )
+from near_jax.model.xent import chunked_scores, fused_xent, head_weights
 
 __all__ = [
     "CACHE_AXES",
@@ -57,7 +60,11 @@ __all__ = [
     "Params",
     "apply",
     "apply_with_cache",
+    "chunked_scores",
     "flops_per_token",
+    "fused_xent",
+    "head_weights",
+    "hidden",
     "init",
     "init_cache",
     "logical_axes",

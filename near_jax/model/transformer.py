@@ -45,6 +45,7 @@ class Transformer(nn.Module):
         cache=None,
         select_BxT=None,
         attend_len: int = 0,
+        return_hidden: bool = False,
     ):
         """Logits [B, L, V]; with `cache` (stacked per layer) returns (logits, new cache).
 
@@ -98,6 +99,8 @@ class Transformer(nn.Module):
         if select_BxT is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, select_BxT[:, :, None], axis=1)
         x_BxLxD = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x_BxLxD)
+        if return_hidden:  # the fused loss (xent.py) applies the head chunk by chunk
+            return x_BxLxD
         if c.tie_embeddings:
             head_DxV = embed_VxD.T  # exactly as Hugging Face Llama ties them
         else:
@@ -148,6 +151,20 @@ def apply(
 ) -> jax.Array:
     """Returns float32 logits [batch, length, vocab] for packed token rows."""
     return _module(cfg).apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL)
+
+
+def hidden(
+    params: Params,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    cfg: Any,
+) -> jax.Array:
+    """The final-normed residual stream [batch, length, d_model] (compute dtype): `apply`
+    without the output head, for the fused chunked loss (`xent.py`)."""
+    return _module(cfg).apply(
+        {"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, return_hidden=True
+    )
 
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")

@@ -9,7 +9,10 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
                 none: everything);
     + the larger of two phases of the backward pass:
     head        the float32 logits and their gradient (2 x T x vocab/tensor), plus under FSDP
-                the gathered float32 gradients of the embedding and the output head;
+                the gathered float32 gradients of the embedding and the output head; with the
+                fused loss (`model.loss_chunk`) the logits of one chunk (~2.5 x loss_chunk
+                tokens x vocab/tensor: logits, softmax, gradient) and the float32 head gradient it
+                accumulates chunk by chunk (one gathered chunk's product + the fsdp-sharded sum);
     layer       one layer's recomputation and backward working set, plus under FSDP that
                 layer's gathered weights and gradients. With XLA attention the float32
                 [heads x length x length] scores count here; fused kernels (splash, pallas,
@@ -18,8 +21,9 @@ Memory per device, for the train step of `near_jax.train` on the config's mesh:
   this model (tests/test_compiled.py keeps the planner within 15% of it).
 
 Step time is a bound, assuming communication overlaps compute perfectly: the largest of
-compute (model FLOPs plus remat recomputation at peak), HBM traffic, in-slice collectives
-(FSDP all-gathers and reduce-scatters, data-parallel all-reduce and tensor-parallel
+compute (model FLOPs plus remat recomputation, and the fused loss's second logits matmul, at
+peak), HBM traffic, in-slice collectives (FSDP all-gathers and reduce-scatters, one more of
+the output head's gradient per fused-loss chunk; data-parallel all-reduce and tensor-parallel
 activation all-reduces, one after another, as ideal rings at the chip's full ICI bandwidth;
 an axis spanning more devices than one ICI/NVLink domain gets the DCN bandwidth) and the
 cross-slice gradient all-reduce over DCN. MFU bound = model-FLOPs time / step-time bound.
@@ -46,6 +50,7 @@ FEATURE_COUNT = 5  # inputs, targets, positions, segment_ids, weights: 4 bytes p
 _LAYER_WORK = {"attn": 4.6, "mlp": 8.3, "scores": 2.0}
 _LAYER_ALL = {"attn": 2.4, "mlp": 6.5, "scores": 2.0}
 _HEAD_HIDDEN = 4  # float32 [T, d_model] tensors live around the head (final norm, grads)
+_FUSED_LOGITS = 2.5  # [rows, chunk, vocab] float32 buffers the fused loss keeps (logits, grad)
 _FUSED_ATTENTION = ("splash", "pallas", "cudnn")
 
 
@@ -179,7 +184,13 @@ def memory(
     }[m.remat]
     residuals = m.n_layers * saved
     fsdp = lay["fsdp"] > 1
-    head = tokens * 4 * (2 * w.vocab + _HEAD_HIDDEN * w.d_model)
+    logits = 2 * tokens * w.vocab * 4  # the float32 logits and their gradient
+    if m.get("loss_chunk", 0):  # fused head + loss (model/xent.py): one chunk's logits at a time
+        positions = min(seq, max(1, m.loss_chunk // rows_micro))  # as xent.positions_per_chunk
+        logits = _FUSED_LOGITS * rows_micro * positions * w.vocab * 4
+        # the float32 head gradient: one chunk's (gathered) product + the fsdp-sharded sum
+        logits += 4 * w.d_model * w.vocab * (1 + 1 / lay["fsdp"])
+    head = logits + tokens * 4 * _HEAD_HIDDEN * w.d_model
     if fsdp:  # gathered float32 gradients of the embedding and the head
         head += 4 * (shards["eh_gathered"] - shards["eh_shard"])
     work = layer(_LAYER_WORK) - (saved if m.remat == "none" else 0.0)
@@ -220,6 +231,8 @@ def step_time(
         "dots_saveable": m.n_layers * attn_fwd,
         "none": 0.0,
     }[m.remat]
+    if m.get("loss_chunk", 0):  # the fused loss computes the logits again in the backward
+        recompute_per_token += 2 * m.d_model * m.vocab_size
     hw_flops = model_flops + recompute_per_token * tokens_step
     peak = acc.peak_flops
     out = {"model_flops": model_flops, "hardware_flops": hw_flops}
@@ -265,6 +278,11 @@ def _network_time(cfg, lay, acc, gathered_params, shard, p_bytes, a_bytes) -> tu
         return acc.ici_bw if span <= acc.domain_devices else acc.dcn_bw
 
     per_micro_fsdp = gathered_params * ring(fsdp) * (passes * p_bytes + 4)
+    if m.get("loss_chunk", 0):  # the fused loss reduce-scatters the head gradient per chunk
+        positions = min(cfg.data.seq_len, max(1, m.loss_chunk // rows_micro))
+        chunks = -(-cfg.data.seq_len // positions)
+        head = m.d_model * widths(cfg, lay).vocab
+        per_micro_fsdp += (chunks - 1) * head * ring(fsdp) * 4
     t_fsdp = mb * per_micro_fsdp / bw(fsdp * tp)
     t_data = 2 * shard * 4 * ring(data) / bw(data * fsdp * tp)
     acts = m.n_layers * tokens * m.d_model * a_bytes * 2 * passes  # 2 all-reduces per pass

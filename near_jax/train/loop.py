@@ -44,11 +44,16 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     atomic_write(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 
+# Model fields that choose only how the step computes, never the params or the loss: a run
+# may change them on resume (and runs saved before the field existed lack it).
+RESUMABLE_MODEL_FIELDS = ("loss_chunk",)
+
+
 def check_resume_config(saved: dict, cfg: ml_collections.ConfigDict) -> None:
     """Fails with one line if a checkpoint's model or data layout differs from the config."""
     for section, keys in (("model", None), ("data", ("seq_len", "tokenizer", "source", "shards"))):
         want, have = cfg[section].to_dict(), saved.get(section, {})
-        for key in keys or sorted(set(want) | set(have)):
+        for key in keys or sorted((set(want) | set(have)) - set(RESUMABLE_MODEL_FIELDS)):
             if want.get(key) != have.get(key):
                 raise ConfigError(
                     f"config.{section}.{key}={want.get(key)!r} is not allowed: the checkpoint "

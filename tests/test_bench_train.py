@@ -1,0 +1,48 @@
+"""bench/train_throughput.py: --compare parsing, and two variants timed in one run (warmup 0)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+from helpers import REPO, small_config
+
+from near_jax.config import ConfigError
+
+
+def _bench():
+    path = pathlib.Path(REPO) / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_parse_compare_defaults_to_the_model_section_and_casts_types():
+    bench = _bench()
+    variants = bench.parse_compare("loss_chunk=0,loss_chunk=16+train.global_batch_size=16")
+    assert variants == [
+        {"model.loss_chunk": "0"},
+        {"model.loss_chunk": "16", "train.global_batch_size": "16"},
+    ]
+    cfg = bench.with_overrides(small_config(), variants[1])
+    assert cfg.model.loss_chunk == 16 and cfg.train.global_batch_size == 16
+    assert bench.with_overrides(
+        small_config(), {"model.tie_embeddings": "true"}
+    ).model.tie_embeddings
+    with pytest.raises(ValueError, match="not key=value"):
+        bench.parse_compare("loss_chunk")
+    with pytest.raises(ConfigError, match="model.no_such_field"):
+        bench.with_overrides(small_config(), {"model.no_such_field": "1"})
+
+
+def test_compare_times_both_variants_with_no_warmup():
+    bench = _bench()
+    variants = bench.parse_compare("loss_chunk=0,loss_chunk=8")
+    results = bench.compare(small_config(), variants, steps=2, warmup=0)
+    assert [r["variant"] for r in results] == ["loss_chunk=0", "loss_chunk=8"]
+    assert results[0]["speedup"] == 1.0 and results[1]["speedup"] > 0
+    # Same params, same batch: the fused loss is the same loss (float32 model).
+    assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-4
+    assert results[1]["temp_bytes_per_device"] > 0
+    table = bench.compare_table(results).splitlines()
+    assert table[0].split()[:3] == ["variant", "step_s", "tokens/s"] and len(table) == 3
