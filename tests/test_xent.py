@@ -136,16 +136,21 @@ def test_tensor_sharded_mesh_equals_one_device(vocab):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_g, want_g)
 
 
-def _compiled_step(loss_chunk):
+def _compiled_step(loss_chunk, rows=1, data=1, tensor=1):
     from near_jax.train.loop import trainer_for
 
     cfg = small_config(
         vocab_size=32768, d_model=64, n_layers=1, n_heads=1, n_kv_heads=1, loss_chunk=loss_chunk
     )
-    cfg.data.seq_len, cfg.train.global_batch_size, cfg.mesh.data = 2048, 1, 1
-    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    cfg.data.seq_len, cfg.train.global_batch_size = 2048, rows
+    cfg.mesh.data, cfg.mesh.tensor = data, tensor
+    trainer = trainer_for(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[: data * tensor]))
     batch = {
-        k: jax.ShapeDtypeStruct((1, 2048), jnp.float32 if k == "weights" else jnp.int32)
+        k: jax.ShapeDtypeStruct(
+            (rows, 2048),
+            jnp.float32 if k == "weights" else jnp.int32,
+            sharding=trainer.batch_sharding,
+        )
         for k in ("inputs", "targets", "positions", "segment_ids", "weights")
     }
     return trainer.step.lower(trainer.abstract_state, batch).compile()
@@ -173,3 +178,13 @@ def test_a_chunk_counts_tokens_per_device():
     with jax.set_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:8])):
         assert positions_per_chunk(8, 100, 40) == 20  # 8 rows over data x fsdp: 2 each
         assert positions_per_chunk(6, 100, 40) == 13  # fsdp doesn't divide 6: 3 rows each
+
+
+def test_tensor_sharded_fused_step_holds_no_full_length_logits_shard():
+    # 2 rows over data=2, vocab 32k over tensor=4: a device's full logits are [1, 2048, 8192].
+    shard = re.compile(r"\[1,2048,8192\]|\[2048,8192\]")
+    unfused, fused = (_compiled_step(c, rows=2, data=2, tensor=4) for c in (0, 256))
+    assert shard.search(unfused.as_text()) and not shard.search(fused.as_text())
+    temp0 = unfused.memory_analysis().temp_size_in_bytes
+    temp1 = fused.memory_analysis().temp_size_in_bytes
+    assert temp0 - temp1 > 2048 * 8192 * 4  # at least one [L, V / tensor] float32 buffer less

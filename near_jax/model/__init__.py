@@ -1,7 +1,8 @@
 """The model: a pure-functional decoder-only transformer (`params = model.init(cfg, rng)`).
 
 layers        RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP, Block
-transformer   the scanned Transformer: init, logical axes, apply (with and without a KV cache)
+transformer   the scanned Transformer: init, logical axes, apply (with and without a KV cache),
+              hidden (the final-normed residual stream, for the fused loss)
 loss          weighted next-token cross-entropy (+ z-loss)
 xent          the fused, chunked head + cross-entropy (`model.loss_chunk`): no [B, L, V] logits
 counts        parameter counts and training FLOPs per token
