@@ -6,6 +6,11 @@
 Batches are random tokens already on the devices, so the number is the train step alone
 (the input pipeline is measured separately). Prints a table and one JSON line.
 
+`--profile_steps=N` traces N more steps of each variant with jax.profiler and prints its
+costliest XLA ops: milliseconds per step, share of all op time, output shape, and the JAX
+operation each came from (the compiled HLO's metadata), so a change can be aimed at what
+the step actually spends.
+
 `--compare` times several variants of the config in the same run, one after another:
 comma-separated, each `key=value` (a model field, or `section.key`), several overrides of
 one variant joined with `+`. The table then has a row per variant and the JSON line a
@@ -15,9 +20,13 @@ one variant joined with `+`. The table then has a row per variant and the JSON l
 from __future__ import annotations
 
 import copy
+import glob
+import gzip
 import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -48,8 +57,66 @@ def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def measure(cfg, steps: int, warmup: int) -> dict:
-    """Compiles the train step for `cfg` and times `steps` steps after `warmup` ones."""
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) [a-z][\w-]*\(")  # name, shape
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """{instruction name: (output shape, JAX op name)} of a compiled module's text."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_OP.match(line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return ops
+
+
+def profile_ops(step, state, batch, steps: int, top: int = 12) -> tuple[list[dict], object]:
+    """The `top` costliest XLA ops of `steps` traced calls of `step` (jax.profiler): ms
+    per step, share of all op time, shape, JAX op name. Returns (ops, the last state)."""
+    ops = hlo_ops(step.lower(state, batch).compile().as_text())
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            for _ in range(steps):
+                state, stats = step(state, batch)
+                jax.block_until_ready(stats)
+        (path,) = glob.glob(f"{logdir}/plugins/profile/*/*.trace.json.gz")
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    micros: dict[str, float] = {}
+    for e in events:  # op events carry the instruction's name; runtime events do not
+        if e.get("ph") == "X" and e.get("name") in ops:
+            micros[e["name"]] = micros.get(e["name"], 0.0) + e.get("dur", 0.0)
+    total = sum(micros.values()) or 1.0
+    rows = []
+    for name, us in sorted(micros.items(), key=lambda kv: -kv[1])[:top]:
+        shape, op_name = ops[name]
+        rows.append(
+            {
+                "op": name,
+                "ms_per_step": us / 1e3 / steps,
+                "share": us / total,
+                "shape": shape,
+                "jax_op": op_name.split("/", 1)[-1],
+            }
+        )
+    return rows, state
+
+
+def profile_table(rows: list[dict]) -> str:
+    """The costliest ops, one a line."""
+    lines = [f"{'ms/step':>9} {'share':>6}  {'op':<28} {'shape':<24} jax op"]
+    for r in rows:
+        lines.append(
+            f"{r['ms_per_step']:>9.1f} {r['share']:>6.1%}  {r['op'][:28]:<28} "
+            f"{r['shape'][:24]:<24} {r['jax_op'][-70:]}"
+        )
+    return "\n".join(lines)
+
+
+def measure(cfg, steps: int, warmup: int, profile_steps: int = 0) -> dict:
+    """Compiles the train step for `cfg` and times `steps` steps after `warmup` ones;
+    with `profile_steps`, also the costliest ops of that many traced steps ("profile")."""
     config_lib.validate(cfg)
     cfg = resolve_config(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -81,6 +148,10 @@ def measure(cfg, steps: int, warmup: int) -> dict:
         jax.block_until_ready(stats)
         times.append(time.perf_counter() - t)
 
+    profile = None
+    if profile_steps:
+        profile, state = profile_ops(trainer.step, state, batch, profile_steps)
+
     step_s = statistics.median(times)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     tps = tokens / step_s
@@ -108,6 +179,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
         "temp_bytes_per_device": None if mem is None else mem.temp_size_in_bytes,
         "peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
         "loss": float(stats["loss"]),
+        "profile": profile,
     }
 
 
@@ -138,12 +210,15 @@ def with_overrides(cfg, overrides: dict[str, str]):
     return cfg
 
 
-def compare(cfg, variants: list[dict[str, str]], steps: int, warmup: int) -> list[dict]:
+def compare(
+    cfg, variants: list[dict[str, str]], steps: int, warmup: int, profile_steps: int = 0
+) -> list[dict]:
     """`measure` for each variant of `cfg`, in order, in this process."""
     results = []
     for overrides in variants:
         name = "+".join(f"{k.removeprefix('model.')}={v}" for k, v in overrides.items())
-        result = {"variant": name, **measure(with_overrides(cfg, overrides), steps, warmup)}
+        variant_cfg = with_overrides(cfg, overrides)
+        result = {"variant": name, **measure(variant_cfg, steps, warmup, profile_steps)}
         result["speedup"] = result["tokens_per_s"] / (results or [result])[0]["tokens_per_s"]
         results.append(result)
     return results
@@ -190,20 +265,32 @@ def main(argv: list[str]) -> None:
         cli.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = cli.load_config_flag(flags.FLAGS.config)
     steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup
+    profile_steps = flags.FLAGS.profile_steps
+    for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if value < least:
+            cli.usage_error(f"--{name}={value} is not allowed: must be >= {least}")
+    if profile_steps < 0:
+        cli.usage_error(f"--profile_steps={profile_steps} is not allowed: must be >= 0")
     try:
         if flags.FLAGS.compare:
-            results = compare(cfg, parse_compare(flags.FLAGS.compare), steps, warmup)
+            variants = parse_compare(flags.FLAGS.compare)
+            results = compare(cfg, variants, steps, warmup, profile_steps)
         else:
-            result = measure(cfg, steps, warmup)
+            result = measure(cfg, steps, warmup, profile_steps)
     except (ConfigError, ValueError) as e:
         cli.usage_error(str(e))
+    for r in results if flags.FLAGS.compare else [result]:
+        if r["profile"]:
+            print(f"costliest ops of {r.get('variant', r['config'])} ({profile_steps} steps):")
+            print(profile_table(r["profile"]) + "\n")
     if flags.FLAGS.compare:
         print(compare_table(results))
         print(json.dumps({"bench": "train_throughput", "variants": results}))
         sys.stdout.flush()
         return
     width = max(len(k) for k in result)
-    print("\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in result.items()))
+    shown = {k: v for k, v in result.items() if k != "profile"}
+    print("\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in shown.items()))
     print(json.dumps({"bench": "train_throughput", **result}))
     sys.stdout.flush()
 
@@ -212,6 +299,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_integer("profile_steps", 0, "Steps traced with jax.profiler (0 = none).")
     flags.DEFINE_string(
         "compare",
         "",
