@@ -84,31 +84,38 @@ def _committed_steps(workdir):
 
 
 def test_kill_9_then_resume_reproduces_the_run(reference_run, tmp_path):
-    rng = np.random.default_rng()  # a different kill time each run (logged on failure)
-    kill_after = rng.uniform(0.0, 1.5)
+    # A different kill point each run (logged on failure): once a random step is logged,
+    # after a random few milliseconds (maybe mid-save). By step, not by wall time: a quiet
+    # fast machine runs the 40 steps in ~1 s, and a kill "1.3 s in" came after the end.
+    rng = np.random.default_rng()
+    kill_step, delay = int(rng.integers(2, 31)), float(rng.uniform(0.0, 0.03))
     proc = start_module(
         *_args(tmp_path),
         env=subprocess_env(devices=1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    directory = checkpoint.checkpoint_dir(tmp_path)
+
+    def finished_steps() -> list[int]:
+        # A step counts once its manifest is written too (a kill between commit and manifest
+        # leaves it unfinished: the restart sets it aside and takes the one before).
+        steps = _committed_steps(tmp_path)
+        return [s for s in steps if checkpoint_integrity.has_manifest(directory / str(s))]
+
     deadline = time.time() + 240
-    while not _committed_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(kill_after)  # somewhere mid-run, maybe mid-save
+    while time.time() < deadline and proc.poll() is None:
+        # at least one finished checkpoint to resume from (what this test is about)
+        if max(_losses(tmp_path) or [0]) >= kill_step and finished_steps():
+            break
+        time.sleep(0.005)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(_losses(tmp_path) or [0])
     last_committed = max(_committed_steps(tmp_path))
-    assert proc.returncode == -signal.SIGKILL and last_committed < 40, kill_after
-    # A step counts once its manifest is written too (a kill between commit and manifest
-    # leaves it unfinished: the restart sets it aside and takes the one before).
-    directory = checkpoint.checkpoint_dir(tmp_path)
-    last_finished = max(
-        s
-        for s in _committed_steps(tmp_path)
-        if checkpoint_integrity.has_manifest(directory / str(s))
-    )
+    assert proc.returncode == -signal.SIGKILL and last_committed < 40, (kill_step, delay)
+    last_finished = max(finished_steps())
 
     resumed = _run(tmp_path)
     resumed_from = int(resumed.stderr.split("resumed from step ")[1].split()[0])
